@@ -45,6 +45,9 @@ def _check(value: Any, depth: int = 0) -> None:
 def canonicalize(value: Any) -> bytes:
     """Encode ``value`` as RFC 8785 canonical JSON (UTF-8 bytes)."""
     _check(value)
+    fast = _fast_encode(value)
+    if fast is not None:
+        return fast
     try:
         return bytes(rfc8785.dumps(value))
     except (rfc8785.CanonicalizationError, ValueError, TypeError) as exc:

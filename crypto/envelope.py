@@ -33,7 +33,7 @@ class Envelope(BaseModel):
     """A signed envelope: ``payload`` is unpadded base64url of canonical JSON."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    payloadType: str  # noqa: N815 - DSSE field name
+    payloadType: str
     payload: str
     signatures: tuple[EnvelopeSignature, ...]
 

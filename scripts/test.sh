@@ -1,17 +1,10 @@
 #!/usr/bin/env bash
-# Set up (once) and run every check: lint, format, types, tests.
+# Set up (once) and run every check: lint, format, types, tests (SQLite; PostgreSQL too when
+# ZONEX_TEST_DATABASE_URL points at a server, as .ci/run arranges).
 # Extra arguments go to pytest, e.g. scripts/test.sh -k ledger
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-if ! .venv/bin/python -c "import exchange, hypothesis, ruff" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
-  touch .venv/.installed
-fi
+scripts/setup.sh dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

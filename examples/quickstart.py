@@ -1,0 +1,208 @@
+"""zonex quickstart: the foundation flow end to end against a real server on loopback.
+
+    python examples/quickstart.py --data-dir ./demo-data [--url http://127.0.0.1:8421]
+
+The operator registers a provider (a tax bureau) and a consumer (a bank); the provider creates
+a zone and registers a dataset from examples/data/companies.csv with a classification level per
+column; the consumer browses the catalog (metadata only, never rows); an unsigned and a replayed
+call are rejected; the ledger is exported and verified offline, as an auditor would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from crypto.keys import SigningKey
+from crypto.note import NoteVerifier
+from exchange.audit import check_bundle, read_bundle_lines
+from exchange.keyfile import load_private_key, write_private_key
+from exchange.ledger import write_export
+from exchange.node import Exchange, init_data_dir
+from exchange.sdk import ApiError, Client
+from exchange.settings import Settings
+
+HERE = Path(__file__).resolve().parent
+COMPANIES = HERE / "data" / "companies.csv"
+LEVELS = {
+    "company_id": "L2",
+    "district": "L1",
+    "industry": "L1",
+    "founded_year": "L1",
+    "employees": "L2",
+    "registered_capital": "L2",
+    "tax_paid_2025": "L3",
+}
+
+console = Console()
+
+
+def step(text: str) -> None:
+    console.print(f"\n[bold cyan]▶ {text}[/]")
+
+
+def identity(data_dir: Path, name: str) -> SigningKey:
+    """Load the demo key NAME from DATA_DIR/keys, creating it on first run."""
+    keys = data_dir / "keys"
+    keys.mkdir(exist_ok=True)
+    path = keys / f"{name}.key"
+    if not path.exists():
+        write_private_key(path, SigningKey.generate())
+    return load_private_key(path)
+
+
+def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "exchange.cli",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("the server did not start within 60 s")
+
+
+def ensure_principal(op: Client, key: SigningKey, name: str, kind: str) -> None:
+    try:
+        op.register_principal(name, kind, key.public_key)
+        console.print(f"  registered [bold]{name}[/] ({kind}) key id {key.key_id[:16]}…")
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+        console.print(f"  {name} is already registered")
+
+
+def run(data_dir: Path, url: str | None, port: int) -> int:
+    if not (data_dir / "config.json").exists():
+        step(f"zonex init --data-dir {data_dir}")
+        info = init_data_dir(data_dir, origin="quickstart.zonex/log")
+        console.print(f"  operator key id {info['operator'][:16]}…, log key in {data_dir}/log.pub")
+    proc = None
+    if url is None:
+        step(f"zonex serve --data-dir {data_dir} --port {port}")
+        proc = start_server(data_dir, port)
+        url = f"http://127.0.0.1:{port}"
+        console.print(f"  serving on {url}")
+    try:
+        operator = load_private_key(data_dir / "operator.key")
+        tax = identity(data_dir, "tax-bureau")
+        bank = identity(data_dir, "city-bank")
+
+        step("The operator registers a provider and a consumer")
+        with Client(url, operator) as op:
+            ensure_principal(op, tax, "City Tax Bureau", "agency")
+            ensure_principal(op, bank, "City Commercial Bank", "enterprise")
+
+        step("The tax bureau creates a zone and registers a dataset with column levels")
+        with Client(url, tax) as provider:
+            try:
+                provider.create_zone("market-registry", "registered companies and their taxes")
+                console.print("  zone [bold]market-registry[/] created")
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                console.print("  zone market-registry exists")
+            try:
+                d = provider.register_dataset(
+                    "market-registry",
+                    "companies",
+                    levels=LEVELS,
+                    subject_column="company_id",
+                    description="companies registered in the city, with 2025 tax paid",
+                    file=COMPANIES,
+                )
+                console.print(
+                    f"  dataset companies: level {d['level']}, snapshot {d['digest'][:16]}…"
+                )
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                console.print("  dataset companies exists")
+
+        step("The bank browses the catalog: metadata, levels and a row-count band, never a row")
+        with Client(url, bank) as consumer:
+            catalog = consumer.catalog()
+        table = Table("zone", "dataset", "level", "rows", "columns")
+        for z in catalog["zones"]:
+            for d in z["datasets"]:
+                cols = ", ".join(f"{c['name']}:{c['level']}" for c in d["columns"])
+                table.add_row(z["name"], d["name"], d["level"], d["row_count_band"], cols)
+        console.print(table)
+
+        step("An unsigned call and a replayed call are rejected")
+        unsigned = httpx.get(f"{url}/v1/catalog")
+        console.print(f"  unsigned: {unsigned.status_code} {unsigned.json()['code']}")
+        captured: list[httpx.Request] = []
+        with Client(url, bank) as consumer:
+            consumer._http.event_hooks["request"].append(captured.append)
+            consumer.whoami()
+        replay = captured[0]
+        replayed = httpx.request(
+            replay.method, str(replay.url), headers=dict(replay.headers), content=replay.content
+        )
+        console.print(f"  replayed: {replayed.status_code} {replayed.json()['code']}")
+        if unsigned.status_code != 401 or replayed.status_code != 401:
+            console.print("[red]expected both to be rejected with 401[/]")
+            return 1
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    step("The auditor exports the ledger and verifies it offline")
+    bundle = data_dir / "ledger-export.jsonl"
+    ex = Exchange(Settings.from_data_dir(data_dir))
+    try:
+        final = write_export(ex.ledger, bundle)
+    finally:
+        ex.close()
+    verifier = NoteVerifier.from_verifier_key((data_dir / "log.pub").read_text().strip())
+    report = check_bundle(read_bundle_lines(bundle), verifier)
+    if not report.ok:
+        console.print(f"[red]audit failed: {report.fault}[/]")
+        return 1
+    console.print(
+        Panel(
+            f"{report.entries} entries and {report.checkpoints} checkpoints verified "
+            f"(tree size {final.size}).\nSame check from a shell:\n"
+            f"  zonex audit verify {bundle} --log-key {data_dir / 'log.pub'}",
+            title="audit OK",
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("demo-data"))
+    parser.add_argument("--url", help="reuse a running server for this data dir")
+    parser.add_argument("--port", type=int, default=8421)
+    args = parser.parse_args(argv)
+    return run(args.data_dir.resolve(), args.url, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

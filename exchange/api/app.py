@@ -1,0 +1,330 @@
+"""The FastAPI application: a thin shell over the services.
+
+Every route except ``/v1/health`` authenticates the request (RFC 9421) before anything else;
+one handler maps the error tree to RFC 9457 problem+json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from crypto.encoding import b64_encode, b64url_decode
+from crypto.errors import EncodingError
+from crypto.merkle import leaf_hash
+from exchange import services
+from exchange.api.schemas import (
+    CatalogOut,
+    CheckpointOut,
+    ConsistencyProofOut,
+    DatasetIn,
+    DatasetOut,
+    EntryOut,
+    InclusionProofOut,
+    PrincipalIn,
+    PrincipalOut,
+    StatusIn,
+    UploadOut,
+    ZoneIn,
+    ZoneOut,
+)
+from exchange.auth import authenticate
+from exchange.domain import Principal, PrincipalKind
+from exchange.errors import (
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+    ZonexError,
+)
+from exchange.node import Exchange
+from exchange.settings import Settings
+
+log = logging.getLogger("zonex.api")
+
+PROBLEM = "application/problem+json"
+UPLOAD_SUFFIX = "/uploads"
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {
+        "type": f"urn:zonex:problem:{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+
+
+class BodyLimitMiddleware:
+    """Refuse oversized or encoded bodies before the application reads them."""
+
+    def __init__(self, app: ASGIApp, json_limit: int, upload_limit: int) -> None:
+        self.app = app
+        self.json_limit = json_limit
+        self.upload_limit = upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        limit = self.upload_limit if path.endswith(UPLOAD_SUFFIX) else self.json_limit
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # no decompression: a compressed body could expand without bound
+            await problem(
+                415,
+                "unsupported_media_type",
+                "Unsupported media type",
+                "content-encoding is not accepted",
+            )(scope, receive, send)
+            return
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                await problem(400, "invalid_input", "Invalid input", "bad content-length")(
+                    scope, receive, send
+                )
+                return
+            if int(length) > limit:
+                await problem(
+                    413,
+                    "payload_too_large",
+                    "Payload too large",
+                    f"body exceeds {limit} bytes",
+                )(scope, receive, send)
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await problem(
+                413, "payload_too_large", "Payload too large", f"body exceeds {limit} bytes"
+            )(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None, exchange: Exchange | None = None) -> FastAPI:
+    """Build the app. Pass ``exchange`` to share an already-started one (tests, embedding)."""
+    if exchange is None and settings is None:
+        raise ValueError("give settings or an exchange")
+    owned = exchange is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ex = exchange if exchange is not None else Exchange(settings)  # type: ignore[arg-type]
+        if owned:
+            ex.start()
+        app.state.exchange = ex
+        try:
+            yield
+        finally:
+            if owned:
+                ex.close()
+
+    app = FastAPI(title="zonex", version="0.1.0", lifespan=lifespan)
+    cfg = settings if settings is not None else exchange.settings  # type: ignore[union-attr]
+    app.add_middleware(
+        BodyLimitMiddleware, json_limit=cfg.max_json_bytes, upload_limit=cfg.max_upload_bytes
+    )
+
+    @app.exception_handler(ZonexError)
+    async def zonex_error(request: Request, exc: ZonexError) -> JSONResponse:
+        if exc.status >= 500:
+            log.error("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__)
+        extra = {k: v for k, v in exc.extra.items() if isinstance(v, (str, int))}
+        return problem(exc.status, exc.code, exc.title, exc.detail, **extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in exc.errors()[:20]
+        ]
+        return problem(
+            422, "invalid_input", "Invalid input", "request body is invalid", errors=errors
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return problem(exc.status_code, code, str(exc.detail), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return problem(500, "internal", "Internal error", "an internal error occurred")
+
+    async def principal(request: Request) -> Principal:
+        ex: Exchange = request.app.state.exchange
+        body = await request.body()
+        base = ex.settings.public_base_url
+        url = (
+            str(request.url)
+            if base is None
+            else base.rstrip("/")
+            + request.url.path
+            + ("?" + request.url.query if request.url.query else "")
+        )
+        route = request.scope.get("route")
+        route_name = getattr(route, "path", request.url.path)
+        return await run_in_threadpool(
+            authenticate,
+            ex,
+            request.method,
+            url,
+            request.headers,
+            body,
+            int(time.time()),
+            f"{request.method} {route_name}",
+        )
+
+    Actor = Annotated[Principal, Depends(principal)]
+
+    def ex_of(request: Request) -> Exchange:
+        ex: Exchange = request.app.state.exchange
+        return ex
+
+    Ex = Annotated[Exchange, Depends(ex_of)]
+
+    @app.get("/v1/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.get("/principals/me", response_model=PrincipalOut)
+    def whoami(actor: Actor) -> PrincipalOut:
+        return PrincipalOut.from_domain(actor)
+
+    @v1.post("/principals", response_model=PrincipalOut, status_code=201)
+    def register_principal(actor: Actor, ex: Ex, body: PrincipalIn) -> PrincipalOut:
+        try:
+            raw = b64url_decode(body.public_key)
+        except EncodingError as exc:
+            raise InvalidInputError("public_key must be unpadded base64url") from exc
+        p = services.register_principal(ex, actor, body.name, body.kind, raw)
+        return PrincipalOut.from_domain(p)
+
+    @v1.get("/principals", response_model=list[PrincipalOut])
+    def list_principals(actor: Actor, ex: Ex) -> list[PrincipalOut]:
+        return [PrincipalOut.from_domain(p) for p in services.list_principals(ex, actor)]
+
+    @v1.post("/principals/{key_id}/status", response_model=PrincipalOut)
+    def set_status(key_id: str, actor: Actor, ex: Ex, body: StatusIn) -> PrincipalOut:
+        return PrincipalOut.from_domain(
+            services.set_principal_status(ex, actor, key_id, body.status)
+        )
+
+    @v1.post("/zones", response_model=ZoneOut, status_code=201)
+    def create_zone(actor: Actor, ex: Ex, body: ZoneIn) -> ZoneOut:
+        return ZoneOut.from_domain(services.create_zone(ex, actor, body.name, body.description))
+
+    @v1.get("/catalog", response_model=CatalogOut)
+    def catalog(actor: Actor, ex: Ex) -> CatalogOut:
+        return CatalogOut(zones=[ZoneOut.from_domain(z) for z in services.catalog(ex, actor)])
+
+    @v1.get("/zones/{zone}", response_model=ZoneOut)
+    def get_zone(zone: str, actor: Actor, ex: Ex) -> ZoneOut:
+        return ZoneOut.from_domain(services.get_zone(ex, actor, zone))
+
+    @v1.post("/zones/{zone}/uploads", response_model=UploadOut, status_code=201)
+    async def upload(zone: str, request: Request, actor: Actor, ex: Ex) -> UploadOut:
+        body = await request.body()
+        media = request.headers.get("content-type", "")
+        out = await run_in_threadpool(services.stage_upload, ex, actor, zone, media, body)
+        return UploadOut.model_validate(out)
+
+    @v1.post("/zones/{zone}/datasets", response_model=DatasetOut, status_code=201)
+    def register_dataset(zone: str, actor: Actor, ex: Ex, body: DatasetIn) -> DatasetOut:
+        spec = services.DatasetSpec(
+            name=body.name,
+            description=body.description,
+            subject_column=body.subject_column,
+            levels=body.levels,
+            upload_id=body.upload_id,
+            attach_url=body.attach.url if body.attach else None,
+            attach_table=body.attach.table if body.attach else None,
+        )
+        return DatasetOut.from_domain(services.register_dataset(ex, actor, zone, spec))
+
+    @v1.get("/zones/{zone}/datasets/{name}", response_model=DatasetOut)
+    def get_dataset(zone: str, name: str, actor: Actor, ex: Ex) -> DatasetOut:
+        return DatasetOut.from_domain(services.get_dataset(ex, actor, zone, name))
+
+    @v1.get("/log/checkpoint", response_model=CheckpointOut)
+    def checkpoint(actor: Actor, ex: Ex) -> CheckpointOut:
+        cp = ex.ledger.latest_checkpoint()
+        if cp is None:
+            cp = ex.ledger.checkpoint()
+        return CheckpointOut(size=cp.size, root=b64_encode(cp.root), note=cp.note)
+
+    @v1.get("/log/proof/inclusion", response_model=InclusionProofOut)
+    def inclusion(
+        actor: Actor, ex: Ex, seq: Annotated[int, Query(ge=0)], size: Annotated[int, Query(ge=1)]
+    ) -> InclusionProofOut:
+        proof = ex.ledger.inclusion_proof(seq, size)
+        return InclusionProofOut(
+            seq=seq,
+            size=size,
+            leaf_hash=b64_encode(leaf_hash(ex.ledger.entry(seq))),
+            proof=[b64_encode(h) for h in proof],
+        )
+
+    @v1.get("/log/proof/consistency", response_model=ConsistencyProofOut)
+    def consistency(
+        actor: Actor,
+        ex: Ex,
+        size1: Annotated[int, Query(ge=0)],
+        size2: Annotated[int, Query(ge=0)],
+    ) -> ConsistencyProofOut:
+        proof = ex.ledger.consistency_proof(size1, size2)
+        return ConsistencyProofOut(size1=size1, size2=size2, proof=[b64_encode(h) for h in proof])
+
+    @v1.get("/log/entries/{seq}", response_model=EntryOut)
+    def entry(seq: int, actor: Actor, ex: Ex) -> EntryOut:
+        if actor.kind not in (PrincipalKind.OPERATOR, PrincipalKind.AUDITOR):
+            raise ForbiddenError("only the operator and auditors read ledger entries")
+        if seq < 0:
+            raise NotFoundError("no such entry")
+        try:
+            body = ex.ledger.entry(seq)
+        except InvalidInputError as exc:
+            raise NotFoundError("no such entry") from exc
+        return EntryOut(seq=seq, entry=body.decode("utf-8"))
+
+    app.include_router(v1)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` workers: settings from ``ZONEX_DATA_DIR``."""
+    from exchange.settings import get_settings
+
+    return create_app(get_settings())

@@ -1,0 +1,120 @@
+"""The exchange's error tree. One stable ``code`` and HTTP ``status`` per class.
+
+Domain code raises these; the API maps them to RFC 9457 problem+json in one place and the
+CLI prints them as one line. Foreign exceptions are translated at the adapter edge.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ZonexError(Exception):
+    """Base class. ``detail`` is safe to show to the caller."""
+
+    code: ClassVar[str] = "error"
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+
+
+class InvalidInputError(ZonexError):
+    code = "invalid_input"
+    status = 422
+    title = "Invalid input"
+
+
+class AuthenticationError(ZonexError):
+    """Any failure to authenticate a request. The caller sees one collapsed answer; the precise
+    ``reason`` goes to the server log and the ledger."""
+
+    code = "verification_failed"
+    status = 401
+    title = "Request signature could not be verified"
+
+    def __init__(self, reason: str, keyid: str | None = None) -> None:
+        super().__init__(self.title)
+        self.reason = reason
+        self.keyid = keyid
+
+
+class ForbiddenError(ZonexError):
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+
+class DeniedError(ForbiddenError):
+    """A policy decision denied the call. ``reason`` is a stable denial code, never policy text."""
+
+    code = "denied"
+    title = "Denied by policy"
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(detail or f"denied: {reason}", reason=reason)
+        self.reason = reason
+
+
+class NotFoundError(ZonexError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class ConflictError(ZonexError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class PayloadTooLargeError(ZonexError):
+    code = "payload_too_large"
+    status = 413
+    title = "Payload too large"
+
+
+class UnsupportedMediaTypeError(ZonexError):
+    code = "unsupported_media_type"
+    status = 415
+    title = "Unsupported media type"
+
+
+class BudgetExhaustedError(ZonexError):
+    code = "budget_exhausted"
+    status = 429
+    title = "Privacy budget exhausted"
+
+
+class LedgerError(ZonexError):
+    """The ledger could not record evidence; the exchange refuses to act without it."""
+
+    code = "ledger_unavailable"
+    status = 503
+    title = "Ledger unavailable"
+
+
+class KeyFileError(ZonexError):
+    code = "key_file"
+    status = 400
+    title = "Key file problem"
+
+
+class ConfigurationError(ZonexError):
+    code = "configuration"
+    status = 500
+    title = "Configuration problem"
+
+
+def all_error_classes() -> list[type[ZonexError]]:
+    """Every class in the tree (tests check each has a status and a unique code)."""
+    seen: list[type[ZonexError]] = []
+    stack: list[type[ZonexError]] = [ZonexError]
+    while stack:
+        cls = stack.pop()
+        seen.append(cls)
+        stack.extend(cls.__subclasses__())
+    return seen

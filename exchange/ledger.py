@@ -1,0 +1,470 @@
+"""The tamper-evident ledger: one append-only sequence, group-committed, Merkle-proofed.
+
+Every state change of the exchange is applied *inside* the batch transaction that appends its
+ledger entry (a savepoint per entry), so a change and its evidence commit together or not at
+all, and a batch costs one durable commit however many entries it holds. Sequencing takes a
+row lock on ``ledger_head`` (``BEGIN IMMEDIATE`` on SQLite), so ``seq`` stays gap-free across
+threads, processes and crashes: a crash loses only an uncommitted, unacknowledged batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from crypto.canonical import canonicalize
+from crypto.encoding import b64_encode
+from crypto.errors import VerificationError
+from crypto.merkle import MerkleTree, leaf_hash, verify_consistency
+from crypto.note import Checkpoint, NoteSigner, sign_checkpoint
+from exchange.errors import InvalidInputError, LedgerError, ZonexError
+from exchange.models import CheckpointRow, LedgerEntryRow, LedgerHeadRow
+from exchange.storage import WRITE
+
+log = logging.getLogger("zonex.ledger")
+
+GENESIS_PREV = "0" * 64
+ANONYMOUS = "-"
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 UTC with milliseconds, the only time format in ledger entries."""
+    return (
+        moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    )
+
+
+@dataclass
+class EntryDraft:
+    """What a caller wants recorded. ``seq``, ``time`` and ``prev`` are assigned at commit.
+
+    Never put raw data or raw identifiers here: sensitive values go in as salted digests.
+    """
+
+    kind: str
+    actor: str = ANONYMOUS
+    refs: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    attrs: dict[str, str | int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Appended:
+    seq: int
+    leaf_hash: bytes
+    value: Any
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    size: int
+    root: bytes
+    note: str
+
+
+#: an ``apply`` callback runs the state change inside the batch transaction; it may add refs
+#: and digests to the draft, and its return value is handed back to the caller
+Apply = Callable[[Session, EntryDraft], Any]
+
+
+class _Pending:
+    __slots__ = ("apply", "done", "draft", "error", "result")
+
+    def __init__(self, draft: EntryDraft, apply: Apply | None, wait: bool) -> None:
+        self.draft = draft
+        self.apply = apply
+        self.done = threading.Event() if wait else None
+        self.result: Appended | None = None
+        self.error: BaseException | None = None
+
+
+def ensure_head(engine: Engine) -> None:
+    """Create the head row of an empty ledger (idempotent)."""
+    with Session(engine.execution_options(**WRITE)) as session, session.begin():
+        if session.get(LedgerHeadRow, 1) is None:
+            session.add(
+                LedgerHeadRow(
+                    id=1, size=0, last_hash=bytes(32), last_time="0000-00-00T00:00:00.000Z"
+                )
+            )
+
+
+class Ledger:
+    """The process's handle on the ledger. Thread-safe; start() runs the writer and ticker."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        signer: NoteSigner | None,
+        *,
+        batch_max: int = 2000,
+        checkpoint_interval: float = 1.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._engine = engine
+        self._write_engine = engine.execution_options(**WRITE)
+        self._signer = signer
+        self._batch_max = batch_max
+        self._checkpoint_interval = checkpoint_interval
+        self._clock = clock
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._tree = MerkleTree()
+        self._tree_lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._tickers: list[tuple[float, Callable[[], None]]] = []
+        self.rejections = RejectionCounter(self)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ensure_head(self._engine)
+        self._stopping.clear()
+        writer = threading.Thread(target=self._writer_loop, name="zonex-ledger-writer", daemon=True)
+        ticker = threading.Thread(target=self._ticker_loop, name="zonex-ledger-ticker", daemon=True)
+        self._threads = [writer, ticker]
+        for thread in self._threads:
+            thread.start()
+
+    def close(self) -> None:
+        """Finish every queued entry, flush rejection summaries, sign a last checkpoint, stop."""
+        if not self._threads:
+            return
+        self.rejections.flush()
+        self._stopping.set()
+        self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads = []
+        if self._signer is not None:
+            try:
+                self.checkpoint()
+            except ZonexError as exc:  # pragma: no cover - logged, shutdown continues
+                log.error("final checkpoint failed: %s", exc)
+
+    def add_ticker(self, interval: float, action: Callable[[], None]) -> None:
+        """Run ``action`` about every ``interval`` seconds on the ticker thread."""
+        self._tickers.append((interval, action))
+
+    # -- appending -------------------------------------------------------------------------
+
+    def append(self, draft: EntryDraft, apply: Apply | None = None) -> Appended:
+        """Apply the state change (if any) and append its entry; return once durable."""
+        if not self._threads:
+            raise LedgerError("the ledger is not running")
+        pending = _Pending(draft, apply, wait=True)
+        self._queue.put(pending)
+        assert pending.done is not None
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    def append_nowait(self, draft: EntryDraft) -> None:
+        """Queue an entry that nobody waits for (rejection records)."""
+        if self._threads:
+            self._queue.put(_Pending(draft, None, wait=False))
+
+    def append_batch_sync(self, drafts: list[EntryDraft]) -> list[Appended]:
+        """Commit ``drafts`` as one batch in the calling thread (offline tools, benchmarks)."""
+        return [p.result for p in self._commit([_Pending(d, None, wait=False) for d in drafts])]  # type: ignore[misc]
+
+    def _writer_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._batch_max:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Pending]) -> list[_Pending]:
+        committed: list[_Pending] = []
+        try:
+            with Session(self._write_engine) as session, session.begin():
+                head = session.execute(
+                    select(LedgerHeadRow).where(LedgerHeadRow.id == 1).with_for_update()
+                ).scalar_one()
+                size, last_hash, last_time = head.size, head.last_hash, head.last_time
+                rows: list[dict[str, Any]] = []
+                for item in batch:
+                    value = None
+                    if item.apply is not None:
+                        savepoint = session.begin_nested()
+                        try:
+                            value = item.apply(session, item.draft)
+                            session.flush()
+                            savepoint.commit()
+                        except Exception as exc:
+                            savepoint.rollback()
+                            item.error = _translate(exc)
+                            continue
+                    now = max(format_time(self._clock()), last_time)
+                    entry = {
+                        "seq": size,
+                        "time": now,
+                        "kind": item.draft.kind,
+                        "actor": item.draft.actor,
+                        "refs": item.draft.refs,
+                        "digests": item.draft.digests,
+                        "attrs": item.draft.attrs,
+                        "prev": last_hash.hex() if size else GENESIS_PREV,
+                    }
+                    try:
+                        body = canonicalize(entry)
+                    except ValueError as exc:
+                        item.error = InvalidInputError(f"entry cannot be recorded: {exc}")
+                        if item.apply is not None:  # never keep a change without its entry
+                            raise
+                        continue
+                    digest = leaf_hash(body)
+                    rows.append({"seq": size, "body": body, "leaf_hash": digest})
+                    item.result = Appended(size, digest, value)
+                    committed.append(item)
+                    size, last_hash, last_time = size + 1, digest, now
+                if rows:
+                    session.execute(insert(LedgerEntryRow), rows)
+                    head.size, head.last_hash, head.last_time = size, last_hash, last_time
+        except Exception as exc:
+            log.exception("ledger batch of %d failed", len(batch))
+            error = LedgerError("the ledger could not record this request; nothing was changed")
+            error.__cause__ = exc
+            for item in batch:
+                item.result = None
+                item.error = item.error or error
+            committed = []
+        for item in batch:
+            if item.done is not None:
+                item.done.set()
+        return committed
+
+    # -- tree, checkpoints, proofs ---------------------------------------------------------
+
+    def sync_tree(self) -> int:
+        """Catch the in-memory Merkle tree up with entries committed by any process."""
+        with self._tree_lock:
+            start = self._tree.size
+            with self._engine.connect() as conn:
+                result = conn.execute(
+                    select(LedgerEntryRow.seq, LedgerEntryRow.leaf_hash)
+                    .where(LedgerEntryRow.seq >= start)
+                    .order_by(LedgerEntryRow.seq)
+                )
+                for seq, digest in result:
+                    if seq != self._tree.size:
+                        raise LedgerError(f"ledger has a gap at seq {self._tree.size}")
+                    self._tree.append(bytes(digest))
+            return self._tree.size
+
+    def latest_checkpoint(self) -> SignedCheckpoint | None:
+        with Session(self._engine) as session:
+            row = session.execute(
+                select(CheckpointRow).order_by(CheckpointRow.size.desc()).limit(1)
+            ).scalar_one_or_none()
+            return None if row is None else SignedCheckpoint(row.size, bytes(row.root), row.note)
+
+    def checkpoint(self) -> SignedCheckpoint:
+        """Sign a checkpoint of everything committed so far, unless the latest one covers it.
+
+        Refuses (``LedgerError``) to sign a tree that is not consistent with the last checkpoint.
+        """
+        if self._signer is None:
+            raise LedgerError("this process holds no log key")
+        with self._checkpoint_lock:
+            size = self.sync_tree()
+            last = self.latest_checkpoint()
+            if last is not None and last.size == size:
+                return last
+            with self._tree_lock:
+                root = self._tree.root(size)
+                if last is not None:
+                    if last.size > size:
+                        raise LedgerError("the ledger is shorter than its last checkpoint")
+                    proof = self._tree.consistency_proof(last.size, size)
+                    try:
+                        verify_consistency(last.size, size, last.root, root, proof)
+                    except VerificationError as exc:
+                        log.critical("refusing to sign an inconsistent checkpoint: %s", exc)
+                        raise LedgerError(
+                            "ledger is inconsistent with its last checkpoint"
+                        ) from exc
+            note = sign_checkpoint(Checkpoint(self._signer.name, size, root), self._signer)
+            try:
+                with Session(self._write_engine) as session, session.begin():
+                    session.add(CheckpointRow(size=size, root=root, note=note))
+            except IntegrityError:
+                pass  # another process signed this very size; the bytes are identical
+            return SignedCheckpoint(size, root, note)
+
+    def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
+        tree_size = self.sync_tree()
+        if not 0 <= seq < size <= tree_size:
+            raise InvalidInputError("need 0 <= seq < size <= ledger size")
+        with self._tree_lock:
+            return self._tree.inclusion_proof(seq, size)
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        tree_size = self.sync_tree()
+        if not 0 <= size1 <= size2 <= tree_size:
+            raise InvalidInputError("need 0 <= size1 <= size2 <= ledger size")
+        with self._tree_lock:
+            return self._tree.consistency_proof(size1, size2)
+
+    def entry(self, seq: int) -> bytes:
+        with self._engine.connect() as conn:
+            body = conn.execute(
+                select(LedgerEntryRow.body).where(LedgerEntryRow.seq == seq)
+            ).scalar_one_or_none()
+        if body is None:
+            raise InvalidInputError(f"no ledger entry {seq}")
+        return bytes(body)
+
+    def size(self) -> int:
+        return self.sync_tree()
+
+    # -- export ----------------------------------------------------------------------------
+
+    def export(self, out: IO[bytes]) -> SignedCheckpoint:
+        """Write the JSON Lines bundle: every entry, then every checkpoint with a consistency
+        proof from the one before. Signs a fresh checkpoint first so the last covers all."""
+        final = self.checkpoint()
+        for body in self._iter_bodies(final.size):
+            out.write(body + b"\n")
+        previous = 0
+        with Session(self._engine) as session:
+            notes = session.execute(
+                select(CheckpointRow.size, CheckpointRow.note)
+                .where(CheckpointRow.size <= final.size)
+                .order_by(CheckpointRow.size)
+            ).all()
+        for index, (size, note) in enumerate(notes):
+            proof = [] if index == 0 or size == previous else self.consistency_proof(previous, size)
+            line = {"checkpoint": note, "consistency": [b64_encode(h) for h in proof]}
+            out.write(canonicalize(line) + b"\n")
+            previous = size
+        return final
+
+    def _iter_bodies(self, size: int, batch: int = 10_000) -> Iterator[bytes]:
+        start = 0
+        with self._engine.connect() as conn:
+            while start < size:
+                stop = min(size, start + batch)
+                rows = conn.execute(
+                    select(LedgerEntryRow.body)
+                    .where(LedgerEntryRow.seq >= start, LedgerEntryRow.seq < stop)
+                    .order_by(LedgerEntryRow.seq)
+                ).scalars()
+                for body in rows:
+                    yield bytes(body)
+                start = stop
+
+    # -- background ------------------------------------------------------------------------
+
+    def _ticker_loop(self) -> None:
+        last_run: dict[int, float] = {}
+        while not self._stopping.wait(
+            min([self._checkpoint_interval, *[i for i, _ in self._tickers]])
+        ):
+            now = time.monotonic()
+            if self._signer is not None:
+                try:
+                    self.checkpoint()
+                except (ZonexError, SQLAlchemyError):
+                    log.exception("periodic checkpoint failed")
+            for index, (interval, action) in enumerate(self._tickers):
+                if now - last_run.get(index, 0.0) >= interval:
+                    last_run[index] = now
+                    try:
+                        action()
+                    except Exception:
+                        log.exception("ledger ticker action failed")
+
+
+class RejectionCounter:
+    """Bounded ledgering of rejected requests.
+
+    A rejection that names a registered key is ledgered individually (reason code, key id, route;
+    never the payload) up to a limit per key and interval; everything else, including every
+    rejection that names no known key, is only counted and written as one summary entry per
+    interval, so an anonymous caller cannot flood the ledger.
+    """
+
+    def __init__(self, ledger: Ledger, per_key_limit: int = 10) -> None:
+        self._ledger = ledger
+        self.per_key_limit = per_key_limit
+        self._lock = threading.Lock()
+        self._per_key: Counter[str] = Counter()
+        self._summary: Counter[str] = Counter()
+        self._since = format_time(datetime.now(UTC))
+
+    def record(self, reason: str, known_key: str | None, route: str) -> None:
+        with self._lock:
+            if known_key is not None and self._per_key[known_key] < self.per_key_limit:
+                self._per_key[known_key] += 1
+                individual = True
+            else:
+                self._summary[reason] += 1
+                individual = False
+        if individual:
+            assert known_key is not None
+            self._ledger.append_nowait(
+                EntryDraft(
+                    kind="request.rejected",
+                    actor=known_key,
+                    attrs={"reason": reason, "route": route},
+                )
+            )
+
+    def flush(self) -> None:
+        with self._lock:
+            summary, self._summary = self._summary, Counter()
+            self._per_key.clear()
+            since, self._since = self._since, format_time(datetime.now(UTC))
+        if summary:
+            attrs: dict[str, str | int] = {f"count.{k}": v for k, v in sorted(summary.items())}
+            attrs["since"] = since
+            self._ledger.append_nowait(EntryDraft(kind="request.rejected.summary", attrs=attrs))
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, ZonexError):
+        return exc
+    if isinstance(exc, IntegrityError):
+        from exchange.errors import ConflictError
+
+        return ConflictError("conflicts with an existing record")
+    return exc
+
+
+def write_export(ledger: Ledger, path: Path) -> SignedCheckpoint:
+    """Export atomically: write a temporary file, then rename."""
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("wb") as out:
+        final = ledger.export(out)
+    tmp.replace(path)
+    return final

@@ -1,0 +1,448 @@
+"""Control-plane services: principals, zones, uploads, datasets, catalog.
+
+Services own their transactions (through the ledger: each state change is applied inside the
+batch that records it). They take the authenticated principal as ``actor`` and know nothing
+about HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from crypto.errors import EncodingError
+from crypto.keys import SigningKey, VerifyKey
+from exchange.domain import (
+    PRINCIPAL_NAME_RE,
+    PROVIDER_KINDS,
+    Column,
+    Dataset,
+    Principal,
+    PrincipalKind,
+    Zone,
+    check_dataset_name,
+    check_zone_name,
+)
+from exchange.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+from exchange.keyfile import write_private_key
+from exchange.ledger import EntryDraft
+from exchange.models import DatasetRow, PrincipalRow, UploadRow, ZoneRow
+from exchange.node import Exchange
+from exchange.zonestore import TableInfo, ZoneStore, ZoneStoreError, attach, row_count_band
+from policy.levels import Level, max_level
+
+UPLOAD_TYPES = {"text/csv": "csv", "application/vnd.apache.parquet": "parquet"}
+
+
+# -- mapping rows to domain objects -----------------------------------------------------------
+
+
+def to_principal(row: PrincipalRow) -> Principal:
+    return Principal(
+        key_id=row.key_id,
+        name=row.name,
+        kind=PrincipalKind(row.kind),
+        status=row.status,
+        created_at=row.created_at,
+    )
+
+
+def to_dataset(row: DatasetRow) -> Dataset:
+    return Dataset(
+        zone=row.zone,
+        name=row.name,
+        description=row.description,
+        subject_column=row.subject_column,
+        columns=tuple(Column(c["name"], c["type"], c["level"]) for c in row.columns),
+        level=row.level,
+        row_count=row.row_count,
+        digest=row.digest,
+        source=row.source,
+        created_at=row.created_at,
+    )
+
+
+# -- principals -------------------------------------------------------------------------------
+
+
+def get_principal(ex: Exchange, key_id: str) -> Principal | None:
+    with Session(ex.engine) as session:
+        row = session.get(PrincipalRow, key_id)
+        return None if row is None else to_principal(row)
+
+
+def _require_operator(actor: Principal) -> None:
+    if actor.kind is not PrincipalKind.OPERATOR:
+        raise ForbiddenError("only the operator may do this")
+
+
+def register_principal(
+    ex: Exchange, actor: Principal, name: str, kind: str, public_key: bytes
+) -> Principal:
+    _require_operator(actor)
+    if not PRINCIPAL_NAME_RE.fullmatch(name):
+        raise InvalidInputError("principal names are 1-128 letters, digits, spaces and ._()-")
+    try:
+        principal_kind = PrincipalKind(kind)
+    except ValueError as exc:
+        raise InvalidInputError(f"unknown principal kind {kind!r}") from exc
+    if principal_kind is PrincipalKind.OPERATOR:
+        raise InvalidInputError("there is exactly one operator")
+    try:
+        key = VerifyKey(public_key)
+    except EncodingError as exc:
+        raise InvalidInputError(f"public key: {exc}") from exc
+
+    def apply(session: Session, draft: EntryDraft) -> Principal:
+        if session.get(PrincipalRow, key.key_id) is not None:
+            raise ConflictError("a principal with this key is already registered")
+        if session.execute(select(PrincipalRow).where(PrincipalRow.name == name)).first():
+            raise ConflictError(f"a principal named {name!r} already exists")
+        row = PrincipalRow(
+            key_id=key.key_id,
+            name=name,
+            kind=principal_kind.value,
+            public_key=key.raw,
+            status="active",
+            registered_by=actor.key_id,
+        )
+        session.add(row)
+        session.flush()
+        return to_principal(row)
+
+    draft = EntryDraft(
+        kind="principal.registered",
+        actor=actor.key_id,
+        refs={"principal": key.key_id},
+        attrs={"kind": principal_kind.value},
+        digests={"name": hashlib.sha256(name.encode()).hexdigest()},
+    )
+    result: Principal = ex.ledger.append(draft, apply).value
+    return result
+
+
+def set_principal_status(ex: Exchange, actor: Principal, key_id: str, status: str) -> Principal:
+    """Suspend or reinstate a principal; effective on its next call."""
+    _require_operator(actor)
+    if status not in ("active", "suspended"):
+        raise InvalidInputError("status is 'active' or 'suspended'")
+
+    def apply(session: Session, draft: EntryDraft) -> Principal:
+        row = session.get(PrincipalRow, key_id)
+        if row is None:
+            raise NotFoundError("no such principal")
+        if row.kind == PrincipalKind.OPERATOR:
+            raise ForbiddenError("the operator cannot be suspended")
+        row.status = status
+        session.flush()
+        return to_principal(row)
+
+    kind = "principal.suspended" if status == "suspended" else "principal.reinstated"
+    draft = EntryDraft(kind=kind, actor=actor.key_id, refs={"principal": key_id})
+    result: Principal = ex.ledger.append(draft, apply).value
+    return result
+
+
+def list_principals(ex: Exchange, actor: Principal) -> list[Principal]:
+    if actor.kind not in (PrincipalKind.OPERATOR, PrincipalKind.AUDITOR):
+        raise ForbiddenError("only the operator and auditors may list principals")
+    with Session(ex.engine) as session:
+        rows = session.execute(select(PrincipalRow).order_by(PrincipalRow.name)).scalars()
+        return [to_principal(r) for r in rows]
+
+
+# -- zones ------------------------------------------------------------------------------------
+
+
+def _zone_row(session: Session, name: str) -> ZoneRow:
+    row = session.get(ZoneRow, name)
+    if row is None:
+        raise NotFoundError(f"no zone {name!r}")
+    return row
+
+
+def _require_owner(row: ZoneRow, actor: Principal) -> None:
+    if row.owner != actor.key_id:
+        raise ForbiddenError("only the zone's provider may do this")
+    if row.status != "active":
+        raise ForbiddenError("the zone is suspended")
+
+
+def create_zone(ex: Exchange, actor: Principal, name: str, description: str) -> Zone:
+    if actor.kind not in PROVIDER_KINDS:
+        raise ForbiddenError("only agencies and enterprises own zones")
+    check_zone_name(name)
+    if len(description) > 4000:
+        raise InvalidInputError("description is at most 4000 characters")
+    zone_dir = ex.zones_dir / name
+    key = SigningKey.generate()
+
+    def apply(session: Session, draft: EntryDraft) -> None:
+        if session.get(ZoneRow, name) is not None:
+            raise ConflictError(f"zone {name!r} already exists")
+        session.add(
+            ZoneRow(
+                name=name,
+                owner=actor.key_id,
+                description=description,
+                public_key=key.public_key.raw,
+                status="active",
+                ceilings={},
+            )
+        )
+        draft.refs["zone_key"] = key.key_id
+        # the zone's key is written inside the savepoint; a conflict leaves none behind
+        zone_dir.mkdir(parents=True, exist_ok=True)
+        if not (zone_dir / "zone.key").exists():
+            write_private_key(zone_dir / "zone.key", key)
+
+    draft = EntryDraft(kind="zone.created", actor=actor.key_id, refs={"zone": name})
+    ex.ledger.append(draft, apply)
+    return get_zone(ex, actor, name)
+
+
+def get_zone(ex: Exchange, actor: Principal, name: str) -> Zone:
+    with Session(ex.engine) as session:
+        row = _zone_row(session, name)
+        owner = session.get(PrincipalRow, row.owner)
+        datasets = session.execute(
+            select(DatasetRow).where(DatasetRow.zone == name).order_by(DatasetRow.name)
+        ).scalars()
+        return Zone(
+            name=row.name,
+            owner=row.owner,
+            owner_name=owner.name if owner else "?",
+            description=row.description,
+            public_key=row.public_key,
+            status=row.status,
+            created_at=row.created_at,
+            datasets=tuple(to_dataset(d) for d in datasets),
+        )
+
+
+def catalog(ex: Exchange, actor: Principal) -> list[Zone]:
+    """Every zone with its datasets' metadata. Never a row."""
+    with Session(ex.engine) as session:
+        names = session.execute(select(ZoneRow.name).order_by(ZoneRow.name)).scalars().all()
+    return [get_zone(ex, actor, n) for n in names]
+
+
+def get_dataset(ex: Exchange, actor: Principal, zone: str, name: str) -> Dataset:
+    with Session(ex.engine) as session:
+        _zone_row(session, zone)
+        row = session.execute(
+            select(DatasetRow).where(DatasetRow.zone == zone, DatasetRow.name == name)
+        ).scalar_one_or_none()
+        if row is None:
+            raise NotFoundError(f"no dataset {name!r} in zone {zone!r}")
+        return to_dataset(row)
+
+
+# -- uploads and datasets ---------------------------------------------------------------------
+
+
+def stage_upload(
+    ex: Exchange, actor: Principal, zone: str, media_type: str, body: bytes
+) -> dict[str, str | int]:
+    """Keep an uploaded CSV or Parquet file in staging until a dataset registration uses it."""
+    fmt = UPLOAD_TYPES.get(media_type.split(";")[0].strip().lower())
+    if fmt is None:
+        raise UnsupportedMediaTypeError("upload text/csv or application/vnd.apache.parquet")
+    if len(body) > ex.settings.max_upload_bytes:
+        raise PayloadTooLargeError("upload exceeds the size limit")
+    if not body:
+        raise InvalidInputError("the upload is empty")
+    with Session(ex.engine) as session:
+        _require_owner(_zone_row(session, zone), actor)
+    upload_id = secrets.token_hex(16)
+    digest = hashlib.sha256(body).hexdigest()
+    path = ex.staging_dir / upload_id
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(body)
+
+    def apply(session: Session, draft: EntryDraft) -> None:
+        session.add(
+            UploadRow(
+                id=upload_id,
+                zone=zone,
+                owner=actor.key_id,
+                media_type=fmt,
+                size=len(body),
+                sha256=digest,
+                used=False,
+            )
+        )
+
+    draft = EntryDraft(
+        kind="upload.received",
+        actor=actor.key_id,
+        refs={"zone": zone, "upload": upload_id},
+        digests={"content": digest},
+        attrs={"bytes": len(body), "format": fmt},
+    )
+    try:
+        ex.ledger.append(draft, apply)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return {"upload_id": upload_id, "sha256": digest, "bytes": len(body), "format": fmt}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    description: str
+    subject_column: str
+    levels: Mapping[str, str]
+    upload_id: str | None = None
+    attach_url: str | None = None
+    attach_table: str | None = None
+
+
+def _columns(info: TableInfo, spec: DatasetSpec) -> list[dict[str, str]]:
+    names = [c.name for c in info.columns]
+    missing = [n for n in names if n not in spec.levels]
+    extra = [n for n in spec.levels if n not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no level for column(s) {', '.join(missing)}")
+        if extra:
+            parts.append(f"no such column(s) {', '.join(extra)}")
+        raise InvalidInputError("; ".join(parts))
+    if spec.subject_column not in names:
+        raise InvalidInputError(f"subject column {spec.subject_column!r} is not in the data")
+    columns = []
+    for col in info.columns:
+        try:
+            level = Level(spec.levels[col.name])
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"unknown level {spec.levels[col.name]!r} for column {col.name!r}; "
+                f"use one of {', '.join(lv.value for lv in Level)}"
+            ) from exc
+        columns.append({"name": col.name, "type": col.type, "level": level.value})
+    return columns
+
+
+def register_dataset(ex: Exchange, actor: Principal, zone: str, spec: DatasetSpec) -> Dataset:
+    """Register a dataset from a staged upload (imported into the zone's store) or an attached
+    table (data stays where it is). Records the content's snapshot digest."""
+    check_dataset_name(spec.name)
+    if len(spec.description) > 4000:
+        raise InvalidInputError("description is at most 4000 characters")
+    if (spec.upload_id is None) == (spec.attach_url is None):
+        raise InvalidInputError("give exactly one source: an upload id or an attach URL + table")
+    with Session(ex.engine) as session:
+        _require_owner(_zone_row(session, zone), actor)
+        exists = session.execute(
+            select(DatasetRow.id).where(DatasetRow.zone == zone, DatasetRow.name == spec.name)
+        ).first()
+        if exists:
+            raise ConflictError(f"dataset {spec.name!r} already exists in zone {zone!r}")
+        upload = None
+        if spec.upload_id is not None:
+            upload = session.get(UploadRow, spec.upload_id)
+            if upload is None or upload.zone != zone or upload.owner != actor.key_id:
+                raise NotFoundError("no such upload for this zone")
+            if upload.used:
+                raise ConflictError("this upload was already used")
+            upload_format = upload.media_type
+
+    store = ZoneStore(ex.zones_dir / zone)
+    imported = False
+    try:
+        if spec.upload_id is not None:
+            source_path = ex.staging_dir / spec.upload_id
+            if store.has_table(spec.name):
+                store.drop(spec.name)  # an orphan from an interrupted registration
+            try:
+                if upload_format == "csv":
+                    info = store.import_csv(spec.name, source_path)
+                else:
+                    info = store.import_parquet(spec.name, source_path)
+            except ZoneStoreError as exc:
+                raise InvalidInputError(str(exc), reason=exc.code) from exc
+            imported = True
+            source, fmt, url, table = "import", upload_format, None, None
+        else:
+            assert spec.attach_url is not None
+            if not spec.attach_table:
+                raise InvalidInputError("attach needs a table name")
+            try:
+                attached = attach(
+                    spec.attach_url,
+                    spec.attach_table,
+                    allowed_prefixes=ex.settings.attach_allowed_prefixes,
+                )
+                info = attached.describe()
+                attached.close()
+            except ZoneStoreError as exc:
+                if exc.code == "attach_refused":
+                    raise ForbiddenError(str(exc)) from exc
+                raise InvalidInputError(str(exc), reason=exc.code) from exc
+            source, fmt, url, table = "attach", None, spec.attach_url, spec.attach_table
+        columns = _columns(info, spec)
+        level = max_level(Level(c["level"]) for c in columns).value
+
+        def apply(session: Session, draft: EntryDraft) -> Dataset:
+            if spec.upload_id is not None:
+                up = session.get(UploadRow, spec.upload_id)
+                if up is None or up.used:
+                    raise ConflictError("this upload was already used")
+                up.used = True
+            row = DatasetRow(
+                zone=zone,
+                name=spec.name,
+                description=spec.description,
+                subject_column=spec.subject_column,
+                columns=columns,
+                level=level,
+                row_count=info.row_count,
+                digest=info.digest,
+                source=source,
+                source_format=fmt,
+                attach_url=url,
+                attach_table=table,
+                ceilings={},
+                status="active",
+            )
+            session.add(row)
+            session.flush()
+            return to_dataset(row)
+
+        draft = EntryDraft(
+            kind="dataset.registered",
+            actor=actor.key_id,
+            refs={"zone": zone, "dataset": spec.name},
+            digests={"snapshot": info.digest},
+            attrs={"level": level, "source": source},
+        )
+        dataset: Dataset = ex.ledger.append(draft, apply).value
+    except BaseException:
+        if imported:
+            store.drop(spec.name)
+        raise
+    finally:
+        store.close()
+    if spec.upload_id is not None:
+        (ex.staging_dir / spec.upload_id).unlink(missing_ok=True)
+    return dataset
+
+
+def band(dataset: Dataset) -> str:
+    return row_count_band(dataset.row_count)

@@ -1,0 +1,68 @@
+"""One frozen settings object holds every security limit and deployment choice."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+CONFIG_FILE = "config.json"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path
+    database_url: str | None = None
+    #: the log's origin line and note key name (set by ``zonex init``)
+    origin: str = "zonex.local/log"
+
+    # request authentication (RFC 9421)
+    max_skew_seconds: int = 300
+    max_json_bytes: int = 1 << 20
+    max_upload_bytes: int = 512 << 20
+
+    # ledger
+    ledger_batch_max: int = 2000
+    checkpoint_interval_seconds: float = 1.0
+    #: rejections naming a known key are ledgered one by one up to this many per key and interval
+    rejection_entries_per_key: int = 10
+    rejection_summary_interval_seconds: float = 60.0
+
+    # catalog and storage
+    upload_ttl_seconds: int = 24 * 3600
+    #: SQLAlchemy URL prefixes a provider may attach; empty means attaching is disabled
+    attach_allowed_prefixes: tuple[str, ...] = ()
+    #: public origin (scheme://host[:port]) clients use; the signed @target-uri is checked
+    #: against it. None: take scheme and host from the request.
+    public_base_url: str | None = None
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'control.db'}"
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path, **overrides: object) -> Settings:
+        """Settings from ``DATA_DIR/config.json`` (written by ``zonex init``), then overrides."""
+        values: dict[str, object] = {}
+        path = data_dir / CONFIG_FILE
+        if path.exists():
+            values.update(json.loads(path.read_text("utf-8")))
+        env_url = os.environ.get("ZONEX_DATABASE_URL")
+        if env_url:
+            values["database_url"] = env_url
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["data_dir"] = data_dir
+        return cls.model_validate(values)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings from ``ZONEX_DATA_DIR`` (used by ``zonex serve`` workers)."""
+    data_dir = os.environ.get("ZONEX_DATA_DIR")
+    if not data_dir:
+        raise RuntimeError("ZONEX_DATA_DIR is not set")
+    return Settings.from_data_dir(Path(data_dir))

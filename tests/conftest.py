@@ -1,0 +1,118 @@
+"""Shared fixtures: a fresh data directory on SQLite and (when available) PostgreSQL, and a
+real server on loopback."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from crypto.keys import SigningKey
+from exchange.api.app import create_app
+from exchange.keyfile import load_private_key
+from exchange.node import Exchange, init_data_dir
+from exchange.sdk import Client
+from exchange.settings import Settings
+
+PG_ADMIN_URL = os.environ.get("ZONEX_TEST_DATABASE_URL")
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | None]:
+    """None for the embedded SQLite default; a fresh PostgreSQL database otherwise."""
+    if request.param == "sqlite":
+        yield None
+        return
+    if not PG_ADMIN_URL:
+        pytest.skip("ZONEX_TEST_DATABASE_URL is not set (no PostgreSQL server)")
+    name = "zonex_t_" + secrets.token_hex(6)
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, database_url: str | None) -> Path:
+    d = tmp_path / "exchange"
+    init_data_dir(d, origin="test.zonex/log", database_url=database_url)
+    return d
+
+
+def settings_for(data_dir: Path, **overrides: object) -> Settings:
+    return Settings.from_data_dir(data_dir, **overrides)
+
+
+@pytest.fixture
+def exchange(data_dir: Path) -> Iterator[Exchange]:
+    ex = Exchange(settings_for(data_dir, checkpoint_interval_seconds=0.2))
+    ex.start()
+    try:
+        yield ex
+    finally:
+        ex.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    exchange: Exchange
+    data_dir: Path
+    operator: SigningKey
+
+    def client(self, key: SigningKey) -> Client:
+        return Client(self.url, key)
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # running in a thread
+        pass
+
+
+@pytest.fixture
+def server(exchange: Exchange, data_dir: Path) -> Iterator[LiveServer]:
+    """A real uvicorn server on loopback serving the exchange."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(exchange=exchange), host="127.0.0.1", port=port, log_level="warning"
+    )
+    srv = _Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(
+            f"http://127.0.0.1:{port}",
+            exchange,
+            data_dir,
+            load_private_key(data_dir / "operator.key"),
+        )
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=20)

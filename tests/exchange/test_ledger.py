@@ -1,0 +1,241 @@
+"""The ledger service: group commit, gap-free sequencing, atomic state changes, checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from typer.testing import CliRunner
+
+from crypto.merkle import verify_consistency
+from crypto.note import NoteVerifier, verify_checkpoint
+from exchange.audit import check_bundle, read_bundle_lines
+from exchange.cli import app
+from exchange.errors import ConflictError, LedgerError
+from exchange.ledger import EntryDraft, write_export
+from exchange.models import LedgerEntryRow, PrincipalRow
+from exchange.node import Exchange
+from tests.conftest import settings_for
+
+
+def verifier(data_dir: Path) -> NoteVerifier:
+    return NoteVerifier.from_verifier_key((data_dir / "log.pub").read_text().strip())
+
+
+def entries(ex: Exchange) -> list[dict[str, object]]:
+    with Session(ex.engine) as s:
+        return [
+            json.loads(b)
+            for b in s.execute(select(LedgerEntryRow.body).order_by(LedgerEntryRow.seq)).scalars()
+        ]
+
+
+def test_concurrent_appends_are_gap_free_and_verify(exchange: Exchange, tmp_path: Path) -> None:
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        for i in range(100):
+            seq = exchange.ledger.append(EntryDraft(kind="test.append", attrs={"n": n, "i": i})).seq
+            with lock:
+                results.append(seq)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(1, 801))  # seq 0 is log.initialized
+    rows = entries(exchange)
+    assert [e["seq"] for e in rows] == list(range(801))
+    bundle = tmp_path / "bundle.jsonl"
+    write_export(exchange.ledger, bundle)
+    report = check_bundle(read_bundle_lines(bundle), verifier(exchange.settings.data_dir))
+    assert report.ok, report.fault
+    assert report.entries == 801
+
+
+def test_a_failed_change_is_not_recorded_and_does_not_spoil_its_batch(exchange: Exchange) -> None:
+    def conflict(session: Session, draft: EntryDraft) -> None:
+        raise ConflictError("no")
+
+    errors: list[BaseException] = []
+
+    def bad() -> None:
+        try:
+            exchange.ledger.append(EntryDraft(kind="test.bad"), conflict)
+        except ConflictError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bad) for _ in range(5)]
+    threads += [
+        threading.Thread(target=exchange.ledger.append, args=(EntryDraft(kind="test.good"),))
+        for _ in range(20)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kinds = [e["kind"] for e in entries(exchange)]
+    assert kinds.count("test.good") == 20
+    assert "test.bad" not in kinds
+    assert len(errors) == 5
+
+
+def test_state_change_and_entry_commit_together(exchange: Exchange) -> None:
+    def add_then_fail(session: Session, draft: EntryDraft) -> None:
+        session.add(
+            PrincipalRow(
+                key_id="f" * 64,
+                name="ghost",
+                kind="agency",
+                public_key=b"\x01" * 32,
+                status="active",
+            )
+        )
+        session.flush()
+        raise RuntimeError("crash in the middle of a change")
+
+    with pytest.raises(RuntimeError):
+        exchange.ledger.append(EntryDraft(kind="test.ghost"), add_then_fail)
+    with Session(exchange.engine) as s:
+        assert s.get(PrincipalRow, "f" * 64) is None
+
+
+def test_unrecordable_entries_are_refused(exchange: Exchange) -> None:
+    with pytest.raises(Exception, match="cannot be recorded"):
+        exchange.ledger.append(EntryDraft(kind="test.float", attrs={"x": 1.5}))  # type: ignore[dict-item]
+
+
+def test_sequence_survives_a_restart(data_dir: Path) -> None:
+    settings = settings_for(data_dir)
+    with Exchange(settings) as ex:
+        first = [ex.ledger.append(EntryDraft(kind="test.a")).seq for _ in range(3)]
+    with Exchange(settings) as ex:
+        second = [ex.ledger.append(EntryDraft(kind="test.b")).seq for _ in range(3)]
+        rows = entries(ex)
+    assert first + second == list(range(1, 7))
+    assert [e["seq"] for e in rows] == list(range(7))
+    for prev, entry in itertools.pairwise(rows):
+        assert entry["prev"] != prev["prev"]
+
+
+def test_two_processes_share_one_sequence(data_dir: Path) -> None:
+    settings = settings_for(data_dir)
+    with Exchange(settings) as a, Exchange(settings) as b:
+
+        def run(ex: Exchange) -> None:
+            for _ in range(50):
+                ex.ledger.append(EntryDraft(kind="test.shared"))
+
+        threads = [threading.Thread(target=run, args=(x,)) for x in (a, b, a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows = entries(a)
+        assert [e["seq"] for e in rows] == list(range(201))
+        assert a.ledger.checkpoint().root == b.ledger.checkpoint().root
+
+
+def test_checkpoints_are_consistent_and_signed(exchange: Exchange, data_dir: Path) -> None:
+    exchange.ledger.append(EntryDraft(kind="test.one"))
+    first = exchange.ledger.checkpoint()
+    for _ in range(10):
+        exchange.ledger.append(EntryDraft(kind="test.more"))
+    second = exchange.ledger.checkpoint()
+    v = verifier(data_dir)
+    assert verify_checkpoint(first.note, v).size == first.size
+    assert verify_checkpoint(second.note, v).size == second.size
+    proof = exchange.ledger.consistency_proof(first.size, second.size)
+    verify_consistency(first.size, second.size, first.root, second.root, proof)
+
+
+def test_log_refuses_to_sign_an_inconsistent_checkpoint(data_dir: Path) -> None:
+    settings = settings_for(data_dir)
+    with Exchange(settings) as ex:
+        for _ in range(4):
+            ex.ledger.append(EntryDraft(kind="test.x"))
+        ex.ledger.checkpoint()
+    # someone rewrites history under the checkpoint
+    with Exchange(settings) as ex:
+        with Session(ex.engine) as s, s.begin():
+            s.execute(
+                update(LedgerEntryRow).where(LedgerEntryRow.seq == 2).values(leaf_hash=b"\x00" * 32)
+            )
+        ex.ledger.append(EntryDraft(kind="test.after"))
+        with pytest.raises(LedgerError):
+            ex.ledger.checkpoint()
+
+
+def test_periodic_checkpoints_follow_appends(exchange: Exchange) -> None:
+    import time
+
+    exchange.ledger.append(EntryDraft(kind="test.tick"))
+    size = exchange.ledger.size()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        latest = exchange.ledger.latest_checkpoint()
+        if latest is not None and latest.size >= size:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("no checkpoint within 5 s")
+
+
+def test_cli_export_and_verify(data_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    bundle = tmp_path / "ledger.jsonl"
+    cp = tmp_path / "cp.txt"
+    result = runner.invoke(
+        app, ["ledger", "checkpoint", "--data-dir", str(data_dir), "--out", str(cp)]
+    )
+    assert result.exit_code == 0, result.output
+    with Exchange(settings_for(data_dir)) as ex:
+        for _ in range(5):
+            ex.ledger.append(EntryDraft(kind="test.more"))
+    result = runner.invoke(
+        app, ["ledger", "export", "--data-dir", str(data_dir), "--out", str(bundle)]
+    )
+    assert result.exit_code == 0, result.output
+    log_pub = str(data_dir / "log.pub")
+    ok = runner.invoke(
+        app, ["audit", "verify", str(bundle), "--log-key", log_pub, "--trusted", str(cp)]
+    )
+    assert ok.exit_code == 0, ok.output
+    # one flipped byte: non-zero exit and one line naming the line and the fault
+    lines = bundle.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b'"kind":"', b'"kind":"X', 1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(lines))
+    result = runner.invoke(app, ["audit", "verify", str(bad), "--log-key", log_pub])
+    assert result.exit_code != 0
+    assert f"{bad}:3:" in result.output.replace("\n", "")
+    # truncated tail detected against the trusted checkpoint saved after more entries
+    cp2 = tmp_path / "cp2.txt"
+    runner.invoke(app, ["ledger", "checkpoint", "--data-dir", str(data_dir), "--out", str(cp2)])
+    truncated = tmp_path / "old.jsonl"
+    with Exchange(settings_for(data_dir)) as ex:
+        ex.ledger.append(EntryDraft(kind="test.later"))
+        cp3 = ex.ledger.checkpoint()
+    (tmp_path / "cp3.txt").write_text(cp3.note)
+    truncated.write_bytes(bundle.read_bytes())
+    result = runner.invoke(
+        app,
+        [
+            "audit",
+            "verify",
+            str(truncated),
+            "--log-key",
+            log_pub,
+            "--trusted",
+            str(tmp_path / "cp3.txt"),
+        ],
+    )
+    assert result.exit_code != 0
+    assert "rollback" in result.output
