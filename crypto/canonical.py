@@ -72,7 +72,7 @@ def _fast_encode(value: Any) -> bytes | None:
                 if not key.isascii():
                     return None
                 stack.append(sub)
-        elif isinstance(item, list):
+        elif isinstance(item, (list, tuple)):
             stack.extend(item)
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     try:

@@ -10,6 +10,7 @@ from crypto.errors import EncodingError
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _B64STD = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+_HEX = re.compile(r"(?:[0-9a-f]{2})*")
 
 
 def b64url_encode(data: bytes) -> str:
@@ -48,12 +49,10 @@ def b64_decode(text: str) -> bytes:
 
 def hex_decode(text: str, length: int | None = None) -> bytes:
     """Decode lowercase hex, optionally of an exact byte length."""
-    if not isinstance(text, str) or text != text.lower():
+    # bytes.fromhex alone would also accept whitespace between bytes
+    if not isinstance(text, str) or not _HEX.fullmatch(text):
         raise EncodingError("not lowercase hex")
-    try:
-        data = bytes.fromhex(text)
-    except ValueError as exc:
-        raise EncodingError("not lowercase hex") from exc
+    data = bytes.fromhex(text)
     if length is not None and len(data) != length:
         raise EncodingError(f"expected {length} bytes of hex, got {len(data)}")
     return data

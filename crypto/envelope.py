@@ -78,16 +78,17 @@ def verify_envelope(
     except EncodingError as exc:
         raise VerificationError("payload is not base64url") from exc
     message = pae(payload_type, body)
-    good: set[str] = set()
+    # count distinct verifying keys, not key ids: one key listed under two ids counts once
+    good: set[bytes] = set()
     for signature in envelope.signatures:
         key = trusted.get(KeyId(signature.keyid))
-        if key is None or signature.keyid in good:
+        if key is None or key.raw in good:
             continue
         try:
             key.verify(message, b64url_decode(signature.sig))
         except (VerificationError, EncodingError):
             continue
-        good.add(signature.keyid)
+        good.add(key.raw)
     if len(good) < threshold:
         raise VerificationError(f"{len(good)} valid trusted signatures, {threshold} required")
     # verify before parse: only now are the bytes known to be the signed ones

@@ -8,6 +8,7 @@ from typing import NewType
 
 import nacl.exceptions
 import nacl.signing
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -57,7 +58,7 @@ class VerifyKey:
     def from_pem(cls, data: bytes) -> VerifyKey:
         try:
             key = serialization.load_pem_public_key(data)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise EncodingError("not a PEM public key") from exc
         if not isinstance(key, ed25519.Ed25519PublicKey):
             raise EncodingError("not an Ed25519 public key")
@@ -111,7 +112,7 @@ class SigningKey:
     def from_pem(cls, data: bytes) -> SigningKey:
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise EncodingError("not an unencrypted PEM private key") from exc
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise EncodingError("not an Ed25519 private key")

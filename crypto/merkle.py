@@ -1,71 +1,128 @@
-"""RFC 9162 Merkle trees: hashing, proofs and their verification. Pure functions.
+"""RFC 9162 Merkle trees: hashing, proofs and their verification. Pure, no I/O.
 
-leaf = SHA-256(0x00 || entry), node = SHA-256(0x01 || left || right), empty = SHA-256("").
+leaf = SHA-256(0x00 || entry), node = SHA-256(0x01 || left || right), empty root = SHA-256("").
+
+- :func:`verify_inclusion` and :func:`verify_consistency` return ``None`` or raise
+  :class:`~crypto.errors.VerificationError` saying why; they follow RFC 9162 sections 2.1.3.2
+  and 2.1.4.2 step by step and refuse any hash that is not 32 bytes.
+- :class:`CompactRange` folds a stream of leaf hashes into a root with O(log n) memory.
+- :class:`MerkleTree` keeps every perfect-subtree hash so it can serve roots and proofs for any
+  size it has seen.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from crypto.errors import VerificationError
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
+_sha256 = hashlib.sha256
+
 
 def leaf_hash(entry: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + entry).digest()
+    """The RFC 9162 hash of one log entry."""
+    return _sha256(b"\x00" + entry).digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
+    """The RFC 9162 hash of an interior node."""
+    return _sha256(b"\x01" + left + right).digest()
 
 
 def _split(n: int) -> int:
-    """The largest power of two smaller than n (n >= 2)."""
+    """The largest power of two strictly smaller than ``n`` (n >= 2)."""
     return 1 << ((n - 1).bit_length() - 1)
 
 
-class CompactRange:
-    """Incremental accumulator: the roots of the perfect subtrees covering the leaves so far."""
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    __slots__ = ("_hashes", "_sizes", "size")
+
+def _check_hash(value: object, what: str) -> None:
+    if not isinstance(value, bytes) or len(value) != HASH_SIZE:
+        raise VerificationError(f"{what} is not a {HASH_SIZE}-byte hash")
+
+
+def _check_proof(proof: Sequence[bytes]) -> None:
+    for i, item in enumerate(proof):
+        _check_hash(item, f"proof[{i}]")
+
+
+class CompactRange:
+    """The roots of the perfect subtrees covering the leaves appended so far (left to right).
+
+    Appending costs one hash amortized; :meth:`root` costs at most log2(size) hashes.
+    """
+
+    __slots__ = ("_stack", "size")
 
     def __init__(self) -> None:
-        self._sizes: list[int] = []
-        self._hashes: list[bytes] = []
+        self._stack: list[bytes] = []
         self.size = 0
 
     def append(self, leaf: bytes) -> None:
-        sizes, hashes = self._sizes, self._hashes
-        sizes.append(1)
-        hashes.append(leaf)
-        while len(sizes) > 1 and sizes[-1] == sizes[-2]:
-            right = hashes.pop()
-            sizes.pop()
-            hashes[-1] = hashlib.sha256(b"\x01" + hashes[-1] + right).digest()
-            sizes[-1] *= 2
+        """Add the next leaf hash (32 bytes)."""
+        if len(leaf) != HASH_SIZE:
+            raise ValueError("a leaf hash is 32 bytes")
+        stack = self._stack
+        n = self.size
+        # every trailing one bit of the old size is a perfect subtree the new leaf completes
+        while n & 1:
+            leaf = _sha256(b"\x01" + stack.pop() + leaf).digest()
+            n >>= 1
+        stack.append(leaf)
         self.size += 1
 
+    def extend(self, leaves: Iterable[bytes]) -> None:
+        """Add leaf hashes in order (the same as :meth:`append` for each, only faster)."""
+        stack = self._stack
+        n = self.size
+        sha256 = _sha256
+        try:
+            for leaf in leaves:
+                if len(leaf) != HASH_SIZE:
+                    raise ValueError("a leaf hash is 32 bytes")
+                m = n
+                while m & 1:
+                    leaf = sha256(b"\x01" + stack.pop() + leaf).digest()
+                    m >>= 1
+                stack.append(leaf)
+                n += 1
+        finally:
+            self.size = n
+
     def root(self) -> bytes:
-        if not self._hashes:
+        """The root of the tree of the leaves so far."""
+        stack = self._stack
+        if not stack:
             return EMPTY_ROOT
-        root = self._hashes[-1]
-        for left in reversed(self._hashes[:-1]):
-            root = node_hash(left, root)
+        root = stack[-1]
+        for left in reversed(stack[:-1]):
+            root = _sha256(b"\x01" + left + root).digest()
         return root
 
 
 def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
+    """The root of the tree whose leaves have these hashes."""
     acc = CompactRange()
-    for h in hashes:
-        acc.append(h)
+    acc.extend(hashes)
     return acc.root()
 
 
 class MerkleTree:
-    """In-memory tree keeping every perfect-subtree hash by level; O(log n) proofs at any size."""
+    """An append-only in-memory tree of leaf hashes.
+
+    ``levels[k][i]`` is the hash of the perfect subtree over leaves ``[i * 2**k, (i + 1) * 2**k)``.
+    Roots and proofs for any size up to :attr:`size` cost O(log n) hashes: every subtree in the
+    RFC 9162 recursion is either perfect (a lookup) or ends at the tree's right border, and the
+    border hashes for one size are computed once per call.
+    """
+
+    __slots__ = ("_levels",)
 
     def __init__(self) -> None:
         self._levels: list[list[bytes]] = [[]]
@@ -75,8 +132,9 @@ class MerkleTree:
         return len(self._levels[0])
 
     def append(self, leaf: bytes) -> None:
-        if len(leaf) != HASH_SIZE:
-            raise ValueError("leaf hashes are 32 bytes")
+        """Add the next leaf hash (32 bytes)."""
+        if not isinstance(leaf, bytes) or len(leaf) != HASH_SIZE:
+            raise ValueError("a leaf hash is 32 bytes")
         levels = self._levels
         levels[0].append(leaf)
         index = len(levels[0]) - 1
@@ -89,87 +147,111 @@ class MerkleTree:
             index >>= 1
             level += 1
 
-    def extend(self, leaves: Sequence[bytes]) -> None:
+    def extend(self, leaves: Iterable[bytes]) -> None:
         for leaf in leaves:
             self.append(leaf)
 
     def leaf_hash(self, index: int) -> bytes:
+        if not _is_size(index) or index >= self.size:
+            raise ValueError(f"leaf index {index} outside 0..{self.size - 1}")
         return self._levels[0][index]
 
-    def _range(self, lo: int, hi: int) -> bytes:
-        """MTH of leaves [lo, hi); lo is always aligned as the RFC's recursion produces it."""
+    def _check_size(self, size: int) -> None:
+        if not _is_size(size) or size > self.size:
+            raise ValueError(f"size {size} outside 0..{self.size}")
+
+    def _border(self, size: int) -> dict[int, bytes]:
+        """Hashes of ``[lo, size)`` for every ``lo`` where the recursion meets the right border.
+
+        ``size`` splits into perfect subtrees of decreasing powers of two; the border ranges are
+        the suffixes starting at each of their left edges.
+        """
+        starts: list[tuple[int, int]] = []  # (lo, k) of each perfect piece, left to right
+        lo = 0
+        for k in range(size.bit_length() - 1, -1, -1):
+            if size >> k & 1:
+                starts.append((lo, k))
+                lo += 1 << k
+        border: dict[int, bytes] = {}
+        acc: bytes | None = None
+        for lo, k in reversed(starts):
+            piece = self._levels[k][lo >> k]
+            acc = piece if acc is None else node_hash(piece, acc)
+            border[lo] = acc
+        return border
+
+    def _range(self, lo: int, hi: int, border: dict[int, bytes]) -> bytes:
         n = hi - lo
         if n & (n - 1) == 0 and lo % n == 0:
             k = n.bit_length() - 1
             return self._levels[k][lo >> k]
-        k = _split(n)
-        return node_hash(self._range(lo, lo + k), self._range(lo + k, hi))
-
-    def _check_size(self, size: int) -> None:
-        if not 0 <= size <= self.size:
-            raise ValueError(f"size {size} outside 0..{self.size}")
+        return border[lo]  # only border ranges are not perfect
 
     def root(self, size: int | None = None) -> bytes:
+        """The root at ``size`` (default: the current size)."""
         size = self.size if size is None else size
         self._check_size(size)
-        return EMPTY_ROOT if size == 0 else self._range(0, size)
+        if size == 0:
+            return EMPTY_ROOT
+        return self._border(size)[0]
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """RFC 9162 section 2.1.3.1 PATH(index, D[0:size]), leaf side first."""
         self._check_size(size)
-        if not 0 <= index < size:
-            raise ValueError("index outside the tree")
+        if not _is_size(index) or index >= size:
+            raise ValueError(f"leaf index {index} outside 0..{size - 1}")
+        border = self._border(size)
         proof: list[bytes] = []
         lo, hi, m = 0, size, index
         while hi - lo > 1:
             k = _split(hi - lo)
             if m < k:
-                proof.append(self._range(lo + k, hi))
+                proof.append(self._range(lo + k, hi, border))
                 hi = lo + k
             else:
-                proof.append(self._range(lo, lo + k))
+                proof.append(self._range(lo, lo + k, border))
                 lo, m = lo + k, m - k
         proof.reverse()
         return proof
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        """RFC 9162 section 2.1.4.1 PROOF(size1, D[0:size2]); empty when size1 is 0 or size2."""
         self._check_size(size2)
-        if not 0 <= size1 <= size2:
-            raise ValueError("need 0 <= size1 <= size2")
+        if not _is_size(size1) or size1 > size2:
+            raise ValueError(f"need 0 <= size1 <= size2, got {size1} and {size2}")
         if size1 in (0, size2):
             return []
+        border = self._border(size2)
         proof: list[bytes] = []
         lo, hi, m, whole = 0, size2, size1, True
         while True:
             n = hi - lo
             if m == n:
                 if not whole:
-                    proof.append(self._range(lo, hi))
+                    proof.append(self._range(lo, hi, border))
                 break
             k = _split(n)
             if m <= k:
-                proof.append(self._range(lo + k, hi))
+                proof.append(self._range(lo + k, hi, border))
                 hi = lo + k
             else:
-                proof.append(self._range(lo, lo + k))
+                proof.append(self._range(lo, lo + k, border))
                 lo, m, whole = lo + k, m - k, False
         proof.reverse()
         return proof
 
 
-def _check_hashes(*hashes: bytes) -> None:
-    for h in hashes:
-        if not isinstance(h, bytes) or len(h) != HASH_SIZE:
-            raise VerificationError("hash is not 32 bytes")
-
-
 def root_from_inclusion_proof(
-    leaf_index: int, tree_size: int, leaf: bytes, proof: Sequence[bytes]
+    leaf_index: int, tree_size: int, leaf_hash: bytes, proof: Sequence[bytes]
 ) -> bytes:
-    """RFC 9162 section 2.1.3.2: the root implied by an inclusion proof."""
-    if not 0 <= leaf_index < tree_size:
-        raise VerificationError("leaf index outside the tree")
-    _check_hashes(leaf, *proof)
-    fn, sn, r = leaf_index, tree_size - 1, leaf
+    """RFC 9162 section 2.1.3.2: the root an inclusion proof leads to (or raise)."""
+    if not _is_size(tree_size) or not _is_size(leaf_index):
+        raise VerificationError("leaf index and tree size must be non-negative integers")
+    if leaf_index >= tree_size:
+        raise VerificationError(f"leaf index {leaf_index} is not below tree size {tree_size}")
+    _check_hash(leaf_hash, "leaf hash")
+    _check_proof(proof)
+    fn, sn, r = leaf_index, tree_size - 1, leaf_hash
     for p in proof:
         if sn == 0:
             raise VerificationError("inclusion proof is too long")
@@ -191,8 +273,8 @@ def root_from_inclusion_proof(
 def verify_inclusion(
     leaf_index: int, tree_size: int, leaf_hash: bytes, proof: Sequence[bytes], root: bytes
 ) -> None:
-    """Return None if ``proof`` shows ``leaf_hash`` at ``leaf_index`` in the tree ``root``."""
-    _check_hashes(root)
+    """Return ``None`` if ``proof`` shows ``leaf_hash`` at ``leaf_index`` in the tree ``root``."""
+    _check_hash(root, "root")
     if root_from_inclusion_proof(leaf_index, tree_size, leaf_hash, proof) != root:
         raise VerificationError("inclusion proof does not lead to the root")
 
@@ -200,31 +282,42 @@ def verify_inclusion(
 def verify_consistency(
     size1: int, size2: int, root1: bytes, root2: bytes, proof: Sequence[bytes]
 ) -> None:
-    """Return None if ``proof`` shows tree ``root1`` of ``size1`` is a prefix of ``root2``."""
-    _check_hashes(root1, root2, *proof)
-    if size1 < 0 or size2 < size1:
-        raise VerificationError("need 0 <= size1 <= size2")
+    """Return ``None`` if ``proof`` shows the tree ``root1`` of ``size1`` is a prefix of ``root2``.
+
+    Equal sizes need an empty proof and equal roots. Every tree extends the empty tree, so from
+    size 0 the proof must be empty and ``root1`` must be the empty root.
+    """
+    if not _is_size(size1) or not _is_size(size2):
+        raise VerificationError("tree sizes must be non-negative integers")
+    _check_hash(root1, "first root")
+    _check_hash(root2, "second root")
+    _check_proof(proof)
+    if size1 > size2:
+        raise VerificationError(f"first size {size1} exceeds second size {size2}")
+    if size1 == 0 and root1 != EMPTY_ROOT:
+        raise VerificationError("the first root is not the empty tree's root")
     if size1 == size2:
         if proof:
             raise VerificationError("sizes are equal but the proof is not empty")
         if root1 != root2:
-            raise VerificationError("equal sizes with different roots")
+            raise VerificationError("sizes are equal but the roots differ")
         return
     if size1 == 0:
         if proof:
             raise VerificationError("a proof from the empty tree must be empty")
         return
-    if not proof:
-        raise VerificationError("empty consistency proof")
+    # RFC 9162 section 2.1.4.2, 0 < size1 < size2
+    if not proof:  # step 1
+        raise VerificationError("consistency proof is empty")
     path = list(proof)
-    if size1 & (size1 - 1) == 0:
+    if size1 & (size1 - 1) == 0:  # step 2
         path.insert(0, root1)
-    fn, sn = size1 - 1, size2 - 1
-    while fn & 1:
+    fn, sn = size1 - 1, size2 - 1  # step 3
+    while fn & 1:  # step 4
         fn >>= 1
         sn >>= 1
-    fr = sr = path[0]
-    for c in path[1:]:
+    fr = sr = path[0]  # step 5
+    for c in path[1:]:  # step 6
         if sn == 0:
             raise VerificationError("consistency proof is too long")
         if fn & 1 or fn == sn:
@@ -238,9 +331,9 @@ def verify_consistency(
             sr = node_hash(sr, c)
         fn >>= 1
         sn >>= 1
-    if sn != 0:
+    if sn != 0:  # step 7
         raise VerificationError("consistency proof is too short")
     if fr != root1:
-        raise VerificationError("consistency proof does not match the first root")
+        raise VerificationError("consistency proof does not lead to the first root")
     if sr != root2:
-        raise VerificationError("consistency proof does not match the second root")
+        raise VerificationError("consistency proof does not lead to the second root")

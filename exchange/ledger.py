@@ -386,7 +386,8 @@ class Ledger:
     # -- background ------------------------------------------------------------------------
 
     def _ticker_loop(self) -> None:
-        last_run: dict[int, float] = {}
+        started = time.monotonic()
+        last_run = dict.fromkeys(range(len(self._tickers)), started)
         while not self._stopping.wait(
             min([self._checkpoint_interval, *[i for i, _ in self._tickers]])
         ):
@@ -397,7 +398,7 @@ class Ledger:
                 except (ZonexError, SQLAlchemyError):
                     log.exception("periodic checkpoint failed")
             for index, (interval, action) in enumerate(self._tickers):
-                if now - last_run.get(index, 0.0) >= interval:
+                if now - last_run.get(index, started) >= interval:
                     last_run[index] = now
                     try:
                         action()

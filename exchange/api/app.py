@@ -4,8 +4,6 @@ Every route except ``/v1/health`` authenticates the request (RFC 9421) before an
 one handler maps the error tree to RFC 9457 problem+json.
 """
 
-from __future__ import annotations
-
 import logging
 import time
 from collections.abc import AsyncIterator

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-import exchange.models  # noqa: F401 - register tables
+import exchange.models
+import exchange.policystore  # noqa: F401 - register policy tables
 from exchange.db import Base
 
 engine = context.config.attributes["engine"]

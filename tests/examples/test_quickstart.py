@@ -9,7 +9,7 @@ from tests.conftest import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-import quickstart  # noqa: E402
+import quickstart
 
 
 def test_quickstart_runs_and_is_rerunnable(tmp_path: Path) -> None:

@@ -243,9 +243,10 @@ def test_unknown_key_is_rejected_and_only_summarized(server: LiveServer) -> None
         entries = [json.loads(b) for b in s.execute(select(LedgerEntryRow.body)).scalars()]
     assert not [e for e in entries if e["kind"] == "request.rejected"]
     summaries = [e for e in entries if e["kind"] == "request.rejected.summary"]
-    assert len(summaries) == 1
-    assert summaries[0]["attrs"]["count.unknown_key"] == 25
-    assert summaries[0]["actor"] == "-"
+    # at most one summary per interval (the ticker may have flushed once meanwhile)
+    assert 1 <= len(summaries) <= 2
+    assert sum(e["attrs"].get("count.unknown_key", 0) for e in summaries) == 25
+    assert all(e["actor"] == "-" for e in summaries)
 
 
 def test_known_key_rejections_are_bounded_per_interval(

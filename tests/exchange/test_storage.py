@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+import exchange.policystore  # noqa: F401 - register every table on the metadata
 from exchange.db import Base
 from exchange.node import Exchange
 
