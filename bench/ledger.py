@@ -1,6 +1,6 @@
 """Ledger benchmark: group commit vs plain inserts, offline verification, proof checks.
 
-    python bench/ledger.py [--entries 1000000] [--appends 20000] [--threads 64]
+    python -P bench/ledger.py [--entries 1000000] [--appends 20000] [--threads 64]
 
 Prints, in one run:
 - durable appends/s through the ledger's group commit vs plain SQLite inserts of the same rows,
