@@ -41,7 +41,7 @@ from exchange.keyfile import write_private_key
 from exchange.ledger import EntryDraft
 from exchange.models import DatasetRow, PrincipalRow, UploadRow, ZoneRow
 from exchange.node import Exchange
-from exchange.zonestore import TableInfo, ZoneStore, ZoneStoreError, attach, row_count_band
+from exchange.zonestore import TableInfo, ZoneStore, ZoneStoreError, attach
 from policy.levels import Level, max_level
 
 UPLOAD_TYPES = {"text/csv": "csv", "application/vnd.apache.parquet": "parquet"}
@@ -442,7 +442,3 @@ def register_dataset(ex: Exchange, actor: Principal, zone: str, spec: DatasetSpe
     if spec.upload_id is not None:
         (ex.staging_dir / spec.upload_id).unlink(missing_ok=True)
     return dataset
-
-
-def band(dataset: Dataset) -> str:
-    return row_count_band(dataset.row_count)
