@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from exchange.errors import InvalidInputError
 
@@ -83,3 +85,36 @@ class Zone:
     status: str
     created_at: datetime
     datasets: tuple[Dataset, ...] = ()
+
+
+#: DSSE payload type of an access approval; nothing else verifies as one
+APPROVAL_TYPE = "application/vnd.zonex.approval+json"
+
+
+def approval_payload(
+    request: Mapping[str, Any],
+    *,
+    approver: str,
+    not_after: datetime,
+    datasets: Sequence[str] | None = None,
+    operations: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The exact terms an approver signs for an access request (given as its API/JSON form or
+    any mapping with ``id``, ``consumer``, ``zone``, ``datasets``, ``operations``, ``purpose``).
+
+    It may narrow the request (fewer datasets or operations, an earlier end), never widen it;
+    the exchange checks that against the stored request.
+    """
+    if not_after.tzinfo is None:
+        raise ValueError("not_after must be timezone-aware")
+    return {
+        "type": "zonex.approval.v1",
+        "request": request["id"],
+        "consumer": request["consumer"],
+        "zone": request["zone"],
+        "datasets": sorted(set(datasets if datasets is not None else request["datasets"])),
+        "operations": sorted(set(operations if operations is not None else request["operations"])),
+        "purpose": request["purpose"],
+        "not_after": not_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "approver": approver,
+    }

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -143,3 +144,73 @@ class CheckpointRow(Base):
     root: Mapped[bytes] = mapped_column(LargeBinary(32))
     note: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AccessRequestRow(Base):
+    """A consumer's request for access: datasets, operations, purpose, duration, justification."""
+
+    __tablename__ = "access_requests"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    consumer: Mapped[str] = mapped_column(ForeignKey("principals.key_id"), index=True)
+    zone: Mapped[str] = mapped_column(ForeignKey("zones.name"), index=True)
+    datasets: Mapped[list[str]] = mapped_column(JSON)
+    operations: Mapped[list[str]] = mapped_column(JSON)
+    purpose: Mapped[str] = mapped_column(String(200))
+    duration_seconds: Mapped[int] = mapped_column(BigInteger)
+    justification: Mapped[str] = mapped_column(Text)
+    #: pending | awaiting_operator | approved | rejected | withdrawn
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: the provider's signed approval (DSSE envelope, JSON) while the operator's is awaited
+    provider_approval: Mapped[str | None] = mapped_column(Text, nullable=True)
+    grant_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class GrantRow(Base):
+    """An approved request: its policy rows carry ``id`` as their rule id."""
+
+    __tablename__ = "grants"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("access_requests.id"), unique=True)
+    consumer: Mapped[str] = mapped_column(ForeignKey("principals.key_id"), index=True)
+    zone: Mapped[str] = mapped_column(ForeignKey("zones.name"), index=True)
+    datasets: Mapped[list[str]] = mapped_column(JSON)
+    operations: Mapped[list[str]] = mapped_column(JSON)
+    purpose: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: the signed approvals (a JSON list of DSSE envelopes), provider first
+    approvals: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    #: active | revoked
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    revoke_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ConsentRow(Base):
+    """A data subject's authorization of a consumer for a purpose, recorded by the provider.
+
+    The subject is stored only as a keyed digest (HMAC-SHA-256 under the zone's secret salt).
+    """
+
+    __tablename__ = "consents"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    zone: Mapped[str] = mapped_column(ForeignKey("zones.name"))
+    subject_digest: Mapped[str] = mapped_column(String(64))
+    consumer: Mapped[str] = mapped_column(ForeignKey("principals.key_id"))
+    purpose: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: active | withdrawn
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    recorded_by: Mapped[str] = mapped_column(String(64))
+    withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (Index("ix_consents_lookup", "zone", "subject_digest", "consumer"),)

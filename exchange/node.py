@@ -21,8 +21,10 @@ from exchange.errors import ConfigurationError
 from exchange.keyfile import load_private_key, write_private_key, write_public_key
 from exchange.ledger import EntryDraft, Ledger, ensure_head
 from exchange.models import NonceRow, PrincipalRow
+from exchange.policystore import PolicyCache
 from exchange.settings import CONFIG_FILE, Settings
 from exchange.storage import WRITE, create_control_engine, migrate
+from exchange.zonestore import ZoneStore
 
 log = logging.getLogger("zonex")
 
@@ -120,7 +122,20 @@ class Exchange:
             settings.rejection_summary_interval_seconds, self.ledger.rejections.flush
         )
         self.ledger.add_ticker(float(settings.max_skew_seconds), self.purge_nonces)
+        self.policy = PolicyCache(
+            self.engine,
+            refresh_interval=settings.policy_refresh_seconds,
+            max_staleness=settings.policy_max_staleness_seconds,
+        )
+        self._zone_stores: dict[str, ZoneStore] = {}
         self._started = False
+
+    def zone_store(self, zone: str) -> ZoneStore:
+        """The zone's embedded store, opened once per process."""
+        store = self._zone_stores.get(zone)
+        if store is None:
+            store = self._zone_stores.setdefault(zone, ZoneStore(self.zones_dir / zone))
+        return store
 
     @property
     def zones_dir(self) -> Path:
@@ -134,10 +149,14 @@ class Exchange:
         self.zones_dir.mkdir(exist_ok=True)
         self.staging_dir.mkdir(exist_ok=True)
         self.ledger.start()
+        self.policy.refresh()
         self._started = True
         return self
 
     def close(self) -> None:
+        for store in self._zone_stores.values():
+            store.close()
+        self._zone_stores.clear()
         if self._started:
             self.ledger.close()
             self._started = False

@@ -5,14 +5,17 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Generator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from crypto.encoding import b64url_encode
+from crypto.envelope import sign_envelope
 from crypto.httpsig import sign_request
 from crypto.keys import SigningKey, VerifyKey
+from exchange.domain import APPROVAL_TYPE, approval_payload
 
 MEDIA_TYPES = {".csv": "text/csv", ".parquet": "application/vnd.apache.parquet"}
 
@@ -197,4 +200,118 @@ class Client:
 
     def entry(self, seq: int) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", f"/v1/log/entries/{seq}")
+        return result
+
+    # access workflow
+    def request_access(
+        self,
+        zone: str,
+        datasets: list[str],
+        operations: list[str],
+        purpose: str,
+        *,
+        duration_seconds: int,
+        justification: str,
+    ) -> dict[str, Any]:
+        body = {
+            "zone": zone,
+            "datasets": datasets,
+            "operations": operations,
+            "purpose": purpose,
+            "duration_seconds": duration_seconds,
+            "justification": justification,
+        }
+        result: dict[str, Any] = self.request("POST", "/v1/access-requests", json=body)
+        return result
+
+    def requests(self, zone: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("zone", zone), ("status", status)) if v is not None}
+        result: list[dict[str, Any]] = self.request("GET", "/v1/access-requests", params=params)
+        return result
+
+    def get_request(self, request_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/access-requests/{request_id}")
+        return result
+
+    def approve(
+        self,
+        request_id: str,
+        *,
+        not_after: datetime | None = None,
+        datasets: list[str] | None = None,
+        operations: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Sign an approval of the request's terms (optionally narrowed) with this client's key.
+
+        ``not_after`` defaults to now plus the requested duration."""
+        req = self.get_request(request_id)
+        end = not_after or datetime.now(UTC) + timedelta(seconds=int(req["duration_seconds"]))
+        payload = approval_payload(
+            req, approver=self.key.key_id, not_after=end, datasets=datasets, operations=operations
+        )
+        envelope = sign_envelope(APPROVAL_TYPE, payload, [self.key])
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/v1/access-requests/{request_id}/approve",
+            json={"approval": envelope.model_dump(mode="json")},
+        )
+        return result
+
+    def reject(self, request_id: str, reason: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/access-requests/{request_id}/reject", json={"reason": reason}
+        )
+        return result
+
+    def grants(self, zone: str | None = None, *, include_inactive: bool = False) -> list[Any]:
+        params: dict[str, Any] = {"all": include_inactive}
+        if zone is not None:
+            params["zone"] = zone
+        result: list[dict[str, Any]] = self.request("GET", "/v1/grants", params=params)
+        return result
+
+    def revoke(self, grant_id: str, reason: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/grants/{grant_id}/revoke", json={"reason": reason}
+        )
+        return result
+
+    def set_zone_status(self, zone: str, status: str) -> None:
+        response = self._http.request("POST", f"/v1/zones/{zone}/status", json={"status": status})
+        raise_for_problem(response)
+
+    def set_ceilings(
+        self, zone: str, ceilings: Mapping[str, list[str]], *, dataset: str | None = None
+    ) -> dict[str, list[str]]:
+        path = f"/v1/zones/{zone}" + (f"/datasets/{dataset}" if dataset else "") + "/ceilings"
+        result: dict[str, list[str]] = self.request("PUT", path, json={"ceilings": dict(ceilings)})[
+            "ceilings"
+        ]
+        return result
+
+    def record_consent(
+        self, zone: str, subject: str, consumer: str, purpose: str, expires_at: datetime
+    ) -> dict[str, Any]:
+        body = {
+            "subject": subject,
+            "consumer": consumer,
+            "purpose": purpose,
+            "expires_at": expires_at.isoformat(),
+        }
+        result: dict[str, Any] = self.request("POST", f"/v1/zones/{zone}/consents", json=body)
+        return result
+
+    def consents(self, zone: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", f"/v1/zones/{zone}/consents")
+        return result
+
+    def withdraw_consent(self, consent_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/v1/consents/{consent_id}/withdraw")
+        return result
+
+    # computations
+    def export(self, zone: str, dataset: str, purpose: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/zones/{zone}/datasets/{dataset}/export", json={"purpose": purpose}
+        )
         return result

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from crypto.errors import EncodingError
 from crypto.keys import SigningKey, VerifyKey
+from exchange.access import principal_suspension
 from exchange.domain import (
     PRINCIPAL_NAME_RE,
     PROVIDER_KINDS,
@@ -147,12 +148,14 @@ def set_principal_status(ex: Exchange, actor: Principal, key_id: str, status: st
         if row.kind == PrincipalKind.OPERATOR:
             raise ForbiddenError("the operator cannot be suspended")
         row.status = status
+        principal_suspension(session, key_id, status == "suspended")
         session.flush()
         return to_principal(row)
 
     kind = "principal.suspended" if status == "suspended" else "principal.reinstated"
     draft = EntryDraft(kind=kind, actor=actor.key_id, refs={"principal": key_id})
     result: Principal = ex.ledger.append(draft, apply).value
+    ex.policy.refresh()
     return result
 
 

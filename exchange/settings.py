@@ -32,6 +32,11 @@ class Settings(BaseModel):
     rejection_entries_per_key: int = 10
     rejection_summary_interval_seconds: float = 60.0
 
+    # policy: how often a process checks the database's policy version, and how stale its
+    # cache may grow (database unreachable) before every decision fails closed
+    policy_refresh_seconds: float = 0.25
+    policy_max_staleness_seconds: float = 1.0
+
     # catalog and storage
     upload_ttl_seconds: int = 24 * 3600
     #: SQLAlchemy URL prefixes a provider may attach; empty means attaching is disabled

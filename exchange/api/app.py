@@ -20,23 +20,35 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from crypto.encoding import b64_encode, b64url_decode
 from crypto.errors import EncodingError
 from crypto.merkle import leaf_hash
-from exchange import services
+from exchange import access, services
 from exchange.api.schemas import (
+    AccessRequestIn,
+    AccessRequestOut,
+    ApproveIn,
     CatalogOut,
+    CeilingsIn,
+    CeilingsOut,
     CheckpointOut,
+    ConsentIn,
+    ConsentOut,
     ConsistencyProofOut,
     DatasetIn,
     DatasetOut,
     EntryOut,
+    ExportOut,
+    GrantOut,
     InclusionProofOut,
     PrincipalIn,
     PrincipalOut,
+    PurposeIn,
+    ReasonIn,
     StatusIn,
     UploadOut,
     ZoneIn,
     ZoneOut,
 )
 from exchange.auth import authenticate
+from exchange.compute.export import export_rows
 from exchange.domain import Principal, PrincipalKind
 from exchange.errors import (
     ForbiddenError,
@@ -275,6 +287,103 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     @v1.get("/zones/{zone}/datasets/{name}", response_model=DatasetOut)
     def get_dataset(zone: str, name: str, actor: Actor, ex: Ex) -> DatasetOut:
         return DatasetOut.from_domain(services.get_dataset(ex, actor, zone, name))
+
+    # -- access workflow ---------------------------------------------------------------------
+
+    @v1.post("/access-requests", response_model=AccessRequestOut, status_code=201)
+    def file_request(actor: Actor, ex: Ex, body: AccessRequestIn) -> AccessRequestOut:
+        r = access.file_request(
+            ex,
+            actor,
+            body.zone,
+            body.datasets,
+            body.operations,
+            body.purpose,
+            body.duration_seconds,
+            body.justification,
+        )
+        return AccessRequestOut.from_domain(r)
+
+    @v1.get("/access-requests", response_model=list[AccessRequestOut])
+    def list_requests(
+        actor: Actor,
+        ex: Ex,
+        zone: Annotated[str | None, Query(max_length=63)] = None,
+        status: Annotated[str | None, Query(max_length=20)] = None,
+    ) -> list[AccessRequestOut]:
+        found = access.list_requests(ex, actor, zone=zone, status=status)
+        return [AccessRequestOut.from_domain(r) for r in found]
+
+    @v1.get("/access-requests/{request_id}", response_model=AccessRequestOut)
+    def get_request(request_id: str, actor: Actor, ex: Ex) -> AccessRequestOut:
+        return AccessRequestOut.from_domain(access.get_request(ex, actor, request_id))
+
+    @v1.post("/access-requests/{request_id}/approve", response_model=AccessRequestOut)
+    def approve(request_id: str, actor: Actor, ex: Ex, body: ApproveIn) -> AccessRequestOut:
+        return AccessRequestOut.from_domain(
+            access.approve_request(ex, actor, request_id, body.approval)
+        )
+
+    @v1.post("/access-requests/{request_id}/reject", response_model=AccessRequestOut)
+    def reject(request_id: str, actor: Actor, ex: Ex, body: ReasonIn) -> AccessRequestOut:
+        return AccessRequestOut.from_domain(
+            access.reject_request(ex, actor, request_id, body.reason)
+        )
+
+    @v1.get("/grants", response_model=list[GrantOut])
+    def list_grants(
+        actor: Actor,
+        ex: Ex,
+        zone: Annotated[str | None, Query(max_length=63)] = None,
+        all: bool = False,
+    ) -> list[GrantOut]:
+        found = access.list_grants(ex, actor, zone=zone, include_inactive=all)
+        return [GrantOut.from_domain(g) for g in found]
+
+    @v1.get("/grants/{grant_id}", response_model=GrantOut)
+    def get_grant(grant_id: str, actor: Actor, ex: Ex) -> GrantOut:
+        return GrantOut.from_domain(access.get_grant(ex, actor, grant_id))
+
+    @v1.post("/grants/{grant_id}/revoke", response_model=GrantOut)
+    def revoke(grant_id: str, actor: Actor, ex: Ex, body: ReasonIn) -> GrantOut:
+        return GrantOut.from_domain(access.revoke_grant(ex, actor, grant_id, body.reason))
+
+    @v1.post("/zones/{zone}/status", status_code=204)
+    def set_zone_status(zone: str, actor: Actor, ex: Ex, body: StatusIn) -> None:
+        access.set_zone_status(ex, actor, zone, body.status)
+
+    @v1.put("/zones/{zone}/ceilings", response_model=CeilingsOut)
+    def zone_ceilings(zone: str, actor: Actor, ex: Ex, body: CeilingsIn) -> CeilingsOut:
+        return CeilingsOut(ceilings=access.set_ceilings(ex, actor, zone, body.ceilings))
+
+    @v1.put("/zones/{zone}/datasets/{name}/ceilings", response_model=CeilingsOut)
+    def dataset_ceilings(
+        zone: str, name: str, actor: Actor, ex: Ex, body: CeilingsIn
+    ) -> CeilingsOut:
+        return CeilingsOut(
+            ceilings=access.set_ceilings(ex, actor, zone, body.ceilings, dataset=name)
+        )
+
+    @v1.post("/zones/{zone}/consents", response_model=ConsentOut, status_code=201)
+    def record_consent(zone: str, actor: Actor, ex: Ex, body: ConsentIn) -> ConsentOut:
+        c = access.record_consent(
+            ex, actor, zone, body.subject, body.consumer, body.purpose, body.expires_at
+        )
+        return ConsentOut.from_domain(c)
+
+    @v1.get("/zones/{zone}/consents", response_model=list[ConsentOut])
+    def list_consents(zone: str, actor: Actor, ex: Ex) -> list[ConsentOut]:
+        return [ConsentOut.from_domain(c) for c in access.list_consents(ex, actor, zone)]
+
+    @v1.post("/consents/{consent_id}/withdraw", response_model=ConsentOut)
+    def withdraw_consent(consent_id: str, actor: Actor, ex: Ex) -> ConsentOut:
+        return ConsentOut.from_domain(access.withdraw_consent(ex, actor, consent_id))
+
+    # -- computations ------------------------------------------------------------------------
+
+    @v1.post("/zones/{zone}/datasets/{name}/export", response_model=ExportOut)
+    def export(zone: str, name: str, actor: Actor, ex: Ex, body: PurposeIn) -> ExportOut:
+        return ExportOut.model_validate(export_rows(ex, actor, zone, name, body.purpose))
 
     @v1.get("/log/checkpoint", response_model=CheckpointOut)
     def checkpoint(actor: Actor, ex: Ex) -> CheckpointOut:

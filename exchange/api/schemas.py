@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from crypto.encoding import b64url_encode
+from crypto.envelope import Envelope
+from exchange.access import AccessRequest, Consent, Grant
 from exchange.domain import Dataset, Principal, Zone
 from exchange.zonestore import row_count_band
 
@@ -163,3 +165,153 @@ class EntryOut(Out):
     seq: int
     #: the entry's exact canonical JSON text
     entry: str
+
+
+# -- access workflow --------------------------------------------------------------------------
+
+Token = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class AccessRequestIn(In):
+    zone: Annotated[str, Field(min_length=2, max_length=63)]
+    datasets: Annotated[list[Token], Field(min_length=1, max_length=100)]
+    operations: Annotated[list[Token], Field(min_length=1, max_length=10)]
+    purpose: Token
+    duration_seconds: Annotated[int, Field(ge=1, le=10**9)]
+    justification: Text
+
+
+class AccessRequestOut(Out):
+    id: str
+    consumer: str
+    zone: str
+    datasets: list[str]
+    operations: list[str]
+    purpose: str
+    duration_seconds: int
+    justification: str
+    status: str
+    created_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    reason: str | None
+    grant_id: str | None
+
+    @classmethod
+    def from_domain(cls, r: AccessRequest) -> AccessRequestOut:
+        return cls(
+            id=r.id,
+            consumer=r.consumer,
+            zone=r.zone,
+            datasets=list(r.datasets),
+            operations=list(r.operations),
+            purpose=r.purpose,
+            duration_seconds=r.duration_seconds,
+            justification=r.justification,
+            status=r.status,
+            created_at=r.created_at,
+            decided_at=r.decided_at,
+            decided_by=r.decided_by,
+            reason=r.reason,
+            grant_id=r.grant_id,
+        )
+
+
+class ApproveIn(In):
+    #: a DSSE envelope over :func:`exchange.access.approval_payload`, signed by the approver
+    approval: Envelope
+
+
+class ReasonIn(In):
+    reason: Annotated[str, Field(min_length=1, max_length=2000)]
+
+
+class GrantOut(Out):
+    id: str
+    request_id: str
+    consumer: str
+    zone: str
+    datasets: list[str]
+    operations: list[str]
+    purpose: str
+    expires_at: datetime
+    created_at: datetime
+    status: str
+    approved_by: list[str]
+    revoked_at: datetime | None
+    revoke_reason: str | None
+
+    @classmethod
+    def from_domain(cls, g: Grant) -> GrantOut:
+        return cls(
+            id=g.id,
+            request_id=g.request_id,
+            consumer=g.consumer,
+            zone=g.zone,
+            datasets=list(g.datasets),
+            operations=list(g.operations),
+            purpose=g.purpose,
+            expires_at=g.expires_at,
+            created_at=g.created_at,
+            status=g.status,
+            approved_by=list(g.approved_by),
+            revoked_at=g.revoked_at,
+            revoke_reason=g.revoke_reason,
+        )
+
+
+class CeilingsIn(In):
+    #: per level, the operations allowed at most (a subset of the default ceiling)
+    ceilings: Annotated[dict[Token, list[Token]], Field(max_length=6)]
+
+
+class CeilingsOut(Out):
+    ceilings: dict[str, list[str]]
+
+
+class ConsentIn(In):
+    subject: Annotated[str, Field(min_length=1, max_length=512)]
+    consumer: Annotated[str, Field(min_length=64, max_length=64)]
+    purpose: Token
+    expires_at: datetime
+
+
+class ConsentOut(Out):
+    id: str
+    zone: str
+    subject_digest: str
+    consumer: str
+    purpose: str
+    expires_at: datetime
+    status: str
+    created_at: datetime
+    withdrawn_at: datetime | None
+
+    @classmethod
+    def from_domain(cls, c: Consent) -> ConsentOut:
+        return cls(
+            id=c.id,
+            zone=c.zone,
+            subject_digest=c.subject_digest,
+            consumer=c.consumer,
+            purpose=c.purpose,
+            expires_at=c.expires_at,
+            status=c.status,
+            created_at=c.created_at,
+            withdrawn_at=c.withdrawn_at,
+        )
+
+
+class PurposeIn(In):
+    purpose: Token
+
+
+class ExportOut(Out):
+    zone: str
+    dataset: str
+    columns: list[str]
+    masked: list[str]
+    level: str
+    rows: list[list[Any]]
+    result_digest: str
+    ledger_index: int

@@ -1,0 +1,964 @@
+"""The access workflow: requests, signed approvals, grants, revocation, consents, suspensions,
+ceilings, and the authorization every data call goes through.
+
+Flow (DESIGN, "Policy"): a consumer files an **access request** (datasets, operations, purpose,
+duration, justification) → the zone's provider signs an **approval** (a DSSE envelope over the
+exact terms; important data also needs the operator's) → the exchange creates a **grant**: policy
+rows with an expiry, written in the same transaction as the ledger entry that records them → the
+provider (or the operator) may **revoke** it at any time.
+
+:func:`authorize` is the only way a computation reaches data. It builds the decision request
+from the registry (level, zone, ceilings) and the server's clock, asks the per-process policy
+cache, records a denial on the ledger with the full decision, and raises
+:class:`~exchange.errors.DeniedError` carrying only the reason code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from crypto.canonical import canonicalize
+from crypto.envelope import Envelope, verify_envelope
+from crypto.errors import VerificationError
+from crypto.keys import VerifyKey
+from exchange.domain import (
+    APPROVAL_TYPE,
+    PROVIDER_KINDS,
+    Principal,
+    PrincipalKind,
+    approval_payload,
+)
+from exchange.errors import (
+    ConflictError,
+    DeniedError,
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+)
+from exchange.ledger import EntryDraft
+from exchange.models import (
+    AccessRequestRow,
+    ConsentRow,
+    DatasetRow,
+    GrantRow,
+    PrincipalRow,
+    ZoneRow,
+)
+from exchange.node import Exchange
+from exchange.policystore import add_rules, remove_rules
+from policy import (
+    DEFAULT_CEILINGS,
+    CeilingError,
+    Decision,
+    DecisionRequest,
+    Level,
+    Operation,
+    grant_rows,
+    suspend_principal_row,
+    suspend_zone_row,
+    tighten,
+)
+from policy.errors import UnknownPurposeError, UnknownRuleError
+from policy.levels import Ceilings
+
+__all__ = [
+    "APPROVAL_TYPE",
+    "MAX_DURATION",
+    "MIN_DURATION",
+    "AccessRequest",
+    "Authorization",
+    "Consent",
+    "Grant",
+    "approval_payload",
+    "approve_request",
+    "authorize",
+    "effective_ceilings",
+    "file_request",
+    "has_live_consent",
+    "list_consents",
+    "list_grants",
+    "list_requests",
+    "record_consent",
+    "reject_request",
+    "revoke_grant",
+    "set_ceilings",
+    "set_zone_status",
+    "subject_digest",
+    "withdraw_consent",
+]
+
+MIN_DURATION = 60
+MAX_DURATION = 366 * 24 * 3600
+#: an approval's ``not_after`` may run this much past ``now + duration`` (clock skew, signing)
+APPROVAL_SLACK = timedelta(seconds=300)
+SALT_FILE = "subject.salt"
+
+
+# -- domain objects ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccessRequest:
+    id: str
+    consumer: str
+    zone: str
+    datasets: tuple[str, ...]
+    operations: tuple[str, ...]
+    purpose: str
+    duration_seconds: int
+    justification: str
+    status: str
+    created_at: datetime
+    decided_at: datetime | None
+    decided_by: str | None
+    reason: str | None
+    grant_id: str | None
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: str
+    request_id: str
+    consumer: str
+    zone: str
+    datasets: tuple[str, ...]
+    operations: tuple[str, ...]
+    purpose: str
+    expires_at: datetime
+    created_at: datetime
+    status: str
+    approved_by: tuple[str, ...]
+    revoked_at: datetime | None
+    revoke_reason: str | None
+
+    def live(self, now: datetime) -> bool:
+        return self.status == "active" and now < self.expires_at
+
+
+@dataclass(frozen=True)
+class Consent:
+    id: str
+    zone: str
+    subject_digest: str
+    consumer: str
+    purpose: str
+    expires_at: datetime
+    status: str
+    created_at: datetime
+    withdrawn_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """An allowed decision and the context it was made in; computations ledger ``record()``."""
+
+    decision: Decision
+    request: DecisionRequest
+    level: Level
+    digest: str  # the dataset's snapshot digest at decision time
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def attrs(self, prefix: str = "") -> dict[str, str | int]:
+        """Ledger attrs naming the decision: rule, policy version, level, operation, purpose."""
+        return {
+            f"{prefix}rule": self.decision.rule or "",
+            f"{prefix}policy_version": self.decision.policy_version,
+            f"{prefix}level": self.level.value,
+            f"{prefix}operation": str(self.request.operation),
+            f"{prefix}purpose": self.request.purpose,
+        }
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _to_request(row: AccessRequestRow) -> AccessRequest:
+    return AccessRequest(
+        id=row.id,
+        consumer=row.consumer,
+        zone=row.zone,
+        datasets=tuple(row.datasets),
+        operations=tuple(row.operations),
+        purpose=row.purpose,
+        duration_seconds=row.duration_seconds,
+        justification=row.justification,
+        status=row.status,
+        created_at=row.created_at,
+        decided_at=row.decided_at,
+        decided_by=row.decided_by,
+        reason=row.reason,
+        grant_id=row.grant_id,
+    )
+
+
+def _to_grant(row: GrantRow) -> Grant:
+    return Grant(
+        id=row.id,
+        request_id=row.request_id,
+        consumer=row.consumer,
+        zone=row.zone,
+        datasets=tuple(row.datasets),
+        operations=tuple(row.operations),
+        purpose=row.purpose,
+        expires_at=row.expires_at,
+        created_at=row.created_at,
+        status=row.status,
+        approved_by=tuple(
+            sig["keyid"] for env in row.approvals for sig in env.get("signatures", ())
+        ),
+        revoked_at=row.revoked_at,
+        revoke_reason=row.revoke_reason,
+    )
+
+
+def _to_consent(row: ConsentRow) -> Consent:
+    return Consent(
+        id=row.id,
+        zone=row.zone,
+        subject_digest=row.subject_digest,
+        consumer=row.consumer,
+        purpose=row.purpose,
+        expires_at=row.expires_at,
+        status=row.status,
+        created_at=row.created_at,
+        withdrawn_at=row.withdrawn_at,
+    )
+
+
+# -- registry helpers -------------------------------------------------------------------------
+
+
+def _zone(session: Session, name: str) -> ZoneRow:
+    row = session.get(ZoneRow, name)
+    if row is None:
+        raise NotFoundError(f"no zone {name!r}")
+    return row
+
+
+def _dataset(session: Session, zone: str, name: str) -> DatasetRow:
+    row = session.execute(
+        select(DatasetRow).where(DatasetRow.zone == zone, DatasetRow.name == name)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFoundError(f"no dataset {name!r} in zone {zone!r}")
+    return row
+
+
+def _removed_to_allowed(removed: Mapping[str, Iterable[str]] | None) -> dict[Level, set[Operation]]:
+    out: dict[Level, set[Operation]] = {}
+    for level, ops in (removed or {}).items():
+        lv = Level(level)
+        out[lv] = set(DEFAULT_CEILINGS[lv]) - {Operation(op) for op in ops}
+    return out
+
+
+def effective_ceilings(zone: ZoneRow, dataset: DatasetRow | None) -> Ceilings:
+    """The defaults narrowed by the zone's and the dataset's tightening."""
+    return tighten(
+        DEFAULT_CEILINGS,
+        _removed_to_allowed(zone.ceilings),
+        _removed_to_allowed(dataset.ceilings if dataset is not None else None),
+    )
+
+
+def _operations(ops: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for op in ops:
+        try:
+            out.append(Operation(op).value)
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"unknown operation {op!r}; use one of {', '.join(o.value for o in Operation)}"
+            ) from exc
+    if not out:
+        raise InvalidInputError("name at least one operation")
+    return sorted(set(out))
+
+
+def _names(names: Iterable[str], what: str) -> list[str]:
+    out = sorted(set(names))
+    if not out:
+        raise InvalidInputError(f"name at least one {what}")
+    return out
+
+
+def _purpose(ex: Exchange, purpose: str) -> str:
+    try:
+        return ex.policy.point.vocabulary.check(purpose)
+    except (UnknownPurposeError, LookupError) as exc:
+        raise InvalidInputError(f"unknown purpose {purpose!r}") from exc
+
+
+def _check_ceilings(
+    session: Session, zone: ZoneRow, datasets: Sequence[str], operations: Sequence[str]
+) -> None:
+    """Refuse operations above any dataset's (tightened) ceiling — at request and approval."""
+    for name in datasets:
+        ds = _dataset(session, zone.name, name)
+        ceilings = effective_ceilings(zone, ds)
+        above = [op for op in operations if Operation(op) not in ceilings[Level(ds.level)]]
+        if above:
+            raise DeniedError(
+                "level_ceiling",
+                f"{', '.join(above)} is above the ceiling of dataset {name!r} ({ds.level})",
+            )
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def file_request(
+    ex: Exchange,
+    actor: Principal,
+    zone: str,
+    datasets: Sequence[str],
+    operations: Sequence[str],
+    purpose: str,
+    duration_seconds: int,
+    justification: str,
+) -> AccessRequest:
+    """A consumer asks for access. Refuses operations above the datasets' ceilings right away."""
+    if actor.kind not in PROVIDER_KINDS:
+        raise ForbiddenError("only agencies and enterprises request access")
+    ds = _names(datasets, "dataset")
+    ops = _operations(operations)
+    purpose = _purpose(ex, purpose)
+    if not MIN_DURATION <= duration_seconds <= MAX_DURATION:
+        raise InvalidInputError(
+            f"duration_seconds must be between {MIN_DURATION} and {MAX_DURATION}"
+        )
+    justification = justification.strip()
+    if not justification or len(justification) > 4000:
+        raise InvalidInputError("a justification of 1-4000 characters is required")
+    request_id = "req-" + secrets.token_hex(12)
+
+    def apply(session: Session, draft: EntryDraft) -> AccessRequest:
+        z = _zone(session, zone)
+        if z.status != "active":
+            raise DeniedError("suspended", "the zone is suspended")
+        _check_ceilings(session, z, ds, ops)
+        row = AccessRequestRow(
+            id=request_id,
+            consumer=actor.key_id,
+            zone=zone,
+            datasets=ds,
+            operations=ops,
+            purpose=purpose,
+            duration_seconds=duration_seconds,
+            justification=justification,
+            status="pending",
+        )
+        session.add(row)
+        session.flush()
+        return _to_request(row)
+
+    draft = EntryDraft(
+        kind="access.requested",
+        actor=actor.key_id,
+        refs={"request": request_id, "zone": zone},
+        digests={"justification": hashlib.sha256(justification.encode()).hexdigest()},
+        attrs={
+            "datasets": ",".join(ds),
+            "operations": ",".join(ops),
+            "purpose": purpose,
+            "duration_seconds": duration_seconds,
+        },
+    )
+    result: AccessRequest = ex.ledger.append(draft, apply).value
+    return result
+
+
+def _visible(actor: Principal, consumer: str, zone_owner: str) -> bool:
+    return (
+        actor.kind in (PrincipalKind.OPERATOR, PrincipalKind.AUDITOR)
+        or actor.key_id == consumer
+        or actor.key_id == zone_owner
+    )
+
+
+def list_requests(
+    ex: Exchange, actor: Principal, *, zone: str | None = None, status: str | None = None
+) -> list[AccessRequest]:
+    """Requests the actor may see: its own, those on zones it owns, or all (operator/auditor)."""
+    with Session(ex.engine) as session:
+        stmt = select(AccessRequestRow, ZoneRow.owner).join(
+            ZoneRow, ZoneRow.name == AccessRequestRow.zone
+        )
+        if zone is not None:
+            stmt = stmt.where(AccessRequestRow.zone == zone)
+        if status is not None:
+            stmt = stmt.where(AccessRequestRow.status == status)
+        rows = session.execute(stmt.order_by(AccessRequestRow.created_at)).all()
+        return [_to_request(r) for r, owner in rows if _visible(actor, r.consumer, owner)]
+
+
+def get_request(ex: Exchange, actor: Principal, request_id: str) -> AccessRequest:
+    with Session(ex.engine) as session:
+        row = session.get(AccessRequestRow, request_id)
+        if row is None:
+            raise NotFoundError("no such request")
+        if not _visible(actor, row.consumer, _zone(session, row.zone).owner):
+            raise NotFoundError("no such request")
+        return _to_request(row)
+
+
+def _check_approval(
+    envelope: Envelope, actor: Principal, public_key: bytes, row: AccessRequestRow, now: datetime
+) -> tuple[dict[str, Any], datetime]:
+    try:
+        verifier = VerifyKey(public_key)
+        payload = verify_envelope(envelope, APPROVAL_TYPE, {verifier.key_id: verifier})
+    except VerificationError as exc:
+        raise InvalidInputError(f"the approval does not verify: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("type") != "zonex.approval.v1":
+        raise InvalidInputError("the approval payload is not a zonex.approval.v1 object")
+    for key, want in (
+        ("request", row.id),
+        ("consumer", row.consumer),
+        ("zone", row.zone),
+        ("purpose", row.purpose),
+        ("approver", actor.key_id),
+    ):
+        if payload.get(key) != want:
+            raise InvalidInputError(f"the approval's {key} does not match the request")
+    ds, ops = payload.get("datasets"), payload.get("operations")
+    if not isinstance(ds, list) or not isinstance(ops, list) or not ds or not ops:
+        raise InvalidInputError("the approval names datasets and operations")
+    if not set(ds) <= set(row.datasets):
+        raise InvalidInputError("the approval names datasets the request did not ask for")
+    if not set(ops) <= set(row.operations):
+        raise InvalidInputError("the approval names operations the request did not ask for")
+    try:
+        not_after = datetime.strptime(str(payload.get("not_after")), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError as exc:
+        raise InvalidInputError("the approval's not_after is not an RFC 3339 UTC time") from exc
+    not_after = not_after.replace(tzinfo=UTC)
+    if not_after <= now:
+        raise InvalidInputError("the approval has already lapsed")
+    if not_after > now + timedelta(seconds=row.duration_seconds) + APPROVAL_SLACK:
+        raise InvalidInputError("the approval runs longer than the requested duration")
+    return payload, not_after
+
+
+def approve_request(
+    ex: Exchange, actor: Principal, request_id: str, envelope: Envelope
+) -> AccessRequest:
+    """The zone's provider (and, for important data, then the operator) approves a request with
+    a signed approval. The last required approval creates the grant and its policy rows."""
+    now = _now()
+
+    def apply(session: Session, draft: EntryDraft) -> AccessRequest:
+        row = session.get(AccessRequestRow, request_id)
+        if row is None:
+            raise NotFoundError("no such request")
+        zone = _zone(session, row.zone)
+        if actor.key_id == row.consumer:
+            raise ForbiddenError("no one approves their own request")
+        if row.status == "pending":
+            if actor.key_id != zone.owner:
+                raise ForbiddenError("only the zone's provider approves requests on it")
+        elif row.status == "awaiting_operator":
+            if actor.kind != PrincipalKind.OPERATOR:
+                raise ForbiddenError("important data: the operator's approval is awaited")
+        else:
+            raise ConflictError(f"the request is {row.status}")
+        if zone.status != "active":
+            raise DeniedError("suspended", "the zone is suspended")
+        consumer = session.get(PrincipalRow, row.consumer)
+        if consumer is None or consumer.status != "active":
+            raise DeniedError("suspended", "the consumer is suspended")
+        key = session.get(PrincipalRow, actor.key_id)
+        assert key is not None
+        payload, not_after = _check_approval(envelope, actor, bytes(key.public_key), row, now)
+        datasets, operations = sorted(payload["datasets"]), sorted(payload["operations"])
+        _check_ceilings(session, zone, datasets, operations)
+        draft.digests["approval"] = hashlib.sha256(
+            canonicalize(envelope.model_dump(mode="json"))
+        ).hexdigest()
+        important = any(
+            Level(_dataset(session, zone.name, d).level) >= Level.IMPORTANT for d in datasets
+        )
+        if row.status == "pending" and important and actor.kind != PrincipalKind.OPERATOR:
+            row.status = "awaiting_operator"
+            row.provider_approval = canonicalize(envelope.model_dump(mode="json")).decode()
+            draft.kind = "access.approved_by_provider"
+            session.flush()
+            return _to_request(row)
+        if row.status == "awaiting_operator" and row.provider_approval is not None:
+            first = json.loads(row.provider_approval)
+            # the operator must sign the same terms the provider did
+            provider_terms = Envelope.model_validate(first).payload_bytes()
+            mine = dict(payload, approver=None)
+            theirs = dict(json.loads(provider_terms), approver=None)
+            if mine != theirs:
+                raise InvalidInputError("the operator's approval differs from the provider's")
+            approvals = [first, envelope.model_dump(mode="json")]
+        else:
+            approvals = [envelope.model_dump(mode="json")]
+        grant_id = "grant-" + secrets.token_hex(12)
+        rows = grant_rows(
+            grant_id,
+            subject=row.consumer,
+            zone=row.zone,
+            datasets=datasets,
+            operations=operations,
+            purpose=row.purpose,
+            expires=not_after,
+        )
+        version = add_rules(session, rows, vocabulary=ex.policy.point.vocabulary)
+        session.add(
+            GrantRow(
+                id=grant_id,
+                request_id=row.id,
+                consumer=row.consumer,
+                zone=row.zone,
+                datasets=datasets,
+                operations=operations,
+                purpose=row.purpose,
+                expires_at=not_after,
+                approvals=approvals,
+                status="active",
+            )
+        )
+        row.status = "approved"
+        row.decided_at = now
+        row.decided_by = actor.key_id
+        row.grant_id = grant_id
+        row.provider_approval = None
+        draft.kind = "grant.created"
+        draft.refs.update({"grant": grant_id, "consumer": row.consumer})
+        draft.attrs.update(
+            {
+                "datasets": ",".join(datasets),
+                "operations": ",".join(operations),
+                "purpose": row.purpose,
+                "expires": payload["not_after"],
+                "policy_version": version,
+            }
+        )
+        session.flush()
+        return _to_request(row)
+
+    draft = EntryDraft(kind="access.approved", actor=actor.key_id, refs={"request": request_id})
+    result: AccessRequest = ex.ledger.append(draft, apply).value
+    ex.policy.refresh()  # read your own writes; other processes catch up within the interval
+    return result
+
+
+def reject_request(ex: Exchange, actor: Principal, request_id: str, reason: str) -> AccessRequest:
+    """The provider (or the operator) rejects a pending request with a reason; the consumer may
+    withdraw its own."""
+    reason = reason.strip()
+    if not reason or len(reason) > 2000:
+        raise InvalidInputError("give a reason of 1-2000 characters")
+
+    def apply(session: Session, draft: EntryDraft) -> AccessRequest:
+        row = session.get(AccessRequestRow, request_id)
+        if row is None:
+            raise NotFoundError("no such request")
+        zone = _zone(session, row.zone)
+        if actor.key_id == row.consumer:
+            new_status = "withdrawn"
+        elif actor.key_id == zone.owner or actor.kind == PrincipalKind.OPERATOR:
+            new_status = "rejected"
+        else:
+            raise ForbiddenError("only the zone's provider or the operator rejects a request")
+        if row.status not in ("pending", "awaiting_operator"):
+            raise ConflictError(f"the request is {row.status}")
+        row.status = new_status
+        row.decided_at = _now()
+        row.decided_by = actor.key_id
+        row.reason = reason
+        row.provider_approval = None
+        draft.kind = f"access.{new_status}"
+        session.flush()
+        return _to_request(row)
+
+    draft = EntryDraft(
+        kind="access.rejected",
+        actor=actor.key_id,
+        refs={"request": request_id},
+        digests={"reason": hashlib.sha256(reason.encode()).hexdigest()},
+    )
+    result: AccessRequest = ex.ledger.append(draft, apply).value
+    return result
+
+
+# -- grants -----------------------------------------------------------------------------------
+
+
+def list_grants(
+    ex: Exchange, actor: Principal, *, zone: str | None = None, include_inactive: bool = False
+) -> list[Grant]:
+    with Session(ex.engine) as session:
+        stmt = select(GrantRow, ZoneRow.owner).join(ZoneRow, ZoneRow.name == GrantRow.zone)
+        if zone is not None:
+            stmt = stmt.where(GrantRow.zone == zone)
+        if not include_inactive:
+            stmt = stmt.where(GrantRow.status == "active")
+        rows = session.execute(stmt.order_by(GrantRow.created_at)).all()
+        return [_to_grant(g) for g, owner in rows if _visible(actor, g.consumer, owner)]
+
+
+def get_grant(ex: Exchange, actor: Principal, grant_id: str) -> Grant:
+    with Session(ex.engine) as session:
+        row = session.get(GrantRow, grant_id)
+        if row is None or not _visible(actor, row.consumer, _zone(session, row.zone).owner):
+            raise NotFoundError("no such grant")
+        return _to_grant(row)
+
+
+def revoke_grant(ex: Exchange, actor: Principal, grant_id: str, reason: str) -> Grant:
+    """Revoke a grant now: its policy rows go in the same transaction as the ledger entry, and
+    every process sees the new policy version within its refresh interval."""
+    reason = reason.strip()
+    if not reason or len(reason) > 2000:
+        raise InvalidInputError("give a reason of 1-2000 characters")
+
+    def apply(session: Session, draft: EntryDraft) -> Grant:
+        row = session.get(GrantRow, grant_id)
+        if row is None:
+            raise NotFoundError("no such grant")
+        zone = _zone(session, row.zone)
+        if actor.key_id not in (zone.owner, row.consumer) and actor.kind != PrincipalKind.OPERATOR:
+            raise ForbiddenError("only the zone's provider, the operator or the grantee revokes")
+        if row.status != "active":
+            raise ConflictError(f"the grant is {row.status}")
+        try:
+            version = remove_rules(session, grant_id)
+        except UnknownRuleError:  # nothing left in the policy: still mark it revoked
+            version = 0
+        row.status = "revoked"
+        row.revoked_at = _now()
+        row.revoked_by = actor.key_id
+        row.revoke_reason = reason
+        draft.refs.update({"zone": row.zone, "consumer": row.consumer})
+        draft.attrs["policy_version"] = version
+        session.flush()
+        return _to_grant(row)
+
+    draft = EntryDraft(
+        kind="grant.revoked",
+        actor=actor.key_id,
+        refs={"grant": grant_id},
+        digests={"reason": hashlib.sha256(reason.encode()).hexdigest()},
+    )
+    result: Grant = ex.ledger.append(draft, apply).value
+    ex.policy.refresh()
+    return result
+
+
+# -- suspensions and ceilings -----------------------------------------------------------------
+
+
+def set_zone_status(ex: Exchange, actor: Principal, zone: str, status: str) -> None:
+    """The operator suspends or reinstates a whole zone; effective on the next call anywhere."""
+    if actor.kind != PrincipalKind.OPERATOR:
+        raise ForbiddenError("only the operator suspends zones")
+    if status not in ("active", "suspended"):
+        raise InvalidInputError("status is 'active' or 'suspended'")
+
+    def apply(session: Session, draft: EntryDraft) -> None:
+        row = _zone(session, zone)
+        if row.status == status:
+            raise ConflictError(f"the zone is already {status}")
+        row.status = status
+        suspension = suspend_zone_row(zone)
+        if status == "suspended":
+            draft.attrs["policy_version"] = add_rules(session, [suspension])
+        else:
+            with contextlib.suppress(UnknownRuleError):
+                draft.attrs["policy_version"] = remove_rules(session, suspension.rule)
+        session.flush()
+
+    kind = "zone.suspended" if status == "suspended" else "zone.reinstated"
+    ex.ledger.append(EntryDraft(kind=kind, actor=actor.key_id, refs={"zone": zone}), apply)
+    ex.policy.refresh()
+
+
+def principal_suspension(session: Session, key_id: str, suspended: bool) -> int | None:
+    """Add or remove the deny-everything row of a principal (called inside the status change)."""
+    row = suspend_principal_row(key_id)
+    if suspended:
+        return add_rules(session, [row])
+    try:
+        return remove_rules(session, row.rule)
+    except UnknownRuleError:
+        return None
+
+
+def set_ceilings(
+    ex: Exchange,
+    actor: Principal,
+    zone: str,
+    table: Mapping[str, Iterable[str]],
+    *,
+    dataset: str | None = None,
+) -> dict[str, list[str]]:
+    """The provider sets, per level, the operations allowed at most in a zone or on one dataset.
+
+    A table may only list operations within the default ceiling of its level (tighten, never
+    loosen); levels it leaves out keep the default. Returns the effective allowed table.
+    """
+    allowed_by_level: dict[Level, set[Operation]] = {}
+    try:
+        for level, ops in table.items():
+            allowed_by_level[Level(level)] = {Operation(op) for op in ops}
+        tighten(DEFAULT_CEILINGS, allowed_by_level)
+    except ValueError as exc:
+        raise InvalidInputError(f"not a ceiling table: {exc}") from exc
+    except CeilingError as exc:
+        raise InvalidInputError(str(exc), reason="loosening") from exc
+    removed = {
+        lv.value: sorted(op.value for op in DEFAULT_CEILINGS[lv] - ops)
+        for lv, ops in allowed_by_level.items()
+    }
+
+    def apply(session: Session, draft: EntryDraft) -> dict[str, list[str]]:
+        z = _zone(session, zone)
+        if z.owner != actor.key_id:
+            raise ForbiddenError("only the zone's provider sets its ceilings")
+        ds = None
+        if dataset is not None:
+            ds = _dataset(session, zone, dataset)
+            ds.ceilings = removed
+        else:
+            z.ceilings = removed
+        session.flush()
+        eff = effective_ceilings(z, ds)
+        return {lv.value: sorted(op.value for op in eff[lv]) for lv in Level}
+
+    refs = {"zone": zone}
+    if dataset is not None:
+        refs["dataset"] = dataset
+    draft = EntryDraft(
+        kind="ceilings.set",
+        actor=actor.key_id,
+        refs=refs,
+        digests={"table": hashlib.sha256(canonicalize(removed)).hexdigest()},
+    )
+    result: dict[str, list[str]] = ex.ledger.append(draft, apply).value
+    return result
+
+
+# -- consents ---------------------------------------------------------------------------------
+
+
+def _salt(zone_dir: Path) -> bytes:
+    """The zone's secret salt for subject digests (created on first use, mode 0600)."""
+    path = zone_dir / SALT_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        zone_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
+            out.flush()
+            os.fsync(out.fileno())
+        data = path.read_bytes()
+    if len(data) != 32:
+        raise InvalidInputError("the zone's subject salt is damaged")
+    return data
+
+
+def subject_digest(ex: Exchange, zone: str, subject: str) -> str:
+    """HMAC-SHA-256 of a subject id under the zone's secret salt, hex. Only digests are stored
+    or ledgered; without the salt, a digest cannot be confirmed by guessing ids."""
+    if not subject or len(subject) > 512:
+        raise InvalidInputError("a subject id is 1-512 characters")
+    return hmac.new(_salt(ex.zones_dir / zone), subject.encode(), hashlib.sha256).hexdigest()
+
+
+def record_consent(
+    ex: Exchange,
+    actor: Principal,
+    zone: str,
+    subject: str,
+    consumer: str,
+    purpose: str,
+    expires_at: datetime,
+) -> Consent:
+    """The provider records that a data subject authorizes ``consumer`` for ``purpose``."""
+    purpose = _purpose(ex, purpose)
+    if expires_at.tzinfo is None:
+        raise InvalidInputError("expires_at needs a time zone")
+    if expires_at <= _now():
+        raise InvalidInputError("expires_at is in the past")
+    consent_id = "consent-" + secrets.token_hex(12)
+
+    def apply(session: Session, draft: EntryDraft) -> Consent:
+        z = _zone(session, zone)
+        if z.owner != actor.key_id:
+            raise ForbiddenError("only the zone's provider records consents")
+        if session.get(PrincipalRow, consumer) is None:
+            raise NotFoundError("no such consumer")
+        digest = subject_digest(ex, zone, subject)
+        row = ConsentRow(
+            id=consent_id,
+            zone=zone,
+            subject_digest=digest,
+            consumer=consumer,
+            purpose=purpose,
+            expires_at=expires_at,
+            status="active",
+            recorded_by=actor.key_id,
+        )
+        session.add(row)
+        draft.digests["subject"] = digest
+        session.flush()
+        return _to_consent(row)
+
+    draft = EntryDraft(
+        kind="consent.recorded",
+        actor=actor.key_id,
+        refs={"consent": consent_id, "zone": zone, "consumer": consumer},
+        attrs={"purpose": purpose, "expires": expires_at.astimezone(UTC).isoformat()},
+    )
+    result: Consent = ex.ledger.append(draft, apply).value
+    return result
+
+
+def withdraw_consent(ex: Exchange, actor: Principal, consent_id: str) -> Consent:
+    def apply(session: Session, draft: EntryDraft) -> Consent:
+        row = session.get(ConsentRow, consent_id)
+        if row is None:
+            raise NotFoundError("no such consent")
+        if _zone(session, row.zone).owner != actor.key_id:
+            raise ForbiddenError("only the zone's provider withdraws consents")
+        if row.status != "active":
+            raise ConflictError("the consent is already withdrawn")
+        row.status = "withdrawn"
+        row.withdrawn_at = _now()
+        draft.refs["zone"] = row.zone
+        session.flush()
+        return _to_consent(row)
+
+    draft = EntryDraft(kind="consent.withdrawn", actor=actor.key_id, refs={"consent": consent_id})
+    result: Consent = ex.ledger.append(draft, apply).value
+    return result
+
+
+def list_consents(ex: Exchange, actor: Principal, zone: str) -> list[Consent]:
+    with Session(ex.engine) as session:
+        z = _zone(session, zone)
+        stmt = select(ConsentRow).where(ConsentRow.zone == zone)
+        if actor.key_id != z.owner and actor.kind not in (
+            PrincipalKind.OPERATOR,
+            PrincipalKind.AUDITOR,
+        ):
+            stmt = stmt.where(ConsentRow.consumer == actor.key_id)
+        return [_to_consent(r) for r in session.scalars(stmt.order_by(ConsentRow.created_at))]
+
+
+def has_live_consent(
+    ex: Exchange,
+    zone: str,
+    digests: Iterable[str],
+    consumer: str,
+    purpose: str,
+    now: datetime | None = None,
+) -> dict[str, bool]:
+    """For each subject digest: is there an active, unexpired consent for ``consumer`` whose
+    purpose covers ``purpose`` (a consent for a parent purpose covers its children)?"""
+    moment = now or _now()
+    wanted = list(dict.fromkeys(digests))
+    vocabulary = ex.policy.point.vocabulary
+    found = dict.fromkeys(wanted, False)
+    with Session(ex.engine) as session:
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            rows = session.scalars(
+                select(ConsentRow).where(
+                    ConsentRow.zone == zone,
+                    ConsentRow.consumer == consumer,
+                    ConsentRow.status == "active",
+                    ConsentRow.subject_digest.in_(chunk),
+                )
+            )
+            for row in rows:
+                if moment < row.expires_at and vocabulary.is_within(purpose, row.purpose):
+                    found[row.subject_digest] = True
+    return found
+
+
+# -- authorization ----------------------------------------------------------------------------
+
+
+def authorize(
+    ex: Exchange,
+    actor: Principal,
+    zone: str,
+    dataset: str,
+    operation: Operation | str,
+    purpose: str,
+    *,
+    step: str | None = None,
+) -> Authorization:
+    """Decide one call against the live policy. Level, zone, ceilings and time come from the
+    registry and the server clock. A denial is ledgered with the full decision and raised as
+    :class:`DeniedError` with its reason code only."""
+    try:
+        op = Operation(operation)
+    except ValueError as exc:
+        raise InvalidInputError(f"unknown operation {operation!r}") from exc
+    purpose = _purpose(ex, purpose)
+    with Session(ex.engine) as session:
+        z = _zone(session, zone)
+        ds = _dataset(session, zone, dataset)
+        level = Level(ds.level)
+        ceilings = effective_ceilings(z, ds)
+        digest = ds.digest
+        zone_active = z.status == "active" and ds.status == "active"
+    request = DecisionRequest(
+        subject=actor.key_id,
+        zone=zone,
+        dataset=dataset,
+        operation=op,
+        purpose=purpose,
+        level=level,
+        ceilings=ceilings,
+        now=_now(),
+    )
+    decision = ex.policy.decide(request)
+    if decision.allowed and not zone_active:
+        # the suspension row is written with the status; this covers the refresh interval
+        decision = Decision(False, f"suspend:zone:{zone}", "suspended", decision.policy_version)
+    if not decision.allowed:
+        attrs: dict[str, str | int] = {
+            "reason": str(decision.reason),
+            "rule": decision.rule or "",
+            "policy_version": decision.policy_version,
+            "operation": op.value,
+            "purpose": purpose[:200],
+            "level": level.value,
+        }
+        if step is not None:
+            attrs["step"] = step
+        ex.ledger.append(
+            EntryDraft(
+                kind="access.denied",
+                actor=actor.key_id,
+                refs={"zone": zone, "dataset": dataset},
+                attrs=attrs,
+            )
+        )
+        raise DeniedError(str(decision.reason))
+    return Authorization(decision=decision, request=request, level=level, digest=digest)

@@ -1,0 +1,88 @@
+"""``export``: row export where the level allows it (``L1``, ``L2`` by default).
+
+``L2`` data carries the ``mask_columns`` obligation: the subject column is replaced by a
+pseudonym, HMAC-SHA-256 under the zone's secret salt of the consumer's key id and the subject id,
+so a consumer can link its own exports but not another consumer's, and cannot recover the id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import hashlib
+import hmac
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from crypto.canonical import canonicalize
+from exchange import access
+from exchange.compute.source import open_source
+from exchange.domain import Principal
+from exchange.errors import InvalidInputError
+from exchange.ledger import EntryDraft
+from exchange.node import Exchange
+from policy import Obligation, Operation, obligations
+
+MAX_EXPORT_ROWS = 100_000
+
+
+def _json_value(value: Any) -> Any:
+    """JSON-safe, float-free values (DESIGN: signed objects carry decimal strings)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, decimal.Decimal):
+        return format(value, "f")
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    return str(value)
+
+
+def export_rows(
+    ex: Exchange, actor: Principal, zone: str, dataset: str, purpose: str
+) -> dict[str, Any]:
+    auth = access.authorize(ex, actor, zone, dataset, Operation.EXPORT, purpose)
+    with Session(ex.engine) as session:
+        row = access._dataset(session, zone, dataset)
+        names = [c["name"] for c in row.columns]
+        subject = row.subject_column
+        count = row.row_count
+    if count > MAX_EXPORT_ROWS:
+        raise InvalidInputError(f"export is limited to {MAX_EXPORT_ROWS} rows; aggregate instead")
+    mask = Obligation.MASK_COLUMNS in obligations(auth.level, Operation.EXPORT)
+    salt = access._salt(ex.zones_dir / zone) if mask else b""
+    with open_source(ex, row) as src, src.engine.connect() as conn:
+        result = conn.execute(select(*src.relation.c).limit(MAX_EXPORT_ROWS + 1))
+        rows = [list(r) for r in result]
+    if len(rows) > MAX_EXPORT_ROWS:
+        raise InvalidInputError(f"export is limited to {MAX_EXPORT_ROWS} rows; aggregate instead")
+    index = names.index(subject)
+    out_rows = []
+    for r in rows:
+        values = [_json_value(v) for v in r]
+        if mask and values[index] is not None:
+            message = actor.key_id.encode() + b"\x00" + str(values[index]).encode()
+            values[index] = hmac.new(salt, message, hashlib.sha256).hexdigest()[:32]
+        out_rows.append(values)
+    result_doc = {
+        "zone": zone,
+        "dataset": dataset,
+        "columns": names,
+        "masked": [subject] if mask else [],
+        "level": auth.level.value,
+        "rows": out_rows,
+    }
+    digest = hashlib.sha256(canonicalize(result_doc)).hexdigest()
+    appended = ex.ledger.append(
+        EntryDraft(
+            kind="computation.export",
+            actor=actor.key_id,
+            refs={"zone": zone, "dataset": dataset},
+            digests={"snapshot": auth.digest, "result": digest},
+            attrs={**auth.attrs(), "rows": len(out_rows)},
+        )
+    )
+    return {**result_doc, "result_digest": digest, "ledger_index": appended.seq}
