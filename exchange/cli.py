@@ -28,12 +28,16 @@ zone_app = typer.Typer(help="zones", no_args_is_help=True)
 dataset_app = typer.Typer(help="datasets", no_args_is_help=True)
 ledger_app = typer.Typer(help="the ledger, offline (no server needed)", no_args_is_help=True)
 audit_app = typer.Typer(help="offline verification", no_args_is_help=True)
+receipt_app = typer.Typer(help="computation receipts, offline", no_args_is_help=True)
+consent_app = typer.Typer(help="data-subject consents (zone provider)", no_args_is_help=True)
 app.add_typer(key_app, name="key")
 app.add_typer(principal_app, name="principal")
 app.add_typer(zone_app, name="zone")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(audit_app, name="audit")
+app.add_typer(consent_app, name="consent")
+app.add_typer(receipt_app, name="receipt")
 
 out = Console()
 err = Console(stderr=True)
@@ -314,6 +318,261 @@ def catalog(
     out.print(table)
 
 
+# -- access workflow --------------------------------------------------------------------------
+
+
+def _when(value: Any) -> str:
+    return "-" if not value else str(value).replace("T", " ")[:19]
+
+
+@app.command("request")
+@one_line_errors
+def request_cmd(
+    zone: str,
+    dataset: Annotated[list[str], typer.Option(help="dataset to use (repeat)")],
+    operation: Annotated[list[str], typer.Option(help="operation, e.g. aggregate (repeat)")],
+    purpose: Annotated[str, typer.Option(help="purpose from the vocabulary")],
+    justification: Annotated[str, typer.Option(help="why you need it")],
+    days: Annotated[float, typer.Option(help="how long the grant should last")] = 30,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """File an access request (consumer)."""
+    with client(url, key) as c:
+        r = c.request_access(
+            zone,
+            dataset,
+            operation,
+            purpose,
+            duration_seconds=int(days * 86400),
+            justification=justification,
+        )
+    out.print(f"request {r['id']} filed ({r['status']})")
+
+
+@app.command("requests")
+@one_line_errors
+def requests_cmd(
+    zone: Annotated[str | None, typer.Option(help="only this zone")] = None,
+    status: Annotated[str | None, typer.Option(help="pending, approved, rejected...")] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """List the access requests you filed or that concern your zones."""
+    with client(url, key) as c:
+        found = c.requests(zone=zone, status=status)
+    table = Table("id", "zone", "consumer", "datasets", "operations", "purpose", "days", "status")
+    for r in found:
+        table.add_row(
+            r["id"],
+            r["zone"],
+            r["consumer"][:16],
+            ", ".join(r["datasets"]),
+            ", ".join(r["operations"]),
+            r["purpose"],
+            f"{r['duration_seconds'] / 86400:g}",
+            r["status"],
+        )
+    out.print(table)
+
+
+@app.command()
+@one_line_errors
+def approve(
+    request_id: str,
+    days: Annotated[float | None, typer.Option(help="shorter than requested")] = None,
+    dataset: Annotated[list[str] | None, typer.Option(help="narrow to these datasets")] = None,
+    operation: Annotated[list[str] | None, typer.Option(help="narrow to these ops")] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Sign and approve an access request (provider; operator too for important data)."""
+    from datetime import UTC, datetime, timedelta
+
+    not_after = datetime.now(UTC) + timedelta(days=days) if days is not None else None
+    with client(url, key) as c:
+        r = c.approve(request_id, not_after=not_after, datasets=dataset, operations=operation)
+    if r["grant_id"]:
+        out.print(f"request {r['id']} approved: grant {r['grant_id']}")
+    else:
+        out.print(f"request {r['id']} is {r['status']}")
+
+
+@app.command()
+@one_line_errors
+def reject(
+    request_id: str,
+    reason: Annotated[str, typer.Option(help="why (shown to the consumer)")],
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Reject a request (provider, operator) or withdraw your own (consumer)."""
+    with client(url, key) as c:
+        r = c.reject(request_id, reason)
+    out.print(f"request {r['id']} {r['status']}")
+
+
+@app.command()
+@one_line_errors
+def grants(
+    zone: Annotated[str | None, typer.Option(help="only this zone")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="include revoked grants")] = False,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """List grants you hold or that concern your zones."""
+    with client(url, key) as c:
+        found = c.grants(zone, include_inactive=all_)
+    table = Table(
+        "grant", "zone", "consumer", "datasets", "operations", "purpose", "expires", "status"
+    )
+    for g in found:
+        table.add_row(
+            g["id"],
+            g["zone"],
+            g["consumer"][:16],
+            ", ".join(g["datasets"]),
+            ", ".join(g["operations"]),
+            g["purpose"],
+            _when(g["expires_at"]),
+            g["status"],
+        )
+    out.print(table)
+
+
+@app.command()
+@one_line_errors
+def revoke(
+    grant_id: str,
+    reason: Annotated[str, typer.Option(help="why")],
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Revoke a grant now."""
+    with client(url, key) as c:
+        g = c.revoke(grant_id, reason)
+    out.print(f"grant {g['id']} {g['status']}")
+
+
+@zone_app.command("suspend")
+@one_line_errors
+def zone_suspend(
+    zone: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
+) -> None:
+    """Suspend a whole zone (operator); effective on the next call."""
+    with client(url, key) as c:
+        c.set_zone_status(zone, "suspended")
+    out.print(f"zone {zone} suspended")
+
+
+@zone_app.command("reinstate")
+@one_line_errors
+def zone_reinstate(
+    zone: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
+) -> None:
+    """Reinstate a suspended zone (operator)."""
+    with client(url, key) as c:
+        c.set_zone_status(zone, "active")
+    out.print(f"zone {zone} active")
+
+
+@zone_app.command("ceilings")
+@one_line_errors
+def zone_ceilings(
+    zone: str,
+    allow: Annotated[list[str], typer.Option(help="LEVEL=op,op: the most a level allows (repeat)")],
+    dataset: Annotated[str | None, typer.Option(help="only this dataset")] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Tighten the operation ceilings of a zone or dataset (never beyond the defaults)."""
+    table_in: dict[str, list[str]] = {}
+    for item in allow:
+        level, sep, ops = item.partition("=")
+        if not sep or not level:
+            raise ValueError(f"--allow takes LEVEL=op,op, got {item!r}")
+        table_in[level] = [op for op in ops.split(",") if op]
+    with client(url, key) as c:
+        eff = c.set_ceilings(zone, table_in, dataset=dataset)
+    table = Table("level", "operations allowed")
+    for level, ops in eff.items():
+        table.add_row(level, ", ".join(ops) or "-")
+    out.print(table)
+
+
+@app.command()
+@one_line_errors
+def consents(
+    zone: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("provider.key")
+) -> None:
+    """List a zone's consents (subjects appear only as keyed digests)."""
+    with client(url, key) as c:
+        found = c.consents(zone)
+    table = Table("consent", "subject digest", "consumer", "purpose", "expires", "status")
+    for x in found:
+        table.add_row(
+            x["id"],
+            x["subject_digest"][:16],
+            x["consumer"][:16],
+            x["purpose"],
+            _when(x["expires_at"]),
+            x["status"],
+        )
+    out.print(table)
+
+
+@consent_app.command("add")
+@one_line_errors
+def consent_add(
+    zone: str,
+    subject: Annotated[str, typer.Option(help="the data subject's id (digested on arrival)")],
+    consumer: Annotated[str, typer.Option(help="consumer key id")],
+    purpose: Annotated[str, typer.Option(help="purpose from the vocabulary")],
+    days: Annotated[float, typer.Option(help="valid for this many days")] = 365,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Record a data subject's consent for a consumer and purpose (zone provider)."""
+    from datetime import UTC, datetime, timedelta
+
+    until = datetime.now(UTC) + timedelta(days=days)
+    with client(url, key) as c:
+        x = c.record_consent(zone, subject, consumer, purpose, until)
+    out.print(f"consent {x['id']} recorded (subject digest {x['subject_digest'][:16]}…)")
+
+
+@consent_app.command("withdraw")
+@one_line_errors
+def consent_withdraw(
+    consent_id: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("provider.key")
+) -> None:
+    """Withdraw a consent."""
+    with client(url, key) as c:
+        x = c.withdraw_consent(consent_id)
+    out.print(f"consent {x['id']} {x['status']}")
+
+
+@app.command("export")
+@one_line_errors
+def export_cmd(
+    zone: str,
+    dataset: str,
+    purpose: Annotated[str, typer.Option(help="purpose of use")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="write JSON here")] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """Export rows where the level allows it (masked subject column at L2)."""
+    with client(url, key) as c:
+        result = c.export(zone, dataset, purpose)
+    text = json.dumps(result, ensure_ascii=False, indent=2)
+    if out_file is not None:
+        out_file.write_text(text + "\n", "utf-8")
+        out.print(f"{len(result['rows'])} rows written to {out_file}")
+    else:
+        out.print_json(text)
+
+
 # -- ledger and audit (offline) ---------------------------------------------------------------
 
 
@@ -380,6 +639,36 @@ def audit_verify(
     out.print(
         f"OK: {report.entries} entries, {report.checkpoints} checkpoints verified"
         + (" against the trusted checkpoint" if trusted else "")
+    )
+
+
+@receipt_app.command("verify")
+@one_line_errors
+def receipt_verify(
+    receipt: Path,
+    result: Annotated[Path, typer.Option(help="the result file (JSON) the receipt is about")],
+    log_key: Annotated[Path, typer.Option("--log-key", help="the log's verifier key (log.pub)")],
+) -> None:
+    """Verify a computation receipt and its result offline. Exit 0 only if everything holds."""
+    from crypto.note import NoteVerifier
+    from crypto.receipt import verify_receipt
+
+    verifier = NoteVerifier.from_verifier_key(log_key.read_text("utf-8").strip())
+    try:
+        bundle = json.loads(receipt.read_text("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{receipt}: not a JSON receipt") from None
+    try:
+        result_doc = json.loads(result.read_text("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{result}: not a JSON result") from None
+    if isinstance(result_doc, dict) and set(result_doc) == {"result", "receipt"}:
+        result_doc = result_doc["result"]  # a whole API response saved as one file
+    statement, cp = verify_receipt(bundle, result_doc, verifier)
+    out.print(
+        f"OK: {statement['kind']} by {statement['consumer'][:16]}… on "
+        f"{', '.join(d['zone'] + '/' + d['name'] for d in statement['datasets'])}; "
+        f"ledger entry {statement['ledger_index']} included in checkpoint {cp.size}"
     )
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from crypto.keys import SigningKey
+from crypto.note import NoteVerifier
 from exchange.api.app import create_app
 from exchange.keyfile import load_private_key
 from exchange.node import Exchange, init_data_dir
@@ -84,6 +85,9 @@ class LiveServer:
 
     def client(self, key: SigningKey) -> Client:
         return Client(self.url, key)
+
+    def log_verifier(self) -> NoteVerifier:
+        return NoteVerifier.from_verifier_key((self.data_dir / "log.pub").read_text().strip())
 
 
 class _Server(uvicorn.Server):

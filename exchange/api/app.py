@@ -29,13 +29,13 @@ from exchange.api.schemas import (
     CeilingsIn,
     CeilingsOut,
     CheckpointOut,
+    ComputationOut,
     ConsentIn,
     ConsentOut,
     ConsistencyProofOut,
     DatasetIn,
     DatasetOut,
     EntryOut,
-    ExportOut,
     GrantOut,
     InclusionProofOut,
     PrincipalIn,
@@ -381,9 +381,9 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
 
     # -- computations ------------------------------------------------------------------------
 
-    @v1.post("/zones/{zone}/datasets/{name}/export", response_model=ExportOut)
-    def export(zone: str, name: str, actor: Actor, ex: Ex, body: PurposeIn) -> ExportOut:
-        return ExportOut.model_validate(export_rows(ex, actor, zone, name, body.purpose))
+    @v1.post("/zones/{zone}/datasets/{name}/export", response_model=ComputationOut)
+    def export(zone: str, name: str, actor: Actor, ex: Ex, body: PurposeIn) -> ComputationOut:
+        return ComputationOut.model_validate(export_rows(ex, actor, zone, name, body.purpose))
 
     @v1.get("/log/checkpoint", response_model=CheckpointOut)
     def checkpoint(actor: Actor, ex: Ex) -> CheckpointOut:

@@ -306,12 +306,8 @@ class PurposeIn(In):
     purpose: Token
 
 
-class ExportOut(Out):
-    zone: str
-    dataset: str
-    columns: list[str]
-    masked: list[str]
-    level: str
-    rows: list[list[Any]]
-    result_digest: str
-    ledger_index: int
+class ComputationOut(Out):
+    #: the result document; its canonical JSON hashes to the receipt's ``result_digest``
+    result: dict[str, Any]
+    #: a receipt bundle (:mod:`crypto.receipt`), verifiable offline with ``log.pub``
+    receipt: dict[str, Any]

@@ -21,8 +21,8 @@ from exchange import access
 from exchange.compute.source import open_source
 from exchange.domain import Principal
 from exchange.errors import InvalidInputError
-from exchange.ledger import EntryDraft
 from exchange.node import Exchange
+from exchange.receipts import record_computation
 from policy import Obligation, Operation, obligations
 
 MAX_EXPORT_ROWS = 100_000
@@ -75,14 +75,31 @@ def export_rows(
         "level": auth.level.value,
         "rows": out_rows,
     }
-    digest = hashlib.sha256(canonicalize(result_doc)).hexdigest()
-    appended = ex.ledger.append(
-        EntryDraft(
-            kind="computation.export",
-            actor=actor.key_id,
-            refs={"zone": zone, "dataset": dataset},
-            digests={"snapshot": auth.digest, "result": digest},
-            attrs={**auth.attrs(), "rows": len(out_rows)},
-        )
+    query = {
+        "operation": "export",
+        "zone": zone,
+        "dataset": dataset,
+        "purpose": auth.request.purpose,
+    }
+    receipt, _ = record_computation(
+        ex,
+        kind="export",
+        actor=actor.key_id,
+        statement={
+            "consumer": actor.key_id,
+            "zones": [zone],
+            "datasets": [{"zone": zone, "name": dataset, "snapshot": auth.digest}],
+            "query_digest": hashlib.sha256(canonicalize(query)).hexdigest(),
+            "rules_version": None,
+            "grant": auth.decision.rule,
+            "policy_version": auth.decision.policy_version,
+            "purpose": auth.request.purpose,
+            "k": None,
+            "epsilon": "0",
+            "output_level": auth.level.value,
+        },
+        result=result_doc,
+        refs={"zone": zone, "dataset": dataset},
+        attrs={**auth.attrs(), "rows": len(out_rows)},
     )
-    return {**result_doc, "result_digest": digest, "ledger_index": appended.seq}
+    return {"result": result_doc, "receipt": receipt}

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from crypto.envelope import Envelope, sign_envelope
 from crypto.keys import SigningKey
+from crypto.receipt import verify_receipt
 from exchange import access
 from exchange.domain import APPROVAL_TYPE, approval_payload
 from exchange.models import AccessRequestRow, LedgerEntryRow
@@ -139,7 +140,11 @@ def test_denied_request_approve_succeed_revoke_denied(
         approved = p.approve(req["id"])
     grant_id = approved["grant_id"]
 
-    out = consumer.export("tax", "open_companies", PURPOSE)
+    response = consumer.export("tax", "open_companies", PURPOSE)
+    out = response["result"]
+    statement, _ = verify_receipt(response["receipt"], out, server.log_verifier())
+    assert statement["grant"] == approved["grant_id"]
+    assert statement["output_level"] == "L2"
     assert out["level"] == "L2"
     assert out["masked"] == ["company_id"]
     ids = [row[0] for row in out["rows"]]

@@ -1,0 +1,69 @@
+"""Issuing receipts (the format and its offline verification: :mod:`crypto.receipt`).
+
+:func:`record_computation` appends the computation's ledger entry (running ``apply``, e.g. the
+privacy-budget charge, in the same transaction), then signs the statement with the log key,
+signs a checkpoint that covers the entry and assembles the bundle with its inclusion proof.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from crypto.envelope import sign_envelope
+from crypto.receipt import STATEMENT_TYPE, build_bundle, result_digest, statement_digest
+from exchange.errors import LedgerError
+from exchange.ledger import Apply, EntryDraft
+from exchange.node import Exchange
+
+__all__ = ["record_computation"]
+
+
+def record_computation(
+    ex: Exchange,
+    *,
+    kind: str,
+    actor: str,
+    statement: Mapping[str, Any],
+    result: Any,
+    refs: Mapping[str, str] | None = None,
+    attrs: Mapping[str, str | int] | None = None,
+    apply: Apply | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Ledger a computation and return ``(receipt bundle, apply's return value)``.
+
+    ``statement`` holds the receipt fields except ``type``, ``kind``, ``result_digest``, ``time``
+    and ``ledger_index``, which are filled in here.
+    """
+    if ex.log_signer is None:
+        raise LedgerError("this process holds no log key and cannot sign receipts")
+    digest = result_digest(result)
+    core: dict[str, Any] = {
+        **statement,
+        "type": "zonex.receipt.v1",
+        "kind": kind,
+        "result_digest": digest,
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    draft = EntryDraft(
+        kind=f"computation.{kind}",
+        actor=actor,
+        refs=dict(refs or {}),
+        digests={"statement": statement_digest(core), "result": digest},
+        attrs=dict(attrs or {}),
+    )
+    appended = ex.ledger.append(draft, apply)
+    signed = {**core, "ledger_index": appended.seq}
+    envelope = sign_envelope(STATEMENT_TYPE, signed, [ex.log_signer.key])
+    checkpoint = ex.ledger.checkpoint()
+    proof = ex.ledger.inclusion_proof(appended.seq, checkpoint.size)
+    bundle = build_bundle(
+        envelope,
+        ex.ledger.entry(appended.seq),
+        appended.seq,
+        checkpoint.size,
+        proof,
+        checkpoint.note,
+    )
+    return bundle, appended.value
