@@ -509,7 +509,7 @@ def approve_request(
             approvals = [first, envelope.model_dump(mode="json")]
         else:
             approvals = [envelope.model_dump(mode="json")]
-        grant_id = "grant-" + secrets.token_hex(12)
+        grant_id = "grant:" + secrets.token_hex(12)
         rows = grant_rows(
             grant_id,
             subject=row.consumer,

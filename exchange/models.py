@@ -214,3 +214,36 @@ class ConsentRow(Base):
     withdrawn_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (Index("ix_consents_lookup", "zone", "subject_digest", "consumer"),)
+
+
+class AnalysisRulesRow(Base):
+    """A version of a dataset's analysis rules (:mod:`exchange.analysis`); the highest applies."""
+
+    __tablename__ = "analysis_rules"
+    __table_args__ = (UniqueConstraint("zone", "dataset", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    zone: Mapped[str] = mapped_column(ForeignKey("zones.name"))
+    dataset: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    rules: Mapped[dict[str, Any]] = mapped_column(JSON)
+    set_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class BudgetRow(Base):
+    """Privacy budget spent by one consumer on one dataset in one refresh window.
+
+    ``spent`` is a decimal string (exact accounting, no binary floats). Charges run inside the
+    ledger batch that records the release, so concurrent queries serialize on the ledger head.
+    """
+
+    __tablename__ = "privacy_budgets"
+    __table_args__ = (UniqueConstraint("consumer", "zone", "dataset", "window_start"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    consumer: Mapped[str] = mapped_column(String(64))
+    zone: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[str] = mapped_column(String(64))
+    window_start: Mapped[int] = mapped_column(BigInteger)
+    spent: Mapped[str] = mapped_column(String(64))

@@ -113,7 +113,7 @@ def granted(
     with server.client(keys["provider"]) as p:
         approved = p.approve(req["id"], not_after=not_after)
     assert approved["status"] == "approved"
-    assert approved["grant_id"].startswith("grant-")
+    assert approved["grant_id"].startswith("grant:")
     return approved
 
 
