@@ -41,9 +41,7 @@ def window_start(now: datetime, refresh_seconds: int) -> int:
     return ts - ts % max(1, refresh_seconds)
 
 
-def _row(
-    session: Session, consumer: str, zone: str, dataset: str, start: int
-) -> BudgetRow | None:
+def _row(session: Session, consumer: str, zone: str, dataset: str, start: int) -> BudgetRow | None:
     return session.execute(
         select(BudgetRow).where(
             BudgetRow.consumer == consumer,

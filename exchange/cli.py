@@ -39,7 +39,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(consent_app, name="consent")
 app.add_typer(receipt_app, name="receipt")
 
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -355,12 +355,16 @@ def request_cmd(
 def requests_cmd(
     zone: Annotated[str | None, typer.Option(help="only this zone")] = None,
     status: Annotated[str | None, typer.Option(help="pending, approved, rejected...")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON, not a table")] = False,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
     """List the access requests you filed or that concern your zones."""
     with client(url, key) as c:
         found = c.requests(zone=zone, status=status)
+    if as_json:
+        out.print_json(data=found)
+        return
     table = Table("id", "zone", "consumer", "datasets", "operations", "purpose", "days", "status")
     for r in found:
         table.add_row(
@@ -417,12 +421,16 @@ def reject(
 def grants(
     zone: Annotated[str | None, typer.Option(help="only this zone")] = None,
     all_: Annotated[bool, typer.Option("--all", help="include revoked grants")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON, not a table")] = False,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
     """List grants you hold or that concern your zones."""
     with client(url, key) as c:
         found = c.grants(zone, include_inactive=all_)
+    if as_json:
+        out.print_json(data=found)
+        return
     table = Table(
         "grant", "zone", "consumer", "datasets", "operations", "purpose", "expires", "status"
     )
@@ -503,11 +511,17 @@ def zone_ceilings(
 @app.command()
 @one_line_errors
 def consents(
-    zone: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("provider.key")
+    zone: str,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON, not a table")] = False,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
 ) -> None:
     """List a zone's consents (subjects appear only as keyed digests)."""
     with client(url, key) as c:
         found = c.consents(zone)
+    if as_json:
+        out.print_json(data=found)
+        return
     table = Table("consent", "subject digest", "consumer", "purpose", "expires", "status")
     for x in found:
         table.add_row(
@@ -558,19 +572,36 @@ def export_cmd(
     zone: str,
     dataset: str,
     purpose: Annotated[str, typer.Option(help="purpose of use")],
-    out_file: Annotated[Path | None, typer.Option("--out", help="write JSON here")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="write the result here")] = None,
+    receipt_file: Annotated[
+        Path | None, typer.Option("--receipt", help="write the receipt here (default OUT.receipt)")
+    ] = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
     """Export rows where the level allows it (masked subject column at L2)."""
     with client(url, key) as c:
-        result = c.export(zone, dataset, purpose)
-    text = json.dumps(result, ensure_ascii=False, indent=2)
+        response = c.export(zone, dataset, purpose)
+    save_result(response, out_file, receipt_file)
     if out_file is not None:
-        out_file.write_text(text + "\n", "utf-8")
-        out.print(f"{len(result['rows'])} rows written to {out_file}")
-    else:
+        out.print(f"{len(response['result']['rows'])} rows written to {out_file}")
+
+
+def save_result(response: dict[str, Any], out_file: Path | None, receipt_file: Path | None) -> None:
+    """Write a computation's result and receipt as two files (or print the result)."""
+    text = json.dumps(response["result"], ensure_ascii=False, indent=2)
+    if out_file is None:
         out.print_json(text)
+        if receipt_file is None:
+            return
+    else:
+        out_file.write_text(text + "\n", "utf-8")
+        receipt_file = receipt_file or out_file.with_name(out_file.name + ".receipt")
+    receipt_file.write_text(json.dumps(response["receipt"], indent=2) + "\n", "utf-8")
+    out.print(
+        f"receipt: {receipt_file} (check: zonex receipt verify {receipt_file} "
+        f"--result {out_file or 'RESULT'} --log-key LOG.pub)"
+    )
 
 
 # -- ledger and audit (offline) ---------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""The access commands of the CLI against a real server: tables, one-line errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crypto.keys import SigningKey
+from exchange.cli import app
+from exchange.keyfile import write_private_key
+from tests.conftest import LiveServer
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
+LEVELS = {
+    "company_id": "L2",
+    "district": "L1",
+    "industry": "L1",
+    "founded_year": "L1",
+    "employees": "L2",
+    "registered_capital": "L2",
+    "tax_paid_2025": "L2",
+}
+
+
+@pytest.fixture
+def keys(server: LiveServer, tmp_path: Path) -> dict[str, Path]:
+    provider, consumer = SigningKey.generate(), SigningKey.generate()
+    with server.client(server.operator) as op:
+        op.register_principal("Tax Bureau", "agency", provider.public_key)
+        op.register_principal("City Bank", "enterprise", consumer.public_key)
+    with server.client(provider) as p:
+        p.create_zone("tax", "tax records")
+        p.register_dataset(
+            "tax",
+            "companies",
+            levels=LEVELS,
+            subject_column="company_id",
+            file=EXAMPLES / "companies.csv",
+        )
+    paths = {}
+    for name, key in (("provider", provider), ("consumer", consumer)):
+        paths[name] = tmp_path / f"{name}.key"
+        write_private_key(paths[name], key)
+    paths["operator"] = server.data_dir / "operator.key"
+    return paths
+
+
+def run(server: LiveServer, key: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        app, [*args, "--url", server.url, "--key", str(key)], catch_exceptions=False
+    )
+    return result.exit_code, result.output
+
+
+def test_request_approve_use_revoke_from_the_shell(
+    server: LiveServer, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    code, out = run(
+        server, keys["consumer"], "export", "tax", "companies", "--purpose", "credit-assessment"
+    )
+    assert code == 1 and "denied" in out and "not_granted" in out
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1
+
+    code, out = run(
+        server,
+        keys["consumer"],
+        "request",
+        "tax",
+        "--dataset",
+        "companies",
+        "--operation",
+        "export",
+        "--purpose",
+        "credit-assessment",
+        "--justification",
+        "credit line review",
+        "--days",
+        "7",
+    )
+    assert code == 0, out
+    request_id = re.search(r"request (\S+) filed", out).group(1)  # type: ignore[union-attr]
+
+    code, out = run(server, keys["provider"], "requests", "--status", "pending", "--json")
+    assert code == 0 and request_id in out
+    code, out = run(server, keys["provider"], "requests")
+    assert code == 0 and "pending" in out  # the table
+
+    code, out = run(server, keys["provider"], "approve", request_id, "--days", "1")
+    assert code == 0 and "grant grant:" in out, out
+    grant_id = re.search(r"grant (grant:\S+)", out).group(1)  # type: ignore[union-attr]
+
+    code, out = run(server, keys["consumer"], "grants", "--json")
+    assert code == 0 and grant_id in out and "companies" in out and "export" in out
+
+    result_file = tmp_path / "rows.json"
+    code, out = run(
+        server,
+        keys["consumer"],
+        "export",
+        "tax",
+        "companies",
+        "--purpose",
+        "credit-assessment",
+        "--out",
+        str(result_file),
+    )
+    assert code == 0 and "written" in out, out
+
+    receipt_check = CliRunner().invoke(
+        app,
+        [
+            "receipt",
+            "verify",
+            str(result_file) + ".receipt",
+            "--result",
+            str(result_file),
+            "--log-key",
+            str(server.data_dir / "log.pub"),
+        ],
+    )
+    assert receipt_check.exit_code == 0, receipt_check.output
+    assert "OK: export" in receipt_check.output
+
+    code, out = run(server, keys["provider"], "revoke", grant_id, "--reason", "done")
+    assert code == 0 and "revoked" in out
+    code, out = run(
+        server, keys["consumer"], "export", "tax", "companies", "--purpose", "credit-assessment"
+    )
+    assert code == 1 and "not_granted" in out
+
+
+def test_ceilings_consents_and_suspension_from_the_shell(
+    server: LiveServer, keys: dict[str, Path]
+) -> None:
+    code, out = run(server, keys["provider"], "zone", "ceilings", "tax", "--allow", "L3=export")
+    assert code == 1 and "never loosened" in out
+    code, out = run(server, keys["provider"], "zone", "ceilings", "tax", "--allow", "L2=aggregate")
+    assert code == 0 and "L2" in out
+    consumer_id = SigningKey.generate().key_id
+    code, out = run(
+        server,
+        keys["provider"],
+        "consent",
+        "add",
+        "tax",
+        "--subject",
+        "91310885617X0AEH7Y",
+        "--consumer",
+        consumer_id,
+        "--purpose",
+        "credit-assessment",
+    )
+    assert code == 1 and "no such consumer" in out
+    code, out = run(server, keys["provider"], "consents", "tax")
+    assert code == 0
+    code, out = run(server, keys["operator"], "zone", "suspend", "tax")
+    assert code == 0 and "suspended" in out
+    code, out = run(server, keys["provider"], "zone", "suspend", "tax")
+    assert code == 1 and "403" in out
+    code, out = run(server, keys["operator"], "zone", "reinstate", "tax")
+    assert code == 0
