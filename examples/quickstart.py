@@ -3,14 +3,17 @@
     python examples/quickstart.py --data-dir ./demo-data [--url http://127.0.0.1:8421]
 
 The operator registers a provider (a tax bureau) and a consumer (a bank); the provider creates
-a zone and registers a dataset from examples/data/companies.csv with a classification level per
+a zone and registers datasets from examples/data/companies.csv with a classification level per
 column; the consumer browses the catalog (metadata only, never rows); an unsigned and a replayed
-call are rejected; the ledger is exported and verified offline, as an auditor would.
+call are rejected; the consumer is denied, files an access request, the provider signs an
+approval, the call succeeds with a receipt verified offline, the provider revokes, the call is
+denied again; the ledger is exported and verified offline, as an auditor would.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +27,7 @@ from rich.table import Table
 
 from crypto.keys import SigningKey
 from crypto.note import NoteVerifier
+from crypto.receipt import verify_receipt
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.keyfile import load_private_key, write_private_key
 from exchange.ledger import write_export
@@ -42,6 +46,9 @@ LEVELS = {
     "registered_capital": "L2",
     "tax_paid_2025": "L3",
 }
+#: the same registry without the tax column's sensitivity: internal (L2), exportable under a grant
+REGISTRY_LEVELS = {**LEVELS, "tax_paid_2025": "L2"}
+PURPOSE = "credit-assessment"
 
 console = Console()
 
@@ -95,6 +102,59 @@ def ensure_principal(op: Client, key: SigningKey, name: str, kind: str) -> None:
         console.print(f"  {name} is already registered")
 
 
+def access_flow(url: str, tax: SigningKey, bank: SigningKey, data_dir: Path) -> bool:
+    """Denied → request → signed approval → allowed (with a receipt) → revoked → denied."""
+    step("The bank asks for rows without a grant: denied, with a reason code")
+    with Client(url, bank) as consumer, Client(url, tax) as provider:
+        try:
+            consumer.export("market-registry", "registry", PURPOSE)
+            console.print("[red]expected a denial[/]")
+            return False
+        except ApiError as exc:
+            console.print(f"  {exc.status} {exc.code}: reason [bold]{exc.body['reason']}[/]")
+
+        step("The bank files an access request; the tax bureau signs an approval")
+        req = consumer.request_access(
+            "market-registry",
+            ["registry"],
+            ["export"],
+            PURPOSE,
+            duration_seconds=7 * 86400,
+            justification="verify registration details of loan applicants",
+        )
+        console.print(f"  request {req['id']} ({req['status']})")
+        approved = provider.approve(req["id"])
+        grant = approved["grant_id"]
+        console.print(f"  approved: grant {grant}, signed by the provider's key")
+
+        step("The bank exports again: allowed, subject ids pseudonymized (L2), with a receipt")
+        response = consumer.export("market-registry", "registry", PURPOSE)
+        result, receipt = response["result"], response["receipt"]
+        console.print(
+            f"  {len(result['rows'])} rows, masked columns {result['masked']}, "
+            f"first pseudonym {result['rows'][0][0][:12]}…"
+        )
+        out = data_dir / "export-result.json"
+        out.write_text(json.dumps(result, indent=2) + "\n", "utf-8")
+        (data_dir / "export-receipt.json").write_text(json.dumps(receipt, indent=2) + "\n")
+        verifier = NoteVerifier.from_verifier_key((data_dir / "log.pub").read_text().strip())
+        statement, cp = verify_receipt(receipt, result, verifier)
+        console.print(
+            f"  receipt verified offline: ledger entry {statement['ledger_index']} in "
+            f"checkpoint {cp.size}, grant {statement['grant']}"
+        )
+
+        step("The tax bureau revokes the grant; the next call is denied")
+        provider.revoke(grant, "loan review finished")
+        try:
+            consumer.export("market-registry", "registry", PURPOSE)
+            console.print("[red]expected a denial after revocation[/]")
+            return False
+        except ApiError as exc:
+            console.print(f"  {exc.status} {exc.code}: reason [bold]{exc.body['reason']}[/]")
+    return True
+
+
 def run(data_dir: Path, url: str | None, port: int) -> int:
     if not (data_dir / "config.json").exists():
         step(f"zonex init --data-dir {data_dir}")
@@ -125,6 +185,18 @@ def run(data_dir: Path, url: str | None, port: int) -> int:
                 if exc.status != 409:
                     raise
                 console.print("  zone market-registry exists")
+            try:
+                provider.register_dataset(
+                    "market-registry",
+                    "registry",
+                    levels=REGISTRY_LEVELS,
+                    subject_column="company_id",
+                    description="the public business registry (internal grade)",
+                    file=COMPANIES,
+                )
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
             try:
                 d = provider.register_dataset(
                     "market-registry",
@@ -166,6 +238,9 @@ def run(data_dir: Path, url: str | None, port: int) -> int:
         console.print(f"  replayed: {replayed.status_code} {replayed.json()['code']}")
         if unsigned.status_code != 401 or replayed.status_code != 401:
             console.print("[red]expected both to be rejected with 401[/]")
+            return 1
+
+        if not access_flow(url, tax, bank, data_dir):
             return 1
     finally:
         if proc is not None:
