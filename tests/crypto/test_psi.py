@@ -476,9 +476,10 @@ def run_join(
     exchange E; returns what E computes (|X∩Y| and the sum of matched values) and what C
     learns in the members variant (which of its ids are in Y)."""
     domain = session_domain(session, "ids")
-    # C
+    # C, sending its ids in a secret order that it keeps
     c = PsiKey.generate()
-    a = blind(c, domain, xs)
+    perm = shuffled(range(len(xs)))
+    a = blind(c, domain, [xs[i] for i in perm])
     c_saved = c.to_bytes()
     # P
     p = PsiKey.generate()
@@ -492,8 +493,10 @@ def run_join(
     mask = intersection_mask(a_p, b_c)
     size = intersection_size(a_p, b_c)
     total = sum(v for v, m in zip(values, mask, strict=True) if m)
-    # C, members variant
-    members = intersection_mask(b_c, a_p)
+    # C, members variant: answers in its secret order, mapped back
+    members = [False] * len(xs)
+    for i, found in zip(perm, intersection_mask(b_c, a_p), strict=True):
+        members[i] = found
     return size, members, total
 
 

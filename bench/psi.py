@@ -1,0 +1,376 @@
+"""PSI benchmark: the group (edwards25519 subgroup vs X25519), crypto.psi against bare loops
+over its primitives, multi-core speedup, and openmined-psi when it is installed.
+
+    python -P bench/psi.py [--items 10000] [--repeat 5]
+
+Prints, in one run (every figure is the best of --repeat runs, microseconds per item):
+- each primitive on one core: SHA-512, libsodium's Elligator 2 map and point addition, the
+  Ed25519 scalar multiplication (with libsodium's point checks) and the check alone; X25519
+  through cryptography (OpenSSL) and through libsodium; ristretto255 through the system
+  libsodium if one is installed; and the share of hashed u-coordinates that lie on the twist;
+- crypto.psi.blind and reblind on one thread next to a bare loop over the same calls, and the
+  ratio (goal: at most 1.2);
+- whether each primitive releases the GIL (two threads vs one), X25519 on two processes, and
+  crypto.psi's speedup with every core by batch size;
+- the private join of DESIGN.md with --items ids on each side, per party;
+- openmined-psi (P-256 on BoringSSL, the RAW setup) on the same items, if importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from nacl.bindings import (
+    crypto_core_ed25519_add,
+    crypto_core_ed25519_from_uniform,
+    crypto_core_ed25519_is_valid_point,
+    crypto_scalarmult,
+    crypto_scalarmult_ed25519_noclamp,
+)
+
+import crypto.psi as psi
+from crypto.psi import (
+    PsiKey,
+    blind,
+    intersection_mask,
+    intersection_size,
+    reblind,
+    session_domain,
+    shuffled,
+)
+
+FIELD_PRIME = 2**255 - 19
+
+
+def best(repeat: int, n: int, run: Callable[[], object]) -> float:
+    """Microseconds per item: the best of ``repeat`` runs of ``run`` over ``n`` items."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times) / n * 1e6
+
+
+def row(label: str, us: float, note: str = "") -> None:
+    print(f"  {label:<58} {us:8.2f} us{('   ' + note) if note else ''}")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# -- bare loops over the primitives -----------------------------------------------------------
+
+
+def bare_blind(scalar: bytes, prefix: bytes, items: Sequence[bytes]) -> list[bytes]:
+    sha512 = hashlib.sha512
+    fu = crypto_core_ed25519_from_uniform
+    add = crypto_core_ed25519_add
+    mult = crypto_scalarmult_ed25519_noclamp
+    out = []
+    for x in items:
+        h = sha512(prefix + x).digest()
+        out.append(mult(scalar, add(fu(h[:32]), fu(h[32:]))))
+    return out
+
+
+def bare_reblind(scalar: bytes, points: Sequence[bytes]) -> list[bytes]:
+    mult = crypto_scalarmult_ed25519_noclamp
+    return [mult(scalar, p) for p in points]
+
+
+def x25519_u(item: bytes) -> bytes:
+    u = bytearray(hashlib.sha512(b"bench" + item).digest()[:32])
+    u[31] &= 0x7F
+    return bytes(u)
+
+
+def x25519_chunk(args: tuple[bytes, list[bytes]]) -> list[bytes]:
+    """X25519 over a chunk (top level, so a process pool can run it)."""
+    raw, us = args
+    key = X25519PrivateKey.from_private_bytes(raw)
+    return [key.exchange(X25519PublicKey.from_public_bytes(u)) for u in us]
+
+
+def on_twist(u: int) -> bool:
+    """Whether u is the u-coordinate of a point on the quadratic twist of Curve25519."""
+    rhs = (u * u * u + 486662 * u * u + u) % FIELD_PRIME
+    return rhs != 0 and pow(rhs, (FIELD_PRIME - 1) // 2, FIELD_PRIME) != 1
+
+
+def two_threads(run: Callable[[Sequence[Any]], object], data: Sequence[Any]) -> float:
+    """Speedup of two threads, each on half of ``data``, over one thread on all of it."""
+    start = time.perf_counter()
+    run(data)
+    one = time.perf_counter() - start
+    with ThreadPoolExecutor(2) as pool:
+        start = time.perf_counter()
+        list(pool.map(run, [data[0::2], data[1::2]]))
+        two = time.perf_counter() - start
+    return one / two
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+
+def primitives(n: int, repeat: int) -> dict[str, float]:
+    print(f"primitives, one core ({n:,} items):")
+    items = [f"user-{i}@example.org".encode() for i in range(n)]
+    hashes = [hashlib.sha512(x).digest() for x in items]
+    halves = [h[:32] for h in hashes]
+    points = [crypto_core_ed25519_from_uniform(h) for h in halves]
+    scalar = PsiKey.generate().to_bytes()
+    fu, add = crypto_core_ed25519_from_uniform, crypto_core_ed25519_add
+    mult = crypto_scalarmult_ed25519_noclamp
+    r: dict[str, float] = {}
+    r["sha512"] = best(repeat, n, lambda: [hashlib.sha512(b"d" + x).digest() for x in items])
+    r["map"] = best(repeat, n, lambda: [fu(h) for h in halves])
+    r["add"] = best(repeat, n, lambda: [add(p, p) for p in points])
+    r["h2p_ro"] = best(repeat, n, lambda: [add(fu(h[:32]), fu(h[32:])) for h in hashes])
+    r["mult"] = best(repeat, n, lambda: [mult(scalar, p) for p in points])
+    r["valid"] = best(repeat, n, lambda: [crypto_core_ed25519_is_valid_point(p) for p in points])
+    row("SHA-512 of a short item", r["sha512"])
+    row("ed25519 from_uniform (Elligator 2, cofactor cleared)", r["map"])
+    row("ed25519 point addition (decodes both points)", r["add"])
+    row("ed25519 hash to group, random-oracle form (2 maps + add)", r["h2p_ro"])
+    row("ed25519 scalar mult, noclamp (with subgroup check)", r["mult"])
+    row("ed25519 is_valid_point (the check alone)", r["valid"])
+
+    us = [x25519_u(x) for x in items]
+    xkey = X25519PrivateKey.generate()
+    raw = os.urandom(32)
+    r["x25519"] = best(repeat, n, lambda: x25519_chunk((raw, us)))
+    r["x25519_sodium"] = best(repeat, n, lambda: [crypto_scalarmult(raw, u) for u in us])
+    twist = sum(on_twist(int.from_bytes(u, "little")) for u in us[:5000]) / min(n, 5000)
+    row("X25519 exchange, cryptography (OpenSSL), incl. key objects", r["x25519"])
+    row("X25519 crypto_scalarmult, libsodium", r["x25519_sodium"])
+    print(f"  hashed u-coordinates on the twist: {twist:.1%}")
+    del xkey
+
+    lib_name = ctypes.util.find_library("sodium")
+    if lib_name:
+        lib = ctypes.CDLL(lib_name)
+        if lib.sodium_init() >= 0 and hasattr(lib, "crypto_scalarmult_ristretto255"):
+            out = ctypes.create_string_buffer(32)
+            rpoints = []
+            for h in hashes:
+                lib.crypto_core_ristretto255_from_hash(out, h)
+                rpoints.append(out.raw)
+
+            def r_hash() -> None:
+                for h in hashes:
+                    lib.crypto_core_ristretto255_from_hash(out, h)
+
+            def r_mult() -> None:
+                for p in rpoints:
+                    lib.crypto_scalarmult_ristretto255(out, scalar, p)
+
+            r["ristretto_hash"] = best(repeat, n, r_hash)
+            r["ristretto_mult"] = best(repeat, n, r_mult)
+            row(f"ristretto255 from_hash ({lib_name}, ctypes)", r["ristretto_hash"])
+            row(f"ristretto255 scalar mult ({lib_name}, ctypes)", r["ristretto_mult"])
+    else:
+        print("  (no system libsodium: ristretto255 not measured; PyNaCl does not bind it)")
+
+    print("per item, one core, by construction:")
+    ed_blind = r["sha512"] + r["h2p_ro"] + r["mult"]
+    x_blind = r["sha512"] + r["x25519"]
+    row("edwards25519 subgroup: blind = hash + 2 maps + add + mult", ed_blind)
+    row("edwards25519 subgroup: reblind = mult (checks included)", r["mult"])
+    row("X25519, hashed u: blind = hash + exchange", x_blind)
+    row("X25519, hashed u: reblind = exchange (no subgroup check)", r["x25519"])
+    if "ristretto_mult" in r:
+        row(
+            "ristretto255: blind = hash + from_hash + mult",
+            r["sha512"] + r["ristretto_hash"] + r["ristretto_mult"],
+        )
+        row("ristretto255: reblind = mult (decoding is the check)", r["ristretto_mult"])
+    print(
+        f"  edwards25519 / X25519: blind {ed_blind / x_blind:.2f}x, "
+        f"reblind {r['mult'] / r['x25519']:.2f}x"
+    )
+    return r
+
+
+def overhead(n: int, repeat: int) -> None:
+    print(f"crypto.psi vs a bare loop over the same calls, one thread ({n:,} items):")
+    key = PsiKey.generate()
+    scalar = key.to_bytes()
+    domain = session_domain("bench", "ids")
+    prefix = len(domain).to_bytes(2, "big") + domain
+    items = [f"user-{i}@example.org".encode() for i in range(n)]
+    points = blind(key, domain, items, workers=1)
+    assert bare_blind(scalar, prefix, items) == points
+    b_psi = b_bare = r_psi = r_bare = float("inf")
+    for _ in range(repeat):  # interleaved, so both see the same machine
+        b_bare = min(b_bare, best(1, n, lambda: bare_blind(scalar, prefix, items)))
+        b_psi = min(b_psi, best(1, n, lambda: blind(key, domain, items, workers=1)))
+        r_bare = min(r_bare, best(1, n, lambda: bare_reblind(scalar, points)))
+        r_psi = min(r_psi, best(1, n, lambda: reblind(key, points, workers=1)))
+    row("bare loop: sha512, from_uniform x2, add, scalarmult", b_bare)
+    row("crypto.psi.blind(workers=1)", b_psi, f"ratio {b_psi / b_bare:.3f} (goal <= 1.2)")
+    row("bare loop: scalarmult_ed25519_noclamp", r_bare)
+    row("crypto.psi.reblind(workers=1)", r_psi, f"ratio {r_psi / r_bare:.3f} (goal <= 1.2)")
+
+
+def parallel(n: int, repeat: int) -> None:
+    c = cores()
+    print(f"parallelism ({c} cores available):")
+    points = [crypto_core_ed25519_from_uniform(os.urandom(32)) for _ in range(n)]
+    scalar = PsiKey.generate().to_bytes()
+    us = [x25519_u(os.urandom(16)) for _ in range(n)]
+    raw = os.urandom(32)
+    s_ed = two_threads(lambda ps: bare_reblind(scalar, ps), points)
+    s_map = two_threads(lambda hs: [crypto_core_ed25519_from_uniform(h) for h in hs], us)
+    s_x = two_threads(lambda xs: x25519_chunk((raw, list(xs))), us)
+    s_xs = two_threads(lambda xs: [crypto_scalarmult(raw, u) for u in xs], us)
+    print(f"  2 threads / 1, ed25519 scalar mult (PyNaCl, cffi):       {s_ed:.2f}x")
+    print(f"  2 threads / 1, ed25519 from_uniform (PyNaCl, cffi):      {s_map:.2f}x")
+    print(f"  2 threads / 1, X25519 (cryptography, OpenSSL via pyo3):  {s_x:.2f}x")
+    print(f"  2 threads / 1, X25519 (PyNaCl, cffi):                    {s_xs:.2f}x")
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(x25519_chunk, [(raw, us[:10])] * 2))  # start the workers
+        start = time.perf_counter()
+        x25519_chunk((raw, us))
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        list(pool.map(x25519_chunk, [(raw, us[0::2]), (raw, us[1::2])]))
+        two = time.perf_counter() - start
+    print(f"  2 processes / 1, X25519 (cryptography), warm pool:      {one / two:.2f}x")
+
+    key = PsiKey.generate()
+    domain = session_domain("bench", "ids")
+    default = psi.PARALLEL_MIN_BATCH
+    print(f"  crypto.psi with every core vs one thread, by batch size (threshold {default}):")
+
+    def scan(size: int) -> None:
+        items = [f"user-{i}".encode() for i in range(size)]
+        pts = blind(key, domain, items, workers=1)
+        rep = max(repeat, 4096 // size)
+        b1 = best(rep, size, lambda: blind(key, domain, items, workers=1))
+        bc = best(rep, size, lambda: blind(key, domain, items, workers=c))
+        r1 = best(rep, size, lambda: reblind(key, pts, workers=1))
+        rc = best(rep, size, lambda: reblind(key, pts, workers=c))
+        print(
+            f"    {size:>6,} items: blind {b1:6.1f} -> {bc:6.1f} us ({b1 / bc:.2f}x)   "
+            f"reblind {r1:6.1f} -> {rc:6.1f} us ({r1 / rc:.2f}x)"
+        )
+
+    try:
+        psi.PARALLEL_MIN_BATCH = 1  # measure below the threshold too
+        for size in (16, 64, 256, 1024, 4096, n):
+            scan(size)
+    finally:
+        psi.PARALLEL_MIN_BATCH = default
+
+
+def join(n: int, repeat: int) -> None:
+    print(f"private join, {n:,} ids on each side, half in common, every core (best of {repeat}):")
+    domain = session_domain("bench-join", "ids")
+    xs = [f"user-{i}".encode() for i in range(n)]
+    ys = [(f"user-{i + n // 2}".encode(), i) for i in range(n)]
+    steps = [float("inf")] * 4
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        c = PsiKey.generate()
+        a = blind(c, domain, xs)
+        t1 = time.perf_counter()
+        p = PsiKey.generate()
+        a_p = reblind(p, a)
+        order = shuffled(range(n))
+        b = blind(p, domain, [ys[i][0] for i in order])
+        t2 = time.perf_counter()
+        b_c = reblind(c, b)
+        t3 = time.perf_counter()
+        mask = intersection_mask(a_p, b_c)
+        size = intersection_size(a_p, b_c)
+        t4 = time.perf_counter()
+        assert size == n - n // 2 and sum(mask) == size
+        steps = [
+            min(s, t) for s, t in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True)
+        ]
+    print(f"  consumer: blind X            {steps[0]:7.2f} s")
+    print(f"  provider: reblind A, blind Y {steps[1]:7.2f} s   (incl. shuffling)")
+    print(f"  consumer: reblind B          {steps[2]:7.2f} s")
+    print(f"  exchange: match              {steps[3]:7.3f} s")
+    total = sum(steps)
+    print(f"  total {total:.2f} s, {total / (2 * n) * 1e6:.1f} us per id")
+
+
+def openmined(n: int, repeat: int, ours: dict[str, float]) -> None:
+    try:
+        import private_set_intersection.python as omp  # type: ignore[import-not-found]
+    except ImportError:
+        print("openmined-psi: not installed (pip install openmined-psi to compare)")
+        return
+    print(f"openmined-psi {getattr(omp, '__version__', '?')} (P-256, BoringSSL), {n:,} items:")
+    xs = [f"user-{i}" for i in range(n)]
+    ys = [f"user-{i + n // 2}" for i in range(n)]
+    client = omp.client.CreateWithNewKey(True)
+    server = omp.server.CreateWithNewKey(True)
+    request = client.CreateRequest(xs)
+    setup = server.CreateSetupMessage(1e-9, n, ys, omp.DataStructure.RAW)
+    response = server.ProcessRequest(request)
+    assert len(client.GetIntersection(setup, response)) == n - n // 2
+    cpu0 = time.process_time()
+    wall0 = time.perf_counter()
+    c_req = best(repeat, n, lambda: client.CreateRequest(xs))
+    s_setup = best(repeat, n, lambda: server.CreateSetupMessage(1e-9, n, ys, omp.DataStructure.RAW))
+    s_proc = best(repeat, n, lambda: server.ProcessRequest(request))
+    c_int = best(repeat, n, lambda: client.GetIntersection(setup, response))
+    cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    row(
+        "client CreateRequest (hash + blind)",
+        c_req,
+        f"crypto.psi blind / this {ours['blind'] / c_req:.2f}x",
+    )
+    row("server CreateSetupMessage RAW (hash + blind)", s_setup)
+    row(
+        "server ProcessRequest (reblind)",
+        s_proc,
+        f"crypto.psi reblind / this {ours['reblind'] / s_proc:.2f}x",
+    )
+    row("client GetIntersection (unblind + match)", c_int)
+    print(f"  CPU time / wall time while it ran: {cpu:.2f} (1.0 = one core)")
+    print(
+        f"  crypto.psi with every core: blind {ours['blind_all']:.2f} us "
+        f"({ours['blind_all'] / c_req:.2f}x this), reblind {ours['reblind_all']:.2f} us "
+        f"({ours['reblind_all'] / s_proc:.2f}x this)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    n, repeat = args.items, args.repeat
+    primitives(n, repeat)
+    overhead(n, repeat)
+    parallel(n, repeat)
+    join(n, min(repeat, 3))
+    key = PsiKey.generate()
+    domain = session_domain("bench", "ids")
+    items = [f"user-{i}".encode() for i in range(n)]
+    pts = blind(key, domain, items, workers=1)
+    ours = {
+        "blind": best(repeat, n, lambda: blind(key, domain, items, workers=1)),
+        "reblind": best(repeat, n, lambda: reblind(key, pts, workers=1)),
+        "blind_all": best(repeat, n, lambda: blind(key, domain, items)),
+        "reblind_all": best(repeat, n, lambda: reblind(key, pts)),
+    }
+    openmined(n, repeat, ours)
+
+
+if __name__ == "__main__":
+    main()
