@@ -527,7 +527,9 @@ def test_auditor_cannot_request(server: LiveServer, parties: dict[str, SigningKe
     assert exc.value.status == 403
 
 
-def _start_worker(data_dir: Path, database_url: str | None) -> tuple[subprocess.Popen[bytes], str]:
+def _start_worker(
+    data_dir: Path, database_url: str | None, *extra: str
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = dict(os.environ)
     if database_url:
@@ -542,6 +544,7 @@ def _start_worker(data_dir: Path, database_url: str | None) -> tuple[subprocess.
             str(data_dir),
             "--port",
             str(port),
+            *extra,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -613,3 +616,37 @@ def test_revocation_in_one_process_is_enforced_by_another_within_a_second(
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_serve_with_two_workers_shares_one_policy_and_ledger(
+    server: LiveServer, parties: dict[str, SigningKey], database_url: str | None
+) -> None:
+    """``zonex serve --workers 2``: uvicorn worker processes on one database; every worker
+    enforces a revocation, and the ledger stays one verifiable sequence."""
+    grant = granted(server, parties, ["open_companies"], ["export"])
+    proc, url = _start_worker(server.data_dir, database_url, "--workers", "2")
+    try:
+        # fresh connections spread over both workers
+        for _ in range(8):
+            with Client(url, parties["consumer"]) as c:
+                c.export("tax", "open_companies", PURPOSE)
+        with server.client(parties["provider"]) as p:
+            p.revoke(grant["grant_id"], "ended")
+        time.sleep(1.0)
+        for _ in range(8):
+            with Client(url, parties["consumer"]) as c, pytest.raises(ApiError) as exc:
+                c.export("tax", "open_companies", PURPOSE)
+            assert exc.value.body["reason"] == "not_granted"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    seqs = [e["seq"] for e in entries(server)]
+    assert seqs == list(range(len(seqs)))
+    assert len(entries(server, "computation.export")) == 8
+    assert len(entries(server, "access.denied")) == 8
