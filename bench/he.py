@@ -1,0 +1,303 @@
+"""Homomorphic-encryption benchmark: sizes, timings and accuracy of crypto.he, with baselines.
+
+    python -P bench/he.py [--rows 1000000] [--entities 100000] [--features 32] [--zones 3]
+
+Prints, in one run:
+- per parameter set: security level, context creation time, public context bytes as sent
+  (public key only) next to the same context with relinearization and with Galois keys, and
+  fresh ciphertext bytes;
+- psi_aggregate over --rows rows with |v| <= 1e9: provider encryption, exchange masked total,
+  consumer decryption, bytes moved and noise budget left, next to a rotation-based slot sum
+  (what the zero-sum mask replaces: Galois keys, half the slots per ciphertext) and a plain
+  numpy masked sum, with ratios;
+- he_score for --entities entities x --features features: timings, bytes, accuracy against
+  numpy (error over sum_j |w_j x_ij|), and the systematic bias of TenSEAL's default scale next
+  to the scale-p encoding, each beside the bias the parameters predict;
+- secure_sum of --zones zones' vectors, BFV and CKKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import tenseal as ts
+import tenseal.sealapi as seal
+
+import crypto.he as he
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def bench_parameters() -> None:
+    print("== parameter sets")
+    for name, params in he.PARAMETER_SETS.items():
+        ctx, made = timed(lambda params=params: he.new_context(params))
+        public = he.public_context_bytes(ctx)
+        relin = ctx.serialize(
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=False,
+            save_relin_keys=True,
+        )
+        _, galois_time = timed(ctx.generate_galois_keys)
+        galois = ctx.serialize(
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=True,
+            save_relin_keys=False,
+        )
+        if params.scheme == "bfv":
+            ct = he.encrypt_vector(ctx, [10**9] * he.slot_count(params))
+        else:
+            ct = he.encrypt_vector(ctx, [1e6] * he.slot_count(params))
+        print(
+            f"{name}: n={params.poly_modulus_degree}, log2 q={params.total_bits} "
+            f"{params.coeff_mod_bit_sizes}, {he.security_level(params)}-bit, "
+            f"{he.slot_count(params)} slots"
+        )
+        print(
+            f"  context {made * 1e3:.0f} ms; public context {mb(len(public))} "
+            f"(+relin keys {mb(len(relin))}, +Galois keys {mb(len(galois))}: "
+            f"{len(galois) / len(public):.0f}x, {galois_time:.2f} s to generate)"
+        )
+        print(
+            f"  fresh ciphertext {mb(len(ct))} (bound {mb(he.max_ciphertext_bytes(params))}); "
+            f"public context bound {mb(he.max_public_context_bytes(params))}"
+        )
+
+
+def rotation_total(
+    secret: Any, values: list[int], mask: list[int], noise: int
+) -> tuple[int, float, float, int, int]:
+    """The alternative to zero-sum masking: pack n/2 rows per ciphertext (TenSEAL rotates BFV
+    slots within one row only), mask, add, then rotate-and-sum so every slot holds the total.
+    Returns (total, provider s, exchange s, public context bytes, ciphertexts)."""
+    secret.generate_galois_keys()
+    public_bytes = secret.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=True, save_relin_keys=False
+    )
+    public = ts.context_from(public_bytes, n_threads=1)
+    half = he.slot_count(he.BFV_DEFAULT) // 2
+
+    def provide() -> list[bytes]:
+        return [
+            ts.bfv_vector(
+                public, values[i : i + half] + [0] * (half - len(values[i : i + half]))
+            ).serialize()
+            for i in range(0, len(values), half)
+        ]
+
+    chunks, provider = timed(provide)
+
+    def exchange() -> bytes:
+        acc = None
+        for k, blob in enumerate(chunks):
+            part = mask[k * half : (k + 1) * half]
+            vector = ts.bfv_vector_from(public, blob)
+            vector.mul_(part + [0] * (half - len(part)))
+            acc = vector if acc is None else acc.add_(vector)
+        assert acc is not None
+        acc.add_([noise] + [0] * (half - 1))
+        return bytes(acc.sum().serialize())
+
+    result, exchange_time = timed(exchange)
+    total = int(ts.bfv_vector_from(secret, result).decrypt()[0])
+    return total, provider, exchange_time, len(public_bytes), len(chunks)
+
+
+def bench_psi_aggregate(rows: int) -> None:
+    print(f"\n== psi_aggregate: {rows:,} rows, values in [-1e9, 1e9], half of them matched")
+    params = he.BFV_DEFAULT
+    bound = 10**9
+    he.verify_capacity(params, lo=-bound, hi=bound, max_rows=rows, noise_bound=10**6)
+    rng = random.Random(1)
+    values = [rng.randint(-bound, bound) for _ in range(rows)]
+    mask = [rng.randint(0, 1) for _ in range(rows)]
+    noise = 4242
+    secret = he.new_context(params)
+    public_bytes = he.public_context_bytes(secret)
+    public = he.load_public_context(
+        public_bytes, max_bytes=he.max_public_context_bytes(params), expected=params
+    )
+    slots = he.slot_count(params)
+    masks = [mask[i : i + slots] for i in range(0, rows, slots)]
+    chunks, provider = timed(
+        lambda: he.encrypt_column_chunks(public, values, bounds=(-bound, bound))
+    )
+    result, exchange = timed(
+        lambda: he.masked_total(public, chunks, masks, noise, bounds=(-bound, bound))
+    )
+    total, consumer = timed(lambda: he.decrypt_total(secret, result))
+    budget = he.bfv_noise_budget(secret, result)
+    x, m = np.array(values, dtype=np.int64), np.array(mask, dtype=np.int64)
+    plain_total, plain = timed(lambda: int(x @ m) + noise)
+    assert total == plain_total, (total, plain_total)
+    moved = sum(len(c) for c in chunks)
+    print(f"exact: {total == plain_total} (total {total:,}); capacity {he.bfv_capacity(params):,}")
+    print(
+        f"provider encrypts {len(chunks)} ciphertexts in {provider:.2f} s "
+        f"({provider / len(chunks) * 1e3:.1f} ms each), uploads {mb(moved)}"
+    )
+    print(
+        f"exchange masked total {exchange:.2f} s ({exchange / len(chunks) * 1e3:.1f} ms/chunk); "
+        f"result {mb(len(result))}; noise budget left {budget} bits"
+    )
+    print(f"consumer decrypts in {consumer * 1e3:.1f} ms; public context {mb(len(public_bytes))}")
+    rot_total, rot_provider, rot_exchange, rot_public, rot_chunks = rotation_total(
+        he.new_context(params), values, mask, noise
+    )
+    assert rot_total == plain_total
+    print(
+        f"rotation sum instead: {rot_chunks} ciphertexts, provider {rot_provider:.2f} s, "
+        f"exchange {rot_exchange:.2f} s, public context {mb(rot_public)}"
+    )
+    print(
+        f"ratios zero-sum / rotation: provider {provider / rot_provider:.2f}x, "
+        f"exchange {exchange / rot_exchange:.2f}x, upload {len(chunks) / rot_chunks:.2f}x, "
+        f"public context {len(public_bytes) / rot_public:.3f}x"
+    )
+    print(
+        f"plain numpy masked sum {plain * 1e3:.2f} ms: HE end to end is "
+        f"{(provider + exchange + consumer) / plain:,.0f}x"
+    )
+
+
+def bench_scores(entities: int, features: int) -> None:
+    print(f"\n== he_score: {entities:,} entities x {features} features, |x| <= 1e6")
+    params = he.CKKS_DEFAULT
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-1e6, 1e6, (entities, features))
+    w = rng.choice([-1.0, 1.0], features) * 10.0 ** rng.uniform(-5, 3, features)
+    bias = 0.75
+    secret = he.new_context(params)
+    public = he.load_public_context(
+        he.public_context_bytes(secret), max_bytes=he.max_public_context_bytes(params)
+    )
+    enc, encrypt = timed(lambda: he.encrypt_model(secret, w.tolist()))
+    rows = x.tolist()
+    chunks, score = timed(lambda: he.encrypted_scores(public, enc, rows))
+    got, decrypt = timed(lambda: he.decrypt_scores(secret, chunks, entities, bias=bias))
+    expected, plain = timed(lambda: x @ w + bias)
+    magnitude = np.abs(x) @ np.abs(w) + abs(bias)
+    rel = (np.array(got) - expected) / magnitude
+    plain_rel = np.abs((np.array(got) - expected) / expected)
+    print(
+        f"consumer encrypts {features} weights in {encrypt:.2f} s, sends "
+        f"{mb(sum(len(e) for e in enc))}"
+    )
+    print(
+        f"provider scores {len(chunks)} ciphertexts in {score:.2f} s "
+        f"({score / entities * 1e6:.1f} us/entity), returns {mb(sum(len(c) for c in chunks))}"
+    )
+    print(f"consumer decrypts in {decrypt:.2f} s; numpy X @ w {plain * 1e3:.2f} ms")
+    print(
+        f"error / sum_j |w_j x_ij|: max {np.max(np.abs(rel)):.2e}, mean (bias) "
+        f"{np.mean(rel):+.2e}; plain relative error median {np.median(plain_rel):.2e}, "
+        f"99th percentile {np.percentile(plain_rel, 99):.2e}"
+    )
+    for label, chain, bits in (
+        ("ckks-8192 (60,50,50,58)", params, 50),
+        (
+            "40-bit chain (60,40,40,60)",
+            he.ParameterSet("ckks", 8192, (60, 40, 40, 60), None, 40),
+            40,
+        ),
+    ):
+        measured, fixed = default_scale_bias(chain, bits)
+        print(
+            f"scale bias, {label}: TenSEAL default scale {measured:+.4e} "
+            f"(predicted 2^{bits}/p - 1 = {he.scale_bias(chain):+.4e}); scale p {fixed:+.1e}"
+        )
+
+
+def default_scale_bias(params: he.ParameterSet, bits: int) -> tuple[float, float]:
+    """Mean relative error of positive scores with both operands at 2**bits vs weights at p."""
+    ctx = he.new_context(params)
+    slots = he.slot_count(params)
+    p = float(seal.CoeffModulus.Create(8192, list(params.coeff_mod_bit_sizes))[-2].value())
+    rng = np.random.default_rng(3)
+    x = rng.uniform(1, 1000, (slots, 4))
+    w = rng.uniform(1, 10, 4)
+    exact = x @ w
+    out = []
+    for scale in (2.0**bits, p):
+        acc = None
+        for j in range(4):
+            term = ts.ckks_vector(ctx, [float(w[j])] * slots, scale).mul(x[:, j].tolist())
+            acc = term if acc is None else acc.add_(term)
+        assert acc is not None
+        out.append(float(np.mean(np.array(acc.decrypt()) / exact - 1)))
+    return out[0], out[1]
+
+
+def bench_secure_sum(zones: int) -> None:
+    print(f"\n== secure_sum: {zones} zones")
+    for params in (he.BFV_DEFAULT, he.CKKS_DEFAULT):
+        secure_sum_once(params, zones, 1000)
+
+
+def secure_sum_once(params: he.ParameterSet, zones: int, length: int) -> None:
+    secret = he.new_context(params)
+    public = he.load_public_context(
+        he.public_context_bytes(secret), max_bytes=he.max_public_context_bytes(params)
+    )
+    rng = np.random.default_rng(5)
+    if params.scheme == "bfv":
+        parts: list[Any] = [rng.integers(-(10**12), 10**12, length).tolist() for _ in range(zones)]
+        noise: list[Any] = rng.integers(-100, 100, length).tolist()
+    else:
+        parts = [rng.uniform(-1e6, 1e6, length).tolist() for _ in range(zones)]
+        noise = rng.laplace(0, 10, length).tolist()
+    times = []
+    blobs = []
+    for part in parts:
+        start = time.perf_counter()
+        blobs.append(he.encrypt_vector(public, part))
+        times.append(time.perf_counter() - start)
+    total, add = timed(lambda: he.sum_ciphertexts(public, blobs, noise))
+    got, decrypt = timed(lambda: he.decrypt_vector(secret, total, length))
+    if params.scheme == "bfv":
+        expected = [sum(column) + n for *column, n in zip(*parts, noise, strict=True)]
+        quality = f"exact: {list(got) == expected}"
+    else:
+        err = np.max(np.abs(np.array(got) - (np.sum(parts, axis=0) + np.array(noise))))
+        quality = f"max abs error {err:.1e}"
+    print(
+        f"{params.scheme}: {length} values/zone, encrypt {statistics.median(times) * 1e3:.1f} "
+        f"ms per zone ({mb(len(blobs[0]))}), sum {add * 1e3:.1f} ms, decrypt "
+        f"{decrypt * 1e3:.1f} ms; {quality}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--entities", type=int, default=100_000)
+    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--zones", type=int, default=3)
+    args = parser.parse_args()
+    print(f"tenseal {ts.__version__}, numpy {np.__version__}, one process")
+    bench_parameters()
+    bench_psi_aggregate(args.rows)
+    bench_scores(args.entities, args.features)
+    bench_secure_sum(args.zones)
+
+
+if __name__ == "__main__":
+    main()
