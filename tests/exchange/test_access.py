@@ -441,6 +441,10 @@ def test_consents(server: LiveServer, parties: dict[str, SigningKey]) -> None:
     assert c1["subject_digest"] == d1
     live = access.has_live_consent(ex, "tax", [d1, d2, d3], consumer_id, PURPOSE)
     assert live == {d1: True, d2: False, d3: False}  # d2 is for another purpose
+    # at the expiry instant the consent has lapsed; one second before it is live
+    assert access.has_live_consent(ex, "tax", [d1], consumer_id, PURPOSE, until) == {d1: False}
+    before = until - timedelta(seconds=1)
+    assert access.has_live_consent(ex, "tax", [d1], consumer_id, PURPOSE, before) == {d1: True}
     other = access.has_live_consent(ex, "tax", [d1], parties["other"].key_id, PURPOSE)
     assert other == {d1: False}
     with server.client(parties["consumer"]) as c:
