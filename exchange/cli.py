@@ -703,6 +703,10 @@ def receipt_verify(
     )
 
 
+# the computation commands live in their own modules and register on ``app``
+from exchange import cli_he, cli_psi  # noqa: E402, F401
+
+
 def main() -> None:
     try:
         app()

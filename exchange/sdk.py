@@ -315,3 +315,22 @@ class Client:
             "POST", f"/v1/zones/{zone}/datasets/{dataset}/export", json={"purpose": purpose}
         )
         return result
+
+    # homomorphic encryption
+    def upload_context(self, data: bytes) -> dict[str, Any]:
+        """Register a public HE context (no secret key); returns its digest and parameters."""
+        result: dict[str, Any] = self.request(
+            "POST",
+            "/v1/he/contexts",
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+        )
+        return result
+
+    def context(self, digest: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/he/contexts/{digest}")
+        return result
+
+    # -- private joins (psi) --
+
+    # -- homomorphic scoring and secure sums --

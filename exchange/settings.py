@@ -37,6 +37,14 @@ class Settings(BaseModel):
     policy_refresh_seconds: float = 0.25
     policy_max_staleness_seconds: float = 1.0
 
+    # computations
+    #: an uploaded HE public context (no Galois or relinearization keys; ~0.5 MB at n = 8192)
+    max_he_context_bytes: int = 1 << 20
+    #: memory for parsed HE contexts kept in each process (least recently used go first)
+    he_context_cache_bytes: int = 256 << 20
+    #: one binary batch of PSI points (32 bytes each): 64 MiB is two million points
+    max_psi_batch_bytes: int = 64 << 20
+
     # catalog and storage
     upload_ttl_seconds: int = 24 * 3600
     #: SQLAlchemy URL prefixes a provider may attach; empty means attaching is disabled

@@ -5,12 +5,11 @@ one handler maps the error tree to RFC 9457 problem+json.
 """
 
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -21,6 +20,9 @@ from crypto.encoding import b64_encode, b64url_decode
 from crypto.errors import EncodingError
 from crypto.merkle import leaf_hash
 from exchange import access, services
+from exchange.api import he as he_routes
+from exchange.api import psi as psi_routes
+from exchange.api.deps import Actor, Ex
 from exchange.api.schemas import (
     AccessRequestIn,
     AccessRequestOut,
@@ -47,9 +49,8 @@ from exchange.api.schemas import (
     ZoneIn,
     ZoneOut,
 )
-from exchange.auth import authenticate
 from exchange.compute.export import export_rows
-from exchange.domain import Principal, PrincipalKind
+from exchange.domain import PrincipalKind
 from exchange.errors import (
     ForbiddenError,
     InvalidInputError,
@@ -63,6 +64,9 @@ log = logging.getLogger("zonex.api")
 
 PROBLEM = "application/problem+json"
 UPLOAD_SUFFIX = "/uploads"
+#: binary bodies: HE public contexts and PSI point batches
+CONTEXT_SUFFIX = "/he/contexts"
+POINTS_SUFFIX = "/points"
 
 
 def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -80,17 +84,26 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JS
 class BodyLimitMiddleware:
     """Refuse oversized or encoded bodies before the application reads them."""
 
-    def __init__(self, app: ASGIApp, json_limit: int, upload_limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, json_limit: int, binary_limits: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.json_limit = json_limit
-        self.upload_limit = upload_limit
+        #: path suffix -> limit, for the routes that take binary bodies
+        self.binary_limits = dict(binary_limits or {})
+
+    def limit_for(self, path: str) -> int:
+        for suffix, limit in self.binary_limits.items():
+            if path.endswith(suffix):
+                return limit
+        return self.json_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        limit = self.upload_limit if path.endswith(UPLOAD_SUFFIX) else self.json_limit
+        limit = self.limit_for(path)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
@@ -161,7 +174,13 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     app = FastAPI(title="zonex", version="0.1.0", lifespan=lifespan)
     cfg = settings if settings is not None else exchange.settings  # type: ignore[union-attr]
     app.add_middleware(
-        BodyLimitMiddleware, json_limit=cfg.max_json_bytes, upload_limit=cfg.max_upload_bytes
+        BodyLimitMiddleware,
+        json_limit=cfg.max_json_bytes,
+        binary_limits={
+            UPLOAD_SUFFIX: cfg.max_upload_bytes,
+            CONTEXT_SUFFIX: cfg.max_he_context_bytes,
+            POINTS_SUFFIX: cfg.max_psi_batch_bytes,
+        },
     )
 
     @app.exception_handler(ZonexError)
@@ -190,38 +209,6 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return problem(500, "internal", "Internal error", "an internal error occurred")
-
-    async def principal(request: Request) -> Principal:
-        ex: Exchange = request.app.state.exchange
-        body = await request.body()
-        base = ex.settings.public_base_url
-        url = (
-            str(request.url)
-            if base is None
-            else base.rstrip("/")
-            + request.url.path
-            + ("?" + request.url.query if request.url.query else "")
-        )
-        route = request.scope.get("route")
-        route_name = getattr(route, "path", request.url.path)
-        return await run_in_threadpool(
-            authenticate,
-            ex,
-            request.method,
-            url,
-            request.headers,
-            body,
-            int(time.time()),
-            f"{request.method} {route_name}",
-        )
-
-    Actor = Annotated[Principal, Depends(principal)]
-
-    def ex_of(request: Request) -> Exchange:
-        ex: Exchange = request.app.state.exchange
-        return ex
-
-    Ex = Annotated[Exchange, Depends(ex_of)]
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
@@ -427,6 +414,8 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
         return EntryOut(seq=seq, entry=body.decode("utf-8"))
 
     app.include_router(v1)
+    app.include_router(psi_routes.router)
+    app.include_router(he_routes.router)
     return app
 
 

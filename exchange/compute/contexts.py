@@ -1,0 +1,183 @@
+"""HE public contexts: uploaded once, referred to by digest, bounded in size, cached in memory.
+
+A consumer's public context (public key and parameters, never a secret key, relinearization or
+Galois keys; :func:`crypto.he.load_public_context` checks) is about half a megabyte at n = 8192.
+Computations that encrypt under it (``psi_aggregate``, ``he_score``, ``secure_sum``) name it by
+its SHA-256, so it crosses the wire once and every receipt can cite exactly which key the result
+was encrypted for.
+
+Stored content-addressed under ``DATA_DIR/contexts/<digest>`` (written to a temporary file and
+renamed, so a reader never sees half a context); registering the same bytes again is a no-op.
+Each process keeps parsed contexts in a least-recently-used cache bounded by
+``settings.he_context_cache_bytes``. The registration is ledgered (``he.context_registered``)
+with the digest and who uploaded it; the bytes are public by construction.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crypto import he
+from crypto.errors import CryptoError
+from exchange.domain import Principal
+from exchange.errors import InvalidInputError, NotFoundError
+from exchange.ledger import EntryDraft
+from exchange.node import Exchange
+
+__all__ = ["ContextCache", "ContextInfo", "context_info", "load_context", "register_context"]
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+#: a parsed context holds NTT tables and the key in expanded form: count it at this multiple
+#: of its serialized size when bounding the cache
+_PARSED_COST = 4
+
+
+@dataclass(frozen=True)
+class ContextInfo:
+    digest: str
+    scheme: str
+    parameter_set: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "scheme": self.scheme,
+            "parameter_set": self.parameter_set,
+            "size": self.size,
+        }
+
+
+def _name(params: he.ParameterSet) -> str:
+    for name, known in he.PARAMETER_SETS.items():
+        if known == params:
+            return name
+    raise InvalidInputError("the context uses parameters zonex does not offer")  # pragma: no cover
+
+
+class ContextCache:
+    """Parsed contexts by digest, least recently used evicted past ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Any | None:
+        with self._lock:
+            item = self._items.get(digest)
+            if item is None:
+                return None
+            self._items.move_to_end(digest)
+            return item[0]
+
+    def put(self, digest: str, ctx: Any, cost: int) -> None:
+        with self._lock:
+            if digest in self._items:
+                return
+            self._items[digest] = (ctx, cost)
+            self._used += cost
+            while self._used > self.limit and len(self._items) > 1:
+                _, (_, old) = self._items.popitem(last=False)
+                self._used -= old
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_caches: dict[int, ContextCache] = {}
+_caches_lock = threading.Lock()
+
+
+def _cache(ex: Exchange) -> ContextCache:
+    with _caches_lock:
+        cache = _caches.get(id(ex))
+        if cache is None:
+            cache = _caches[id(ex)] = ContextCache(ex.settings.he_context_cache_bytes)
+        return cache
+
+
+def _dir(ex: Exchange) -> Path:
+    path = ex.settings.data_dir / "contexts"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _parse(ex: Exchange, data: bytes, expected: he.ParameterSet | None) -> Any:
+    try:
+        return he.load_public_context(
+            data, max_bytes=ex.settings.max_he_context_bytes, expected=expected
+        )
+    except CryptoError as exc:
+        raise InvalidInputError(f"unusable HE context: {exc}", reason="bad_context") from exc
+
+
+def register_context(ex: Exchange, actor: Principal, data: bytes) -> ContextInfo:
+    """Check and store a public context; return its digest and parameters."""
+    ctx = _parse(ex, data, None)
+    params = he.parameters_of(ctx)
+    digest = he.context_digest(data)
+    info = ContextInfo(digest, params.scheme, _name(params), len(data))
+    path = _dir(ex) / digest
+    if not path.exists():
+        tmp = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        ex.ledger.append(
+            EntryDraft(
+                kind="he.context_registered",
+                actor=actor.key_id,
+                digests={"context": digest},
+                attrs={"parameter_set": info.parameter_set, "bytes": len(data)},
+            )
+        )
+    _cache(ex).put(digest, ctx, len(data) * _PARSED_COST)
+    return info
+
+
+def _read(ex: Exchange, digest: str) -> bytes:
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise InvalidInputError("a context digest is 64 lowercase hex digits")
+    path = _dir(ex) / digest
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"no HE context {digest[:16]}…; upload it first") from None
+
+
+def context_info(ex: Exchange, digest: str) -> ContextInfo:
+    data = _read(ex, digest)
+    params = he.parameters_of(load_context(ex, digest))
+    return ContextInfo(digest, params.scheme, _name(params), len(data))
+
+
+def load_context(ex: Exchange, digest: str, expected: he.ParameterSet | None = None) -> Any:
+    """The parsed public context ``digest``, from the cache or the store.
+
+    ``expected`` pins the parameter set a computation needs (e.g. ``BFV_DEFAULT``); a context
+    with other parameters is refused with ``bad_context``.
+    """
+    cache = _cache(ex)
+    ctx = cache.get(digest)
+    if ctx is None:
+        data = _read(ex, digest)
+        if he.context_digest(data) != digest:
+            raise InvalidInputError("the stored context does not match its digest")
+        ctx = _parse(ex, data, None)
+        cache.put(digest, ctx, len(data) * _PARSED_COST)
+    if expected is not None and he.parameters_of(ctx) != expected:
+        raise InvalidInputError(
+            f"this computation needs a {_name(expected)} context", reason="bad_context"
+        )
+    return ctx
