@@ -316,6 +316,33 @@ class Client:
         )
         return result
 
+    def analysis_rules(self, zone: str, dataset: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "GET", f"/v1/zones/{zone}/datasets/{dataset}/analysis-rules"
+        )
+        return result
+
+    def set_analysis_rules(self, zone: str, dataset: str, rules: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "PUT", f"/v1/zones/{zone}/datasets/{dataset}/analysis-rules", json={"rules": rules}
+        )
+        return result
+
+    def aggregate(
+        self, zone: str, sql: str, purpose: str, *, epsilon: str | None = None
+    ) -> dict[str, Any]:
+        """Run a clean-room SQL aggregate; returns ``{"result": ..., "receipt": ...}``."""
+        body: dict[str, Any] = {"sql": sql, "purpose": purpose}
+        if epsilon is not None:
+            body["epsilon"] = epsilon
+        result: dict[str, Any] = self.request("POST", f"/v1/zones/{zone}/aggregate", json=body)
+        return result
+
+    def budgets(self, zone: str | None = None) -> list[dict[str, Any]]:
+        params = {"zone": zone} if zone else None
+        result: list[dict[str, Any]] = self.request("GET", "/v1/budgets", params=params)
+        return result
+
     # homomorphic encryption
     def upload_context(self, data: bytes) -> dict[str, Any]:
         """Register a public HE context (no secret key); returns its digest and parameters."""

@@ -26,7 +26,9 @@ from exchange.api.deps import Actor, Ex
 from exchange.api.schemas import (
     AccessRequestIn,
     AccessRequestOut,
+    AggregateIn,
     ApproveIn,
+    BudgetOut,
     CatalogOut,
     CeilingsIn,
     CeilingsOut,
@@ -44,11 +46,14 @@ from exchange.api.schemas import (
     PrincipalOut,
     PurposeIn,
     ReasonIn,
+    RulesIn,
+    RulesOut,
     StatusIn,
     UploadOut,
     ZoneIn,
     ZoneOut,
 )
+from exchange.compute import aggregate, rules
 from exchange.compute.export import export_rows
 from exchange.domain import PrincipalKind
 from exchange.errors import (
@@ -366,7 +371,28 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     def withdraw_consent(consent_id: str, actor: Actor, ex: Ex) -> ConsentOut:
         return ConsentOut.from_domain(access.withdraw_consent(ex, actor, consent_id))
 
+    # -- analysis rules and budgets -----------------------------------------------------------
+
+    @v1.get("/zones/{zone}/datasets/{name}/analysis-rules", response_model=RulesOut)
+    def get_rules(zone: str, name: str, actor: Actor, ex: Ex) -> RulesOut:
+        return RulesOut.model_validate(rules.get_rules(ex, actor, zone, name))
+
+    @v1.put("/zones/{zone}/datasets/{name}/analysis-rules", response_model=RulesOut)
+    def set_rules(zone: str, name: str, actor: Actor, ex: Ex, body: RulesIn) -> RulesOut:
+        return RulesOut.model_validate(rules.set_rules(ex, actor, zone, name, body.rules))
+
+    @v1.get("/budgets", response_model=list[BudgetOut])
+    def budgets(
+        actor: Actor, ex: Ex, zone: Annotated[str | None, Query(max_length=63)] = None
+    ) -> list[BudgetOut]:
+        return [BudgetOut.model_validate(b) for b in aggregate.budget_status(ex, actor, zone)]
+
     # -- computations ------------------------------------------------------------------------
+
+    @v1.post("/zones/{zone}/aggregate", response_model=ComputationOut)
+    def run_aggregate(zone: str, actor: Actor, ex: Ex, body: AggregateIn) -> ComputationOut:
+        out = aggregate.run_aggregate(ex, actor, zone, body.sql, body.purpose, epsilon=body.epsilon)
+        return ComputationOut.model_validate(out)
 
     @v1.post("/zones/{zone}/datasets/{name}/export", response_model=ComputationOut)
     def export(zone: str, name: str, actor: Actor, ex: Ex, body: PurposeIn) -> ComputationOut:

@@ -306,6 +306,40 @@ class PurposeIn(In):
     purpose: Token
 
 
+class AggregateIn(In):
+    #: one SELECT over the zone's datasets (checked against the analysis rules)
+    sql: Annotated[str, Field(min_length=1, max_length=20_000)]
+    purpose: Token
+    #: ε as a decimal string: asks for differential privacy, or sets the ε of a query that
+    #: must be private (default 0.1)
+    epsilon: Annotated[str | None, Field(max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?$")] = None
+
+
+class RulesIn(In):
+    #: an analysis-rules document (see docs/analysis-rules.md); ``version`` is assigned
+    rules: dict[str, Any]
+
+
+class RulesOut(Out):
+    zone: str
+    dataset: str
+    version: int
+    default: bool
+    rules: dict[str, Any]
+
+
+class BudgetOut(Out):
+    zone: str
+    dataset: str
+    budget: str
+    spent: str
+    remaining: str
+    window_start: str
+    window_end: str
+    dp_required: bool
+    rules_version: int
+
+
 class ComputationOut(Out):
     #: the result document; its canonical JSON hashes to the receipt's ``result_digest``
     result: dict[str, Any]

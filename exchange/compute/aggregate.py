@@ -1,0 +1,331 @@
+"""``aggregate``: clean-room SQL over a zone's datasets, released under the analysis rules.
+
+The path of one query (:func:`run_aggregate`):
+
+1. :func:`prepare` builds the checker's view of every dataset in the zone (columns, levels,
+   subject column, the analysis rules in force), checks and rewrites the consumer's SQL
+   (:func:`exchange.sqlcheck.check_query`), then authorizes each dataset the query reads
+   (``aggregate`` by default; other computations that reuse the pipeline pass their own
+   operation). Nothing is read before every dataset is allowed.
+2. With differential privacy (required by a dataset's rules or an L4 column, or asked for with
+   ``epsilon``), the remaining budget of every dataset is checked *before* the query runs, so an
+   exhausted consumer costs the zone no work.
+3. :func:`execute` runs the rewritten statement (bound parameters, quoted identifiers, never
+   the consumer's text) on the zone's engine through SQLAlchemy.
+4. :func:`exchange.sqlcheck.postprocess` suppresses groups under k and adds OpenDP noise.
+5. :func:`exchange.receipts.record_computation` ledgers the computation and, in the same
+   transaction, charges ε to every dataset's budget; only then is the result returned. A charge
+   that would overspend aborts the transaction: nothing is released and nothing is spent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from crypto.canonical import canonicalize
+from exchange import access, budget
+from exchange.access import Authorization
+from exchange.analysis import AnalysisRules
+from exchange.compute.rules import current_rules
+from exchange.compute.source import open_source
+from exchange.domain import Principal
+from exchange.dp import DpMechanisms
+from exchange.errors import BudgetExhaustedError, InvalidInputError
+from exchange.models import DatasetRow
+from exchange.node import Exchange
+from exchange.receipts import record_computation
+from exchange.services import to_dataset
+from exchange.sqlcheck import AggregateResult, CheckedQuery, TableRules, check_query, postprocess
+from policy import Operation
+
+__all__ = [
+    "DEFAULT_QUERY_EPSILON",
+    "Prepared",
+    "budget_status",
+    "execute",
+    "parse_epsilon",
+    "prepare",
+    "run_aggregate",
+]
+
+#: ε charged by a differentially private query that does not name its own
+DEFAULT_QUERY_EPSILON = Decimal("0.1")
+
+#: SQLAlchemy backend name -> sqlglot dialect
+_DIALECTS = {"duckdb": "duckdb", "postgresql": "postgres", "sqlite": "sqlite", "mysql": "mysql"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked, authorized query, ready to run."""
+
+    zone: str
+    checked: CheckedQuery
+    #: dataset name -> its row (as read when the query was prepared)
+    rows: dict[str, DatasetRow]
+    #: dataset name -> the allowed decision
+    auths: dict[str, Authorization]
+    #: dataset name -> (rules in force, stored version; 0 = defaults)
+    rules: dict[str, tuple[AnalysisRules, int]]
+    purpose: str
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return self.checked.datasets
+
+
+def parse_epsilon(value: object) -> Decimal | None:
+    """A consumer's ε: a decimal string or integer above 0 and at most 10; None if absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidInputError('epsilon is a decimal string such as "0.5"')
+    try:
+        eps = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise InvalidInputError('epsilon is a decimal string such as "0.5"') from None
+    if not eps.is_finite() or not Decimal(0) < eps <= Decimal(10):
+        raise InvalidInputError("epsilon must be above 0 and at most 10")
+    if eps.as_tuple().exponent < -9:  # type: ignore[operator]
+        raise InvalidInputError("epsilon has at most nine decimal places")
+    return eps
+
+
+def _dialect(row: DatasetRow) -> str:
+    if row.source == "import":
+        return "duckdb"
+    assert row.attach_url is not None
+    backend = make_url(row.attach_url).get_backend_name()
+    dialect = _DIALECTS.get(backend)
+    if dialect is None:
+        raise InvalidInputError(f"aggregates are not supported on {backend} tables")
+    return dialect
+
+
+def _store_key(row: DatasetRow) -> tuple[str, str]:
+    """Datasets with the same key live in one database and can be joined in one statement."""
+    if row.source == "import":
+        return ("import", row.zone)
+    return ("attach", row.attach_url or "")
+
+
+def _tables(
+    session: Session, zone: str
+) -> tuple[dict[str, TableRules], dict[str, DatasetRow], dict[str, tuple[AnalysisRules, int]]]:
+    access._zone(session, zone)
+    rows = (
+        session.execute(
+            select(DatasetRow).where(DatasetRow.zone == zone, DatasetRow.status == "active")
+        )
+        .scalars()
+        .all()
+    )
+    tables: dict[str, TableRules] = {}
+    by_name: dict[str, DatasetRow] = {}
+    rules: dict[str, tuple[AnalysisRules, int]] = {}
+    for row in rows:
+        ruleset, version = current_rules(session, row)
+        relation, schema = None, None
+        if row.source != "import" and row.attach_table:
+            schema, _, relation = row.attach_table.rpartition(".")
+            schema = schema or None
+        tables[row.name] = TableRules.from_dataset(
+            to_dataset(row), ruleset, relation=relation, relation_schema=schema
+        )
+        by_name[row.name] = row
+        rules[row.name] = (ruleset, version)
+    return tables, by_name, rules
+
+
+def prepare(
+    ex: Exchange,
+    actor: Principal,
+    zone: str,
+    sql: str,
+    purpose: str,
+    *,
+    operation: Operation = Operation.AGGREGATE,
+    with_dp: bool = False,
+    step: str | None = None,
+) -> Prepared:
+    """Check ``sql`` against the zone's analysis rules, then authorize every dataset it reads.
+
+    Raises :class:`exchange.sqlcheck.QueryRejected` (422, with a ``reason`` code) for a query
+    the rules refuse and :class:`exchange.errors.DeniedError` for a dataset the policy refuses.
+    """
+    if not isinstance(sql, str):
+        raise InvalidInputError("sql must be a string")
+    with Session(ex.engine) as session:
+        tables, rows, rules = _tables(session, zone)
+    if not tables:
+        raise InvalidInputError(f"zone {zone!r} has no active datasets")
+    checked = check_query(sql, tables, dialect_out="duckdb", with_dp=with_dp)
+    used = [rows[name] for name in checked.datasets]
+    if len({_store_key(r) for r in used}) > 1:
+        raise InvalidInputError(
+            "the query joins datasets kept in different databases; join datasets of one store",
+            reason="cross_store_join",
+        )
+    dialect = _dialect(used[0])
+    if dialect != "duckdb":
+        checked = check_query(sql, tables, dialect_out=dialect, with_dp=with_dp)
+    auths = {
+        name: access.authorize(ex, actor, zone, name, operation, purpose, step=step)
+        for name in checked.datasets
+    }
+    return Prepared(
+        zone=zone,
+        checked=checked,
+        rows={name: rows[name] for name in checked.datasets},
+        auths=auths,
+        rules={name: rules[name] for name in checked.datasets},
+        purpose=next(iter(auths.values())).request.purpose,
+    )
+
+
+def execute(ex: Exchange, prepared: Prepared) -> list[tuple[Any, ...]]:
+    """Run the rewritten statement on the datasets' store; the raw rows (before suppression)."""
+    row = prepared.rows[prepared.checked.datasets[0]]
+    with open_source(ex, row) as src, src.engine.connect() as conn:
+        result = conn.execute(text(prepared.checked.sql), dict(prepared.checked.params))
+        return [tuple(r) for r in result]
+
+
+def _budget_terms(prepared: Prepared) -> dict[str, tuple[Decimal, int]]:
+    return {
+        name: (ruleset.epsilon_budget, ruleset.refresh_seconds)
+        for name, (ruleset, _) in prepared.rules.items()
+    }
+
+
+def _check_budget(ex: Exchange, consumer: str, prepared: Prepared, epsilon: Decimal) -> None:
+    with Session(ex.engine) as session:
+        for name, (total, refresh) in _budget_terms(prepared).items():
+            state = budget.remaining(session, consumer, prepared.zone, name, total, refresh)
+            if state.spent + epsilon > total:
+                raise BudgetExhaustedError(
+                    f"privacy budget for {prepared.zone}/{name} exhausted: {state.spent} of "
+                    f"{total} spent, {epsilon} asked; it refreshes at "
+                    f"{state.window_end.isoformat()}",
+                    remaining=str(state.remaining),
+                )
+
+
+def run_aggregate(
+    ex: Exchange,
+    actor: Principal,
+    zone: str,
+    sql: str,
+    purpose: str,
+    *,
+    epsilon: object = None,
+) -> dict[str, Any]:
+    """Check, authorize, run, release and receipt one aggregate query.
+
+    ``epsilon`` (a decimal string) asks for differential privacy where the rules do not require
+    it, or sets the ε of a query that must be private (default :data:`DEFAULT_QUERY_EPSILON`).
+    """
+    eps = parse_epsilon(epsilon)
+    prepared = prepare(ex, actor, zone, sql, purpose, with_dp=eps is not None)
+    checked = prepared.checked
+    charge = Decimal(0)
+    if checked.dp:
+        charge = eps if eps is not None else DEFAULT_QUERY_EPSILON
+        _check_budget(ex, actor.key_id, prepared, charge)
+    raw = execute(ex, prepared)
+    released: AggregateResult = postprocess(
+        checked, raw, dp=DpMechanisms(charge) if checked.dp else None
+    )
+    result = {"zone": zone, "sql": checked.canonical, **released.to_json()}
+    parameters = {
+        "operation": "aggregate",
+        "zone": zone,
+        "sql": checked.canonical,
+        "purpose": prepared.purpose,
+        "epsilon": format(charge.normalize(), "f") if charge else "0",
+    }
+    terms = _budget_terms(prepared)
+
+    def apply(session: Session, draft: Any) -> None:
+        if charge:
+            for name, (total, refresh) in terms.items():
+                budget.charge(session, actor.key_id, zone, name, charge, total, refresh)
+
+    first = prepared.auths[checked.datasets[0]]
+    grants = sorted({a.decision.rule or "" for a in prepared.auths.values()})
+    receipt, _ = record_computation(
+        ex,
+        kind="aggregate",
+        actor=actor.key_id,
+        statement={
+            "consumer": actor.key_id,
+            "zones": [zone],
+            "datasets": [
+                {"zone": zone, "name": name, "snapshot": prepared.auths[name].digest}
+                for name in checked.datasets
+            ],
+            "query_digest": hashlib.sha256(canonicalize(parameters)).hexdigest(),
+            "rules_version": {name: version for name, (_, version) in prepared.rules.items()},
+            "grant": ",".join(grants),
+            "policy_version": first.decision.policy_version,
+            "purpose": prepared.purpose,
+            "k": checked.k,
+            "epsilon": parameters["epsilon"],
+            "output_level": checked.output_level.value,
+        },
+        result=result,
+        refs={"zone": zone, "dataset": ",".join(checked.datasets)[:200]},
+        attrs={
+            **first.attrs(),
+            "groups": len(released.rows),
+            "suppressed": released.suppressed,
+            "k": checked.k,
+            "epsilon": parameters["epsilon"],
+        },
+        apply=apply,
+    )
+    return {"result": result, "receipt": receipt}
+
+
+def budget_status(ex: Exchange, actor: Principal, zone: str | None = None) -> list[dict[str, Any]]:
+    """What remains of the caller's ε on every dataset of its live grants (or one zone's)."""
+    grants = [g for g in access.list_grants(ex, actor, zone=zone) if g.consumer == actor.key_id]
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    with Session(ex.engine) as session:
+        for grant in grants:
+            for name in grant.datasets:
+                if (grant.zone, name) in seen:
+                    continue
+                seen.add((grant.zone, name))
+                row = access._dataset(session, grant.zone, name)
+                ruleset, version = current_rules(session, row)
+                state = budget.remaining(
+                    session,
+                    actor.key_id,
+                    grant.zone,
+                    name,
+                    ruleset.epsilon_budget,
+                    ruleset.refresh_seconds,
+                )
+                out.append(
+                    {
+                        "zone": grant.zone,
+                        "dataset": name,
+                        "budget": format(state.budget.normalize(), "f"),
+                        "spent": format(state.spent.normalize(), "f"),
+                        "remaining": format(state.remaining.normalize(), "f"),
+                        "window_start": state.window_start.isoformat(),
+                        "window_end": state.window_end.isoformat(),
+                        "dp_required": ruleset.dp_required,
+                        "rules_version": version,
+                    }
+                )
+    return out
