@@ -911,22 +911,29 @@ def authorize(
     purpose: str,
     *,
     step: str | None = None,
+    rows: tuple[ZoneRow, DatasetRow] | None = None,
 ) -> Authorization:
     """Decide one call against the live policy. Level, zone, ceilings and time come from the
     registry and the server clock. A denial is ledgered with the full decision and raised as
-    :class:`DeniedError` with its reason code only."""
+    :class:`DeniedError` with its reason code only.
+
+    ``rows`` passes the zone and dataset rows a caller has just read for the same call (so
+    they are not read twice)."""
     try:
         op = Operation(operation)
     except ValueError as exc:
         raise InvalidInputError(f"unknown operation {operation!r}") from exc
     purpose = _purpose(ex, purpose)
-    with Session(ex.engine) as session:
-        z = _zone(session, zone)
-        ds = _dataset(session, zone, dataset)
-        level = Level(ds.level)
-        ceilings = effective_ceilings(z, ds)
-        digest = ds.digest
-        zone_active = z.status == "active" and ds.status == "active"
+    if rows is None:
+        with Session(ex.engine) as session:
+            rows = (_zone(session, zone), _dataset(session, zone, dataset))
+    z, ds = rows
+    if z.name != zone or ds.zone != zone or ds.name != dataset:
+        raise ValueError("authorize: rows for another zone or dataset")
+    level = Level(ds.level)
+    ceilings = effective_ceilings(z, ds)
+    digest = ds.digest
+    zone_active = z.status == "active" and ds.status == "active"
     request = DecisionRequest(
         subject=actor.key_id,
         zone=zone,

@@ -65,6 +65,8 @@ class Appended:
     seq: int
     leaf_hash: bytes
     value: Any
+    #: the entry's exact canonical bytes, as committed
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ class Ledger:
                         continue
                     digest = leaf_hash(body)
                     rows.append({"seq": size, "body": body, "leaf_hash": digest})
-                    item.result = Appended(size, digest, value)
+                    item.result = Appended(size, digest, value, body)
                     committed.append(item)
                     size, last_hash, last_time = size + 1, digest, now
                 if rows:
@@ -288,10 +290,13 @@ class Ledger:
             ).scalar_one_or_none()
             return None if row is None else SignedCheckpoint(row.size, bytes(row.root), row.note)
 
-    def checkpoint(self) -> SignedCheckpoint:
+    def checkpoint(self, *, persist: bool = True) -> SignedCheckpoint:
         """Sign a checkpoint of everything committed so far, unless the latest one covers it.
 
         Refuses (``LedgerError``) to sign a tree that is not consistent with the last checkpoint.
+        ``persist=False`` signs without storing the note (receipts carry their own checkpoint;
+        the periodic checkpoints on record cover the same entries moments later, and any two
+        signed sizes can be proven consistent from the log).
         """
         if self._signer is None:
             raise LedgerError("this process holds no log key")
@@ -314,6 +319,8 @@ class Ledger:
                             "ledger is inconsistent with its last checkpoint"
                         ) from exc
             note = sign_checkpoint(Checkpoint(self._signer.name, size, root), self._signer)
+            if not persist:
+                return SignedCheckpoint(size, root, note)
             try:
                 with Session(self._write_engine) as session, session.begin():
                     session.add(CheckpointRow(size=size, root=root, note=note))
@@ -322,7 +329,10 @@ class Ledger:
             return SignedCheckpoint(size, root, note)
 
     def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
-        tree_size = self.sync_tree()
+        with self._tree_lock:
+            tree_size = self._tree.size
+        if size > tree_size:
+            tree_size = self.sync_tree()
         if not 0 <= seq < size <= tree_size:
             raise InvalidInputError("need 0 <= seq < size <= ledger size")
         with self._tree_lock:

@@ -56,11 +56,11 @@ def record_computation(
     appended = ex.ledger.append(draft, apply)
     signed = {**core, "ledger_index": appended.seq}
     envelope = sign_envelope(STATEMENT_TYPE, signed, [ex.log_signer.key])
-    checkpoint = ex.ledger.checkpoint()
+    checkpoint = ex.ledger.checkpoint(persist=False)
     proof = ex.ledger.inclusion_proof(appended.seq, checkpoint.size)
     bundle = build_bundle(
         envelope,
-        ex.ledger.entry(appended.seq),
+        appended.body or ex.ledger.entry(appended.seq),
         appended.seq,
         checkpoint.size,
         proof,

@@ -95,6 +95,7 @@ __all__ = [
     "ResultColumn",
     "TableColumn",
     "TableRules",
+    "TableStats",
     "check_query",
     "postprocess",
 ]
@@ -201,6 +202,27 @@ class TableColumn:
 
 
 @dataclass(frozen=True)
+class TableStats:
+    """Facts about one immutable snapshot of a dataset that let the rewrite skip work.
+
+    ``subject_unique``: no two rows share a subject, so a group's distinct-subject count is its
+    count of non-null subjects and a differentially private query needs no per-subject row
+    bound. ``ranges``: per numeric column, the smallest and largest value present; a column
+    whose range lies inside its clamping bounds is summed without clamping (the result is the
+    same). Only valid for the exact snapshot they were computed on.
+    """
+
+    subject_unique: bool
+    ranges: Mapping[str, tuple[Decimal | None, Decimal | None]] = field(default_factory=dict)
+
+    def within(self, column: str, lower: Decimal | None, upper: Decimal | None) -> bool:
+        if lower is None or upper is None or column not in self.ranges:
+            return False
+        low, high = self.ranges[column]
+        return (low is None or low >= lower) and (high is None or high <= upper)
+
+
+@dataclass(frozen=True)
 class TableRules:
     """One dataset a query may use: its columns, subject column and analysis rules.
 
@@ -215,6 +237,8 @@ class TableRules:
     zone: str = ""
     relation: str | None = None
     relation_schema: str | None = None
+    #: statistics of the snapshot the query will read (None: assume nothing)
+    stats: TableStats | None = None
 
     def __post_init__(self) -> None:
         if not any(c.name == self.subject_column for c in self.columns):
@@ -233,6 +257,7 @@ class TableRules:
         *,
         relation: str | None = None,
         relation_schema: str | None = None,
+        stats: TableStats | None = None,
     ) -> TableRules:
         return cls(
             dataset.name,
@@ -242,6 +267,7 @@ class TableRules:
             zone=dataset.zone,
             relation=relation,
             relation_schema=relation_schema,
+            stats=stats,
         )
 
     @property
@@ -1054,7 +1080,11 @@ def check_query(
     offset = _count_clause(root.args.get("offset"), "OFFSET") or 0
 
     k = max(b.rules.rules.min_group_size for b in checker.bound)
-    contributions = max(b.rules.rules.max_rows_per_subject for b in checker.bound)
+    contributions = (
+        1
+        if _unique_subjects(checker)
+        else max(b.rules.rules.max_rows_per_subject for b in checker.bound)
+    )
     statement, columns, layout = _rewrite(checker, dims, items, aggs, dp, contributions)
     canonical = root.sql(dialect="duckdb", normalize=True, comments=False)
     return CheckedQuery(
@@ -1306,12 +1336,14 @@ def _rewrite(
 
     # where each referenced column is read from: the tables directly, or the bounded derived table
     inner: dict[_Ref, str] = {}
-    if dp:
+    unique = _unique_subjects(checker)
+    derived_source = dp and not unique
+    if derived_source:
         for ref in [r for _, r in keys if r is not None] + subjects:
             inner.setdefault(ref, f"c{len(inner)}")
 
     def col(ref: _Ref) -> exp.Expression:
-        if dp:
+        if derived_source:
             return _column(inner[ref], _SRC)
         return checker._col(ref)
 
@@ -1329,16 +1361,22 @@ def _rewrite(
         elif kind == "count_distinct":
             expr = exp.Count(this=exp.Distinct(expressions=[col(pref)]))
         elif kind == "sum":
-            n = sum(1 for c in columns[:index] if c.kind == "sum")
-            params[f"lo{n}"], params[f"hi{n}"] = rc.lower, rc.upper
-            expr = exp.Sum(this=_clamp(col(pref), f"lo{n}", f"hi{n}"))
+            stats = checker.bound[pref.table].rules.stats
+            if stats is not None and stats.within(pref.column.name, rc.lower, rc.upper):
+                expr = exp.Sum(this=col(pref))  # every value is inside the bounds already
+            else:
+                n = sum(1 for c in columns[:index] if c.kind == "sum")
+                params[f"lo{n}"], params[f"hi{n}"] = rc.lower, rc.upper
+                expr = exp.Sum(this=_clamp(col(pref), f"lo{n}", f"hi{n}"))
         elif kind == "min":
             expr = exp.Min(this=col(pref))
         else:
             expr = exp.Max(this=col(pref))
         out.append(exp.Alias(this=expr, alias=exp.Identifier(this=rc.name, quoted=True)))
+    # one table whose subjects are unique: distinct subjects per group = non-null subjects
     k_counts: list[exp.Expression] = [
-        exp.Count(this=exp.Distinct(expressions=[col(s)])) for s in subjects
+        exp.Count(this=col(s)) if unique else exp.Count(this=exp.Distinct(expressions=[col(s)]))
+        for s in subjects
     ]
     k_expr = (
         k_counts[0]
@@ -1349,7 +1387,8 @@ def _rewrite(
     result_columns = (*columns, ResultColumn(K_COLUMN, "k", "k"))
     group = [col(ref) for ref in dims]
 
-    if not dp:
+    if not derived_source:
+        # without DP, or with unique subjects (one row each), there is nothing to bound
         statement = base_select(out)
     else:
         # bound each subject's contribution: number its rows in a fixed order, keep the first M
@@ -1382,6 +1421,14 @@ def _rewrite(
     if group:
         statement.set("group", exp.Group(expressions=group))
     return statement, result_columns, tuple(layout)
+
+
+def _unique_subjects(checker: _Checker) -> bool:
+    """One dataset whose snapshot has no repeated subject: each subject is one row."""
+    if len(checker.bound) != 1:
+        return False
+    stats = checker.bound[0].rules.stats
+    return stats is not None and stats.subject_unique
 
 
 def _clamp(column: exp.Expression, lower: str, upper: str) -> exp.Expression:

@@ -21,28 +21,37 @@ The path of one query (:func:`run_aggregate`):
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import distinct, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from crypto.canonical import canonicalize
 from exchange import access, budget
 from exchange.access import Authorization
-from exchange.analysis import AnalysisRules
+from exchange.analysis import NUMERIC_TYPES, AnalysisRules
 from exchange.compute.rules import current_rules
 from exchange.compute.source import open_source
 from exchange.domain import Principal
 from exchange.dp import DpMechanisms
 from exchange.errors import BudgetExhaustedError, InvalidInputError
-from exchange.models import DatasetRow
+from exchange.models import DatasetRow, ZoneRow
 from exchange.node import Exchange
 from exchange.receipts import record_computation
 from exchange.services import to_dataset
-from exchange.sqlcheck import AggregateResult, CheckedQuery, TableRules, check_query, postprocess
+from exchange.sqlcheck import (
+    AggregateResult,
+    CheckedQuery,
+    TableRules,
+    TableStats,
+    check_query,
+    postprocess,
+)
 from policy import Operation
 
 __all__ = [
@@ -116,10 +125,56 @@ def _store_key(row: DatasetRow) -> tuple[str, str]:
     return ("attach", row.attach_url or "")
 
 
+_stats_cache: dict[tuple[str, str, str], TableStats] = {}
+_stats_lock = threading.Lock()
+
+
+def _decimal(value: object) -> Decimal | None:
+    if value is None:
+        return None
+    return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def snapshot_stats(ex: Exchange, row: DatasetRow) -> TableStats | None:
+    """Subject uniqueness and numeric ranges of an imported dataset's snapshot, computed once
+    per snapshot digest (imported datasets never change; a new snapshot is a new digest).
+    Attached tables can change under the exchange: no statistics are assumed for them."""
+    if row.source != "import":
+        return None
+    key = (row.zone, row.name, row.digest)
+    with _stats_lock:
+        cached = _stats_cache.get(key)
+    if cached is not None:
+        return cached
+    numeric = [c["name"] for c in row.columns if c["type"] in NUMERIC_TYPES]
+    with open_source(ex, row) as src, src.engine.connect() as conn:
+        rel = src.relation
+        subject = rel.c[row.subject_column]
+        values = conn.execute(
+            select(
+                func.count(distinct(subject)) == func.count(),
+                *(func.min(rel.c[n]) for n in numeric),
+                *(func.max(rel.c[n]) for n in numeric),
+            )
+        ).one()
+    ranges = {
+        n: (_decimal(values[1 + i]), _decimal(values[1 + len(numeric) + i]))
+        for i, n in enumerate(numeric)
+    }
+    stats = TableStats(subject_unique=bool(values[0]), ranges=ranges)
+    with _stats_lock:
+        if len(_stats_cache) > 10_000:
+            _stats_cache.clear()
+        _stats_cache[key] = stats
+    return stats
+
+
 def _tables(
-    session: Session, zone: str
-) -> tuple[dict[str, TableRules], dict[str, DatasetRow], dict[str, tuple[AnalysisRules, int]]]:
-    access._zone(session, zone)
+    ex: Exchange, session: Session, zone: str
+) -> tuple[
+    ZoneRow, dict[str, TableRules], dict[str, DatasetRow], dict[str, tuple[AnalysisRules, int]]
+]:
+    zone_row = access._zone(session, zone)
     rows = (
         session.execute(
             select(DatasetRow).where(DatasetRow.zone == zone, DatasetRow.status == "active")
@@ -137,11 +192,71 @@ def _tables(
             schema, _, relation = row.attach_table.rpartition(".")
             schema = schema or None
         tables[row.name] = TableRules.from_dataset(
-            to_dataset(row), ruleset, relation=relation, relation_schema=schema
+            to_dataset(row),
+            ruleset,
+            relation=relation,
+            relation_schema=schema,
+            stats=snapshot_stats(ex, row),
         )
         by_name[row.name] = row
         rules[row.name] = (ruleset, version)
-    return tables, by_name, rules
+    return zone_row, tables, by_name, rules
+
+
+#: checked queries by (query text, DP, the zone's datasets' snapshots and rules versions)
+_plans: OrderedDict[tuple[Any, ...], CheckedQuery] = OrderedDict()
+_plans_lock = threading.Lock()
+PLAN_CACHE_SIZE = 512
+
+
+def _checked(
+    sql: str,
+    tables: dict[str, TableRules],
+    rows: dict[str, DatasetRow],
+    rules: dict[str, tuple[AnalysisRules, int]],
+    with_dp: bool,
+) -> CheckedQuery:
+    """:func:`check_query` for the datasets' store, remembered per snapshot and rules version.
+
+    A check depends only on the query text, the DP flag and the datasets' columns, levels,
+    snapshot statistics and rules, all fixed by (snapshot digest, rules version): the key holds
+    those of every dataset in the zone, so new rules or a new dataset miss the cache. A refused
+    query is not remembered (it raises every time)."""
+    key = (
+        sql,
+        with_dp,
+        tuple(
+            sorted(
+                (name, row.digest, rules[name][1], row.source, row.attach_url or "")
+                for name, row in rows.items()
+            )
+        ),
+    )
+    with _plans_lock:
+        hit = _plans.get(key)
+        if hit is not None:
+            _plans.move_to_end(key)
+            return hit
+    checked = check_query(sql, tables, dialect_out="duckdb", with_dp=with_dp)
+    used = [rows[name] for name in checked.datasets]
+    if len({_store_key(r) for r in used}) > 1:
+        raise InvalidInputError(
+            "the query joins datasets kept in different databases; join datasets of one store",
+            reason="cross_store_join",
+        )
+    dialect = _dialect(used[0])
+    if dialect != "duckdb":
+        checked = check_query(sql, tables, dialect_out=dialect, with_dp=with_dp)
+    with _plans_lock:
+        _plans[key] = checked
+        while len(_plans) > PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    return checked
+
+
+def clear_plan_cache() -> None:
+    with _plans_lock:
+        _plans.clear()
 
 
 def prepare(
@@ -163,21 +278,14 @@ def prepare(
     if not isinstance(sql, str):
         raise InvalidInputError("sql must be a string")
     with Session(ex.engine) as session:
-        tables, rows, rules = _tables(session, zone)
+        zone_row, tables, rows, rules = _tables(ex, session, zone)
     if not tables:
         raise InvalidInputError(f"zone {zone!r} has no active datasets")
-    checked = check_query(sql, tables, dialect_out="duckdb", with_dp=with_dp)
-    used = [rows[name] for name in checked.datasets]
-    if len({_store_key(r) for r in used}) > 1:
-        raise InvalidInputError(
-            "the query joins datasets kept in different databases; join datasets of one store",
-            reason="cross_store_join",
-        )
-    dialect = _dialect(used[0])
-    if dialect != "duckdb":
-        checked = check_query(sql, tables, dialect_out=dialect, with_dp=with_dp)
+    checked = _checked(sql, tables, rows, rules, with_dp)
     auths = {
-        name: access.authorize(ex, actor, zone, name, operation, purpose, step=step)
+        name: access.authorize(
+            ex, actor, zone, name, operation, purpose, step=step, rows=(zone_row, rows[name])
+        )
         for name in checked.datasets
     }
     return Prepared(

@@ -1,0 +1,233 @@
+"""Aggregate benchmark: the engine's own time vs the same query through zonex, and vs SQLite.
+
+    python -P bench/aggregate.py [--rows 10000000] [--repeats 7] [--no-sqlite]
+
+Builds an exchange in a temporary directory (SQLite control plane, the default), registers a
+--rows company tax table in a zone (imported into the zone's embedded DuckDB store), grants a
+consumer ``aggregate`` and sets analysis rules. Then, in one run, median seconds of:
+
+- **engine**: the consumer's query exactly as written, on the zone's engine (``ZoneStore.engine``
+  through SQLAlchemy: what zonex pushes queries down to), no checks;
+- **engine, rewritten**: the statement zonex actually runs (clamping, the hidden distinct-subject
+  count for k), on the same engine;
+- **zonex**: :func:`exchange.compute.aggregate.run_aggregate`: parse and check with sqlglot,
+  authorize against the live policy, push down, suppress, sign the receipt, ledger it;
+- **sqlite**: the query as written on the same rows in a SQLite file (``sqlite3``), the engine a
+  smaller deployment might pick;
+
+and the ratios zonex / engine (goal ≤ 1.2) and sqlite / engine (goal ≥ 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+from sqlalchemy import text
+
+from crypto.envelope import sign_envelope
+from crypto.keys import SigningKey
+from exchange import access, services
+from exchange.compute import aggregate, rules
+from exchange.domain import APPROVAL_TYPE, approval_payload
+from exchange.keyfile import load_private_key
+from exchange.node import Exchange, init_data_dir
+from exchange.settings import Settings
+
+SQL = (
+    "SELECT district, COUNT(*), AVG(tax_paid), SUM(employees) FROM tax_records "
+    "WHERE year = 2025 GROUP BY district"
+)
+
+GENERATE = """
+COPY (
+SELECT
+    'C' || lpad(CAST(i AS VARCHAR), 10, '0') AS company_id,
+    (['huangpu', 'xuhui', 'changning', 'jingan', 'putuo', 'hongkou', 'yangpu', 'minhang',
+      'baoshan', 'jiading', 'pudong', 'jinshan', 'songjiang', 'qingpu', 'fengxian',
+      'chongming'])[1 + CAST(hash(i, 1) % 16 AS INTEGER)] AS district,
+    (['finance', 'software', 'catering', 'construction', 'retail', 'logistics',
+      'manufacturing', 'education'])[1 + CAST(hash(i, 2) % 8 AS INTEGER)] AS industry,
+    CAST(2016 + hash(i, 3) % 10 AS BIGINT) AS year,
+    CAST(hash(i, 4) % 5000 AS BIGINT) AS employees,
+    CAST(hash(i, 5) % 2000000 AS BIGINT) AS tax_paid
+FROM range({rows}) r(i)
+) TO '{path}' (FORMAT parquet)
+"""
+
+LEVELS = {
+    "company_id": "L2",
+    "district": "L1",
+    "industry": "L1",
+    "year": "L1",
+    "employees": "L2",
+    "tax_paid": "L3",
+}
+RULES = {
+    "min_group_size": 10,
+    "columns": {
+        "company_id": {"disclosure": "join_only"},
+        "district": {"disclosure": "plaintext"},
+        "industry": {"disclosure": "plaintext"},
+        "year": {"disclosure": "plaintext"},
+        "employees": {"disclosure": "plaintext", "lower": "0", "upper": "5000"},
+        "tax_paid": {"disclosure": "after_aggregate", "lower": "0", "upper": "2000000"},
+    },
+}
+PURPOSE = "credit-assessment"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm caches and connections
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def setup(work: Path, rows: int) -> tuple[Exchange, object, Path]:
+    data_dir = work / "exchange"
+    init_data_dir(data_dir)
+    ex = Exchange(Settings.from_data_dir(data_dir))
+    ex.start()
+    operator = services.get_principal(ex, load_private_key(data_dir / "operator.key").key_id)
+    assert operator is not None
+    provider_key, consumer_key = SigningKey.generate(), SigningKey.generate()
+    provider = services.register_principal(
+        ex, operator, "Tax Bureau", "agency", provider_key.public_key.raw
+    )
+    consumer = services.register_principal(
+        ex, operator, "City Bank", "enterprise", consumer_key.public_key.raw
+    )
+    services.create_zone(ex, provider, "tax", "tax records")
+
+    parquet = work / "tax.parquet"
+    start = time.perf_counter()
+    duckdb.connect().execute(GENERATE.format(rows=rows, path=parquet))
+    print(
+        f"generated {rows:,} rows ({parquet.stat().st_size / 1e6:.0f} MB Parquet) in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    start = time.perf_counter()
+    upload = services.stage_upload(
+        ex, provider, "tax", "application/vnd.apache.parquet", parquet.read_bytes()
+    )
+    services.register_dataset(
+        ex,
+        provider,
+        "tax",
+        services.DatasetSpec(
+            name="tax_records",
+            description="company tax records",
+            subject_column="company_id",
+            levels=LEVELS,
+            upload_id=str(upload["upload_id"]),
+        ),
+    )
+    print(f"imported into the zone store in {time.perf_counter() - start:.1f} s")
+    rules.set_rules(ex, provider, "tax", "tax_records", RULES)
+
+    req = access.file_request(
+        ex, consumer, "tax", ["tax_records"], ["aggregate"], PURPOSE, 86400, "bench"
+    )
+    terms = {
+        "id": req.id,
+        "consumer": req.consumer,
+        "zone": req.zone,
+        "datasets": list(req.datasets),
+        "operations": list(req.operations),
+        "purpose": req.purpose,
+    }
+    payload = approval_payload(
+        terms,
+        approver=provider.key_id,
+        not_after=datetime.now(UTC) + timedelta(hours=1),
+    )
+    access.approve_request(
+        ex, provider, req.id, sign_envelope(APPROVAL_TYPE, payload, [provider_key])
+    )
+    return ex, consumer, parquet
+
+
+def sqlite_copy(parquet: Path, path: Path) -> sqlite3.Connection:
+    con = sqlite3.connect(path)
+    con.execute(
+        "CREATE TABLE tax_records (company_id TEXT, district TEXT, industry TEXT, year INTEGER, "
+        "employees INTEGER, tax_paid INTEGER)"
+    )
+    reader = duckdb.connect().execute(f"SELECT * FROM read_parquet('{parquet}')")
+    while batch := reader.fetchmany(200_000):
+        con.executemany("INSERT INTO tax_records VALUES (?, ?, ?, ?, ?, ?)", batch)
+    con.commit()
+    return con
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite baseline")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ex, consumer, parquet = setup(work, args.rows)
+        try:
+            engine = ex.zone_store("tax").engine
+            prepared = aggregate.prepare(ex, consumer, "tax", SQL, PURPOSE)  # type: ignore[arg-type]
+            rewritten = prepared.checked
+
+            def on_engine(sql: str, params: dict[str, object]) -> Callable[[], object]:
+                def run() -> object:
+                    with engine.connect() as conn:
+                        return conn.execute(text(sql), params).fetchall()
+
+                return run
+
+            def through_zonex() -> object:
+                return aggregate.run_aggregate(ex, consumer, "tax", SQL, PURPOSE)  # type: ignore[arg-type]
+
+            released = through_zonex()["result"]  # type: ignore[index]
+            print(f"query: {SQL}")
+            print(f"zonex runs: {rewritten.sql}")
+            print(f"released {len(released['rows'])} groups, {released['suppressed']} suppressed")
+
+            results = {
+                "engine (as written)": median_seconds(on_engine(SQL, {}), args.repeats),
+                "engine (rewritten)": median_seconds(
+                    on_engine(rewritten.sql, dict(rewritten.params)), args.repeats
+                ),
+                "zonex (end to end)": median_seconds(through_zonex, args.repeats),
+            }
+            if not args.no_sqlite:
+                start = time.perf_counter()
+                con = sqlite_copy(parquet, work / "tax.sqlite")
+                print(f"loaded SQLite in {time.perf_counter() - start:.1f} s")
+                results["sqlite (as written)"] = median_seconds(
+                    lambda: con.execute(SQL).fetchall(), max(3, args.repeats // 2)
+                )
+                con.close()
+        finally:
+            ex.close()
+
+    base = results["engine (as written)"]
+    print(f"\n{args.rows:,} rows, median of {args.repeats}")
+    for name, seconds in results.items():
+        print(f"  {name:<22} {seconds * 1000:9.1f} ms   {seconds / base:6.2f}x engine")
+    zonex = results["zonex (end to end)"] / base
+    print(f"\nzonex / engine = {zonex:.2f} (goal <= 1.2)")
+    if "sqlite (as written)" in results:
+        print(f"sqlite / engine = {results['sqlite (as written)'] / base:.1f} (goal >= 5)")
+
+
+if __name__ == "__main__":
+    main()
