@@ -5,6 +5,7 @@ try to reach around the rules."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import statistics
 from collections import defaultdict
@@ -25,7 +26,7 @@ from exchange.analysis import AnalysisRules, ColumnRule, Disclosure
 from exchange.dp import DpMechanisms
 from exchange.errors import BudgetExhaustedError
 from exchange.sdk import ApiError
-from exchange.sqlcheck import TableColumn, TableRules, check_query, postprocess
+from exchange.sqlcheck import TableColumn, TableRules, TableStats, check_query, postprocess
 from policy.levels import Level
 from tests.conftest import LiveServer
 from tests.exchange.test_access import EXAMPLES, L3_LEVELS, PURPOSE, entries, granted
@@ -372,3 +373,71 @@ def test_differencing_attack_yields_nothing_usable() -> None:
     # independent draws has std 2·b = 4·10^6, some forty times a typical tax payment
     assert 3.2e6 < spread < 4.8e6
     assert spread > 4 * int(victim["tax_paid_2025"])
+
+
+def _stats_table(stats: TableStats | None) -> dict[str, TableRules]:
+    (rules,) = _table(_rules_obj(False)).values()
+    return {"companies": dataclasses.replace(rules, stats=stats)}
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_snapshot_statistics_only_skip_work_that_cannot_change_the_result(dp: bool) -> None:
+    sql = "SELECT district, SUM(tax_paid_2025) FROM companies GROUP BY district"
+    inside = TableStats(True, {"tax_paid_2025": (Decimal(0), Decimal(1_999_999))})
+    outside = TableStats(True, {"tax_paid_2025": (Decimal(-1), Decimal(10))})
+    repeated = TableStats(False, {"tax_paid_2025": (Decimal(0), Decimal(10))})
+    fast = check_query(sql, _stats_table(inside), with_dp=dp)
+    assert "DISTINCT" not in fast.sql and "LEAST" not in fast.sql and "ROW_NUMBER" not in fast.sql
+    assert fast.contributions == (1 if dp else 0)
+    clamped = check_query(sql, _stats_table(outside), with_dp=dp)
+    assert "LEAST" in clamped.sql and "DISTINCT" not in clamped.sql
+    for stats in (repeated, None):
+        slow = check_query(sql, _stats_table(stats), with_dp=dp)
+        assert "COUNT(DISTINCT" in slow.sql
+        assert ("ROW_NUMBER" in slow.sql) is dp
+
+
+def test_statistics_are_computed_per_snapshot(
+    server: LiveServer, parties: dict[str, SigningKey], tmp_path: Path
+) -> None:
+    """Values above the declared bound are clamped (the range is outside), and a dataset whose
+    subjects repeat keeps its distinct-subject count: results match a plaintext computation."""
+    rows = _companies()
+    doubled = tmp_path / "doubled.csv"
+    with doubled.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows + rows[:40])  # 40 companies appear twice
+    with server.client(parties["provider"]) as p:
+        p.register_dataset(
+            "tax", "doubled", levels=L3_LEVELS, subject_column="company_id", file=doubled
+        )
+        p.set_analysis_rules(
+            "tax",
+            "doubled",
+            _rules(
+                columns={
+                    **_rules()["columns"],
+                    "tax_paid_2025": {
+                        "disclosure": "after_aggregate",
+                        "lower": "0",
+                        "upper": "500000",
+                    },
+                }
+            ),
+        )
+    granted(server, parties, ["doubled"], ["aggregate"])
+    with server.client(parties["consumer"]) as c:
+        out = c.aggregate(
+            "tax",
+            "SELECT district, COUNT(*), SUM(tax_paid_2025) FROM doubled GROUP BY district",
+            PURPOSE,
+        )["result"]
+    all_rows = rows + rows[:40]
+    expected: dict[str, list[int]] = defaultdict(list)
+    for r in all_rows:
+        expected[r["district"]].append(min(500_000, int(r["tax_paid_2025"])))
+    assert any(int(r["tax_paid_2025"]) > 500_000 for r in all_rows)
+    for district, n, total in out["rows"]:
+        assert n == len(expected[district])
+        assert Decimal(total) == sum(expected[district])
