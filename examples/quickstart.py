@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -155,6 +156,107 @@ def access_flow(url: str, tax: SigningKey, bank: SigningKey, data_dir: Path) -> 
     return True
 
 
+AGGREGATE_RULES = {
+    "min_group_size": 10,
+    "epsilon_budget": "10",
+    "refresh_seconds": 86400,
+    "columns": {
+        "company_id": {"disclosure": "join_only"},
+        "district": {"disclosure": "plaintext"},
+        "industry": {"disclosure": "plaintext"},
+        "founded_year": {"disclosure": "plaintext"},
+        "employees": {"disclosure": "plaintext", "lower": "0", "upper": "5000"},
+        "tax_paid_2025": {"disclosure": "after_aggregate", "lower": "0", "upper": "1000000"},
+    },
+}
+
+
+def _cell(value: Any) -> str:
+    """Noisy averages come back as long decimal strings; show two places."""
+    if isinstance(value, str) and "." in value:
+        try:
+            return f"{float(value):,.2f}"
+        except ValueError:
+            return value
+    return str(value)
+
+
+def _result_table(result: dict[str, Any]) -> Table:
+    table = Table(*result["columns"])
+    for row in result["rows"]:
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+def aggregate_flow(url: str, tax: SigningKey, bank: SigningKey, data_dir: Path) -> bool:
+    """Analysis rules → granted aggregate → a suppressed group → a DP result → receipt."""
+    step("The tax bureau sets analysis rules on the L3 companies dataset (k = 10, bounds)")
+    with Client(url, bank) as consumer, Client(url, tax) as provider:
+        rules = provider.set_analysis_rules("market-registry", "companies", AGGREGATE_RULES)
+        console.print(
+            f"  rules v{rules['version']}: tax_paid_2025 after_aggregate in [0, 1000000], "
+            "company_id join_only"
+        )
+        req = consumer.request_access(
+            "market-registry",
+            ["companies"],
+            ["aggregate"],
+            PURPOSE,
+            duration_seconds=86400,
+            justification="district-level credit risk statistics",
+        )
+        provider.approve(req["id"])
+        console.print("  the bank is granted aggregate on companies")
+
+        step("The bank counts companies by industry in two districts: small groups are hidden")
+        cells = consumer.aggregate(
+            "market-registry",
+            "SELECT industry, COUNT(*) AS companies FROM companies "
+            "WHERE district IN ('huangpu', 'jingan') GROUP BY industry ORDER BY companies DESC",
+            PURPOSE,
+        )["result"]
+        console.print(_result_table(cells))
+        console.print(
+            f"  {cells['suppressed']} industry group(s) had fewer than k = {cells['k']} "
+            "companies and were suppressed (shown only as a count)"
+        )
+        if cells["suppressed"] == 0:
+            console.print("[red]expected suppressed groups[/]")
+            return False
+
+        step("The bank asks for average tax by district with differential privacy (ε = 1)")
+        try:
+            response = consumer.aggregate(
+                "market-registry",
+                "SELECT district, AVG(tax_paid_2025) AS avg_tax FROM companies GROUP BY district",
+                PURPOSE,
+                epsilon="1",
+            )
+        except ApiError as exc:
+            if exc.status != 429:
+                raise
+            console.print(f"  {exc.status} {exc.code}: {exc.detail}")
+            return True
+        result, receipt = response["result"], response["receipt"]
+        console.print(_result_table(result))
+        for n in result["noise"]:
+            console.print(
+                f"  {n['value']}: {n['mechanism']} noise, scale {float(n['scale']):,.1f} "
+                f"(ε {float(n['epsilon']):g})"
+            )
+        (data_dir / "aggregate-result.json").write_text(json.dumps(result, indent=2) + "\n")
+        (data_dir / "aggregate-receipt.json").write_text(json.dumps(receipt, indent=2) + "\n")
+        verifier = NoteVerifier.from_verifier_key((data_dir / "log.pub").read_text().strip())
+        statement, _ = verify_receipt(receipt, result, verifier)
+        console.print(
+            f"  receipt verified offline: ε {statement['epsilon']} charged, k {statement['k']}, "
+            f"rules {statement['rules_version']}, ledger entry {statement['ledger_index']}"
+        )
+        (left,) = consumer.budgets("market-registry")
+        console.print(f"  privacy budget left today: ε {left['remaining']} of {left['budget']}")
+    return True
+
+
 def run(data_dir: Path, url: str | None, port: int) -> int:
     if not (data_dir / "config.json").exists():
         step(f"zonex init --data-dir {data_dir}")
@@ -241,6 +343,8 @@ def run(data_dir: Path, url: str | None, port: int) -> int:
             return 1
 
         if not access_flow(url, tax, bank, data_dir):
+            return 1
+        if not aggregate_flow(url, tax, bank, data_dir):
             return 1
     finally:
         if proc is not None:
