@@ -14,22 +14,50 @@ Prints, in one run:
   numpy (error over sum_j |w_j x_ij|), and the systematic bias of TenSEAL's default scale next
   to the scale-p encoding, each beside the bias the parameters predict;
 - secure_sum of --zones zones' vectors, BFV and CKKS.
+- the services end to end, in-process on a temporary exchange (SQLite control plane, DuckDB
+  zone store): ``he_score`` of --entities consented entities x --features features through
+  :func:`exchange.compute.score.run_score` (authorization, consent check, feature read, packed
+  scoring, receipt) next to a one-ciphertext-per-entity baseline (TenSEAL ``dot`` with Galois
+  keys, run on --sample entities and extrapolated) and plain numpy; and ``secure_sum`` of
+  --zones zones' --cells-cell vectors through :func:`exchange.compute.secure_sum.run_secure_sum`
+  with total time and bytes on the wire.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
+import duckdb
 import numpy as np
+import pyarrow as pa
 import tenseal as ts
 import tenseal.sealapi as seal
+from sqlalchemy import insert
+from sqlalchemy.orm import Session
 
 import crypto.he as he
+from crypto.encoding import b64url_decode
+from crypto.envelope import sign_envelope
+from crypto.keys import SigningKey
+from exchange import access, he_client, services
+from exchange.compute import contexts
+from exchange.compute import rules as rules_service
+from exchange.compute import score as score_service
+from exchange.compute import secure_sum as secure_sum_service
+from exchange.domain import APPROVAL_TYPE, Principal, approval_payload
+from exchange.keyfile import load_private_key
+from exchange.models import ConsentRow
+from exchange.node import Exchange, init_data_dir
+from exchange.settings import Settings
 
 T = TypeVar("T")
 
@@ -285,18 +313,289 @@ def secure_sum_once(params: he.ParameterSet, zones: int, length: int) -> None:
     )
 
 
+# -- the services, end to end in-process ---------------------------------------------------
+
+SCORE_PURPOSE = "credit-assessment"
+SUM_PURPOSE = "statistics"
+
+
+def _exchange(work: Path) -> tuple[Exchange, Principal]:
+    data_dir = work / "exchange"
+    init_data_dir(data_dir)
+    ex = Exchange(Settings.from_data_dir(data_dir))
+    ex.start()
+    operator = services.get_principal(ex, load_private_key(data_dir / "operator.key").key_id)
+    assert operator is not None
+    return ex, operator
+
+
+def _principal(ex: Exchange, operator: Principal, name: str, kind: str) -> tuple[Principal, Any]:
+    key = SigningKey.generate()
+    return services.register_principal(ex, operator, name, kind, key.public_key.raw), key
+
+
+def _grant(
+    ex: Exchange,
+    consumer: Principal,
+    provider: Principal,
+    provider_key: SigningKey,
+    zone: str,
+    dataset: str,
+    operation: str,
+    purpose: str,
+) -> None:
+    req = access.file_request(ex, consumer, zone, [dataset], [operation], purpose, 86400, "bench")
+    terms = {
+        "id": req.id,
+        "consumer": req.consumer,
+        "zone": req.zone,
+        "datasets": list(req.datasets),
+        "operations": list(req.operations),
+        "purpose": req.purpose,
+    }
+    payload = approval_payload(
+        terms, approver=provider.key_id, not_after=datetime.now(UTC) + timedelta(hours=1)
+    )
+    access.approve_request(
+        ex, provider, req.id, sign_envelope(APPROVAL_TYPE, payload, [provider_key])
+    )
+
+
+def _dataset(
+    ex: Exchange, provider: Principal, zone: str, name: str, path: Path, levels: dict[str, str]
+) -> None:
+    upload = services.stage_upload(
+        ex, provider, zone, "application/vnd.apache.parquet", path.read_bytes()
+    )
+    services.register_dataset(
+        ex,
+        provider,
+        zone,
+        services.DatasetSpec(
+            name=name,
+            description="bench",
+            subject_column="company_id",
+            levels=levels,
+            upload_id=str(upload["upload_id"]),
+        ),
+    )
+
+
+def bench_service_scores(work: Path, entities: int, features: int, sample: int) -> None:
+    print(
+        f"\n== he_score service: {entities:,} consented entities x {features} features, in-process"
+    )
+    ex, operator = _exchange(work)
+    try:
+        provider, provider_key = _principal(ex, operator, "Tax Bureau", "agency")
+        bank, _ = _principal(ex, operator, "City Bank", "enterprise")
+        services.create_zone(ex, provider, "tax", "tax records")
+        names = [f"f{j:02d}" for j in range(features)]
+        rng = np.random.default_rng(11)
+        x = np.round(rng.uniform(0, 1e6, (entities, features)), 2)
+        ids = [f"C{i:010d}" for i in range(entities)]
+        table = {"company_id": ids, **{n: x[:, j] for j, n in enumerate(names)}}
+        path = work / "firms.parquet"
+        con = duckdb.connect()
+        con.register("firms_df", pa.table(table))
+        con.execute(f"COPY firms_df TO '{path}' (FORMAT parquet)")
+        _dataset(
+            ex, provider, "tax", "firms", path, {"company_id": "L3", **dict.fromkeys(names, "L3")}
+        )
+        _grant(ex, bank, provider, provider_key, "tax", "firms", "he_score", SCORE_PURPOSE)
+        # consents recorded in bulk for the benchmark (one ledgered call each in real use)
+        until = datetime.now(UTC) + timedelta(days=1)
+        digests = score_service._digests(ex, "tax", ids)
+        with Session(ex.engine) as session:
+            session.execute(
+                insert(ConsentRow),
+                [
+                    {
+                        "id": f"consent-b{i}",
+                        "zone": "tax",
+                        "subject_digest": d,
+                        "consumer": bank.key_id,
+                        "purpose": SCORE_PURPOSE,
+                        "expires_at": until,
+                        "status": "active",
+                        "recorded_by": provider.key_id,
+                        "created_at": datetime.now(UTC),
+                    }
+                    for i, d in enumerate(digests)
+                ],
+            )
+            session.commit()
+
+        w = rng.choice([-1.0, 1.0], features) * 10.0 ** rng.uniform(-5, 3, features)
+        model = he_client.new_model(names, w.tolist(), bias=0.5)
+        score_service.commit_model(ex, bank, model.document())
+        secret, keygen = timed(lambda: he.new_context(he.CKKS_DEFAULT))
+        public = he.public_context_bytes(secret)
+        context = contexts.register_context(ex, bank, public).digest
+        packed, encrypt = timed(lambda: he.pack_ciphertexts(he.encrypt_model(secret, w.tolist())))
+        weights = contexts.store_ciphertexts(ex, bank, context, packed).digest
+
+        def run() -> dict[str, Any]:
+            return score_service.run_score(
+                ex,
+                bank,
+                zone="tax",
+                dataset="firms",
+                purpose=SCORE_PURPOSE,
+                model=model.commitment,
+                context=context,
+                weights=weights,
+                ids=ids,
+            )
+
+        run()  # warm the context cache, the zone store and the policy cache
+        response, service = timed(run)
+        chunks = [b64url_decode(c) for c in response["ciphertexts"]]
+        got, decrypt = timed(lambda: he.decrypt_scores(secret, chunks, entities, bias=0.5))
+        expected, plain = timed(lambda: x @ w + 0.5)
+        rel = np.abs(np.array(got) - expected) / (np.abs(x) @ np.abs(w) + 0.5)
+
+        # baseline: one ciphertext per entity (weights packed in one ciphertext, dot product
+        # per entity with rotations: Galois keys), timed on a sample and extrapolated
+        base_ctx = ts.context(
+            ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=list(he.CKKS_DEFAULT.coeff_mod_bit_sizes)
+        )
+        base_ctx.global_scale = 2.0**50
+        base_ctx.generate_galois_keys()
+        enc_w = ts.ckks_vector(base_ctx, w.tolist())
+        rows = x[:sample].tolist()
+        outs, per_entity = timed(lambda: [enc_w.dot(r).serialize() for r in rows])
+        per_entity_total = per_entity / sample * entities
+        response_bytes = len(json.dumps(response))
+        print(
+            f"consumer: context {keygen * 1e3:.0f} ms ({mb(len(public))}), encrypts {features} "
+            f"weights in {encrypt:.2f} s (upload {mb(len(packed))}), decrypts in {decrypt:.2f} s"
+        )
+        print(
+            f"zonex run_score (authorize, {entities:,} digests + consent check, feature read, "
+            f"{len(chunks)} ciphertexts, receipt): {service:.2f} s "
+            f"({service / entities * 1e6:.1f} us/entity), response {mb(response_bytes)}"
+        )
+        print(
+            f"per-entity baseline: {per_entity / sample * 1e3:.1f} ms/entity on {sample}, "
+            f"extrapolated {per_entity_total:.0f} s and {mb(len(outs[0]) * entities)} "
+            f"-> zonex is {per_entity_total / service:.0f}x faster"
+        )
+        print(
+            f"numpy X @ w: {plain * 1e3:.1f} ms -> zonex costs {service / plain:.0f}x plaintext; "
+            f"error / sum|w x|: max {np.max(rel):.1e}"
+        )
+    finally:
+        ex.close()
+
+
+def bench_service_secure_sum(work: Path, zones: int, cells: int) -> None:
+    print(f"\n== secure_sum service: {zones} zones x {cells:,}-cell vectors, in-process")
+    ex, operator = _exchange(work)
+    try:
+        bureau, _ = _principal(ex, operator, "Statistics Bureau", "agency")
+        rng = np.random.default_rng(13)
+        names = []
+        truth = np.zeros(cells, dtype=np.int64)
+        for z in range(zones):
+            zone = f"district{z}"
+            names.append(zone)
+            provider, provider_key = _principal(ex, operator, f"District {z}", "agency")
+            services.create_zone(ex, provider, zone, "district")
+            per_cell = 3
+            cell_ids = np.repeat(np.arange(cells), per_cell)
+            staff = rng.integers(1, 5000, cells * per_cell)
+            table = {
+                "company_id": [f"{zone}-{i}" for i in range(cells * per_cell)],
+                "cell": [f"c{c:05d}" for c in cell_ids],
+                "staff": staff,
+            }
+            np.add.at(truth, cell_ids, staff)
+            path = work / f"{zone}.parquet"
+            con = duckdb.connect()
+            con.register("t", pa.table(table))
+            con.execute(f"COPY t TO '{path}' (FORMAT parquet)")
+            levels = {"company_id": "L3", "cell": "L1", "staff": "L3"}
+            _dataset(ex, provider, zone, "firms", path, levels)
+            rules_service.set_rules(
+                ex,
+                provider,
+                zone,
+                "firms",
+                {
+                    "min_group_size": 2,
+                    "columns": {
+                        "company_id": {"disclosure": "join_only"},
+                        "cell": {"disclosure": "plaintext"},
+                        "staff": {"disclosure": "after_aggregate", "lower": "0", "upper": "5000"},
+                    },
+                },
+            )
+            _grant(ex, bureau, provider, provider_key, zone, "firms", "secure_sum", SUM_PURPOSE)
+        secret = he.new_context(he.BFV_DEFAULT)
+        public = he.public_context_bytes(secret)
+        context = contexts.register_context(ex, bureau, public).digest
+        sql = "SELECT cell, SUM(staff) AS staff FROM firms GROUP BY cell"
+        wanted = [[f"c{c:05d}"] for c in range(cells)]
+        request = {"zones": names, "sql": sql, "purpose": SUM_PURPOSE, "context": context}
+        request["cells"] = wanted
+
+        def run() -> dict[str, Any]:
+            return secure_sum_service.run_secure_sum(
+                ex,
+                bureau,
+                zones=names,
+                sql=sql,
+                purpose=SUM_PURPOSE,
+                context=context,
+                cells=wanted,
+            )
+
+        run()
+        response, total = timed(run)
+        got, decrypt = timed(
+            lambda: he.decrypt_vector(
+                secret, b64url_decode(response["ciphertext"]), response["result"]["length"]
+            )
+        )
+        contribution = len(b64url_decode(response["ciphertext"]))
+        print(
+            f"run_secure_sum ({zones} zones: check, authorize, query, encrypt, sign; verify, "
+            f"add, receipt): {total:.2f} s; decrypt {decrypt * 1e3:.1f} ms; "
+            f"exact: {list(got) == truth.tolist()}"
+        )
+        print(
+            f"on the wire: public context {mb(len(public))} (once), request "
+            f"{mb(len(json.dumps(request)))}, response {mb(len(json.dumps(response)))}; "
+            f"zone -> exchange {zones} x {mb(contribution)} if zones run as separate nodes"
+        )
+    finally:
+        ex.close()
+
+
+def bench_services(entities: int, features: int, sample: int, zones: int, cells: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_service_scores(Path(tmp) / "score", entities, features, sample)
+        bench_service_secure_sum(Path(tmp) / "sum", zones, cells)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--entities", type=int, default=100_000)
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--zones", type=int, default=3)
+    parser.add_argument("--sample", type=int, default=200)
+    parser.add_argument("--cells", type=int, default=4096)
+    parser.add_argument("--services-only", action="store_true")
     args = parser.parse_args()
     print(f"tenseal {ts.__version__}, numpy {np.__version__}, one process")
-    bench_parameters()
-    bench_psi_aggregate(args.rows)
-    bench_scores(args.entities, args.features)
-    bench_secure_sum(args.zones)
+    if not args.services_only:
+        bench_parameters()
+        bench_psi_aggregate(args.rows)
+        bench_scores(args.entities, args.features)
+        bench_secure_sum(args.zones)
+    bench_services(args.entities, args.features, args.sample, args.zones, args.cells)
 
 
 if __name__ == "__main__":

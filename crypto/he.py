@@ -54,6 +54,8 @@ from typing import Any, Literal
 import tenseal as ts
 import tenseal.sealapi as seal
 
+from crypto.canonical import canonicalize
+from crypto.encoding import b64url_encode
 from crypto.errors import CryptoError, EncodingError, VerificationError
 
 __all__ = [
@@ -61,6 +63,9 @@ __all__ = [
     "CKKS_DEFAULT",
     "FEATURE_LIMIT",
     "MAX_FEATURES",
+    "MODEL_LINKS",
+    "MODEL_NONCE_BYTES",
+    "MODEL_TYPE",
     "PARAMETER_SETS",
     "SECURITY_TABLE",
     "WEIGHT_LIMIT",
@@ -84,14 +89,22 @@ __all__ = [
     "masked_total",
     "max_ciphertext_bytes",
     "max_public_context_bytes",
+    "model_commitment",
+    "model_document",
     "new_context",
+    "pack_ciphertexts",
     "parameters_of",
+    "parse_model_document",
     "public_context_bytes",
     "scale_bias",
     "security_level",
     "slot_count",
     "sum_ciphertexts",
+    "unpack_ciphertexts",
     "verify_capacity",
+    "verify_model_commitment",
+    "weight_text",
+    "weights_digest",
 ]
 
 Scheme = Literal["bfv", "ckks"]
@@ -965,3 +978,186 @@ def decrypt_vector(ctx_secret: Any, data: bytes, n: int) -> list[int] | list[flo
     if params.scheme == "bfv":
         return [int(v) for v in values]
     return [float(v) for v in values]
+
+
+# -- (D) model commitments and ciphertext batches -------------------------------------------
+
+MODEL_TYPE = "zonex.model.v1"
+MODEL_WEIGHTS_TYPE = "zonex.model-weights.v1"
+#: how the consumer turns a decrypted linear score into its output (applied locally)
+MODEL_LINKS = ("identity", "logistic")
+MODEL_NONCE_BYTES = 32
+_FEATURE_NAME_MAX = 128
+#: a batch frame: 4-byte big-endian length, then that many ciphertext bytes
+_FRAME_HEADER = 4
+
+
+def _number_text(value: object, limit: float, what: str) -> str:
+    """A finite number within ``limit`` as the shortest decimal text that reads back to the
+    same float; text must already be in that form (so one model has one encoding)."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError as exc:
+            raise EncodingError(f"{what} is not a number") from exc
+        if value != repr(number):
+            raise EncodingError(f"{what} is not in shortest round-trip form ({number!r})")
+    else:
+        number = _finite(value, limit, what)
+    if not math.isfinite(number) or abs(number) > limit:
+        raise EncodingError(f"{what} must be finite with magnitude <= {limit:g}")
+    return repr(number)
+
+
+def weight_text(value: object, what: str = "weight") -> str:
+    """A weight as decimal text. Commitments hash text, never floats (canonical JSON refuses
+    them), and ``repr`` of a float is exact: an auditor holding the model's floats rebuilds
+    the same strings."""
+    return _number_text(value, WEIGHT_LIMIT, what)
+
+
+def _features(features: Sequence[str]) -> list[str]:
+    if isinstance(features, str) or not 1 <= len(features) <= MAX_FEATURES:
+        raise EncodingError(f"a model names 1..{MAX_FEATURES} features")
+    out = []
+    for j, name in enumerate(features):
+        if not isinstance(name, str) or not 1 <= len(name) <= _FEATURE_NAME_MAX:
+            raise EncodingError(f"feature {j} is not a name of 1..{_FEATURE_NAME_MAX} characters")
+        out.append(name)
+    if len(set(out)) != len(out):
+        raise EncodingError("a model names each feature once")
+    return out
+
+
+def weights_digest(weights: Sequence[object], bias: object, nonce: bytes) -> str:
+    """Hex SHA-256 over the canonical JSON of the weights, the bias and a secret nonce.
+
+    The nonce (32 random bytes the model owner keeps with the weights) makes the digest hiding:
+    without it nobody can confirm a guessed model, even one with a few round weights."""
+    if not isinstance(nonce, bytes) or len(nonce) != MODEL_NONCE_BYTES:
+        raise EncodingError(f"a model nonce is {MODEL_NONCE_BYTES} bytes")
+    if isinstance(weights, str | bytes) or not 1 <= len(weights) <= MAX_FEATURES:
+        raise EncodingError(f"a model has 1..{MAX_FEATURES} weights")
+    body = {
+        "type": MODEL_WEIGHTS_TYPE,
+        "weights": [weight_text(w, f"weight {j}") for j, w in enumerate(weights)],
+        "bias": _bias_text(bias),
+        "nonce": b64url_encode(nonce),
+    }
+    return hashlib.sha256(canonicalize(body)).hexdigest()
+
+
+def _bias_text(bias: object) -> str:
+    """The bias may be as large as a score: it is never encrypted, only added locally."""
+    return _number_text(bias, 2.0**58, "bias")
+
+
+def model_document(
+    features: Sequence[str], digest: str, *, link: str = "identity", parameter_set: str
+) -> dict[str, Any]:
+    """The public half of a model commitment: feature names, link, parameters, and the hiding
+    :func:`weights_digest`. The exchange stores and ledgers this; it never sees weights."""
+    if link not in MODEL_LINKS:
+        raise EncodingError(f"link must be one of {', '.join(MODEL_LINKS)}")
+    if parameter_set not in PARAMETER_SETS or PARAMETER_SETS[parameter_set].scheme != "ckks":
+        raise EncodingError("a scoring model names a CKKS parameter set")
+    if not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
+        raise EncodingError("weights_digest is 64 lowercase hex digits")
+    return {
+        "type": MODEL_TYPE,
+        "features": _features(features),
+        "link": link,
+        "parameter_set": parameter_set,
+        "weights_digest": digest,
+    }
+
+
+def parse_model_document(document: object) -> dict[str, Any]:
+    """Check a received :func:`model_document` (exact keys, valid fields); return it rebuilt."""
+    keys = {"type", "features", "link", "parameter_set", "weights_digest"}
+    if not isinstance(document, Mapping) or set(document) != keys:
+        raise EncodingError(f"a model document has exactly the keys {sorted(keys)}")
+    if document["type"] != MODEL_TYPE:
+        raise EncodingError(f"a model document has type {MODEL_TYPE}")
+    features = document["features"]
+    if not isinstance(features, list):
+        raise EncodingError("features is a list of column names")
+    return model_document(
+        features,
+        document["weights_digest"],
+        link=document["link"],
+        parameter_set=document["parameter_set"],
+    )
+
+
+def model_commitment(document: Mapping[str, Any]) -> str:
+    """Hex SHA-256 of the canonical model document: the id receipts and the ledger cite."""
+    return hashlib.sha256(canonicalize(parse_model_document(document))).hexdigest()
+
+
+def verify_model_commitment(
+    commitment: str,
+    document: Mapping[str, Any],
+    *,
+    features: Sequence[str],
+    weights: Sequence[object],
+    bias: object,
+    nonce: bytes,
+    link: str = "identity",
+) -> None:
+    """Check a revealed model (its features, weights, bias, link and nonce) against a
+    commitment and its public document; raise :class:`VerificationError` naming the mismatch.
+
+    This is the auditor's check after the fact: the cryptography cannot tell an honest model
+    from a feature-reading one, but a committed model cannot be swapped afterwards."""
+    try:
+        expected = model_commitment(document)
+    except EncodingError as exc:
+        raise VerificationError(f"the model document is malformed: {exc}") from exc
+    if expected != commitment:
+        raise VerificationError("the model document does not hash to the commitment")
+    if _features(features) != document["features"]:
+        raise VerificationError("the revealed features differ from the committed ones")
+    if link != document["link"]:
+        raise VerificationError("the revealed link differs from the committed one")
+    if len(weights) != len(document["features"]):
+        raise VerificationError("the revealed model has a weight count other than its features")
+    if weights_digest(weights, bias, nonce) != document["weights_digest"]:
+        raise VerificationError("the revealed weights, bias or nonce differ from the committed")
+
+
+def pack_ciphertexts(items: Sequence[bytes]) -> bytes:
+    """Frame serialized ciphertexts into one body: each as a 4-byte big-endian length, then
+    its bytes. Unframed concatenation could not be split without parsing SEAL's format."""
+    out = bytearray()
+    for k, item in enumerate(items):
+        if not isinstance(item, bytes | bytearray) or not 0 < len(item) < 1 << 32:
+            raise EncodingError(f"ciphertext {k} is not 1..2**32-1 bytes")
+        out += len(item).to_bytes(_FRAME_HEADER, "big") + item
+    return bytes(out)
+
+
+def unpack_ciphertexts(data: bytes, *, max_items: int, max_item_bytes: int) -> list[bytes]:
+    """Split a :func:`pack_ciphertexts` body, refusing more than ``max_items`` frames, a frame
+    over ``max_item_bytes``, a truncated frame and trailing bytes, before anything is parsed."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise EncodingError("a ciphertext batch is bytes")
+    view = memoryview(data)
+    items: list[bytes] = []
+    i = 0
+    while i < len(view):
+        if len(items) >= max_items:
+            raise EncodingError(f"a batch holds at most {max_items} ciphertexts")
+        if i + _FRAME_HEADER > len(view):
+            raise EncodingError("truncated ciphertext batch")
+        size = int.from_bytes(view[i : i + _FRAME_HEADER], "big")
+        i += _FRAME_HEADER
+        if not 0 < size <= max_item_bytes:
+            raise EncodingError(f"a ciphertext in the batch is over the {max_item_bytes} limit")
+        if i + size > len(view):
+            raise EncodingError("truncated ciphertext batch")
+        items.append(bytes(view[i : i + size]))
+        i += size
+    if not items:
+        raise EncodingError("the ciphertext batch is empty")
+    return items

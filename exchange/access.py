@@ -882,20 +882,25 @@ def has_live_consent(
     wanted = list(dict.fromkeys(digests))
     vocabulary = ex.policy.point.vocabulary
     found = dict.fromkeys(wanted, False)
+    covers: dict[str, bool] = {}
     with Session(ex.engine) as session:
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i : i + 500]
-            rows = session.scalars(
-                select(ConsentRow).where(
+        for i in range(0, len(wanted), 2000):
+            chunk = wanted[i : i + 2000]
+            rows = session.execute(
+                select(ConsentRow.subject_digest, ConsentRow.purpose, ConsentRow.expires_at).where(
                     ConsentRow.zone == zone,
                     ConsentRow.consumer == consumer,
                     ConsentRow.status == "active",
                     ConsentRow.subject_digest.in_(chunk),
+                    ConsentRow.expires_at > moment,
                 )
             )
-            for row in rows:
-                if moment < row.expires_at and vocabulary.is_within(purpose, row.purpose):
-                    found[row.subject_digest] = True
+            for digest, granted_purpose, expires_at in rows:
+                ok = covers.get(granted_purpose)
+                if ok is None:
+                    ok = covers[granted_purpose] = vocabulary.is_within(purpose, granted_purpose)
+                if ok and moment < expires_at:
+                    found[digest] = True
     return found
 
 

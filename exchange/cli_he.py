@@ -1,5 +1,236 @@
-"""``zonex score`` and ``zonex secure-sum``: homomorphic computations from the key holder's side."""
+"""``zonex model``, ``zonex score`` and ``zonex secure-sum``: homomorphic computations from the
+key holder's side. Secret contexts are made in this process and never written or sent."""
 
 from __future__ import annotations
 
-from exchange.cli import app  # noqa: F401  (commands register on it)
+import csv
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from crypto import he
+from crypto.encoding import b64url_decode
+from exchange import he_client
+from exchange.cli import KeyPath, Url, app, client, one_line_errors, out, save_result
+
+model_app = typer.Typer(help="scoring-model commitments", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+ModelFile = Annotated[
+    Path, typer.Option("--model", help="model JSON: features, weights, bias, link, nonce")
+]
+Purpose = Annotated[str, typer.Option(help="purpose the grant (and consents) name")]
+
+
+@contextmanager
+def _progress(title: str) -> Iterator[he_client.Progress]:
+    """A rich progress bar driven by the client's ``progress(step, done, total)`` calls."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(title, total=1)
+
+        def update(step: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{title}: {step}", completed=done, total=total)
+
+        yield update
+
+
+@model_app.command("commit")
+@one_line_errors
+def model_commit(
+    model: ModelFile, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("key")
+) -> None:
+    """Register the commitment of a model (its weights stay here). A model file without a
+    nonce gets one, written back: keep the file, it is what an auditor will check."""
+    loaded, fresh = he_client.load_model(model)
+    if fresh:
+        he_client.save_model(model, loaded)
+        out.print(f"added a secret nonce to {model} (keep this file private)")
+    with client(url, key) as c:
+        stored = c.commit_model(loaded.document())
+    out.print(f"model commitment: {stored['commitment']}")
+    out.print(f"features: {', '.join(loaded.features)}; link: {loaded.link}")
+
+
+@model_app.command("show")
+@one_line_errors
+def model_show(
+    commitment: str,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("key"),
+    out_file: Annotated[Path | None, typer.Option("--out", help="write the document")] = None,
+) -> None:
+    """Fetch a commitment's public document (owner, auditor or operator)."""
+    with client(url, key) as c:
+        stored = c.model(commitment)
+    text = json.dumps(stored["document"], indent=2)
+    if out_file is None:
+        out.print_json(text)
+    else:
+        out_file.write_text(text + "\n", "utf-8")
+        out.print(f"document: {out_file}")
+
+
+@model_app.command("verify")
+@one_line_errors
+def model_verify(
+    model: ModelFile,
+    document: Annotated[Path, typer.Option(help="the committed document (zonex model show)")],
+    commitment: Annotated[str, typer.Option(help="the commitment a receipt cites")],
+) -> None:
+    """Offline: check a revealed model file against a commitment and its document."""
+    loaded, fresh = he_client.load_model(model)
+    if fresh:
+        raise ValueError(f"{model} has no nonce: it cannot be the committed model")
+    he.verify_model_commitment(
+        commitment,
+        json.loads(document.read_text("utf-8")),
+        features=loaded.features,
+        weights=loaded.weights,
+        bias=loaded.bias,
+        nonce=loaded.nonce,
+        link=loaded.link,
+    )
+    out.print(f"OK: {model} is the model committed as {commitment}")
+
+
+def _read_ids(path: Path, column: str | None) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    header = rows[0]
+    if column is not None:
+        if column not in header:
+            raise ValueError(f"{path} has no column {column!r}")
+        index, body = header.index(column), rows[1:]
+    else:
+        index, body = 0, rows[1:] if header and header[0].strip().lower() in ("id", "ids") else rows
+    ids = [r[index].strip() for r in body if r and r[index].strip()]
+    if not ids:
+        raise ValueError(f"{path} holds no ids")
+    return ids
+
+
+def _numbered(path: Path, n: int, total: int) -> Path:
+    return path if total == 1 else path.with_name(f"{path.stem}-{n + 1}{path.suffix}")
+
+
+@app.command("score")
+@one_line_errors
+def score_cmd(
+    zone: Annotated[str, typer.Option(help="the zone holding the features")],
+    dataset: Annotated[str, typer.Option(help="the dataset whose columns the model uses")],
+    model: ModelFile,
+    ids: Annotated[Path, typer.Option("--ids", help="CSV of entity ids (first column)")],
+    purpose: Purpose = "credit-assessment",
+    id_column: Annotated[str | None, typer.Option(help="id column name in the CSV")] = None,
+    scores_file: Annotated[Path, typer.Option("--out", help="scores CSV to write")] = Path(
+        "scores.csv"
+    ),
+    result_file: Annotated[
+        Path, typer.Option("--result", help="signed result (receipt beside it)")
+    ] = Path("score-result.json"),
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("key"),
+) -> None:
+    """Score consented entities under your committed model; decrypt locally."""
+    loaded, fresh = he_client.load_model(model)
+    if fresh:
+        raise ValueError(f"{model} has no nonce; run zonex model commit --model {model} first")
+    entity_ids = _read_ids(ids, id_column)
+    with client(url, key) as c, _progress(f"scoring {len(entity_ids)}") as progress:
+        outcome = he_client.score(
+            c,
+            zone=zone,
+            dataset=dataset,
+            purpose=purpose,
+            model=loaded,
+            ids=entity_ids,
+            progress=progress,
+        )
+    with scores_file.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "score"])
+        writer.writerows((i, repr(s)) for i, s in zip(outcome.ids, outcome.scores, strict=True))
+    out.print(f"{len(outcome.scores)} scores: {scores_file}")
+    for n, response in enumerate(outcome.responses):
+        save_result(response, _numbered(result_file, n, len(outcome.responses)), None)
+
+
+def _cells(cells: str | None, cells_file: Path | None) -> list[list[str]]:
+    if (cells is None) == (cells_file is None):
+        raise ValueError("give --cells A,B,C or --cells-file FILE (a JSON list of lists)")
+    if cells is not None:
+        return [[c.strip()] for c in cells.split(",") if c.strip()]
+    assert cells_file is not None
+    data: Any = json.loads(cells_file.read_text("utf-8"))
+    if not isinstance(data, list) or not all(isinstance(c, list) for c in data):
+        raise ValueError(f"{cells_file} must hold a JSON list of lists of group values")
+    return [[str(v) for v in c] for c in data]
+
+
+@app.command("secure-sum")
+@one_line_errors
+def secure_sum_cmd(
+    zones: Annotated[str, typer.Option(help="comma-separated zones, e.g. d1,d2,d3")],
+    sql: Annotated[str, typer.Option(help="one aggregate query (COUNT and SUM by group)")],
+    cells: Annotated[
+        str | None, typer.Option(help="comma-separated group values (one GROUP BY column)")
+    ] = None,
+    cells_file: Annotated[Path | None, typer.Option(help="JSON list of group-value lists")] = None,
+    purpose: Purpose = "statistics",
+    scheme: Annotated[str, typer.Option(help="bfv (exact integers) or ckks (decimals)")] = "bfv",
+    epsilon: Annotated[str | None, typer.Option(help="ask for DP noise with this ε")] = None,
+    totals_file: Annotated[Path, typer.Option("--out", help="totals CSV to write")] = Path(
+        "totals.csv"
+    ),
+    result_file: Annotated[
+        Path, typer.Option("--result", help="signed result (receipt beside it)")
+    ] = Path("sum-result.json"),
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("key"),
+) -> None:
+    """Sum one aggregate over several zones; only the total is decrypted, here."""
+    names = [z.strip() for z in zones.split(",") if z.strip()]
+    wanted = _cells(cells, cells_file)
+    with client(url, key) as c:
+        with _progress(f"secure sum over {len(names)} zones") as progress:
+            outcome = he_client.secure_sum(
+                c,
+                zones=names,
+                sql=sql,
+                cells=wanted,
+                purpose=purpose,
+                scheme=scheme,
+                epsilon=epsilon,
+                progress=progress,
+            )
+        zone_keys = {z: b64url_decode(c.zone(z)["public_key"]) for z in names}
+    he_client.verify_contributions(outcome.response, zone_keys)
+    table = Table("cell", *outcome.values, title="totals over " + ", ".join(names))
+    with totals_file.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", *outcome.values])
+        for cell, row in zip(outcome.cells, outcome.totals, strict=True):
+            label = "|".join(cell) or "(all)"
+            writer.writerow([label, *row])
+            table.add_row(label, *(str(v) for v in row))
+    out.print(table)
+    result = outcome.response["result"]
+    if result["epsilon"] != "0":
+        out.print(f"with Laplace noise at ε = {result['epsilon']} (see noise in {result_file})")
+    out.print(f"totals: {totals_file}; every zone's signed contribution verified")
+    save_result(outcome.response, result_file, None)

@@ -247,3 +247,60 @@ class BudgetRow(Base):
     dataset: Mapped[str] = mapped_column(String(64))
     window_start: Mapped[int] = mapped_column(BigInteger)
     spent: Mapped[str] = mapped_column(String(64))
+
+
+class PsiSessionRow(Base):
+    """One private-join session (:mod:`exchange.compute.psi`): who, on what, and how far it got.
+
+    Only counts and digests are stored here. Blinded points and ciphertexts live in files under
+    ``DATA_DIR/psi/<id>/`` and the provider's session scalar under the zone's directory; both
+    are deleted when the session ends, fails or expires.
+    """
+
+    __tablename__ = "psi_sessions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    consumer: Mapped[str] = mapped_column(String(64))
+    zone: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[str] = mapped_column(String(64))
+    #: cardinality | members | aggregate
+    mode: Mapped[str] = mapped_column(String(16))
+    purpose: Mapped[str] = mapped_column(String(200))
+    #: open | matched | done | failed | expired
+    state: Mapped[str] = mapped_column(String(16))
+    #: the last protocol step completed (create, a, b, result)
+    step: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: |X| as sent by the consumer and |Y| as read by the zone
+    x_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    y_count: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    #: points received so far in the consumer's two uploads (A, then B^c)
+    a_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    bc_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: SHA-256 digests of the messages (a, a_prime, b, b_c, chunks), for receipts and replays
+    digests: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: the canonical parameters (sum columns, epsilon) as JSON
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    context_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: a reason code when the session failed
+    error: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+    __table_args__ = (Index("ix_psi_sessions_expiry", "state", "expires_at"),)
+
+
+class ModelCommitmentRow(Base):
+    """A consumer's commitment to a scoring model (:mod:`exchange.compute.score`).
+
+    ``commitment`` is the SHA-256 of the canonical public document (feature names, link,
+    parameter set and a hiding digest of the weights); the weights themselves never reach the
+    exchange. ``he_score`` names the commitment and its receipt cites it.
+    """
+
+    __tablename__ = "he_models"
+
+    commitment: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

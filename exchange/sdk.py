@@ -361,3 +361,72 @@ class Client:
     # -- private joins (psi) --
 
     # -- homomorphic scoring and secure sums --
+    # (raw calls; the key holder's side, which never sends a secret key: exchange.he_client)
+
+    def commit_model(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """Register a model commitment (public document only; weights stay with you)."""
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/he/models", json={"document": dict(document)}
+        )
+        return result
+
+    def model(self, commitment: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/he/models/{commitment}")
+        return result
+
+    def upload_ciphertexts(self, context: str, data: bytes) -> dict[str, Any]:
+        """Upload framed ciphertexts (:func:`crypto.he.pack_ciphertexts`) made under a context."""
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/v1/he/contexts/{context}/uploads",
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+        )
+        return result
+
+    def he_score(
+        self,
+        *,
+        zone: str,
+        dataset: str,
+        purpose: str,
+        model: str,
+        context: str,
+        weights: str,
+        ids: list[str],
+    ) -> dict[str, Any]:
+        """Encrypted scores of consented entities: ``{"result", "receipt", "ciphertexts"}``."""
+        body = {
+            "zone": zone,
+            "dataset": dataset,
+            "purpose": purpose,
+            "model": model,
+            "context": context,
+            "weights": weights,
+            "ids": ids,
+        }
+        result: dict[str, Any] = self.request("POST", "/v1/he/score", json=body)
+        return result
+
+    def secure_sum(
+        self,
+        *,
+        zones: list[str],
+        sql: str,
+        purpose: str,
+        context: str,
+        cells: list[list[str]],
+        epsilon: str | None = None,
+    ) -> dict[str, Any]:
+        """An encrypted total over zones: ``{"result", "receipt", "ciphertext", ...}``."""
+        body: dict[str, Any] = {
+            "zones": zones,
+            "sql": sql,
+            "purpose": purpose,
+            "context": context,
+            "cells": cells,
+        }
+        if epsilon is not None:
+            body["epsilon"] = epsilon
+        result: dict[str, Any] = self.request("POST", "/v1/he/secure-sum", json=body)
+        return result

@@ -42,8 +42,20 @@ class Settings(BaseModel):
     max_he_context_bytes: int = 1 << 20
     #: memory for parsed HE contexts kept in each process (least recently used go first)
     he_context_cache_bytes: int = 256 << 20
+    #: one upload of framed ciphertexts (encrypted model weights, ~0.37 MB each at n = 8192)
+    max_he_upload_bytes: int = 128 << 20
+    #: entities one he_score call may ask about (25 ciphertexts of 4096 scores come back)
+    max_score_entities: int = 100_000
+    #: zones one secure_sum may combine
+    max_secure_sum_zones: int = 32
     #: one binary batch of PSI points (32 bytes each): 64 MiB is two million points
     max_psi_batch_bytes: int = 64 << 20
+    #: the largest id set either side of a private join may bring (|X| and |Y|)
+    psi_max_items: int = 2_000_000
+    #: a private-join session must finish within this; its artefacts are deleted after
+    psi_session_seconds: int = 900
+    #: threads for blinding and re-blinding (None: every available core)
+    psi_workers: int | None = None
 
     # catalog and storage
     upload_ttl_seconds: int = 24 * 3600

@@ -98,8 +98,11 @@ class BodyLimitMiddleware:
         self.binary_limits = dict(binary_limits or {})
 
     def limit_for(self, path: str) -> int:
-        for suffix, limit in self.binary_limits.items():
-            if path.endswith(suffix):
+        """The first matching entry's limit: a key ``"PREFIX*SUFFIX"`` matches paths with both,
+        a plain key matches paths ending in it."""
+        for pattern, limit in self.binary_limits.items():
+            prefix, star, suffix = pattern.rpartition("*")
+            if path.endswith(suffix) and (not star or path.startswith(prefix)):
                 return limit
         return self.json_limit
 
@@ -182,6 +185,8 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
         BodyLimitMiddleware,
         json_limit=cfg.max_json_bytes,
         binary_limits={
+            # ciphertexts under a registered context, before the dataset uploads they resemble
+            "/v1/he/contexts/*" + UPLOAD_SUFFIX: cfg.max_he_upload_bytes,
             UPLOAD_SUFFIX: cfg.max_upload_bytes,
             CONTEXT_SUFFIX: cfg.max_he_context_bytes,
             POINTS_SUFFIX: cfg.max_psi_batch_bytes,

@@ -11,13 +11,21 @@ renamed, so a reader never sees half a context); registering the same bytes agai
 Each process keeps parsed contexts in a least-recently-used cache bounded by
 ``settings.he_context_cache_bytes``. The registration is ledgered (``he.context_registered``)
 with the digest and who uploaded it; the bytes are public by construction.
+
+Ciphertext uploads (:func:`store_ciphertexts`): a key holder's encrypted model weights are a
+few hundred kilobytes each, too large for a JSON body, so they travel once as a framed binary
+batch (:func:`crypto.he.pack_ciphertexts`) bound to one context and one uploader, are checked
+frame by frame under that context, and are then named by digest. They are kept under
+``DATA_DIR/he/uploads`` for ``settings.upload_ttl_seconds``; only the uploader can use them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +38,16 @@ from exchange.errors import InvalidInputError, NotFoundError
 from exchange.ledger import EntryDraft
 from exchange.node import Exchange
 
-__all__ = ["ContextCache", "ContextInfo", "context_info", "load_context", "register_context"]
+__all__ = [
+    "CiphertextUpload",
+    "ContextCache",
+    "ContextInfo",
+    "context_info",
+    "load_ciphertexts",
+    "load_context",
+    "register_context",
+    "store_ciphertexts",
+]
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 #: a parsed context holds NTT tables and the key in expanded form: count it at this multiple
@@ -181,3 +198,96 @@ def load_context(ex: Exchange, digest: str, expected: he.ParameterSet | None = N
             f"this computation needs a {_name(expected)} context", reason="bad_context"
         )
     return ctx
+
+
+# -- ciphertext uploads -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CiphertextUpload:
+    digest: str
+    context: str
+    count: int
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "context": self.context,
+            "count": self.count,
+            "size": self.size,
+        }
+
+
+def _uploads(ex: Exchange) -> Path:
+    path = ex.settings.data_dir / "he" / "uploads"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _sweep(directory: Path, ttl: int) -> None:
+    """Delete uploads older than the TTL (best effort; another process may race us)."""
+    cutoff = time.time() - ttl
+    for entry in directory.iterdir():
+        try:
+            if entry.stat().st_mtime < cutoff:
+                entry.unlink()
+        except OSError:
+            continue
+
+
+def store_ciphertexts(
+    ex: Exchange, actor: Principal, context: str, data: bytes
+) -> CiphertextUpload:
+    """Check a framed batch of ciphertexts under the public context ``context`` and keep it.
+
+    Every frame must load as a ciphertext of the context's scheme and exact parameters
+    (:func:`crypto.he.load_ciphertext`, size-bounded); anything else refuses the whole batch.
+    """
+    settings = ex.settings
+    if len(data) > settings.max_he_upload_bytes:
+        raise InvalidInputError(
+            f"a ciphertext upload is at most {settings.max_he_upload_bytes} bytes",
+            reason="too_large",
+        )
+    ctx = load_context(ex, context)
+    params = he.parameters_of(ctx)
+    limit = he.max_ciphertext_bytes(params)
+    try:
+        items = he.unpack_ciphertexts(data, max_items=he.MAX_FEATURES, max_item_bytes=limit)
+        for item in items:
+            he.load_ciphertext(ctx, item, max_bytes=limit, kind=params.scheme)
+    except CryptoError as exc:
+        raise InvalidInputError(f"unusable ciphertext: {exc}", reason="bad_ciphertext") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    directory = _uploads(ex)
+    _sweep(directory, settings.upload_ttl_seconds)
+    path = directory / f"{actor.key_id}.{context}.{digest}"
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    else:
+        path.touch()
+    return CiphertextUpload(digest, context, len(items), len(data))
+
+
+def load_ciphertexts(ex: Exchange, actor: Principal, context: str, digest: str) -> list[bytes]:
+    """The frames of an upload the actor made under ``context`` (checked again by the caller's
+    HE computation, which loads each under the context)."""
+    for value, what in ((context, "context"), (digest, "upload")):
+        if not isinstance(value, str) or not _DIGEST.match(value):
+            raise InvalidInputError(f"a {what} digest is 64 lowercase hex digits")
+    path = _uploads(ex) / f"{actor.key_id}.{context}.{digest}"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(
+            f"no ciphertext upload {digest[:16]}… of yours under context {context[:16]}…"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise InvalidInputError("the stored upload does not match its digest")
+    params = he.parameters_of(load_context(ex, context))
+    return he.unpack_ciphertexts(
+        data, max_items=he.MAX_FEATURES, max_item_bytes=he.max_ciphertext_bytes(params)
+    )

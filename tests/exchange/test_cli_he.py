@@ -1,0 +1,183 @@
+"""``zonex model``, ``zonex score`` and ``zonex secure-sum`` against a real server: files
+written, receipts verified offline with ``zonex receipt verify``, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from crypto.keys import SigningKey
+from exchange.cli import app
+from exchange.keyfile import write_private_key
+from tests.conftest import LiveServer
+from tests.exchange import test_he_compute as he_tests
+from tests.exchange.test_he_compute import (
+    CELLS,
+    CONSENTED,
+    DISTRICTS,
+    FEATURES,
+    SUM_SQL,
+    _expected,
+    _matrix,
+)
+
+pytestmark = pytest.mark.slow
+
+# the scenarios of the API tests, driven from the shell
+bank = he_tests.bank
+bureau = he_tests.bureau
+
+
+def _key(tmp_path: Path, name: str, key: SigningKey) -> Path:
+    path = tmp_path / f"{name}.key"
+    write_private_key(path, key)
+    return path
+
+
+def run(server: LiveServer, key: Path | None, *args: str) -> tuple[int, str]:
+    extra = ["--url", server.url, "--key", str(key)] if key is not None else []
+    result = CliRunner().invoke(app, [*args, *extra], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_commit_score_and_audit_from_the_shell(
+    server: LiveServer, bank: dict[str, Any], tmp_path: Path
+) -> None:
+    key = _key(tmp_path, "bank", bank["keys"]["bank"])
+    weights = [2e-05, 0.015, 3.5, -1e-06]
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps({"features": FEATURES, "weights": weights, "bias": 0.5}))
+    code, output = run(server, key, "model", "commit", "--model", str(model))
+    assert code == 0, output
+    assert "added a secret nonce" in output
+    commitment = output.split("model commitment: ")[1].split()[0]
+    assert json.loads(model.read_text())["nonce"]
+
+    firms = bank["firms"][:CONSENTED]
+    ids = tmp_path / "ids.csv"
+    ids.write_text("id\n" + "\n".join(f["company_id"] for f in firms) + "\n")
+    scores = tmp_path / "scores.csv"
+    result = tmp_path / "result.json"
+    code, output = run(
+        server,
+        key,
+        "score",
+        "--zone",
+        "tax",
+        "--dataset",
+        "firms",
+        "--model",
+        str(model),
+        "--ids",
+        str(ids),
+        "--out",
+        str(scores),
+        "--result",
+        str(result),
+    )
+    assert code == 0, output
+    with scores.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == [f["company_id"] for f in firms]
+    expected = _matrix(firms) @ np.array(weights) + 0.5
+    got = np.array([float(r["score"]) for r in rows])
+    assert np.all(np.abs(got - expected) <= 1e-6 * (np.abs(_matrix(firms)) @ np.abs(weights)))
+
+    log_key = str(server.data_dir / "log.pub")
+    code, output = run(
+        server,
+        None,
+        "receipt",
+        "verify",
+        str(result) + ".receipt",
+        "--result",
+        str(result),
+        "--log-key",
+        log_key,
+    )
+    assert code == 0 and output.startswith("OK: he_score"), output
+
+    auditor = SigningKey.generate()
+    with server.client(server.operator) as op:
+        op.register_principal("Audit Office 2", "auditor", auditor.public_key)
+    document = tmp_path / "document.json"
+    code, output = run(
+        server,
+        _key(tmp_path, "auditor", auditor),
+        "model",
+        "show",
+        commitment,
+        "--out",
+        str(document),
+    )
+    assert code == 0, output
+    code, output = run(
+        server,
+        None,
+        "model",
+        "verify",
+        "--model",
+        str(model),
+        "--document",
+        str(document),
+        "--commitment",
+        commitment,
+    )
+    assert code == 0 and output.startswith("OK"), output
+    tampered = json.loads(model.read_text())
+    tampered["weights"][0] = 3e-05
+    model.write_text(json.dumps(tampered))
+    code, output = run(
+        server,
+        None,
+        "model",
+        "verify",
+        "--model",
+        str(model),
+        "--document",
+        str(document),
+        "--commitment",
+        commitment,
+    )
+    assert code == 1 and "differ from the committed" in output and len(output.splitlines()) <= 2
+
+
+def test_secure_sum_from_the_shell(
+    server: LiveServer, bureau: dict[str, Any], tmp_path: Path
+) -> None:
+    key = _key(tmp_path, "bureau", bureau["bureau"])
+    totals = tmp_path / "totals.csv"
+    result = tmp_path / "sum.json"
+    cells = ",".join(c[0] for c in CELLS)
+    common = ["--zones", ",".join(DISTRICTS), "--sql", SUM_SQL, "--purpose", "statistics"]
+    code, output = run(
+        server,
+        key,
+        "secure-sum",
+        *common,
+        "--cells",
+        cells,
+        "--out",
+        str(totals),
+        "--result",
+        str(result),
+    )
+    assert code == 0, output
+    assert "contribution verified" in output
+    with totals.open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["cell", "n", "staff"]
+    assert [[int(v) for v in r[1:]] for r in rows[1:]] == _expected(bureau["data"])
+    assert json.loads(result.read_text())["zones"] == list(DISTRICTS)
+    assert (tmp_path / "sum.json.receipt").exists()
+
+    code, output = run(server, key, "secure-sum", *common, "--cells", "retail")
+    assert code == 1
+    assert "422 invalid_input" in output and "d3" in output
+    assert len(output.strip().splitlines()) <= 2
