@@ -162,3 +162,116 @@ def test_ceilings_consents_and_suspension_from_the_shell(
     assert code == 1 and "403" in out
     code, out = run(server, keys["operator"], "zone", "reinstate", "tax")
     assert code == 0
+
+
+def test_rules_aggregate_budget_from_the_shell(
+    server: LiveServer, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(
+        json.dumps(
+            {
+                "min_group_size": 10,
+                "dp_required": True,
+                "epsilon_budget": "1",
+                "refresh_seconds": 3600,
+                "columns": {
+                    "company_id": {"disclosure": "join_only"},
+                    "district": {"disclosure": "plaintext"},
+                    "tax_paid_2025": {"disclosure": "plaintext", "lower": "0", "upper": "1000000"},
+                },
+            }
+        )
+    )
+    code, text = run(
+        server, keys["provider"], "dataset", "rules", "tax", "companies", "--set", str(rules)
+    )
+    assert code == 0 and "v1" in text and "DP required" in text
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, text = run(
+        server, keys["provider"], "dataset", "rules", "tax", "companies", "--set", str(bad)
+    )
+    assert code != 0 and "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+    code, text = run(
+        server,
+        keys["consumer"],
+        "request",
+        "tax",
+        "--dataset",
+        "companies",
+        "--operation",
+        "aggregate",
+        "--purpose",
+        "credit-assessment",
+        "--justification",
+        "stats",
+    )
+    assert code == 0
+    request_id = re.search(r"request (\S+) filed", text)
+    assert request_id is not None
+    code, _ = run(server, keys["provider"], "approve", request_id.group(1))
+    assert code == 0
+
+    out = tmp_path / "agg.json"
+    sql = "SELECT district, COUNT(*), SUM(tax_paid_2025) FROM companies GROUP BY district"
+    code, text = run(
+        server,
+        keys["consumer"],
+        "aggregate",
+        "tax",
+        "--sql",
+        sql,
+        "--purpose",
+        "credit-assessment",
+        "--epsilon",
+        "0.75",
+        "--out",
+        str(out),
+    )
+    assert code == 0, text
+    assert "differentially private, ε = 0.75 charged" in text
+    verified = CliRunner().invoke(
+        app,
+        [
+            "receipt",
+            "verify",
+            str(out) + ".receipt",
+            "--result",
+            str(out),
+            "--log-key",
+            str(server.data_dir / "log.pub"),
+        ],
+    )
+    code, text = verified.exit_code, verified.output
+    assert code == 0 and text.startswith("OK: aggregate")
+    code, text = run(server, keys["consumer"], "budget", "--json")
+    assert code == 0 and '"remaining": "0.25"' in text
+    code, text = run(
+        server,
+        keys["consumer"],
+        "aggregate",
+        "tax",
+        "--sql",
+        sql,
+        "--purpose",
+        "credit-assessment",
+        "--epsilon",
+        "0.5",
+    )
+    assert code != 0 and "budget" in text and "Traceback" not in text
+    code, text = run(
+        server,
+        keys["consumer"],
+        "aggregate",
+        "tax",
+        "--sql",
+        "SELECT * FROM companies",
+        "--purpose",
+        "credit-assessment",
+    )
+    assert code != 0 and "Traceback" not in text
+    assert len(text.strip().splitlines()) == 1
