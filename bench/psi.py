@@ -14,6 +14,15 @@ Prints, in one run (every figure is the best of --repeat runs, microseconds per 
   crypto.psi's speedup with every core by batch size;
 - the private join of DESIGN.md with --items ids on each side, per party;
 - openmined-psi (P-256 on BoringSSL, the RAW setup) on the same items, if importable.
+
+With ``--service N`` (``--million`` for 1,000,000) it also runs, side by side, a whole
+``psi_cardinality`` session of N × N ids through the exchange's service functions (in-process,
+a real SQLite control database and DuckDB zone store), the same sizes through openmined-psi
+(client request, server setup and response, client intersection), and the primitive limit: four
+scalar multiplications per id pair at the measured single-core rate, divided by the cores.
+``--aggregate-rows R`` runs ``psi_aggregate`` (one sum column) against R provider rows and
+splits its time into homomorphic work (encrypting R values, the masked sum, decryption) and the
+rest (the PSI).
 """
 
 from __future__ import annotations
@@ -349,12 +358,275 @@ def openmined(n: int, repeat: int, ours: dict[str, float]) -> None:
     )
 
 
+# -- the service, side by side -------------------------------------------------------------------
+
+
+class _Live:
+    """An exchange in a temporary data directory, served by uvicorn on loopback (for setup
+    through the signed API); the protocol itself is then driven through the service functions."""
+
+    def __init__(self, root: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        from exchange.api.app import create_app
+        from exchange.keyfile import load_private_key
+        from exchange.node import Exchange, init_data_dir
+        from exchange.settings import Settings
+
+        self.data_dir = root / "exchange"
+        init_data_dir(self.data_dir, origin="bench.zonex/log")
+        self.ex = Exchange(Settings.from_data_dir(self.data_dir)).start()
+        self.operator = load_private_key(self.data_dir / "operator.key")
+        with socket_bound() as port:
+            self.port = port
+        config = uvicorn.Config(
+            create_app(exchange=self.ex), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+        self.ex.close()
+
+
+class socket_bound:
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def _world(live: _Live, root: Any, rows: int, bound: int) -> tuple[Any, list[str]]:
+    """A zone with ``rows`` companies (id, tax), a consumer granted the three private joins;
+    returns the consumer's principal and the provider's ids."""
+    import csv
+
+    from crypto.keys import SigningKey
+    from exchange import services
+    from exchange.sdk import Client
+
+    provider, consumer = SigningKey.generate(), SigningKey.generate()
+    ids = [f"C{i:09d}" for i in range(rows)]
+    path = root / "companies.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["company_id", "tax"])
+        for i, cid in enumerate(ids):
+            w.writerow([cid, (i * 7919) % bound])
+    with Client(live.url, live.operator, timeout=3600) as op:
+        op.register_principal("Tax Bureau", "agency", provider.public_key)
+        op.register_principal("City Bank", "enterprise", consumer.public_key)
+    with Client(live.url, provider, timeout=3600) as p:
+        p.create_zone("tax", "")
+        p.register_dataset(
+            "tax",
+            "companies",
+            levels={"company_id": "L3", "tax": "L3"},
+            subject_column="company_id",
+            file=path,
+        )
+        p.set_analysis_rules(
+            "tax",
+            "companies",
+            {
+                "columns": {
+                    "tax": {"disclosure": "after_aggregate", "lower": "0", "upper": str(bound)}
+                }
+            },
+        )
+    with Client(live.url, consumer) as c:
+        req = c.request_access(
+            "tax",
+            ["companies"],
+            ["psi_cardinality", "psi_aggregate"],
+            "credit-assessment",
+            duration_seconds=86400,
+            justification="bench",
+        )
+    with Client(live.url, provider) as p:
+        p.approve(req["id"])
+    principal = services.get_principal(live.ex, consumer.public_key.key_id)
+    return principal, ids
+
+
+def _session(
+    live: _Live, actor: Any, xs: list[str], mode: str, sums: list[str], ctx: Any = None
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One session through the service functions, the consumer's work done here; seconds per
+    phase."""
+    from crypto import he
+    from exchange.compute import contexts
+    from exchange.compute import psi as service
+
+    t: dict[str, float] = {}
+    start = time.perf_counter()
+    digest = None
+    if ctx is not None:
+        digest = contexts.register_context(live.ex, actor, he.public_context_bytes(ctx)).digest
+    s = service.create_session(
+        live.ex, actor, zone="tax", dataset="companies", mode=mode,
+        purpose="credit-assessment", x_count=len(xs), sums=sums, context=digest,
+    )  # fmt: skip
+    sid = s["session"]
+    batch = 1 << 16
+    key = PsiKey.generate()
+    domain = session_domain(sid, "ids")
+    order = shuffled(range(len(xs)))
+    t0 = time.perf_counter()
+    a = blind(key, domain, [xs[i].encode() for i in order])
+    t["consumer: blind X"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    answer: dict[str, Any] = {}
+    # the last point alone in the last batch, so the zone's answer is timed on its own
+    starts = [*range(0, len(a) - 1, batch), len(a) - 1]
+    for i, end in zip(starts, [*starts[1:], len(a)], strict=True):
+        if end == len(a):
+            t["zone: reblind A"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+        answer = service.put_a_points(live.ex, actor, sid, i, b"".join(a[i:end]))
+    t["zone: read, blind Y (+ encrypt)"] = time.perf_counter() - t0
+    y = int(answer["y_count"])
+    t0 = time.perf_counter()
+    for i in range(0, y, batch):
+        data = service.get_b_points(live.ex, actor, sid, i, batch)
+        b = [data[j : j + 32] for j in range(0, len(data), 32)]
+        service.put_bc_points(live.ex, actor, sid, i, b"".join(reblind(key, b)))
+    t["consumer: reblind B"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = service.finish_session(live.ex, actor, sid)
+    t["exchange: match, release, receipt"] = time.perf_counter() - t0
+    t["total"] = time.perf_counter() - start
+    return out, t
+
+
+def _openmined_join(n: int) -> float | None:
+    try:
+        import private_set_intersection.python as omp  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    xs = [f"C{i:09d}" for i in range(n // 2, n + n // 2)]
+    ys = [f"C{i:09d}" for i in range(n)]
+    start = time.perf_counter()
+    client = omp.client.CreateWithNewKey(True)
+    server = omp.server.CreateWithNewKey(True)
+    request = client.CreateRequest(xs)
+    setup = server.CreateSetupMessage(1e-9, n, ys, omp.DataStructure.RAW)
+    response = server.ProcessRequest(request)
+    size = client.GetIntersectionSize(setup, response)
+    elapsed = time.perf_counter() - start
+    assert size == n - n // 2, size
+    return elapsed
+
+
+def _mult_rate() -> float:
+    """Seconds per ed25519 scalar multiplication on one core (best of 3 over 2,000)."""
+    key = PsiKey.generate()
+    pts = blind(key, session_domain("bench", "rate"), [b"%d" % i for i in range(2000)], workers=1)
+    return best(3, len(pts), lambda: reblind(key, pts, workers=1)) / 1e6
+
+
+def run_service(sizes: list[int], aggregate_rows: int, aggregate_ids: int) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from crypto import he
+
+    rate = _mult_rate()
+    n_cores = cores()
+    print(f"service runs on {n_cores} cores; one scalar multiplication {rate * 1e6:.1f} us")
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            live = _Live(Path(tmp))
+            try:
+                actor, ids = _world(live, Path(tmp), n, 1000)
+                xs = ids[n // 2 :] + [f"X{i:09d}" for i in range(n // 2)]
+                out, t = _session(live, actor, xs, "cardinality", [])
+                assert out["result"]["intersection"] == n - n // 2
+            finally:
+                live.close()
+        om = _openmined_join(n)
+        limit = 4 * n * rate / n_cores
+        print(f"psi_cardinality {n:,} x {n:,}:")
+        for phase, secs in t.items():
+            print(f"  zonex {phase:<40} {secs:8.2f} s")
+        print(f"  primitive limit (4 mults per pair / {n_cores} cores)  {limit:8.2f} s")
+        if om is not None:
+            print(f"  openmined-psi (one core, whole protocol)       {om:8.2f} s")
+            print(f"  openmined-psi / zonex   {om / t['total']:.2f}x   (goal >= 3)")
+        print(f"  zonex / primitive limit {t['total'] / limit:.2f}x   (goal <= 1.3)")
+    if aggregate_rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            live = _Live(Path(tmp))
+            try:
+                actor, ids = _world(live, Path(tmp), aggregate_rows, 10**6)
+                xs = ids[: aggregate_ids // 2] + [f"X{i:09d}" for i in range(aggregate_ids // 2)]
+                ctx = he.new_context(he.BFV_DEFAULT)
+                out, t = _session(live, actor, xs, "aggregate", ["tax"], ctx)
+                assert out["result"]["count"] == aggregate_ids // 2
+            finally:
+                live.close()
+        values = [(i * 7919) % 10**6 for i in range(aggregate_rows)]
+        public = he.load_public_context(
+            he.public_context_bytes(ctx), max_bytes=he.max_public_context_bytes(he.BFV_DEFAULT)
+        )
+        t0 = time.perf_counter()
+        chunks = he.encrypt_column_chunks(public, values, bounds=(0, 10**6))
+        t_enc = time.perf_counter() - t0
+        slots = he.slot_count(he.BFV_DEFAULT)
+        masks = [[1] * min(slots, aggregate_rows - i) for i in range(0, aggregate_rows, slots)]
+        t0 = time.perf_counter()
+        total = he.masked_total(public, chunks, masks, 0, bounds=(0, 10**6))
+        t_sum = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        assert he.decrypt_total(ctx, total) == sum(values)
+        t_dec = time.perf_counter() - t0
+        t_he = t_enc + t_sum + t_dec
+        t_psi = t["total"] - t_he
+        print(f"psi_aggregate, {aggregate_ids:,} ids x {aggregate_rows:,} provider rows, one sum:")
+        for phase, secs in t.items():
+            print(f"  zonex {phase:<40} {secs:8.2f} s")
+        print(
+            f"  HE: encrypt {len(chunks)} chunks {t_enc:.2f} s, masked sum {t_sum:.2f} s, "
+            f"decrypt {t_dec:.3f} s; total {t_he:.2f} s"
+        )
+        print(
+            f"  PSI (session total - HE) {t_psi:.2f} s;  HE / PSI {t_he / t_psi:.2f} (goal <= 0.25)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--service", type=int, default=0, help="N x N ids through the service")
+    parser.add_argument("--million", action="store_true", help="also 1,000,000 x 1,000,000")
+    parser.add_argument("--aggregate-rows", type=int, default=0, help="psi_aggregate rows")
+    parser.add_argument("--aggregate-ids", type=int, default=100_000)
+    parser.add_argument("--only-service", action="store_true", help="skip the primitives")
     args = parser.parse_args()
     n, repeat = args.items, args.repeat
+    if args.service or args.million or args.aggregate_rows:
+        run_service(
+            sizes=[s for s in (args.service, 1_000_000 if args.million else 0) if s],
+            aggregate_rows=args.aggregate_rows,
+            aggregate_ids=args.aggregate_ids,
+        )
+        if args.only_service:
+            return
     primitives(n, repeat)
     overhead(n, repeat)
     parallel(n, repeat)

@@ -1,10 +1,194 @@
-"""``zonex psi cardinality|members|aggregate``: private joins, run from the consumer's machine."""
+"""``zonex psi cardinality|members|aggregate``: private joins, run from the consumer's machine.
+
+The ids are read from a local CSV column, normalized, blinded and (for ``aggregate``) the BFV
+secret key is made here; none of it leaves this process (:mod:`exchange.psi_client`). Each
+phase shows a progress bar. The exchange's signed result goes to ``--out`` with its receipt
+next to it (``zonex receipt verify`` checks the pair); what only this machine can read (the
+membership of each input row, the decrypted sums) goes to ``OUT.local.json``.
+"""
 
 from __future__ import annotations
 
-import typer
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
 
-from exchange.cli import app
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+
+from exchange.cli import KeyPath, Url, app, client, err, one_line_errors, out, save_result
+from exchange.psi_client import DEFAULT_BATCH_POINTS, read_ids, run
 
 psi_app = typer.Typer(help="private joins (PSI) with a zone's dataset", no_args_is_help=True)
 app.add_typer(psi_app, name="psi")
+
+Zone = Annotated[str, typer.Option("--zone", help="the provider's zone")]
+Dataset = Annotated[str, typer.Option("--dataset", help="the dataset to join with")]
+Ids = Annotated[
+    Path, typer.Option("--ids", exists=True, dir_okay=False, help="CSV file holding your ids")
+]
+Column = Annotated[str, typer.Option("--column", help="the CSV column with the ids")]
+Purpose = Annotated[str, typer.Option("--purpose", help="purpose of use (as granted)")]
+OutFile = Annotated[
+    Path | None, typer.Option("--out", help="write the signed result here (and OUT.receipt)")
+]
+Batch = Annotated[int, typer.Option("--batch", min=1, help="points per upload batch")]
+
+
+@contextmanager
+def _bars() -> Iterator[Any]:
+    """A progress callback drawing one bar per phase (on stderr, so --out stays clean)."""
+    with Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            task = tasks.get(phase)
+            if task is None:
+                task = tasks[phase] = progress.add_task(phase, total=max(total, 1))
+            progress.update(task, completed=done, total=max(total, 1))
+
+        yield report
+
+
+def _join(
+    mode: str,
+    zone: str,
+    dataset: str,
+    ids: Path,
+    column: str,
+    purpose: str,
+    out_file: Path | None,
+    url: str,
+    key: Path,
+    batch: int,
+    sums: list[str] | None = None,
+    epsilon: str | None = None,
+) -> None:
+    values = read_ids(ids, column)
+    if epsilon is not None:
+        try:
+            Decimal(epsilon)
+        except ArithmeticError:
+            raise ValueError(f"--epsilon {epsilon!r} is not a decimal number") from None
+    with client(url, key) as c, _bars() as report:
+        response = run(
+            c,
+            zone=zone,
+            dataset=dataset,
+            mode=mode,
+            ids=values,
+            purpose=purpose,
+            sums=sums or [],
+            epsilon=epsilon,
+            batch_points=batch,
+            progress=report,
+        )
+    local = response.pop("local")
+    if out_file is not None:
+        save_result(response, out_file, None)
+        local_file = out_file.with_name(out_file.name + ".local.json")
+        doc = dict(local)
+        if "members" in doc:
+            doc["members"] = [
+                {"row": i + 1, column: v, "member": m}
+                for i, (v, m) in enumerate(zip(values, doc["members"], strict=True))
+            ]
+        local_file.write_text(json.dumps(doc, ensure_ascii=False, indent=2) + "\n", "utf-8")
+        out.print(f"local result (readable only here): {local_file}")
+    result = response["result"]
+    table = Table(title=f"psi {mode}: {zone}/{dataset}")
+    table.add_column("value")
+    table.add_column("", justify="right")
+    table.add_row("your ids (distinct)", f"{local['ids']} ({local['distinct']})")
+    table.add_row("dataset subjects", str(result["y_count"]))
+    if mode in ("cardinality", "members"):
+        table.add_row("in both", str(local["intersection"]))
+    else:
+        table.add_row("count", str(local["count"]))
+        for name, total in local["sums"].items():
+            table.add_row(f"sum({name})", str(total))
+            table.add_row(f"avg({name})", str(local["averages"][name]))
+    if result.get("noised"):
+        table.add_row("DP noise", f"ε = {result['epsilon']}")
+    out.print(table)
+
+
+@psi_app.command("cardinality")
+@one_line_errors
+def cardinality(
+    zone: Zone,
+    dataset: Dataset,
+    ids: Ids,
+    column: Column,
+    purpose: Purpose,
+    epsilon: Annotated[str | None, typer.Option(help="add DP noise, spending this ε")] = None,
+    out_file: OutFile = None,
+    batch: Batch = DEFAULT_BATCH_POINTS,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """How many of your ids the dataset holds (nobody sees the other side's ids)."""
+    _join(
+        "cardinality", zone, dataset, ids, column, purpose, out_file, url, key, batch, None, epsilon
+    )
+
+
+@psi_app.command("members")
+@one_line_errors
+def members(
+    zone: Zone,
+    dataset: Dataset,
+    ids: Ids,
+    column: Column,
+    purpose: Purpose,
+    out_file: OutFile = None,
+    batch: Batch = DEFAULT_BATCH_POINTS,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """Which of your ids the dataset holds (where the level allows it)."""
+    _join("members", zone, dataset, ids, column, purpose, out_file, url, key, batch)
+
+
+@psi_app.command("aggregate")
+@one_line_errors
+def aggregate(
+    zone: Zone,
+    dataset: Dataset,
+    ids: Ids,
+    column: Column,
+    purpose: Purpose,
+    sum_columns: Annotated[
+        list[str] | None, typer.Option("--sum", help="a numeric column to sum (repeatable)")
+    ] = None,
+    epsilon: Annotated[str | None, typer.Option(help="add DP noise, spending this ε")] = None,
+    out_file: OutFile = None,
+    batch: Batch = DEFAULT_BATCH_POINTS,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """COUNT, SUM and AVG of the dataset's columns over the ids you both hold, decrypted here."""
+    _join(
+        "aggregate",
+        zone,
+        dataset,
+        ids,
+        column,
+        purpose,
+        out_file,
+        url,
+        key,
+        batch,
+        sum_columns or [],
+        epsilon,
+    )

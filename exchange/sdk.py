@@ -359,6 +359,65 @@ class Client:
         return result
 
     # -- private joins (psi) --
+    #: the zone's work (blinding Y, encrypting values) runs inside one request
+    PSI_TIMEOUT = 3600.0
+
+    def psi_create(self, **body: Any) -> dict[str, Any]:
+        """Open a private-join session (the low-level step; see :meth:`psi_join`)."""
+        result: dict[str, Any] = self.request("POST", "/v1/psi/sessions", json=body)
+        return result
+
+    def psi_session(self, session: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/psi/sessions/{session}")
+        return result
+
+    def _psi_points(self, session: str, which: str, offset: int, data: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/v1/psi/sessions/{session}/{which}/points",
+            params={"offset": offset},
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+            timeout=self.PSI_TIMEOUT,
+        )
+        return result
+
+    def psi_put_a(self, session: str, offset: int, data: bytes) -> dict[str, Any]:
+        return self._psi_points(session, "a", offset, data)
+
+    def psi_put_bc(self, session: str, offset: int, data: bytes) -> dict[str, Any]:
+        return self._psi_points(session, "bc", offset, data)
+
+    def psi_get_b(self, session: str, offset: int, limit: int) -> bytes:
+        response = self._http.get(
+            f"/v1/psi/sessions/{session}/b/points",
+            params={"offset": offset, "limit": limit},
+            timeout=self.PSI_TIMEOUT,
+        )
+        raise_for_problem(response)
+        return response.content
+
+    def psi_result(self, session: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/psi/sessions/{session}/result", timeout=self.PSI_TIMEOUT
+        )
+        return result
+
+    def psi_join(
+        self,
+        zone: str,
+        dataset: str,
+        mode: str,
+        ids: Any,
+        purpose: str,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Run a whole private join from this machine (:func:`exchange.psi_client.run`)."""
+        from exchange import psi_client
+
+        return psi_client.run(
+            self, zone=zone, dataset=dataset, mode=mode, ids=ids, purpose=purpose, **options
+        )
 
     # -- homomorphic scoring and secure sums --
     # (raw calls; the key holder's side, which never sends a secret key: exchange.he_client)

@@ -1,0 +1,985 @@
+"""Private joins: ``psi_cardinality``, ``psi_members`` and ``psi_aggregate`` as sessions.
+
+Three roles meet here (DESIGN, "Computations"; ``docs/psi.md``): the consumer C (its ids X and
+its secrets stay on its machine, :mod:`exchange.psi_client`), the provider's zone P (its secret
+scalar lives only in the zone's directory) and the exchange E, which matches blinded points it
+cannot invert and sums ciphertexts it cannot read. One session, one fresh scalar per party, one
+hashing domain (:func:`crypto.psi.session_domain` over the session id), so nothing carries over
+between sessions.
+
+Steps, each authorized again and each done at most once (a repeat or a message out of order is a
+409; a revocation between steps stops the session):
+
+1. ``create``: C names zone, dataset, mode, purpose and |X| (plus sum columns, ε and its HE
+   context digest for ``aggregate``). Limits, k and the rules are checked before any work.
+2. ``a``: C uploads A = c·H(x) over its shuffled, de-duplicated ids, in order, in batches. The
+   zone re-blinds each batch to A' = p·A (checking every point) for E. When A is complete the
+   zone reads Y, normalizes and de-duplicates it, shuffles it and computes B = p·H(y) for C and,
+   for ``aggregate``, its clipped values encrypted under C's key in B's order.
+3. ``b``: C downloads B (a read; may be repeated).
+4. ``bc``: C uploads B^c = c·B in B's order, in batches.
+5. ``result``: E matches A' against B^c and releases what the mode allows, with a receipt;
+   every artefact of the session is deleted.
+
+Sessions live in ``psi_sessions`` (counts and digests only). Bulk artefacts (A', B, B^c,
+ciphertexts) are files under ``DATA_DIR/psi/<session>/`` (0700); the zone's scalar is
+``ZONES/<zone>/psi/<session>.key`` (0600). Both go when the session completes, fails or expires.
+A step claims the session by moving it from ``open`` to ``busy`` with a conditional update, so
+two requests (or two processes) can never run steps of one session at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import math
+import os
+import secrets
+import shutil
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from crypto import he
+from crypto import psi as cpsi
+from crypto.canonical import canonicalize
+from crypto.errors import CryptoError, VerificationError
+from exchange import access, dp
+from exchange.analysis import MAX_EPSILON, NUMERIC_TYPES, effective_disclosure
+from exchange.budget import charge
+from exchange.compute.contexts import load_context
+from exchange.compute.rules import current_rules
+from exchange.compute.source import open_source
+from exchange.domain import Principal
+from exchange.errors import (
+    ConflictError,
+    DeniedError,
+    InvalidInputError,
+    NotFoundError,
+)
+from exchange.ledger import EntryDraft
+from exchange.models import DatasetRow, PsiSessionRow
+from exchange.node import Exchange
+from exchange.receipts import record_computation
+from policy import Operation
+
+__all__ = [
+    "LABEL",
+    "MODES",
+    "create_session",
+    "finish_session",
+    "get_b_points",
+    "id_bytes",
+    "normalize_id",
+    "put_a_points",
+    "put_bc_points",
+    "session_info",
+    "sweep_expired",
+]
+
+#: the label hashed into every session's domain (both sides use it)
+LABEL = "ids"
+MODES: dict[str, Operation] = {
+    "cardinality": Operation.PSI_CARDINALITY,
+    "members": Operation.PSI_MEMBERS,
+    "aggregate": Operation.PSI_AGGREGATE,
+}
+#: the most numeric columns one ``psi_aggregate`` may sum (one ciphertext each)
+MAX_SUM_COLUMNS = 8
+#: the most characters of one normalized id (longer ones are refused on both sides)
+MAX_ID_CHARS = 512
+_P = cpsi.POINT_BYTES
+_TERMINAL = ("done", "failed", "expired")
+_READ_BATCH = 50_000
+
+
+# -- identifiers ------------------------------------------------------------------------------
+
+
+def normalize_id(value: object) -> str | None:
+    """The form in which both sides hash an identifier, or ``None`` for no identifier.
+
+    Text is Unicode NFC with surrounding whitespace (Unicode ``str.strip``) removed; case is
+    kept (``ABC`` and ``abc`` are different ids); inner whitespace is kept. A non-text value
+    (an integer subject column) is taken as ``str(value)``. Empty results and ``None`` are no
+    identifier. The provider's subject values and the consumer's CSV cells pass through this
+    same function.
+    """
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    text = unicodedata.normalize("NFC", text).strip()
+    return text or None
+
+
+def id_bytes(normalized: str) -> bytes:
+    """The bytes hashed for a normalized id: UTF-8."""
+    if len(normalized) > MAX_ID_CHARS:
+        raise InvalidInputError(f"an id is at most {MAX_ID_CHARS} characters")
+    return normalized.encode("utf-8")
+
+
+# -- session rows and files -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Snap:
+    """What a step needs of its session row (read under the claim)."""
+
+    id: str
+    consumer: str
+    zone: str
+    dataset: str
+    mode: str
+    purpose: str
+    step: str
+    x_count: int
+    y_count: int | None
+    a_received: int
+    bc_received: int
+    params: dict[str, Any]
+    digests: dict[str, Any]
+    context_digest: str | None
+
+    @property
+    def operation(self) -> Operation:
+        return MODES[self.mode]
+
+
+def _snap(row: PsiSessionRow) -> _Snap:
+    return _Snap(
+        row.id,
+        row.consumer,
+        row.zone,
+        row.dataset,
+        row.mode,
+        row.purpose,
+        row.step,
+        int(row.x_count or 0),
+        None if row.y_count is None else int(row.y_count),
+        int(row.a_received),
+        int(row.bc_received),
+        dict(row.params),
+        dict(row.digests),
+        row.context_digest,
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _session_dir(ex: Exchange, sid: str) -> Path:
+    return ex.settings.data_dir / "psi" / sid
+
+
+def _key_path(ex: Exchange, zone: str, sid: str) -> Path:
+    return ex.zones_dir / zone / "psi" / f"{sid}.key"
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _write_key(path: Path, key: cpsi.PsiKey) -> None:
+    _private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.to_bytes())
+
+
+def _read_key(ex: Exchange, snap: _Snap) -> cpsi.PsiKey:
+    try:
+        return cpsi.PsiKey.from_bytes(_key_path(ex, snap.zone, snap.id).read_bytes())
+    except (OSError, CryptoError) as exc:
+        raise ConflictError("the zone's session key is gone", reason="session_broken") from exc
+
+
+def _cleanup(ex: Exchange, zone: str, sid: str) -> None:
+    """Delete every artefact of a session (idempotent)."""
+    shutil.rmtree(_session_dir(ex, sid), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        _key_path(ex, zone, sid).unlink()
+
+
+def _points(body: bytes, what: str) -> list[bytes]:
+    if not body:
+        raise InvalidInputError(f"the {what} batch is empty", reason="empty_batch")
+    if len(body) % _P:
+        raise InvalidInputError(
+            f"a {what} batch is a concatenation of {_P}-byte points", reason="bad_point"
+        )
+    return [body[i : i + _P] for i in range(0, len(body), _P)]
+
+
+def _first_repeat(points: Sequence[bytes], offset: int = 0) -> str | None:
+    seen: dict[bytes, int] = {}
+    for i, p in enumerate(points):
+        j = seen.setdefault(p, i)
+        if j != i:
+            return f"point {offset + i} repeats point {offset + j}"
+    return None
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_points(path: Path) -> list[bytes]:
+    data = path.read_bytes() if path.exists() else b""
+    return [data[i : i + _P] for i in range(0, len(data), _P)]
+
+
+def _append(path: Path, offset: int, points: Sequence[bytes]) -> None:
+    """Write ``points`` at point index ``offset`` (truncating anything after: a retried batch
+    after a crash overwrites its half-written predecessor)."""
+    with path.open("r+b" if path.exists() else "w+b") as f:
+        f.truncate(offset * _P)
+        f.seek(offset * _P)
+        f.write(b"".join(points))
+
+
+# -- claiming a step --------------------------------------------------------------------------
+
+
+def _load(session: Session, actor: Principal, sid: str) -> PsiSessionRow:
+    row = session.get(PsiSessionRow, sid) if isinstance(sid, str) and len(sid) <= 40 else None
+    if row is None or row.consumer != actor.key_id:
+        # another consumer's session is not acknowledged to exist
+        raise NotFoundError("no such PSI session")
+    return row
+
+
+def _ledger_end(ex: Exchange, snap: _Snap | PsiSessionRow, state: str, reason: str) -> None:
+    ex.ledger.append(
+        EntryDraft(
+            kind=f"psi.session_{state}",
+            actor=snap.consumer,
+            refs={"zone": snap.zone, "dataset": snap.dataset, "session": snap.id},
+            attrs={"mode": snap.mode, "reason": reason[:100]},
+        )
+    )
+
+
+def _end(ex: Exchange, snap: _Snap | PsiSessionRow, state: str, reason: str) -> None:
+    """Move a session to a terminal state, delete its artefacts and ledger why."""
+    with Session(ex.engine) as s, s.begin():
+        s.execute(
+            update(PsiSessionRow)
+            .where(PsiSessionRow.id == snap.id, PsiSessionRow.state.not_in(_TERMINAL))
+            .values(state=state, error=reason[:200], updated_at=_now())
+        )
+    _cleanup(ex, snap.zone, snap.id)
+    _ledger_end(ex, snap, state, reason)
+
+
+def _expired_error() -> ConflictError:
+    return ConflictError(
+        "the PSI session expired; its data was deleted; start a new one", reason="session_expired"
+    )
+
+
+def _claim(ex: Exchange, actor: Principal, sid: str, steps: Sequence[str]) -> _Snap:
+    """Move the session from ``open`` to ``busy`` if its last step is one of ``steps``."""
+    now = _now()
+    with Session(ex.engine) as s, s.begin():
+        row = _load(s, actor, sid)
+        snap = _snap(row)
+        state, expires = row.state, row.expires_at
+    if state not in _TERMINAL and expires <= now:
+        _end(ex, snap, "expired", "session_expired")
+        raise _expired_error()
+    if state == "expired":
+        raise _expired_error()
+    if state in _TERMINAL:
+        raise ConflictError(f"the PSI session is {state}; start a new one", reason="session_over")
+    if state == "busy":
+        raise ConflictError("another step of this session is running", reason="session_busy")
+    if snap.step not in steps:
+        raise ConflictError(
+            f"out of order: the session's last step is {snap.step!r}", reason="out_of_order"
+        )
+    with Session(ex.engine) as s, s.begin():
+        done = s.execute(
+            update(PsiSessionRow)
+            .where(
+                PsiSessionRow.id == sid,
+                PsiSessionRow.state == "open",
+                PsiSessionRow.step == snap.step,
+            )
+            .values(state="busy", updated_at=now)
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]
+            raise ConflictError("another step of this session is running", reason="session_busy")
+    return snap
+
+
+def _release(ex: Exchange, sid: str, **values: Any) -> None:
+    with Session(ex.engine) as s, s.begin():
+        s.execute(
+            update(PsiSessionRow)
+            .where(PsiSessionRow.id == sid, PsiSessionRow.state == "busy")
+            .values(state="open", updated_at=_now(), **values)
+        )
+
+
+@contextlib.contextmanager
+def _step(ex: Exchange, actor: Principal, sid: str, steps: Sequence[str]) -> Iterator[_Snap]:
+    """Claim the session for one step. On a refused message (bad input, a conflict) it goes
+    back to ``open`` unchanged, so the step can be retried; on a denial or anything
+    unexpected it fails and its artefacts are deleted."""
+    snap = _claim(ex, actor, sid, steps)
+    try:
+        yield snap
+    except DeniedError as exc:
+        _end(ex, snap, "failed", f"denied:{exc.reason}")
+        raise
+    except (InvalidInputError, ConflictError) as exc:
+        if exc.extra.get("fatal"):
+            _end(ex, snap, "failed", str(exc.extra.get("reason", exc.code)))
+        else:
+            _release(ex, sid)
+        raise
+    except BaseException as exc:
+        _end(ex, snap, "failed", getattr(exc, "code", "internal"))
+        raise
+
+
+def _authorize(ex: Exchange, actor: Principal, snap: _Snap, step: str) -> access.Authorization:
+    return access.authorize(
+        ex, actor, snap.zone, snap.dataset, snap.operation, snap.purpose, step=step
+    )
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+
+def _epsilon(value: object) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        eps = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise InvalidInputError("epsilon must be a decimal number") from exc
+    if not eps.is_finite() or not Decimal(0) < eps <= MAX_EPSILON:
+        raise InvalidInputError(f"epsilon must be above 0 and at most {MAX_EPSILON}")
+    return eps
+
+
+def _int_bounds(lower: Decimal, upper: Decimal) -> tuple[int, int]:
+    """Integer bounds every clipped-and-rounded value lies in."""
+    return math.floor(lower), math.ceil(upper)
+
+
+def _sum_plan(row: DatasetRow, rules: Any, sums: Sequence[str]) -> list[dict[str, str]]:
+    """Check that each column may be summed; return its declared bounds (decimal strings)."""
+    if len(sums) > MAX_SUM_COLUMNS:
+        raise InvalidInputError(f"at most {MAX_SUM_COLUMNS} sum columns")
+    if len(set(sums)) != len(sums):
+        raise InvalidInputError("a sum column is named twice")
+    columns = {c["name"]: c for c in row.columns}
+    plan = []
+    for name in sums:
+        col = columns.get(name)
+        if col is None:
+            raise InvalidInputError(f"no column {name!r} in the dataset")
+        if name == row.subject_column:
+            raise InvalidInputError("the subject column cannot be summed")
+        if col.get("type") not in NUMERIC_TYPES:
+            raise InvalidInputError(f"column {name!r} is not numeric", reason="not_summable")
+        rule = rules.rule_for(name)
+        level = col.get("level", row.level)
+        if not effective_disclosure(rule.disclosure, level).may_aggregate:
+            raise InvalidInputError(
+                f"the analysis rules do not let column {name!r} be aggregated",
+                reason="not_summable",
+            )
+        if not rule.bounded:
+            raise InvalidInputError(
+                f"column {name!r} has no clamping bounds in the analysis rules; the provider must "
+                "declare [lower, upper] before it can be summed",
+                reason="unbounded_column",
+            )
+        plan.append({"column": name, "lower": str(rule.lower), "upper": str(rule.upper)})
+    return plan
+
+
+# -- step 1: create ---------------------------------------------------------------------------
+
+
+def create_session(
+    ex: Exchange,
+    actor: Principal,
+    *,
+    zone: str,
+    dataset: str,
+    mode: str,
+    purpose: str,
+    x_count: int,
+    sums: Sequence[str] = (),
+    epsilon: object = None,
+    context: str | None = None,
+) -> dict[str, Any]:
+    """Open a session after checking the grant, the limits and the rules; no data moves yet."""
+    if mode not in MODES:
+        raise InvalidInputError(f"mode must be one of {', '.join(MODES)}")
+    auth = access.authorize(ex, actor, zone, dataset, MODES[mode], purpose, step="create")
+    cfg = ex.settings
+    if isinstance(x_count, bool) or not isinstance(x_count, int) or x_count < 1:
+        raise InvalidInputError("the id list is empty", reason="empty_input")
+    if x_count > cfg.psi_max_items:
+        raise InvalidInputError(
+            f"at most {cfg.psi_max_items} ids per session", reason="too_many_ids"
+        )
+    eps = _epsilon(epsilon)
+    with Session(ex.engine) as s:
+        row = access._dataset(s, zone, dataset)
+        rules, rules_version = current_rules(s, row)
+        if row.row_count > cfg.psi_max_items:
+            raise InvalidInputError(
+                f"the dataset has more than {cfg.psi_max_items} rows", reason="too_many_ids"
+            )
+        plan = _sum_plan(row, rules, list(sums)) if mode == "aggregate" else []
+        for p in plan:
+            lo, hi = _subject_bounds(p["lower"], p["upper"], rules.max_rows_per_subject)
+            # before any work: declared bounds x rows must not wrap the plain modulus
+            if not he.fits_exactly(he.BFV_DEFAULT, lo=lo, hi=hi, max_rows=row.row_count):
+                raise InvalidInputError(
+                    f"{row.row_count} rows of {p['column']!r} in [{lo}, {hi}] could exceed the "
+                    f"exact capacity {he.bfv_capacity(he.BFV_DEFAULT)} of one BFV sum",
+                    reason="capacity",
+                )
+    k = rules.min_group_size
+    if mode != "aggregate" and (sums or context):
+        raise InvalidInputError("sum columns and an HE context belong to psi_aggregate only")
+    if mode == "cardinality" and x_count < k:
+        # one id (or a handful) would turn a count into a membership test
+        raise InvalidInputError(
+            f"psi_cardinality needs at least k = {k} ids", reason="below_minimum_ids"
+        )
+    if mode == "members" and (eps is not None or rules.dp_required):
+        raise InvalidInputError(
+            "membership cannot carry differential-privacy noise; this dataset requires it"
+            if rules.dp_required
+            else "psi_members takes no epsilon",
+            reason="dp_required" if rules.dp_required else "bad_epsilon",
+        )
+    if rules.dp_required and eps is None:
+        raise InvalidInputError(
+            "this dataset's rules require differential privacy: pass epsilon", reason="dp_required"
+        )
+    ctx_digest = None
+    if mode == "aggregate":
+        if not context:
+            raise InvalidInputError("psi_aggregate needs the digest of an uploaded BFV context")
+        load_context(ex, context, expected=he.BFV_DEFAULT)
+        ctx_digest = context
+
+    sid = "psi_" + secrets.token_urlsafe(24)
+    now = _now()
+    params = {
+        "sums": plan,
+        "epsilon": None if eps is None else str(eps),
+        "k": k,
+        "rules_version": rules_version,
+        "max_rows_per_subject": rules.max_rows_per_subject,
+    }
+    _private_dir(_session_dir(ex, sid))
+    _write_key(_key_path(ex, zone, sid), cpsi.PsiKey.generate())
+    expires = now + timedelta(seconds=cfg.psi_session_seconds)
+
+    def apply(session: Session, draft: EntryDraft) -> None:
+        session.add(
+            PsiSessionRow(
+                id=sid,
+                consumer=actor.key_id,
+                zone=zone,
+                dataset=dataset,
+                mode=mode,
+                purpose=auth.request.purpose,
+                state="open",
+                step="created",
+                created_at=now,
+                expires_at=expires,
+                updated_at=now,
+                x_count=x_count,
+                a_received=0,
+                bc_received=0,
+                digests={},
+                params=params,
+                context_digest=ctx_digest,
+            )
+        )
+        session.flush()
+
+    try:
+        ex.ledger.append(
+            EntryDraft(
+                kind="psi.session_opened",
+                actor=actor.key_id,
+                refs={"zone": zone, "dataset": dataset, "session": sid},
+                digests={"context": ctx_digest} if ctx_digest else {},
+                attrs={**auth.attrs(), "mode": mode, "x_count": x_count},
+            ),
+            apply,
+        )
+    except BaseException:
+        _cleanup(ex, zone, sid)
+        raise
+    sweep_expired(ex)
+    return {
+        "session": sid,
+        "mode": mode,
+        "zone": zone,
+        "dataset": dataset,
+        "label": LABEL,
+        "x_count": x_count,
+        "k": k,
+        "epsilon": params["epsilon"],
+        "sums": plan,
+        "max_batch_points": cfg.max_psi_batch_bytes // _P,
+        "expires_at": expires.isoformat(),
+    }
+
+
+def session_info(ex: Exchange, actor: Principal, sid: str) -> dict[str, Any]:
+    with Session(ex.engine) as s:
+        row = _load(s, actor, sid)
+        return {
+            "session": row.id,
+            "mode": row.mode,
+            "zone": row.zone,
+            "dataset": row.dataset,
+            "state": row.state,
+            "step": row.step,
+            "x_count": row.x_count,
+            "y_count": row.y_count,
+            "a_received": row.a_received,
+            "bc_received": row.bc_received,
+            "expires_at": row.expires_at.isoformat(),
+            "error": row.error,
+        }
+
+
+def sweep_expired(ex: Exchange) -> int:
+    """End every session past its expiry (artefacts deleted); returns how many."""
+    now = _now()
+    with Session(ex.engine) as s:
+        rows = (
+            s.execute(
+                select(PsiSessionRow).where(
+                    PsiSessionRow.state.not_in(_TERMINAL), PsiSessionRow.expires_at <= now
+                )
+            )
+            .scalars()
+            .all()
+        )
+        snaps = [_snap(r) for r in rows]
+    for snap in snaps:
+        _end(ex, snap, "expired", "session_expired")
+    return len(snaps)
+
+
+# -- step 2: A, and the zone's answer ----------------------------------------------------------
+
+
+def put_a_points(
+    ex: Exchange, actor: Principal, sid: str, offset: int, body: bytes
+) -> dict[str, Any]:
+    """Receive one batch of A (in order); the zone re-blinds it. The last batch makes the zone
+    compute B (and, for ``aggregate``, the ciphertexts)."""
+    with _step(ex, actor, sid, ("created",)) as snap:
+        _authorize(ex, actor, snap, "a")
+        if offset != snap.a_received:
+            raise ConflictError(
+                f"expected the batch at offset {snap.a_received}, got {offset}",
+                reason="out_of_order",
+            )
+        points = _points(body, "A")
+        if offset + len(points) > snap.x_count:
+            raise InvalidInputError(
+                f"more points than the {snap.x_count} ids announced", reason="too_many_ids"
+            )
+        repeat = _first_repeat(points, offset)
+        if repeat is not None:
+            raise InvalidInputError(
+                f"{repeat}: send each id once (de-duplicate before blinding)",
+                reason="duplicate_point",
+            )
+        key = _read_key(ex, snap)
+        try:
+            a_prime = cpsi.reblind(key, points, workers=ex.settings.psi_workers)
+        except VerificationError as exc:
+            raise InvalidInputError(_shift(str(exc), offset), reason="bad_point") from exc
+        folder = _session_dir(ex, sid)
+        _append(folder / "a_prime.bin", offset, a_prime)
+        received = offset + len(points)
+        if received < snap.x_count:
+            _release(ex, sid, a_received=received)
+            return {"received": received, "complete": False}
+        everything = _read_points(folder / "a_prime.bin")
+        repeat = _first_repeat(everything)
+        if repeat is not None:
+            raise InvalidInputError(
+                f"{repeat}: the same id was sent twice; the session is closed",
+                reason="duplicate_point",
+                fatal=True,
+            )
+        y_count, digests = _zone_answer(ex, snap, key)
+        digests["a_prime"] = _file_digest(folder / "a_prime.bin")
+        _release(
+            ex,
+            sid,
+            a_received=received,
+            y_count=y_count,
+            step="b_ready" if y_count else "bc_done",
+            digests=digests,
+        )
+    return {"received": received, "complete": True, "y_count": y_count}
+
+
+def _shift(message: str, offset: int) -> str:
+    """``point i …`` from :func:`crypto.psi.reblind` with ``i`` counted over the whole upload."""
+    head, _, rest = message.partition(" ")
+    number, _, tail = rest.partition(" ")
+    if head == "point" and number.isdigit():
+        return f"point {int(number) + offset} {tail}"
+    return message
+
+
+def _clip(value: object, lower: Decimal, upper: Decimal) -> int:
+    """A provider value clipped to the declared bounds and rounded to an integer (BFV sums
+    integers; a null contributes 0)."""
+    if value is None:
+        return 0
+    try:
+        d = Decimal(str(value))
+    except InvalidOperation as exc:
+        raise InvalidInputError("a summed column holds a non-numeric value") from exc
+    if not d.is_finite():
+        return 0
+    d = min(max(d, lower), upper)
+    return int(d.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def _read_y(ex: Exchange, snap: _Snap) -> tuple[list[str], list[list[int]]]:
+    """The dataset's distinct normalized subject ids and, per sum column, each subject's clipped
+    total over at most ``max_rows_per_subject`` rows (further rows are dropped)."""
+    plan = snap.params.get("sums", [])
+    limit = int(snap.params.get("max_rows_per_subject", 1))
+    bounds = [(Decimal(p["lower"]), Decimal(p["upper"])) for p in plan]
+    index: dict[str, int] = {}
+    rows_of: list[int] = []
+    totals: list[list[int]] = [[] for _ in plan]
+    with Session(ex.engine) as s:
+        row = access._dataset(s, snap.zone, snap.dataset)
+        subject = row.subject_column
+    with open_source(ex, row) as src, src.engine.connect() as conn:
+        cols = [src.relation.c[subject], *(src.relation.c[p["column"]] for p in plan)]
+        result = conn.execution_options(yield_per=_READ_BATCH).execute(select(*cols))
+        for record in result:
+            ident = normalize_id(record[0])
+            if ident is None:
+                continue
+            i = index.get(ident)
+            if i is None:
+                if len(index) >= ex.settings.psi_max_items:
+                    raise InvalidInputError("the dataset has too many subjects for a private join")
+                id_bytes(ident)
+                i = index[ident] = len(index)
+                rows_of.append(0)
+                for t in totals:
+                    t.append(0)
+            if rows_of[i] >= limit:
+                continue
+            rows_of[i] += 1
+            for j, (lo, hi) in enumerate(bounds):
+                totals[j][i] += _clip(record[1 + j], lo, hi)
+    return list(index), totals
+
+
+def _subject_bounds(lower: str, upper: str, limit: int) -> tuple[int, int]:
+    lo, hi = _int_bounds(Decimal(lower), Decimal(upper))
+    return min(lo, limit * lo), max(hi, limit * hi)
+
+
+def _zone_answer(ex: Exchange, snap: _Snap, key: cpsi.PsiKey) -> tuple[int, dict[str, Any]]:
+    """The zone's message: B = p·H(y) over its shuffled subjects (for C), and for
+    ``aggregate`` each sum column's per-subject totals encrypted under C's key in B's order."""
+    ids, totals = _read_y(ex, snap)
+    order = cpsi.shuffled(range(len(ids)))
+    domain = cpsi.session_domain(snap.id, LABEL)
+    b = cpsi.blind(
+        key, domain, [ids[i].encode("utf-8") for i in order], workers=ex.settings.psi_workers
+    )
+    folder = _session_dir(ex, snap.id)
+    (folder / "b.bin").write_bytes(b"".join(b))
+    digests: dict[str, Any] = {"b": _file_digest(folder / "b.bin")}
+    if snap.mode == "aggregate" and ids:
+        assert snap.context_digest is not None
+        ctx = load_context(ex, snap.context_digest, expected=he.BFV_DEFAULT)
+        limit = int(snap.params.get("max_rows_per_subject", 1))
+        for j, plan in enumerate(snap.params["sums"]):
+            values = [totals[j][i] for i in order]
+            bounds = _subject_bounds(plan["lower"], plan["upper"], limit)
+            try:
+                chunks = he.encrypt_column_chunks(ctx, values, bounds=bounds)
+            except CryptoError as exc:
+                raise InvalidInputError(
+                    f"cannot encrypt column {plan['column']!r}: {exc}", fatal=True
+                ) from exc
+            for c, chunk in enumerate(chunks):
+                (folder / f"sum{j}.{c}.ct").write_bytes(chunk)
+            digests[f"sum{j}"] = str(len(chunks))
+    return len(ids), digests
+
+
+# -- step 3: B for the consumer -------------------------------------------------------------
+
+
+def get_b_points(ex: Exchange, actor: Principal, sid: str, offset: int, limit: int) -> bytes:
+    """A slice of B (a read: it may be repeated until the session ends)."""
+    with Session(ex.engine) as s:
+        row = _load(s, actor, sid)
+        snap, state, expires = _snap(row), row.state, row.expires_at
+    if state not in _TERMINAL and expires <= _now():
+        _end(ex, snap, "expired", "session_expired")
+        raise _expired_error()
+    if state in _TERMINAL:
+        raise ConflictError(f"the PSI session is {state}", reason="session_over")
+    if snap.step not in ("b_ready",):
+        raise ConflictError("B is not ready: upload A first", reason="out_of_order")
+    try:
+        _authorize(ex, actor, snap, "b")
+    except DeniedError as exc:
+        _end(ex, snap, "failed", f"denied:{exc.reason}")
+        raise
+    y = snap.y_count or 0
+    if offset < 0 or limit < 1 or offset > y:
+        raise InvalidInputError("offset and limit must select points of B")
+    limit = min(limit, ex.settings.max_psi_batch_bytes // _P, y - offset)
+    with (_session_dir(ex, sid) / "b.bin").open("rb") as f:
+        f.seek(offset * _P)
+        return f.read(limit * _P)
+
+
+# -- step 4: B^c ----------------------------------------------------------------------------
+
+
+def put_bc_points(
+    ex: Exchange, actor: Principal, sid: str, offset: int, body: bytes
+) -> dict[str, Any]:
+    """Receive one batch of B^c = c·B, in B's order. The exchange only compares these points
+    (it never multiplies them), so a bad point can only fail to match."""
+    with _step(ex, actor, sid, ("b_ready",)) as snap:
+        _authorize(ex, actor, snap, "bc")
+        if offset != snap.bc_received:
+            raise ConflictError(
+                f"expected the batch at offset {snap.bc_received}, got {offset}",
+                reason="out_of_order",
+            )
+        points = _points(body, "B^c")
+        y = snap.y_count or 0
+        if offset + len(points) > y:
+            raise InvalidInputError(f"B has only {y} points", reason="too_many_points")
+        repeat = _first_repeat(points, offset)
+        if repeat is not None:
+            raise InvalidInputError(repeat, reason="duplicate_point")
+        folder = _session_dir(ex, sid)
+        _append(folder / "bc.bin", offset, points)
+        received = offset + len(points)
+        if received < y:
+            _release(ex, sid, bc_received=received)
+            return {"received": received, "complete": False}
+        digests = {**snap.digests, "bc": _file_digest(folder / "bc.bin")}
+        _release(ex, sid, bc_received=received, step="bc_done", digests=digests)
+    return {"received": received, "complete": True}
+
+
+# -- step 5: the result -----------------------------------------------------------------------
+
+
+def finish_session(ex: Exchange, actor: Principal, sid: str) -> dict[str, Any]:
+    """Match, release what the mode allows with a receipt, and delete the session's data."""
+    with _step(ex, actor, sid, ("bc_done",)) as snap:
+        auth = _authorize(ex, actor, snap, "result")
+        folder = _session_dir(ex, sid)
+        a_prime = _read_points(folder / "a_prime.bin")
+        bc = _read_points(folder / "bc.bin")
+        if len(a_prime) != snap.x_count or len(bc) != (snap.y_count or 0):
+            raise ConflictError("the session's data is incomplete", reason="session_broken")
+        if snap.mode == "members":
+            matched_b = set(bc)
+            mask = "".join("1" if p in matched_b else "0" for p in a_prime)
+            released: dict[str, Any] = {"members": mask.count("1"), "mask": mask}
+            eps = Decimal(0)
+        else:
+            in_a = set(a_prime)
+            b_mask = [1 if p in in_a else 0 for p in bc]
+            if snap.mode == "cardinality":
+                released, eps = _cardinality(snap, sum(b_mask))
+            else:
+                released, eps = _aggregate(ex, snap, b_mask)
+        response = _receipt(ex, actor, snap, auth, released, eps)
+        with Session(ex.engine) as s, s.begin():
+            s.execute(
+                update(PsiSessionRow)
+                .where(PsiSessionRow.id == sid)
+                .values(state="done", step="result", updated_at=_now())
+            )
+        _cleanup(ex, snap.zone, sid)
+    return response
+
+
+def _dp_epsilon(snap: _Snap) -> Decimal | None:
+    value = snap.params.get("epsilon")
+    return None if value is None else Decimal(value)
+
+
+def _cardinality(snap: _Snap, count: int) -> tuple[dict[str, Any], Decimal]:
+    eps = _dp_epsilon(snap)
+    if eps is None:
+        return {"intersection": count, "noised": False}, Decimal(0)
+    # one subject moves the count by at most 1 (both sides are de-duplicated)
+    return {"intersection": dp.laplace_count(count, eps), "noised": True}, eps
+
+
+def _aggregate(ex: Exchange, snap: _Snap, b_mask: list[int]) -> tuple[dict[str, Any], Decimal]:
+    matched = sum(b_mask)
+    k = int(snap.params["k"])
+    if matched < k:
+        raise InvalidInputError(
+            f"the intersection is smaller than k = {k}; nothing is released",
+            reason="below_k",
+            fatal=True,
+        )
+    assert snap.context_digest is not None
+    ctx = load_context(ex, snap.context_digest, expected=he.BFV_DEFAULT)
+    eps = _dp_epsilon(snap)
+    plan = snap.params["sums"]
+    limit = int(snap.params.get("max_rows_per_subject", 1))
+    share = dp.split_epsilon(eps, 1 + len(plan)) if eps is not None else None
+    count = matched if share is None else dp.laplace_count(matched, share)
+    slots = he.slot_count(he.BFV_DEFAULT)
+    masks = [b_mask[i : i + slots] for i in range(0, len(b_mask), slots)]
+    folder = _session_dir(ex, snap.id)
+    sums: dict[str, str] = {}
+    for j, p in enumerate(plan):
+        chunks = [(folder / f"sum{j}.{c}.ct").read_bytes() for c in range(len(masks))]
+        lo, hi = _int_bounds(Decimal(p["lower"]), Decimal(p["upper"]))
+        noise = 0
+        if share is not None:
+            # noise for a true value of 0, rounded: BFV adds integers inside the ciphertext
+            drawn = dp.laplace_sum(0, Decimal(lo), Decimal(hi), share, contributions=limit)
+            noise = int(drawn.to_integral_value(rounding=ROUND_HALF_EVEN))
+        try:
+            total = he.masked_total(
+                ctx, chunks, masks, noise, bounds=_subject_bounds(p["lower"], p["upper"], limit)
+            )
+        except CryptoError as exc:
+            raise InvalidInputError(
+                f"cannot sum column {p['column']!r}: {exc}", fatal=True
+            ) from exc
+        sums[p["column"]] = base64.b64encode(total).decode("ascii")
+    released = {
+        "count": count,
+        "noised": share is not None,
+        "sums": sums,
+        "bounds": {p["column"]: [p["lower"], p["upper"]] for p in plan},
+        "he_context": snap.context_digest,
+    }
+    return released, eps or Decimal(0)
+
+
+def _receipt(
+    ex: Exchange,
+    actor: Principal,
+    snap: _Snap,
+    auth: access.Authorization,
+    released: dict[str, Any],
+    eps: Decimal,
+) -> dict[str, Any]:
+    result_doc = {
+        "zone": snap.zone,
+        "dataset": snap.dataset,
+        "mode": snap.mode,
+        "session": snap.id,
+        "x_count": snap.x_count,
+        "y_count": snap.y_count or 0,
+        "k": snap.params["k"],
+        "epsilon": str(eps),
+        "level": auth.level.value,
+        **released,
+    }
+    query = {
+        "operation": snap.operation.value,
+        "zone": snap.zone,
+        "dataset": snap.dataset,
+        "purpose": auth.request.purpose,
+        "session": snap.id,
+        "x_count": snap.x_count,
+        "sums": [p["column"] for p in snap.params.get("sums", [])],
+        "epsilon": snap.params.get("epsilon"),
+        "he_context": snap.context_digest,
+    }
+    statement: dict[str, Any] = {
+        "consumer": actor.key_id,
+        "zones": [snap.zone],
+        "datasets": [{"zone": snap.zone, "name": snap.dataset, "snapshot": auth.digest}],
+        "query_digest": hashlib.sha256(canonicalize(query)).hexdigest(),
+        "rules_version": snap.params.get("rules_version"),
+        "grant": auth.decision.rule,
+        "policy_version": auth.decision.policy_version,
+        "purpose": auth.request.purpose,
+        "k": snap.params["k"],
+        "epsilon": str(eps),
+        "output_level": auth.level.value,
+    }
+    if snap.context_digest is not None:
+        statement["he_context"] = snap.context_digest
+    apply = None
+    if eps > 0:
+        with Session(ex.engine) as s:
+            row = access._dataset(s, snap.zone, snap.dataset)
+            rules, _ = current_rules(s, row)
+
+        def apply(session: Session, draft: EntryDraft) -> None:
+            charge(
+                session,
+                actor.key_id,
+                snap.zone,
+                snap.dataset,
+                eps,
+                rules.epsilon_budget,
+                rules.refresh_seconds,
+            )
+
+    receipt, _ = record_computation(
+        ex,
+        kind=snap.operation.value,
+        actor=actor.key_id,
+        statement=statement,
+        result=result_doc,
+        refs={"zone": snap.zone, "dataset": snap.dataset, "session": snap.id},
+        attrs={
+            **auth.attrs(),
+            "x_count": snap.x_count,
+            "y_count": snap.y_count or 0,
+        },
+        apply=apply,
+    )
+    return {"result": result_doc, "receipt": receipt}
