@@ -10,9 +10,10 @@ from starlette.concurrency import run_in_threadpool
 
 from exchange.auth import authenticate
 from exchange.domain import Principal
+from exchange.errors import UnsupportedMediaTypeError
 from exchange.node import Exchange
 
-__all__ = ["Actor", "Ex", "exchange_of", "principal"]
+__all__ = ["BINARY", "Actor", "Ex", "binary_body", "exchange_of", "principal"]
 
 
 async def principal(request: Request) -> Principal:
@@ -48,3 +49,14 @@ def exchange_of(request: Request) -> Exchange:
 
 Actor = Annotated[Principal, Depends(principal)]
 Ex = Annotated[Exchange, Depends(exchange_of)]
+
+
+BINARY = "application/octet-stream"
+
+
+async def binary_body(request: Request, what: str = "the body") -> bytes:
+    """The body of a route that takes ``application/octet-stream`` (PSI points, HE contexts and
+    ciphertexts); anything else is refused with 415 before the body is used."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != BINARY:
+        raise UnsupportedMediaTypeError(f"send {what} as {BINARY}")
+    return await request.body()

@@ -14,13 +14,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from exchange.api.deps import Actor, Ex
+from exchange.api.deps import Actor, Ex, binary_body
 from exchange.compute import contexts, score, secure_sum
-from exchange.errors import UnsupportedMediaTypeError
 
 router = APIRouter(prefix="/v1")
 
-BINARY = "application/octet-stream"
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -54,16 +52,10 @@ class SecureSumIn(BaseModel):
     epsilon: str | None = Field(default=None, max_length=32)
 
 
-def _binary(request: Request) -> None:
-    if request.headers.get("content-type", "").split(";")[0].strip() != BINARY:
-        raise UnsupportedMediaTypeError(f"send the body as {BINARY}")
-
-
 @router.post("/he/contexts", status_code=201)
 async def register_context(request: Request, actor: Actor, ex: Ex) -> dict[str, Any]:
     """Upload a public context (TenSEAL serialization, ``application/octet-stream``)."""
-    _binary(request)
-    body = await request.body()
+    body = await binary_body(request)
     info = await run_in_threadpool(contexts.register_context, ex, actor, body)
     return info.to_json()
 
@@ -76,8 +68,7 @@ def get_context(digest: str, actor: Actor, ex: Ex) -> dict[str, Any]:
 @router.post("/he/contexts/{digest}/uploads", status_code=201)
 async def upload_ciphertexts(digest: str, request: Request, actor: Actor, ex: Ex) -> dict[str, Any]:
     """Upload framed ciphertexts made under context ``digest`` (e.g. encrypted weights)."""
-    _binary(request)
-    body = await request.body()
+    body = await binary_body(request)
     info = await run_in_threadpool(contexts.store_ciphertexts, ex, actor, digest, body)
     return info.to_json()
 

@@ -16,13 +16,10 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from exchange.api.deps import Actor, Ex
+from exchange.api.deps import BINARY, Actor, Ex, binary_body
 from exchange.compute import psi
-from exchange.errors import UnsupportedMediaTypeError
 
 router = APIRouter(prefix="/v1")
-
-BINARY = "application/octet-stream"
 
 
 class SessionIn(BaseModel):
@@ -37,12 +34,6 @@ class SessionIn(BaseModel):
     #: a decimal string (no floats in anything that ends up signed)
     epsilon: str | None = Field(default=None, max_length=40)
     context: str | None = Field(default=None, max_length=64)
-
-
-async def _binary(request: Request) -> bytes:
-    if request.headers.get("content-type", "").split(";")[0].strip() != BINARY:
-        raise UnsupportedMediaTypeError(f"send points as {BINARY}")
-    return await request.body()
 
 
 @router.post("/psi/sessions", status_code=201)
@@ -70,7 +61,7 @@ def get_session(session: str, actor: Actor, ex: Ex) -> dict[str, Any]:
 async def put_a(
     session: str, request: Request, actor: Actor, ex: Ex, offset: int = Query(ge=0)
 ) -> dict[str, Any]:
-    body = await _binary(request)
+    body = await binary_body(request, "points")
     result: dict[str, Any] = await run_in_threadpool(
         psi.put_a_points, ex, actor, session, offset, body
     )
@@ -93,7 +84,7 @@ def get_b(
 async def put_bc(
     session: str, request: Request, actor: Actor, ex: Ex, offset: int = Query(ge=0)
 ) -> dict[str, Any]:
-    body = await _binary(request)
+    body = await binary_body(request, "points")
     result: dict[str, Any] = await run_in_threadpool(
         psi.put_bc_points, ex, actor, session, offset, body
     )

@@ -213,22 +213,32 @@ def _checked(
     sql: str,
     tables: dict[str, TableRules],
     rows: dict[str, DatasetRow],
-    rules: dict[str, tuple[AnalysisRules, int]],
     with_dp: bool,
 ) -> CheckedQuery:
     """:func:`check_query` for the datasets' store, remembered per snapshot and rules version.
 
-    A check depends only on the query text, the DP flag and the datasets' columns, levels,
-    snapshot statistics and rules, all fixed by (snapshot digest, rules version): the key holds
-    those of every dataset in the zone, so new rules or a new dataset miss the cache. A refused
-    query is not remembered (it raises every time)."""
+    A check depends only on the query text, the DP flag and what the checker is given for each
+    dataset of the zone: its zone, columns and levels, subject column, rules, relation and
+    snapshot (which fixes its statistics) and store. The key is exactly those, so new rules, a
+    new dataset, or the same file registered with other levels in another zone miss the cache.
+    A refused query is not remembered (it raises every time)."""
     key = (
         sql,
         with_dp,
         tuple(
             sorted(
-                (name, row.digest, rules[name][1], row.source, row.attach_url or "")
-                for name, row in rows.items()
+                (
+                    t.zone,
+                    name,
+                    t.columns,
+                    t.subject_column,
+                    canonicalize(t.rules.to_json()),
+                    t.relation,
+                    t.relation_schema,
+                    rows[name].digest,  # the statistics are a function of the snapshot
+                    rows[name].attach_url or "",
+                )
+                for name, t in tables.items()
             )
         ),
     )
@@ -281,7 +291,7 @@ def prepare(
         zone_row, tables, rows, rules = _tables(ex, session, zone)
     if not tables:
         raise InvalidInputError(f"zone {zone!r} has no active datasets")
-    checked = _checked(sql, tables, rows, rules, with_dp)
+    checked = _checked(sql, tables, rows, with_dp)
     auths = {
         name: access.authorize(
             ex, actor, zone, name, operation, purpose, step=step, rows=(zone_row, rows[name])

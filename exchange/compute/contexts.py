@@ -26,6 +26,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,15 +114,16 @@ class ContextCache:
         return len(self._items)
 
 
-_caches: dict[int, ContextCache] = {}
+#: one cache per exchange, gone with it (parsed contexts are large)
+_caches: weakref.WeakKeyDictionary[Exchange, ContextCache] = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()
 
 
 def _cache(ex: Exchange) -> ContextCache:
     with _caches_lock:
-        cache = _caches.get(id(ex))
+        cache = _caches.get(ex)
         if cache is None:
-            cache = _caches[id(ex)] = ContextCache(ex.settings.he_context_cache_bytes)
+            cache = _caches[ex] = ContextCache(ex.settings.he_context_cache_bytes)
         return cache
 
 

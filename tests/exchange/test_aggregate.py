@@ -441,3 +441,37 @@ def test_statistics_are_computed_per_snapshot(
     for district, n, total in out["rows"]:
         assert n == len(expected[district])
         assert Decimal(total) == sum(expected[district])
+
+
+def test_same_file_with_other_levels_in_another_zone_gets_its_own_check(
+    server: LiveServer, parties: dict[str, SigningKey]
+) -> None:
+    """The same CSV (same snapshot digest, same dataset name, default rules in both) registered
+    with registered_capital at L2 in one zone and L3 in another: grouping by it is allowed in
+    the first and must still be refused in the second, after the first was checked."""
+    sql = "SELECT registered_capital, COUNT(*) FROM companies GROUP BY registered_capital"
+    with server.client(parties["provider"]) as p:
+        p.create_zone("sealed", "the same registry, capital graded L3")
+        p.register_dataset(
+            "sealed",
+            "companies",
+            levels={**L3_LEVELS, "registered_capital": "L3"},
+            subject_column="company_id",
+            file=EXAMPLES / "companies.csv",
+        )
+        with server.client(parties["consumer"]) as c:
+            req = c.request_access(
+                "sealed",
+                ["companies"],
+                ["aggregate"],
+                PURPOSE,
+                duration_seconds=86400,
+                justification="stats",
+            )
+        p.approve(req["id"])
+    _grant(server, parties)
+    with server.client(parties["consumer"]) as c:
+        c.aggregate("tax", sql, PURPOSE)  # L2 there: plaintext, may be grouped by
+        with pytest.raises(ApiError) as exc:
+            c.aggregate("sealed", sql, PURPOSE)
+        assert exc.value.status == 422 and exc.value.body["reason"] == "column_not_allowed"
