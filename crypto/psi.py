@@ -1,23 +1,25 @@
-"""ECDH private set intersection over the prime-order subgroup of edwards25519. Pure, no I/O.
+"""ECDH private set intersection over ristretto255 (RFC 9496). Pure, no I/O.
 
-The group G is the subgroup of prime order ``ℓ = 2**252 + 27742317777372353535851937790883648493``
-of edwards25519 (cofactor 8); an element is its standard 32-byte compressed encoding. Security
-rests on decisional Diffie–Hellman in G, with H modelled as a random oracle into G.
-``docs/decisions/0002-psi-group.md`` says why this group rather than X25519 on hashed
-u-coordinates, and gives the measurements.
+The group G is ristretto255: a prime-order group of order
+``ℓ = 2**252 + 27742317777372353535851937790883648493`` built on edwards25519, whose elements
+have exactly one valid 32-byte encoding each. There is no cofactor to clear and no small-order
+point to refuse: every valid encoding other than the identity's is an element of order ℓ.
+Security rests on decisional Diffie–Hellman in G, with H modelled as a random oracle into G.
+``docs/decisions/0002-psi-group.md`` says why this group and gives the measurements.
 
-- ``H(domain, item)``: ``h = SHA-512(len(domain) as 2 bytes || domain || item)``, then
-  ``H = M(h[:32]) + M(h[32:])``, where ``M`` is libsodium's ``crypto_core_ed25519_from_uniform``
-  (Elligator 2 on the low 255 bits, the top bit choosing the sign of x, then multiplication by
-  the cofactor). Two independent maps and one addition is the shape of RFC 9380's random-oracle
-  suites; one map alone reaches only part of the group and is not a random oracle. The bytes
-  differ from ``edwards25519_XMD:SHA-512_ELL2_RO_``, hence the version in :func:`session_domain`.
+- ``H(domain, item)`` is RFC 9380's ``hash_to_ristretto255`` with
+  ``expand_message_xmd(SHA-512)``: 64 uniform bytes from the item under the domain separation
+  tag ``domain`` (a tag over 255 bytes is first shortened as RFC 9380 §5.3.3 says), then
+  RFC 9496's one-way map (libsodium's ``crypto_core_ristretto255_from_hash``), which adds two
+  Elligator images and is a random oracle into G when its input is.
 - A :class:`PsiKey` is a scalar ``k`` uniform in ``[1, ℓ)``, fresh for each session.
   :func:`blind` maps items to ``k·H(item)``; :func:`reblind` maps points received from a peer
-  to ``k·P``. A received point must be 32 bytes, canonically encoded, on the curve, of
-  order exactly ℓ (so neither the identity nor a small-order point, nor one with a small-order
-  component). libsodium's scalar multiplication performs these checks on every call, so they
-  cost nothing extra; :func:`validate_point` makes them on their own and says which one failed.
+  to ``k·P``. A received point must be 32 bytes, a valid (hence canonical) ristretto255
+  encoding, and not the identity. libsodium's scalar multiplication refuses an invalid encoding
+  and an identity result on every call, so the checks cost nothing extra, except one: libsodium
+  decodes an encoding with the top bit set as though the bit were clear, which RFC 9496
+  forbids, so that bit is checked here (else one element would have two encodings);
+  :func:`validate_point` makes them on their own and says which one failed.
 - ``a·(b·H(x)) = b·(a·H(x))``, so after both keys are applied two items meet at the same point
   exactly when they are equal (barring a collision of H, probability about ``n²/ℓ``).
 
@@ -29,8 +31,9 @@ it sends: the exchange sees which positions match. Equal items give equal points
 whose multiplicities are private deduplicates before blinding.
 
 Batches of at least :data:`PARALLEL_MIN_BATCH` items are split across threads (one per
-available core unless ``workers`` says otherwise): libsodium is called through cffi, which
-releases the GIL for the duration of each call, so threads scale without extra processes.
+available core unless ``workers`` says otherwise): libsodium is called through ctypes (the
+``rbcl`` package), which releases the GIL for the duration of each call, so threads scale
+without extra processes.
 """
 
 from __future__ import annotations
@@ -43,13 +46,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-import nacl.exceptions
-from nacl.bindings import (
-    crypto_core_ed25519_add,
-    crypto_core_ed25519_from_uniform,
-    crypto_core_ed25519_is_valid_point,
-    crypto_core_ed25519_scalar_reduce,
-    crypto_scalarmult_ed25519_noclamp,
+from rbcl import (
+    crypto_core_ristretto255_from_hash,
+    crypto_core_ristretto255_is_valid_point,
+    crypto_core_ristretto255_scalar_reduce,
+    crypto_scalarmult_ristretto255,
 )
 
 from crypto.errors import CryptoError, EncodingError, VerificationError
@@ -61,6 +62,7 @@ __all__ = [
     "SCALAR_BYTES",
     "PsiKey",
     "blind",
+    "expand_message_xmd",
     "hash_to_point",
     "intersection_mask",
     "intersection_size",
@@ -78,26 +80,16 @@ GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
 PARALLEL_MIN_BATCH = 1024
 """Batches smaller than this run on the calling thread (see ``bench/psi.py``)."""
 
-_PROTOCOL = b"zonex-psi-v1"
+_PROTOCOL = b"zonex-psi-v2"
 _MAX_FIELD = 255
-_MAX_DOMAIN = 0xFFFF
 _CHUNKS_PER_WORKER = 4
 
-_FIELD_PRIME = 2**255 - 19
-_D = (-121665 * pow(121666, -1, _FIELD_PRIME)) % _FIELD_PRIME
-_Y_MASK = (1 << 255) - 1
-# The eight points of order dividing 8, canonically encoded with the x sign bit cleared (the
-# sign bit does not change the order, and x = 0 for the identity and the point of order 2).
-_SMALL_ORDER = frozenset(
-    bytes.fromhex(h)
-    for h in (
-        "0100000000000000000000000000000000000000000000000000000000000000",  # order 1
-        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
-        "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
-        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
-        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
-    )
-)
+_HASH_BYTES = 64  # the input of the one-way map
+_SHA512_BLOCK = 128
+_MAX_DST = 255
+_OVERSIZE_PREFIX = b"H2C-OVERSIZE-DST-"
+_IDENTITY = bytes(POINT_BYTES)
+_Z_PAD = hashlib.sha512(bytes(_SHA512_BLOCK))  # copied per item: the zero block is hashed once
 
 
 class PsiKey:
@@ -114,7 +106,7 @@ class PsiKey:
         if not isinstance(scalar, bytes) or len(scalar) != SCALAR_BYTES:
             raise EncodingError(f"a PSI key is {SCALAR_BYTES} bytes")
         # constant time: a canonical scalar is unchanged by reduction modulo the group order
-        reduced = crypto_core_ed25519_scalar_reduce(scalar + bytes(SCALAR_BYTES))
+        reduced = crypto_core_ristretto255_scalar_reduce(scalar + bytes(SCALAR_BYTES))
         if not hmac.compare_digest(reduced, scalar):
             raise EncodingError("a PSI key must be below the group order")
         if hmac.compare_digest(scalar, bytes(SCALAR_BYTES)):
@@ -146,7 +138,7 @@ def _length_prefixed(field: bytes, what: str) -> bytes:
 
 
 def session_domain(session_id: bytes | str, label: str) -> bytes:
-    """The hashing domain of one PSI session: ``"zonex-psi-v1" || session id || label``.
+    """The hashing domain of one PSI session: ``"zonex-psi-v2" || session id || label``.
 
     Both sides of a session hash with the same domain (else nothing matches); different
     sessions or labels hash every item to unrelated points. The session id (text is taken as
@@ -163,48 +155,60 @@ def session_domain(session_id: bytes | str, label: str) -> bytes:
     return _PROTOCOL + _length_prefixed(sid, "the session id") + _length_prefixed(text, "the label")
 
 
-def _hash_prefix(domain: bytes) -> bytes:
-    if not domain:
+def _dst_prime(domain: bytes) -> bytes:
+    """RFC 9380 §5.3.1's ``DST_prime``; a tag over 255 bytes is hashed first (§5.3.3)."""
+    if not isinstance(domain, bytes) or not domain:
         raise EncodingError("the hashing domain is empty")
-    if len(domain) > _MAX_DOMAIN:
-        raise EncodingError(f"the hashing domain is longer than {_MAX_DOMAIN} bytes")
-    return len(domain).to_bytes(2, "big") + domain
+    dst = domain
+    if len(dst) > _MAX_DST:
+        dst = hashlib.sha512(_OVERSIZE_PREFIX + dst).digest()
+    return dst + bytes((len(dst),))
+
+
+def expand_message_xmd(msg: bytes, dst: bytes, length: int) -> bytes:
+    """RFC 9380 §5.3.1 ``expand_message_xmd`` with SHA-512: ``length`` uniform bytes."""
+    ell = -(-length // 64)
+    if length < 1 or ell > 255 or length > 0xFFFF:
+        raise ValueError("expand_message_xmd: length out of range")
+    dst_prime = _dst_prime(dst)
+    state = _Z_PAD.copy()
+    state.update(msg + length.to_bytes(2, "big") + b"\x00" + dst_prime)
+    b0 = state.digest()
+    b = hashlib.sha512(b0 + b"\x01" + dst_prime).digest()
+    out = [b]
+    for i in range(2, ell + 1):
+        b = hashlib.sha512(
+            bytes(x ^ y for x, y in zip(b0, b, strict=True)) + bytes((i,)) + dst_prime
+        ).digest()
+        out.append(b)
+    return b"".join(out)[:length]
 
 
 def hash_to_point(domain: bytes, item: bytes) -> bytes:
-    """``H(domain, item)``: the item's point in the prime-order group (see the module notes)."""
-    h = hashlib.sha512(_hash_prefix(domain) + item).digest()
-    return crypto_core_ed25519_add(
-        crypto_core_ed25519_from_uniform(h[:32]), crypto_core_ed25519_from_uniform(h[32:])
-    )
+    """``H(domain, item)``: RFC 9380 ``hash_to_ristretto255`` with ``domain`` as the tag."""
+    point: bytes = crypto_core_ristretto255_from_hash(expand_message_xmd(item, domain, _HASH_BYTES))
+    return point
 
 
 def _point_problem(p: object) -> str | None:
-    """Why ``p`` is not an element of G of order ℓ, or ``None`` if it is one."""
+    """Why ``p`` is not an element of G other than the identity, or ``None`` if it is one."""
     if not isinstance(p, bytes):
         return "is not bytes"
     if len(p) != POINT_BYTES:
         return f"is not {POINT_BYTES} bytes"
-    if crypto_core_ed25519_is_valid_point(p):
-        return None
-    # The checks below run only for a refused point, to say why, in libsodium's order.
-    y = int.from_bytes(p, "little") & _Y_MASK
-    if y >= _FIELD_PRIME:
-        return "is not canonically encoded"
-    if y.to_bytes(POINT_BYTES, "little") in _SMALL_ORDER:
-        return "has small order"
-    p_ = _FIELD_PRIME
-    xx = (y * y - 1) * pow(_D * y * y + 1, -1, p_) % p_
-    if xx and pow(xx, (p_ - 1) // 2, p_) != 1:
-        return "is not on the curve"
-    return "is not in the prime-order subgroup"
+    if hmac.compare_digest(p, _IDENTITY):
+        return "is the identity"
+    # libsodium ignores the top bit when decoding; RFC 9496 refuses it (s < p is canonical)
+    if p[31] & 0x80 or not crypto_core_ristretto255_is_valid_point(p):
+        return "is not a valid ristretto255 encoding"
+    return None
 
 
 def validate_point(p: bytes) -> None:
-    """Return ``None`` if ``p`` encodes an element of G of order ℓ; raise otherwise.
+    """Return ``None`` if ``p`` encodes an element of G other than the identity; raise otherwise.
 
-    Raises :class:`~crypto.errors.VerificationError` saying which check failed: length,
-    canonical encoding, small order (the identity among them), on the curve, in the subgroup.
+    Raises :class:`~crypto.errors.VerificationError` saying which check failed: type, length,
+    the identity, or not a valid (canonical) ristretto255 encoding.
     """
     problem = _point_problem(p)
     if problem is not None:
@@ -218,31 +222,39 @@ def _refuse(index: int, p: object) -> CryptoError:
     return VerificationError(f"point {index} {problem}")
 
 
-def _blind_chunk(scalar: bytes, prefix: bytes, items: Sequence[bytes]) -> list[bytes]:
+def _blind_chunk(scalar: bytes, dst_prime: bytes, items: Sequence[bytes]) -> list[bytes]:
+    # expand_message_xmd inlined for one 64-byte block: b_1 = H(H(Z_pad || msg || ...) || 1 || DST')
+    suffix = _HASH_BYTES.to_bytes(2, "big") + b"\x00" + dst_prime
+    tail = b"\x01" + dst_prime
+    z_pad = _Z_PAD.copy
     sha512 = hashlib.sha512
-    from_uniform = crypto_core_ed25519_from_uniform
-    add = crypto_core_ed25519_add
-    mult = crypto_scalarmult_ed25519_noclamp
+    from_hash = crypto_core_ristretto255_from_hash
+    mult = crypto_scalarmult_ristretto255
     out: list[bytes] = []
     append = out.append
     try:
         for item in items:
-            h = sha512(prefix + item).digest()
-            append(mult(scalar, add(from_uniform(h[:32]), from_uniform(h[32:]))))
-    except nacl.exceptions.CryptoError as exc:  # pragma: no cover - H(item) = identity, p ~ 1/ℓ
+            state = z_pad()
+            state.update(item + suffix)
+            append(mult(scalar, from_hash(sha512(state.digest() + tail).digest())))
+    except RuntimeError as exc:  # pragma: no cover - H(item) = identity, p ~ 1/ℓ
         raise CryptoError("hashed an item to the identity") from exc
     return out
 
 
 def _reblind_chunk(scalar: bytes, points: Sequence[bytes], offset: int) -> list[bytes]:
-    mult = crypto_scalarmult_ed25519_noclamp
+    mult = crypto_scalarmult_ristretto255
     out: list[bytes] = []
     append = out.append
     for i, p in enumerate(points):
         try:
-            # libsodium checks the point (length, encoding, order) before multiplying
+            # libsodium decodes the point (refusing invalid encodings) and refuses the identity,
+            # but decodes an encoding with the top bit set as if it were clear: refuse that here,
+            # or one element would have two encodings and duplicates could hide
+            if p[31] & 0x80:
+                raise ValueError("top bit set")
             append(mult(scalar, p))
-        except nacl.exceptions.CryptoError as exc:
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             raise _refuse(offset + i, p) from exc
     return out
 
@@ -283,9 +295,9 @@ def blind(
     ``workers`` caps the threads used for a batch of at least :data:`PARALLEL_MIN_BATCH`
     items (default: every available core); smaller batches run on the calling thread.
     """
-    prefix = _hash_prefix(domain)
+    dst_prime = _dst_prime(domain)
     scalar = key.to_bytes()
-    return _split(len(items), workers, lambda a, b: _blind_chunk(scalar, prefix, items[a:b]))
+    return _split(len(items), workers, lambda a, b: _blind_chunk(scalar, dst_prime, items[a:b]))
 
 
 def reblind(key: PsiKey, points: Sequence[bytes], *, workers: int | None = None) -> list[bytes]:

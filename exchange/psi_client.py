@@ -9,7 +9,7 @@ scalar and its HE secret key never leave this process.
 3. open the session, shuffle the distinct ids with a secret permutation, blind them with a
    fresh scalar c and upload A = c·H(x) in ordered batches;
 4. download B = p·H(y), re-blind it (every point is checked: a provider cannot probe c with a
-   small-order point) and upload B^c;
+   crafted point) and upload B^c;
 5. ask for the result and interpret it locally: map a membership mask back through the secret
    permutation to the caller's rows, or decrypt the sums and compute averages.
 """

@@ -245,11 +245,18 @@ def test_small_sets_repeats_and_crafted_points_are_refused(
             c.psi_put_a(sid, 0, same)
         assert _status(exc) == (422, "duplicate_point")
         assert "point 1 repeats point 0" in exc.value.detail
-        # crafted points: small order, non-canonical, not on the curve; the index is named
+        # crafted points: the identity, a non-canonical encoding, a string that decodes to no
+        # element, and a second encoding of point 0 (top bit set: libsodium alone would accept
+        # it as the same element, hiding a repeat); the index is named
         good = _a(key, domain, ids[:3])
-        small = bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05")
-        noncanonical = b"\xff" * 31 + b"\x7f"
-        for bad, why in ((small, "small order"), (noncanonical, "canonical"), (b"\x01" * 32, "")):
+        twin = good[:31] + bytes([good[31] | 0x80])
+        crafted = (
+            (bytes(32), "identity"),
+            (b"\xff" * 31 + b"\x7f", "valid ristretto255"),
+            (b"\x01" * 32, "valid ristretto255"),
+            (twin, "valid ristretto255"),
+        )
+        for bad, why in crafted:
             with pytest.raises(ApiError) as exc:
                 c.psi_put_a(sid, 0, good + bad)
             assert _status(exc) == (422, "bad_point")
