@@ -1,13 +1,14 @@
-"""PSI benchmark: the group (edwards25519 subgroup vs X25519), crypto.psi against bare loops
-over its primitives, multi-core speedup, and openmined-psi when it is installed.
+"""PSI benchmark: the group (ristretto255 vs the edwards25519 subgroup vs X25519), crypto.psi
+against bare loops over its primitives, multi-core speedup, and openmined-psi when installed.
 
     python -P bench/psi.py [--items 10000] [--repeat 5]
 
 Prints, in one run (every figure is the best of --repeat runs, microseconds per item):
-- each primitive on one core: SHA-512, libsodium's Elligator 2 map and point addition, the
-  Ed25519 scalar multiplication (with libsodium's point checks) and the check alone; X25519
-  through cryptography (OpenSSL) and through libsodium; ristretto255 through the system
-  libsodium if one is installed; and the share of hashed u-coordinates that lie on the twist;
+- each primitive on one core: RFC 9380 expand_message_xmd (two SHA-512), ristretto255's
+  one-way map and scalar multiplication through rbcl (libsodium); for comparison the
+  edwards25519-subgroup construction through PyNaCl (two Elligator maps, an addition, and a
+  scalar multiplication that checks subgroup membership) and X25519 through cryptography
+  (OpenSSL) and libsodium, with the share of hashed u-coordinates that lie on the twist;
 - crypto.psi.blind and reblind on one thread next to a bare loop over the same calls, and the
   ratio (goal: at most 1.2);
 - whether each primitive releases the GIL (two threads vs one), X25519 on two processes, and
@@ -28,8 +29,6 @@ rest (the PSI).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import hashlib
 import os
 import time
@@ -41,15 +40,20 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from nacl.bindings import (
     crypto_core_ed25519_add,
     crypto_core_ed25519_from_uniform,
-    crypto_core_ed25519_is_valid_point,
     crypto_scalarmult,
     crypto_scalarmult_ed25519_noclamp,
+)
+from rbcl import (
+    crypto_core_ristretto255_from_hash,
+    crypto_core_ristretto255_is_valid_point,
+    crypto_scalarmult_ristretto255,
 )
 
 import crypto.psi as psi
 from crypto.psi import (
     PsiKey,
     blind,
+    expand_message_xmd,
     intersection_mask,
     intersection_size,
     reblind,
@@ -81,20 +85,25 @@ def cores() -> int:
 # -- bare loops over the primitives -----------------------------------------------------------
 
 
-def bare_blind(scalar: bytes, prefix: bytes, items: Sequence[bytes]) -> list[bytes]:
+def bare_blind(scalar: bytes, domain: bytes, items: Sequence[bytes]) -> list[bytes]:
+    """RFC 9380 hash_to_ristretto255 written out, then the multiplication."""
+    dst = domain if len(domain) <= 255 else hashlib.sha512(b"H2C-OVERSIZE-DST-" + domain).digest()
+    dst_prime = dst + bytes((len(dst),))
+    suffix = b"\x00\x40\x00" + dst_prime
+    tail = b"\x01" + dst_prime
     sha512 = hashlib.sha512
-    fu = crypto_core_ed25519_from_uniform
-    add = crypto_core_ed25519_add
-    mult = crypto_scalarmult_ed25519_noclamp
+    z_pad = bytes(128)
+    from_hash = crypto_core_ristretto255_from_hash
+    mult = crypto_scalarmult_ristretto255
     out = []
     for x in items:
-        h = sha512(prefix + x).digest()
-        out.append(mult(scalar, add(fu(h[:32]), fu(h[32:]))))
+        b0 = sha512(z_pad + x + suffix).digest()
+        out.append(mult(scalar, from_hash(sha512(b0 + tail).digest())))
     return out
 
 
 def bare_reblind(scalar: bytes, points: Sequence[bytes]) -> list[bytes]:
-    mult = crypto_scalarmult_ed25519_noclamp
+    mult = crypto_scalarmult_ristretto255
     return [mult(scalar, p) for p in points]
 
 
@@ -135,78 +144,57 @@ def two_threads(run: Callable[[Sequence[Any]], object], data: Sequence[Any]) -> 
 def primitives(n: int, repeat: int) -> dict[str, float]:
     print(f"primitives, one core ({n:,} items):")
     items = [f"user-{i}@example.org".encode() for i in range(n)]
-    hashes = [hashlib.sha512(x).digest() for x in items]
-    halves = [h[:32] for h in hashes]
-    points = [crypto_core_ed25519_from_uniform(h) for h in halves]
+    domain = session_domain("bench", "ids")
+    uniform = [expand_message_xmd(x, domain, 64) for x in items]
+    points = [crypto_core_ristretto255_from_hash(h) for h in uniform]
     scalar = PsiKey.generate().to_bytes()
-    fu, add = crypto_core_ed25519_from_uniform, crypto_core_ed25519_add
-    mult = crypto_scalarmult_ed25519_noclamp
+    from_hash, mult = crypto_core_ristretto255_from_hash, crypto_scalarmult_ristretto255
     r: dict[str, float] = {}
+    r["xmd"] = best(repeat, n, lambda: [expand_message_xmd(x, domain, 64) for x in items])
     r["sha512"] = best(repeat, n, lambda: [hashlib.sha512(b"d" + x).digest() for x in items])
-    r["map"] = best(repeat, n, lambda: [fu(h) for h in halves])
-    r["add"] = best(repeat, n, lambda: [add(p, p) for p in points])
-    r["h2p_ro"] = best(repeat, n, lambda: [add(fu(h[:32]), fu(h[32:])) for h in hashes])
+    r["from_hash"] = best(repeat, n, lambda: [from_hash(h) for h in uniform])
     r["mult"] = best(repeat, n, lambda: [mult(scalar, p) for p in points])
-    r["valid"] = best(repeat, n, lambda: [crypto_core_ed25519_is_valid_point(p) for p in points])
+    r["valid"] = best(
+        repeat, n, lambda: [crypto_core_ristretto255_is_valid_point(p) for p in points]
+    )
+    row("expand_message_xmd, SHA-512, 64 bytes (2 hashes, Python)", r["xmd"])
     row("SHA-512 of a short item", r["sha512"])
-    row("ed25519 from_uniform (Elligator 2, cofactor cleared)", r["map"])
-    row("ed25519 point addition (decodes both points)", r["add"])
-    row("ed25519 hash to group, random-oracle form (2 maps + add)", r["h2p_ro"])
-    row("ed25519 scalar mult, noclamp (with subgroup check)", r["mult"])
-    row("ed25519 is_valid_point (the check alone)", r["valid"])
+    row("ristretto255 from_hash (2 maps + add + encode), rbcl", r["from_hash"])
+    row("ristretto255 scalar mult (decode = the check), rbcl", r["mult"])
+    row("ristretto255 is_valid_point (the check alone)", r["valid"])
+
+    halves = [h[:32] for h in uniform]
+    ed_points = [crypto_core_ed25519_from_uniform(h) for h in halves]
+    fu, add = crypto_core_ed25519_from_uniform, crypto_core_ed25519_add
+    ed_mult = crypto_scalarmult_ed25519_noclamp
+    r["ed_h2p"] = best(repeat, n, lambda: [add(fu(h[:32]), fu(h[32:])) for h in uniform])
+    r["ed_mult"] = best(repeat, n, lambda: [ed_mult(scalar, p) for p in ed_points])
+    row("edwards25519 hash to group (2 Elligator maps + add), PyNaCl", r["ed_h2p"])
+    row("edwards25519 scalar mult, noclamp, subgroup check, PyNaCl", r["ed_mult"])
 
     us = [x25519_u(x) for x in items]
-    xkey = X25519PrivateKey.generate()
     raw = os.urandom(32)
     r["x25519"] = best(repeat, n, lambda: x25519_chunk((raw, us)))
     r["x25519_sodium"] = best(repeat, n, lambda: [crypto_scalarmult(raw, u) for u in us])
     twist = sum(on_twist(int.from_bytes(u, "little")) for u in us[:5000]) / min(n, 5000)
     row("X25519 exchange, cryptography (OpenSSL), incl. key objects", r["x25519"])
-    row("X25519 crypto_scalarmult, libsodium", r["x25519_sodium"])
+    row("X25519 crypto_scalarmult, libsodium (PyNaCl)", r["x25519_sodium"])
     print(f"  hashed u-coordinates on the twist: {twist:.1%}")
-    del xkey
-
-    lib_name = ctypes.util.find_library("sodium")
-    if lib_name:
-        lib = ctypes.CDLL(lib_name)
-        if lib.sodium_init() >= 0 and hasattr(lib, "crypto_scalarmult_ristretto255"):
-            out = ctypes.create_string_buffer(32)
-            rpoints = []
-            for h in hashes:
-                lib.crypto_core_ristretto255_from_hash(out, h)
-                rpoints.append(out.raw)
-
-            def r_hash() -> None:
-                for h in hashes:
-                    lib.crypto_core_ristretto255_from_hash(out, h)
-
-            def r_mult() -> None:
-                for p in rpoints:
-                    lib.crypto_scalarmult_ristretto255(out, scalar, p)
-
-            r["ristretto_hash"] = best(repeat, n, r_hash)
-            r["ristretto_mult"] = best(repeat, n, r_mult)
-            row(f"ristretto255 from_hash ({lib_name}, ctypes)", r["ristretto_hash"])
-            row(f"ristretto255 scalar mult ({lib_name}, ctypes)", r["ristretto_mult"])
-    else:
-        print("  (no system libsodium: ristretto255 not measured; PyNaCl does not bind it)")
 
     print("per item, one core, by construction:")
-    ed_blind = r["sha512"] + r["h2p_ro"] + r["mult"]
+    r_blind = r["xmd"] + r["from_hash"] + r["mult"]
+    ed_blind = r["xmd"] + r["ed_h2p"] + r["ed_mult"]
     x_blind = r["sha512"] + r["x25519"]
-    row("edwards25519 subgroup: blind = hash + 2 maps + add + mult", ed_blind)
-    row("edwards25519 subgroup: reblind = mult (checks included)", r["mult"])
+    row("ristretto255: blind = xmd + from_hash + mult", r_blind)
+    row("ristretto255: reblind = mult (decoding is the check)", r["mult"])
+    row("edwards25519 subgroup: blind = xmd + 2 maps + add + mult", ed_blind)
+    row("edwards25519 subgroup: reblind = mult (subgroup check)", r["ed_mult"])
     row("X25519, hashed u: blind = hash + exchange", x_blind)
     row("X25519, hashed u: reblind = exchange (no subgroup check)", r["x25519"])
-    if "ristretto_mult" in r:
-        row(
-            "ristretto255: blind = hash + from_hash + mult",
-            r["sha512"] + r["ristretto_hash"] + r["ristretto_mult"],
-        )
-        row("ristretto255: reblind = mult (decoding is the check)", r["ristretto_mult"])
     print(
-        f"  edwards25519 / X25519: blind {ed_blind / x_blind:.2f}x, "
-        f"reblind {r['mult'] / r['x25519']:.2f}x"
+        f"  ristretto255 / X25519: blind {r_blind / x_blind:.2f}x, "
+        f"reblind {r['mult'] / r['x25519']:.2f}x;  ristretto255 / edwards25519 subgroup: "
+        f"blind {r_blind / ed_blind:.2f}x, reblind {r['mult'] / r['ed_mult']:.2f}x"
     )
     return r
 
@@ -216,35 +204,36 @@ def overhead(n: int, repeat: int) -> None:
     key = PsiKey.generate()
     scalar = key.to_bytes()
     domain = session_domain("bench", "ids")
-    prefix = len(domain).to_bytes(2, "big") + domain
     items = [f"user-{i}@example.org".encode() for i in range(n)]
     points = blind(key, domain, items, workers=1)
-    assert bare_blind(scalar, prefix, items) == points
+    assert bare_blind(scalar, domain, items) == points
     b_psi = b_bare = r_psi = r_bare = float("inf")
     for _ in range(repeat):  # interleaved, so both see the same machine
-        b_bare = min(b_bare, best(1, n, lambda: bare_blind(scalar, prefix, items)))
+        b_bare = min(b_bare, best(1, n, lambda: bare_blind(scalar, domain, items)))
         b_psi = min(b_psi, best(1, n, lambda: blind(key, domain, items, workers=1)))
         r_bare = min(r_bare, best(1, n, lambda: bare_reblind(scalar, points)))
         r_psi = min(r_psi, best(1, n, lambda: reblind(key, points, workers=1)))
-    row("bare loop: sha512, from_uniform x2, add, scalarmult", b_bare)
+    row("bare loop: 2 x sha512, from_hash, scalarmult", b_bare)
     row("crypto.psi.blind(workers=1)", b_psi, f"ratio {b_psi / b_bare:.3f} (goal <= 1.2)")
-    row("bare loop: scalarmult_ed25519_noclamp", r_bare)
+    row("bare loop: scalarmult_ristretto255", r_bare)
     row("crypto.psi.reblind(workers=1)", r_psi, f"ratio {r_psi / r_bare:.3f} (goal <= 1.2)")
 
 
 def parallel(n: int, repeat: int) -> None:
     c = cores()
     print(f"parallelism ({c} cores available):")
-    points = [crypto_core_ed25519_from_uniform(os.urandom(32)) for _ in range(n)]
+    domain = session_domain("bench", "par")
+    points = blind(PsiKey.generate(), domain, [os.urandom(16) for _ in range(n)])
+    uniform = [os.urandom(64) for _ in range(n)]
     scalar = PsiKey.generate().to_bytes()
     us = [x25519_u(os.urandom(16)) for _ in range(n)]
     raw = os.urandom(32)
-    s_ed = two_threads(lambda ps: bare_reblind(scalar, ps), points)
-    s_map = two_threads(lambda hs: [crypto_core_ed25519_from_uniform(h) for h in hs], us)
+    s_r = two_threads(lambda ps: bare_reblind(scalar, ps), points)
+    s_map = two_threads(lambda hs: [crypto_core_ristretto255_from_hash(h) for h in hs], uniform)
     s_x = two_threads(lambda xs: x25519_chunk((raw, list(xs))), us)
     s_xs = two_threads(lambda xs: [crypto_scalarmult(raw, u) for u in xs], us)
-    print(f"  2 threads / 1, ed25519 scalar mult (PyNaCl, cffi):       {s_ed:.2f}x")
-    print(f"  2 threads / 1, ed25519 from_uniform (PyNaCl, cffi):      {s_map:.2f}x")
+    print(f"  2 threads / 1, ristretto255 scalar mult (rbcl, ctypes):  {s_r:.2f}x")
+    print(f"  2 threads / 1, ristretto255 from_hash (rbcl, ctypes):    {s_map:.2f}x")
     print(f"  2 threads / 1, X25519 (cryptography, OpenSSL via pyo3):  {s_x:.2f}x")
     print(f"  2 threads / 1, X25519 (PyNaCl, cffi):                    {s_xs:.2f}x")
     with ProcessPoolExecutor(2) as pool:
@@ -258,7 +247,6 @@ def parallel(n: int, repeat: int) -> None:
     print(f"  2 processes / 1, X25519 (cryptography), warm pool:      {one / two:.2f}x")
 
     key = PsiKey.generate()
-    domain = session_domain("bench", "ids")
     default = psi.PARALLEL_MIN_BATCH
     print(f"  crypto.psi with every core vs one thread, by batch size (threshold {default}):")
 
@@ -533,7 +521,8 @@ def _openmined_join(n: int) -> float | None:
 
 
 def _mult_rate() -> float:
-    """Seconds per ed25519 scalar multiplication on one core (best of 3 over 2,000)."""
+    """Seconds per ristretto255 scalar multiplication on one core, through crypto.psi.reblind
+    (best of 3 over 2,000)."""
     key = PsiKey.generate()
     pts = blind(key, session_domain("bench", "rate"), [b"%d" % i for i in range(2000)], workers=1)
     return best(3, len(pts), lambda: reblind(key, pts, workers=1)) / 1e6

@@ -38,10 +38,12 @@ without extra processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -90,6 +92,20 @@ _MAX_DST = 255
 _OVERSIZE_PREFIX = b"H2C-OVERSIZE-DST-"
 _IDENTITY = bytes(POINT_BYTES)
 _Z_PAD = hashlib.sha512(bytes(_SHA512_BLOCK))  # copied per item: the zero block is hashed once
+
+
+def _remove_rbcl_copy() -> None:
+    """rbcl writes the libsodium it bundles to a new temporary file on every import and never
+    removes it (about 2.7 MB per process). Once loaded the library stays mapped, so on POSIX
+    the file can go at once; where it cannot (Windows), it stays."""
+    loader = sys.modules.get("rbcl._sodium")
+    path = getattr(loader, "lib_path", None)
+    if isinstance(path, str) and os.path.basename(path).startswith("tmp"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+_remove_rbcl_copy()
 
 
 class PsiKey:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -37,6 +40,8 @@ from crypto.psi import (
     shuffled,
     validate_point,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # -- a reference model of ristretto255 ----------------------------------------------------------
 
@@ -804,3 +809,11 @@ def test_constants() -> None:
     assert POINT_BYTES == 32
     assert GROUP_ORDER == L
     assert psi.PARALLEL_MIN_BATCH >= 1
+
+
+def test_import_leaves_no_copy_of_libsodium(tmp_path: Path) -> None:
+    """rbcl writes its libsodium to a temporary file on import; crypto.psi removes it."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    code = "import crypto.psi as p; p.blind(p.PsiKey.generate(), b'd', [b'x'])"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+    assert list(tmp_path.iterdir()) == []
