@@ -690,25 +690,44 @@ def _read_y(ex: Exchange, snap: _Snap) -> tuple[list[str], list[list[int]]]:
         subject = row.subject_column
     with open_source(ex, row) as src, src.engine.connect() as conn:
         cols = [src.relation.c[subject], *(src.relation.c[p["column"]] for p in plan)]
+        if not plan:
+            # cardinality and members need the distinct subjects only: let the engine dedupe
+            query = select(cols[0]).distinct()
+            result = conn.execution_options(yield_per=_READ_BATCH).execute(query)
+            for part in result.partitions():
+                for (value,) in part:
+                    ident = normalize_id(value)
+                    if ident is None or ident in index:
+                        continue
+                    if len(index) >= ex.settings.psi_max_items:
+                        raise InvalidInputError(
+                            "the dataset has too many subjects for a private join"
+                        )
+                    id_bytes(ident)
+                    index[ident] = len(index)
+            return list(index), totals
         result = conn.execution_options(yield_per=_READ_BATCH).execute(select(*cols))
-        for record in result:
-            ident = normalize_id(record[0])
-            if ident is None:
-                continue
-            i = index.get(ident)
-            if i is None:
-                if len(index) >= ex.settings.psi_max_items:
-                    raise InvalidInputError("the dataset has too many subjects for a private join")
-                id_bytes(ident)
-                i = index[ident] = len(index)
-                rows_of.append(0)
-                for t in totals:
-                    t.append(0)
-            if rows_of[i] >= limit:
-                continue
-            rows_of[i] += 1
-            for j, (lo, hi) in enumerate(bounds):
-                totals[j][i] += _clip(record[1 + j], lo, hi)
+        for part in result.partitions():
+            for record in part:
+                ident = normalize_id(record[0])
+                if ident is None:
+                    continue
+                i = index.get(ident)
+                if i is None:
+                    if len(index) >= ex.settings.psi_max_items:
+                        raise InvalidInputError(
+                            "the dataset has too many subjects for a private join"
+                        )
+                    id_bytes(ident)
+                    i = index[ident] = len(index)
+                    rows_of.append(0)
+                    for t in totals:
+                        t.append(0)
+                if rows_of[i] >= limit:
+                    continue
+                rows_of[i] += 1
+                for j, (lo, hi) in enumerate(bounds):
+                    totals[j][i] += _clip(record[1 + j], lo, hi)
     return list(index), totals
 
 

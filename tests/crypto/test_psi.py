@@ -730,14 +730,38 @@ def test_shuffled_reaches_every_permutation() -> None:
 
 def test_shuffled_uses_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
+    keys = [30, 10, 40, 20]
 
-    def randbelow(n: int) -> int:
+    def token_bytes(n: int) -> bytes:
         calls.append(n)
-        return 0
+        return b"".join(k.to_bytes(8, "little") for k in keys)
 
-    monkeypatch.setattr(psi.secrets, "randbelow", randbelow)
-    assert shuffled([1, 2, 3, 4]) == [2, 3, 4, 1]
-    assert calls == [4, 3, 2]
+    monkeypatch.setattr(psi.secrets, "token_bytes", token_bytes)
+    assert shuffled(["a", "b", "c", "d"]) == ["b", "d", "a", "c"]  # ordered by key
+    assert calls == [32]
+
+
+def test_shuffled_draws_again_on_a_tie(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = iter([[7, 7, 1], [3, 1, 2]])
+    calls: list[int] = []
+
+    def token_bytes(n: int) -> bytes:
+        calls.append(n)
+        return b"".join(k.to_bytes(8, "little") for k in next(draws))
+
+    monkeypatch.setattr(psi.secrets, "token_bytes", token_bytes)
+    assert shuffled("xyz") == ["y", "z", "x"]
+    assert calls == [24, 24]
+
+
+def test_shuffled_positions_are_uniform() -> None:
+    n, runs = 5, 5000
+    counts = [[0] * n for _ in range(n)]
+    for _ in range(runs):
+        for pos, item in enumerate(shuffled(range(n))):
+            counts[item][pos] += 1
+    expected = runs / n  # 1000 each; a binomial standard deviation of about 28
+    assert all(abs(c - expected) < 150 for row in counts for c in row)
 
 
 # -- parallel batches ---------------------------------------------------------------------------
