@@ -1,6 +1,7 @@
 """Homomorphic-encryption benchmark: sizes, timings and accuracy of crypto.he, with baselines.
 
     python -P bench/he.py [--rows 1000000] [--entities 100000] [--features 32] [--zones 3]
+                          [--only parameters,psi,scores,sums,service-scores,service-sums]
 
 Prints, in one run:
 - per parameter set: security level, context creation time, public context bytes as sent
@@ -18,20 +19,31 @@ Prints, in one run:
   zone store): ``he_score`` of --entities consented entities x --features features through
   :func:`exchange.compute.score.run_score` (authorization, consent check, feature read, packed
   scoring, receipt) next to a one-ciphertext-per-entity baseline (TenSEAL ``dot`` with Galois
-  keys, run on --sample entities and extrapolated) and plain numpy; and ``secure_sum`` of
-  --zones zones' --cells-cell vectors through :func:`exchange.compute.secure_sum.run_secure_sum`
-  with total time and bytes on the wire.
+  keys, run on --sample entities and extrapolated) and plain numpy; each step of its data path
+  (digests, consent lookup, feature read, encrypted scoring) and run_score itself are timed
+  against the unbatched path they replaced (kept below), alternating --repeats times, with the
+  load average; and ``secure_sum`` of --zones zones' --cells-cell vectors through
+  :func:`exchange.compute.secure_sum.run_secure_sum` with total time and bytes on the wire.
+
+``--only service-scores`` (comma-separated sections; ``services`` for both service sections)
+runs part of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
+import os
 import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +53,7 @@ import numpy as np
 import pyarrow as pa
 import tenseal as ts
 import tenseal.sealapi as seal
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 import crypto.he as he
@@ -53,9 +65,10 @@ from exchange.compute import contexts
 from exchange.compute import rules as rules_service
 from exchange.compute import score as score_service
 from exchange.compute import secure_sum as secure_sum_service
+from exchange.compute.source import open_source
 from exchange.domain import APPROVAL_TYPE, Principal, approval_payload
 from exchange.keyfile import load_private_key
-from exchange.models import ConsentRow
+from exchange.models import ConsentRow, DatasetRow
 from exchange.node import Exchange, init_data_dir
 from exchange.settings import Settings
 
@@ -381,75 +394,317 @@ def _dataset(
     )
 
 
-def bench_service_scores(work: Path, entities: int, features: int, sample: int) -> None:
+@dataclass
+class ScoreFixture:
+    """A temporary exchange with a tax zone of ``entities`` firms x ``features`` features, all
+    consented for a bank that holds a committed model, its context and uploaded weights."""
+
+    ex: Exchange
+    bank: Principal
+    ids: list[str]
+    x: np.ndarray
+    w: np.ndarray
+    secret: Any
+    public: bytes
+    packed: bytes
+    model: he_client.Model
+    context: str
+    weights: str
+    keygen: float
+    encrypt: float
+
+    def run(self) -> dict[str, Any]:
+        return score_service.run_score(
+            self.ex,
+            self.bank,
+            zone="tax",
+            dataset="firms",
+            purpose=SCORE_PURPOSE,
+            model=self.model.commitment,
+            context=self.context,
+            weights=self.weights,
+            ids=self.ids,
+        )
+
+
+def score_fixture(work: Path, entities: int, features: int) -> ScoreFixture:
+    """Set up :class:`ScoreFixture`; the caller closes ``fixture.ex``."""
+    ex, operator = _exchange(work)
+    provider, provider_key = _principal(ex, operator, "Tax Bureau", "agency")
+    bank, _ = _principal(ex, operator, "City Bank", "enterprise")
+    services.create_zone(ex, provider, "tax", "tax records")
+    names = [f"f{j:02d}" for j in range(features)]
+    rng = np.random.default_rng(11)
+    x = np.round(rng.uniform(0, 1e6, (entities, features)), 2)
+    ids = [f"C{i:010d}" for i in range(entities)]
+    table = {"company_id": ids, **{n: x[:, j] for j, n in enumerate(names)}}
+    path = work / "firms.parquet"
+    con = duckdb.connect()
+    con.register("firms_df", pa.table(table))
+    con.execute(f"COPY firms_df TO '{path}' (FORMAT parquet)")
+    _dataset(ex, provider, "tax", "firms", path, {"company_id": "L3", **dict.fromkeys(names, "L3")})
+    _grant(ex, bank, provider, provider_key, "tax", "firms", "he_score", SCORE_PURPOSE)
+    # consents recorded in bulk for the benchmark (one ledgered call each in real use)
+    until = datetime.now(UTC) + timedelta(days=1)
+    digests = score_service._digests(ex, "tax", ids)
+    with Session(ex.engine) as session:
+        session.execute(
+            insert(ConsentRow),
+            [
+                {
+                    "id": f"consent-b{i}",
+                    "zone": "tax",
+                    "subject_digest": d,
+                    "consumer": bank.key_id,
+                    "purpose": SCORE_PURPOSE,
+                    "expires_at": until,
+                    "status": "active",
+                    "recorded_by": provider.key_id,
+                    "created_at": datetime.now(UTC),
+                }
+                for i, d in enumerate(digests)
+            ],
+        )
+        session.commit()
+
+    w = rng.choice([-1.0, 1.0], features) * 10.0 ** rng.uniform(-5, 3, features)
+    model = he_client.new_model(names, w.tolist(), bias=0.5)
+    score_service.commit_model(ex, bank, model.document())
+    secret, keygen = timed(lambda: he.new_context(he.CKKS_DEFAULT))
+    public = he.public_context_bytes(secret)
+    context = contexts.register_context(ex, bank, public).digest
+    packed, encrypt = timed(lambda: he.pack_ciphertexts(he.encrypt_model(secret, w.tolist())))
+    weights = contexts.store_ciphertexts(ex, bank, context, packed).digest
+    return ScoreFixture(
+        ex, bank, ids, x, w, secret, public, packed, model, context, weights, keygen, encrypt
+    )
+
+
+# -- he_score before its batching, kept as the baseline for run_score's own overhead ----------
+#
+# The code below is run_score's data path as it was before the feature read, the digests, the
+# consent lookup and the scoring input were batched: per-id HMAC objects, an ORM lookup in
+# chunks of 2,000 digests with a per-row expiry check, the features read in chunks of 5,000 ids
+# as Python rows and a matrix of Python floats, and per-row checks and transposes in Python
+# before each TenSEAL multiply. bench_service_scores times it beside the current path.
+
+
+def digests_before(ex: Exchange, zone: str, ids: Sequence[str]) -> list[str]:
+    salt = access._salt(ex.zones_dir / zone)
+    return [hmac.new(salt, i.encode(), hashlib.sha256).hexdigest() for i in ids]
+
+
+def has_live_consent_before(
+    ex: Exchange,
+    zone: str,
+    digests: Iterable[str],
+    consumer: str,
+    purpose: str,
+    now: datetime | None = None,
+) -> dict[str, bool]:
+    moment = now or datetime.now(UTC)
+    wanted = list(dict.fromkeys(digests))
+    vocabulary = ex.policy.point.vocabulary
+    found = dict.fromkeys(wanted, False)
+    covers: dict[str, bool] = {}
+    with Session(ex.engine) as session:
+        for i in range(0, len(wanted), 2000):
+            chunk = wanted[i : i + 2000]
+            rows = session.execute(
+                select(ConsentRow.subject_digest, ConsentRow.purpose, ConsentRow.expires_at).where(
+                    ConsentRow.zone == zone,
+                    ConsentRow.consumer == consumer,
+                    ConsentRow.status == "active",
+                    ConsentRow.subject_digest.in_(chunk),
+                    ConsentRow.expires_at > moment,
+                )
+            )
+            for digest, granted_purpose, expires_at in rows:
+                ok = covers.get(granted_purpose)
+                if ok is None:
+                    ok = covers[granted_purpose] = vocabulary.is_within(purpose, granted_purpose)
+                if ok and moment < expires_at:
+                    found[digest] = True
+    return found
+
+
+def read_features_before(
+    ex: Exchange, row: DatasetRow, features: Sequence[str], ids: Sequence[str], id_type: str
+) -> tuple[list[list[float]], list[int]]:
+    found: dict[str, list[Any] | None] = {}
+    with open_source(ex, row) as src, src.engine.connect() as conn:
+        subject = src.relation.c[row.subject_column]
+        columns = [src.relation.c[f] for f in features]
+        for start in range(0, len(ids), 5_000):
+            chunk: list[Any] = list(ids[start : start + 5_000])
+            if id_type == "integer":
+                chunk = [int(i) for i in chunk if i.lstrip("-").isdigit()]
+            for record in conn.execute(select(subject, *columns).where(subject.in_(chunk))):
+                key = str(record[0])
+                found[key] = None if key in found else list(record[1:])
+    matrix: list[list[float]] = []
+    unscorable: list[int] = []
+    for k, entity in enumerate(ids):
+        values = found.get(entity)
+        if values is None or any(v is None for v in values):
+            unscorable.append(k)
+            continue
+        matrix.append([float(v) for v in values])
+    return matrix, unscorable
+
+
+def encrypted_scores_before(
+    ctx_public: Any, enc_weights: Sequence[bytes], features: Sequence[Sequence[float]]
+) -> list[bytes]:
+    params = he.CKKS_DEFAULT
+    d = len(enc_weights)
+    scale = float(he._rescale_prime(params))
+    weights = [
+        he._load_fresh(ctx_public, params, b, f"weight {j}") for j, b in enumerate(enc_weights)
+    ]
+    capacity = he.ckks_capacity(params)
+    slots = he.slot_count(params)
+    out: list[bytes] = []
+    for start in range(0, len(features), slots):
+        rows = features[start : start + slots]
+        matrix = [he._feature_row(row, d, i, capacity) for i, row in enumerate(rows, start)]
+        pad = [0.0] * (slots - len(matrix))
+        acc: Any = None
+        for weight, values in zip(weights, zip(*matrix, strict=True), strict=True):
+            term = weight.mul([*values, *pad])
+            acc = term if acc is None else acc.add_(term)
+        acc.add_(he._encrypt_zero(ctx_public, params, scale))
+        out.append(bytes(acc.serialize()))
+    return out
+
+
+@contextmanager
+def path_before() -> Iterator[None]:
+    """run_score with the data path above in place of the current one."""
+    saved = (
+        score_service._digests,
+        access.has_live_consent,
+        score_service._read_features,
+        he.encrypted_scores,
+    )
+    score_service._digests = digests_before  # type: ignore[assignment]
+    access.has_live_consent = has_live_consent_before  # type: ignore[assignment]
+    score_service._read_features = read_features_before  # type: ignore[assignment]
+    he.encrypted_scores = encrypted_scores_before  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        (
+            score_service._digests,
+            access.has_live_consent,
+            score_service._read_features,
+            he.encrypted_scores,
+        ) = saved
+
+
+def best_of(fn: Callable[[], T], repeats: int) -> tuple[T, float, float]:
+    """The last result, the fastest and the median time of ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        result, took = timed(fn)
+        times.append(took)
+    return result, min(times), statistics.median(times)
+
+
+def compare_score_paths(fx: ScoreFixture, repeats: int) -> float:
+    """Each step of run_score's data path, before and after, alternating on the same inputs,
+    then run_score itself both ways. Returns the fastest current run_score."""
+    ex, bank, ids = fx.ex, fx.bank, fx.ids
+    with Session(ex.engine) as session:
+        row = access._dataset(session, "tax", "firms")
+        session.expunge(row)
+    features = list(fx.model.features)
+    ctx = contexts.load_context(ex, fx.context, expected=he.CKKS_DEFAULT)
+    enc = contexts.load_ciphertexts(ex, bank, fx.context, fx.weights)
+    digests = score_service._digests(ex, "tax", ids)
+    assert digests == digests_before(ex, "tax", ids)
+    live = access.has_live_consent(ex, "tax", digests, bank.key_id, SCORE_PURPOSE)
+    assert live == has_live_consent_before(ex, "tax", digests, bank.key_id, SCORE_PURPOSE)
+    matrix, unscorable = score_service._read_features(ex, row, features, ids, "text")
+    rows, unscorable_before = read_features_before(ex, row, features, ids, "text")
+    assert unscorable == unscorable_before == [] and np.array_equal(matrix, np.array(rows))
+    steps: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
+        (
+            f"{len(ids):,} subject digests",
+            lambda: digests_before(ex, "tax", ids),
+            lambda: score_service._digests(ex, "tax", ids),
+        ),
+        (
+            "consent lookup",
+            lambda: has_live_consent_before(ex, "tax", digests, bank.key_id, SCORE_PURPOSE),
+            lambda: access.has_live_consent(ex, "tax", digests, bank.key_id, SCORE_PURPOSE),
+        ),
+        (
+            "feature read + matrix",
+            lambda: read_features_before(ex, row, features, ids, "text"),
+            lambda: score_service._read_features(ex, row, features, ids, "text"),
+        ),
+        (
+            "encrypted scoring",
+            lambda: encrypted_scores_before(ctx, enc, rows),
+            lambda: he.encrypted_scores(ctx, enc, matrix),
+        ),
+    ]
+
+    def run_before() -> dict[str, Any]:
+        with path_before():
+            return fx.run()
+
+    steps.append(("run_score end to end", run_before, fx.run))
+    print(f"  {'step':<26} {'before':>17} {'after':>17}  before/after (min of {repeats})")
+    fastest = 0.0
+    for label, before, after in steps:
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        for _ in range(repeats):  # alternate, so load spikes hit both alike
+            times["before"].append(timed(before)[1])
+            times["after"].append(timed(after)[1])
+        b, a = min(times["before"]), min(times["after"])
+        med_b, med_a = statistics.median(times["before"]), statistics.median(times["after"])
+        print(
+            f"  {label:<26} {b:6.3f} s (med {med_b:5.2f}) {a:6.3f} s (med {med_a:5.2f})  "
+            f"{b / a:5.1f}x"
+        )
+        fastest = a
+    # TenSEAL holds the GIL while it multiplies: two threads on two halves gain nothing
+    half = len(matrix) // 2 // he.slot_count(he.CKKS_DEFAULT) * he.slot_count(he.CKKS_DEFAULT)
+    parts = [matrix[:half], matrix[half:]]
+
+    def one_thread() -> object:
+        return [he.encrypted_scores(ctx, enc, part) for part in parts]
+
+    def two_threads() -> object:
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(lambda part: he.encrypted_scores(ctx, enc, part), parts))
+
+    _, one, _ = best_of(one_thread, repeats)
+    _, two, _ = best_of(two_threads, repeats)
+    print(
+        f"  encrypted scoring in two threads {two:.3f} s, in one {one:.3f} s: "
+        f"{one / two:.2f}x (min of {repeats})"
+    )
+    return fastest
+
+
+def bench_service_scores(
+    work: Path, entities: int, features: int, sample: int, repeats: int
+) -> None:
     print(
         f"\n== he_score service: {entities:,} consented entities x {features} features, in-process"
     )
-    ex, operator = _exchange(work)
+    fx = score_fixture(work, entities, features)
+    ex, x, w, secret, public = fx.ex, fx.x, fx.w, fx.secret, fx.public
     try:
-        provider, provider_key = _principal(ex, operator, "Tax Bureau", "agency")
-        bank, _ = _principal(ex, operator, "City Bank", "enterprise")
-        services.create_zone(ex, provider, "tax", "tax records")
-        names = [f"f{j:02d}" for j in range(features)]
-        rng = np.random.default_rng(11)
-        x = np.round(rng.uniform(0, 1e6, (entities, features)), 2)
-        ids = [f"C{i:010d}" for i in range(entities)]
-        table = {"company_id": ids, **{n: x[:, j] for j, n in enumerate(names)}}
-        path = work / "firms.parquet"
-        con = duckdb.connect()
-        con.register("firms_df", pa.table(table))
-        con.execute(f"COPY firms_df TO '{path}' (FORMAT parquet)")
-        _dataset(
-            ex, provider, "tax", "firms", path, {"company_id": "L3", **dict.fromkeys(names, "L3")}
-        )
-        _grant(ex, bank, provider, provider_key, "tax", "firms", "he_score", SCORE_PURPOSE)
-        # consents recorded in bulk for the benchmark (one ledgered call each in real use)
-        until = datetime.now(UTC) + timedelta(days=1)
-        digests = score_service._digests(ex, "tax", ids)
-        with Session(ex.engine) as session:
-            session.execute(
-                insert(ConsentRow),
-                [
-                    {
-                        "id": f"consent-b{i}",
-                        "zone": "tax",
-                        "subject_digest": d,
-                        "consumer": bank.key_id,
-                        "purpose": SCORE_PURPOSE,
-                        "expires_at": until,
-                        "status": "active",
-                        "recorded_by": provider.key_id,
-                        "created_at": datetime.now(UTC),
-                    }
-                    for i, d in enumerate(digests)
-                ],
-            )
-            session.commit()
-
-        w = rng.choice([-1.0, 1.0], features) * 10.0 ** rng.uniform(-5, 3, features)
-        model = he_client.new_model(names, w.tolist(), bias=0.5)
-        score_service.commit_model(ex, bank, model.document())
-        secret, keygen = timed(lambda: he.new_context(he.CKKS_DEFAULT))
-        public = he.public_context_bytes(secret)
-        context = contexts.register_context(ex, bank, public).digest
-        packed, encrypt = timed(lambda: he.pack_ciphertexts(he.encrypt_model(secret, w.tolist())))
-        weights = contexts.store_ciphertexts(ex, bank, context, packed).digest
-
-        def run() -> dict[str, Any]:
-            return score_service.run_score(
-                ex,
-                bank,
-                zone="tax",
-                dataset="firms",
-                purpose=SCORE_PURPOSE,
-                model=model.commitment,
-                context=context,
-                weights=weights,
-                ids=ids,
-            )
-
+        run = fx.run
         run()  # warm the context cache, the zone store and the policy cache
-        response, service = timed(run)
+        print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        service = compare_score_paths(fx, repeats)
+        print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        response = run()
         chunks = [b64url_decode(c) for c in response["ciphertexts"]]
         got, decrypt = timed(lambda: he.decrypt_scores(secret, chunks, entities, bias=0.5))
         expected, plain = timed(lambda: x @ w + 0.5)
@@ -468,8 +723,9 @@ def bench_service_scores(work: Path, entities: int, features: int, sample: int) 
         per_entity_total = per_entity / sample * entities
         response_bytes = len(json.dumps(response))
         print(
-            f"consumer: context {keygen * 1e3:.0f} ms ({mb(len(public))}), encrypts {features} "
-            f"weights in {encrypt:.2f} s (upload {mb(len(packed))}), decrypts in {decrypt:.2f} s"
+            f"consumer: context {fx.keygen * 1e3:.0f} ms ({mb(len(public))}), encrypts "
+            f"{features} weights in {fx.encrypt:.2f} s (upload {mb(len(fx.packed))}), decrypts "
+            f"in {decrypt:.2f} s"
         )
         print(
             f"zonex run_score (authorize, {entities:,} digests + consent check, feature read, "
@@ -573,10 +829,23 @@ def bench_service_secure_sum(work: Path, zones: int, cells: int) -> None:
         ex.close()
 
 
-def bench_services(entities: int, features: int, sample: int, zones: int, cells: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_service_scores(Path(tmp) / "score", entities, features, sample)
-        bench_service_secure_sum(Path(tmp) / "sum", zones, cells)
+#: --only choices: one section each, plus "services" for both service sections
+SECTIONS = ("parameters", "psi", "scores", "sums", "service-scores", "service-sums")
+
+
+def _sections(text: str) -> set[str]:
+    chosen = set()
+    for name in text.split(","):
+        name = name.strip()
+        if name == "services":
+            chosen |= {"service-scores", "service-sums"}
+        elif name in SECTIONS:
+            chosen.add(name)
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown section {name!r}; choose from {', '.join(SECTIONS)} or services"
+            )
+    return chosen
 
 
 def main() -> None:
@@ -587,15 +856,32 @@ def main() -> None:
     parser.add_argument("--zones", type=int, default=3)
     parser.add_argument("--sample", type=int, default=200)
     parser.add_argument("--cells", type=int, default=4096)
-    parser.add_argument("--services-only", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side in comparisons")
+    parser.add_argument(
+        "--only",
+        type=_sections,
+        default=set(SECTIONS),
+        help=f"comma-separated sections to run: {', '.join(SECTIONS)}, services (default: all)",
+    )
+    parser.add_argument("--services-only", action="store_true", help="same as --only services")
     args = parser.parse_args()
+    only: set[str] = _sections("services") if args.services_only else args.only
     print(f"tenseal {ts.__version__}, numpy {np.__version__}, one process")
-    if not args.services_only:
+    if "parameters" in only:
         bench_parameters()
+    if "psi" in only:
         bench_psi_aggregate(args.rows)
+    if "scores" in only:
         bench_scores(args.entities, args.features)
+    if "sums" in only:
         bench_secure_sum(args.zones)
-    bench_services(args.entities, args.features, args.sample, args.zones, args.cells)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "service-scores" in only:
+            bench_service_scores(
+                Path(tmp) / "score", args.entities, args.features, args.sample, args.repeats
+            )
+        if "service-sums" in only:
+            bench_service_secure_sum(Path(tmp) / "sum", args.zones, args.cells)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 import tenseal as ts
 import tenseal.sealapi as seal
 
@@ -108,6 +110,8 @@ __all__ = [
 ]
 
 Scheme = Literal["bfv", "ckks"]
+#: he_score input: one row of feature values per entity
+Features = Sequence[Sequence[float]] | npt.NDArray[Any]
 
 # HomomorphicEncryption.org security standard (2018), Table 1: classical attacks, uniform ternary
 # secret. Largest total log2(q) (every prime, the key-switching one included) per degree n.
@@ -798,12 +802,39 @@ def _feature_row(row: Sequence[float], d: int, i: int, capacity: float) -> list[
     return values
 
 
+def _feature_matrix(features: Features, d: int, capacity: float) -> npt.NDArray[np.float64]:
+    """Entities x features as float64, refusing any entity whose score could overflow; an
+    error names the first such entity."""
+    if not (
+        isinstance(features, np.ndarray) and features.ndim == 2 and features.dtype.kind in "biuf"
+    ):
+        rows = [_feature_row(row, d, i, capacity) for i, row in enumerate(features)]
+        return np.array(rows, dtype=np.float64).reshape(len(rows), d)
+    if len(features) and features.shape[1] != d:
+        raise EncodingError(f"entity 0 does not have the model's {d} features")
+    matrix = features.astype(np.float64, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        magnitude = np.abs(matrix)
+        norm = magnitude.sum(axis=1)  # NaN and infinities propagate into it
+        bad_value = ~np.isfinite(norm) | (magnitude.max(axis=1, initial=0.0) > FEATURE_LIMIT)
+        too_large = norm * WEIGHT_LIMIT > capacity
+    bad = np.flatnonzero(bad_value | too_large)
+    if len(bad):
+        i = int(bad[0])
+        if bad_value[i]:
+            raise EncodingError(f"entity {i}: features must be finite with magnitude <= 2**32")
+        raise EncodingError(f"entity {i}: features too large for an exact-scale score")
+    return matrix
+
+
 def encrypted_scores(
-    ctx_public: Any, enc_weights: Sequence[bytes], features: Sequence[Sequence[float]]
+    ctx_public: Any, enc_weights: Sequence[bytes], features: Features
 ) -> list[bytes]:
-    """``Enc(sum_j w_j * x_ij)`` for each entity i (row of ``features``), n/2 per ciphertext.
+    """``Enc(sum_j w_j * x_ij)`` for each entity i (row of ``features``: a sequence of rows or
+    a 2-D numeric numpy array, the faster input), n/2 entities per ciphertext.
 
     Ciphertext-by-plaintext products and additions only: no relinearization or Galois keys.
+    The products of a chunk are summed at scale p**2 and rescaled once (:func:`_rescale_sum`).
     Each result gets a fresh encryption of zero, so its random part is not a known function of
     the weight ciphertexts (which would let the key holder solve for the features).
     """
@@ -812,32 +843,76 @@ def encrypted_scores(
     if not 1 <= d <= MAX_FEATURES:
         raise EncodingError(f"a model has 1..{MAX_FEATURES} weights")
     scale = float(_rescale_prime(params))
+    # a private copy (public key only, ~10 ms) whose rescaling flag this call may switch: the
+    # caller's context, perhaps shared with other requests, is never changed
+    with _computation_failed("copying the context"):
+        work = ctx_public.copy()
+        work.auto_rescale = False
     weights = []
     for j, blob in enumerate(enc_weights):
-        vector = _load_fresh(ctx_public, params, blob, f"weight {j}")
+        vector = _load_fresh(work, params, blob, f"weight {j}")
         with _computation_failed("reading a ciphertext"):
             (raw,) = vector.ciphertext()
             weight_scale = float(raw.scale)
         if not math.isclose(weight_scale, scale, rel_tol=1e-12):
             raise VerificationError(f"weight {j} was not encrypted at the scale encrypt_model uses")
-        weights.append(vector)
-    capacity = ckks_capacity(params)
+        weights.append(vector.data)  # TenSEAL's own vector: given a list, no PlainTensor on the way
+    matrix = _feature_matrix(features, d, ckks_capacity(params))
     slots = slot_count(params)
     out: list[bytes] = []
-    for start in range(0, len(features), slots):
-        rows = features[start : start + slots]
-        matrix = [_feature_row(row, d, i, capacity) for i, row in enumerate(rows, start)]
-        pad = [0.0] * (slots - len(matrix))
+    for start in range(0, len(matrix), slots):
+        block = matrix[start : start + slots]
+        columns = np.zeros((d, slots))  # zero padding: TenSEAL would replicate a short vector
+        columns[:, : len(block)] = block.T
         acc: Any = None
-        for weight, values in zip(weights, zip(*matrix, strict=True), strict=True):
-            column = [*values, *pad]
-            with _computation_failed("scoring"):
-                term = weight.mul(column)  # a new vector; the weight is reused for every chunk
-                acc = term if acc is None else acc.add_(term)
+        for weight, column in zip(weights, columns, strict=True):
+            term = _product(weight, column, scale, params.poly_modulus_degree)
+            if term is not None:
+                with _computation_failed("scoring"):
+                    acc = term if acc is None else acc.add_(term)
+        with _computation_failed("rescaling scores"):
+            if acc is None:  # every product is zero
+                acc = _encrypt_zero(work, params, scale).data
+            else:
+                _rescale_sum(work, acc, params, scale)
         with _computation_failed("re-randomizing scores"):
-            acc.add_(_encrypt_zero(ctx_public, params, scale))
+            acc.add_(_encrypt_zero(work, params, scale).data)
             out.append(bytes(acc.serialize()))
     return out
+
+
+def _product(weight: Any, column: npt.NDArray[np.float64], scale: float, n: int) -> Any:
+    """``Enc(w) * column`` at scale p**2 (no rescale), or None when the product is zero."""
+    peak = float(np.max(np.abs(column)))
+    if peak == 0.0:
+        return None
+    with _computation_failed("scoring"):
+        term = weight.mul_plain(column.tolist())  # a new vector; the weight is reused
+        # a column this small may encode to the zero polynomial (a larger one cannot: its
+        # canonical embedding would be too large); TenSEAL then returns a fresh zero at scale p
+        # in place of SEAL's transparent product, which adds nothing
+        if peak * scale < n:
+            (raw,) = term.ciphertext()
+            if float(raw.scale) < scale * 2:
+                return None
+    return term
+
+
+def _rescale_sum(work: Any, acc: Any, params: ParameterSet, scale: float) -> None:
+    """Rescale a sum of products at scale p**2 to scale p, in place: one multiply by the
+    constant 1/p, which encodes at scale p as the integer 1 (exact), with TenSEAL's rescale on.
+    The rescale divides by p; TenSEAL then records the vector's initial scale, p, which is the
+    true one. Checked afterwards, so a TenSEAL that records anything else fails here."""
+    work.auto_rescale = True
+    try:
+        acc.mul_plain_(1.0 / scale)
+    finally:
+        work.auto_rescale = False
+    (raw,) = acc.ciphertext()
+    if raw.coeff_modulus_size() != params.data_primes - 1 or not math.isclose(
+        float(raw.scale), scale, rel_tol=1e-12
+    ):
+        raise VerificationError("the scores were not rescaled once to scale p")
 
 
 def decrypt_scores(

@@ -25,11 +25,16 @@ them. Scores come back in the order the ids were sent.
 from __future__ import annotations
 
 import hashlib
-import hmac
+import re
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select
+import duckdb
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+from sqlalchemy import Connection, Double, String, cast, column, select, table
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -40,7 +45,7 @@ from crypto.errors import CryptoError
 from exchange import access
 from exchange.analysis import NUMERIC_TYPES
 from exchange.compute import contexts
-from exchange.compute.source import open_source
+from exchange.compute.source import Source, open_source
 from exchange.domain import Principal
 from exchange.errors import ConflictError, DeniedError, InvalidInputError, NotFoundError
 from exchange.ledger import EntryDraft
@@ -51,8 +56,12 @@ from policy import Level, Operation
 
 __all__ = ["commit_model", "get_model", "run_score", "subjects_digest"]
 
-#: ids per ``IN (...)`` when reading features
+#: ids per ``IN (...)`` when reading features from an attached table
 _READ_CHUNK = 5_000
+#: an id that can name an integer subject (its canonical text is checked by the lookup)
+_INTEGER = re.compile(r"-?[0-9]+")
+#: SHA-256 block size, for HMAC
+_HMAC_BLOCK = 64
 #: refused digests listed in a problem (the count is always exact)
 _MAX_LISTED = 10_000
 
@@ -123,9 +132,24 @@ def subjects_digest(digests: Sequence[str]) -> str:
 
 
 def _digests(ex: Exchange, zone: str, ids: Sequence[str]) -> list[str]:
-    """:func:`exchange.access.subject_digest` for many ids, reading the zone's salt once."""
-    salt = access._salt(ex.zones_dir / zone)
-    return [hmac.new(salt, i.encode(), hashlib.sha256).hexdigest() for i in ids]
+    """:func:`exchange.access.subject_digest` for many ids, reading the zone's salt once.
+
+    HMAC-SHA-256 as RFC 2104 defines it, with the keyed inner and outer hash states computed
+    once rather than per id (a quarter of the time of ``hmac.new`` per id)."""
+    key = access._salt(ex.zones_dir / zone)
+    if len(key) > _HMAC_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_HMAC_BLOCK, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    out = []
+    for i in ids:
+        h = inner.copy()
+        h.update(i.encode())
+        o = outer.copy()
+        o.update(h.digest())
+        out.append(o.hexdigest())
+    return out
 
 
 def _check_ids(ex: Exchange, ids: object) -> list[str]:
@@ -192,23 +216,90 @@ def _feature_columns(row: DatasetRow, features: Sequence[str]) -> tuple[str, str
 
 def _read_features(
     ex: Exchange, row: DatasetRow, features: Sequence[str], ids: Sequence[str], id_type: str
-) -> dict[str, list[Any] | None]:
-    """id -> feature values for the ids present; None where a subject has several rows."""
-    found: dict[str, list[Any] | None] = {}
+) -> tuple[npt.NDArray[np.float64], list[int]]:
+    """The committed features of each id, one row per id in request order, and the positions of
+    the ids that cannot be scored: no row, several rows, or a missing value (their rows are 0).
+
+    An id matches a row whose subject value, as text, is exactly the id."""
     try:
         with open_source(ex, row) as src, src.engine.connect() as conn:
-            subject = src.relation.c[row.subject_column]
-            columns = [src.relation.c[f] for f in features]
-            for start in range(0, len(ids), _READ_CHUNK):
-                chunk: list[Any] = list(ids[start : start + _READ_CHUNK])
-                if id_type == "integer":
-                    chunk = [int(i) for i in chunk if i.lstrip("-").isdigit()]
-                for record in conn.execute(select(subject, *columns).where(subject.in_(chunk))):
-                    key = str(record[0])
-                    found[key] = None if key in found else list(record[1:])
-    except SQLAlchemyError as exc:
+            if src.dialect == "duckdb" and id_type in ("text", "integer"):
+                return _read_features_joined(conn, src, row, features, ids, id_type)
+            return _read_features_chunked(conn, src, row, features, ids, id_type)
+    except (SQLAlchemyError, duckdb.Error) as exc:
         raise InvalidInputError("the zone could not read the features") from exc
-    return found
+
+
+def _read_features_joined(
+    conn: Connection,
+    src: Source,
+    row: DatasetRow,
+    features: Sequence[str],
+    ids: Sequence[str],
+    id_type: str,
+) -> tuple[npt.NDArray[np.float64], list[int]]:
+    """DuckDB: one join of the dataset with the ids (registered as an Arrow table), fetched as
+    numpy columns."""
+    name = f"zx_score_ids_{secrets.token_hex(8)}"
+    wanted = table(name, column("pos"), column("id"))
+    subject = src.relation.c[row.subject_column]
+    # integer subjects compare as their canonical text, so "007" does not match 7
+    key = cast(subject, String) if id_type == "integer" else subject
+    stmt = select(
+        wanted.c.pos.label("zx_pos"),
+        *(cast(src.relation.c[f], Double).label(f"zx_v{j}") for j, f in enumerate(features)),
+    ).select_from(wanted.join(src.relation, key == wanted.c.id))
+    sql = str(stmt.compile(dialect=conn.dialect))
+    n = len(ids)
+    positions = pa.array(np.arange(n, dtype=np.int64))
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    raw.register(name, pa.table({"pos": positions, "id": pa.array(ids, pa.string())}))
+    try:
+        result = raw.execute(sql).fetchnumpy()
+    finally:
+        raw.unregister(name)
+    pos = np.asarray(result["zx_pos"], dtype=np.int64)
+    columns = [result[f"zx_v{j}"] for j in range(len(features))]
+    # one row per subject and no NULL, else the subject is unscorable
+    bad = np.bincount(pos, minlength=n) != 1
+    for values in columns:
+        bad[pos[np.ma.getmaskarray(values)]] = True
+    keep = ~bad[pos]
+    matrix = np.zeros((n, len(features)))
+    for j, values in enumerate(columns):
+        matrix[pos[keep], j] = np.ma.getdata(values)[keep]
+    return matrix, np.flatnonzero(bad).tolist()
+
+
+def _read_features_chunked(
+    conn: Connection,
+    src: Source,
+    row: DatasetRow,
+    features: Sequence[str],
+    ids: Sequence[str],
+    id_type: str,
+) -> tuple[npt.NDArray[np.float64], list[int]]:
+    """Any SQLAlchemy source (an attached table): ``IN`` lists of ids, rows read in Python."""
+    found: dict[str, list[Any] | None] = {}
+    subject = src.relation.c[row.subject_column]
+    columns = [src.relation.c[f] for f in features]
+    for start in range(0, len(ids), _READ_CHUNK):
+        chunk: list[Any] = list(ids[start : start + _READ_CHUNK])
+        if id_type == "integer":
+            chunk = [int(i) for i in chunk if _INTEGER.fullmatch(i)]
+        for record in conn.execute(select(subject, *columns).where(subject.in_(chunk))):
+            key = str(record[0])
+            found[key] = None if key in found else list(record[1:])
+    matrix = np.zeros((len(ids), len(features)))
+    unscorable: list[int] = []
+    for k, entity in enumerate(ids):
+        values = found.get(entity)
+        if values is None or any(v is None for v in values):
+            unscorable.append(k)  # no row, several rows, or a missing feature value
+        else:
+            matrix[k] = [float(v) for v in values]
+    return matrix, unscorable
 
 
 def run_score(
@@ -260,15 +351,7 @@ def run_score(
             len(entity_ids),
         )
 
-    found = _read_features(ex, row, features, entity_ids, id_type)
-    matrix: list[list[Any]] = []
-    unscorable: list[int] = []
-    for k, entity in enumerate(entity_ids):
-        values = found.get(entity)
-        if values is None or any(v is None for v in values):
-            unscorable.append(k)  # no row, several rows, or a missing feature value
-            continue
-        matrix.append([float(v) for v in values])
+    matrix, unscorable = _read_features(ex, row, features, entity_ids, id_type)
     if unscorable:
         _refuse(
             ex,

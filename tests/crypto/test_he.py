@@ -667,6 +667,45 @@ def test_scores_edge_cases(ckks_public: object, ckks_secret: object) -> None:
     assert he.decrypt_scores(ckks_secret, one, 1) == pytest.approx([16.0], rel=1e-9)
 
 
+def test_zero_and_vanishing_columns_add_nothing(ckks_public: object, ckks_secret: object) -> None:
+    """Products are summed unrescaled and rescaled once per chunk; a zero column, one so small
+    it encodes to the zero polynomial (TenSEAL then hands back a fresh zero at another scale)
+    and an all-zero chunk still give the right scores, and the caller's context is unchanged."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1e3, 1e3, (CKKS_SLOTS + 10, 3))
+    x[:, 1] = 0.0
+    x[:CKKS_SLOTS, 2] = 1e-17
+    x[CKKS_SLOTS:] = 0.0
+    w = np.array([1.5, -2.0, 3.0])
+    enc = he.encrypt_model(ckks_secret, w.tolist())
+    chunks = he.encrypted_scores(ckks_public, enc, x)
+    got = np.array(he.decrypt_scores(ckks_secret, chunks, len(x)))
+    assert np.all(np.abs(got - x @ w) <= 1e-6 * (np.abs(x) @ np.abs(w)) + 1e-9)
+    assert ckks_public.auto_rescale is True  # type: ignore[attr-defined]
+    # the same scores from a list of rows, checked row by row
+    again = he.encrypted_scores(ckks_public, enc, x.tolist())
+    assert np.allclose(he.decrypt_scores(ckks_secret, again, len(x)), got, rtol=0, atol=1e-6)
+
+
+def test_feature_matrix_refusals_name_the_first_bad_entity(
+    ckks_public: object, ckks_secret: object
+) -> None:
+    enc = he.encrypt_model(ckks_secret, [1.0, 2.0])
+    x = np.ones((5000, 2))
+    x[4500, 1] = math.inf
+    x[4700, 0] = -(2.0**33)
+    with pytest.raises(EncodingError, match="entity 4500: features must be finite"):
+        he.encrypted_scores(ckks_public, enc, x)
+    x[4500] = 2.0**32  # both at the limit: admitted
+    with pytest.raises(EncodingError, match="entity 4700: features must be finite"):
+        he.encrypted_scores(ckks_public, enc, x)
+    with pytest.raises(EncodingError, match="entity 0 does not have the model's 2 features"):
+        he.encrypted_scores(ckks_public, enc, np.ones((3, 3)))
+    with pytest.raises(EncodingError, match="not a number"):
+        he.encrypted_scores(ckks_public, enc, np.array([["1", "2"]]))
+    assert he.encrypted_scores(ckks_public, enc, np.zeros((0, 2))) == []
+
+
 def test_scores_refuse_bad_inputs(ckks_public: object, ckks_secret: object) -> None:
     enc = he.encrypt_model(ckks_secret, [1.0, 2.0])
     with pytest.raises(EncodingError, match="features"):
