@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from crypto.canonical import canonicalize
@@ -58,6 +58,7 @@ from exchange.models import (
     ZoneRow,
 )
 from exchange.node import Exchange
+from exchange.observability import record_decision
 from exchange.policystore import add_rules, remove_rules
 from policy import (
     DEFAULT_CEILINGS,
@@ -105,6 +106,8 @@ MAX_DURATION = 366 * 24 * 3600
 #: an approval's ``not_after`` may run this much past ``now + duration`` (clock skew, signing)
 APPROVAL_SLACK = timedelta(seconds=300)
 SALT_FILE = "subject.salt"
+#: has_live_consent scans a zone's consents when they are at most this many per asked digest
+_CONSENT_SCAN_FACTOR = 4
 
 
 # -- domain objects ---------------------------------------------------------------------------
@@ -883,23 +886,28 @@ def has_live_consent(
     vocabulary = ex.policy.point.vocabulary
     found = dict.fromkeys(wanted, False)
     covers: dict[str, bool] = {}
-    with Session(ex.engine) as session:
-        for i in range(0, len(wanted), 2000):
-            chunk = wanted[i : i + 2000]
-            rows = session.execute(
-                select(ConsentRow.subject_digest, ConsentRow.purpose, ConsentRow.expires_at).where(
-                    ConsentRow.zone == zone,
-                    ConsentRow.consumer == consumer,
-                    ConsentRow.status == "active",
-                    ConsentRow.subject_digest.in_(chunk),
-                    ConsentRow.expires_at > moment,
-                )
-            )
-            for digest, granted_purpose, expires_at in rows:
+    stmt = select(ConsentRow.subject_digest, ConsentRow.purpose).where(
+        ConsentRow.zone == zone,
+        ConsentRow.consumer == consumer,
+        ConsentRow.status == "active",
+        ConsentRow.expires_at > moment,
+    )
+    with ex.engine.connect() as conn:
+        # many digests against a zone with not many more consents: one pass over the zone's
+        # consents is cheaper than one index probe per digest (the count stops at the cap)
+        cap = _CONSENT_SCAN_FACTOR * len(wanted)
+        in_zone = select(ConsentRow.id).where(ConsentRow.zone == zone).limit(cap + 1).subquery()
+        scan = conn.execute(select(func.count()).select_from(in_zone)).scalar_one() <= cap
+        chunks = [wanted] if scan else [wanted[i : i + 2000] for i in range(0, len(wanted), 2000)]
+        for chunk in chunks:
+            rows = conn.execute(stmt if scan else stmt.where(ConsentRow.subject_digest.in_(chunk)))
+            for digest, granted_purpose in rows:
+                if digest not in found:
+                    continue  # another subject's consent, met while scanning the zone
                 ok = covers.get(granted_purpose)
                 if ok is None:
                     ok = covers[granted_purpose] = vocabulary.is_within(purpose, granted_purpose)
-                if ok and moment < expires_at:
+                if ok:
                     found[digest] = True
     return found
 
@@ -953,6 +961,7 @@ def authorize(
     if decision.allowed and not zone_active:
         # the suspension row is written with the status; this covers the refresh interval
         decision = Decision(False, f"suspend:zone:{zone}", "suspended", decision.policy_version)
+    record_decision(decision.allowed, str(decision.reason))
     if not decision.allowed:
         attrs: dict[str, str | int] = {
             "reason": str(decision.reason),

@@ -31,6 +31,7 @@ from crypto.merkle import MerkleTree, leaf_hash, verify_consistency
 from crypto.note import Checkpoint, NoteSigner, sign_checkpoint
 from exchange.errors import InvalidInputError, LedgerError, ZonexError
 from exchange.models import CheckpointRow, LedgerEntryRow, LedgerHeadRow
+from exchange.observability import get_metrics
 from exchange.storage import WRITE
 
 log = logging.getLogger("zonex.ledger")
@@ -157,6 +158,11 @@ class Ledger:
             except ZonexError as exc:  # pragma: no cover - logged, shutdown continues
                 log.error("final checkpoint failed: %s", exc)
 
+    @property
+    def running(self) -> bool:
+        """The writer thread is alive and not shutting down (readiness)."""
+        return bool(self._threads) and self._threads[0].is_alive() and not self._stopping.is_set()
+
     def add_ticker(self, interval: float, action: Callable[[], None]) -> None:
         """Run ``action`` about every ``interval`` seconds on the ticker thread."""
         self._tickers.append((interval, action))
@@ -168,9 +174,11 @@ class Ledger:
         if not self._threads:
             raise LedgerError("the ledger is not running")
         pending = _Pending(draft, apply, wait=True)
+        queued = time.perf_counter()
         self._queue.put(pending)
         assert pending.done is not None
         pending.done.wait()
+        get_metrics().ledger_append.observe(time.perf_counter() - queued)
         if pending.error is not None:
             raise pending.error
         assert pending.result is not None
@@ -207,6 +215,7 @@ class Ledger:
 
     def _commit(self, batch: list[_Pending]) -> list[_Pending]:
         committed: list[_Pending] = []
+        started = time.perf_counter()
         try:
             with Session(self._write_engine) as session, session.begin():
                 head = session.execute(
@@ -260,6 +269,7 @@ class Ledger:
                 item.result = None
                 item.error = item.error or error
             committed = []
+        get_metrics().ledger_commit.observe(time.perf_counter() - started)
         for item in batch:
             if item.done is not None:
                 item.done.set()
@@ -281,6 +291,7 @@ class Ledger:
                     if seq != self._tree.size:
                         raise LedgerError(f"ledger has a gap at seq {self._tree.size}")
                     self._tree.append(bytes(digest))
+            get_metrics().ledger_size.set(self._tree.size)
             return self._tree.size
 
     def latest_checkpoint(self) -> SignedCheckpoint | None:
@@ -301,8 +312,11 @@ class Ledger:
         if self._signer is None:
             raise LedgerError("this process holds no log key")
         with self._checkpoint_lock:
-            size = self.sync_tree()
+            # last checkpoint first, then the tree: its entries were committed before it was
+            # stored, so the tree caught up afterwards covers them, even when another process
+            # stores a larger checkpoint in between
             last = self.latest_checkpoint()
+            size = self.sync_tree()
             if last is not None and last.size == size:
                 return last
             with self._tree_lock:

@@ -371,6 +371,19 @@ class PolicyCache:
         except Exception:
             log.exception("policy refresh failed")
         if time.monotonic() - self._checked_at > self.max_staleness:
+            # stale only because no request came by to refresh (or the refresher was slow
+            # under load) must not deny: wait for a refresh in flight, check now if still
+            # stale, and fail closed only if the database cannot be read
+            with self._refresh_lock:
+                if time.monotonic() - self._checked_at > self.max_staleness:
+                    try:
+                        started = time.monotonic()
+                        with Session(self._engine) as session, session.begin():
+                            self._sync(session)
+                        self._checked_at = started
+                    except Exception:
+                        log.exception("policy refresh failed")
+        if time.monotonic() - self._checked_at > self.max_staleness:
             return Decision(False, None, Reason.ERROR, self.point.version)
         return self.point.decide(request)
 

@@ -3,6 +3,10 @@
 :func:`record_computation` appends the computation's ledger entry (running ``apply``, e.g. the
 privacy-budget charge, in the same transaction), then signs the statement with the log key,
 signs a checkpoint that covers the entry and assembles the bundle with its inclusion proof.
+
+The grants a computation was authorized under are checked again inside that transaction: it
+holds the ledger-head lock, so a revocation ledgered by any process before the computation's
+entry refuses the release (another process's policy cache may not have seen it yet).
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from crypto.envelope import sign_envelope
 from crypto.receipt import STATEMENT_TYPE, build_bundle, result_digest, statement_digest
-from exchange.errors import LedgerError
+from exchange.errors import DeniedError, LedgerError
 from exchange.ledger import Apply, EntryDraft
+from exchange.models import GrantRow
 from exchange.node import Exchange
 
 __all__ = ["record_computation"]
@@ -53,7 +60,21 @@ def record_computation(
         digests={"statement": statement_digest(core), "result": digest},
         attrs=dict(attrs or {}),
     )
-    appended = ex.ledger.append(draft, apply)
+    grants = sorted(
+        {g for g in str(statement.get("grant") or "").split(",") if g.startswith("grant:")}
+    )
+    try:
+        appended = ex.ledger.append(draft, _still_granted(grants, apply))
+    except DeniedError as exc:
+        ex.ledger.append(
+            EntryDraft(
+                kind="access.denied",
+                actor=actor,
+                refs=dict(refs or {}),
+                attrs={"reason": exc.reason, "rule": ",".join(grants)[:200], "step": "release"},
+            )
+        )
+        raise
     signed = {**core, "ledger_index": appended.seq}
     envelope = sign_envelope(STATEMENT_TYPE, signed, [ex.log_signer.key])
     checkpoint = ex.ledger.checkpoint(persist=False)
@@ -67,3 +88,19 @@ def record_computation(
         checkpoint.note,
     )
     return bundle, appended.value
+
+
+def _still_granted(grants: list[str], apply: Apply | None) -> Apply:
+    """``apply`` preceded by a check that every grant is still active and unexpired."""
+
+    def checked(session: Session, draft: EntryDraft) -> Any:
+        now = datetime.now(UTC)
+        for grant_id in grants:
+            row = session.get(GrantRow, grant_id)
+            if row is None or row.status != "active":
+                raise DeniedError("not_granted", "the grant was revoked before the release")
+            if row.expires_at <= now:
+                raise DeniedError("expired", "the grant expired before the release")
+        return None if apply is None else apply(session, draft)
+
+    return checked

@@ -57,6 +57,10 @@ class Settings(BaseModel):
     #: threads for blinding and re-blinding (None: every available core)
     psi_workers: int | None = None
 
+    # operations
+    #: ``/v1/ready`` answers 503 when the database does not answer a trivial query within this
+    ready_timeout_seconds: float = 2.0
+
     # catalog and storage
     upload_ttl_seconds: int = 24 * 3600
     #: SQLAlchemy URL prefixes a provider may attach; empty means attaching is disabled

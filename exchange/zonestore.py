@@ -448,7 +448,7 @@ def _describe_duck(con: duckdb.DuckDBPyConnection, relation: str) -> TableInfo:
 
 
 def _check_name(table: str) -> None:
-    if not isinstance(table, str) or not NAME.match(table) or table in RESERVED_NAMES:
+    if not isinstance(table, str) or not NAME.fullmatch(table) or table in RESERVED_NAMES:
         raise ZoneStoreError(
             "bad_name",
             "a dataset name is 1-63 characters: a lowercase letter, then lowercase letters, "
@@ -459,7 +459,8 @@ def _check_name(table: str) -> None:
 def _check_columns(names: Sequence[str], code: str) -> None:
     if not names:
         raise ZoneStoreError(code, "the file has no columns")
-    bad = [n for n in names if not NAME.match(n)]
+    # fullmatch: "$" alone would let a trailing newline through
+    bad = [n for n in names if not NAME.fullmatch(n)]
     if bad:
         shown = ", ".join(repr(n[:40]) for n in bad[:10])
         raise ZoneStoreError(

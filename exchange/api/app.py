@@ -1,17 +1,18 @@
 """The FastAPI application: a thin shell over the services.
 
-Every route except ``/v1/health`` authenticates the request (RFC 9421) before anything else;
-one handler maps the error tree to RFC 9457 problem+json.
+Every route except ``/v1/health``, ``/v1/ready`` and ``/metrics`` authenticates the request
+(RFC 9421) before anything else; one handler maps the error tree to RFC 9457 problem+json.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,6 +25,7 @@ from exchange.api import he as he_routes
 from exchange.api import psi as psi_routes
 from exchange.api.deps import Actor, Ex
 from exchange.api.schemas import (
+    PROBLEM_RESPONSES,
     AccessRequestIn,
     AccessRequestOut,
     AggregateIn,
@@ -63,6 +65,15 @@ from exchange.errors import (
     ZonexError,
 )
 from exchange.node import Exchange
+from exchange.observability import (
+    METRICS_CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    RequestContextMiddleware,
+    current_request_id,
+    observe_computation,
+    readiness_problem,
+    render_metrics,
+)
 from exchange.settings import Settings
 
 log = logging.getLogger("zonex.api")
@@ -83,7 +94,9 @@ def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JS
         "code": code,
         **extra,
     }
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
+    request_id = current_request_id()
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
 class BodyLimitMiddleware:
@@ -139,19 +152,29 @@ class BodyLimitMiddleware:
                 )(scope, receive, send)
                 return
         received = 0
+        exceeded = started = False
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise _TooLarge
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
+        async def guarded(message: Message) -> None:
+            # a body parser may catch _TooLarge and answer 400: that answer is dropped
+            nonlocal started
+            if exceeded and not started:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        with suppress(_TooLarge):
+            await self.app(scope, limited, guarded)
+        if exceeded and not started:
             await problem(
                 413, "payload_too_large", "Payload too large", f"body exceeds {limit} bytes"
             )(scope, receive, send)
@@ -179,7 +202,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             if owned:
                 ex.close()
 
-    app = FastAPI(title="zonex", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="zonex", version="0.1.0", lifespan=lifespan, responses=PROBLEM_RESPONSES)
     cfg = settings if settings is not None else exchange.settings  # type: ignore[union-attr]
     app.add_middleware(
         BodyLimitMiddleware,
@@ -192,6 +215,8 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             POINTS_SUFFIX: cfg.max_psi_batch_bytes,
         },
     )
+    # outermost: every response, refusals by the body limit included, carries a request id
+    app.add_middleware(RequestContextMiddleware)
 
     @app.exception_handler(ZonexError)
     async def zonex_error(request: Request, exc: ZonexError) -> JSONResponse:
@@ -223,6 +248,24 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     @app.get("/v1/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/v1/ready", response_model=None)
+    async def ready(request: Request) -> dict[str, str] | JSONResponse:
+        ex: Exchange = request.app.state.exchange
+        try:
+            why = await asyncio.wait_for(
+                run_in_threadpool(readiness_problem, ex), ex.settings.ready_timeout_seconds
+            )
+        except TimeoutError:
+            why = "the control-plane database does not answer in time"
+        if why is not None:
+            return problem(503, "not_ready", "Not ready", why)
+        return {"status": "ready"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        # unauthenticated like health; labels carry route templates and codes, no identifiers
+        return Response(render_metrics(), media_type=METRICS_CONTENT_TYPE)
 
     v1 = APIRouter(prefix="/v1")
 
@@ -396,12 +439,17 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
 
     @v1.post("/zones/{zone}/aggregate", response_model=ComputationOut)
     def run_aggregate(zone: str, actor: Actor, ex: Ex, body: AggregateIn) -> ComputationOut:
-        out = aggregate.run_aggregate(ex, actor, zone, body.sql, body.purpose, epsilon=body.epsilon)
+        with observe_computation("aggregate"):
+            out = aggregate.run_aggregate(
+                ex, actor, zone, body.sql, body.purpose, epsilon=body.epsilon
+            )
         return ComputationOut.model_validate(out)
 
     @v1.post("/zones/{zone}/datasets/{name}/export", response_model=ComputationOut)
     def export(zone: str, name: str, actor: Actor, ex: Ex, body: PurposeIn) -> ComputationOut:
-        return ComputationOut.model_validate(export_rows(ex, actor, zone, name, body.purpose))
+        with observe_computation("export"):
+            out = export_rows(ex, actor, zone, name, body.purpose)
+        return ComputationOut.model_validate(out)
 
     @v1.get("/log/checkpoint", response_model=CheckpointOut)
     def checkpoint(actor: Actor, ex: Ex) -> CheckpointOut:
@@ -436,7 +484,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     def entry(seq: int, actor: Actor, ex: Ex) -> EntryOut:
         if actor.kind not in (PrincipalKind.OPERATOR, PrincipalKind.AUDITOR):
             raise ForbiddenError("only the operator and auditors read ledger entries")
-        if seq < 0:
+        if not 0 <= seq < 1 << 63:  # beyond a BIGINT the database driver would overflow
             raise NotFoundError("no such entry")
         try:
             body = ex.ledger.entry(seq)

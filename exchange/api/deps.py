@@ -12,6 +12,7 @@ from exchange.auth import authenticate
 from exchange.domain import Principal
 from exchange.errors import UnsupportedMediaTypeError
 from exchange.node import Exchange
+from exchange.observability import note_key_id
 
 __all__ = ["BINARY", "Actor", "Ex", "binary_body", "exchange_of", "principal"]
 
@@ -21,16 +22,15 @@ async def principal(request: Request) -> Principal:
     ex: Exchange = request.app.state.exchange
     body = await request.body()
     base = ex.settings.public_base_url
-    url = (
-        str(request.url)
-        if base is None
-        else base.rstrip("/")
-        + request.url.path
-        + ("?" + request.url.query if request.url.query else "")
-    )
+    origin = f"{request.url.scheme}://{request.url.netloc}" if base is None else base.rstrip("/")
+    # the path as it arrived (percent-encoded), not re-encoded from its decoded form: the
+    # client signed the bytes it sent
+    raw_path = request.scope.get("raw_path")
+    path = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else request.url.path
+    url = origin + path + ("?" + request.url.query if request.url.query else "")
     route = request.scope.get("route")
     route_name = getattr(route, "path", request.url.path)
-    return await run_in_threadpool(
+    actor = await run_in_threadpool(
         authenticate,
         ex,
         request.method,
@@ -40,6 +40,8 @@ async def principal(request: Request) -> Principal:
         int(time.time()),
         f"{request.method} {route_name}",
     )
+    note_key_id(actor.key_id)
+    return actor
 
 
 def exchange_of(request: Request) -> Exchange:

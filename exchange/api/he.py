@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from exchange.api.deps import Actor, Ex, binary_body
 from exchange.compute import contexts, score, secure_sum
+from exchange.observability import observe_computation
 
 router = APIRouter(prefix="/v1")
 
@@ -85,28 +86,30 @@ def get_model(commitment: str, actor: Actor, ex: Ex) -> dict[str, Any]:
 
 @router.post("/he/score")
 def he_score(body: ScoreIn, actor: Actor, ex: Ex) -> dict[str, Any]:
-    return score.run_score(
-        ex,
-        actor,
-        zone=body.zone,
-        dataset=body.dataset,
-        purpose=body.purpose,
-        model=body.model,
-        context=body.context,
-        weights=body.weights,
-        ids=body.ids,
-    )
+    with observe_computation("he_score"):
+        return score.run_score(
+            ex,
+            actor,
+            zone=body.zone,
+            dataset=body.dataset,
+            purpose=body.purpose,
+            model=body.model,
+            context=body.context,
+            weights=body.weights,
+            ids=body.ids,
+        )
 
 
 @router.post("/he/secure-sum")
 def run_secure_sum(body: SecureSumIn, actor: Actor, ex: Ex) -> dict[str, Any]:
-    return secure_sum.run_secure_sum(
-        ex,
-        actor,
-        zones=body.zones,
-        sql=body.sql,
-        purpose=body.purpose,
-        context=body.context,
-        cells=body.cells,
-        epsilon=body.epsilon,
-    )
+    with observe_computation("secure_sum"):
+        return secure_sum.run_secure_sum(
+            ex,
+            actor,
+            zones=body.zones,
+            sql=body.sql,
+            purpose=body.purpose,
+            context=body.context,
+            cells=body.cells,
+            epsilon=body.epsilon,
+        )

@@ -345,3 +345,34 @@ class ComputationOut(Out):
     result: dict[str, Any]
     #: a receipt bundle (:mod:`crypto.receipt`), verifiable offline with ``log.pub``
     receipt: dict[str, Any]
+
+
+class ProblemOut(BaseModel):
+    """An RFC 9457 problem (``application/problem+json``), the body of every 4xx and 5xx. Some
+    carry more members: ``reason`` (a stable refusal code), ``errors``, counts."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+
+
+#: declared on every operation: each error answer is a problem document
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    key: {
+        "description": description,
+        "content": {"application/problem+json": {"schema": ProblemOut.model_json_schema()}},
+    }
+    for key, description in (
+        (
+            "4XX",
+            "Refused: unauthenticated (401), denied (403), not found (404), conflict "
+            "(409), too large (413), unsupported media type (415), invalid input (422), privacy "
+            "budget exhausted (429)",
+        ),
+        ("5XX", "The exchange failed (500) or cannot record evidence (503)"),
+    )
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -288,3 +289,28 @@ def test_state_row_is_created_if_missing(engine: Engine) -> None:
         session.add(PolicyStateRow(id=1, version=41))
     with write(engine) as session, session.begin():
         assert add_rules(session, grant()) == 42
+
+
+def test_cache_waits_for_a_slow_refresh_instead_of_failing_closed(
+    engine: Engine, other_engine: Engine
+) -> None:
+    """Under load the request that refreshes can take longer than ``max_staleness``; the others
+    must wait for it (or check themselves), not deny while the database is readable."""
+    with write(engine) as session, session.begin():
+        add_rules(session, grant())
+    cache = PolicyCache(other_engine, refresh_interval=0.01, max_staleness=0.2)
+    assert cache.decide(request()).allowed
+    held = threading.Event()
+
+    def slow_refresher() -> None:
+        with cache._refresh_lock:
+            held.set()
+            time.sleep(0.4)
+
+    thread = threading.Thread(target=slow_refresher)
+    thread.start()
+    held.wait()
+    time.sleep(0.25)  # stale now, with a refresh in flight
+    decision = cache.decide(request())
+    thread.join()
+    assert decision.allowed, decision.reason
