@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from exchange.api.deps import BINARY, Actor, Ex, binary_body
 from exchange.compute import psi
+from exchange.observability import observe_computation
 
 router = APIRouter(prefix="/v1")
 
@@ -62,9 +63,10 @@ async def put_a(
     session: str, request: Request, actor: Actor, ex: Ex, offset: int = Query(ge=0)
 ) -> dict[str, Any]:
     body = await binary_body(request, "points")
-    result: dict[str, Any] = await run_in_threadpool(
-        psi.put_a_points, ex, actor, session, offset, body
-    )
+    with observe_computation("psi_reblind"):  # the zone's re-blinding (and answer, at the end)
+        result: dict[str, Any] = await run_in_threadpool(
+            psi.put_a_points, ex, actor, session, offset, body
+        )
     return result
 
 
@@ -93,4 +95,5 @@ async def put_bc(
 
 @router.post("/psi/sessions/{session}/result")
 def finish(session: str, actor: Actor, ex: Ex) -> dict[str, Any]:
-    return psi.finish_session(ex, actor, session)
+    with observe_computation("psi_result"):
+        return psi.finish_session(ex, actor, session)

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -130,6 +131,12 @@ def test_cardinality_and_members_match_plaintext(server: LiveServer, world: dict
         everyone = [cid for cid, _ in world["rows"]]
         full = c.psi_join("tax", "companies", "members", everyone, PURPOSE)
         assert all(full["local"]["members"]) and full["result"]["members"] == 40
+
+    # the zone's work and the release are timed in the metrics, by kind only
+    metrics = httpx.get(server.url + "/metrics").text
+    for kind in ("psi_reblind", "psi_result"):
+        assert f'kind="{kind}",outcome="ok"' in metrics
+    assert world["rows"][0][0] not in metrics
 
 
 def test_aggregate_is_exact_and_dp_is_charged(server: LiveServer, world: dict[str, Any]) -> None:
