@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from crypto.httpsig import HttpSignatureError, parse_signature, verify_request
 from crypto.keys import VerifyKey
@@ -25,6 +24,11 @@ from exchange.storage import WRITE
 log = logging.getLogger("zonex.auth")
 
 MAX_NONCE_LENGTH = 128
+
+# Core statements, not ORM sessions: this runs on every request, and the ORM's unit of work
+# costs more than the round trips here (bench/load.py)
+_PRINCIPALS = PrincipalRow.__table__
+_NONCES = NonceRow.__table__
 
 
 def authenticate(
@@ -48,10 +52,12 @@ def authenticate(
         except HttpSignatureError as exc:
             raise AuthenticationError(exc.reason) from exc
         keyid = sig_input.keyid
-        with Session(ex.engine) as session:
-            row = session.get(PrincipalRow, keyid) if len(keyid) == 64 else None
-            principal = None if row is None else to_principal(row)
-            public_key = None if row is None else bytes(row.public_key)
+        row = None
+        if len(keyid) == 64:
+            with ex.engine.connect() as conn:
+                row = conn.execute(select(_PRINCIPALS).where(_PRINCIPALS.c.key_id == keyid)).first()
+        principal = None if row is None else to_principal(row)  # type: ignore[arg-type]
+        public_key = None if row is None else bytes(row.public_key)
         if principal is None or public_key is None:
             raise AuthenticationError("unknown_key", keyid)
         known = principal.key_id
@@ -73,9 +79,9 @@ def authenticate(
         if not nonce or len(nonce) > MAX_NONCE_LENGTH:
             raise AuthenticationError("malformed", keyid)
         try:
-            with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
-                session.execute(
-                    insert(NonceRow).values(key_id=keyid, nonce=nonce, created=sig_input.created)
+            with ex.engine.execution_options(**WRITE).begin() as conn:
+                conn.execute(
+                    insert(_NONCES).values(key_id=keyid, nonce=nonce, created=sig_input.created)
                 )
         except IntegrityError as exc:
             raise AuthenticationError("replayed", keyid) from exc
