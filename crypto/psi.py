@@ -185,7 +185,7 @@ def _dst_prime(domain: bytes) -> bytes:
 def expand_message_xmd(msg: bytes, dst: bytes, length: int) -> bytes:
     """RFC 9380 §5.3.1 ``expand_message_xmd`` with SHA-512: ``length`` uniform bytes."""
     ell = -(-length // 64)
-    if length < 1 or ell > 255 or length > 0xFFFF:
+    if length < 1 or ell > 255:
         raise ValueError("expand_message_xmd: length out of range")
     dst_prime = _dst_prime(dst)
     state = _Z_PAD.copy()

@@ -360,6 +360,8 @@ class Ledger:
             return self._tree.consistency_proof(size1, size2)
 
     def entry(self, seq: int) -> bytes:
+        if not 0 <= seq < 1 << 63:  # no such seq, and beyond a BIGINT the driver would overflow
+            raise InvalidInputError(f"no ledger entry {seq}")
         with self._engine.connect() as conn:
             body = conn.execute(
                 select(LedgerEntryRow.body).where(LedgerEntryRow.seq == seq)

@@ -371,19 +371,6 @@ class PolicyCache:
         except Exception:
             log.exception("policy refresh failed")
         if time.monotonic() - self._checked_at > self.max_staleness:
-            # stale only because no request came by to refresh (or the refresher was slow
-            # under load) must not deny: wait for a refresh in flight, check now if still
-            # stale, and fail closed only if the database cannot be read
-            with self._refresh_lock:
-                if time.monotonic() - self._checked_at > self.max_staleness:
-                    try:
-                        started = time.monotonic()
-                        with Session(self._engine) as session, session.begin():
-                            self._sync(session)
-                        self._checked_at = started
-                    except Exception:
-                        log.exception("policy refresh failed")
-        if time.monotonic() - self._checked_at > self.max_staleness:
             return Decision(False, None, Reason.ERROR, self.point.version)
         return self.point.decide(request)
 
@@ -392,10 +379,15 @@ class PolicyCache:
         Returns the version the decision point is at."""
         if not force and time.monotonic() - self._checked_at < self.refresh_interval:
             return self.point.version
-        # the first load must finish before anyone decides; later, one refresher is enough
-        if not self._refresh_lock.acquire(blocking=not self._loaded or force):
+        # the first load must finish before anyone decides; later, one refresher is enough,
+        # unless the view is too stale to decide on: then wait for the refresh in flight (slow
+        # under load is not a reason to deny) and check again if it did not catch up
+        stale = time.monotonic() - self._checked_at > self.max_staleness
+        if not self._refresh_lock.acquire(blocking=not self._loaded or force or stale):
             return self.point.version
         try:
+            if stale and not force and time.monotonic() - self._checked_at <= self.max_staleness:
+                return self.point.version  # the refresh we waited for caught up
             started = time.monotonic()
             with Session(self._engine) as session, session.begin():
                 self._sync(session)

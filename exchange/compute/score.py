@@ -25,6 +25,7 @@ them. Scores come back in the order the ids were sent.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 from collections.abc import Sequence
@@ -60,8 +61,6 @@ __all__ = ["commit_model", "get_model", "run_score", "subjects_digest"]
 _READ_CHUNK = 5_000
 #: an id that can name an integer subject (its canonical text is checked by the lookup)
 _INTEGER = re.compile(r"-?[0-9]+")
-#: SHA-256 block size, for HMAC
-_HMAC_BLOCK = 64
 #: refused digests listed in a problem (the count is always exact)
 _MAX_LISTED = 10_000
 
@@ -132,23 +131,14 @@ def subjects_digest(digests: Sequence[str]) -> str:
 
 
 def _digests(ex: Exchange, zone: str, ids: Sequence[str]) -> list[str]:
-    """:func:`exchange.access.subject_digest` for many ids, reading the zone's salt once.
-
-    HMAC-SHA-256 as RFC 2104 defines it, with the keyed inner and outer hash states computed
-    once rather than per id (a quarter of the time of ``hmac.new`` per id)."""
-    key = access._salt(ex.zones_dir / zone)
-    if len(key) > _HMAC_BLOCK:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(_HMAC_BLOCK, b"\0")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    """:func:`exchange.access.subject_digest` for many ids, reading the zone's salt once and
+    keying HMAC-SHA-256 once (``copy`` of the keyed state per id)."""
+    keyed = hmac.new(access._salt(ex.zones_dir / zone), digestmod=hashlib.sha256)
     out = []
     for i in ids:
-        h = inner.copy()
+        h = keyed.copy()
         h.update(i.encode())
-        o = outer.copy()
-        o.update(h.digest())
-        out.append(o.hexdigest())
+        out.append(h.hexdigest())
     return out
 
 
