@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +30,13 @@ PG_ADMIN_URL = os.environ.get("ZONEX_TEST_DATABASE_URL")
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | None]:
-    """None for the embedded SQLite default; a fresh PostgreSQL database otherwise."""
-    if request.param == "sqlite":
-        yield None
-        return
+@contextmanager
+def fresh_postgres_database(prefix: str = "zonex_t_") -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database on the test server, dropped afterwards;
+    skips the test when no server is configured."""
     if not PG_ADMIN_URL:
         pytest.skip("ZONEX_TEST_DATABASE_URL is not set (no PostgreSQL server)")
-    name = "zonex_t_" + secrets.token_hex(6)
+    name = prefix + secrets.token_hex(6)
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -47,6 +46,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str | None]:
+    """None for the embedded SQLite default; a fresh PostgreSQL database otherwise."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -88,6 +97,41 @@ class LiveServer:
 
     def log_verifier(self) -> NoteVerifier:
         return NoteVerifier.from_verifier_key((self.data_dir / "log.pub").read_text().strip())
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+#: column levels for examples/data/companies.csv, tax paid at L2 (open to a granted export)
+L2_LEVELS = {
+    "company_id": "L2",
+    "district": "L1",
+    "industry": "L1",
+    "founded_year": "L1",
+    "employees": "L2",
+    "registered_capital": "L2",
+    "tax_paid_2025": "L2",
+}
+L3_LEVELS = {**L2_LEVELS, "tax_paid_2025": "L3"}
+
+
+def tax_bureau_and_bank(
+    server: LiveServer, levels: dict[str, str], *, zone: str = "tax"
+) -> tuple[SigningKey, SigningKey]:
+    """Register a tax bureau (agency) and a bank (enterprise); the bureau opens ``zone`` and
+    registers examples/data/companies.csv there as ``companies`` with ``levels``."""
+    provider, consumer = SigningKey.generate(), SigningKey.generate()
+    with server.client(server.operator) as op:
+        op.register_principal("Tax Bureau", "agency", provider.public_key)
+        op.register_principal("City Bank", "enterprise", consumer.public_key)
+    with server.client(provider) as p:
+        p.create_zone(zone, "tax records")
+        p.register_dataset(
+            zone,
+            "companies",
+            levels=levels,
+            subject_column="company_id",
+            file=EXAMPLES / "companies.csv",
+        )
+    return provider, consumer
 
 
 class _Server(uvicorn.Server):

@@ -25,19 +25,8 @@ from exchange import access
 from exchange.domain import APPROVAL_TYPE, approval_payload
 from exchange.models import AccessRequestRow, LedgerEntryRow
 from exchange.sdk import ApiError, Client
-from tests.conftest import LiveServer, free_port
+from tests.conftest import EXAMPLES, L2_LEVELS, L3_LEVELS, LiveServer, free_port
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
-L2_LEVELS = {
-    "company_id": "L2",
-    "district": "L1",
-    "industry": "L1",
-    "founded_year": "L1",
-    "employees": "L2",
-    "registered_capital": "L2",
-    "tax_paid_2025": "L2",
-}
-L3_LEVELS = {**L2_LEVELS, "tax_paid_2025": "L3"}
 IMPORTANT_LEVELS = {**L2_LEVELS, "tax_paid_2025": "IMPORTANT"}
 PURPOSE = "credit-assessment"
 DAY = 24 * 3600

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from crypto.errors import VerificationError
@@ -25,6 +26,7 @@ from exchange import budget
 from exchange.analysis import AnalysisRules, ColumnRule, Disclosure
 from exchange.dp import DpMechanisms
 from exchange.errors import BudgetExhaustedError
+from exchange.models import BudgetRow, GrantRow
 from exchange.sdk import ApiError
 from exchange.sqlcheck import TableColumn, TableRules, TableStats, check_query, postprocess
 from policy.levels import Level
@@ -475,3 +477,35 @@ def test_same_file_with_other_levels_in_another_zone_gets_its_own_check(
         with pytest.raises(ApiError) as exc:
             c.aggregate("sealed", sql, PURPOSE)
         assert exc.value.status == 422 and exc.value.body["reason"] == "column_not_allowed"
+
+
+@pytest.mark.parametrize("change", ["revoked", "expired"])
+def test_grant_gone_before_release_refuses_the_result(
+    server: LiveServer, parties: dict[str, SigningKey], change: str
+) -> None:
+    """A worker whose policy cache still allows the call (here: the grant row changed behind
+    the cache's back) is refused at release, inside the ledger transaction: no result, no ε
+    spent, the refusal ledgered."""
+    with server.client(parties["provider"]) as p:
+        p.set_analysis_rules("tax", "companies", _rules())
+    _grant(server, parties)
+    with server.client(parties["consumer"]) as c:
+        c.aggregate("tax", SQL, PURPOSE)  # allowed while the grant stands
+        with Session(server.exchange.engine) as s, s.begin():
+            (row,) = s.execute(select(GrantRow)).scalars().all()
+            grant_id = row.id
+            if change == "revoked":
+                row.status = "revoked"
+            else:
+                row.expires_at = datetime.now(UTC) - timedelta(seconds=1)
+        computed = len(entries(server, "computation.aggregate"))
+        with pytest.raises(ApiError) as exc:
+            c.aggregate("tax", SQL, PURPOSE, epsilon="0.5")
+    assert exc.value.status == 403
+    assert exc.value.body.get("reason") == ("not_granted" if change == "revoked" else "expired")
+    assert len(entries(server, "computation.aggregate")) == computed
+    denial = entries(server, "access.denied")[-1]
+    assert denial["attrs"]["step"] == "release" and denial["attrs"]["rule"] == grant_id
+    with Session(server.exchange.engine) as s:
+        spent = s.execute(select(BudgetRow.spent)).scalars().all()
+    assert all(Decimal(v) == 0 for v in spent)  # the refused ε = 0.5 was not charged

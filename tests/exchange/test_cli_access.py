@@ -11,35 +11,12 @@ from typer.testing import CliRunner
 from crypto.keys import SigningKey
 from exchange.cli import app
 from exchange.keyfile import write_private_key
-from tests.conftest import LiveServer
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
-LEVELS = {
-    "company_id": "L2",
-    "district": "L1",
-    "industry": "L1",
-    "founded_year": "L1",
-    "employees": "L2",
-    "registered_capital": "L2",
-    "tax_paid_2025": "L2",
-}
+from tests.conftest import L2_LEVELS, LiveServer, tax_bureau_and_bank
 
 
 @pytest.fixture
 def keys(server: LiveServer, tmp_path: Path) -> dict[str, Path]:
-    provider, consumer = SigningKey.generate(), SigningKey.generate()
-    with server.client(server.operator) as op:
-        op.register_principal("Tax Bureau", "agency", provider.public_key)
-        op.register_principal("City Bank", "enterprise", consumer.public_key)
-    with server.client(provider) as p:
-        p.create_zone("tax", "tax records")
-        p.register_dataset(
-            "tax",
-            "companies",
-            levels=LEVELS,
-            subject_column="company_id",
-            file=EXAMPLES / "companies.csv",
-        )
+    provider, consumer = tax_bureau_and_bank(server, L2_LEVELS)
     paths = {}
     for name, key in (("provider", provider), ("consumer", consumer)):
         paths[name] = tmp_path / f"{name}.key"

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import os
-import secrets
 import sqlite3
 import tarfile
 from collections.abc import Iterator
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -26,18 +24,13 @@ from exchange.ledger import EntryDraft
 from exchange.models import DatasetRow, PrincipalRow
 from exchange.node import Exchange, init_data_dir
 from exchange.sdk import ApiError
-from tests.conftest import PG_ADMIN_URL, LiveServer, settings_for
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
-LEVELS = {
-    "company_id": "L2",
-    "district": "L1",
-    "industry": "L1",
-    "founded_year": "L1",
-    "employees": "L2",
-    "registered_capital": "L2",
-    "tax_paid_2025": "L3",
-}
+from tests.conftest import (
+    L3_LEVELS,
+    LiveServer,
+    fresh_postgres_database,
+    settings_for,
+    tax_bureau_and_bank,
+)
 
 
 def cli(*args: str | Path) -> tuple[int, str]:
@@ -61,33 +54,12 @@ def empty_database(database_url: str | None) -> Iterator[str | None]:
     if database_url is None:
         yield None
         return
-    assert PG_ADMIN_URL
-    name = "zonex_r_" + secrets.token_hex(6)
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("zonex_r_") as url:
+        yield url
 
 
 def populate(server: LiveServer) -> tuple[SigningKey, SigningKey]:
-    provider, consumer = SigningKey.generate(), SigningKey.generate()
-    with server.client(server.operator) as op:
-        op.register_principal("Tax Bureau", "agency", provider.public_key)
-        op.register_principal("City Bank", "enterprise", consumer.public_key)
-    with server.client(provider) as p:
-        p.create_zone("tax", "tax records")
-        p.register_dataset(
-            "tax",
-            "companies",
-            levels=LEVELS,
-            subject_column="company_id",
-            file=EXAMPLES / "companies.csv",
-        )
+    provider, consumer = tax_bureau_and_bank(server, L3_LEVELS)
     with server.client(consumer) as c, pytest.raises(ApiError):
         c.request(
             "POST", "/v1/zones/tax/datasets/companies/export", json={"purpose": "credit-assessment"}
@@ -178,14 +150,7 @@ def test_backup_restore_round_trip(
 
 @pytest.mark.postgres
 def test_restore_refuses_a_non_empty_database(tmp_path: Path) -> None:
-    if not PG_ADMIN_URL:
-        pytest.skip("ZONEX_TEST_DATABASE_URL is not set (no PostgreSQL server)")
-    name = "zonex_r_" + secrets.token_hex(6)
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with fresh_postgres_database("zonex_r_") as url:
         source = tmp_path / "source"
         init_data_dir(source, database_url=url)
         archive = tmp_path / "b.tar.gz"
@@ -204,10 +169,6 @@ def test_restore_refuses_a_non_empty_database(tmp_path: Path) -> None:
             f"sqlite:///{tmp_path / 'lite-control.db'}",
         )
         assert code == 0, output
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 # -- refusals (SQLite; the archive checks do not depend on the backend) ---------------------

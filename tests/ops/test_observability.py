@@ -18,18 +18,7 @@ from exchange.api.app import create_app
 from exchange.node import Exchange
 from exchange.observability import JsonFormatter, RequestIdFilter, logging_config
 from exchange.sdk import ApiError
-from tests.conftest import LiveServer, settings_for
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
-LEVELS = {
-    "company_id": "L2",
-    "district": "L1",
-    "industry": "L1",
-    "founded_year": "L1",
-    "employees": "L2",
-    "registered_capital": "L2",
-    "tax_paid_2025": "L3",
-}
+from tests.conftest import L3_LEVELS, LiveServer, settings_for, tax_bureau_and_bank
 
 
 def get_in_process(ex: Exchange, path: str) -> httpx.Response:
@@ -198,19 +187,7 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_metrics(server: LiveServer) -> None:
-    provider, consumer = SigningKey.generate(), SigningKey.generate()
-    with server.client(server.operator) as op:
-        op.register_principal("Tax Bureau", "agency", provider.public_key)
-        op.register_principal("City Bank", "enterprise", consumer.public_key)
-    with server.client(provider) as p:
-        p.create_zone("taxzone", "tax records")
-        p.register_dataset(
-            "taxzone",
-            "companies",
-            levels=LEVELS,
-            subject_column="company_id",
-            file=EXAMPLES / "companies.csv",
-        )
+    provider, consumer = tax_bureau_and_bank(server, L3_LEVELS, zone="taxzone")
     with httpx.Client(base_url=server.url) as http:
         before = http.get("/metrics").text
     with server.client(consumer) as c, pytest.raises(ApiError) as denied:

@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from tests.conftest import PG_ADMIN_URL, LiveServer
+from tests.conftest import LiveServer, fresh_postgres_database
 from tests.security._support import World, build_world
 
 
@@ -22,18 +19,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if backend == "sqlite":
         yield None
         return
-    if not PG_ADMIN_URL:
-        pytest.skip("ZONEX_TEST_DATABASE_URL is not set (no PostgreSQL server)")
-    name = "zonex_s_" + secrets.token_hex(6)
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("zonex_s_") as url:
+        yield url
 
 
 @pytest.fixture
