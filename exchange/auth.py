@@ -2,36 +2,50 @@
 
 Each failure has a precise reason code for the server log and the ledger; the caller only
 ever sees the collapsed ``verification_failed`` answer.
+
+The hot path touches the database once per request, and shares even that: the nonce goes into
+the process's group-committed :class:`~exchange.registry.NonceLog`, whose transaction also
+reads the registry version. The principal comes from the :class:`~exchange.registry.RegistryCache`
+and is used only if it was read at that version or later; otherwise it is read again before any
+decision is made on it. So a suspension committed anywhere stops the next request everywhere.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from crypto.httpsig import HttpSignatureError, parse_signature, verify_request
 from crypto.keys import VerifyKey
 from exchange.domain import Principal
 from exchange.errors import AuthenticationError
-from exchange.models import NonceRow, PrincipalRow
 from exchange.node import Exchange
-from exchange.services import to_principal
-from exchange.storage import WRITE
+from exchange.registry import KnownKey
+
+__all__ = ["Authenticated", "authenticate"]
 
 log = logging.getLogger("zonex.auth")
 
 MAX_NONCE_LENGTH = 128
-
-# Core statements, not ORM sessions: this runs on every request, and the ORM's unit of work
-# costs more than the round trips here (bench/load.py)
-_PRINCIPALS = PrincipalRow.__table__
-_NONCES = NonceRow.__table__
+#: bodies up to this size are hashed and verified on the event loop; larger ones in a thread
+INLINE_VERIFY_BYTES = 64 * 1024
+KEY_ID_LENGTH = 64
 
 
-def authenticate(
+@dataclass(frozen=True)
+class Authenticated:
+    """Who signed the request, and the registry version its nonce was recorded at: anything
+    this request reads from the registry must be at least that new."""
+
+    principal: Principal
+    registry_version: int
+
+
+async def authenticate(
     ex: Exchange,
     method: str,
     url: str,
@@ -39,7 +53,7 @@ def authenticate(
     body: bytes,
     now: int,
     route: str,
-) -> Principal:
+) -> Authenticated:
     """Return the principal that signed this request, or raise :class:`AuthenticationError`.
 
     Every rejection is recorded (bounded) on the ledger with its reason and key id.
@@ -52,41 +66,59 @@ def authenticate(
         except HttpSignatureError as exc:
             raise AuthenticationError(exc.reason) from exc
         keyid = sig_input.keyid
-        row = None
-        if len(keyid) == 64:
-            with ex.engine.connect() as conn:
-                row = conn.execute(select(_PRINCIPALS).where(_PRINCIPALS.c.key_id == keyid)).first()
-        principal = None if row is None else to_principal(row)  # type: ignore[arg-type]
-        public_key = None if row is None else bytes(row.public_key)
-        if principal is None or public_key is None:
-            raise AuthenticationError("unknown_key", keyid)
-        known = principal.key_id
-        try:
-            verify_request(
-                method,
-                url,
-                headers,
-                body,
-                VerifyKey(public_key),
-                now=now,
-                max_skew=ex.settings.max_skew_seconds,
-            )
-        except HttpSignatureError as exc:
-            raise AuthenticationError(exc.reason, keyid) from exc
-        if not principal.active:
-            raise AuthenticationError("suspended", keyid)
+        key = await _key(ex, keyid)
+        known = key.principal.key_id
+        await _verify(ex, method, url, headers, body, now, key, keyid)
         nonce = sig_input.nonce
         if not nonce or len(nonce) > MAX_NONCE_LENGTH:
             raise AuthenticationError("malformed", keyid)
-        try:
-            with ex.engine.execution_options(**WRITE).begin() as conn:
-                conn.execute(
-                    insert(_NONCES).values(key_id=keyid, nonce=nonce, created=sig_input.created)
-                )
-        except IntegrityError as exc:
-            raise AuthenticationError("replayed", keyid) from exc
-        return principal
+        recorded = await asyncio.wrap_future(ex.nonces.submit(keyid, nonce, sig_input.created))
+        if not recorded.fresh:
+            raise AuthenticationError("replayed", keyid)
+        if key.version < recorded.registry_version:
+            # the registry changed since this key was cached: decide on a fresh read
+            fresh = await run_in_threadpool(
+                ex.registry.current_key, keyid, recorded.registry_version
+            )
+            if fresh is None:
+                raise AuthenticationError("unknown_key", keyid)
+            if fresh.public_key != key.public_key:
+                await _verify(ex, method, url, headers, body, now, fresh, keyid)
+            key = fresh
+        if not key.principal.active:
+            raise AuthenticationError("suspended", keyid)
+        return Authenticated(key.principal, recorded.registry_version)
     except AuthenticationError as exc:
         log.info("rejected request: reason=%s keyid=%s route=%s", exc.reason, keyid, route)
         ex.ledger.rejections.record(exc.reason, known, route)
         raise
+
+
+async def _key(ex: Exchange, keyid: str) -> KnownKey:
+    key = ex.registry.cached_key(keyid) if len(keyid) == KEY_ID_LENGTH else None
+    if key is None and len(keyid) == KEY_ID_LENGTH:
+        key = await run_in_threadpool(ex.registry.load_key, keyid)
+    if key is None:
+        raise AuthenticationError("unknown_key", keyid)
+    return key
+
+
+async def _verify(
+    ex: Exchange,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: int,
+    key: KnownKey,
+    keyid: str,
+) -> None:
+    args = (method, url, headers, body, VerifyKey(key.public_key))
+    skew = ex.settings.max_skew_seconds
+    try:
+        if len(body) <= INLINE_VERIFY_BYTES:
+            verify_request(*args, now=now, max_skew=skew)
+        else:  # hashing a large body would stall every other request on the loop
+            await run_in_threadpool(verify_request, *args, now=now, max_skew=skew)
+    except HttpSignatureError as exc:
+        raise AuthenticationError(exc.reason, keyid) from exc

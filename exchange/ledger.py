@@ -15,12 +15,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -83,14 +85,71 @@ Apply = Callable[[Session, EntryDraft], Any]
 
 
 class _Pending:
-    __slots__ = ("apply", "done", "draft", "error", "result")
+    __slots__ = ("apply", "done", "draft", "error", "future", "result")
 
-    def __init__(self, draft: EntryDraft, apply: Apply | None, wait: bool) -> None:
+    def __init__(
+        self,
+        draft: EntryDraft,
+        apply: Apply | None,
+        wait: bool,
+        future: Future[Appended] | None = None,
+    ) -> None:
         self.draft = draft
         self.apply = apply
         self.done = threading.Event() if wait else None
+        self.future = future
         self.result: Appended | None = None
         self.error: BaseException | None = None
+
+    def finish(self) -> None:
+        if self.done is not None:
+            self.done.set()
+        if self.future is not None:
+            if self.result is not None:
+                self.future.set_result(self.result)
+            else:
+                self.future.set_exception(self.error or LedgerError("the entry was not recorded"))
+
+
+_HEAD = LedgerHeadRow.__table__
+_ENTRIES = LedgerEntryRow.__table__
+_LOCK_HEAD = (
+    select(_HEAD.c.size, _HEAD.c.last_hash, _HEAD.c.last_time)
+    .where(_HEAD.c.id == 1)
+    .with_for_update()
+)
+_UPDATE_HEAD = (
+    update(_HEAD)
+    .where(_HEAD.c.id == 1)
+    .values(size=bindparam("size"), last_hash=bindparam("last_hash"))
+    .values(last_time=bindparam("last_time"))
+)
+
+
+class HeldConnection:
+    """One connection kept by a writer thread across its batches; replaced after a failure."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Connection | None = None
+
+    def get(self) -> Connection:
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(Exception):
+                conn.invalidate()
+                conn.close()
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(Exception):
+                conn.close()
 
 
 def ensure_head(engine: Engine) -> None:
@@ -184,6 +243,15 @@ class Ledger:
         assert pending.result is not None
         return pending.result
 
+    def submit(self, draft: EntryDraft) -> Future[Appended]:
+        """Queue an entry that changes no state; the future resolves once it is durable (for
+        callers on an event loop: ``await asyncio.wrap_future(ledger.submit(draft))``)."""
+        if not self._threads:
+            raise LedgerError("the ledger is not running")
+        future: Future[Appended] = Future()
+        self._queue.put(_Pending(draft, None, wait=False, future=future))
+        return future
+
     def append_nowait(self, draft: EntryDraft) -> None:
         """Queue an entry that nobody waits for (rejection records)."""
         if self._threads:
@@ -194,34 +262,39 @@ class Ledger:
         return [p.result for p in self._commit([_Pending(d, None, wait=False) for d in drafts])]  # type: ignore[misc]
 
     def _writer_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self._batch_max:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-            if stop:
-                return
+        # the writer keeps one connection across batches (no pool checkout and liveness ping
+        # per batch); after a failed batch it takes a fresh one
+        held = HeldConnection(self._write_engine)
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < self._batch_max:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._commit(batch, held)
+                if stop:
+                    return
+        finally:
+            held.close()
 
-    def _commit(self, batch: list[_Pending]) -> list[_Pending]:
+    def _commit(self, batch: list[_Pending], held: HeldConnection | None = None) -> list[_Pending]:
         committed: list[_Pending] = []
         started = time.perf_counter()
         try:
-            with Session(self._write_engine) as session, session.begin():
-                head = session.execute(
-                    select(LedgerHeadRow).where(LedgerHeadRow.id == 1).with_for_update()
-                ).scalar_one()
-                size, last_hash, last_time = head.size, head.last_hash, head.last_time
+            bind = self._write_engine if held is None else held.get()
+            with Session(bind) as session, session.begin():
+                head = session.execute(_LOCK_HEAD).one()
+                size, last_hash, last_time = head.size, bytes(head.last_hash), head.last_time
                 rows: list[dict[str, Any]] = []
                 for item in batch:
                     value = None
@@ -259,9 +332,13 @@ class Ledger:
                     committed.append(item)
                     size, last_hash, last_time = size + 1, digest, now
                 if rows:
-                    session.execute(insert(LedgerEntryRow), rows)
-                    head.size, head.last_hash, head.last_time = size, last_hash, last_time
+                    session.execute(insert(_ENTRIES), rows)
+                    session.execute(
+                        _UPDATE_HEAD, {"size": size, "last_hash": last_hash, "last_time": last_time}
+                    )
         except Exception as exc:
+            if held is not None:
+                held.discard()
             log.exception("ledger batch of %d failed", len(batch))
             error = LedgerError("the ledger could not record this request; nothing was changed")
             error.__cause__ = exc
@@ -271,8 +348,7 @@ class Ledger:
             committed = []
         get_metrics().ledger_commit.observe(time.perf_counter() - started)
         for item in batch:
-            if item.done is not None:
-                item.done.set()
+            item.finish()
         return committed
 
     # -- tree, checkpoints, proofs ---------------------------------------------------------

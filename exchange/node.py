@@ -22,6 +22,7 @@ from exchange.keyfile import load_private_key, write_private_key, write_public_k
 from exchange.ledger import EntryDraft, Ledger, ensure_head
 from exchange.models import NonceRow, PrincipalRow
 from exchange.policystore import PolicyCache
+from exchange.registry import NonceLog, RegistryCache
 from exchange.settings import CONFIG_FILE, Settings
 from exchange.storage import WRITE, create_control_engine, migrate
 from exchange.zonestore import ZoneStore
@@ -122,6 +123,8 @@ class Exchange:
             settings.rejection_summary_interval_seconds, self.ledger.rejections.flush
         )
         self.ledger.add_ticker(float(settings.max_skew_seconds), self.purge_nonces)
+        self.nonces = NonceLog(self.engine)
+        self.registry = RegistryCache(self.engine)
         self.policy = PolicyCache(
             self.engine,
             refresh_interval=settings.policy_refresh_seconds,
@@ -149,6 +152,7 @@ class Exchange:
         self.zones_dir.mkdir(exist_ok=True)
         self.staging_dir.mkdir(exist_ok=True)
         self.ledger.start()
+        self.nonces.start()
         self.policy.refresh()
         self._started = True
         return self
@@ -158,6 +162,7 @@ class Exchange:
             store.close()
         self._zone_stores.clear()
         if self._started:
+            self.nonces.close()
             self.ledger.close()
             self._started = False
         self.engine.dispose()

@@ -42,6 +42,7 @@ from exchange.keyfile import write_private_key
 from exchange.ledger import EntryDraft
 from exchange.models import DatasetRow, PrincipalRow, UploadRow, ZoneRow
 from exchange.node import Exchange
+from exchange.registry import to_principal
 from exchange.zonestore import TableInfo, ZoneStore, ZoneStoreError, attach
 from policy.levels import Level, max_level
 
@@ -49,16 +50,6 @@ UPLOAD_TYPES = {"text/csv": "csv", "application/vnd.apache.parquet": "parquet"}
 
 
 # -- mapping rows to domain objects -----------------------------------------------------------
-
-
-def to_principal(row: PrincipalRow) -> Principal:
-    return Principal(
-        key_id=row.key_id,
-        name=row.name,
-        kind=PrincipalKind(row.kind),
-        status=row.status,
-        created_at=row.created_at,
-    )
 
 
 def to_dataset(row: DatasetRow) -> Dataset:
@@ -237,38 +228,40 @@ def get_zone(ex: Exchange, actor: Principal, name: str) -> Zone:
 
 
 def catalog(ex: Exchange, actor: Principal) -> list[Zone]:
-    """Every zone with its datasets' metadata. Never a row.
-
-    Three queries in one session whatever the number of zones (zones, their owners, every
-    dataset), so the listing is one consistent read.
-    """
+    """Every zone with its datasets' metadata. Never a row."""
     with Session(ex.engine) as session:
-        zones = session.execute(select(ZoneRow).order_by(ZoneRow.name)).scalars().all()
-        owners = {z.owner for z in zones}
-        names: dict[str, str] = {}
-        if owners:
-            query = select(PrincipalRow.key_id, PrincipalRow.name).where(
-                PrincipalRow.key_id.in_(owners)
-            )
-            names = dict(session.execute(query).all())
-        by_zone: dict[str, list[Dataset]] = {}
-        for d in session.execute(
-            select(DatasetRow).order_by(DatasetRow.zone, DatasetRow.name)
-        ).scalars():
-            by_zone.setdefault(d.zone, []).append(to_dataset(d))
-        return [
-            Zone(
-                name=z.name,
-                owner=z.owner,
-                owner_name=names.get(z.owner, "?"),
-                description=z.description,
-                public_key=z.public_key,
-                status=z.status,
-                created_at=z.created_at,
-                datasets=tuple(by_zone.get(z.name, ())),
-            )
-            for z in zones
-        ]
+        return load_catalog(session)
+
+
+def load_catalog(session: Session) -> list[Zone]:
+    """The catalog in three queries whatever the number of zones (zones, their owners, every
+    dataset), in the caller's transaction."""
+    zones = session.execute(select(ZoneRow).order_by(ZoneRow.name)).scalars().all()
+    owners = {z.owner for z in zones}
+    names: dict[str, str] = {}
+    if owners:
+        query = select(PrincipalRow.key_id, PrincipalRow.name).where(
+            PrincipalRow.key_id.in_(owners)
+        )
+        names = dict(session.execute(query).all())
+    by_zone: dict[str, list[Dataset]] = {}
+    for d in session.execute(
+        select(DatasetRow).order_by(DatasetRow.zone, DatasetRow.name)
+    ).scalars():
+        by_zone.setdefault(d.zone, []).append(to_dataset(d))
+    return [
+        Zone(
+            name=z.name,
+            owner=z.owner,
+            owner_name=names.get(z.owner, "?"),
+            description=z.description,
+            public_key=z.public_key,
+            status=z.status,
+            created_at=z.created_at,
+            datasets=tuple(by_zone.get(z.name, ())),
+        )
+        for z in zones
+    ]
 
 
 def get_dataset(ex: Exchange, actor: Principal, zone: str, name: str) -> Dataset:

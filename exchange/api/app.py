@@ -5,14 +5,18 @@ Every route except ``/v1/health``, ``/v1/ready`` and ``/metrics`` authenticates 
 """
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,7 +27,7 @@ from crypto.merkle import leaf_hash
 from exchange import access, services
 from exchange.api import he as he_routes
 from exchange.api import psi as psi_routes
-from exchange.api.deps import Actor, Ex
+from exchange.api.deps import Actor, Ex, registry_version
 from exchange.api.schemas import (
     PROBLEM_RESPONSES,
     AccessRequestIn,
@@ -64,6 +68,7 @@ from exchange.errors import (
     NotFoundError,
     ZonexError,
 )
+from exchange.ledger import EntryDraft
 from exchange.node import Exchange
 from exchange.observability import (
     METRICS_CONTENT_TYPE,
@@ -83,6 +88,24 @@ UPLOAD_SUFFIX = "/uploads"
 #: binary bodies: HE public contexts and PSI point batches
 CONTEXT_SUFFIX = "/he/contexts"
 POINTS_SUFFIX = "/points"
+
+
+CATALOG_SNAPSHOT = "catalog"
+
+
+@dataclass(frozen=True)
+class RenderedCatalog:
+    body: bytes
+    digest: str
+    #: the registry version the catalog was read at
+    version: int
+
+
+def _render_catalog(conn: Connection, version: int) -> RenderedCatalog:
+    with Session(bind=conn) as session:
+        zones = services.load_catalog(session)
+    body = CatalogOut(zones=[ZoneOut.from_domain(z) for z in zones]).model_dump_json().encode()
+    return RenderedCatalog(body, hashlib.sha256(body).hexdigest(), version)
 
 
 def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -297,8 +320,25 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
         return ZoneOut.from_domain(services.create_zone(ex, actor, body.name, body.description))
 
     @v1.get("/catalog", response_model=CatalogOut)
-    def catalog(actor: Actor, ex: Ex) -> CatalogOut:
-        return CatalogOut(zones=[ZoneOut.from_domain(z) for z in services.catalog(ex, actor)])
+    async def catalog(actor: Actor, request: Request, ex: Ex) -> Response:
+        # the rendered document is cached per registry version: served as is while the
+        # version this request was authenticated at is not newer
+        version = registry_version(request)
+        rendered: RenderedCatalog | None = ex.registry.peek(CATALOG_SNAPSHOT, version)
+        if rendered is None:
+            rendered = await run_in_threadpool(
+                ex.registry.snapshot, CATALOG_SNAPSHOT, version, _render_catalog
+            )
+        # every read is on the ledger (who, and the digest of exactly what they were shown)
+        # before it is answered
+        draft = EntryDraft(
+            kind="catalog.read",
+            actor=actor.key_id,
+            digests={"catalog": rendered.digest},
+            attrs={"registry_version": rendered.version},
+        )
+        await asyncio.wrap_future(ex.ledger.submit(draft))
+        return Response(rendered.body, media_type="application/json")
 
     @v1.get("/zones/{zone}", response_model=ZoneOut)
     def get_zone(zone: str, actor: Actor, ex: Ex) -> ZoneOut:

@@ -6,7 +6,6 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from exchange.auth import authenticate
 from exchange.domain import Principal
@@ -14,7 +13,15 @@ from exchange.errors import UnsupportedMediaTypeError
 from exchange.node import Exchange
 from exchange.observability import note_key_id
 
-__all__ = ["BINARY", "Actor", "Ex", "binary_body", "exchange_of", "principal"]
+__all__ = [
+    "BINARY",
+    "Actor",
+    "Ex",
+    "binary_body",
+    "exchange_of",
+    "principal",
+    "registry_version",
+]
 
 
 async def principal(request: Request) -> Principal:
@@ -30,8 +37,7 @@ async def principal(request: Request) -> Principal:
     url = origin + path + ("?" + request.url.query if request.url.query else "")
     route = request.scope.get("route")
     route_name = getattr(route, "path", request.url.path)
-    actor = await run_in_threadpool(
-        authenticate,
+    signed = await authenticate(
         ex,
         request.method,
         url,
@@ -40,8 +46,16 @@ async def principal(request: Request) -> Principal:
         int(time.time()),
         f"{request.method} {route_name}",
     )
-    note_key_id(actor.key_id)
-    return actor
+    request.state.registry_version = signed.registry_version
+    note_key_id(signed.principal.key_id)
+    return signed.principal
+
+
+def registry_version(request: Request) -> int:
+    """The registry version this (authenticated) request's nonce was recorded at: registry
+    reads for it must be at least that new."""
+    version: int = request.state.registry_version
+    return version
 
 
 def exchange_of(request: Request) -> Exchange:
