@@ -328,12 +328,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="per measured run")
     parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    parser.add_argument(
+        "--loads", default="catalog,aggregate", help="comma-separated: catalog, aggregate"
+    )
     args = parser.parse_args()
     if not args.database_url:
         parser.error("give --database-url (a PostgreSQL server) or set ZONEX_TEST_DATABASE_URL")
     if make_url(args.database_url).get_backend_name() != "postgresql":
         parser.error("the load benchmark runs on PostgreSQL")
     counts = [int(n) for n in args.workers.split(",")]
+    loads = set(args.loads.split(","))
+    if not loads <= {"catalog", "aggregate"}:
+        parser.error("--loads takes catalog and/or aggregate")
 
     name, url = fresh_database(args.database_url)
     runs: list[Run] = []
@@ -351,6 +357,8 @@ def main() -> None:
                         ("signed catalog", "GET", "/v1/catalog", b""),
                         ("signed aggregate", "POST", "/v1/zones/tax/aggregate", aggregate),
                     ):
+                        if label.split()[-1] not in loads:
+                            continue
                         runs.append(
                             measure(
                                 label,
@@ -401,12 +409,13 @@ def main() -> None:
     for workers in counts:
         by = {r.name: r for r in runs if r.workers == workers}
         base = by["bare"].throughput
-        cat, agg = by["signed catalog"], by["signed aggregate"]
-        print(
-            f"  {workers} worker(s): catalog {cat.throughput / base:.2f} "
-            f"(p99 {cat.percentile(0.99):.1f} ms), aggregate {agg.throughput / base:.2f} "
-            f"(p99 {agg.percentile(0.99):.1f} ms)"
-        )
+        parts = [
+            f"{name.split()[-1]} {by[name].throughput / base:.2f} "
+            f"(p99 {by[name].percentile(0.99):.1f} ms)"
+            for name in ("signed catalog", "signed aggregate")
+            if name in by
+        ]
+        print(f"  {workers} worker(s): " + ", ".join(parts))
     ceiling = max(r.client_cpu for r in runs if r.name == "bare")
     print(
         f"load generator CPU on the bare runs: up to {ceiling:.0%} of one core"

@@ -291,51 +291,61 @@ class Ledger:
         committed: list[_Pending] = []
         started = time.perf_counter()
         try:
-            bind = self._write_engine if held is None else held.get()
-            with Session(bind) as session, session.begin():
-                head = session.execute(_LOCK_HEAD).one()
-                size, last_hash, last_time = head.size, bytes(head.last_hash), head.last_time
-                rows: list[dict[str, Any]] = []
-                for item in batch:
-                    value = None
-                    if item.apply is not None:
-                        savepoint = session.begin_nested()
+            conn = self._write_engine.connect() if held is None else held.get()
+            session: Session | None = None
+            try:
+                with conn.begin():
+                    head = conn.execute(_LOCK_HEAD).one()
+                    size, last_hash, last_time = head.size, bytes(head.last_hash), head.last_time
+                    rows: list[dict[str, Any]] = []
+                    for item in batch:
+                        value = None
+                        if item.apply is not None:
+                            if session is None:  # state changes: an ORM session in this transaction
+                                session = Session(bind=conn, join_transaction_mode="rollback_only")
+                            savepoint = session.begin_nested()
+                            try:
+                                value = item.apply(session, item.draft)
+                                session.flush()
+                                savepoint.commit()
+                            except Exception as exc:
+                                savepoint.rollback()
+                                item.error = _translate(exc)
+                                continue
+                        now = max(format_time(self._clock()), last_time)
+                        entry = {
+                            "seq": size,
+                            "time": now,
+                            "kind": item.draft.kind,
+                            "actor": item.draft.actor,
+                            "refs": item.draft.refs,
+                            "digests": item.draft.digests,
+                            "attrs": item.draft.attrs,
+                            "prev": last_hash.hex() if size else GENESIS_PREV,
+                        }
                         try:
-                            value = item.apply(session, item.draft)
-                            session.flush()
-                            savepoint.commit()
-                        except Exception as exc:
-                            savepoint.rollback()
-                            item.error = _translate(exc)
+                            body = canonicalize(entry)
+                        except ValueError as exc:
+                            item.error = InvalidInputError(f"entry cannot be recorded: {exc}")
+                            if item.apply is not None:  # never keep a change without its entry
+                                raise
                             continue
-                    now = max(format_time(self._clock()), last_time)
-                    entry = {
-                        "seq": size,
-                        "time": now,
-                        "kind": item.draft.kind,
-                        "actor": item.draft.actor,
-                        "refs": item.draft.refs,
-                        "digests": item.draft.digests,
-                        "attrs": item.draft.attrs,
-                        "prev": last_hash.hex() if size else GENESIS_PREV,
-                    }
-                    try:
-                        body = canonicalize(entry)
-                    except ValueError as exc:
-                        item.error = InvalidInputError(f"entry cannot be recorded: {exc}")
-                        if item.apply is not None:  # never keep a change without its entry
-                            raise
-                        continue
-                    digest = leaf_hash(body)
-                    rows.append({"seq": size, "body": body, "leaf_hash": digest})
-                    item.result = Appended(size, digest, value, body)
-                    committed.append(item)
-                    size, last_hash, last_time = size + 1, digest, now
-                if rows:
-                    session.execute(insert(_ENTRIES), rows)
-                    session.execute(
-                        _UPDATE_HEAD, {"size": size, "last_hash": last_hash, "last_time": last_time}
-                    )
+                        digest = leaf_hash(body)
+                        rows.append({"seq": size, "body": body, "leaf_hash": digest})
+                        item.result = Appended(size, digest, value, body)
+                        committed.append(item)
+                        size, last_hash, last_time = size + 1, digest, now
+                    if rows:
+                        conn.execute(insert(_ENTRIES), rows)
+                        conn.execute(
+                            _UPDATE_HEAD,
+                            {"size": size, "last_hash": last_hash, "last_time": last_time},
+                        )
+            finally:
+                if session is not None:
+                    session.close()
+                if held is None:
+                    conn.close()
         except Exception as exc:
             if held is not None:
                 held.discard()

@@ -58,7 +58,8 @@ def registry_version(request: Request) -> int:
     return version
 
 
-def exchange_of(request: Request) -> Exchange:
+async def exchange_of(request: Request) -> Exchange:
+    # async: FastAPI would run a plain function in a worker thread on every request
     ex: Exchange = request.app.state.exchange
     return ex
 
