@@ -85,7 +85,7 @@ Apply = Callable[[Session, EntryDraft], Any]
 
 
 class _Pending:
-    __slots__ = ("apply", "done", "draft", "error", "future", "result")
+    __slots__ = ("apply", "done", "draft", "error", "future", "queued", "result")
 
     def __init__(
         self,
@@ -98,6 +98,7 @@ class _Pending:
         self.apply = apply
         self.done = threading.Event() if wait else None
         self.future = future
+        self.queued = time.perf_counter()
         self.result: Appended | None = None
         self.error: BaseException | None = None
 
@@ -105,6 +106,7 @@ class _Pending:
         if self.done is not None:
             self.done.set()
         if self.future is not None:
+            get_metrics().ledger_append.observe(time.perf_counter() - self.queued)
             if self.result is not None:
                 self.future.set_result(self.result)
             else:
