@@ -24,7 +24,7 @@ from crypto.keys import VerifyKey
 from exchange.domain import Principal
 from exchange.errors import AuthenticationError
 from exchange.node import Exchange
-from exchange.registry import KnownKey
+from exchange.registry import KnownKey, Recorded
 
 __all__ = ["Authenticated", "authenticate"]
 
@@ -72,7 +72,8 @@ async def authenticate(
         nonce = sig_input.nonce
         if not nonce or len(nonce) > MAX_NONCE_LENGTH:
             raise AuthenticationError("malformed", keyid)
-        recorded = await asyncio.wrap_future(ex.nonces.submit(keyid, nonce, sig_input.created))
+        loop = asyncio.get_running_loop()
+        recorded: Recorded = await ex.nonces.submit(keyid, nonce, sig_input.created, loop)
         if not recorded.fresh:
             raise AuthenticationError("replayed", keyid)
         if key.version < recorded.registry_version:

@@ -9,20 +9,19 @@ threads, processes and crashes: a crash loses only an uncommitted, unacknowledge
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -31,6 +30,7 @@ from crypto.encoding import b64_encode
 from crypto.errors import VerificationError
 from crypto.merkle import MerkleTree, leaf_hash, verify_consistency
 from crypto.note import Checkpoint, NoteSigner, sign_checkpoint
+from exchange.batching import Delivery, HeldConnection, Waiter, new_waiter
 from exchange.errors import InvalidInputError, LedgerError, ZonexError
 from exchange.models import CheckpointRow, LedgerEntryRow, LedgerHeadRow
 from exchange.observability import get_metrics
@@ -92,7 +92,7 @@ class _Pending:
         draft: EntryDraft,
         apply: Apply | None,
         wait: bool,
-        future: Future[Appended] | None = None,
+        future: Waiter | None = None,
     ) -> None:
         self.draft = draft
         self.apply = apply
@@ -102,15 +102,15 @@ class _Pending:
         self.result: Appended | None = None
         self.error: BaseException | None = None
 
-    def finish(self) -> None:
+    def finish(self, delivery: Delivery) -> None:
         if self.done is not None:
             self.done.set()
         if self.future is not None:
             get_metrics().ledger_append.observe(time.perf_counter() - self.queued)
             if self.result is not None:
-                self.future.set_result(self.result)
+                delivery.add(self.future, self.result)
             else:
-                self.future.set_exception(self.error or LedgerError("the entry was not recorded"))
+                delivery.add(self.future, None, self.error or LedgerError("not recorded"))
 
 
 _HEAD = LedgerHeadRow.__table__
@@ -126,32 +126,6 @@ _UPDATE_HEAD = (
     .values(size=bindparam("size"), last_hash=bindparam("last_hash"))
     .values(last_time=bindparam("last_time"))
 )
-
-
-class HeldConnection:
-    """One connection kept by a writer thread across its batches; replaced after a failure."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._conn: Connection | None = None
-
-    def get(self) -> Connection:
-        if self._conn is None:
-            self._conn = self._engine.connect()
-        return self._conn
-
-    def discard(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with suppress(Exception):
-                conn.invalidate()
-                conn.close()
-
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with suppress(Exception):
-                conn.close()
 
 
 def ensure_head(engine: Engine) -> None:
@@ -245,12 +219,13 @@ class Ledger:
         assert pending.result is not None
         return pending.result
 
-    def submit(self, draft: EntryDraft) -> Future[Appended]:
-        """Queue an entry that changes no state; the future resolves once it is durable (for
-        callers on an event loop: ``await asyncio.wrap_future(ledger.submit(draft))``)."""
+    def submit(self, draft: EntryDraft, loop: asyncio.AbstractEventLoop | None = None) -> Waiter:
+        """Queue an entry that changes no state. The returned future resolves (to
+        :class:`Appended`) once the entry is durable: an asyncio future on ``loop`` to await
+        there, else a ``concurrent.futures.Future``."""
         if not self._threads:
             raise LedgerError("the ledger is not running")
-        future: Future[Appended] = Future()
+        future = new_waiter(loop)
         self._queue.put(_Pending(draft, None, wait=False, future=future))
         return future
 
@@ -359,8 +334,10 @@ class Ledger:
                 item.error = item.error or error
             committed = []
         get_metrics().ledger_commit.observe(time.perf_counter() - started)
+        delivery = Delivery()
         for item in batch:
-            item.finish()
+            item.finish(delivery)
+        delivery.send()
         return committed
 
     # -- tree, checkpoints, proofs ---------------------------------------------------------

@@ -22,6 +22,7 @@ at least as new as its version (newer is harmless: it is only reloaded once more
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -32,8 +33,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from exchange.batching import Delivery, HeldConnection, Waiter, new_waiter
 from exchange.domain import Principal, PrincipalKind
-from exchange.ledger import HeldConnection
 from exchange.models import NonceRow, PrincipalRow, RegistryStateRow
 from exchange.storage import WRITE
 
@@ -88,7 +89,7 @@ class _Waiting:
     key_id: str
     nonce: str
     created: int
-    future: Future[Recorded] = field(default_factory=Future)
+    future: Waiter = field(default_factory=Future)
 
 
 class NonceLog:
@@ -133,9 +134,17 @@ class NonceLog:
         thread.join()
         self._thread = None
 
-    def submit(self, key_id: str, nonce: str, created: int) -> Future[Recorded]:
-        """Queue a nonce; the future resolves when its batch has committed (or failed)."""
-        waiting = _Waiting(key_id, nonce, created)
+    def submit(
+        self,
+        key_id: str,
+        nonce: str,
+        created: int,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Waiter:
+        """Queue a nonce. The returned future resolves (to :class:`Recorded`) when its batch has
+        committed, or fails with what the database raised: an asyncio future on ``loop`` to
+        await there, else a ``concurrent.futures.Future``."""
+        waiting = _Waiting(key_id, nonce, created, new_waiter(loop))
         with self._cond:
             if self._thread is None or self._stopping:
                 run_inline = True
@@ -149,7 +158,10 @@ class NonceLog:
 
     def record(self, key_id: str, nonce: str, created: int) -> Recorded:
         """Record a nonce and wait for the commit. Raises what the database raised."""
-        return self.submit(key_id, nonce, created).result()
+        future = self.submit(key_id, nonce, created)
+        assert isinstance(future, Future)
+        recorded: Recorded = future.result()
+        return recorded
 
     def _run(self) -> None:
         held = HeldConnection(self._engine)
@@ -192,18 +204,22 @@ class NonceLog:
         except BaseException as exc:  # every waiter learns of the failure; nothing was recorded
             if held is not None:
                 held.discard()
+            failed = Delivery()
             for waiting in batch:
-                waiting.future.set_exception(exc)
+                failed.add(waiting.future, None, exc)
+            failed.send()
             if not isinstance(exc, Exception):
                 raise
             log.warning("recording %d nonce(s) failed: %s", len(batch), exc)
             return
         self.batches += 1
         self.recorded += len(inserted)
+        delivery = Delivery()
         for pair, waiting in first.items():
-            waiting.future.set_result(Recorded(pair in inserted, version))
+            delivery.add(waiting.future, Recorded(pair in inserted, version))
         for waiting in repeats:
-            waiting.future.set_result(Recorded(False, version))
+            delivery.add(waiting.future, Recorded(False, version))
+        delivery.send()
 
 
 # -- the registry ---------------------------------------------------------------------------------

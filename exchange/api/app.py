@@ -337,7 +337,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             digests={"catalog": rendered.digest},
             attrs={"registry_version": rendered.version},
         )
-        await asyncio.wrap_future(ex.ledger.submit(draft))
+        await ex.ledger.submit(draft, asyncio.get_running_loop())
         return Response(rendered.body, media_type="application/json")
 
     @v1.get("/zones/{zone}", response_model=ZoneOut)
