@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -125,6 +125,15 @@ _UPDATE_HEAD = (
     .where(_HEAD.c.id == 1)
     .values(size=bindparam("size"), last_hash=bindparam("last_hash"))
     .values(last_time=bindparam("last_time"))
+)
+
+#: PostgreSQL: the batch's entries and the new head in one statement (a data-modifying CTE)
+_APPEND_PG = text(
+    "WITH appended AS (INSERT INTO ledger_entries (seq, body, leaf_hash) "
+    "SELECT * FROM unnest(CAST(:seqs AS bigint[]), CAST(:bodies AS bytea[]), "
+    "CAST(:hashes AS bytea[]))) "
+    "UPDATE ledger_head SET size = :size, last_hash = :last_hash, last_time = :last_time "
+    "WHERE id = 1"
 )
 
 
@@ -313,11 +322,21 @@ class Ledger:
                         committed.append(item)
                         size, last_hash, last_time = size + 1, digest, now
                     if rows:
-                        conn.execute(insert(_ENTRIES), rows)
-                        conn.execute(
-                            _UPDATE_HEAD,
-                            {"size": size, "last_hash": last_hash, "last_time": last_time},
-                        )
+                        head_values = {"size": size, "last_hash": last_hash, "last_time": last_time}
+                        if conn.dialect.name == "postgresql":
+                            # one round trip for the entries and the head
+                            conn.execute(
+                                _APPEND_PG,
+                                {
+                                    "seqs": [r["seq"] for r in rows],
+                                    "bodies": [r["body"] for r in rows],
+                                    "hashes": [r["leaf_hash"] for r in rows],
+                                    **head_values,
+                                },
+                            )
+                        else:
+                            conn.execute(insert(_ENTRIES), rows)
+                            conn.execute(_UPDATE_HEAD, head_values)
             finally:
                 if session is not None:
                     session.close()

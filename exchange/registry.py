@@ -99,7 +99,12 @@ class NonceLog:
     """
 
     def __init__(self, engine: Engine, *, batch_max: int = 512) -> None:
-        self._engine = engine.execution_options(**WRITE)
+        # PostgreSQL: the one INSERT is its own transaction (autocommit), so a batch costs one
+        # round trip; SQLite: an explicit write transaction
+        if engine.dialect.name == "postgresql":
+            self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            self._engine = engine.execution_options(**WRITE)
         self.batch_max = batch_max
         dialect = {"postgresql": postgresql, "sqlite": sqlite}[engine.dialect.name]
         # one statement records the nonces and reads the registry version (same snapshot)
