@@ -174,6 +174,8 @@ class Ledger:
         self._stopping = threading.Event()
         self._tickers: list[tuple[float, Callable[[], None]]] = []
         self.rejections = RejectionCounter(self)
+        #: the largest checkpoint this process signed or read (shared by receipts)
+        self._recent: SignedCheckpoint | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -385,46 +387,65 @@ class Ledger:
             ).scalar_one_or_none()
             return None if row is None else SignedCheckpoint(row.size, bytes(row.root), row.note)
 
-    def checkpoint(self, *, persist: bool = True) -> SignedCheckpoint:
+    def checkpoint(self, *, persist: bool = True, covering: int | None = None) -> SignedCheckpoint:
         """Sign a checkpoint of everything committed so far, unless the latest one covers it.
 
         Refuses (``LedgerError``) to sign a tree that is not consistent with the last checkpoint.
         ``persist=False`` signs without storing the note (receipts carry their own checkpoint;
         the periodic checkpoints on record cover the same entries moments later, and any two
-        signed sizes can be proven consistent from the log).
+        signed sizes can be proven consistent from the log). With ``covering=seq`` (and
+        ``persist=False``), a checkpoint this process signed that already includes entry ``seq``
+        is returned as it is: concurrent releases share one signature instead of queueing for
+        one each.
         """
         if self._signer is None:
             raise LedgerError("this process holds no log key")
+        shared = None if persist or covering is None else self._covering(covering)
+        if shared is not None:
+            return shared
         with self._checkpoint_lock:
-            # last checkpoint first, then the tree: its entries were committed before it was
-            # stored, so the tree caught up afterwards covers them, even when another process
-            # stores a larger checkpoint in between
-            last = self.latest_checkpoint()
-            size = self.sync_tree()
-            if last is not None and last.size == size:
-                return last
-            with self._tree_lock:
-                root = self._tree.root(size)
-                if last is not None:
-                    if last.size > size:
-                        raise LedgerError("the ledger is shorter than its last checkpoint")
-                    proof = self._tree.consistency_proof(last.size, size)
-                    try:
-                        verify_consistency(last.size, size, last.root, root, proof)
-                    except VerificationError as exc:
-                        log.critical("refusing to sign an inconsistent checkpoint: %s", exc)
-                        raise LedgerError(
-                            "ledger is inconsistent with its last checkpoint"
-                        ) from exc
-            note = sign_checkpoint(Checkpoint(self._signer.name, size, root), self._signer)
-            if not persist:
-                return SignedCheckpoint(size, root, note)
-            try:
-                with Session(self._write_engine) as session, session.begin():
-                    session.add(CheckpointRow(size=size, root=root, note=note))
-            except IntegrityError:
-                pass  # another process signed this very size; the bytes are identical
+            if not persist and covering is not None:
+                shared = self._covering(covering)  # signed while this thread waited
+                if shared is not None:
+                    return shared
+            signed = self._checkpoint_locked(persist)
+            if self._recent is None or signed.size > self._recent.size:
+                self._recent = signed
+            return signed
+
+    def _covering(self, seq: int) -> SignedCheckpoint | None:
+        recent = self._recent
+        return recent if recent is not None and recent.size > seq else None
+
+    def _checkpoint_locked(self, persist: bool) -> SignedCheckpoint:
+        assert self._signer is not None
+        # last checkpoint first, then the tree: its entries were committed before it was
+        # stored, so the tree caught up afterwards covers them, even when another process
+        # stores a larger checkpoint in between
+        last = self.latest_checkpoint()
+        size = self.sync_tree()
+        if last is not None and last.size == size:
+            return last
+        with self._tree_lock:
+            root = self._tree.root(size)
+            if last is not None:
+                if last.size > size:
+                    raise LedgerError("the ledger is shorter than its last checkpoint")
+                proof = self._tree.consistency_proof(last.size, size)
+                try:
+                    verify_consistency(last.size, size, last.root, root, proof)
+                except VerificationError as exc:
+                    log.critical("refusing to sign an inconsistent checkpoint: %s", exc)
+                    raise LedgerError("ledger is inconsistent with its last checkpoint") from exc
+        note = sign_checkpoint(Checkpoint(self._signer.name, size, root), self._signer)
+        if not persist:
             return SignedCheckpoint(size, root, note)
+        try:
+            with Session(self._write_engine) as session, session.begin():
+                session.add(CheckpointRow(size=size, root=root, note=note))
+        except IntegrityError:
+            pass  # another process signed this very size; the bytes are identical
+        return SignedCheckpoint(size, root, note)
 
     def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
         with self._tree_lock:

@@ -77,7 +77,7 @@ def record_computation(
         raise
     signed = {**core, "ledger_index": appended.seq}
     envelope = sign_envelope(STATEMENT_TYPE, signed, [ex.log_signer.key])
-    checkpoint = ex.ledger.checkpoint(persist=False)
+    checkpoint = ex.ledger.checkpoint(persist=False, covering=appended.seq)
     proof = ex.ledger.inclusion_proof(appended.seq, checkpoint.size)
     bundle = build_bundle(
         envelope,

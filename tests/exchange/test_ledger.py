@@ -12,7 +12,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from crypto.merkle import verify_consistency
+from crypto.errors import VerificationError
+from crypto.merkle import verify_consistency, verify_inclusion
 from crypto.note import NoteVerifier, verify_checkpoint
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.cli import app
@@ -154,6 +155,37 @@ def test_checkpoints_are_consistent_and_signed(exchange: Exchange, data_dir: Pat
     assert verify_checkpoint(second.note, v).size == second.size
     proof = exchange.ledger.consistency_proof(first.size, second.size)
     verify_consistency(first.size, second.size, first.root, second.root, proof)
+
+
+def test_releases_share_a_checkpoint_that_covers_their_entries(data_dir: Path) -> None:
+    """A receipt's checkpoint may be one signed for another release, but only if it already
+    includes the receipt's own entry; the inclusion proof then verifies against it."""
+    # no periodic checkpoint in between
+    with Exchange(settings_for(data_dir, checkpoint_interval_seconds=3600)) as exchange:
+        _share(exchange, verifier(data_dir))
+
+
+def _share(exchange: Exchange, v: NoteVerifier) -> None:
+    ledger = exchange.ledger
+    first = ledger.append(EntryDraft(kind="test.release"))
+    signed = ledger.checkpoint(persist=False, covering=first.seq)
+    assert signed.size > first.seq
+    second = ledger.append(EntryDraft(kind="test.release"))
+    assert ledger.checkpoint(persist=False, covering=first.seq) is signed  # shared
+    newer = ledger.checkpoint(persist=False, covering=second.seq)  # not covered: a new one
+    assert newer.size > second.seq
+    for appended, checkpoint in ((first, signed), (first, newer), (second, newer)):
+        note = verify_checkpoint(checkpoint.note, v)
+        proof = ledger.inclusion_proof(appended.seq, checkpoint.size)
+        verify_inclusion(appended.seq, note.size, appended.leaf_hash, proof, note.root)
+    with pytest.raises(VerificationError):
+        verify_inclusion(
+            second.seq,
+            signed.size,
+            second.leaf_hash,
+            ledger.inclusion_proof(first.seq, signed.size),
+            signed.root,
+        )
 
 
 def test_log_refuses_to_sign_an_inconsistent_checkpoint(data_dir: Path) -> None:
