@@ -53,10 +53,14 @@ async def authenticate(
     body: bytes,
     now: int,
     route: str,
+    *,
+    addressed_here: bool = True,
 ) -> Authenticated:
     """Return the principal that signed this request, or raise :class:`AuthenticationError`.
 
-    Every rejection is recorded (bounded) on the ledger with its reason and key id.
+    ``addressed_here=False`` (the request names another host than this server's) refuses it
+    with ``wrong_origin`` whatever its signature. Every rejection is recorded (bounded) on the
+    ledger with its reason and key id.
     """
     keyid: str | None = None
     known: str | None = None
@@ -66,6 +70,8 @@ async def authenticate(
         except HttpSignatureError as exc:
             raise AuthenticationError(exc.reason) from exc
         keyid = sig_input.keyid
+        if not addressed_here:
+            raise AuthenticationError("wrong_origin", keyid)
         key = await _key(ex, keyid)
         known = key.principal.key_id
         await _verify(ex, method, url, headers, body, now, key, keyid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Annotated
 
@@ -17,6 +18,7 @@ __all__ = [
     "BINARY",
     "Actor",
     "Ex",
+    "addressed_to_socket",
     "binary_body",
     "exchange_of",
     "principal",
@@ -30,6 +32,10 @@ async def principal(request: Request) -> Principal:
     body = await request.body()
     base = ex.settings.public_base_url
     origin = f"{request.url.scheme}://{request.url.netloc}" if base is None else base.rstrip("/")
+    # without a configured origin, only a request addressed to this server's own socket address
+    # is taken at its Host header: a request signed for another exchange (the same key may be
+    # registered with both) and replayed here under that exchange's name is refused
+    addressed_here = base is not None or addressed_to_socket(request)
     # the path as it arrived (percent-encoded), not re-encoded from its decoded form: the
     # client signed the bytes it sent
     raw_path = request.scope.get("raw_path")
@@ -45,10 +51,37 @@ async def principal(request: Request) -> Principal:
         body,
         int(time.time()),
         f"{request.method} {route_name}",
+        addressed_here=addressed_here,
     )
     request.state.registry_version = signed.registry_version
     note_key_id(signed.principal.key_id)
     return signed.principal
+
+
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def addressed_to_socket(request: Request) -> bool:
+    """The Host header names the address the connection arrived on (``scope["server"]``), or a
+    loopback name for it when that address is loopback; the default port may be left out."""
+    server = request.scope.get("server")
+    if not server or server[1] is None:
+        return True  # not a socket (an in-process transport): nothing to compare with
+    host, port = str(server[0]), int(server[1])
+    named = request.headers.get("host", "").strip().lower()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6
+    names = {host.lower()}
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_loopback:
+            names.update(_LOOPBACK_NAMES)
+    except ValueError:
+        pass
+    default = {"http": 80, "https": 443}.get(request.url.scheme)
+    allowed = {f"{name}:{port}" for name in names}
+    if port == default:
+        allowed |= names
+    return named in allowed
 
 
 def registry_version(request: Request) -> int:

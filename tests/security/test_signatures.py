@@ -372,3 +372,31 @@ def test_signature_for_another_origin_is_refused_whatever_the_host_header(
     assert rejected_reasons(pinned) == ["bad_signature"]
     # the genuine request, signed for this origin, is accepted
     assert send(signed("GET", pinned.url + "/v1/principals/me", operator)).status_code == 200
+
+
+def test_without_a_configured_origin_a_request_for_another_host_is_refused(
+    server: LiveServer,
+) -> None:
+    """No ``public_base_url``: the server still refuses a request signed for another exchange
+    and replayed here under that exchange's name, because the Host header does not name the
+    address the connection arrived on. The replay is refused before its signature is even
+    checked, so no nonce is spent."""
+    operator = server.operator
+    port = server.url.rsplit(":", 1)[1]
+    me = server.url + "/v1/principals/me"
+
+    def signed_for(origin: str) -> httpx.Request:
+        """Signed for ``origin`` (its Host header too), sent to this server."""
+        request = signed("GET", origin + "/v1/principals/me", operator)
+        return httpx.Request("GET", me, headers=request.headers)
+
+    for other in (f"http://exchange.invalid:{port}", "http://exchange.invalid", "http://10.9.8.7"):
+        _401(send(signed_for(other)))
+    assert rejected_reasons(server, 3).count("wrong_origin") == 3
+    # the same exchange under its loopback names, and its own address, is accepted
+    for name in (f"http://localhost:{port}", server.url):
+        response = send(signed_for(name))
+        assert response.status_code == 200, response.text
+    # a Host header that names this address on another port is another origin too
+    _401(send(signed_for("http://127.0.0.1:1")))
+    assert rejected_reasons(server, 4).count("wrong_origin") == 4
