@@ -139,10 +139,11 @@ class _Server(uvicorn.Server):
         pass
 
 
-@pytest.fixture
-def server(exchange: Exchange, data_dir: Path) -> Iterator[LiveServer]:
-    """A real uvicorn server on loopback serving the exchange."""
-    port = free_port()
+@contextmanager
+def serving(exchange: Exchange, data_dir: Path, port: int | None = None) -> Iterator[LiveServer]:
+    """A real uvicorn server on loopback (``port``, else a free one) serving a started exchange,
+    in a thread, until the block ends."""
+    port = free_port() if port is None else port
     config = uvicorn.Config(
         create_app(exchange=exchange), host="127.0.0.1", port=port, log_level="warning"
     )
@@ -164,3 +165,10 @@ def server(exchange: Exchange, data_dir: Path) -> Iterator[LiveServer]:
     finally:
         srv.should_exit = True
         thread.join(timeout=20)
+
+
+@pytest.fixture
+def server(exchange: Exchange, data_dir: Path) -> Iterator[LiveServer]:
+    """A real uvicorn server on loopback serving the exchange."""
+    with serving(exchange, data_dir) as live:
+        yield live

@@ -8,8 +8,6 @@ real servers on one database, as ``zonex serve --workers 2`` does.
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -17,12 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from crypto.keys import SigningKey
-from exchange.api.app import create_app
 from exchange.errors import LedgerError
 from exchange.ledger import EntryDraft
 from exchange.models import (
@@ -39,8 +35,7 @@ from tests.conftest import (
     EXAMPLES,
     L2_LEVELS,
     LiveServer,
-    _Server,
-    free_port,
+    serving,
     settings_for,
     tax_bureau_and_bank,
 )
@@ -127,24 +122,11 @@ def test_unrelated_writes_leave_the_version_alone(server: LiveServer) -> None:
 @pytest.fixture
 def second(server: LiveServer, data_dir: Path) -> Iterator[LiveServer]:
     """Another worker: its own exchange (caches, writers) on the same database."""
-    ex = Exchange(settings_for(data_dir, checkpoint_interval_seconds=0.2)).start()
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(exchange=ex), host="127.0.0.1", port=port, log_level="warning"
-    )
-    srv = _Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "second server did not start"
-        time.sleep(0.02)
-    try:
-        yield LiveServer(f"http://127.0.0.1:{port}", ex, data_dir, server.operator)
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=20)
-        ex.close()
+    with (
+        Exchange(settings_for(data_dir, checkpoint_interval_seconds=0.2)) as ex,
+        serving(ex, data_dir) as live,
+    ):
+        yield live
 
 
 def test_a_suspension_in_one_worker_stops_the_next_request_in_another(

@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from crypto.encoding import b64_encode, b64url_encode
 from crypto.httpsig import SignatureInput, content_digest, signature_base
 from crypto.keys import SigningKey
-from exchange.api.app import create_app
-from exchange.keyfile import load_private_key
 from exchange.node import Exchange
-from tests.conftest import BACKENDS, LiveServer, _Server, free_port, settings_for
+from tests.conftest import BACKENDS, LiveServer, free_port, serving, settings_for
 from tests.security._support import (
     DAY,
     PURPOSE,
@@ -343,21 +339,9 @@ def pinned(data_dir: Path) -> Iterator[LiveServer]:
     """A server that knows its public origin (``public_base_url``)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ex = Exchange(settings_for(data_dir, public_base_url=url, checkpoint_interval_seconds=0.2))
-    ex.start()
-    srv = _Server(uvicorn.Config(create_app(exchange=ex), host="127.0.0.1", port=port))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield LiveServer(url, ex, data_dir, load_private_key(data_dir / "operator.key"))
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=20)
-        ex.close()
+    settings = settings_for(data_dir, public_base_url=url, checkpoint_interval_seconds=0.2)
+    with Exchange(settings) as ex, serving(ex, data_dir, port) as live:
+        yield live
 
 
 def test_signature_for_another_origin_is_refused_whatever_the_host_header(
