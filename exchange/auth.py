@@ -17,12 +17,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from crypto.httpsig import HttpSignatureError, parse_signature, verify_request
 from crypto.keys import VerifyKey
 from exchange.domain import Principal
-from exchange.errors import AuthenticationError
+from exchange.errors import AuthenticationError, UnavailableError
 from exchange.node import Exchange
 from exchange.registry import KnownKey, Recorded
 
@@ -79,7 +80,10 @@ async def authenticate(
         if not nonce or len(nonce) > MAX_NONCE_LENGTH:
             raise AuthenticationError("malformed", keyid)
         loop = asyncio.get_running_loop()
-        recorded: Recorded = await ex.nonces.submit(keyid, nonce, sig_input.created, loop)
+        try:
+            recorded: Recorded = await ex.nonces.submit(keyid, nonce, sig_input.created, loop)
+        except SQLAlchemyError as exc:  # nothing recorded: refuse rather than act unprotected
+            raise UnavailableError("the request could not be recorded; retry it") from exc
         if not recorded.fresh:
             raise AuthenticationError("replayed", keyid)
         if key.version < recorded.registry_version:

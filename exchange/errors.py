@@ -97,6 +97,15 @@ class LedgerError(ZonexError):
     title = "Ledger unavailable"
 
 
+class UnavailableError(ZonexError):
+    """A store the exchange needs before it may act (the nonce record of a request) could not
+    be written; nothing was done. The caller may retry the same request."""
+
+    code = "unavailable"
+    status = 503
+    title = "Service unavailable"
+
+
 class KeyFileError(ZonexError):
     code = "key_file"
     status = 400

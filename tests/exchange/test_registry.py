@@ -257,6 +257,26 @@ def test_a_failed_nonce_batch_fails_its_requests_and_the_next_batch_recovers(
         ]
 
 
+def test_a_request_whose_nonce_cannot_be_recorded_gets_503_and_can_be_retried(
+    server: LiveServer,
+) -> None:
+    _, consumer = tax_bureau_and_bank(server, L2_LEVELS)
+    request = signed("GET", server.url + "/v1/principals/me", consumer, nonce="retry-me")
+    with server.exchange.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE nonces RENAME TO nonces_away"))
+    try:
+        response = send(request)
+    finally:
+        with server.exchange.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE nonces_away RENAME TO nonces"))
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == "unavailable"
+    # nothing was recorded: the very same request goes through once, then is a replay
+    assert send(request).status_code == 200
+    assert send(request).status_code == 401
+
+
 def test_ledger_submit_resolves_once_durable_and_refuses_when_stopped(
     exchange: Exchange,
 ) -> None:
