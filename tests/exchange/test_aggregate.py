@@ -29,6 +29,7 @@ from exchange.errors import BudgetExhaustedError
 from exchange.models import BudgetRow, GrantRow
 from exchange.sdk import ApiError
 from exchange.sqlcheck import TableColumn, TableRules, TableStats, check_query, postprocess
+from exchange.storage import WRITE
 from policy.levels import Level
 from tests.conftest import LiveServer
 from tests.exchange.test_access import EXAMPLES, L3_LEVELS, PURPOSE, entries, granted
@@ -491,7 +492,9 @@ def test_grant_gone_before_release_refuses_the_result(
     _grant(server, parties)
     with server.client(parties["consumer"]) as c:
         c.aggregate("tax", SQL, PURPOSE)  # allowed while the grant stands
-        with Session(server.exchange.engine) as s, s.begin():
+        # a write transaction from the start (BEGIN IMMEDIATE on SQLite): it reads, then writes,
+        # while the ledger's ticker may be committing a checkpoint
+        with Session(server.exchange.engine.execution_options(**WRITE)) as s, s.begin():
             (row,) = s.execute(select(GrantRow)).scalars().all()
             grant_id = row.id
             if change == "revoked":
