@@ -75,7 +75,15 @@ async def authenticate(
             raise AuthenticationError("wrong_origin", keyid)
         key = await _key(ex, keyid)
         known = key.principal.key_id
-        await _verify(ex, method, url, headers, body, now, key, keyid)
+        check = (method, url, headers, body, VerifyKey(key.public_key))
+        skew = ex.settings.max_skew_seconds
+        try:
+            if len(body) <= INLINE_VERIFY_BYTES:
+                verify_request(*check, now=now, max_skew=skew)
+            else:  # hashing a large body would stall every other request on the loop
+                await run_in_threadpool(verify_request, *check, now=now, max_skew=skew)
+        except HttpSignatureError as exc:
+            raise AuthenticationError(exc.reason, keyid) from exc
         nonce = sig_input.nonce
         if not nonce or len(nonce) > MAX_NONCE_LENGTH:
             raise AuthenticationError("malformed", keyid)
@@ -91,10 +99,10 @@ async def authenticate(
             fresh = await run_in_threadpool(
                 ex.registry.current_key, keyid, recorded.registry_version
             )
-            if fresh is None:
+            # the key id is the public key's digest, so the key the signature was checked with
+            # cannot change; a row that says otherwise is not this principal
+            if fresh is None or fresh.public_key != key.public_key:
                 raise AuthenticationError("unknown_key", keyid)
-            if fresh.public_key != key.public_key:
-                await _verify(ex, method, url, headers, body, now, fresh, keyid)
             key = fresh
         if not key.principal.active:
             raise AuthenticationError("suspended", keyid)
@@ -112,24 +120,3 @@ async def _key(ex: Exchange, keyid: str) -> KnownKey:
     if key is None:
         raise AuthenticationError("unknown_key", keyid)
     return key
-
-
-async def _verify(
-    ex: Exchange,
-    method: str,
-    url: str,
-    headers: Mapping[str, str],
-    body: bytes,
-    now: int,
-    key: KnownKey,
-    keyid: str,
-) -> None:
-    args = (method, url, headers, body, VerifyKey(key.public_key))
-    skew = ex.settings.max_skew_seconds
-    try:
-        if len(body) <= INLINE_VERIFY_BYTES:
-            verify_request(*args, now=now, max_skew=skew)
-        else:  # hashing a large body would stall every other request on the loop
-            await run_in_threadpool(verify_request, *args, now=now, max_skew=skew)
-    except HttpSignatureError as exc:
-        raise AuthenticationError(exc.reason, keyid) from exc

@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Future
 from contextlib import suppress
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 
 __all__ = ["Delivery", "HeldConnection", "Waiter", "new_waiter"]
-
-T = TypeVar("T")
 
 #: where one item's outcome goes
 Waiter = Future[Any] | asyncio.Future[Any]

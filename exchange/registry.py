@@ -117,9 +117,6 @@ class NonceLog:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        #: batches committed and nonces recorded (for tests and the benchmark)
-        self.batches = 0
-        self.recorded = 0
 
     def start(self) -> None:
         if self._thread is not None:
@@ -217,8 +214,6 @@ class NonceLog:
                 raise
             log.warning("recording %d nonce(s) failed: %s", len(batch), exc)
             return
-        self.batches += 1
-        self.recorded += len(inserted)
         delivery = Delivery()
         for pair, waiting in first.items():
             delivery.add(waiting.future, Recorded(pair in inserted, version))
@@ -306,8 +301,3 @@ class RegistryCache:
             if cached is None or cached[0] <= current:
                 self._snapshots[name] = (current, value)
         return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._keys.clear()
-            self._snapshots.clear()

@@ -36,19 +36,8 @@ from exchange.node import Exchange
 from exchange.policystore import PolicyRuleRow
 from exchange.sdk import ApiError, Client
 from exchange.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import EXAMPLES, L3_LEVELS, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-COMPANIES = ROOT / "examples" / "data" / "companies.csv"
-LEVELS = {
-    "company_id": "L2",
-    "district": "L1",
-    "industry": "L1",
-    "founded_year": "L1",
-    "employees": "L2",
-    "registered_capital": "L2",
-    "tax_paid_2025": "L3",
-}
 TINY_LEVELS = {"id": "L2", "district": "L1", "amount": "L2"}
 PURPOSE = "credit-assessment"
 SQL = "SELECT industry, COUNT(*) FROM companies GROUP BY industry"
@@ -290,7 +279,11 @@ def set_up(url: str, operator: SigningKey, *, consumers: int, grantees: int, bud
         p.create_zone("tax", "tax records")
         p.create_zone("uploads", "small registrations")
         p.register_dataset(
-            "tax", "companies", levels=LEVELS, subject_column="company_id", file=COMPANIES
+            "tax",
+            "companies",
+            levels=L3_LEVELS,
+            subject_column="company_id",
+            file=EXAMPLES / "companies.csv",
         )
         p.set_analysis_rules("tax", "companies", _rules(budget))
         for key in cast.consumers:

@@ -117,6 +117,20 @@ def build_world(server: LiveServer, *, datasets: bool = True) -> World:
     return World(server, keys)
 
 
+def file_request(world: World, who: str = "consumer", justification: str = "review") -> str:
+    """``who`` asks for export of the tax zone's ``open_companies``; returns the request id."""
+    with world.server.client(world.key(who)) as c:
+        r = c.request_access(
+            "tax",
+            ["open_companies"],
+            ["export"],
+            PURPOSE,
+            duration_seconds=DAY,
+            justification=justification,
+        )
+    return str(r["id"])
+
+
 def signed(
     method: str,
     url: str,

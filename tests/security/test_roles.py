@@ -15,7 +15,7 @@ from crypto.envelope import sign_envelope
 from crypto.keys import SigningKey
 from exchange.domain import APPROVAL_TYPE, approval_payload
 from exchange.sdk import ApiError, Client
-from tests.security._support import DAY, PURPOSE, World, entries, state
+from tests.security._support import DAY, PURPOSE, World, entries, file_request, state
 
 
 def _refused(call: Any, status: int, code: str) -> dict[str, Any]:
@@ -25,19 +25,6 @@ def _refused(call: Any, status: int, code: str) -> dict[str, Any]:
     assert exc.value.body["type"] == f"urn:zonex:problem:{code}"
     body: dict[str, Any] = exc.value.body
     return body
-
-
-def _request(world: World, who: str = "consumer") -> str:
-    with world.server.client(world.key(who)) as c:
-        r = c.request_access(
-            "tax",
-            ["open_companies"],
-            ["export"],
-            PURPOSE,
-            duration_seconds=DAY,
-            justification="review",
-        )
-    return str(r["id"])
 
 
 def _approve_raw(client: Client, request_id: str, approver: str) -> None:
@@ -95,7 +82,7 @@ def test_enterprise_and_auditor_cannot_use_operator_routes(world: World) -> None
 
 def test_consumer_cannot_approve_its_own_request(world: World) -> None:
     server = world.server
-    request_id = _request(world)
+    request_id = file_request(world)
     before = state(server)
     consumer = world.key("consumer")
     with server.client(consumer) as c:
@@ -128,7 +115,7 @@ def test_consumer_cannot_approve_its_own_request(world: World) -> None:
     assert state(server) == before
     assert entries(server, "grant.created") == []
     # a provider filing on its own zone does not approve itself either
-    own = _request(world, "provider")
+    own = file_request(world, "provider")
     with server.client(world.key("provider")) as p:
         _refused(lambda: p.approve(own), 403, "forbidden")
     assert entries(server, "grant.created") == []
@@ -136,9 +123,9 @@ def test_consumer_cannot_approve_its_own_request(world: World) -> None:
 
 def test_provider_of_one_zone_cannot_act_on_another(world: World) -> None:
     server = world.server
-    request_id = _request(world)
+    request_id = file_request(world)
     with server.client(world.key("provider")) as p:
-        grant_id = p.approve(_request(world))["grant_id"]
+        grant_id = p.approve(file_request(world))["grant_id"]
     before = state(server)
     other = world.key("other")
     consumer = world.key("consumer").key_id
@@ -232,7 +219,7 @@ def test_important_data_is_not_granted_by_the_provider_alone(world: World) -> No
 
 def test_suspended_consumer_cannot_be_granted(world: World) -> None:
     server = world.server
-    request_id = _request(world)
+    request_id = file_request(world)
     with server.client(server.operator) as op:
         op.set_principal_status(world.key("consumer").key_id, "suspended")
     before = state(server)

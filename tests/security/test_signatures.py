@@ -24,6 +24,8 @@ from tests.security._support import (
     World,
     assert_problem,
     entries,
+    file_request,
+    files_under,
     rejected_reasons,
     send,
     signed,
@@ -190,22 +192,10 @@ def test_created_at_the_epoch_is_rejected(parties: World) -> None:
 # -- a signature reused elsewhere --------------------------------------------------------------
 
 
-def _file(world: World, justification: str) -> str:
-    with world.server.client(world.key("consumer")) as c:
-        r = c.request_access(
-            "tax",
-            ["open_companies"],
-            ["export"],
-            PURPOSE,
-            duration_seconds=DAY,
-            justification=justification,
-        )
-    return str(r["id"])
-
-
 def test_signature_for_one_path_is_refused_on_another(world: World) -> None:
     server = world.server
-    mine, victim = _file(world, "mine"), _file(world, "victim")
+    mine = file_request(world, justification="mine")
+    victim = file_request(world, justification="victim")
     before = state(server)
     body = json.dumps({"reason": "withdrawn"}).encode()
     request = signed(
@@ -263,6 +253,29 @@ def test_signature_for_one_body_is_refused_with_another(parties: World) -> None:
     reasons = rejected_reasons(server, 2)
     assert sorted(reasons) == ["bad_signature", "digest_mismatch"]
     assert state(server) == before
+
+
+def test_a_large_tampered_body_is_refused_too(parties: World) -> None:
+    """Bodies over 64 KiB are hashed and checked off the event loop: the same refusals."""
+    server = parties.server
+    before = state(server)
+    url = parties.url("/v1/zones/tax/uploads")
+    body = b"company_id,amount\n" + b"".join(b"c%06d,%d\n" % (i, i) for i in range(20_000))
+    assert len(body) > 64 * 1024
+    request = signed(
+        "POST", url, parties.key("provider"), body, headers={"content-type": "text/csv"}
+    )
+    tampered = body[:-2] + b"8\n"  # the last amount, 19999, becomes 19998
+    assert tampered != body
+    for digest in (request.headers["content-digest"], content_digest(tampered)):
+        headers = {**request.headers, "content-digest": digest}
+        _401(send(httpx.Request("POST", url, headers=headers, content=tampered)))
+    assert sorted(rejected_reasons(server, 2)) == ["bad_signature", "digest_mismatch"]
+    assert state(server) == before
+    staging = server.data_dir / "staging"
+    assert not staging.exists() or not files_under(staging)
+    # the genuine request goes through
+    assert send(request).status_code == 201
 
 
 def test_signature_that_does_not_cover_the_body_or_target_is_refused(parties: World) -> None:
