@@ -404,7 +404,10 @@ def _duck_digest_sql(relation: str, described: Sequence[tuple[str, str]]) -> str
         )
         keep = [
             f"CASE WHEN e{i} IS NOT NULL THEN e{i} WHEN t{i} = '-0' THEN '0' "
-            f"WHEN t{i} IS NOT NULL THEN t{i} WHEN s{i} = '-nan' THEN 'nan' ELSE s{i} END AS s{i}"
+            # NaN prints as "nan" or "-nan"; not "s = '-nan'", which DuckDB 2's optimizer folds
+            # to false (it compares the DOUBLE with the literal cast back)
+            f"WHEN t{i} IS NOT NULL THEN t{i} WHEN ends_with(s{i}, 'nan') THEN 'nan' "
+            f"ELSE s{i} END AS s{i}"
             if i in numbers
             else f"s{i}"
             for i in range(n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -464,6 +465,28 @@ def test_timezone_aware_timestamps_digest_as_utc(store: ZoneStore, tmp_path: Pat
     info = store.import_parquet("tz", tmp_path / "tz.parquet")
     rows = [[datetime(2025, 1, 1, 8, 0, tzinfo=UTC)]]
     assert info.digest == _digest_rows(info.columns, [rows])[1]
+
+
+def test_negative_nan_and_zero_digest_like_python() -> None:
+    """NaN with its sign bit set prints as "-nan" in DuckDB, -0.0 as "-0": they digest as
+    Python's "nan" and "0", also in a column of nothing but NaN (where DuckDB's optimizer,
+    knowing the column's statistics, once folded the "-nan" test away)."""
+    negative_nan = struct.unpack("<d", struct.pack("<Q", 0xFFF8000000000000))[0]
+    columns = (ColumnInfo("c0", "decimal"),)
+    for rows in (
+        [[negative_nan]],
+        [[negative_nan], [float("nan")]],
+        [[negative_nan], [float("nan")], [-0.0], [0.0], [1.5]],
+        [[-0.0]],
+    ):
+        con = duckdb.connect()
+        try:
+            con.execute("CREATE TABLE t (c0 DOUBLE)")
+            con.executemany("INSERT INTO t VALUES (?)", rows)
+            in_engine = _describe_duck(con, "t")
+        finally:
+            con.close()
+        assert in_engine == TableInfo(columns, len(rows), _digest_rows(columns, [rows])[1]), rows
 
 
 VALUES = {
