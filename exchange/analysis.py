@@ -36,6 +36,14 @@ without differential privacy, or expose a CORE column at all; :func:`default_rul
 tightest reasonable rules from the column levels. :func:`effective_disclosure` applies the same
 floor again at query time, so even a stored rule that slipped past the check cannot loosen it.
 
+Differential privacy by default (DESIGN, "Privacy defaults"): a release whose input set the
+consumer controls (a filter, an id list) is differentially private whenever it touches a column
+at L3 or above (:func:`requires_dp`). A provider may let an L3 dataset release exactly with
+``exact_release: true`` in its rules (ledgered with the rules, shown in the catalog as
+"exact: differencing possible"); never with an L4, IMPORTANT or CORE column. ``delta`` is the δ
+one release may spend on a noisy gate over groups found in the data (:class:`exchange.dp.Gate`);
+``0`` allows no such gate, so a differentially private ``GROUP BY`` is refused.
+
 Privacy units: the dataset's subject column names the entity protected (a company, a person).
 ``k`` counts distinct subjects per released group. ``max_rows_per_subject`` bounds how many rows
 one subject may contribute to a differentially private release (rows beyond it are dropped by
@@ -52,10 +60,12 @@ from types import MappingProxyType
 from typing import Any
 
 from exchange.domain import Column, Dataset
+from exchange.dp import MAX_EPSILON, parse_epsilon
 from exchange.errors import InvalidInputError
 from policy.levels import Level
 
 __all__ = [
+    "DEFAULT_DELTA",
     "DEFAULT_EPSILON_BUDGET",
     "DEFAULT_K",
     "DEFAULT_REFRESH_SECONDS",
@@ -69,6 +79,7 @@ __all__ = [
     "check_rules",
     "default_rules",
     "effective_disclosure",
+    "requires_dp",
 ]
 
 #: the smallest group size a provider may set: a group of one is a single subject's row
@@ -82,10 +93,11 @@ DEFAULT_K = 10
 DEFAULT_EPSILON_BUDGET = Decimal(1)
 #: the default refresh window: 30 days, matching the monthly report cycle (月报)
 DEFAULT_REFRESH_SECONDS = 30 * 24 * 3600
-#: an ε above this is no meaningful protection; rules asking for more are refused
-MAX_EPSILON = Decimal(10)
 #: the largest δ a rule may set (δ should be far below 1/n; Laplace releases spend none)
 MAX_DELTA = Decimal("1e-4")
+#: the δ one release spends on a gate over groups found in the data, unless the rules say
+#: otherwise: a group holding one subject opens with probability at most 1e-7
+DEFAULT_DELTA = Decimal("1e-7")
 MIN_REFRESH_SECONDS = 3600
 MAX_REFRESH_SECONDS = 366 * 24 * 3600
 MAX_ROWS_PER_SUBJECT = 10_000
@@ -104,6 +116,7 @@ _RULES_KEYS = frozenset(
         "delta",
         "refresh_seconds",
         "max_rows_per_subject",
+        "exact_release",
         "columns",
     }
 )
@@ -264,9 +277,12 @@ class AnalysisRules:
     min_group_size: int = DEFAULT_K
     dp_required: bool = False
     epsilon_budget: Decimal = DEFAULT_EPSILON_BUDGET
-    delta: Decimal = Decimal(0)
+    delta: Decimal = DEFAULT_DELTA
     refresh_seconds: int = DEFAULT_REFRESH_SECONDS
     max_rows_per_subject: int = 1
+    #: the provider's opt-out from DP by default at L3 (never at L4 and above): exact
+    #: releases, with differencing possible
+    exact_release: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -279,9 +295,11 @@ class AnalysisRules:
         _int(self.min_group_size, "min_group_size (k)", MIN_K, MAX_K)
         if not isinstance(self.dp_required, bool):
             raise InvalidInputError("dp_required must be true or false")
-        epsilon = _decimal(self.epsilon_budget, "epsilon_budget")
-        if not Decimal(0) < epsilon <= MAX_EPSILON:
-            raise InvalidInputError(f"epsilon_budget must be above 0 and at most {MAX_EPSILON}")
+        if not isinstance(self.exact_release, bool):
+            raise InvalidInputError("exact_release must be true or false")
+        if self.exact_release and self.dp_required:
+            raise InvalidInputError("exact_release and dp_required contradict each other")
+        epsilon = parse_epsilon(self.epsilon_budget, what="epsilon_budget")
         delta = _decimal(self.delta, "delta")
         if not Decimal(0) <= delta <= MAX_DELTA:
             raise InvalidInputError(f"delta must be between 0 and {MAX_DELTA}")
@@ -305,6 +323,7 @@ class AnalysisRules:
             "delta": _to_text(self.delta),
             "refresh_seconds": self.refresh_seconds,
             "max_rows_per_subject": self.max_rows_per_subject,
+            "exact_release": self.exact_release,
             "columns": {name: rule.to_json() for name, rule in self.columns.items()},
         }
 
@@ -333,12 +352,23 @@ class AnalysisRules:
             delta=_decimal(data.get("delta", defaults.delta), "delta"),
             refresh_seconds=data.get("refresh_seconds", defaults.refresh_seconds),
             max_rows_per_subject=data.get("max_rows_per_subject", defaults.max_rows_per_subject),
+            exact_release=data.get("exact_release", defaults.exact_release),
             version=data.get("version", defaults.version),
         )
 
 
 def _needs_dp(level: Level) -> bool:
     return level >= Level.L4
+
+
+def requires_dp(level: Level | str, rules: AnalysisRules) -> bool:
+    """Whether a release at ``level`` (the highest level it touches) whose input set the
+    consumer controls must be differentially private under ``rules``: always at L4 and above
+    or when the rules require it; at L3 unless the provider opted out with ``exact_release``."""
+    lv = Level(level)
+    if rules.dp_required or lv >= Level.L4:
+        return True
+    return lv >= Level.L3 and not rules.exact_release
 
 
 def default_rules(
@@ -394,6 +424,10 @@ def check_rules(rules: AnalysisRules, dataset: Dataset) -> None:
     if any(_needs_dp(lv) for lv in levels) and not rules.dp_required:
         raise InvalidInputError(
             "a dataset with L4 or IMPORTANT columns requires differential privacy (dp_required)"
+        )
+    if rules.exact_release and any(lv > Level.L3 for lv in levels):
+        raise InvalidInputError(
+            "exact_release is allowed only for datasets whose columns are at most L3"
         )
     for col in dataset.columns:
         rule = rules.rule_for(col.name)

@@ -30,6 +30,8 @@ class BudgetState:
     spent: Decimal
     window_start: datetime
     window_end: datetime
+    #: δ spent in the window by gates over groups found in the data
+    delta_spent: Decimal = Decimal(0)
 
     @property
     def remaining(self) -> Decimal:
@@ -72,6 +74,7 @@ def remaining(
         spent,
         datetime.fromtimestamp(start, UTC),
         datetime.fromtimestamp(start + refresh_seconds, UTC),
+        Decimal(row.delta_spent) if row is not None else Decimal(0),
     )
 
 
@@ -84,9 +87,14 @@ def charge(
     budget: Decimal,
     refresh_seconds: int,
     now: datetime | None = None,
+    *,
+    delta: Decimal = Decimal(0),
 ) -> BudgetState:
-    """Add ``epsilon`` to this window's spend, or raise if it would exceed ``budget``."""
-    if epsilon < 0:
+    """Add ``epsilon`` (and ``delta``) to this window's spend, or raise if ε would exceed
+    ``budget``. δ is accounted, not capped here: every release spends at least the ε floor, so
+    a window holds at most ``budget / floor`` releases and δ at most that many times the
+    rules' per-release δ (``docs/privacy.md``)."""
+    if epsilon < 0 or delta < 0:
         raise ValueError("a charge is never negative")
     moment = now or datetime.now(UTC)
     start = window_start(moment, refresh_seconds)
@@ -99,6 +107,7 @@ def charge(
             f"{datetime.fromtimestamp(start + refresh_seconds, UTC).isoformat()}",
             remaining=str(max(Decimal(0), budget - spent)),
         )
+    delta_spent = (Decimal(row.delta_spent) if row is not None else Decimal(0)) + delta
     if row is None:
         session.add(
             BudgetRow(
@@ -107,10 +116,12 @@ def charge(
                 dataset=dataset,
                 window_start=start,
                 spent=str(epsilon),
+                delta_spent=str(delta),
             )
         )
     else:
         row.spent = str(spent + epsilon)
+        row.delta_spent = str(delta_spent)
     session.flush()
     return BudgetState(
         zone,
@@ -119,4 +130,5 @@ def charge(
         spent + epsilon,
         datetime.fromtimestamp(start, UTC),
         datetime.fromtimestamp(start + refresh_seconds, UTC),
+        delta_spent,
     )

@@ -16,25 +16,42 @@ compared exactly as decimals. ε is accounted in :class:`~decimal.Decimal`;
 :func:`split_epsilon` divides a query's ε between its noisy values by sequential composition,
 rounding each share down so the shares never add up to more than the whole.
 
-These are pure ε-DP mechanisms: they spend no δ.
+These are pure ε-DP mechanisms: they spend no δ. The one place δ enters is a **noisy gate**
+(:class:`Gate`): the release/suppress decision for a group is taken on a noisy distinct-subject
+count, never the exact one. Where the set of groups is fixed in advance (one global group, the
+cells a requester names, the single count of a private join) the gate costs its ε share and no
+δ. Where groups come from the data (``GROUP BY``), a group that exists only because of one
+subject must stay hidden with high probability: the threshold is raised to
+``τ = max(k, 1 + ⌈b·ln(M/δ)⌉)`` for noise scale ``b`` and ``M`` groups one subject can touch, so
+such a group opens with probability at most δ (DP thresholding, Korolova et al. 2009; Wilson et
+al. 2020). ``docs/privacy.md`` states the accounting per computation.
+
+Every ε a caller sends goes through :func:`parse_epsilon` (one type: a decimal with at most nine
+places, between a floor and a ceiling); every failure of a mechanism is an
+:class:`~exchange.errors.InvalidInputError`, never a 5xx.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, Decimal, localcontext
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation, localcontext
 from functools import cache
 from typing import Any
 
 from exchange.errors import InvalidInputError
 
 __all__ = [
+    "EPSILON_PLACES",
+    "MAX_EPSILON",
+    "MIN_EPSILON",
     "DpMechanisms",
+    "Gate",
     "count_mechanism",
     "laplace_count",
     "laplace_std",
     "laplace_sum",
+    "parse_epsilon",
     "scale_for",
     "split_epsilon",
     "sum_mechanism",
@@ -46,6 +63,13 @@ EPSILON_QUANTUM = Decimal("1e-12")
 #: the largest |count| the integer mechanism accepts (OpenDP's i64, with room for the noise)
 MAX_COUNT = 2**62
 _PRECISION = 50
+#: the most fractional digits of an ε a caller sends
+EPSILON_PLACES = 9
+#: an ε above this is no meaningful protection
+MAX_EPSILON = Decimal(10)
+#: the least ε one release may spend (settings may raise it): with a budget of 1 a consumer gets
+#: at most 100 releases per window, so probing one subject at a time is never nearly free
+MIN_EPSILON = Decimal("0.01")
 
 
 @cache
@@ -64,6 +88,55 @@ def _positive(epsilon: Decimal, what: str = "epsilon") -> Decimal:
     if not value.is_finite() or value <= 0:
         raise InvalidInputError(f"{what} must be above 0")
     return value
+
+
+def parse_epsilon(
+    value: object,
+    *,
+    floor: Decimal = MIN_EPSILON,
+    ceiling: Decimal = MAX_EPSILON,
+    what: str = "epsilon",
+) -> Decimal:
+    """The one way an ε enters zonex: a decimal string (``"0.5"``), an integer or a Decimal,
+    finite, with at most :data:`EPSILON_PLACES` fractional digits, in ``[floor, ceiling]``.
+    Floats and booleans are refused (signed objects carry no floats)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise InvalidInputError(f'{what} is a decimal string such as "0.5"', reason="bad_epsilon")
+    if isinstance(value, str):
+        text = value.strip()
+        if not 0 < len(text) <= 32:
+            raise InvalidInputError(
+                f'{what} is a decimal string such as "0.5"', reason="bad_epsilon"
+            )
+        try:
+            eps = Decimal(text)
+        except InvalidOperation:
+            raise InvalidInputError(
+                f'{what} is a decimal string such as "0.5"', reason="bad_epsilon"
+            ) from None
+    else:
+        eps = Decimal(value)
+    if not eps.is_finite():
+        raise InvalidInputError(f"{what} must be a finite number", reason="bad_epsilon")
+    exponent = eps.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -EPSILON_PLACES:
+        raise InvalidInputError(
+            f"{what} has at most {EPSILON_PLACES} decimal places", reason="bad_epsilon"
+        )
+    if eps > ceiling:
+        raise InvalidInputError(f"{what} must be at most {_text(ceiling)}", reason="bad_epsilon")
+    if eps < floor or eps <= 0:
+        raise InvalidInputError(
+            f"{what} must be at least {_text(floor)} (the least one release may spend)",
+            reason="epsilon_below_floor",
+        )
+    # one spelling per value: "0.50" and "0.5" are the same ε on a receipt
+    return Decimal(_text(eps))
+
+
+def _text(value: Decimal) -> str:
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
 
 
 def scale_for(epsilon: Decimal, sensitivity: Decimal) -> Decimal:
@@ -126,13 +199,28 @@ def _calibrated(make: Any, scale: Decimal, d_in: Any, epsilon: Decimal) -> Any:
     """A mechanism from ``make(scale)`` whose privacy map gives at most ``epsilon`` for
     ``d_in``. The scale starts rounded up from the exact one and grows by a hair until OpenDP's
     map (which rounds conservatively) agrees."""
+    return _calibrated_with_scale(make, scale, d_in, epsilon)[0]
+
+
+def _calibrated_with_scale(
+    make: Any, scale: Decimal, d_in: Any, epsilon: Decimal
+) -> tuple[Any, float]:
+    """:func:`_calibrated` and the scale the mechanism was built with. An OpenDP failure (an
+    extreme scale, say) is bad input, never a 5xx."""
     candidate = max(_float_up(scale), math.ulp(0.0))
-    for _ in range(64):
-        measurement = make(candidate)
-        # the privacy map is OpenDP's own proof obligation; compare it exactly, as decimals
-        if Decimal(measurement.map(d_in)) <= epsilon:
-            return measurement
-        candidate = math.nextafter(candidate * (1 + 2**-40), math.inf)
+    if not math.isfinite(candidate):
+        raise InvalidInputError("epsilon is too small for this value's sensitivity")
+    try:
+        for _ in range(64):
+            measurement = make(candidate)
+            # the privacy map is OpenDP's own proof obligation; compare it exactly, as decimals
+            if Decimal(measurement.map(d_in)) <= epsilon:
+                return measurement, candidate
+            candidate = math.nextafter(candidate * (1 + 2**-40), math.inf)
+    except InvalidInputError:
+        raise
+    except Exception as exc:  # OpenDP raises its own error type for any refused parameter
+        raise InvalidInputError(f"the noise mechanism refused these parameters: {exc}") from exc
     raise InvalidInputError("no noise scale meets this epsilon")  # pragma: no cover
 
 
@@ -175,8 +263,14 @@ def laplace_count(true: int, epsilon: Decimal, *, sensitivity: int = 1) -> int:
     """``true`` plus discrete Laplace noise of scale ``sensitivity / epsilon``."""
     if isinstance(true, bool) or not isinstance(true, int) or abs(true) > MAX_COUNT:
         raise ValueError("a count must be an integer within ±2^62")
-    noisy = count_mechanism(epsilon, sensitivity)(true)
-    return int(noisy)
+    return int(_invoke(count_mechanism(epsilon, sensitivity), true))
+
+
+def _invoke(measurement: Any, value: Any) -> Any:
+    try:
+        return measurement(value)
+    except Exception as exc:  # an OpenDP sampling failure is refused, never a 5xx
+        raise InvalidInputError(f"the noise mechanism failed: {exc}") from exc
 
 
 def laplace_sum(
@@ -197,7 +291,7 @@ def laplace_sum(
     measurement = sum_mechanism(lower, upper, epsilon, contributions=contributions)
     if measurement is None:
         return value
-    noisy = measurement(float(value))
+    noisy = _invoke(measurement, float(value))
     return Decimal(repr(float(noisy)))
 
 
@@ -231,3 +325,71 @@ class DpMechanisms:
         contributions: int = 1,
     ) -> Decimal:
         return laplace_sum(true, lower, upper, epsilon, contributions=contributions)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A release/suppress decision taken on a noisy distinct-subject count (never the exact one).
+
+    ``epsilon`` is the share the gate spends; ``sensitivity`` is how many groups one subject can
+    touch (``M``, its rows); ``delta`` is ``None`` where the groups are fixed in advance (no
+    group's existence depends on the data) and otherwise the chance that a group holding only
+    one subject is released. :attr:`threshold` is ``k`` for fixed groups and
+    ``max(k, 1 + ⌈b·ln(M/δ)⌉)`` otherwise, ``b`` the scale of the discrete Laplace noise as
+    built (so ``P[noise ≥ t] ≤ e^{-t/b}`` bounds the chance of each of the ``M`` groups).
+    """
+
+    k: int
+    epsilon: Decimal
+    sensitivity: int = 1
+    delta: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon", _positive(self.epsilon))
+        _contributions(self.sensitivity)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError("k must be a positive integer")
+        if self.delta is not None and not Decimal(0) < Decimal(self.delta) < 1:
+            raise InvalidInputError(
+                "a gate over groups found in the data needs 0 < delta < 1", reason="delta_required"
+            )
+
+    @property
+    def _built(self) -> tuple[Any, float]:
+        return _gate_mechanism(self.epsilon, self.sensitivity)
+
+    @property
+    def scale(self) -> Decimal:
+        return Decimal(self._built[1])
+
+    @property
+    def threshold(self) -> int:
+        if self.delta is None:
+            return self.k
+        with localcontext() as ctx:
+            ctx.prec = _PRECISION
+            tail = self.scale * (Decimal(self.sensitivity) / Decimal(self.delta)).ln()
+            lifted = 1 + int(tail.to_integral_value(rounding=ROUND_CEILING))
+        return max(self.k, lifted)
+
+    def noisy(self, true: int) -> int:
+        """The noisy count the decision is taken on (released nowhere by itself)."""
+        if isinstance(true, bool) or not isinstance(true, int) or abs(true) > MAX_COUNT:
+            raise ValueError("a count must be an integer within ±2^62")
+        return int(_invoke(self._built[0], true))
+
+    def opens(self, true: int) -> bool:
+        """Whether a group with ``true`` distinct subjects is released."""
+        return self.noisy(true) >= self.threshold
+
+
+@cache
+def _gate_mechanism(epsilon: Decimal, sensitivity: int) -> tuple[Any, float]:
+    dp = _prelude()
+    space = dp.atom_domain(T="i64"), dp.absolute_distance(T="i64")
+    return _calibrated_with_scale(
+        lambda s: dp.m.make_laplace(*space, scale=s),
+        scale_for(epsilon, Decimal(sensitivity)),
+        sensitivity,
+        epsilon,
+    )

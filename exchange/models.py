@@ -216,6 +216,9 @@ class ConsentRow(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     zone: Mapped[str] = mapped_column(ForeignKey("zones.name"))
     subject_digest: Mapped[str] = mapped_column(String(64))
+    #: the key that made ``subject_digest``: 0 the zone's raw salt (legacy), 1 the derived
+    #: consent-digest key (migration 0008)
+    digest_version: Mapped[int] = mapped_column(Integer, default=1, server_default="0")
     consumer: Mapped[str] = mapped_column(ForeignKey("principals.key_id"))
     purpose: Mapped[str] = mapped_column(String(200))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -259,6 +262,8 @@ class BudgetRow(Base):
     dataset: Mapped[str] = mapped_column(String(64))
     window_start: Mapped[int] = mapped_column(BigInteger)
     spent: Mapped[str] = mapped_column(String(64))
+    #: δ spent by gates over groups found in the data (decimal string)
+    delta_spent: Mapped[str] = mapped_column(String(64), default="0", server_default="0")
 
 
 class PsiSessionRow(Base):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class Settings(BaseModel):
     policy_max_staleness_seconds: float = 1.0
 
     # computations
+    #: the least ε one differentially private release may spend (exchange.dp.parse_epsilon):
+    #: a refusal by a noisy gate spends it too, so no probe is nearly free
+    min_release_epsilon: Decimal = Decimal("0.01")
     #: an uploaded HE public context (no Galois or relinearization keys; ~0.5 MB at n = 8192)
     max_he_context_bytes: int = 1 << 20
     #: memory for parsed HE contexts kept in each process (least recently used go first)

@@ -313,7 +313,7 @@ bounds = st.decimals(
     ),
     st.integers(MIN_K, MAX_K),
     st.booleans(),
-    st.decimals(min_value=D("0.001"), max_value=D(10), places=3),
+    st.decimals(min_value=D("0.01"), max_value=D(10), places=3),
 )
 def test_json_round_trip_property(
     columns: dict[str, tuple[Disclosure, tuple[Decimal, Decimal] | None]],
