@@ -414,7 +414,8 @@ def check_rules(rules: AnalysisRules, dataset: Dataset) -> None:
     Raises :class:`InvalidInputError` naming the first problem: an L3+ column ``plaintext``; a
     CORE column anything but ``none``; an L4 or IMPORTANT dataset without ``dp_required``;
     clamping bounds on a non-numeric column; a subject column that could be filtered or grouped
-    on (which would let a consumer add or remove one chosen subject and difference the results).
+    on (which would let a consumer add or remove one chosen subject and difference the results)
+    or that takes clamping bounds (identifiers are only counted).
     """
     by_name = {c.name: c for c in dataset.columns}
     unknown = sorted(set(rules.columns) - set(by_name))
@@ -445,4 +446,11 @@ def check_rules(rules: AnalysisRules, dataset: Dataset) -> None:
         ):
             raise InvalidInputError(
                 f"the subject column {col.name!r} may be join_only, after_aggregate or none"
+            )
+        if col.name == dataset.subject_column and rule.bounded:
+            # identifiers are never values: bounds would let an id be summed or averaged
+            raise InvalidInputError(
+                f"the subject column {col.name!r} takes no clamping bounds: identifiers are "
+                "only counted",
+                reason="subject_value",
             )

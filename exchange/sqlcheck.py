@@ -14,7 +14,10 @@ is refused too. What is allowed:
   ``COUNT(*)``, ``COUNT(col)``, ``COUNT(DISTINCT col)``, ``SUM(col)``, ``AVG(col)``,
   ``MIN(col)``, ``MAX(col)`` on a column that may be aggregated; at least one aggregate;
   ``SUM``/``AVG`` only on numeric columns with clamping bounds; ``MIN``/``MAX`` only on L1/L2
-  columns and never in a differentially private query (they have no bounded sensitivity);
+  numbers and dates (text would release one subject's raw value) and never in a
+  differentially private query (they have no bounded sensitivity); identifiers (a subject
+  column, or a column the query's joins equate with one) are only counted: ``COUNT`` and
+  ``COUNT(DISTINCT ...)``, never ``SUM``/``AVG``/``MIN``/``MAX``, whatever the rules say;
 - ``WHERE``: ``AND``/``OR``/``NOT`` over comparisons, ``IN`` lists, ``BETWEEN`` and
   ``IS [NOT] NULL`` between a filter column (``filter_only`` or ``plaintext``) and constants;
   constants are numbers, strings, booleans and ``DATE '…'``/``TIMESTAMP '…'``;
@@ -44,21 +47,34 @@ contribution: the joined, filtered rows are numbered per subject (``ROW_NUMBER()
 are aggregated; a DP query may join datasets only on their subject columns, so one subject is
 one privacy unit across the join.
 
-:func:`postprocess` turns the raw rows into the released :class:`AggregateResult`: groups with
-fewer than ``k`` distinct subjects are dropped and counted as ``suppressed``; with DP, each
-count, count-distinct and sum gets noise from :mod:`exchange.dp` and AVG is the noisy sum over
-the noisy count, clamped to the bounds (post-processing costs no ε).
+When DP applies (DESIGN, "Privacy defaults"): a consumer chooses the input set of every query
+(its WHERE, its joins), so a release is differentially private whenever its output level (the
+highest level of every column it touches, subject columns included) is L4 or above, any dataset
+read requires it, or the output is L3 and not *every* dataset read carries the provider's
+``exact_release`` opt-out (:func:`exchange.analysis.requires_dp`). L1/L2 outputs, and L3 outputs
+of opted-out datasets, are exact, and so is their k gate.
+
+:func:`postprocess` turns the raw rows into the released :class:`AggregateResult`. Exact: groups
+with fewer than ``k`` distinct subjects are dropped and counted as ``suppressed``. DP: each
+group opens only if its *noisy* distinct-subject count reaches the gate's threshold
+(:class:`exchange.dp.Gate`); each count, count-distinct and sum gets noise from
+:mod:`exchange.dp` and AVG is the noisy sum over the noisy count, clamped to the bounds
+(post-processing costs no ε); the number of suppressed groups is not released.
 
 DP accounting. Neighbouring datasets differ by one subject, which after the rewrite contributes
 at most ``M = max_rows_per_subject`` rows (the largest over the joined datasets). Groups are
 disjoint, so removing a subject moves the vector of one primitive over all groups by at most
-``M`` in L1 for counts and count-distincts, and ``M·max(|lo|, |hi|)`` for a clamped sum: each
-group's value gets Laplace noise at that sensitivity and the primitive costs its ε share once
-(parallel composition over groups). The query's ε is split equally between its distinct noisy
-primitives (sequential composition); AVG reuses the SUM and COUNT it is built from. What DP
-does *not* cover: which groups are released (decided by the exact distinct-subject count
-against ``k``), the number suppressed, and the group keys themselves, which are ``plaintext``
-(published) values; k-suppression is the protection there.
+``M`` in L1 for counts, count-distincts and the gate's distinct-subject counts, and
+``M·max(|lo|, |hi|)`` for a clamped sum: each group's value gets noise at that sensitivity and
+the primitive costs its ε share once (parallel composition over groups). The query's ε is split
+equally between its distinct noisy primitives *and the gate* (sequential composition); AVG
+reuses the SUM and COUNT it is built from. Without GROUP BY there is one global group, fixed in
+advance: the gate's threshold is k and it spends no δ. With GROUP BY the groups come from the
+data, and a group holding only one subject must stay hidden: the threshold is
+``max(k, 1 + ⌈b·ln(M/δ)⌉)`` for the gate's noise scale ``b`` and the smallest δ the datasets'
+rules allow (``delta_required`` if that is 0); the release is then (ε, δ)-DP. The refusal of a
+group costs the same as its release: the whole ε (and δ) is charged either way. The group keys
+themselves are ``plaintext`` (published) values.
 """
 
 from __future__ import annotations
@@ -78,9 +94,15 @@ from sqlglot import exp
 from sqlglot.dialects.dialect import Dialect
 from sqlglot.errors import ErrorLevel
 
-from exchange.analysis import NUMERIC_TYPES, AnalysisRules, Disclosure, effective_disclosure
+from exchange.analysis import (
+    NUMERIC_TYPES,
+    AnalysisRules,
+    Disclosure,
+    effective_disclosure,
+    requires_dp,
+)
 from exchange.domain import Dataset
-from exchange.dp import DpMechanisms, scale_for, split_epsilon, sum_sensitivity
+from exchange.dp import DpMechanisms, Gate, scale_for, split_epsilon, sum_sensitivity
 from exchange.errors import InvalidInputError
 from policy.levels import Level, max_level
 
@@ -89,6 +111,7 @@ __all__ = [
     "REASONS",
     "AggregateResult",
     "CheckedQuery",
+    "GateInfo",
     "NoiseInfo",
     "OutputColumn",
     "QueryRejected",
@@ -149,8 +172,13 @@ REASONS: Mapping[str, str] = MappingProxyType(
         "system_table": "a qualified name or a system catalog table",
         "table_function": "a table function (read_csv, duckdb_tables() ...)",
         "no_bounds": "SUM or AVG of a column without clamping bounds",
+        "subject_value": "SUM, AVG, MIN or MAX of an identifier (a subject column, or a column "
+        "the query equates with one): identifiers are only counted",
+        "min_max_type": "MIN or MAX of a column that is not a number or a date/time",
         "min_max_level": "MIN or MAX of a column above L2",
         "dp_unsupported": "MIN or MAX in a differentially private query",
+        "delta_required": "a differentially private GROUP BY on a dataset whose rules allow no "
+        "delta for a gate over groups found in the data",
         "alias_not_allowed": "two outputs with the same alias",
         "construct_not_allowed": "any other construct",
     }
@@ -332,6 +360,10 @@ class CheckedQuery:
     limit: int | None = None
     offset: int = 0
     dialect: str = "duckdb"
+    #: the δ a DP release's gate spends: the smallest the read datasets' rules allow, when the
+    #: groups come from the data (GROUP BY); None when they are fixed in advance (no GROUP BY,
+    #: or cells a requester names) and for exact releases
+    delta: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -346,17 +378,50 @@ class NoiseInfo:
 
 
 @dataclass(frozen=True)
+class GateInfo:
+    """The noisy gate of a differentially private release: groups open when their noisy
+    distinct-subject count (discrete Laplace, ``scale``) reaches ``threshold``."""
+
+    k: int
+    threshold: int
+    epsilon: Decimal
+    #: None: groups fixed in advance (threshold k, no δ spent)
+    delta: Decimal | None
+    sensitivity: int
+    scale: Decimal
+
+    @classmethod
+    def from_gate(cls, gate: Gate) -> GateInfo:
+        return cls(gate.k, gate.threshold, gate.epsilon, gate.delta, gate.sensitivity, gate.scale)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "threshold": self.threshold,
+            "epsilon": _plain(self.epsilon),
+            "delta": None if self.delta is None else _plain(self.delta),
+            "sensitivity": str(self.sensitivity),
+            "scale": _plain(self.scale),
+        }
+
+
+@dataclass(frozen=True)
 class AggregateResult:
-    """What an aggregate computation releases."""
+    """What an aggregate computation releases.
+
+    ``suppressed`` is the exact number of groups under k in an exact release; a differentially
+    private release leaves it out (``None``): it is an exact count of groups the data holds
+    and would undo the noisy gate (``gate``)."""
 
     columns: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
-    suppressed: int
+    suppressed: int | None
     k: int
     level: Level
     epsilon: Decimal = Decimal(0)
     delta: Decimal = Decimal(0)
     noise: tuple[NoiseInfo, ...] = field(default=())
+    gate: GateInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe and float-free: decimals as strings, dates as ISO 8601."""
@@ -368,6 +433,7 @@ class AggregateResult:
             "level": self.level.value,
             "epsilon": _plain(self.epsilon),
             "delta": _plain(self.delta),
+            "gate": None if self.gate is None else self.gate.to_json(),
             "noise": [
                 {
                     "value": n.label,
@@ -450,6 +516,9 @@ _DATE_TYPES = frozenset(
     {exp.DataType.Type.DATE, exp.DataType.Type.TIMESTAMP, exp.DataType.Type.TIMESTAMPNTZ}
 )
 _AGGREGATES = (exp.Count, exp.Sum, exp.Avg, exp.Min, exp.Max)
+#: MIN and MAX release one subject's value as it is: only ordinal public values (numbers and
+#: dates at L1/L2), never text (a name, an address, an identifier)
+_MIN_MAX_TYPES = NUMERIC_TYPES | frozenset({"date", "timestamp"})
 _KINDS: Mapping[type[exp.Expression], OutputKind] = MappingProxyType(
     {exp.Sum: "sum", exp.Avg: "avg", exp.Min: "min", exp.Max: "max"}
 )
@@ -766,7 +835,7 @@ class _Checker:
             _only(node, _K_THIS, "function_not_allowed")
             if isinstance(node.this, exp.Distinct):
                 raise _reject("distinct_not_allowed", f"{fn}(DISTINCT ...) is not allowed")
-            ref = self._agg_column(node.this, fn)
+            ref = self._agg_column(node.this, fn, valued=True)
             kind = _KINDS[type(node)]
             label = f"{self.bound[ref.table].rules.name}.{ref.column.name}"
             if kind in ("sum", "avg"):
@@ -779,6 +848,11 @@ class _Checker:
                     raise _reject(
                         "no_bounds", f"{fn}({label}): no clamping bounds declared for the column"
                     )
+            elif ref.column.type not in _MIN_MAX_TYPES:
+                raise _reject(
+                    "min_max_type",
+                    f"{fn} is allowed on numbers and dates only; {label} is {ref.column.type}",
+                )
             elif ref.column.level > Level.L2:
                 raise _reject(
                     "min_max_level",
@@ -787,14 +861,35 @@ class _Checker:
             return _Agg(kind, ref)
         raise _reject("expression_not_allowed", "expected an aggregate")
 
-    def _agg_column(self, node: exp.Expression, fn: str) -> _Ref:
+    def _agg_column(self, node: exp.Expression, fn: str, *, valued: bool = False) -> _Ref:
         while isinstance(node, exp.Paren):
             node = node.this
         if not isinstance(node, exp.Column):
             raise _reject("expression_not_allowed", f"{fn} takes a column, not an expression")
         ref = self.resolve(node)
+        # identifiers are never values, whatever the column's disclosure says: checked first
+        if valued and self.identifier(ref):
+            raise _reject(
+                "subject_value",
+                f"{fn}({self.bound[ref.table].rules.name}.{ref.column.name}): an identifier "
+                "may only be counted (COUNT, COUNT DISTINCT)",
+            )
         self.use(ref, "aggregate")
         return ref
+
+    def identifier(self, ref: _Ref) -> bool:
+        """Whether ``ref`` holds subject ids: a dataset's subject column, or a column the
+        query's joins equate with one (directly or through other equalities)."""
+        ids = {_Ref(i, b.rules.subject) for i, b in enumerate(self.bound)}
+        pairs = [pair for step in self.joins for pair in step]
+        grown = True
+        while grown:
+            grown = False
+            for a, b in pairs:
+                if (a in ids) != (b in ids):
+                    ids |= {a, b}
+                    grown = True
+        return ref in ids
 
     # WHERE
 
@@ -978,10 +1073,13 @@ def check_query(
     dialect_in: str = "duckdb",
     dialect_out: str = "duckdb",
     with_dp: bool = False,
+    named_groups: bool = False,
 ) -> CheckedQuery:
     """Check ``sql`` against the rules of ``tables`` (dataset name → rules) and rewrite it.
 
-    ``with_dp`` asks for differential privacy where the rules do not require it. Raises
+    ``with_dp`` asks for differential privacy where the rules do not require it.
+    ``named_groups`` says the caller releases only groups a requester named in advance (a
+    secure sum's cells), so a differentially private gate needs no δ. Raises
     :class:`QueryRejected` for anything the rules do not allow; nothing else escapes for any
     input text.
     """
@@ -1051,11 +1149,13 @@ def check_query(
     names = _output_names(checker, items)
     outputs, aggs = _outputs(checker, items, names)
 
-    # the privacy unit and DP: any dataset's rules, or any column at L4 and above (subjects too)
+    # the privacy unit and DP (DESIGN, "Privacy defaults"): the output's level counts every
+    # column touched, subjects too; a consumer chooses the input set (WHERE, joins), so at L3
+    # and above the release is DP unless every dataset read opted out (exact_release)
     for i, b in enumerate(checker.bound):
         checker.touched.add(_Ref(i, b.rules.subject))
     output_level = max_level(r.column.level for r in checker.touched)
-    dp_required = output_level >= Level.L4 or any(b.rules.rules.dp_required for b in checker.bound)
+    dp_required = any(requires_dp(output_level, b.rules.rules) for b in checker.bound)
     dp = dp_required or with_dp
     if dp:
         for agg in aggs:
@@ -1074,6 +1174,17 @@ def check_query(
                     "join_not_allowed",
                     "a differentially private query joins datasets on their subject columns",
                 )
+    delta: Decimal | None = None
+    if dp and dims and not named_groups:
+        # groups found in the data: the gate hides one subject's own group with probability
+        # 1 - δ, at the tightest δ any dataset read allows
+        delta = min(b.rules.rules.delta for b in checker.bound)
+        if delta <= 0:
+            raise _reject(
+                "delta_required",
+                "the rules allow no delta for a gate over groups found in the data: "
+                "drop GROUP BY, or ask the provider for a delta",
+            )
 
     order = _order_by(checker, root.args.get("order"), items, names)
     limit = _count_clause(root.args.get("limit"), "LIMIT")
@@ -1105,6 +1216,7 @@ def check_query(
         limit=limit,
         offset=offset,
         dialect=dialect_out,
+        delta=delta,
     )
 
 
@@ -1475,8 +1587,13 @@ def _generate(statement: exp.Expression, dialect: str) -> str:
 def postprocess(
     checked: CheckedQuery, rows: Sequence[Sequence[Any]], *, dp: DpMechanisms | None = None
 ) -> AggregateResult:
-    """Release the raw ``rows`` of ``checked.sql``: suppress groups under k, add noise when
-    the query is differentially private, derive AVG, order and limit.
+    """Release the raw ``rows`` of ``checked.sql``: gate the groups on k, add noise when the
+    query is differentially private, derive AVG, order and limit.
+
+    Exact releases gate on the exact distinct-subject count (``< k`` is suppressed, and the
+    result says how many). A differentially private release gates on a noisy count
+    (:class:`exchange.dp.Gate`) that spends its own share of ε (and ``checked.delta`` when the
+    groups come from the data), and does not say how many groups it suppressed.
 
     ``dp`` must be given exactly when ``checked.dp`` (the rewrite bounded contributions for it);
     anything else is a caller bug and raises :class:`ValueError` before anything is released.
@@ -1491,9 +1608,13 @@ def postprocess(
     ]
     noise: list[NoiseInfo] = []
     share = Decimal(0)
+    gate: Gate | None = None
     if dp is not None:
-        share = split_epsilon(dp.epsilon, len(noisy))
+        # sequential composition: each noisy primitive and the gate spend one equal share
+        share = split_epsilon(dp.epsilon, len(noisy) + 1)
         m = checked.contributions
+        # one subject moves the distinct count of at most M groups, each by at most 1
+        gate = Gate(checked.k, share, sensitivity=m, delta=checked.delta)
         for i in noisy:
             c = checked.columns[i]
             if c.kind == "sum":
@@ -1511,8 +1632,8 @@ def postprocess(
         row = list(raw)
         if len(row) != width:
             raise ValueError(f"expected {width} columns, got {len(row)}")
-        distinct = row[-1]
-        if distinct is None or int(distinct) < checked.k:
+        distinct = 0 if row[-1] is None else int(row[-1])
+        if not (gate.opens(distinct) if gate is not None else distinct >= checked.k):
             suppressed += 1
             continue
         if dp is not None:
@@ -1536,12 +1657,14 @@ def postprocess(
     return AggregateResult(
         columns=tuple(o.name for o in checked.outputs),
         rows=tuple(tuple(r) for r in released[start:stop]),
-        suppressed=suppressed,
+        # an exact count of the groups the data holds: never part of a DP release
+        suppressed=None if gate is not None else suppressed,
         k=checked.k,
         level=checked.output_level,
         epsilon=dp.epsilon if dp is not None else Decimal(0),
-        delta=dp.delta if dp is not None else Decimal(0),
+        delta=(checked.delta or Decimal(0)) if dp is not None else Decimal(0),
         noise=tuple(noise),
+        gate=None if gate is None else GateInfo.from_gate(gate),
     )
 
 

@@ -190,6 +190,27 @@ def test_check_rules_requires_dp_for_high_levels(level: str) -> None:
         check_rules(rules, dataset(*cols))
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ColumnRule(X.AFTER_AGGREGATE, D(0), D(1_000_000)),
+        ColumnRule(X.JOIN_ONLY, D(0), D(10)),
+        ColumnRule(X.NONE, D(-1), D(1)),
+    ],
+)
+def test_check_rules_refuses_bounds_on_the_subject_column(rule: ColumnRule) -> None:
+    """Identifiers are never values: bounds would let a numeric subject id be summed or
+    averaged (clamped, but still the id), so the subject column takes none."""
+    cols = (Column("staff_no", "integer", "L2"), Column("district", "text", "L1"))
+    rules = AnalysisRules(columns={"staff_no": rule, "district": ColumnRule(X.PLAINTEXT)})
+    with pytest.raises(InvalidInputError, match="subject column") as info:
+        check_rules(rules, dataset(*cols, subject="staff_no"))
+    assert info.value.extra == {"reason": "subject_value"}
+    # the same bounds on a column that is not the subject are fine
+    other = AnalysisRules(columns={"staff_no": rule, "district": ColumnRule(X.JOIN_ONLY)})
+    check_rules(other, dataset(*cols, subject="district"))
+
+
 def test_check_rules_refuses_unknown_columns() -> None:
     rules = AnalysisRules(columns={"ghost": ColumnRule(X.NONE)})
     with pytest.raises(InvalidInputError, match="ghost"):

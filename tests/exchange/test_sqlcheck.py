@@ -60,8 +60,28 @@ TAX_RULES = AnalysisRules(
         "secret": ColumnRule(X.NONE),
     },
     min_group_size=5,
+    # the provider's opt-out from DP by default at L3: exact releases, differencing possible
+    exact_release=True,
 )
 TAX = TableRules("tax_records", TAX_COLUMNS, "company_id", TAX_RULES, zone="tax")
+# the same table under the release mode a provider gets unless it opts out: DP at L3 and above
+TAX_DEFAULT = TableRules(
+    "tax_default",
+    TAX_COLUMNS,
+    "company_id",
+    AnalysisRules(columns=TAX_RULES.columns, min_group_size=5),
+    zone="tax",
+    relation="tax_records",
+)
+# ... and with no δ for a gate over groups found in the data: a DP GROUP BY is refused
+TAX_NO_DELTA = TableRules(
+    "tax_no_delta",
+    TAX_COLUMNS,
+    "company_id",
+    AnalysisRules(columns=TAX_RULES.columns, min_group_size=5, delta=D(0)),
+    zone="tax",
+    relation="tax_records",
+)
 
 COMPANY_RULES = AnalysisRules(
     columns={
@@ -73,6 +93,7 @@ COMPANY_RULES = AnalysisRules(
         "founded": ColumnRule(X.PLAINTEXT),
     },
     min_group_size=5,
+    exact_release=True,
 )
 COMPANIES = TableRules(
     "companies",
@@ -107,7 +128,57 @@ OTHER_ZONE = TableRules(
     AnalysisRules(columns={"company_id": ColumnRule(X.JOIN_ONLY), "x": ColumnRule(X.PLAINTEXT)}),
     zone="other",
 )
-TABLES = {t.name: t for t in (TAX, COMPANIES, TAX_L4, OTHER_ZONE)}
+# subject columns a provider left open to aggregation (after_aggregate, even with bounds):
+# identifiers are still never values
+REGISTRY = TableRules(
+    "registry",
+    (TableColumn("company_id", "text", L2), TableColumn("district", "text", L1)),
+    "company_id",
+    AnalysisRules(
+        columns={
+            "company_id": ColumnRule(X.AFTER_AGGREGATE),
+            "district": ColumnRule(X.PLAINTEXT),
+        },
+        min_group_size=5,
+    ),
+    zone="tax",
+)
+STAFF = TableRules(
+    "staff",
+    (TableColumn("staff_no", "integer", L2), TableColumn("district", "text", L1)),
+    "staff_no",
+    AnalysisRules(
+        columns={
+            "staff_no": ColumnRule(X.AFTER_AGGREGATE, D(0), D(1_000_000)),
+            "district": ColumnRule(X.PLAINTEXT),
+        },
+        min_group_size=5,
+    ),
+    zone="tax",
+)
+# a table whose plaintext column holds another dataset's subject ids
+PAYROLL = TableRules(
+    "payroll",
+    (
+        TableColumn("pay_id", "text", L2),
+        TableColumn("company_ref", "text", L2),
+        TableColumn("staff_ref", "integer", L2),
+    ),
+    "pay_id",
+    AnalysisRules(
+        columns={
+            "pay_id": ColumnRule(X.JOIN_ONLY),
+            "company_ref": ColumnRule(X.PLAINTEXT),
+            "staff_ref": ColumnRule(X.PLAINTEXT),
+        },
+        min_group_size=5,
+    ),
+    zone="tax",
+)
+TABLES = {
+    t.name: t
+    for t in (TAX, COMPANIES, TAX_L4, OTHER_ZONE, TAX_DEFAULT, TAX_NO_DELTA, REGISTRY, STAFF, PAYROLL)
+}
 
 DISTRICTS = ("north", "south", "east", "west")
 SECTORS = ("retail", "tech", "services")
@@ -737,6 +808,27 @@ HOSTILE = [
     ("SELECT COUNT(*) FROM tax_records WHERE", "parse_error"),
     # differential privacy
     ("SELECT district, MIN(year) FROM tax_l4 GROUP BY district", "dp_unsupported"),
+    ("SELECT MAX(year), COUNT(tax_paid) FROM tax_default", "dp_unsupported"),
+    # a DP GROUP BY gates groups found in the data: it needs a δ the rules allow
+    ("SELECT district, SUM(tax_paid) FROM tax_no_delta GROUP BY district", "delta_required"),
+    # identifiers are never values: on a subject column only COUNT and COUNT DISTINCT
+    ("SELECT MIN(company_id) FROM registry", "subject_value"),
+    ("SELECT district, MAX(company_id) FROM registry GROUP BY district", "subject_value"),
+    ("SELECT MIN(company_id) FROM tax_records", "subject_value"),
+    ("SELECT SUM(staff_no) FROM staff", "subject_value"),
+    ("SELECT AVG(staff_no) FROM staff", "subject_value"),
+    ("SELECT district, MAX(staff_no) FROM staff GROUP BY district", "subject_value"),
+    ("SELECT COUNT(*) FROM staff ORDER BY MIN(staff_no)", "subject_value"),
+    # ... nor a column the query equates with one
+    (
+        "SELECT MAX(p.company_ref) FROM payroll p JOIN tax_records t "
+        "ON p.company_ref = t.company_id",
+        "subject_value",
+    ),
+    # MIN/MAX of text (or booleans) release one subject's raw value: numbers and dates only
+    ("SELECT MAX(district) FROM tax_records", "min_max_type"),
+    ("SELECT industry, MIN(region) FROM companies GROUP BY industry", "min_max_type"),
+    ("SELECT MIN(listed) FROM companies", "min_max_type"),
     ("SELECT COUNT(*) FROM tax_l4 t JOIN companies c ON t.district = c.region", "join_not_allowed"),
 ]
 
@@ -949,16 +1041,21 @@ def test_dp_release(engine: Engine) -> None:
     assert checked.dp and checked.contributions == 1
     with pytest.raises(ValueError):
         run(engine, checked)
-    result = run(engine, checked, DpMechanisms(D("1.5")))
-    assert result.epsilon == D("1.5") and result.delta == 0
+    result = run(engine, checked, DpMechanisms(D(4)))
+    # GROUP BY finds its groups in the data: the gate spends the rules' δ
+    assert result.epsilon == D(4) and result.delta == D("1e-7")
     assert [n.label for n in result.noise] == [
         "count(*)",
         "sum(tax_l4.tax_paid)",
         "count(tax_l4.tax_paid)",
     ]
-    assert all(n.epsilon == D("0.5") for n in result.noise)
-    assert result.noise[0].scale == 2 and result.noise[1].scale == 2 * TAX_UPPER
-    expected, suppressed = reference(
+    # four equal shares: three noisy primitives and the gate
+    assert all(n.epsilon == 1 for n in result.noise)
+    assert result.noise[0].scale == 1 and result.noise[1].scale == TAX_UPPER
+    gate = result.gate
+    assert gate is not None and gate.epsilon == 1 and gate.delta == D("1e-7")
+    assert gate.threshold == 18  # max(k = 5, 1 + ceil(1 · ln(1 / 1e-7)))
+    expected, _ = reference(
         TAX_ROWS,
         lambda r: r["year"] == 2025,
         lambda r: r["district"],
@@ -967,10 +1064,15 @@ def test_dp_release(engine: Engine) -> None:
         TAX_UPPER,
         5,
     )
-    assert result.suppressed == suppressed
-    assert {r[0] for r in result.rows} == set(expected)
+    assert result.suppressed is None  # an exact count: not part of a DP release
+    # each district of about fifty companies fails the gate with probability at most
+    # e^(-30/b) < 1e-13 at b = 1; "tiny" (three companies) passes it with at most e^(-15/b)
+    released = {r[0] for r in result.rows}
+    assert set(expected) <= released <= set(expected) | {"tiny"}
     for district, count, total, average in result.rows:
-        # P(|noise| > 80) at scale 2 is about 1e-17
+        if district == "tiny":
+            continue
+        # P(|noise| > 80) at scale 1 is about 1e-35
         assert abs(count - expected[district][0]) <= 80
         assert isinstance(total, Decimal)
         assert average is None or 0 <= average <= TAX_UPPER
@@ -1017,8 +1119,20 @@ FIRM_DISCLOSURE = {
     "sector": ColumnRule(X.FILTER_ONLY),
     "revenue": ColumnRule(X.AFTER_AGGREGATE, D(0), D(1_000_000)),
 }
+# the provider opted out of DP by default (exact_release): only k stands in the way
 FIRMS = TableRules(
-    "firms", FIRM_COLUMNS, "company_id", AnalysisRules(FIRM_DISCLOSURE, min_group_size=10)
+    "firms",
+    FIRM_COLUMNS,
+    "company_id",
+    AnalysisRules(FIRM_DISCLOSURE, min_group_size=10, exact_release=True),
+)
+# the same firms under the default release mode: DP at L3, with a noisy gate
+FIRMS_DEFAULT = TableRules(
+    "firms_default",
+    FIRM_COLUMNS,
+    "company_id",
+    AnalysisRules(FIRM_DISCLOSURE, min_group_size=10),
+    relation="firms",
 )
 FIRMS_DP = TableRules(
     "firms_dp",
@@ -1063,11 +1177,10 @@ def firms_engine() -> Iterator[Engine]:
 
 
 ATTACK = (
-    "SELECT district, SUM(revenue) FROM {t} WHERE district = '{d}' GROUP BY district",
-    "SELECT district, SUM(revenue) FROM {t} WHERE district = '{d}' AND sector <> 'mining' "
-    "GROUP BY district",
+    "SELECT SUM(revenue) FROM {t} WHERE district = '{d}'",
+    "SELECT SUM(revenue) FROM {t} WHERE district = '{d}' AND sector <> 'mining'",
 )
-FIRM_TABLES = {"firms": FIRMS, "firms_dp": FIRMS_DP}
+FIRM_TABLES = {"firms": FIRMS, "firms_dp": FIRMS_DP, "firms_default": FIRMS_DEFAULT}
 
 
 def test_differencing_at_k_is_suppressed(firms_engine: Engine) -> None:
@@ -1082,23 +1195,28 @@ def test_differencing_is_hidden_by_noise(firms_engine: Engine) -> None:
     queries = [check_query(q.format(t="firms_dp", d="B"), FIRM_TABLES) for q in ATTACK]
     raws = [raw_rows(firms_engine, q) for q in queries]
     # the exact sums would give the target away
-    assert raws[0][0][1] - raws[1][0][1] == TARGET_REVENUE
-    epsilon = D(1)  # per query; one noisy sum each, sensitivity 1e6: Laplace scale 1e6
+    assert raws[0][0][0] - raws[1][0][0] == TARGET_REVENUE
+    # ε = 1 per query, half for the noisy sum (sensitivity 1e6: Laplace scale b = 2e6), half
+    # for the gate (k = 10 against 30 and 29 firms, scale 2)
+    epsilon = D(1)
     trials = 300
     estimates = []
     for _ in range(trials):
         released = [
             postprocess(q, r, dp=DpMechanisms(epsilon)) for q, r in zip(queries, raws, strict=True)
         ]
-        assert all(len(r.rows) == 1 for r in released)
-        estimates.append(float(released[0].rows[0][1] - released[1].rows[0][1]))
-    # the difference of two Laplace(b) draws has sd 2b = 2e6. Its sample variance has relative
-    # standard error sqrt((kurtosis - 1) / n) = sqrt(3.5 / 300) ≈ 0.11, so six standard errors
-    # still leave the sample sd above 0.59 · 2e6 ≈ 1.2e6: far above the secret itself.
+        if all(len(r.rows) == 1 for r in released):
+            estimates.append(float(released[0].rows[0][0] - released[1].rows[0][0]))
+    # a gate fails a group of 29 or more at k = 10 with probability at most e^(-20/2) < 5e-5,
+    # so a trial loses a release with at most 1e-4: more than 50 of 300 with less than 1e-100
+    assert len(estimates) >= 250
+    # the difference of two Laplace(b) draws has sd 2b = 4e6. Its sample variance has relative
+    # standard error sqrt((kurtosis - 1) / n) <= sqrt(3.5 / 250) ≈ 0.12, so six standard errors
+    # still leave the sample sd above 0.53 · 4e6 ≈ 2.1e6: far above the secret itself.
     spread = statistics.stdev(estimates)
     assert spread > 1.0e6 > float(TARGET_REVENUE)
-    # and the attacker's estimate is rarely anywhere near the truth (expected ≈ 3% within 10%)
-    close = sum(abs(e - float(TARGET_REVENUE)) <= 80_000 for e in estimates) / trials
+    # and the attacker's estimate is rarely anywhere near the truth (expected ≈ 2% within 10%)
+    close = sum(abs(e - float(TARGET_REVENUE)) <= 80_000 for e in estimates) / len(estimates)
     assert close < 0.15
 
 
@@ -1111,7 +1229,7 @@ AGGREGATES = [
     "SUM(tax_paid)",
     "AVG(tax_paid)",
     "MIN(year)",
-    "MAX(district)",
+    "MAX(c.founded)",
     "SUM(c.capital)",
     "AVG(c.capital)",
     "COUNT(DISTINCT c.industry)",
@@ -1179,3 +1297,101 @@ def test_dataset_named_like_a_system_table() -> None:
     with pytest.raises(QueryRejected) as info:
         check_query("SELECT COUNT(*) FROM pg_tables", {"pg_levies": odd})
     assert info.value.reason == "system_table"
+
+
+# -- privacy by construction: what no sequence of allowed calls may reveal -----------------------
+
+
+def test_l3_is_differentially_private_unless_every_dataset_opted_out() -> None:
+    """Differencing through a filter: at L3, a release over a set the consumer chooses is DP
+    unless the provider of every dataset it reads set ``exact_release``."""
+    sql = "SELECT district, SUM(tax_paid) FROM {} WHERE year = 2025 GROUP BY district"
+    default = check_query(sql.format("tax_default"), TABLES)
+    assert default.output_level == L3 and default.dp and default.dp_required
+    assert not check_query(sql.format("tax_records"), TABLES).dp  # the provider opted out
+    mixed = check_query(
+        "SELECT t.district, SUM(t.tax_paid) FROM tax_records t JOIN tax_default d "
+        "ON t.company_id = d.company_id GROUP BY t.district",
+        TABLES,
+    )
+    assert mixed.dp and mixed.dp_required  # one dataset without the opt-out is enough
+    # below L3 the exact path stays (k is an exact gate there, and documented as one)
+    assert not check_query("SELECT district, COUNT(*) FROM tax_default GROUP BY district", TABLES).dp
+    # the exact path cannot be asked for: no release of an L3 SUM without noise
+    private = check_query(ATTACK[0].format(t="firms_default", d="B"), FIRM_TABLES)
+    assert private.dp
+    with pytest.raises(ValueError):
+        postprocess(private, [(TARGET_REVENUE, 30)])
+
+
+def test_a_group_of_exactly_k_is_decided_by_a_noisy_gate(firms_engine: Engine) -> None:
+    """The exact-k membership probe: district A holds exactly k = 10 firms, nine without the
+    miner. An exact gate releases the first and suppresses the second every time, which tells
+    the attacker that the miner is in A. Under DP both are decided on a noisy distinct count."""
+    probe = (
+        "SELECT COUNT(*), SUM(revenue) FROM firms_default WHERE district = 'A'",
+        "SELECT COUNT(*), SUM(revenue) FROM firms_default WHERE district = 'A' "
+        "AND sector <> 'mining'",
+    )
+    queries = [check_query(q, FIRM_TABLES) for q in probe]
+    raws = [raw_rows(firms_engine, q) for q in queries]
+    assert [r[0][-1] for r in raws] == [10, 9]  # exactly k, and k - 1
+    opened: list[list[bool]] = [[], []]
+    trials = 60
+    for _ in range(trials):
+        for i, (q, r) in enumerate(zip(queries, raws, strict=True)):
+            released = postprocess(q, r, dp=DpMechanisms(D(1)))
+            # how many groups were suppressed is an exact count: never released under DP
+            assert released.suppressed is None and released.to_json()["suppressed"] is None
+            assert released.gate is not None and released.gate.threshold == 10
+            assert released.gate.delta is None and released.delta == 0
+            opened[i].append(len(released.rows) == 1)
+    gate = released.gate
+    # ε = 1 split between COUNT(*), SUM and the gate: 1/3 each, discrete Laplace scale b = 3
+    assert gate.epsilon == D("0.333333333333") and abs(gate.scale - 3) < D("1e-9")
+    # with Z the gate's noise, a group of k opens iff Z >= 0 and one of k - 1 iff Z >= 1;
+    # P(Z >= 1) = P(Z <= -1) = e^(-1/b) / (1 + e^(-1/b)) = 0.417 at b = 3. Each of the four
+    # outcomes is then missing from 60 trials with probability at most 0.583^60 < 1e-14
+    assert True in opened[0] and False in opened[0]
+    assert True in opened[1] and False in opened[1]
+
+
+def test_a_gate_over_groups_found_in_the_data_spends_delta(engine: Engine) -> None:
+    checked = check_query("SELECT district, COUNT(*) FROM tax_default GROUP BY district", TABLES)
+    assert not checked.dp  # L2 output: exact, with the exact k gate
+    checked = check_query(
+        "SELECT district, COUNT(tax_paid) FROM tax_default GROUP BY district", TABLES
+    )
+    assert checked.dp and checked.delta == D("1e-7") and checked.contributions == 1
+    result = run(engine, checked, DpMechanisms(D(2)))
+    gate = result.gate
+    assert gate is not None and result.delta == D("1e-7") and result.suppressed is None
+    # ε = 2 split between the count and the gate: b = M / 1 = 1, and the threshold is
+    # max(k, 1 + ceil(b · ln(M / δ))) = max(5, 1 + ceil(16.12)) = 18
+    assert gate.epsilon == 1 and gate.threshold == 18 and gate.delta == D("1e-7")
+    doc = result.to_json()
+    assert doc["delta"] == "0.0000001" and doc["gate"]["threshold"] == 18
+    # the four districts hold about fifty companies each (more than 30 above the threshold):
+    # each fails to open with probability at most e^(-30/b) < 1e-13
+    assert set(DISTRICTS) <= {r[0] for r in result.rows}
+    # secure sums name their cells: groups fixed in advance need no δ even where none is allowed
+    named = check_query(
+        "SELECT district, SUM(tax_paid) FROM tax_no_delta GROUP BY district",
+        TABLES,
+        named_groups=True,
+    )
+    assert named.dp and named.delta is None
+    # one global group (no GROUP BY) is fixed in advance too
+    assert check_query("SELECT SUM(tax_paid) FROM tax_no_delta", TABLES).delta is None
+
+
+def test_identifiers_are_counted_never_valued() -> None:
+    for sql in (
+        "SELECT COUNT(DISTINCT company_id), COUNT(company_id) FROM registry",
+        "SELECT district, COUNT(DISTINCT staff_no) FROM staff GROUP BY district",
+        "SELECT COUNT(DISTINCT p.company_ref) FROM payroll p JOIN tax_records t "
+        "ON p.company_ref = t.company_id",
+        "SELECT MIN(year), MAX(year) FROM tax_records",  # numbers (L1) outside DP
+        "SELECT MIN(founded), MAX(founded) FROM companies",  # dates (L1) outside DP
+    ):
+        check_query(sql, TABLES)
