@@ -981,5 +981,7 @@ def authorize(
                 attrs=attrs,
             )
         )
-        raise DeniedError(str(decision.reason))
+        denied = DeniedError(str(decision.reason))
+        denied.ledgered = True  # the entry above records it, with the full decision
+        raise denied
     return Authorization(decision=decision, request=request, level=level, digest=digest)

@@ -15,6 +15,9 @@ class ZonexError(Exception):
     code: ClassVar[str] = "error"
     status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
+    #: set where the domain has already put this refusal on the ledger (``access.denied``,
+    #: ``he.score_refused`` ...), so the API does not record it a second time
+    ledgered: bool = False
 
     def __init__(self, detail: str | None = None, **extra: Any) -> None:
         super().__init__(detail or self.title)

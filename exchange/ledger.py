@@ -537,13 +537,54 @@ class Ledger:
                         log.exception("ledger ticker action failed")
 
 
-class RejectionCounter:
-    """Bounded ledgering of rejected requests.
+@dataclass(frozen=True)
+class Refusal:
+    """An authenticated request the exchange refused: its signature verified, then the call was
+    answered with a 4xx problem. Codes only: never the body, a value or an identifier."""
 
-    A rejection that names a registered key is ledgered individually (reason code, key id, route;
-    never the payload) up to a limit per key and interval; everything else, including every
-    rejection that names no known key, is only counted and written as one summary entry per
-    interval, so an anonymous caller cannot flood the ledger.
+    #: the key id whose signature verified
+    actor: str
+    #: method and route template, e.g. ``POST /v1/zones/{zone}/aggregate``
+    route: str
+    #: the problem's ``code``
+    code: str
+    #: a stable reason code (the problem's ``code`` when the error names none)
+    reason: str
+    status: int
+
+    def to_draft(self, query_digest: str | None = None) -> EntryDraft:
+        return EntryDraft(
+            kind=REFUSED,
+            actor=self.actor,
+            digests={} if query_digest is None else {"query": query_digest},
+            attrs={
+                "route": self.route,
+                "code": self.code,
+                "reason": self.reason,
+                "status": self.status,
+            },
+        )
+
+
+#: entry kinds of refused requests: before authentication (``REJECTED``) and after (``REFUSED``)
+REJECTED = "request.rejected"
+REFUSED = "request.refused"
+
+
+class RejectionCounter:
+    """Bounded ledgering of rejected and refused requests.
+
+    *Rejections* fail authentication. One that names a registered key is ledgered individually
+    (``request.rejected``: reason code, key id, route; never the payload) up to a limit per key
+    and interval; everything else, including every rejection that names no known key, is only
+    counted and written as one ``request.rejected.summary`` entry per interval, so an anonymous
+    caller cannot flood the ledger.
+
+    *Refusals* are 4xx answers to requests whose signature verified (:class:`Refusal`). Each is
+    ledgered individually (``request.refused``) up to the same limit per key and interval, then
+    counted, per code and reason and per key, in one ``request.refused.summary`` per interval.
+    The two limits are kept apart: a rejection names a key id the caller merely *claims*, so a
+    forger cannot use up the quota of the key it names and hide that key's own refusals.
     """
 
     def __init__(self, ledger: Ledger, per_key_limit: int = 10) -> None:
@@ -552,9 +593,13 @@ class RejectionCounter:
         self._lock = threading.Lock()
         self._per_key: Counter[str] = Counter()
         self._summary: Counter[str] = Counter()
+        self._refused_per_key: Counter[str] = Counter()
+        self._refused: Counter[str] = Counter()
+        self._refused_by: Counter[str] = Counter()
         self._since = format_time(datetime.now(UTC))
 
     def record(self, reason: str, known_key: str | None, route: str) -> None:
+        """Ledger (or count) one request that failed authentication."""
         with self._lock:
             if known_key is not None and self._per_key[known_key] < self.per_key_limit:
                 self._per_key[known_key] += 1
@@ -566,21 +611,49 @@ class RejectionCounter:
             assert known_key is not None
             self._ledger.append_nowait(
                 EntryDraft(
-                    kind="request.rejected",
+                    kind=REJECTED,
                     actor=known_key,
                     attrs={"reason": reason, "route": route},
                 )
             )
 
+    def record_refusal(
+        self, refusal: Refusal, query_digest: Callable[[], str | None] | None = None
+    ) -> bool:
+        """Ledger one refusal on its own entry while its actor is under the limit, else count it
+        for the interval's summary. ``query_digest`` is called only for an entry of its own (it
+        may parse a query: no work is spent on refusals beyond the limit). Returns whether the
+        refusal got its own entry."""
+        with self._lock:
+            individual = self._refused_per_key[refusal.actor] < self.per_key_limit
+            if individual:
+                self._refused_per_key[refusal.actor] += 1
+            else:
+                self._refused[f"{refusal.code}.{refusal.reason}"] += 1
+                self._refused_by[refusal.actor] += 1
+        if individual:
+            digest = query_digest() if query_digest is not None else None
+            self._ledger.append_nowait(refusal.to_draft(digest))
+        return individual
+
     def flush(self) -> None:
+        """Write this interval's summaries (if anything was counted) and start a new interval."""
         with self._lock:
             summary, self._summary = self._summary, Counter()
+            refused, self._refused = self._refused, Counter()
+            refused_by, self._refused_by = self._refused_by, Counter()
             self._per_key.clear()
+            self._refused_per_key.clear()
             since, self._since = self._since, format_time(datetime.now(UTC))
         if summary:
             attrs: dict[str, str | int] = {f"count.{k}": v for k, v in sorted(summary.items())}
             attrs["since"] = since
-            self._ledger.append_nowait(EntryDraft(kind="request.rejected.summary", attrs=attrs))
+            self._ledger.append_nowait(EntryDraft(kind=f"{REJECTED}.summary", attrs=attrs))
+        if refused:
+            attrs = {f"count.{k}": v for k, v in sorted(refused.items())}
+            attrs.update((f"actor.{k}", v) for k, v in sorted(refused_by.items()))
+            attrs["since"] = since
+            self._ledger.append_nowait(EntryDraft(kind=f"{REFUSED}.summary", attrs=attrs))
 
 
 def _translate(exc: BaseException) -> BaseException:

@@ -74,6 +74,7 @@ def record_computation(
                 attrs={"reason": exc.reason, "rule": ",".join(grants)[:200], "step": "release"},
             )
         )
+        exc.ledgered = True
         raise
     signed = {**core, "ledger_index": appended.seq}
     envelope = sign_envelope(STATEMENT_TYPE, signed, [ex.log_signer.key])

@@ -27,7 +27,8 @@ from crypto.merkle import leaf_hash
 from exchange import access, services
 from exchange.api import he as he_routes
 from exchange.api import psi as psi_routes
-from exchange.api.deps import Actor, Ex, registry_version
+from exchange.api.deps import Actor, Ex, principal, principal_of_body, registry_version
+from exchange.api.refusals import reason_of, record_refusal
 from exchange.api.schemas import (
     PROBLEM_RESPONSES,
     AccessRequestIn,
@@ -207,6 +208,19 @@ class _TooLarge(Exception):
     pass
 
 
+def _authenticates(request: Request) -> bool:
+    """The matched route depends on :func:`exchange.api.deps.principal`."""
+    pending = list(
+        getattr(getattr(request.scope.get("route"), "dependant", None), "dependencies", [])
+    )
+    while pending:
+        dependant = pending.pop()
+        if dependant.call is principal:
+            return True
+        pending.extend(dependant.dependencies)
+    return False
+
+
 def create_app(settings: Settings | None = None, exchange: Exchange | None = None) -> FastAPI:
     """Build the app. Pass ``exchange`` to share an already-started one (tests, embedding)."""
     if exchange is None and settings is None:
@@ -241,18 +255,42 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     # outermost: every response, refusals by the body limit included, carries a request id
     app.add_middleware(RequestContextMiddleware)
 
-    @app.exception_handler(ZonexError)
-    async def zonex_error(request: Request, exc: ZonexError) -> JSONResponse:
+    # Every 4xx answer to a request whose signature verified is ledgered here, in one place
+    # (exchange.api.refusals), unless the domain already ledgered it (exc.ledgered)
+
+    def error_problem(exc: ZonexError) -> JSONResponse:
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__)
         extra = {k: v for k, v in exc.extra.items() if isinstance(v, (str, int))}
         return problem(exc.status, exc.code, exc.title, exc.detail, **extra)
 
+    @app.exception_handler(ZonexError)
+    async def zonex_error(request: Request, exc: ZonexError) -> JSONResponse:
+        if not exc.ledgered:
+            await record_refusal(request, exc.status, exc.code, reason_of(exc))
+        return error_problem(exc)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        found = exc.errors()
+        kind = str(found[0].get("type", "")) if found else ""
+        if (
+            kind == "json_invalid"
+            and getattr(request.state, "principal", None) is None
+            and isinstance(exc.body, str)
+            and _authenticates(request)
+        ):
+            # the framework refused the body before the signature was checked: check it now,
+            # so an unauthenticated caller learns nothing and a signer's refusal is ledgered
+            # (the text is what json.loads decoded from the UTF-8 body received)
+            try:
+                await principal_of_body(request, exc.body.encode("utf-8", "surrogatepass"))
+            except ZonexError as failed:
+                return error_problem(failed)
+        await record_refusal(request, 422, "invalid_input", kind or "invalid_input")
         errors = [
             {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))}
-            for e in exc.errors()[:20]
+            for e in found[:20]
         ]
         return problem(
             422, "invalid_input", "Invalid input", "request body is invalid", errors=errors
@@ -261,6 +299,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        await record_refusal(request, exc.status_code, code, code)
         return problem(exc.status_code, code, str(exc.detail), str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -22,14 +22,24 @@ __all__ = [
     "binary_body",
     "exchange_of",
     "principal",
+    "principal_of_body",
     "registry_version",
 ]
 
 
 async def principal(request: Request) -> Principal:
-    """Authenticate the request (RFC 9421 signature over the exact body) or raise."""
+    """Authenticate the request (RFC 9421 signature over the exact body) or raise.
+
+    The principal and the body it signed stay on ``request.state`` (``principal``, ``body``):
+    a refusal of the request is recorded against the principal only once its signature
+    verified (:mod:`exchange.api.refusals`)."""
+    return await principal_of_body(request, await request.body())
+
+
+async def principal_of_body(request: Request, body: bytes) -> Principal:
+    """:func:`principal` for a request whose ``body`` was already read: also for one that the
+    framework refused before any dependency ran (a body that is not JSON)."""
     ex: Exchange = request.app.state.exchange
-    body = await request.body()
     base = ex.settings.public_base_url
     origin = f"{request.url.scheme}://{request.url.netloc}" if base is None else base.rstrip("/")
     # without a configured origin, only a request addressed to this server's own socket address
@@ -54,6 +64,9 @@ async def principal(request: Request) -> Principal:
         addressed_here=addressed_here,
     )
     request.state.registry_version = signed.registry_version
+    # only a verified signer: refusals after this point are ledgered against it
+    request.state.principal = signed.principal
+    request.state.body = body
     note_key_id(signed.principal.key_id)
     return signed.principal
 

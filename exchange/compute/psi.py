@@ -64,6 +64,7 @@ from exchange.errors import (
     DeniedError,
     InvalidInputError,
     NotFoundError,
+    ZonexError,
 )
 from exchange.ledger import EntryDraft
 from exchange.models import DatasetRow, PsiSessionRow
@@ -347,15 +348,19 @@ def _step(ex: Exchange, actor: Principal, sid: str, steps: Sequence[str]) -> Ite
         yield snap
     except DeniedError as exc:
         _end(ex, snap, "failed", f"denied:{exc.reason}")
+        exc.ledgered = True  # psi.session_failed
         raise
     except (InvalidInputError, ConflictError) as exc:
         if exc.extra.get("fatal"):
             _end(ex, snap, "failed", str(exc.extra.get("reason", exc.code)))
+            exc.ledgered = True
         else:
             _release(ex, sid)
         raise
     except BaseException as exc:
         _end(ex, snap, "failed", getattr(exc, "code", "internal"))
+        if isinstance(exc, ZonexError):
+            exc.ledgered = True
         raise
 
 
@@ -786,6 +791,7 @@ def get_b_points(ex: Exchange, actor: Principal, sid: str, offset: int, limit: i
         _authorize(ex, actor, snap, "b")
     except DeniedError as exc:
         _end(ex, snap, "failed", f"denied:{exc.reason}")
+        exc.ledgered = True  # psi.session_failed
         raise
     y = snap.y_count or 0
     if offset < 0 or limit < 1 or offset > y:

@@ -184,6 +184,7 @@ def _refuse(
         refused_positions=",".join(str(p) for p in positions[:_MAX_LISTED]),
         refused_count=len(digests),
     )
+    error.ledgered = True
     raise error
 
 

@@ -314,11 +314,13 @@ def _verify(ex: Exchange, plan: Plan, item: Contribution, length: int) -> dict[s
                 attrs={"reason": "contribution_unverified"},
             )
         )
-        raise InvalidInputError(
+        refused = InvalidInputError(
             f"the contribution of zone {item.zone!r} does not verify",
             reason="contribution_unverified",
             zone=item.zone,
         )
+        refused.ledgered = True  # he.secure_sum_refused above
+        raise refused
     assert isinstance(payload, dict)
     return payload
 

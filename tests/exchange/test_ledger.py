@@ -18,7 +18,7 @@ from crypto.note import NoteVerifier, verify_checkpoint
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.cli import app
 from exchange.errors import ConflictError, LedgerError
-from exchange.ledger import EntryDraft, write_export
+from exchange.ledger import EntryDraft, Refusal, RejectionCounter, write_export
 from exchange.models import LedgerEntryRow, PrincipalRow
 from exchange.node import Exchange
 from tests.conftest import settings_for
@@ -111,6 +111,66 @@ def test_state_change_and_entry_commit_together(exchange: Exchange) -> None:
 def test_unrecordable_entries_are_refused(exchange: Exchange) -> None:
     with pytest.raises(Exception, match="cannot be recorded"):
         exchange.ledger.append(EntryDraft(kind="test.float", attrs={"x": 1.5}))  # type: ignore[dict-item]
+
+
+def _refusal(actor: str, reason: str = "row_level_output") -> Refusal:
+    return Refusal(actor, "POST /v1/zones/{zone}/aggregate", "query_rejected", reason, 422)
+
+
+def _settled(ex: Exchange) -> list[dict[str, object]]:
+    ex.ledger.append(EntryDraft(kind="test.barrier"))  # committed after everything queued
+    return entries(ex)
+
+
+def test_refusals_are_bounded_per_key_then_summarized(exchange: Exchange) -> None:
+    counter = RejectionCounter(exchange.ledger, per_key_limit=2)
+    a, b = "a" * 64, "b" * 64
+    digests: list[str] = []
+
+    def digest() -> str:
+        digests.append("d" * 64)
+        return digests[-1]
+
+    kept = [counter.record_refusal(_refusal(a), digest) for _ in range(5)]
+    kept.append(counter.record_refusal(_refusal(b, "parse_error")))
+    assert kept == [True, True, False, False, False, True]
+    # the query is digested only for the entries of their own
+    assert len(digests) == 2
+    individual = [e for e in _settled(exchange) if e["kind"] == "request.refused"]
+    assert [e["actor"] for e in individual] == [a, a, b]
+    assert individual[0]["digests"] == {"query": "d" * 64}
+    assert individual[2]["digests"] == {}
+    assert individual[0]["attrs"] == {
+        "route": "POST /v1/zones/{zone}/aggregate",
+        "code": "query_rejected",
+        "reason": "row_level_output",
+        "status": 422,
+    }
+    counter.flush()
+    (summary,) = [e for e in _settled(exchange) if e["kind"] == "request.refused.summary"]
+    assert summary["actor"] == "-"
+    attrs = dict(summary["attrs"])
+    assert attrs.pop("since")
+    assert attrs == {"count.query_rejected.row_level_output": 3, f"actor.{a}": 3}
+    # a new interval: individual entries again, and nothing to summarize
+    assert counter.record_refusal(_refusal(a))
+    counter.flush()
+    kinds = [e["kind"] for e in _settled(exchange)]
+    assert kinds.count("request.refused") == 4
+    assert kinds.count("request.refused.summary") == 1
+
+
+def test_rejections_in_a_key_s_name_leave_its_refusal_quota_alone(exchange: Exchange) -> None:
+    counter = RejectionCounter(exchange.ledger, per_key_limit=2)
+    victim = "c" * 64
+    for _ in range(5):  # anyone can claim the victim's key id with a bad signature
+        counter.record("bad_signature", victim, "GET /v1/catalog")
+    assert counter.record_refusal(_refusal(victim))
+    assert counter.record_refusal(_refusal(victim))
+    assert not counter.record_refusal(_refusal(victim))
+    found = _settled(exchange)
+    assert sum(e["kind"] == "request.rejected" for e in found) == 2
+    assert sum(e["kind"] == "request.refused" for e in found) == 2
 
 
 def test_sequence_survives_a_restart(data_dir: Path) -> None:
