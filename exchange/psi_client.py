@@ -4,14 +4,17 @@ scalar and its HE secret key never leave this process.
 :func:`run` drives one session through the exchange (``docs/psi.md``):
 
 1. normalize the ids (:func:`exchange.compute.psi.normalize_id`), drop empty ones and
-   de-duplicate (equal ids would give equal points, and the exchange refuses repeats);
+   de-duplicate (equal ids would give equal points, and the exchange refuses repeats); an id
+   with a control character, or too long, stops the run naming its row (:class:`BadIdError`);
 2. for ``aggregate``, make a fresh BFV key pair and upload the public context only;
 3. open the session, shuffle the distinct ids with a secret permutation, blind them with a
    fresh scalar c and upload A = c·H(x) in ordered batches;
 4. download B = p·H(y), re-blind it (every point is checked: a provider cannot probe c with a
    crafted point) and upload B^c;
 5. ask for the result and interpret it locally: map a membership mask back through the secret
-   permutation to the caller's rows, or decrypt the sums and compute averages.
+   permutation to the caller's rows, or decrypt the sums and compute averages. A
+   differentially private ``aggregate`` whose noisy count fell below k comes back
+   ``suppressed``: no count, no sums, ε spent all the same (``docs/psi.md``).
 """
 
 from __future__ import annotations
@@ -27,11 +30,20 @@ from typing import TYPE_CHECKING, Any
 from crypto import he
 from crypto import psi as cpsi
 from exchange.compute.psi import LABEL, MODES, id_bytes, normalize_id
+from exchange.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from exchange.sdk import Client
 
-__all__ = ["DEFAULT_BATCH_POINTS", "Prepared", "Progress", "prepare_ids", "read_ids", "run"]
+__all__ = [
+    "DEFAULT_BATCH_POINTS",
+    "BadIdError",
+    "Prepared",
+    "Progress",
+    "prepare_ids",
+    "read_ids",
+    "run",
+]
 
 #: points per upload or download batch (2 MiB of points)
 DEFAULT_BATCH_POINTS = 65_536
@@ -66,15 +78,30 @@ class Prepared:
         return sum(1 for r in self.row_of if r is None)
 
 
+class BadIdError(ValueError):
+    """An id that is no usable id (a control character, too long); ``row`` counts from 1.
+    The message names the row, never the value."""
+
+    def __init__(self, row: int, detail: str) -> None:
+        super().__init__(f"row {row}: {detail}")
+        self.row = row
+
+
 def prepare_ids(ids: Iterable[object]) -> Prepared:
+    """Normalize and de-duplicate ``ids``, refusing (before anything is sent) the first one
+    that is no usable id."""
     index: dict[str, int] = {}
     row_of: list[int | None] = []
-    for value in ids:
-        ident = normalize_id(value)
+    for n, value in enumerate(ids, start=1):
+        try:
+            ident = normalize_id(value)
+            if ident is not None:
+                id_bytes(ident)
+        except InvalidInputError as exc:
+            raise BadIdError(n, exc.detail) from None
         if ident is None:
             row_of.append(None)
             continue
-        id_bytes(ident)  # refuses over-long ids here, before anything is sent
         row_of.append(index.setdefault(ident, len(index)))
     return Prepared(list(index), row_of)
 
@@ -174,8 +201,12 @@ def _interpret(
             member[i] = mask[position] == "1"
         local["members"] = [r is not None and member[r] for r in prepared.row_of]
         local["intersection"] = sum(member)
+    elif result.get("suppressed"):
+        # the noisy count fell below k: nothing but that fact was released
+        local.update(suppressed=True, count=None, sums={}, averages={})
     else:
         count = int(result["count"])
+        local["suppressed"] = False
         totals = {
             name: he.decrypt_total(secret_ctx, base64.b64decode(blob))
             for name, blob in result["sums"].items()

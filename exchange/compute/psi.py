@@ -11,15 +11,23 @@ Steps, each authorized again and each done at most once (a repeat or a message o
 409; a revocation between steps stops the session):
 
 1. ``create``: C names zone, dataset, mode, purpose and |X| (plus sum columns, ε and its HE
-   context digest for ``aggregate``). Limits, k and the rules are checked before any work.
+   context digest for ``aggregate``). Limits, k and the rules are checked before any work; at
+   L3 and above a release over C's id list is differentially private unless the provider opted
+   out (:func:`exchange.analysis.requires_dp`), so ε is required and ``members`` refused.
 2. ``a``: C uploads A = c·H(x) over its shuffled, de-duplicated ids, in order, in batches. The
-   zone re-blinds each batch to A' = p·A (checking every point) for E. When A is complete the
-   zone reads Y, normalizes and de-duplicates it, shuffles it and computes B = p·H(y) for C and,
+   zone re-blinds each batch to A' = p·A (checking every point) for E. When A is complete it is
+   checked whole; then the zone reads Y, normalizes and de-duplicates it (skipping, and
+   counting, values that are no usable id), shuffles it and computes B = p·H(y) for C and,
    for ``aggregate``, its clipped values encrypted under C's key in B's order.
 3. ``b``: C downloads B (a read; may be repeated).
-4. ``bc``: C uploads B^c = c·B in B's order, in batches.
-5. ``result``: E matches A' against B^c and releases what the mode allows, with a receipt;
-   every artefact of the session is deleted.
+4. ``bc``: C uploads B^c = c·B in B's order, in batches; complete, it is checked whole.
+5. ``result``: E checks both lists whole again, matches A' against B^c and releases what the
+   mode allows, with a receipt; every artefact of the session is deleted. Under DP the k gate
+   of ``aggregate`` reads the released noisy count; a closed gate is a suppressed release,
+   charged and receipted like any other.
+
+Every step re-reads the dataset's rules and applies the stricter of the terms the session
+opened under and those in force (:func:`_terms`); a session that can no longer comply fails.
 
 Sessions live in ``psi_sessions`` (counts and digests only). Bulk artefacts (A', B, B^c,
 ciphertexts) are files under ``DATA_DIR/psi/<session>/`` (0700); the zone's scalar is
@@ -35,6 +43,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import secrets
 import shutil
 import unicodedata
@@ -53,7 +62,7 @@ from crypto import psi as cpsi
 from crypto.canonical import canonicalize
 from crypto.errors import CryptoError, VerificationError
 from exchange import access, dp
-from exchange.analysis import MAX_EPSILON, NUMERIC_TYPES, effective_disclosure
+from exchange.analysis import NUMERIC_TYPES, AnalysisRules, effective_disclosure, requires_dp
 from exchange.budget import charge
 from exchange.compute.contexts import load_context
 from exchange.compute.rules import current_rules
@@ -100,6 +109,8 @@ MAX_ID_CHARS = 512
 _P = cpsi.POINT_BYTES
 _TERMINAL = ("done", "failed", "expired")
 _READ_BATCH = 50_000
+#: C0 and C1 control characters (Unicode category Cc) and lone surrogates (no UTF-8 form)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 # -- identifiers ------------------------------------------------------------------------------
@@ -113,18 +124,30 @@ def normalize_id(value: object) -> str | None:
     (an integer subject column) is taken as ``str(value)``. Empty results and ``None`` are no
     identifier. The provider's subject values and the consumer's CSV cells pass through this
     same function.
+
+    An id holding a control character (after trimming) or longer than :data:`MAX_ID_CHARS`
+    is refused (:class:`InvalidInputError`, reason ``bad_id``) rather than guessed at: the
+    consumer's side names the row, the zone skips the value and counts it. The message never
+    repeats the value.
     """
     if value is None:
         return None
     text = value if isinstance(value, str) else str(value)
     text = unicodedata.normalize("NFC", text).strip()
+    bad = _CONTROL.search(text)
+    if bad is not None:
+        raise InvalidInputError(
+            f"the id contains a control character (U+{ord(bad.group()):04X})", reason="bad_id"
+        )
+    if len(text) > MAX_ID_CHARS:
+        raise InvalidInputError(f"an id is at most {MAX_ID_CHARS} characters", reason="bad_id")
     return text or None
 
 
 def id_bytes(normalized: str) -> bytes:
     """The bytes hashed for a normalized id: UTF-8."""
     if len(normalized) > MAX_ID_CHARS:
-        raise InvalidInputError(f"an id is at most {MAX_ID_CHARS} characters")
+        raise InvalidInputError(f"an id is at most {MAX_ID_CHARS} characters", reason="bad_id")
     return normalized.encode("utf-8")
 
 
@@ -230,6 +253,26 @@ def _first_repeat(points: Sequence[bytes], offset: int = 0) -> str | None:
         if j != i:
             return f"point {offset + i} repeats point {offset + j}"
     return None
+
+
+def _check_whole(points: Sequence[bytes], expected: int, what: str) -> None:
+    """An uploaded list, whole, before the zone answers it or the exchange matches it: exactly
+    as many points as the list it answers for, each once. Batches are checked as they come,
+    but a point repeated across batches (one matched point copied into every position would
+    make every position match: counts and sums inflated, k bypassed) shows only here. A
+    violation fails the session."""
+    if len(points) != expected:
+        raise InvalidInputError(
+            f"{what} holds {len(points)} points where {expected} are due; the session is closed",
+            reason="wrong_length",
+            fatal=True,
+        )
+    if len(set(points)) != len(points):
+        raise InvalidInputError(
+            f"{_first_repeat(points)} of {what}: each point is sent once; the session is closed",
+            reason="duplicate_point",
+            fatal=True,
+        )
 
 
 def _file_digest(path: Path) -> str:
@@ -373,16 +416,70 @@ def _authorize(ex: Exchange, actor: Principal, snap: _Snap, step: str) -> access
 # -- rules ------------------------------------------------------------------------------------
 
 
-def _epsilon(value: object) -> Decimal | None:
-    if value is None:
-        return None
-    try:
-        eps = Decimal(str(value))
-    except InvalidOperation as exc:
-        raise InvalidInputError("epsilon must be a decimal number") from exc
-    if not eps.is_finite() or not Decimal(0) < eps <= MAX_EPSILON:
-        raise InvalidInputError(f"epsilon must be above 0 and at most {MAX_EPSILON}")
-    return eps
+@dataclass(frozen=True)
+class _Terms:
+    """What a step may do: the stricter of the terms the session opened under (its stored
+    params) and the dataset's rules in force now."""
+
+    k: int
+    dp: bool
+    epsilon: Decimal | None
+    plan: list[dict[str, str]]
+    max_rows: int
+    rules: AnalysisRules
+    rules_version: int
+
+
+def _cannot_comply(detail: str, reason: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"{detail}; the session is closed and nothing was released", reason=reason, fatal=True
+    )
+
+
+def _terms(ex: Exchange, snap: _Snap, *, encrypted: bool) -> _Terms:
+    """Re-read the rules and the dataset's level and take the stricter of them and the
+    session's own terms: the larger k, DP if either requires it, at most as many rows per
+    subject. A session that cannot comply fails (a fatal error): DP now required but the
+    session has no ε (or is ``members``), fewer ids than k for ``cardinality``, a summed column
+    no longer summable or its bounds changed, fewer rows per subject after values were
+    encrypted (``encrypted``: the zone has answered)."""
+    with Session(ex.engine) as s:
+        row = access._dataset(s, snap.zone, snap.dataset)
+        rules, version = current_rules(s, row)
+    params = snap.params
+    k = max(int(params["k"]), rules.min_group_size)
+    needs_dp = bool(params.get("dp")) or requires_dp(row.level, rules)
+    eps = None if params.get("epsilon") is None else Decimal(params["epsilon"])
+    if needs_dp and (snap.mode == "members" or eps is None):
+        raise _cannot_comply(
+            f"releases from this dataset ({row.level}) must now be differentially private "
+            "and this session has no epsilon",
+            "dp_required",
+        )
+    if snap.mode == "cardinality" and snap.x_count < k:
+        raise _cannot_comply(f"psi_cardinality now needs at least k = {k} ids", "below_minimum_ids")
+    plan = [dict(p) for p in params.get("sums", [])]
+    used = int(params.get("max_rows_per_subject", 1))
+    max_rows = min(used, rules.max_rows_per_subject)
+    if snap.mode == "aggregate":
+        try:
+            current = _sum_plan(row, rules, [p["column"] for p in plan])
+        except InvalidInputError as exc:
+            raise _cannot_comply(
+                f"the rules changed during the session: {exc.detail}",
+                str(exc.extra.get("reason", "rules_changed")),
+            ) from exc
+        if current != plan:
+            raise _cannot_comply(
+                "the clamping bounds of a summed column changed during the session",
+                "rules_changed",
+            )
+        if encrypted and max_rows < used:
+            raise _cannot_comply(
+                "fewer rows per subject are allowed than the values were encrypted with",
+                "rules_changed",
+            )
+    return _Terms(k, needs_dp, eps, plan, max_rows, rules, version)
 
 
 def _int_bounds(lower: Decimal, upper: Decimal) -> tuple[int, int]:
@@ -450,10 +547,13 @@ def create_session(
         raise InvalidInputError(
             f"at most {cfg.psi_max_items} ids per session", reason="too_many_ids"
         )
-    eps = _epsilon(epsilon)
+    eps = None
+    if epsilon is not None:
+        eps = dp.parse_epsilon(epsilon, floor=cfg.min_release_epsilon)
     with Session(ex.engine) as s:
         row = access._dataset(s, zone, dataset)
         rules, rules_version = current_rules(s, row)
+        level = row.level
         if row.row_count > cfg.psi_max_items:
             raise InvalidInputError(
                 f"the dataset has more than {cfg.psi_max_items} rows", reason="too_many_ids"
@@ -476,16 +576,23 @@ def create_session(
         raise InvalidInputError(
             f"psi_cardinality needs at least k = {k} ids", reason="below_minimum_ids"
         )
-    if mode == "members" and (eps is not None or rules.dp_required):
+    # DP by default (DESIGN, "Privacy defaults"): the consumer chooses the id list, so two
+    # sessions differing by one id would tell that subject's membership or value exactly
+    needs_dp = requires_dp(level, rules)
+    if mode == "members" and needs_dp:
         raise InvalidInputError(
-            "membership cannot carry differential-privacy noise; this dataset requires it"
-            if rules.dp_required
-            else "psi_members takes no epsilon",
-            reason="dp_required" if rules.dp_required else "bad_epsilon",
+            f"psi_members releases membership exactly, which this {level} dataset allows only "
+            "with the provider's exact_release (never at L4 and above); use psi_cardinality or "
+            "psi_aggregate with epsilon",
+            reason="dp_required",
         )
-    if rules.dp_required and eps is None:
+    if mode == "members" and eps is not None:
+        raise InvalidInputError("psi_members takes no epsilon", reason="bad_epsilon")
+    if needs_dp and eps is None:
         raise InvalidInputError(
-            "this dataset's rules require differential privacy: pass epsilon", reason="dp_required"
+            f"releases over an id list from this {level} dataset are differentially private: "
+            "pass epsilon",
+            reason="dp_required",
         )
     ctx_digest = None
     if mode == "aggregate":
@@ -500,6 +607,7 @@ def create_session(
         "sums": plan,
         "epsilon": None if eps is None else str(eps),
         "k": k,
+        "dp": needs_dp,
         "rules_version": rules_version,
         "max_rows_per_subject": rules.max_rows_per_subject,
     }
@@ -609,6 +717,7 @@ def put_a_points(
     compute B (and, for ``aggregate``, the ciphertexts)."""
     with _step(ex, actor, sid, ("created",)) as snap:
         _authorize(ex, actor, snap, "a")
+        terms = _terms(ex, snap, encrypted=False)
         if offset != snap.a_received:
             raise ConflictError(
                 f"expected the batch at offset {snap.a_received}, got {offset}",
@@ -636,15 +745,9 @@ def put_a_points(
         if received < snap.x_count:
             _release(ex, sid, a_received=received)
             return {"received": received, "complete": False}
-        everything = _read_points(folder / "a_prime.bin")
-        repeat = _first_repeat(everything)
-        if repeat is not None:
-            raise InvalidInputError(
-                f"{repeat}: the same id was sent twice; the session is closed",
-                reason="duplicate_point",
-                fatal=True,
-            )
-        y_count, digests = _zone_answer(ex, snap, key)
+        # A' = p·A is a bijection of A: A' holds a repeat exactly when A does
+        _check_whole(_read_points(folder / "a_prime.bin"), snap.x_count, "A")
+        y_count, digests = _zone_answer(ex, snap, key, terms)
         digests["a_prime"] = _file_digest(folder / "a_prime.bin")
         _release(
             ex,
@@ -653,6 +756,8 @@ def put_a_points(
             y_count=y_count,
             step="b_ready" if y_count else "bc_done",
             digests=digests,
+            # the rows per subject the values were encrypted with (the release's noise scale)
+            params={**snap.params, "max_rows_per_subject": terms.max_rows},
         )
     return {"received": received, "complete": True, "y_count": y_count}
 
@@ -681,15 +786,26 @@ def _clip(value: object, lower: Decimal, upper: Decimal) -> int:
     return int(d.to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
-def _read_y(ex: Exchange, snap: _Snap) -> tuple[list[str], list[list[int]]]:
-    """The dataset's distinct normalized subject ids and, per sum column, each subject's clipped
-    total over at most ``max_rows_per_subject`` rows (further rows are dropped)."""
-    plan = snap.params.get("sums", [])
-    limit = int(snap.params.get("max_rows_per_subject", 1))
+def _read_y(
+    ex: Exchange, snap: _Snap, plan: Sequence[dict[str, str]], limit: int
+) -> tuple[list[str], list[list[int]], int]:
+    """The dataset's distinct normalized subject ids, per sum column each subject's clipped
+    total over at most ``limit`` rows (further rows are dropped), and how many distinct subject
+    values were skipped as no usable id (a control character, too long): counted, never
+    echoed."""
     bounds = [(Decimal(p["lower"]), Decimal(p["upper"])) for p in plan]
     index: dict[str, int] = {}
     rows_of: list[int] = []
     totals: list[list[int]] = [[] for _ in plan]
+    unusable: set[str] = set()
+
+    def usable(value: object) -> str | None:
+        try:
+            return normalize_id(value)
+        except InvalidInputError:
+            unusable.add(str(value))
+            return None
+
     with Session(ex.engine) as s:
         row = access._dataset(s, snap.zone, snap.dataset)
         subject = row.subject_column
@@ -701,20 +817,19 @@ def _read_y(ex: Exchange, snap: _Snap) -> tuple[list[str], list[list[int]]]:
             result = conn.execution_options(yield_per=_READ_BATCH).execute(query)
             for part in result.partitions():
                 for (value,) in part:
-                    ident = normalize_id(value)
+                    ident = usable(value)
                     if ident is None or ident in index:
                         continue
                     if len(index) >= ex.settings.psi_max_items:
                         raise InvalidInputError(
                             "the dataset has too many subjects for a private join"
                         )
-                    id_bytes(ident)
                     index[ident] = len(index)
-            return list(index), totals
+            return list(index), totals, len(unusable)
         result = conn.execution_options(yield_per=_READ_BATCH).execute(select(*cols))
         for part in result.partitions():
             for record in part:
-                ident = normalize_id(record[0])
+                ident = usable(record[0])
                 if ident is None:
                     continue
                 i = index.get(ident)
@@ -723,7 +838,6 @@ def _read_y(ex: Exchange, snap: _Snap) -> tuple[list[str], list[list[int]]]:
                         raise InvalidInputError(
                             "the dataset has too many subjects for a private join"
                         )
-                    id_bytes(ident)
                     i = index[ident] = len(index)
                     rows_of.append(0)
                     for t in totals:
@@ -733,7 +847,7 @@ def _read_y(ex: Exchange, snap: _Snap) -> tuple[list[str], list[list[int]]]:
                 rows_of[i] += 1
                 for j, (lo, hi) in enumerate(bounds):
                     totals[j][i] += _clip(record[1 + j], lo, hi)
-    return list(index), totals
+    return list(index), totals, len(unusable)
 
 
 def _subject_bounds(lower: str, upper: str, limit: int) -> tuple[int, int]:
@@ -741,10 +855,12 @@ def _subject_bounds(lower: str, upper: str, limit: int) -> tuple[int, int]:
     return min(lo, limit * lo), max(hi, limit * hi)
 
 
-def _zone_answer(ex: Exchange, snap: _Snap, key: cpsi.PsiKey) -> tuple[int, dict[str, Any]]:
+def _zone_answer(
+    ex: Exchange, snap: _Snap, key: cpsi.PsiKey, terms: _Terms
+) -> tuple[int, dict[str, Any]]:
     """The zone's message: B = p·H(y) over its shuffled subjects (for C), and for
     ``aggregate`` each sum column's per-subject totals encrypted under C's key in B's order."""
-    ids, totals = _read_y(ex, snap)
+    ids, totals, skipped = _read_y(ex, snap, terms.plan, terms.max_rows)
     order = cpsi.shuffled(range(len(ids)))
     domain = cpsi.session_domain(snap.id, LABEL)
     b = cpsi.blind(
@@ -752,12 +868,12 @@ def _zone_answer(ex: Exchange, snap: _Snap, key: cpsi.PsiKey) -> tuple[int, dict
     )
     folder = _session_dir(ex, snap.id)
     (folder / "b.bin").write_bytes(b"".join(b))
-    digests: dict[str, Any] = {"b": _file_digest(folder / "b.bin")}
+    digests: dict[str, Any] = {"b": _file_digest(folder / "b.bin"), "y_skipped": skipped}
     if snap.mode == "aggregate" and ids:
         assert snap.context_digest is not None
         ctx = load_context(ex, snap.context_digest, expected=he.BFV_DEFAULT)
-        limit = int(snap.params.get("max_rows_per_subject", 1))
-        for j, plan in enumerate(snap.params["sums"]):
+        limit = terms.max_rows
+        for j, plan in enumerate(terms.plan):
             values = [totals[j][i] for i in order]
             bounds = _subject_bounds(plan["lower"], plan["upper"], limit)
             try:
@@ -789,8 +905,13 @@ def get_b_points(ex: Exchange, actor: Principal, sid: str, offset: int, limit: i
         raise ConflictError("B is not ready: upload A first", reason="out_of_order")
     try:
         _authorize(ex, actor, snap, "b")
+        _terms(ex, snap, encrypted=True)
     except DeniedError as exc:
         _end(ex, snap, "failed", f"denied:{exc.reason}")
+        exc.ledgered = True  # psi.session_failed
+        raise
+    except InvalidInputError as exc:  # the session can no longer comply with the rules
+        _end(ex, snap, "failed", str(exc.extra.get("reason", exc.code)))
         exc.ledgered = True  # psi.session_failed
         raise
     y = snap.y_count or 0
@@ -812,6 +933,7 @@ def put_bc_points(
     (it never multiplies them), so a bad point can only fail to match."""
     with _step(ex, actor, sid, ("b_ready",)) as snap:
         _authorize(ex, actor, snap, "bc")
+        _terms(ex, snap, encrypted=True)
         if offset != snap.bc_received:
             raise ConflictError(
                 f"expected the batch at offset {snap.bc_received}, got {offset}",
@@ -830,6 +952,7 @@ def put_bc_points(
         if received < y:
             _release(ex, sid, bc_received=received)
             return {"received": received, "complete": False}
+        _check_whole(_read_points(folder / "bc.bin"), y, "B^c")
         digests = {**snap.digests, "bc": _file_digest(folder / "bc.bin")}
         _release(ex, sid, bc_received=received, step="bc_done", digests=digests)
     return {"received": received, "complete": True}
@@ -842,11 +965,14 @@ def finish_session(ex: Exchange, actor: Principal, sid: str) -> dict[str, Any]:
     """Match, release what the mode allows with a receipt, and delete the session's data."""
     with _step(ex, actor, sid, ("bc_done",)) as snap:
         auth = _authorize(ex, actor, snap, "result")
+        # the rules in force at release apply, whatever they were when the session opened
+        terms = _terms(ex, snap, encrypted=True)
         folder = _session_dir(ex, sid)
         a_prime = _read_points(folder / "a_prime.bin")
         bc = _read_points(folder / "bc.bin")
-        if len(a_prime) != snap.x_count or len(bc) != (snap.y_count or 0):
-            raise ConflictError("the session's data is incomplete", reason="session_broken")
+        # nothing is matched but whole lists of distinct points, as long as what they answer
+        _check_whole(a_prime, snap.x_count, "A")
+        _check_whole(bc, snap.y_count or 0, "B^c")
         if snap.mode == "members":
             matched_b = set(bc)
             mask = "".join("1" if p in matched_b else "0" for p in a_prime)
@@ -856,10 +982,10 @@ def finish_session(ex: Exchange, actor: Principal, sid: str) -> dict[str, Any]:
             in_a = set(a_prime)
             b_mask = [1 if p in in_a else 0 for p in bc]
             if snap.mode == "cardinality":
-                released, eps = _cardinality(snap, sum(b_mask))
+                released, eps = _cardinality(terms, sum(b_mask))
             else:
-                released, eps = _aggregate(ex, snap, b_mask)
-        response = _receipt(ex, actor, snap, auth, released, eps)
+                released, eps = _aggregate(ex, snap, terms, b_mask)
+        response = _receipt(ex, actor, snap, terms, auth, released, eps)
         with Session(ex.engine) as s, s.begin():
             s.execute(
                 update(PsiSessionRow)
@@ -870,35 +996,50 @@ def finish_session(ex: Exchange, actor: Principal, sid: str) -> dict[str, Any]:
     return response
 
 
-def _dp_epsilon(snap: _Snap) -> Decimal | None:
-    value = snap.params.get("epsilon")
-    return None if value is None else Decimal(value)
-
-
-def _cardinality(snap: _Snap, count: int) -> tuple[dict[str, Any], Decimal]:
-    eps = _dp_epsilon(snap)
+def _cardinality(terms: _Terms, count: int) -> tuple[dict[str, Any], Decimal]:
+    eps = terms.epsilon
     if eps is None:
         return {"intersection": count, "noised": False}, Decimal(0)
     # one subject moves the count by at most 1 (both sides are de-duplicated)
     return {"intersection": dp.laplace_count(count, eps), "noised": True}, eps
 
 
-def _aggregate(ex: Exchange, snap: _Snap, b_mask: list[int]) -> tuple[dict[str, Any], Decimal]:
+def _aggregate(
+    ex: Exchange, snap: _Snap, terms: _Terms, b_mask: list[int]
+) -> tuple[dict[str, Any], Decimal]:
     matched = sum(b_mask)
-    k = int(snap.params["k"])
-    if matched < k:
-        raise InvalidInputError(
-            f"the intersection is smaller than k = {k}; nothing is released",
-            reason="below_k",
-            fatal=True,
-        )
+    k, eps, plan, limit = terms.k, terms.epsilon, terms.plan, terms.max_rows
+    bounds = {p["column"]: [p["lower"], p["upper"]] for p in plan}
+    share = None
+    if eps is None:
+        # the exact path (the provider's exact_release at L3, or L1/L2): the gate is exact
+        if matched < k:
+            raise InvalidInputError(
+                f"the intersection is smaller than k = {k}; nothing is released",
+                reason="below_k",
+                fatal=True,
+            )
+        count = matched
+    else:
+        share = dp.split_epsilon(eps, 1 + len(plan))
+        # the gate reads the noisy COUNT that is released anyway: deciding on it is
+        # post-processing and costs no ε beyond COUNT's share. The intersection is one group
+        # that always exists (its size may be 0), so the threshold is k and no δ is spent.
+        gate = dp.Gate(k, share)
+        count = gate.noisy(matched)
+        if count < gate.threshold:
+            # a closed gate is a release like any other: receipted and charged the whole ε
+            # (the consumer learns only that the noisy count fell below k)
+            return {
+                "count": None,
+                "suppressed": True,
+                "noised": True,
+                "sums": {},
+                "bounds": bounds,
+                "he_context": snap.context_digest,
+            }, eps
     assert snap.context_digest is not None
     ctx = load_context(ex, snap.context_digest, expected=he.BFV_DEFAULT)
-    eps = _dp_epsilon(snap)
-    plan = snap.params["sums"]
-    limit = int(snap.params.get("max_rows_per_subject", 1))
-    share = dp.split_epsilon(eps, 1 + len(plan)) if eps is not None else None
-    count = matched if share is None else dp.laplace_count(matched, share)
     slots = he.slot_count(he.BFV_DEFAULT)
     masks = [b_mask[i : i + slots] for i in range(0, len(b_mask), slots)]
     folder = _session_dir(ex, snap.id)
@@ -922,9 +1063,10 @@ def _aggregate(ex: Exchange, snap: _Snap, b_mask: list[int]) -> tuple[dict[str, 
         sums[p["column"]] = base64.b64encode(total).decode("ascii")
     released = {
         "count": count,
+        "suppressed": False,
         "noised": share is not None,
         "sums": sums,
-        "bounds": {p["column"]: [p["lower"], p["upper"]] for p in plan},
+        "bounds": bounds,
         "he_context": snap.context_digest,
     }
     return released, eps or Decimal(0)
@@ -934,6 +1076,7 @@ def _receipt(
     ex: Exchange,
     actor: Principal,
     snap: _Snap,
+    terms: _Terms,
     auth: access.Authorization,
     released: dict[str, Any],
     eps: Decimal,
@@ -945,7 +1088,7 @@ def _receipt(
         "session": snap.id,
         "x_count": snap.x_count,
         "y_count": snap.y_count or 0,
-        "k": snap.params["k"],
+        "k": terms.k,
         "epsilon": str(eps),
         "level": auth.level.value,
         **released,
@@ -966,21 +1109,19 @@ def _receipt(
         "zones": [snap.zone],
         "datasets": [{"zone": snap.zone, "name": snap.dataset, "snapshot": auth.digest}],
         "query_digest": hashlib.sha256(canonicalize(query)).hexdigest(),
-        "rules_version": snap.params.get("rules_version"),
+        "rules_version": terms.rules_version,
         "grant": auth.decision.rule,
         "policy_version": auth.decision.policy_version,
         "purpose": auth.request.purpose,
-        "k": snap.params["k"],
+        "k": terms.k,
         "epsilon": str(eps),
         "output_level": auth.level.value,
     }
     if snap.context_digest is not None:
         statement["he_context"] = snap.context_digest
     apply = None
+    rules = terms.rules
     if eps > 0:
-        with Session(ex.engine) as s:
-            row = access._dataset(s, snap.zone, snap.dataset)
-            rules, _ = current_rules(s, row)
 
         def apply(session: Session, draft: EntryDraft) -> None:
             charge(
@@ -1004,6 +1145,8 @@ def _receipt(
             **auth.attrs(),
             "x_count": snap.x_count,
             "y_count": snap.y_count or 0,
+            # provider subject values that were no usable id (counted, never echoed)
+            "y_skipped": int(snap.digests.get("y_skipped", 0)),
         },
         apply=apply,
     )
