@@ -5,6 +5,11 @@ secret key is made here; none of it leaves this process (:mod:`exchange.psi_clie
 phase shows a progress bar. The exchange's signed result goes to ``--out`` with its receipt
 next to it (``zonex receipt verify`` checks the pair); what only this machine can read (the
 membership of each input row, the decrypted sums) goes to ``OUT.local.json``.
+
+At L3 and above a release over your id list is differentially private unless the provider
+opted out: ``cardinality`` and ``aggregate`` then need ``--epsilon`` and ``members`` is
+refused. A differentially private ``aggregate`` whose noisy count falls below k is shown as
+suppressed: nothing but that fact is released, and the ε is spent.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,8 +24,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from exchange import dp
 from exchange.cli import KeyPath, Url, app, client, err, one_line_errors, out, save_result
-from exchange.psi_client import DEFAULT_BATCH_POINTS, read_ids, run
+from exchange.psi_client import DEFAULT_BATCH_POINTS, BadIdError, read_ids, run
+from exchange.sdk import ApiError
 
 psi_app = typer.Typer(help="private joins (PSI) with a zone's dataset", no_args_is_help=True)
 app.add_typer(psi_app, name="psi")
@@ -37,6 +43,30 @@ OutFile = Annotated[
     Path | None, typer.Option("--out", help="write the signed result here (and OUT.receipt)")
 ]
 Batch = Annotated[int, typer.Option("--batch", min=1, help="points per upload batch")]
+Epsilon = Annotated[
+    str | None,
+    typer.Option(
+        help="add DP noise, spending this ε of your budget (required at L3 and above unless "
+        "the provider allows exact releases)"
+    ),
+]
+
+#: refusals the shell can fix, said in its terms (the exchange's detail names API fields)
+_HINTS = {
+    "dp_required": "this dataset releases only differentially private results over your ids: "
+    "add --epsilon (for example --epsilon 0.5); the result carries noise and spends that ε "
+    "of your budget",
+    "dp_required:members": "this dataset does not release membership exactly: run `zonex psi "
+    "cardinality --epsilon ...` or `zonex psi aggregate --epsilon ...` instead",
+}
+
+
+def _hint(mode: str, exc: ApiError) -> str | None:
+    reason = exc.body.get("reason") if isinstance(exc.body, dict) else None
+    if not isinstance(reason, str):
+        return None
+    hint = _HINTS.get(f"{reason}:{mode}", _HINTS.get(reason))
+    return None if hint is None else f"{hint} ({exc.status} {reason})"
 
 
 @contextmanager
@@ -76,23 +106,29 @@ def _join(
 ) -> None:
     values = read_ids(ids, column)
     if epsilon is not None:
-        try:
-            Decimal(epsilon)
-        except ArithmeticError:
-            raise ValueError(f"--epsilon {epsilon!r} is not a decimal number") from None
-    with client(url, key) as c, _bars() as report:
-        response = run(
-            c,
-            zone=zone,
-            dataset=dataset,
-            mode=mode,
-            ids=values,
-            purpose=purpose,
-            sums=sums or [],
-            epsilon=epsilon,
-            batch_points=batch,
-            progress=report,
-        )
+        # the exchange may set a higher floor; this catches the rest before any work
+        epsilon = str(dp.parse_epsilon(epsilon, what="--epsilon"))
+    try:
+        with client(url, key) as c, _bars() as report:
+            response = run(
+                c,
+                zone=zone,
+                dataset=dataset,
+                mode=mode,
+                ids=values,
+                purpose=purpose,
+                sums=sums or [],
+                epsilon=epsilon,
+                batch_points=batch,
+                progress=report,
+            )
+    except BadIdError as exc:
+        raise ValueError(f"{ids}, column {column!r}, {exc}") from None
+    except ApiError as exc:
+        hint = _hint(mode, exc)
+        if hint is None:
+            raise
+        raise ValueError(hint) from None
     local = response.pop("local")
     if out_file is not None:
         save_result(response, out_file, None)
@@ -113,13 +149,16 @@ def _join(
     table.add_row("dataset subjects", str(result["y_count"]))
     if mode in ("cardinality", "members"):
         table.add_row("in both", str(local["intersection"]))
+    elif local.get("suppressed"):
+        table.add_row("result", f"suppressed: the noisy count fell below k = {result['k']}")
+        table.add_row("released", "nothing else (no count, no sums)")
     else:
         table.add_row("count", str(local["count"]))
         for name, total in local["sums"].items():
             table.add_row(f"sum({name})", str(total))
             table.add_row(f"avg({name})", str(local["averages"][name]))
     if result.get("noised"):
-        table.add_row("DP noise", f"ε = {result['epsilon']}")
+        table.add_row("DP noise", f"ε = {result['epsilon']} (spent from your budget)")
     out.print(table)
 
 
@@ -131,7 +170,7 @@ def cardinality(
     ids: Ids,
     column: Column,
     purpose: Purpose,
-    epsilon: Annotated[str | None, typer.Option(help="add DP noise, spending this ε")] = None,
+    epsilon: Epsilon = None,
     out_file: OutFile = None,
     batch: Batch = DEFAULT_BATCH_POINTS,
     url: Url = "http://127.0.0.1:8421",
@@ -156,7 +195,8 @@ def members(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
-    """Which of your ids the dataset holds (where the level allows it)."""
+    """Which of your ids the dataset holds (exact: only where the provider allows exact
+    releases, at L1/L2 or at L3 by its opt-out)."""
     _join("members", zone, dataset, ids, column, purpose, out_file, url, key, batch)
 
 
@@ -171,7 +211,7 @@ def aggregate(
     sum_columns: Annotated[
         list[str] | None, typer.Option("--sum", help="a numeric column to sum (repeatable)")
     ] = None,
-    epsilon: Annotated[str | None, typer.Option(help="add DP noise, spending this ε")] = None,
+    epsilon: Epsilon = None,
     out_file: OutFile = None,
     batch: Batch = DEFAULT_BATCH_POINTS,
     url: Url = "http://127.0.0.1:8421",
