@@ -64,7 +64,8 @@ def joinable(parties: World, tmp_path: Path) -> World:
             subject_column="company_id",
             file=path,
         )
-        p.set_analysis_rules("tax", "firms", {"min_group_size": 3})
+        # exact releases (the provider's L3 opt-out): these tests are about points, not noise
+        p.set_analysis_rules("tax", "firms", {"min_group_size": 3, "exact_release": True})
     with server.client(parties.key("consumer")) as c:
         req = c.request_access(
             "tax", ["firms"], ["psi_cardinality"], PURPOSE, duration_seconds=DAY, justification="x"
