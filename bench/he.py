@@ -59,8 +59,9 @@ from sqlalchemy.orm import Session
 import crypto.he as he
 from crypto.encoding import b64url_decode
 from crypto.envelope import sign_envelope
+from crypto.kdf import derive_key, encode_parts
 from crypto.keys import SigningKey
-from exchange import access, he_client, services
+from exchange import access, he_client, services, subjects
 from exchange.compute import contexts
 from exchange.compute import rules as rules_service
 from exchange.compute import score as score_service
@@ -446,7 +447,7 @@ def score_fixture(work: Path, entities: int, features: int) -> ScoreFixture:
     _grant(ex, bank, provider, provider_key, "tax", "firms", "he_score", SCORE_PURPOSE)
     # consents recorded in bulk for the benchmark (one ledgered call each in real use)
     until = datetime.now(UTC) + timedelta(days=1)
-    digests = score_service._digests(ex, "tax", ids)
+    digests = subjects.ZoneSubjects.of(ex.zones_dir / "tax").consent_digests(ids)
     with Session(ex.engine) as session:
         session.execute(
             insert(ConsentRow),
@@ -490,8 +491,18 @@ def score_fixture(work: Path, entities: int, features: int) -> ScoreFixture:
 
 
 def digests_before(ex: Exchange, zone: str, ids: Sequence[str]) -> list[str]:
-    salt = access._salt(ex.zones_dir / zone)
-    return [hmac.new(salt, i.encode(), hashlib.sha256).hexdigest() for i in ids]
+    """The consent digests as one HMAC object per id (today's key and encoding)."""
+    key = derive_key(access._salt(ex.zones_dir / zone), subjects.LABELS["consent-digest"])
+    return [hmac.new(key, encode_parts(i.encode()), hashlib.sha256).hexdigest() for i in ids]
+
+
+def live_consents_before(
+    ex: Exchange, zone: str, ids: Sequence[str], consumer: str, purpose: str
+) -> list[str | None]:
+    """access.live_consents on the path above (the digest stands in for the consent id)."""
+    digests = digests_before(ex, zone, ids)
+    found = has_live_consent_before(ex, zone, digests, consumer, purpose)
+    return [d if found[d] else None for d in digests]
 
 
 def has_live_consent_before(
@@ -581,25 +592,14 @@ def encrypted_scores_before(
 @contextmanager
 def path_before() -> Iterator[None]:
     """run_score with the data path above in place of the current one."""
-    saved = (
-        score_service._digests,
-        access.has_live_consent,
-        score_service._read_features,
-        he.encrypted_scores,
-    )
-    score_service._digests = digests_before  # type: ignore[assignment]
-    access.has_live_consent = has_live_consent_before  # type: ignore[assignment]
+    saved = (access.live_consents, score_service._read_features, he.encrypted_scores)
+    access.live_consents = live_consents_before  # type: ignore[assignment]
     score_service._read_features = read_features_before  # type: ignore[assignment]
     he.encrypted_scores = encrypted_scores_before  # type: ignore[assignment]
     try:
         yield
     finally:
-        (
-            score_service._digests,
-            access.has_live_consent,
-            score_service._read_features,
-            he.encrypted_scores,
-        ) = saved
+        access.live_consents, score_service._read_features, he.encrypted_scores = saved
 
 
 def best_of(fn: Callable[[], T], repeats: int) -> tuple[T, float, float]:
@@ -621,10 +621,11 @@ def compare_score_paths(fx: ScoreFixture, repeats: int) -> float:
     features = list(fx.model.features)
     ctx = contexts.load_context(ex, fx.context, expected=he.CKKS_DEFAULT)
     enc = contexts.load_ciphertexts(ex, bank, fx.context, fx.weights)
-    digests = score_service._digests(ex, "tax", ids)
-    assert digests == digests_before(ex, "tax", ids)
-    live = access.has_live_consent(ex, "tax", digests, bank.key_id, SCORE_PURPOSE)
-    assert live == has_live_consent_before(ex, "tax", digests, bank.key_id, SCORE_PURPOSE)
+    keys = subjects.ZoneSubjects.of(ex.zones_dir / "tax")
+    assert keys.consent_digests(ids) == digests_before(ex, "tax", ids)
+    live = access.live_consents(ex, "tax", ids, bank.key_id, SCORE_PURPOSE)
+    before = live_consents_before(ex, "tax", ids, bank.key_id, SCORE_PURPOSE)
+    assert None not in live and None not in before
     matrix, unscorable = score_service._read_features(ex, row, features, ids, "text")
     rows, unscorable_before = read_features_before(ex, row, features, ids, "text")
     assert unscorable == unscorable_before == [] and np.array_equal(matrix, np.array(rows))
@@ -632,12 +633,12 @@ def compare_score_paths(fx: ScoreFixture, repeats: int) -> float:
         (
             f"{len(ids):,} subject digests",
             lambda: digests_before(ex, "tax", ids),
-            lambda: score_service._digests(ex, "tax", ids),
+            lambda: subjects.ZoneSubjects.of(ex.zones_dir / "tax").consent_digests(ids),
         ),
         (
-            "consent lookup",
-            lambda: has_live_consent_before(ex, "tax", digests, bank.key_id, SCORE_PURPOSE),
-            lambda: access.has_live_consent(ex, "tax", digests, bank.key_id, SCORE_PURPOSE),
+            "consent lookup + digests",
+            lambda: live_consents_before(ex, "tax", ids, bank.key_id, SCORE_PURPOSE),
+            lambda: access.live_consents(ex, "tax", ids, bank.key_id, SCORE_PURPOSE),
         ),
         (
             "feature read + matrix",

@@ -73,11 +73,7 @@ def derive_key(secret: bytes, use: Label) -> bytes:
 
 def encode_parts(*parts: bytes) -> bytes:
     """Each part prefixed by its length (8 bytes, big-endian): an injective encoding."""
-    out = bytearray()
-    for part in parts:
-        out += len(part).to_bytes(_LENGTH_BYTES, "big")
-        out += part
-    return bytes(out)
+    return b"".join([len(part).to_bytes(_LENGTH_BYTES, "big") + part for part in parts])
 
 
 def keyed_digest(key: bytes, *parts: bytes) -> bytes:
@@ -100,10 +96,10 @@ class DigestKey:
 
     def digest(self, *parts: bytes) -> bytes:
         mac = self._mac.copy()
-        for part in parts:
-            mac.update(len(part).to_bytes(_LENGTH_BYTES, "big"))
-            mac.update(part)
+        mac.update(encode_parts(*parts))
         return mac.digest()
 
     def hexdigest(self, *parts: bytes) -> str:
-        return self.digest(*parts).hex()
+        mac = self._mac.copy()
+        mac.update(encode_parts(*parts))
+        return mac.hexdigest()

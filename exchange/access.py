@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import json
-import os
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -34,6 +31,7 @@ from crypto.canonical import canonicalize
 from crypto.envelope import Envelope, verify_envelope
 from crypto.errors import VerificationError
 from crypto.keys import VerifyKey
+from exchange import subjects
 from exchange.domain import (
     APPROVAL_TYPE,
     PROVIDER_KINDS,
@@ -92,6 +90,7 @@ __all__ = [
     "list_consents",
     "list_grants",
     "list_requests",
+    "live_consents",
     "record_consent",
     "reject_request",
     "revoke_grant",
@@ -105,8 +104,7 @@ MIN_DURATION = 60
 MAX_DURATION = 366 * 24 * 3600
 #: an approval's ``not_after`` may run this much past ``now + duration`` (clock skew, signing)
 APPROVAL_SLACK = timedelta(seconds=300)
-SALT_FILE = "subject.salt"
-#: has_live_consent scans a zone's consents when they are at most this many per asked digest
+#: live_consents scans a zone's consents when they are at most this many per asked digest
 _CONSENT_SCAN_FACTOR = 4
 
 
@@ -761,33 +759,16 @@ def set_ceilings(
 # -- consents ---------------------------------------------------------------------------------
 
 
-def _salt(zone_dir: Path) -> bytes:
-    """The zone's secret salt for subject digests (created on first use, mode 0600)."""
-    path = zone_dir / SALT_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        zone_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_bytes()
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(32))
-            out.flush()
-            os.fsync(out.fileno())
-        data = path.read_bytes()
-    if len(data) != 32:
-        raise InvalidInputError("the zone's subject salt is damaged")
-    return data
+#: the zone's subject salt; read in one place (:mod:`exchange.subjects`), kept here for callers
+_salt = subjects.read_salt
 
 
 def subject_digest(ex: Exchange, zone: str, subject: str) -> str:
-    """HMAC-SHA-256 of a subject id under the zone's secret salt, hex. Only digests are stored
-    or ledgered; without the salt, a digest cannot be confirmed by guessing ids."""
-    if not subject or len(subject) > 512:
-        raise InvalidInputError("a subject id is 1-512 characters")
-    return hmac.new(_salt(ex.zones_dir / zone), subject.encode(), hashlib.sha256).hexdigest()
+    """The current consent digest of a subject id: HMAC-SHA-256 under the zone's
+    consent-digest key (:mod:`exchange.subjects`), hex. Only digests are stored or ledgered,
+    never answered; without the salt, a digest cannot be confirmed by guessing ids."""
+    subjects.check_subject_id(subject)
+    return subjects.ZoneSubjects.of(ex.zones_dir / zone).consent_digest(subject)
 
 
 def record_consent(
@@ -800,6 +781,7 @@ def record_consent(
     expires_at: datetime,
 ) -> Consent:
     """The provider records that a data subject authorizes ``consumer`` for ``purpose``."""
+    subjects.check_subject_id(subject)
     purpose = _purpose(ex, purpose)
     if expires_at.tzinfo is None:
         raise InvalidInputError("expires_at needs a time zone")
@@ -818,6 +800,7 @@ def record_consent(
             id=consent_id,
             zone=zone,
             subject_digest=digest,
+            digest_version=subjects.CONSENT_DIGEST_VERSION,
             consumer=consumer,
             purpose=purpose,
             expires_at=expires_at,
@@ -826,6 +809,7 @@ def record_consent(
         )
         session.add(row)
         draft.digests["subject"] = digest
+        draft.attrs["digest_version"] = subjects.CONSENT_DIGEST_VERSION
         session.flush()
         return _to_consent(row)
 
@@ -871,28 +855,48 @@ def list_consents(ex: Exchange, actor: Principal, zone: str) -> list[Consent]:
         return [_to_consent(r) for r in session.scalars(stmt.order_by(ConsentRow.created_at))]
 
 
-def has_live_consent(
+def live_consents(
     ex: Exchange,
     zone: str,
-    digests: Iterable[str],
+    subject_ids: Sequence[str],
     consumer: str,
     purpose: str,
     now: datetime | None = None,
-) -> dict[str, bool]:
-    """For each subject digest: is there an active, unexpired consent for ``consumer`` whose
-    purpose covers ``purpose`` (a consent for a parent purpose covers its children)?"""
+) -> list[str | None]:
+    """For each subject id, the id of an active, unexpired consent for ``consumer`` whose
+    purpose covers ``purpose`` (a consent for a parent purpose covers its children), else None.
+    Where several do, the least consent id (so the answer does not depend on row order).
+
+    Each stored digest is compared under the key its ``digest_version`` names only: version 1
+    under the consent-digest key, version 0 (consents recorded before the keys were separated)
+    under the raw salt, computed only while the zone still has such consents."""
     moment = now or _now()
-    wanted = list(dict.fromkeys(digests))
+    keys = subjects.ZoneSubjects.of(ex.zones_dir / zone)
+    current = subjects.CONSENT_DIGEST_VERSION
+    legacy = subjects.LEGACY_DIGEST_VERSION
+    positions: dict[tuple[int, str], list[int]] = {}
+    for k, d in enumerate(keys.consent_digests(subject_ids)):
+        positions.setdefault((current, d), []).append(k)
     vocabulary = ex.policy.point.vocabulary
-    found = dict.fromkeys(wanted, False)
+    found: list[str | None] = [None] * len(subject_ids)
     covers: dict[str, bool] = {}
-    stmt = select(ConsentRow.subject_digest, ConsentRow.purpose).where(
+    live = (
         ConsentRow.zone == zone,
         ConsentRow.consumer == consumer,
         ConsentRow.status == "active",
         ConsentRow.expires_at > moment,
     )
+    stmt = select(
+        ConsentRow.id, ConsentRow.digest_version, ConsentRow.subject_digest, ConsentRow.purpose
+    ).where(*live)
     with ex.engine.connect() as conn:
+        has_legacy = conn.execute(
+            select(ConsentRow.id).where(*live, ConsentRow.digest_version == legacy).limit(1)
+        ).first()
+        if has_legacy is not None:
+            for k, d in enumerate(keys.legacy_consent_digests(subject_ids)):
+                positions.setdefault((legacy, d), []).append(k)
+        wanted = sorted({d for _, d in positions})
         # many digests against a zone with not many more consents: one pass over the zone's
         # consents is cheaper than one index probe per digest (the count stops at the cap)
         cap = _CONSENT_SCAN_FACTOR * len(wanted)
@@ -901,15 +905,31 @@ def has_live_consent(
         chunks = [wanted] if scan else [wanted[i : i + 2000] for i in range(0, len(wanted), 2000)]
         for chunk in chunks:
             rows = conn.execute(stmt if scan else stmt.where(ConsentRow.subject_digest.in_(chunk)))
-            for digest, granted_purpose in rows:
-                if digest not in found:
-                    continue  # another subject's consent, met while scanning the zone
+            for consent_id, version, digest, granted_purpose in rows:
+                at = positions.get((version, digest))
+                if at is None:
+                    continue  # another subject's consent, or a digest under another key
                 ok = covers.get(granted_purpose)
                 if ok is None:
                     ok = covers[granted_purpose] = vocabulary.is_within(purpose, granted_purpose)
                 if ok:
-                    found[digest] = True
+                    for k in at:
+                        if found[k] is None or consent_id < str(found[k]):
+                            found[k] = consent_id
     return found
+
+
+def has_live_consent(
+    ex: Exchange,
+    zone: str,
+    subject_ids: Sequence[str],
+    consumer: str,
+    purpose: str,
+    now: datetime | None = None,
+) -> dict[str, bool]:
+    """For each subject id: does a live consent cover it (:func:`live_consents`)?"""
+    found = live_consents(ex, zone, subject_ids, consumer, purpose, now)
+    return {s: c is not None for s, c in zip(subject_ids, found, strict=True)}
 
 
 # -- authorization ----------------------------------------------------------------------------

@@ -585,17 +585,16 @@ def consents(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """List a zone's consents (subjects appear only as keyed digests)."""
+    """List a zone's consents (by consent id; subjects are never shown, not even digested)."""
     with client(url, key) as c:
         found = c.consents(zone)
     if as_json:
         out.print_json(data=found)
         return
-    table = Table("consent", "subject digest", "consumer", "purpose", "expires", "status")
+    table = Table("consent", "consumer", "purpose", "expires", "status")
     for x in found:
         table.add_row(
             x["id"],
-            x["subject_digest"][:16],
             x["consumer"][:16],
             x["purpose"],
             _when(x["expires_at"]),
@@ -621,7 +620,7 @@ def consent_add(
     until = datetime.now(UTC) + timedelta(days=days)
     with client(url, key) as c:
         x = c.record_consent(zone, subject, consumer, purpose, until)
-    out.print(f"consent {x['id']} recorded (subject digest {x['subject_digest'][:16]}…)")
+    out.print(f"consent {x['id']} recorded (keep the id: it is how the consent is named)")
 
 
 @consent_app.command("withdraw")

@@ -18,6 +18,7 @@ from crypto import he
 from crypto.encoding import b64url_decode
 from exchange import he_client
 from exchange.cli import KeyPath, Url, app, client, one_line_errors, out, save_result
+from exchange.sdk import ScoreRefusedError
 
 model_app = typer.Typer(help="scoring-model commitments", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -143,31 +144,65 @@ def score_cmd(
     result_file: Annotated[
         Path, typer.Option("--result", help="signed result (receipt beside it)")
     ] = Path("score-result.json"),
+    refused_file: Annotated[
+        Path, typer.Option("--refused", help="CSV of the refused ids, if any are refused")
+    ] = Path("refused.csv"),
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("key"),
 ) -> None:
-    """Score consented entities under your committed model; decrypt locally."""
+    """Score consented entities under your committed model; decrypt locally.
+
+    Beside each signed result, RESULT.subjects holds the nonce that opens the result's
+    commitment to the ids scored (keep it private; it shows an auditor which ids were scored).
+    If the exchange refuses ids, it names their positions only: the ids are looked up here and
+    written to --refused."""
     loaded, fresh = he_client.load_model(model)
     if fresh:
         raise ValueError(f"{model} has no nonce; run zonex model commit --model {model} first")
     entity_ids = _read_ids(ids, id_column)
-    with client(url, key) as c, _progress(f"scoring {len(entity_ids)}") as progress:
-        outcome = he_client.score(
-            c,
-            zone=zone,
-            dataset=dataset,
-            purpose=purpose,
-            model=loaded,
-            ids=entity_ids,
-            progress=progress,
-        )
+    try:
+        with client(url, key) as c, _progress(f"scoring {len(entity_ids)}") as progress:
+            outcome = he_client.score(
+                c,
+                zone=zone,
+                dataset=dataset,
+                purpose=purpose,
+                model=loaded,
+                ids=entity_ids,
+                progress=progress,
+            )
+    except ScoreRefusedError as exc:
+        with refused_file.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["position", "id"])
+            writer.writerows((p, entity_ids[p]) for p in exc.positions)
+        out.print(f"{exc.count} ids refused (reason {exc.body.get('reason')}): {refused_file}")
+        raise
     with scores_file.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "score"])
         writer.writerows((i, repr(s)) for i, s in zip(outcome.ids, outcome.scores, strict=True))
     out.print(f"{len(outcome.scores)} scores: {scores_file}")
-    for n, response in enumerate(outcome.responses):
-        save_result(response, _numbered(result_file, n, len(outcome.responses)), None)
+    batches = he_client.id_batches(entity_ids)
+    for n, (response, batch) in enumerate(zip(outcome.responses, batches, strict=True)):
+        target = _numbered(result_file, n, len(outcome.responses))
+        save_result(response, target, None)
+        opening = target.with_name(target.name + ".subjects")
+        opening.touch(mode=0o600)
+        opening.chmod(0o600)  # the ids and the nonce that opens their commitment
+        opening.write_text(
+            json.dumps(
+                {
+                    "subjects": response["result"]["subjects"],
+                    "nonce": response["subjects_nonce"],
+                    "ids": batch,
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+            + "\n",
+            "utf-8",
+        )
 
 
 def _cells(cells: str | None, cells_file: Path | None) -> list[list[str]]:

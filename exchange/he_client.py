@@ -11,6 +11,12 @@ A model file (JSON) holds the secret model and the nonce that makes its commitme
 
 Keep it private; reveal it to an auditor, who checks it against the ledgered commitment with
 :func:`crypto.he.verify_model_commitment` (``zonex model verify``).
+
+A score's signed result commits to the ids scored, ``subjects`` = SHA-256(nonce || canonical
+JSON of the ids); the exchange returns the nonce to the consumer alone. :func:`score` checks the
+commitment opens to the ids it sent, in order (:func:`verify_subjects`), and keeps the nonce
+with each response: it is what shows an auditor which ids a receipt covers. A refusal names
+positions in the caller's list (:class:`exchange.sdk.ScoreRefusedError`), nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from crypto import he
 from crypto.encoding import b64url_decode, b64url_encode
 from crypto.errors import EncodingError, VerificationError
 from crypto.keys import VerifyKey
-from exchange.sdk import Client
+from exchange.sdk import Client, ScoreRefusedError
+from exchange.subjects import NONCE_BYTES, commit_ids
 
 __all__ = [
     "Model",
@@ -42,6 +49,7 @@ __all__ = [
     "score",
     "secure_sum",
     "verify_contributions",
+    "verify_subjects",
 ]
 
 #: called as ``progress(step, done, total)`` while a computation runs
@@ -177,8 +185,17 @@ class ScoreOutcome:
     ids: list[str]
     #: after the bias and link
     scores: list[float]
-    #: one ``{"result", "receipt"}`` per request (large id lists go in several)
+    #: one ``{"result", "receipt", "subjects_nonce"}`` per request (large id lists go in
+    #: several); the nonce opens the result's commitment to that request's ids
     responses: list[dict[str, Any]]
+
+
+def verify_subjects(result: Mapping[str, Any], ids: Sequence[str], nonce: str) -> None:
+    """Check a score result's ``subjects`` commitment opens to ``ids`` (in this order) with
+    ``nonce`` (base64url); raise :class:`VerificationError`. For the consumer and an auditor."""
+    raw = b64url_decode(nonce)
+    if len(raw) != NONCE_BYTES or result.get("subjects") != commit_ids(raw, ids):
+        raise VerificationError("the result commits to other ids than these")
 
 
 def score(
@@ -192,7 +209,10 @@ def score(
     progress: Progress = _quiet,
 ) -> ScoreOutcome:
     """Score ``ids`` under ``model`` (committed already). The secret context is made here and
-    never leaves; each response is checked against its signed result before decryption."""
+    never leaves; each response is checked against its signed result before decryption.
+
+    A refusal raises :class:`exchange.sdk.ScoreRefusedError` with positions in ``ids`` (the
+    requests before the refused one were scored)."""
     commitment = model.commitment
     stored = client.model(commitment)
     if stored.get("document") != model.document():
@@ -207,17 +227,22 @@ def score(
     weights = client.upload_ciphertexts(context, packed)["digest"]
     scores: list[float] = []
     responses: list[dict[str, Any]] = []
+    offset = 0
     for n, batch in enumerate(id_batches(ids)):
         progress(f"scoring {len(batch)} entities", 3 + n, steps)
-        response = client.he_score(
-            zone=zone,
-            dataset=dataset,
-            purpose=purpose,
-            model=commitment,
-            context=context,
-            weights=weights,
-            ids=batch,
-        )
+        try:
+            response = client.he_score(
+                zone=zone,
+                dataset=dataset,
+                purpose=purpose,
+                model=commitment,
+                context=context,
+                weights=weights,
+                ids=batch,
+            )
+        except ScoreRefusedError as exc:  # positions in this request -> positions in ids
+            raise ScoreRefusedError(exc, [offset + p for p in exc.positions], exc.count) from None
+        offset += len(batch)
         result = response["result"]
         chunks = [b64url_decode(c) for c in response["ciphertexts"]]
         if (
@@ -227,9 +252,13 @@ def score(
             or result.get("ciphertexts") != [hashlib.sha256(c).hexdigest() for c in chunks]
         ):
             raise VerificationError("the scores do not match their signed result")
+        nonce = str(response.get("subjects_nonce", ""))
+        verify_subjects(result, batch, nonce)
         linear = he.decrypt_scores(ctx, chunks, len(batch), bias=model.bias)
         scores.extend(model.apply(s) for s in linear)
-        responses.append({"result": result, "receipt": response["receipt"]})
+        responses.append(
+            {"result": result, "receipt": response["receipt"], "subjects_nonce": nonce}
+        )
     progress("done", steps, steps)
     return ScoreOutcome(list(ids), scores, responses)
 

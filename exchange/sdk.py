@@ -32,6 +32,25 @@ class ApiError(Exception):
         self.body = body
 
 
+class ScoreRefusedError(ApiError):
+    """``he_score`` refused some of the ids asked (no live consent, or no single complete row).
+
+    The exchange names them by position in the request and by count only, never by anything
+    derived from the ids: ``positions`` (the first 10,000 at most) and ``count`` (exact)."""
+
+    def __init__(self, error: ApiError, positions: list[int], count: int) -> None:
+        super().__init__(error.status, error.code, error.title, error.detail, error.body)
+        self.positions = positions
+        self.count = count
+
+    @classmethod
+    def from_error(cls, error: ApiError, offset: int = 0) -> ScoreRefusedError:
+        """The refusal in ``error``'s problem, its positions shifted by ``offset``."""
+        listed = str(error.body.get("refused_positions", ""))
+        positions = [offset + int(p) for p in listed.split(",") if p.isdigit()]
+        return cls(error, positions, int(error.body.get("refused_count", len(positions))))
+
+
 class SignatureAuth(httpx.Auth):
     """httpx auth that signs each request with Ed25519 (RFC 9421 + RFC 9530 Content-Digest)."""
 
@@ -454,7 +473,10 @@ class Client:
         weights: str,
         ids: list[str],
     ) -> dict[str, Any]:
-        """Encrypted scores of consented entities: ``{"result", "receipt", "ciphertexts"}``."""
+        """Encrypted scores of consented entities: ``{"result", "receipt", "ciphertexts",
+        "subjects_nonce"}`` (the nonce opens ``result["subjects"]``, the commitment to the ids:
+        keep it to show an auditor which ids were scored). A refusal of some ids raises
+        :class:`ScoreRefusedError` with their positions."""
         body = {
             "zone": zone,
             "dataset": dataset,
@@ -464,7 +486,12 @@ class Client:
             "weights": weights,
             "ids": ids,
         }
-        result: dict[str, Any] = self.request("POST", "/v1/he/score", json=body)
+        try:
+            result: dict[str, Any] = self.request("POST", "/v1/he/score", json=body)
+        except ApiError as exc:
+            if isinstance(exc.body, dict) and "refused_count" in exc.body:
+                raise ScoreRefusedError.from_error(exc) from None
+            raise
         return result
 
     def secure_sum(

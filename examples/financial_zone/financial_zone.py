@@ -569,7 +569,7 @@ def encrypted_scoring(story: Story) -> None:
                 p.record_consent(TAX, cid, bank.key_id, CREDIT, until)
     console.print(
         f"  the tax bureau records {len(city.consented)} consents (subject, bank, {CREDIT}); "
-        "only salted digests are stored"
+        "only keyed digests are stored (a key for consents alone), never answered"
     )
 
     app_of = _application(story)
@@ -591,19 +591,18 @@ def encrypted_scoring(story: Story) -> None:
         )
         bar.stop("refused")
     positions = [int(i) for i in refused.body["refused_positions"].split(",")]
-    digests = refused.body["refused"].split(",")
     unconsented = [i for i, cid in enumerate(city.shortlist) if cid not in set(city.consented)]
     expect(positions == unconsented, "the refusal names other positions")
     expect(refused.body["refused_count"] == len(unconsented), "the refusal count is off")
     table = Table(
         "position",
         "application",
-        "refused subject (zone-salted digest)",
         title=f"{refused.status} {refused.code}: reason {refused.body['reason']}, "
-        "nothing read or computed",
+    expect("refused" not in refused.body, "the refusal names subjects by digest")
+        "nothing read or computed; refused by position only",
     )
-    for pos, digest in zip(positions, digests, strict=True):
-        table.add_row(str(pos), app_of[city.shortlist[pos]], digest[:24] + "…")
+    for pos in positions:
+        table.add_row(str(pos), app_of[city.shortlist[pos]])
     console.print(table)
 
     ids = [cid for cid in city.shortlist if cid in set(city.consented)]

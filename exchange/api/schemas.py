@@ -279,11 +279,13 @@ class ConsentIn(In):
 class ConsentOut(Out):
     id: str
     zone: str
-    subject_digest: str
     consumer: str
     purpose: str
     expires_at: datetime
     status: str
+    """A consent as answered: named by its id. The subject's keyed digest stays in the
+    exchange (no answer carries a keyed digest of a string the caller chose)."""
+
     created_at: datetime
     withdrawn_at: datetime | None
 
@@ -292,7 +294,6 @@ class ConsentOut(Out):
         return cls(
             id=c.id,
             zone=c.zone,
-            subject_digest=c.subject_digest,
             consumer=c.consumer,
             purpose=c.purpose,
             expires_at=c.expires_at,

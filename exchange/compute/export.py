@@ -1,8 +1,11 @@
 """``export``: row export where the level allows it (``L1``, ``L2`` by default).
 
 ``L2`` data carries the ``mask_columns`` obligation: the subject column is replaced by a
-pseudonym, HMAC-SHA-256 under the zone's secret salt of the consumer's key id and the subject id,
-so a consumer can link its own exports but not another consumer's, and cannot recover the id.
+pseudonym, HMAC-SHA-256 of the consumer's key id and the subject id (length-prefixed) under the
+zone's pseudonym key, 128 bits in hex (:meth:`exchange.subjects.ZoneSubjects.pseudonym`). A
+consumer links its own exports, not another consumer's, and cannot recover the id. The key is
+derived for this use alone (label ``zonex/v1/pseudonym``): no other answer of the exchange is
+keyed by it, so nothing a caller can ask confirms a guessed pseudonym.
 """
 
 from __future__ import annotations
@@ -10,14 +13,13 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import hashlib
-import hmac
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from crypto.canonical import canonicalize
-from exchange import access
+from exchange import access, subjects
 from exchange.compute.source import open_source
 from exchange.domain import Principal
 from exchange.errors import InvalidInputError
@@ -53,7 +55,7 @@ def export_rows(
     if count > MAX_EXPORT_ROWS:
         raise InvalidInputError(f"export is limited to {MAX_EXPORT_ROWS} rows; aggregate instead")
     mask = Obligation.MASK_COLUMNS in obligations(auth.level, Operation.EXPORT)
-    salt = access._salt(ex.zones_dir / zone) if mask else b""
+    keys = subjects.ZoneSubjects.of(ex.zones_dir / zone) if mask else None
     with open_source(ex, row) as src, src.engine.connect() as conn:
         result = conn.execute(select(*src.relation.c).limit(MAX_EXPORT_ROWS + 1))
         rows = [list(r) for r in result]
@@ -63,9 +65,8 @@ def export_rows(
     out_rows = []
     for r in rows:
         values = [_json_value(v) for v in r]
-        if mask and values[index] is not None:
-            message = actor.key_id.encode() + b"\x00" + str(values[index]).encode()
-            values[index] = hmac.new(salt, message, hashlib.sha256).hexdigest()[:32]
+        if keys is not None and values[index] is not None:
+            values[index] = keys.pseudonym(actor.key_id, str(values[index]))
         out_rows.append(values)
     result_doc = {
         "zone": zone,

@@ -9,14 +9,25 @@ The protocol (DESIGN, "Encrypted scoring"; ``docs/he.md``):
    encrypted under it (one ciphertext per weight, replicated over every slot), as one framed
    binary upload.
 3. :func:`run_score` names the commitment, the context, the upload and the entity ids. Every
-   call is authorized (``he_score``). The ids become zone-salted digests at once (never stored
-   or ledgered raw) and every entity must have a live consent for this consumer and purpose:
-   otherwise the call is refused **by digest**, before any feature is read, and the refusal is
-   ledgered. Then the zone reads exactly the committed feature columns for those entities and
-   computes packed ``Enc(w·x)`` (4096 entities per ciphertext, column packing, no rotations;
-   :func:`crypto.he.encrypted_scores`). The receipt cites the commitment, the context and a
-   digest of the subject digests, and the result lists the digest of every score ciphertext.
+   call is authorized (``he_score``). Every id must be a subject id (no control or format
+   character: :func:`exchange.subjects.check_subject_id`) and every entity must have a live
+   consent for this consumer and purpose (found by consent digest, :func:`exchange.access.
+   live_consents`): otherwise the call is refused **by position and count**, before any
+   feature is read, and the refusal is ledgered. Then the zone reads exactly the committed
+   feature columns for those entities and computes packed ``Enc(w·x)`` (4096 entities per
+   ciphertext, column packing, no rotations; :func:`crypto.he.encrypted_scores`).
 4. The consumer decrypts locally, adds its bias and applies its link (:mod:`exchange.he_client`).
+
+What comes back names no subject by anything derived from a secret (DESIGN, "Privacy
+defaults"): a digest keyed by the zone of an id the caller chose would be an oracle for every
+other keyed digest of the zone (see :mod:`exchange.subjects`). A refusal lists the refused
+positions in the request (``refused_positions``) and their count (``refused_count``). The
+result and the receipt cite the ids scored by a commitment, ``subjects`` = SHA-256(nonce ||
+canonical JSON of the ids in request order), with a fresh 32-byte nonce returned to the consumer
+only (``subjects_nonce``, outside the signed result): the consumer can open it to an auditor;
+no one else, the exchange included, can test a guess against it. The ledger entry of the score
+adds ``consents``, the SHA-256 of the canonical JSON list of the consent ids used (request
+order), so an auditor holding the consent table sees which consents each score relied on.
 
 Raw ids pass through memory only: they are needed to find the zone's rows, which are keyed by
 them. Scores come back in the order the ids were sent.
@@ -25,7 +36,6 @@ them. Scores come back in the order the ids were sent.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 from collections.abc import Sequence
@@ -43,7 +53,7 @@ from crypto import he
 from crypto.canonical import canonicalize
 from crypto.encoding import b64url_encode
 from crypto.errors import CryptoError
-from exchange import access
+from exchange import access, subjects
 from exchange.analysis import NUMERIC_TYPES
 from exchange.compute import contexts
 from exchange.compute.source import Source, open_source
@@ -55,13 +65,13 @@ from exchange.node import Exchange
 from exchange.receipts import record_computation
 from policy import Level, Operation
 
-__all__ = ["commit_model", "get_model", "run_score", "subjects_digest"]
+__all__ = ["commit_model", "get_model", "run_score"]
 
 #: ids per ``IN (...)`` when reading features from an attached table
 _READ_CHUNK = 5_000
 #: an id that can name an integer subject (its canonical text is checked by the lookup)
 _INTEGER = re.compile(r"-?[0-9]+")
-#: refused digests listed in a problem (the count is always exact)
+#: refused positions listed in a problem (the count is always exact)
 _MAX_LISTED = 10_000
 
 
@@ -124,31 +134,12 @@ def get_model(ex: Exchange, actor: Principal, commitment: str) -> dict[str, Any]
         return _model_out(row)
 
 
-def subjects_digest(digests: Sequence[str]) -> str:
-    """SHA-256 over the ordered subject digests (one per line): which entities, in which order,
-    without naming any of them."""
-    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
-
-
-def _digests(ex: Exchange, zone: str, ids: Sequence[str]) -> list[str]:
-    """:func:`exchange.access.subject_digest` for many ids, reading the zone's salt once and
-    keying HMAC-SHA-256 once (``copy`` of the keyed state per id)."""
-    keyed = hmac.new(access._salt(ex.zones_dir / zone), digestmod=hashlib.sha256)
-    out = []
-    for i in ids:
-        h = keyed.copy()
-        h.update(i.encode())
-        out.append(h.hexdigest())
-    return out
-
-
 def _check_ids(ex: Exchange, ids: object) -> list[str]:
     limit = ex.settings.max_score_entities
     if not isinstance(ids, list) or not 1 <= len(ids) <= limit:
         raise InvalidInputError(f"ids is a list of 1..{limit} entity ids")
-    for i in ids:
-        if not isinstance(i, str) or not 1 <= len(i) <= 512:
-            raise InvalidInputError("an entity id is a string of 1-512 characters")
+    for k, i in enumerate(ids):
+        subjects.check_subject_id(i, what=f"the entity id at position {k}")
     if len(set(ids)) != len(ids):
         raise InvalidInputError("each entity id may appear once")
     return ids
@@ -160,29 +151,27 @@ def _refuse(
     zone: str,
     dataset: str,
     error: InvalidInputError | DeniedError,
-    digests: Sequence[str],
     positions: Sequence[int],
     asked: int,
 ) -> None:
-    """Ledger a refusal by digest and raise ``error`` listing the digests and positions."""
+    """Ledger a refusal and raise ``error`` naming the refused positions and their count only
+    (never anything derived from the ids: see the module docstring)."""
     ex.ledger.append(
         EntryDraft(
             kind="he.score_refused",
             actor=actor.key_id,
             refs={"zone": zone, "dataset": dataset},
-            digests={"refused": subjects_digest(digests)},
             attrs={
                 "reason": str(error.extra.get("reason", "")),
-                "refused": len(digests),
+                "refused": len(positions),
                 "asked": asked,
             },
         )
     )
     # the problem renderer passes only strings and integers through: lists travel joined
     error.extra.update(
-        refused=",".join(digests[:_MAX_LISTED]),
         refused_positions=",".join(str(p) for p in positions[:_MAX_LISTED]),
-        refused_count=len(digests),
+        refused_count=len(positions),
     )
     error.ledgered = True
     raise error
@@ -327,9 +316,8 @@ def run_score(
         )
 
     # consent first: nothing about an unconsented entity is read, computed or returned
-    digests = _digests(ex, zone, entity_ids)
-    live = access.has_live_consent(ex, zone, digests, actor.key_id, purpose)
-    unconsented = [k for k, d in enumerate(digests) if not live[d]]
+    consents = access.live_consents(ex, zone, entity_ids, actor.key_id, purpose)
+    unconsented = [k for k, c in enumerate(consents) if c is None]
     if unconsented:
         _refuse(
             ex,
@@ -337,7 +325,6 @@ def run_score(
             zone,
             dataset,
             DeniedError("no_consent", f"{len(unconsented)} entities have no live consent"),
-            [digests[k] for k in unconsented],
             unconsented,
             len(entity_ids),
         )
@@ -353,7 +340,6 @@ def run_score(
                 f"{len(unscorable)} consented entities have no single complete row",
                 reason="unscorable",
             ),
-            [digests[k] for k in unscorable],
             unscorable,
             len(entity_ids),
         )
@@ -363,7 +349,10 @@ def run_score(
     except CryptoError as exc:
         raise InvalidInputError(f"cannot score: {exc}", reason="bad_ciphertext") from exc
 
-    subjects = subjects_digest(digests)
+    # which ids, in which order: hidden by a nonce only the consumer receives
+    nonce = secrets.token_bytes(subjects.NONCE_BYTES)
+    committed = subjects.commit_ids(nonce, entity_ids)
+    used = hashlib.sha256(canonicalize(consents)).hexdigest()
     result = {
         "zone": zone,
         "dataset": dataset,
@@ -372,7 +361,7 @@ def run_score(
         "weights": weights,
         "features": features,
         "entities": len(entity_ids),
-        "subjects": subjects,
+        "subjects": committed,
         "slots": he.slot_count(params),
         "ciphertexts": [hashlib.sha256(c).hexdigest() for c in chunks],
         "level": auth.level.value,
@@ -385,7 +374,7 @@ def run_score(
         "model": model,
         "context": context,
         "weights": weights,
-        "subjects": subjects,
+        "subjects": committed,
     }
     receipt, _ = record_computation(
         ex,
@@ -405,14 +394,16 @@ def run_score(
             "output_level": auth.level.value,
             "context": context,
             "model": model,
-            "subjects": subjects,
+            "subjects": committed,
         },
         result=result,
         refs={"zone": zone, "dataset": dataset},
         attrs={**auth.attrs(), "entities": len(entity_ids), "features": len(features)},
+        apply=lambda _session, draft: draft.digests.update(consents=used),
     )
     return {
         "result": result,
         "receipt": receipt,
         "ciphertexts": [b64url_encode(c) for c in chunks],
+        "subjects_nonce": b64url_encode(nonce),
     }

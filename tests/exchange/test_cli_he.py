@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from crypto import he
 from crypto.keys import SigningKey
+from exchange import he_client
 from exchange.cli import app
 from exchange.keyfile import write_private_key
 from tests.conftest import LiveServer
@@ -87,7 +89,16 @@ def test_commit_score_and_audit_from_the_shell(
     assert [r["id"] for r in rows] == [f["company_id"] for f in firms]
     expected = _matrix(firms) @ np.array(weights) + 0.5
     got = np.array([float(r["score"]) for r in rows])
-    assert np.all(np.abs(got - expected) <= 1e-6 * (np.abs(_matrix(firms)) @ np.abs(weights)))
+    # the derived bound (docs/he.md "Accuracy"), plus the float64 reference's own rounding
+    bound = he.score_error_bounds(he.CKKS_DEFAULT, weights, _matrix(firms), bias=0.5)
+    slack = 2.0**-50 * (np.abs(_matrix(firms)) @ np.abs(weights) + 0.5)
+    assert np.all(np.abs(got - expected) <= bound + slack)
+    # beside the result: the nonce that opens its commitment to the ids, for the consumer only
+    opening_file = tmp_path / "result.json.subjects"
+    assert opening_file.stat().st_mode & 0o077 == 0
+    opening = json.loads(opening_file.read_text())
+    assert opening["ids"] == [f["company_id"] for f in firms]
+    he_client.verify_subjects(json.loads(result.read_text()), opening["ids"], opening["nonce"])
 
     log_key = str(server.data_dir / "log.pub")
     code, output = run(
@@ -146,6 +157,42 @@ def test_commit_score_and_audit_from_the_shell(
         commitment,
     )
     assert code == 1 and "differ from the committed" in output and len(output.splitlines()) <= 2
+
+
+def test_a_refused_score_names_the_ids_locally_from_positions(
+    server: LiveServer, bank: dict[str, Any], tmp_path: Path
+) -> None:
+    key = _key(tmp_path, "bank", bank["keys"]["bank"])
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps({"features": FEATURES, "weights": [1e-05, 0.01, 1.0, 1e-06]}))
+    code, output = run(server, key, "model", "commit", "--model", str(model))
+    assert code == 0, output
+    firms = [f["company_id"] for f in bank["firms"]]
+    asked = [firms[0], firms[CONSENTED], firms[1], firms[CONSENTED + 1]]  # 2nd and 4th: none
+    ids = tmp_path / "ids.csv"
+    ids.write_text("\n".join(asked) + "\n")
+    refused = tmp_path / "refused.csv"
+    code, output = run(
+        server,
+        key,
+        "score",
+        "--zone",
+        "tax",
+        "--dataset",
+        "firms",
+        "--model",
+        str(model),
+        "--ids",
+        str(ids),
+        "--refused",
+        str(refused),
+        "--out",
+        str(tmp_path / "scores.csv"),
+    )
+    assert code == 1 and "403 denied" in output and "2 ids refused" in output
+    with refused.open() as f:
+        assert list(csv.reader(f)) == [["position", "id"], ["1", asked[1]], ["3", asked[3]]]
+    assert not (tmp_path / "scores.csv").exists()
 
 
 def test_secure_sum_from_the_shell(

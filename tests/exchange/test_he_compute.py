@@ -30,7 +30,7 @@ from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange import access, he_client
 from exchange.keyfile import write_private_key
-from exchange.sdk import ApiError, Client
+from exchange.sdk import ApiError, Client, ScoreRefusedError
 from tests.conftest import LiveServer
 from tests.exchange.test_access import entries
 
@@ -219,29 +219,28 @@ def test_scores_match_numpy_receipt_verifies_and_the_model_can_be_audited(
     assert not any(f["company_id"] in every for f in firms)
 
 
-def test_unconsented_entities_are_refused_by_digest_and_nothing_is_computed(
+def test_unconsented_entities_are_refused_by_position_and_nothing_is_computed(
     server: LiveServer, bank: dict[str, Any]
 ) -> None:
     keys, firms = bank["keys"], bank["firms"]
     ids = [f["company_id"] for f in firms[CONSENTED - 3 : CONSENTED + 2]]  # 3 yes, 2 no
     model = _model(3)
     with server.client(keys["provider"]) as p:  # a withdrawn consent counts as none
-        consent = next(
-            c
-            for c in p.consents("tax")
-            if c["subject_digest"] == access.subject_digest(server.exchange, "tax", ids[0])
+        (consent,) = access.live_consents(
+            server.exchange, "tax", ids[:1], keys["bank"].key_id, PURPOSE
         )
-        p.withdraw_consent(consent["id"])
+        assert consent is not None
+        p.withdraw_consent(consent)
     with server.client(keys["bank"]) as c:
         c.commit_model(model.document())
-        with pytest.raises(ApiError) as exc:
+        with pytest.raises(ScoreRefusedError) as exc:
             he_client.score(c, zone="tax", dataset="firms", purpose=PURPOSE, model=model, ids=ids)
     assert exc.value.status == 403
     assert exc.value.body["reason"] == "no_consent"
-    refused = exc.value.body["refused"].split(",")
-    expected = [access.subject_digest(server.exchange, "tax", i) for i in (ids[0], *ids[3:])]
-    assert refused == expected
+    # positions and a count: nothing derived from the ids (no keyed digest to compare)
+    assert "refused" not in exc.value.body
     assert exc.value.body["refused_positions"] == "0,3,4"
+    assert (exc.value.positions, exc.value.count) == ([0, 3, 4], 3)
     assert exc.value.body["refused_count"] == 3
     assert entries(server, "computation.he_score") == []
     (refusal,) = entries(server, "he.score_refused")
@@ -269,7 +268,7 @@ def test_consented_entity_without_a_row_is_refused_as_unscorable(
                 ids=[firms[0]["company_id"], "91319999999"],
             )
     assert exc.value.status == 422 and exc.value.body["reason"] == "unscorable"
-    assert exc.value.body["refused"] == access.subject_digest(server.exchange, "tax", "91319999999")
+    assert exc.value.body["refused_positions"] == "1" and "refused" not in exc.value.body
     assert entries(server, "computation.he_score") == []
 
 

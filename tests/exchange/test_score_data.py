@@ -1,9 +1,12 @@
-"""The data path of ``he_score`` before anything is encrypted: subject digests, the consent
-lookup (index probes or one pass over the zone) and the feature read (one DuckDB join or
-chunked ``IN`` lists), each held to the simple definition it replaces."""
+"""The data path of ``he_score`` before anything is encrypted: consent digests, the consent
+lookup (index probes or one pass over the zone, each digest version under its own key) and the
+feature read (one DuckDB join or chunked ``IN`` lists), each held to the simple definition it
+replaces."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,8 +15,9 @@ import pytest
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from crypto.kdf import derive_key, encode_parts
 from crypto.keys import SigningKey
-from exchange import access, services
+from exchange import access, services, subjects
 from exchange.compute import score
 from exchange.compute.source import open_source
 from exchange.keyfile import load_private_key
@@ -84,10 +88,17 @@ def test_nothing_found_and_nothing_asked(exchange: Exchange, tmp_path: Path) -> 
     assert unscorable == [0, 1] and matrix.shape == (2, 1)
 
 
-def test_digests_are_the_zone_salted_hmac(exchange: Exchange) -> None:
+def test_consent_digests_are_keyed_by_the_derived_consent_key(exchange: Exchange) -> None:
     ids = ["91310885617X0AEH7Y", "x", "税务-001", "y" * 512]
-    expected = [access.subject_digest(exchange, "tax", i) for i in ids]
-    assert score._digests(exchange, "tax", ids) == expected
+    keys = subjects.ZoneSubjects.of(exchange.zones_dir / "tax")
+    salt = access._salt(exchange.zones_dir / "tax")
+    key = derive_key(salt, subjects.LABELS["consent-digest"])
+    expected = [hmac.new(key, encode_parts(i.encode()), hashlib.sha256).hexdigest() for i in ids]
+    assert keys.consent_digests(ids) == expected
+    assert [access.subject_digest(exchange, "tax", i) for i in ids] == expected
+    legacy = [hmac.new(salt, i.encode(), hashlib.sha256).hexdigest() for i in ids]
+    assert keys.legacy_consent_digests(ids) == legacy
+    assert not set(legacy) & set(expected)
 
 
 @pytest.mark.parametrize("scan_factor", [0, 1_000_000], ids=["probes", "zone_pass"])
@@ -110,6 +121,8 @@ def test_both_consent_lookups_give_one_answer(
     day = timedelta(days=1)
     cases = {  # subject -> (consumer, purpose, expires, status) or None for no consent
         "live": (bank, PURPOSE, now + day, "active"),
+        "legacy": (bank, PURPOSE, now + day, "active"),
+        "legacy-withdrawn": (bank, PURPOSE, now + day, "withdrawn"),
         "parent": (bank, "financial-services", now + day, "active"),
         "sibling": (bank, "public-administration", now + day, "active"),
         "expired": (bank, PURPOSE, now - day, "active"),
@@ -117,7 +130,8 @@ def test_both_consent_lookups_give_one_answer(
         "other": (other, PURPOSE, now + day, "active"),
         "none": None,
     }
-    digests = score._digests(exchange, "tax", list(cases))
+    keys = subjects.ZoneSubjects.of(exchange.zones_dir / "tax")
+    current, legacy = keys.consent_digests(list(cases)), keys.legacy_consent_digests(list(cases))
     with Session(exchange.engine) as session:
         session.execute(
             insert(ConsentRow),
@@ -125,7 +139,8 @@ def test_both_consent_lookups_give_one_answer(
                 {
                     "id": f"c{k}",
                     "zone": "tax",
-                    "subject_digest": digests[k],
+                    "subject_digest": (legacy if subject.startswith("legacy") else current)[k],
+                    "digest_version": 0 if subject.startswith("legacy") else 1,
                     "consumer": consumer.key_id,
                     "purpose": purpose,
                     "expires_at": expires,
@@ -133,12 +148,14 @@ def test_both_consent_lookups_give_one_answer(
                     "recorded_by": provider.key_id,
                     "created_at": now,
                 }
-                for k, case in enumerate(cases.values())
+                for k, (subject, case) in enumerate(cases.items())
                 if case is not None
                 for consumer, purpose, expires, status in [case]
             ],
         )
         session.commit()
-    live = access.has_live_consent(exchange, "tax", digests, bank.key_id, PURPOSE)
-    assert live == dict(zip(digests, [k in ("live", "parent") for k in cases], strict=True))
+    live = access.has_live_consent(exchange, "tax", list(cases), bank.key_id, PURPOSE)
+    assert live == {k: k in ("live", "parent", "legacy") for k in cases}
     assert access.has_live_consent(exchange, "tax", [], bank.key_id, PURPOSE) == {}
+    found = access.live_consents(exchange, "tax", ["none", "legacy", "live"], bank.key_id, PURPOSE)
+    assert found == [None, "c1", "c0"]
