@@ -22,6 +22,8 @@ Three computations (decision record 0003 explains the choices):
   bias (:func:`decrypt_scores`). Weights are encrypted at a scale equal to the prime that the
   single rescale divides by, so TenSEAL's reset of the scale after the rescale is exact and the
   scores carry no systematic bias (:func:`scale_bias` is what a default scale would cost).
+  Scores are approximate with an absolute error, the noise of each encrypted weight times its
+  feature: :func:`score_error_bounds` derives each score's bound from the parameters.
 - **secure_sum** (BFV or CKKS). Each zone encrypts its vector (:func:`encrypt_vector`), the
   exchange adds them with optional plaintext noise (:func:`sum_ciphertexts`), the requester
   decrypts the total (:func:`decrypt_vector`).
@@ -69,6 +71,7 @@ __all__ = [
     "MODEL_NONCE_BYTES",
     "MODEL_TYPE",
     "PARAMETER_SETS",
+    "SCORE_BOUND_FAILURE",
     "SECURITY_TABLE",
     "WEIGHT_LIMIT",
     "ParameterSet",
@@ -99,6 +102,8 @@ __all__ = [
     "parse_model_document",
     "public_context_bytes",
     "scale_bias",
+    "score_error_bounds",
+    "score_noise_coefficient",
     "security_level",
     "slot_count",
     "sum_ciphertexts",
@@ -949,6 +954,154 @@ def decrypt_scores(
             values = vector.decrypt(ctx_secret.secret_key())
         scores.extend(float(v) + offset for v in values[: min(slots, n - k * slots)])
     return scores
+
+
+# -- he_score accuracy: a derived error bound ------------------------------------------------
+
+#: the probability that :func:`score_error_bounds` is exceeded by some score of one call
+SCORE_BOUND_FAILURE = 1e-9
+_UNIT_ROUNDOFF = 2.0**-53
+# SEAL samples encryption errors from a centered binomial distribution over 42 bits: |e| <= 21
+_SEAL_NOISE_MAX = 21
+
+
+def _fft_error(n: int) -> float:
+    """Relative 2-norm error of SEAL's float64 encoding or decoding transform of size n.
+
+    Radix-2 FFT with twiddle factors accurate to mu: ``log2(n) * eta / (1 - log2(n) * eta)``
+    with ``eta = mu + gamma_4 * (sqrt 2 + mu)`` (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., Theorem 24.2); mu = 4u is taken for SEAL's tabulated roots, and 3u
+    more for the scaling multiply and the conversions between doubles and integers."""
+    u = _UNIT_ROUNDOFF
+    mu = 4 * u
+    eta = mu + 4 * u / (1 - 4 * u) * (math.sqrt(2) + mu)
+    stages = math.log2(n)
+    return stages * eta / (1 - stages * eta) + 3 * u
+
+
+def _key_norm_bound(n: int, slots_used: int, failure: float) -> float:
+    """S with ``P(max over the used slots of |s(zeta)|^2 > S) <= failure`` for a uniform ternary
+    secret key s (SEAL's), zeta the slot's root of unity.
+
+    Each coefficient of s is strictly sub-Gaussian with variance proxy 2/3, so any real
+    projection of s(zeta) is sub-Gaussian with proxy sigma^2 = n/3, and for that 2-dimensional
+    vector ``E exp(lambda |s(zeta)|^2) <= 1 / (1 - 2 lambda sigma^2)``. Chernoff gives
+    ``P(|s(zeta)|^2 > 2 sigma^2 y) <= y e^(1 - y)``; a union bound over the used slots."""
+    log_target = math.log(slots_used / failure)
+    y = log_target + 2.0
+    for _ in range(64):  # y = 1 + log_target + ln y, a contraction for y > 1
+        y = 1.0 + log_target + math.log(y)
+    return 2.0 * n * y / 3.0
+
+
+def _failure(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise EncodingError("failure is a probability")
+    if not 0.0 < float(value) < 1.0:
+        raise EncodingError("failure must lie strictly between 0 and 1")
+    return float(value)
+
+
+def score_noise_coefficient(
+    params: ParameterSet, *, scores: int, failure: float = SCORE_BOUND_FAILURE
+) -> float:
+    """C in :func:`score_error_bounds`: the random part of a score's error is at most
+    ``C * sqrt(2 + sum_j x_ij^2)`` for all ``scores`` scores of one call and one key, except
+    with probability ``failure``.
+
+    ``C = t * sqrt(n / 24 * (1 + S)) / p``: p the rescale prime (the scores' scale), S a bound
+    on the key's canonical norm squared that fails with probability failure / 2
+    (:func:`_key_norm_bound`), and t the sub-Gaussian tail factor for failure / (2 * scores)
+    per score, ``2 exp(-t^2 / 2)``."""
+    if params.scheme != "ckks" or params.global_scale_bits is None:
+        raise EncodingError("the score error bound is defined for CKKS parameter sets")
+    if not _is_int(scores) or scores < 1:
+        raise EncodingError("scores must be a positive integer")
+    risk = _failure(failure)
+    n = params.poly_modulus_degree
+    key_norm = _key_norm_bound(n, min(scores, slot_count(params)), risk / 2)
+    tail = math.sqrt(2.0 * math.log(4.0 * scores / risk))
+    return tail * math.sqrt(n / 24.0 * (1.0 + key_norm)) / _rescale_prime(params)
+
+
+def score_error_bounds(
+    params: ParameterSet,
+    weights: Sequence[float],
+    features: Features,
+    *,
+    bias: float = 0.0,
+    failure: float = SCORE_BOUND_FAILURE,
+) -> npt.NDArray[np.float64]:
+    """Per entity, a bound on ``|decrypted score - (bias + sum_j w_j x_ij)|`` for
+    :func:`encrypt_model`, :func:`encrypted_scores` and :func:`decrypt_scores` with a fresh key,
+    holding for every entity of the call at once except with probability ``failure``.
+
+    CKKS error is absolute, not relative to the score: each encrypted weight carries noise of
+    about 1.2e-12 (one standard deviation with ``ckks-8192``) that is multiplied by the feature
+    it meets, so small weights on large features lose their relative accuracy. With p the
+    rescale prime (the scale of weights, features and scores), n the ring degree, s the secret
+    key and zeta a slot's root of unity, the error of entity i is the sum of:
+
+    - **noise** (random). A fresh encryption is made one level up and divided by the
+      key-switching prime, and the rescale divides by p; each leaves ``r0 + r1 * s`` with
+      r0, r1 rounding residuals uniform on [-1/2, 1/2] (ciphertexts are pseudorandom). In a
+      slot its real part is sub-Gaussian with variance proxy ``n / 24 * (1 + |s(zeta)|^2)``.
+      Weight j's noise is multiplied by the encoded feature, the rescale's and the final
+      zero's by 1: proxy ``n / 24 * (1 + |s(zeta)|^2) * (2 + sum_j x~_ij^2) / p^2``, bounded
+      by ``C * sqrt(2 + sum_j x~_ij^2)`` (:func:`score_noise_coefficient`; ``x~_ij = |x_ij| +
+      e_j`` bounds the encoded feature).
+    - **encoding** (deterministic). A feature column is encoded to within
+      ``e_j = n / (2 sqrt 2 p) + g * ||x_j||`` per slot (rounding each of n coefficients by at
+      most 1/2, float64 transform error g = :func:`_fft_error` times the column's 2-norm over
+      the ciphertext); a weight, a constant, to within ``a_j = 1 / (2p) + (1 + 2 sqrt(n/2)) *
+      g * |w_j|``. The product's error is at most ``a_j * x~_ij + |w_j| * e_j``.
+    - the public-key error, divided by the key-switching prime q: at most
+      ``21 * (2n + 1) * n / (q * p)`` per fresh ciphertext and unit of its multiplier.
+    - **decoding**: g times the 2-norm of the decrypted slots of the chunk (bounded with the
+      worst-case noise, ``n (n + 1) / 2`` per ciphertext and unit), and one rounding of the
+      bias addition.
+
+    Products, sums and the rescale by the exact constant 1 are exact modulo q (capacity is
+    checked). So ``bound_i = C * sqrt(2 + sum_j x~_ij^2) + D_i`` with D_i the deterministic
+    terms, and since ``sqrt(2 + sum x~^2) <= sqrt 2 + sum_j x~_ij`` also
+    ``bound_i <= C * (sqrt 2 + sum_j |x_ij|) + D'_i``. For ``ckks-8192`` C is 4.6e-11 for 24
+    scores and 5.5e-11 for 4096 (docs/he.md). A float64 reference computation has its own
+    error (about d * 2**-53 * sum_j |w_j x_ij|), which a caller comparing with one adds.
+    """
+    if params.scheme != "ckks" or params.global_scale_bits is None:
+        raise EncodingError("the score error bound is defined for CKKS parameter sets")
+    d = len(weights)
+    if not 1 <= d <= MAX_FEATURES:
+        raise EncodingError(f"a model has 1..{MAX_FEATURES} weights")
+    w = np.abs([_finite(x, WEIGHT_LIMIT, f"weight {j}") for j, x in enumerate(weights)])
+    offset = abs(_finite(bias, ckks_capacity(params), "bias"))
+    risk = _failure(failure)
+    x = np.abs(_feature_matrix(features, d, ckks_capacity(params)))
+    if not len(x):
+        return np.zeros(0)
+    n, slots = params.poly_modulus_degree, slot_count(params)
+    p = float(_rescale_prime(params))
+    q_special = float(_primes(n, params.coeff_mod_bit_sizes)[-1])
+    g = _fft_error(n)
+    coefficient = score_noise_coefficient(params, scores=len(x), failure=risk)
+    weight_error = 1 / (2 * p) + (1 + 2 * math.sqrt(n / 2)) * g * w
+    public_key = _SEAL_NOISE_MAX * (2 * n + 1) * n / (q_special * p)
+    worst_noise = n * (n + 1) / 2 / p + public_key
+    bounds = np.empty(len(x))
+    for start in range(0, len(x), slots):
+        block = x[start : start + slots]
+        feature_error = n / (2 * math.sqrt(2) * p) + g * np.sqrt(np.sum(block**2, axis=0))
+        encoded = block + feature_error
+        noise = coefficient * np.sqrt(2 + np.sum(encoded**2, axis=1))
+        encoding = encoded @ weight_error + float(w @ feature_error)
+        extra = public_key * (1 + encoded.sum(axis=1))
+        # every decrypted slot of the chunk, bounded deterministically (padding slots too)
+        slot_norm = encoded @ (w + weight_error) + worst_noise * (2 + encoded.sum(axis=1))
+        padding = (slots - len(block)) * (2 * worst_noise) ** 2
+        decoding = g * math.sqrt(float(np.sum(slot_norm**2)) + padding)
+        bounds[start : start + slots] = noise + encoding + extra + decoding
+    magnitude = offset + x @ w + bounds
+    return bounds + _UNIT_ROUNDOFF * magnitude
 
 
 # -- (C) secure_sum -------------------------------------------------------------------------
