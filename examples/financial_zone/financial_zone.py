@@ -594,11 +594,11 @@ def encrypted_scoring(story: Story) -> None:
     unconsented = [i for i, cid in enumerate(city.shortlist) if cid not in set(city.consented)]
     expect(positions == unconsented, "the refusal names other positions")
     expect(refused.body["refused_count"] == len(unconsented), "the refusal count is off")
+    expect("refused" not in refused.body, "the refusal names subjects by digest")
     table = Table(
         "position",
         "application",
         title=f"{refused.status} {refused.code}: reason {refused.body['reason']}, "
-    expect("refused" not in refused.body, "the refusal names subjects by digest")
         "nothing read or computed; refused by position only",
     )
     for pos in positions:

@@ -277,15 +277,15 @@ class ConsentIn(In):
 
 
 class ConsentOut(Out):
+    """A consent as answered: named by its id. The subject's keyed digest stays in the
+    exchange (no answer carries a keyed digest of a string the caller chose)."""
+
     id: str
     zone: str
     consumer: str
     purpose: str
     expires_at: datetime
     status: str
-    """A consent as answered: named by its id. The subject's keyed digest stays in the
-    exchange (no answer carries a keyed digest of a string the caller chose)."""
-
     created_at: datetime
     withdrawn_at: datetime | None
 
