@@ -69,6 +69,7 @@ __all__ = [
     "DEFAULT_EPSILON_BUDGET",
     "DEFAULT_K",
     "DEFAULT_REFRESH_SECONDS",
+    "EXACT_RELEASE_NOTE",
     "MAX_EPSILON",
     "MAX_K",
     "MIN_K",
@@ -98,6 +99,8 @@ MAX_DELTA = Decimal("1e-4")
 #: the δ one release spends on a gate over groups found in the data, unless the rules say
 #: otherwise: a group holding one subject opens with probability at most 1e-7
 DEFAULT_DELTA = Decimal("1e-7")
+#: how the catalog shows a dataset whose rules set ``exact_release``
+EXACT_RELEASE_NOTE = "exact: differencing possible"
 MIN_REFRESH_SECONDS = 3600
 MAX_REFRESH_SECONDS = 366 * 24 * 3600
 MAX_ROWS_PER_SUBJECT = 10_000

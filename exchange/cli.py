@@ -375,14 +375,22 @@ def catalog(
     """Browse zones, datasets, columns and levels (never rows)."""
     with client(url, key) as c:
         zones = [c.zone(zone)] if zone else c.catalog()["zones"]
-    table = Table("zone", "owner", "dataset", "level", "rows", "columns")
+    table = Table("zone", "owner", "dataset", "level", "rows", "release", "columns")
     for z in zones:
         if not z["datasets"]:
-            table.add_row(z["name"], z["owner_name"], "-", "-", "-", "-")
+            table.add_row(z["name"], z["owner_name"], "-", "-", "-", "-", "-")
         for d in z["datasets"]:
             cols = ", ".join(f"{c['name']}:{c['level']}" for c in d["columns"])
+            # the provider's opt-out from DP by default at L3 is shown wherever datasets are
+            release = d.get("release_note") or ""
             table.add_row(
-                z["name"], z["owner_name"], d["name"], d["level"], d["row_count_band"], cols
+                z["name"],
+                z["owner_name"],
+                d["name"],
+                d["level"],
+                d["row_count_band"],
+                release,
+                cols,
             )
     out.print(table)
 
@@ -681,8 +689,12 @@ def aggregate_cmd(
             table.add_row(*("-" if v is None else str(v) for v in row))
         out.print(table)
     save_result(response, out_file, receipt_file)
-    note = f"{len(result['rows'])} groups released, {result['suppressed']} suppressed (k = "
-    note += f"{result['k']})"
+    note = f"{len(result['rows'])} groups released"
+    if result.get("suppressed") is not None:
+        note += f", {result['suppressed']} suppressed (k = {result['k']})"
+    else:
+        # a DP release does not say how many groups its noisy gate kept shut
+        note += f" (noisy gate at k = {result['k']})"
     if result["epsilon"] != "0":
         note += f"; differentially private, ε = {result['epsilon']} charged"
     out.print(note)
@@ -750,6 +762,12 @@ def dataset_rules(
     for name, rule in rules["columns"].items():
         table.add_row(name, rule["disclosure"], rule.get("lower") or "", rule.get("upper") or "")
     out.print(table)
+    if document is not None and rules.get("exact_release"):
+        out.print(
+            "[yellow]warning:[/] exact_release is set: L3 releases of this dataset are exact, "
+            "not differentially private, and two queries that differ by one subject can reveal "
+            "that subject's value (differencing possible); the catalog says so"
+        )
 
 
 def save_result(response: dict[str, Any], out_file: Path | None, receipt_file: Path | None) -> None:

@@ -73,6 +73,8 @@ class Dataset:
     digest: str
     source: str
     created_at: datetime
+    #: the provider's rules in force opt out of DP by default at L3: differencing possible
+    exact_release: bool = False
 
 
 @dataclass(frozen=True)

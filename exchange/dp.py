@@ -118,8 +118,10 @@ def parse_epsilon(
         eps = Decimal(value)
     if not eps.is_finite():
         raise InvalidInputError(f"{what} must be a finite number", reason="bad_epsilon")
-    exponent = eps.normalize().as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -EPSILON_PLACES:
+    # places counted from the digits: normalize() overflows the context on "1E+999999999"
+    _, digits, exponent = eps.as_tuple()
+    trailing = len(digits) - len(bytes(digits).rstrip(b"\0"))  # zeros that add no place
+    if isinstance(exponent, int) and any(digits) and exponent + trailing < -EPSILON_PLACES:
         raise InvalidInputError(
             f"{what} has at most {EPSILON_PLACES} decimal places", reason="bad_epsilon"
         )

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from crypto.errors import EncodingError
@@ -40,7 +40,7 @@ from exchange.errors import (
 )
 from exchange.keyfile import write_private_key
 from exchange.ledger import EntryDraft
-from exchange.models import DatasetRow, PrincipalRow, UploadRow, ZoneRow
+from exchange.models import AnalysisRulesRow, DatasetRow, PrincipalRow, UploadRow, ZoneRow
 from exchange.node import Exchange
 from exchange.registry import to_principal
 from exchange.zonestore import TableInfo, ZoneStore, ZoneStoreError, attach
@@ -52,7 +52,7 @@ UPLOAD_TYPES = {"text/csv": "csv", "application/vnd.apache.parquet": "parquet"}
 # -- mapping rows to domain objects -----------------------------------------------------------
 
 
-def to_dataset(row: DatasetRow) -> Dataset:
+def to_dataset(row: DatasetRow, *, exact_release: bool = False) -> Dataset:
     return Dataset(
         zone=row.zone,
         name=row.name,
@@ -64,7 +64,29 @@ def to_dataset(row: DatasetRow) -> Dataset:
         digest=row.digest,
         source=row.source,
         created_at=row.created_at,
+        exact_release=exact_release,
     )
+
+
+def exact_releases(session: Session, zone: str | None = None) -> set[tuple[str, str]]:
+    """(zone, dataset) of every dataset (of ``zone``) whose rules in force set
+    ``exact_release``: the provider's opt-out from DP by default, which the catalog shows."""
+    rules = AnalysisRulesRow
+    latest = select(rules.zone, rules.dataset, func.max(rules.version).label("version"))
+    if zone is not None:
+        latest = latest.where(rules.zone == zone)
+    newest = latest.group_by(rules.zone, rules.dataset).subquery()
+    found = session.execute(
+        select(rules.zone, rules.dataset, rules.rules).join(
+            newest,
+            and_(
+                rules.zone == newest.c.zone,
+                rules.dataset == newest.c.dataset,
+                rules.version == newest.c.version,
+            ),
+        )
+    )
+    return {(z, d) for z, d, body in found if isinstance(body, dict) and body.get("exact_release")}
 
 
 # -- principals -------------------------------------------------------------------------------
@@ -215,6 +237,7 @@ def get_zone(ex: Exchange, actor: Principal, name: str) -> Zone:
         datasets = session.execute(
             select(DatasetRow).where(DatasetRow.zone == name).order_by(DatasetRow.name)
         ).scalars()
+        exact = exact_releases(session, name)
         return Zone(
             name=row.name,
             owner=row.owner,
@@ -223,7 +246,9 @@ def get_zone(ex: Exchange, actor: Principal, name: str) -> Zone:
             public_key=row.public_key,
             status=row.status,
             created_at=row.created_at,
-            datasets=tuple(to_dataset(d) for d in datasets),
+            datasets=tuple(
+                to_dataset(d, exact_release=(d.zone, d.name) in exact) for d in datasets
+            ),
         )
 
 
@@ -234,8 +259,8 @@ def catalog(ex: Exchange, actor: Principal) -> list[Zone]:
 
 
 def load_catalog(session: Session) -> list[Zone]:
-    """The catalog in three queries whatever the number of zones (zones, their owners, every
-    dataset), in the caller's transaction."""
+    """The catalog in four queries whatever the number of zones (zones, their owners, every
+    dataset, the datasets whose rules opt out of DP by default), in the caller's transaction."""
     zones = session.execute(select(ZoneRow).order_by(ZoneRow.name)).scalars().all()
     owners = {z.owner for z in zones}
     names: dict[str, str] = {}
@@ -245,10 +270,13 @@ def load_catalog(session: Session) -> list[Zone]:
         )
         names = dict(session.execute(query).all())
     by_zone: dict[str, list[Dataset]] = {}
+    exact = exact_releases(session)
     for d in session.execute(
         select(DatasetRow).order_by(DatasetRow.zone, DatasetRow.name)
     ).scalars():
-        by_zone.setdefault(d.zone, []).append(to_dataset(d))
+        by_zone.setdefault(d.zone, []).append(
+            to_dataset(d, exact_release=(d.zone, d.name) in exact)
+        )
     return [
         Zone(
             name=z.name,
@@ -272,7 +300,7 @@ def get_dataset(ex: Exchange, actor: Principal, zone: str, name: str) -> Dataset
         ).scalar_one_or_none()
         if row is None:
             raise NotFoundError(f"no dataset {name!r} in zone {zone!r}")
-        return to_dataset(row)
+        return to_dataset(row, exact_release=(zone, name) in exact_releases(session, zone))
 
 
 # -- uploads and datasets ---------------------------------------------------------------------

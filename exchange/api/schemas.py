@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from crypto.encoding import b64url_encode
 from crypto.envelope import Envelope
 from exchange.access import AccessRequest, Consent, Grant
+from exchange.analysis import EXACT_RELEASE_NOTE
 from exchange.domain import Dataset, Principal, Zone
 from exchange.zonestore import row_count_band
 
@@ -76,6 +77,10 @@ class DatasetOut(Out):
     digest: str
     source: str
     created_at: datetime
+    #: the provider opted out of DP by default at L3 (its rules set exact_release)
+    exact_release: bool = False
+    #: "exact: differencing possible" when it did
+    release_note: str | None = None
 
     @classmethod
     def from_domain(cls, d: Dataset) -> DatasetOut:
@@ -90,6 +95,8 @@ class DatasetOut(Out):
             digest=d.digest,
             source=d.source,
             created_at=d.created_at,
+            exact_release=d.exact_release,
+            release_note=EXACT_RELEASE_NOTE if d.exact_release else None,
         )
 
 
@@ -312,8 +319,9 @@ class AggregateIn(In):
     sql: Annotated[str, Field(min_length=1, max_length=20_000)]
     purpose: Token
     #: ε as a decimal string: asks for differential privacy, or sets the ε of a query that
-    #: must be private (default 0.1)
-    epsilon: Annotated[str | None, Field(max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?$")] = None
+    #: must be private (default 0.1); parsed by exchange.dp.parse_epsilon alone, which answers
+    #: a bad one with a reason code
+    epsilon: Annotated[str | None, Field(max_length=32)] = None
 
 
 class RulesIn(In):

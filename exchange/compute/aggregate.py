@@ -7,15 +7,22 @@ The path of one query (:func:`run_aggregate`):
    (:func:`exchange.sqlcheck.check_query`), then authorizes each dataset the query reads
    (``aggregate`` by default; other computations that reuse the pipeline pass their own
    operation). Nothing is read before every dataset is allowed.
-2. With differential privacy (required by a dataset's rules or an L4 column, or asked for with
+2. With differential privacy (the default at L3 and above unless every dataset read opted out
+   with ``exact_release``; always at L4 and above or where the rules require it; on request with
    ``epsilon``), the remaining budget of every dataset is checked *before* the query runs, so an
    exhausted consumer costs the zone no work.
 3. :func:`execute` runs the rewritten statement (bound parameters, quoted identifiers, never
    the consumer's text) on the zone's engine through SQLAlchemy.
-4. :func:`exchange.sqlcheck.postprocess` suppresses groups under k and adds OpenDP noise.
+4. :func:`exchange.sqlcheck.postprocess` gates the groups on k (on a noisy count under DP) and
+   adds OpenDP noise.
 5. :func:`exchange.receipts.record_computation` ledgers the computation and, in the same
-   transaction, charges ε to every dataset's budget; only then is the result returned. A charge
-   that would overspend aborts the transaction: nothing is released and nothing is spent.
+   transaction, charges ε (and the gate's δ) to every dataset's budget; only then is the result
+   returned. The charge does not depend on the data: a release whose groups all stayed shut is
+   charged like any other. A charge that would overspend aborts the transaction: nothing is
+   released and nothing is spent.
+
+Every ε enters through :func:`exchange.dp.parse_epsilon`, at least
+``settings.min_release_epsilon``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import distinct, func, select, text
@@ -38,7 +45,7 @@ from exchange.analysis import NUMERIC_TYPES, AnalysisRules
 from exchange.compute.rules import current_rules
 from exchange.compute.source import open_source
 from exchange.domain import Principal
-from exchange.dp import DpMechanisms
+from exchange.dp import DpMechanisms, parse_epsilon
 from exchange.errors import BudgetExhaustedError, InvalidInputError
 from exchange.models import DatasetRow, ZoneRow
 from exchange.node import Exchange
@@ -58,9 +65,10 @@ __all__ = [
     "DEFAULT_QUERY_EPSILON",
     "Prepared",
     "budget_status",
+    "default_epsilon",
     "execute",
-    "parse_epsilon",
     "prepare",
+    "release_epsilon",
     "run_aggregate",
 ]
 
@@ -90,21 +98,17 @@ class Prepared:
         return self.checked.datasets
 
 
-def parse_epsilon(value: object) -> Decimal | None:
-    """A consumer's ε: a decimal string or integer above 0 and at most 10; None if absent."""
+def release_epsilon(ex: Exchange, value: object) -> Decimal | None:
+    """The ε a caller asks one release to spend (:func:`exchange.dp.parse_epsilon`, at least the
+    exchange's ``min_release_epsilon``); None if absent."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidInputError('epsilon is a decimal string such as "0.5"')
-    try:
-        eps = Decimal(str(value).strip())
-    except InvalidOperation:
-        raise InvalidInputError('epsilon is a decimal string such as "0.5"') from None
-    if not eps.is_finite() or not Decimal(0) < eps <= Decimal(10):
-        raise InvalidInputError("epsilon must be above 0 and at most 10")
-    if eps.as_tuple().exponent < -9:  # type: ignore[operator]
-        raise InvalidInputError("epsilon has at most nine decimal places")
-    return eps
+    return parse_epsilon(value, floor=ex.settings.min_release_epsilon)
+
+
+def default_epsilon(ex: Exchange) -> Decimal:
+    """The ε of a differentially private release that names none: never below the floor."""
+    return max(DEFAULT_QUERY_EPSILON, ex.settings.min_release_epsilon)
 
 
 def _dialect(row: DatasetRow) -> str:
@@ -214,6 +218,7 @@ def _checked(
     tables: dict[str, TableRules],
     rows: dict[str, DatasetRow],
     with_dp: bool,
+    named_groups: bool = False,
 ) -> CheckedQuery:
     """:func:`check_query` for the datasets' store, remembered per snapshot and rules version.
 
@@ -225,6 +230,7 @@ def _checked(
     key = (
         sql,
         with_dp,
+        named_groups,
         tuple(
             sorted(
                 (
@@ -247,7 +253,9 @@ def _checked(
         if hit is not None:
             _plans.move_to_end(key)
             return hit
-    checked = check_query(sql, tables, dialect_out="duckdb", with_dp=with_dp)
+    checked = check_query(
+        sql, tables, dialect_out="duckdb", with_dp=with_dp, named_groups=named_groups
+    )
     used = [rows[name] for name in checked.datasets]
     if len({_store_key(r) for r in used}) > 1:
         raise InvalidInputError(
@@ -256,7 +264,9 @@ def _checked(
         )
     dialect = _dialect(used[0])
     if dialect != "duckdb":
-        checked = check_query(sql, tables, dialect_out=dialect, with_dp=with_dp)
+        checked = check_query(
+            sql, tables, dialect_out=dialect, with_dp=with_dp, named_groups=named_groups
+        )
     with _plans_lock:
         _plans[key] = checked
         while len(_plans) > PLAN_CACHE_SIZE:
@@ -278,9 +288,13 @@ def prepare(
     *,
     operation: Operation = Operation.AGGREGATE,
     with_dp: bool = False,
+    named_groups: bool = False,
     step: str | None = None,
 ) -> Prepared:
     """Check ``sql`` against the zone's analysis rules, then authorize every dataset it reads.
+
+    ``named_groups``: the caller releases only groups named in advance (a secure sum's cells),
+    so a DP gate over them needs no δ (:func:`exchange.sqlcheck.check_query`).
 
     Raises :class:`exchange.sqlcheck.QueryRejected` (422, with a ``reason`` code) for a query
     the rules refuse and :class:`exchange.errors.DeniedError` for a dataset the policy refuses.
@@ -291,7 +305,7 @@ def prepare(
         zone_row, tables, rows, rules = _tables(ex, session, zone)
     if not tables:
         raise InvalidInputError(f"zone {zone!r} has no active datasets")
-    checked = _checked(sql, tables, rows, with_dp)
+    checked = _checked(sql, tables, rows, with_dp, named_groups)
     auths = {
         name: access.authorize(
             ex, actor, zone, name, operation, purpose, step=step, rows=(zone_row, rows[name])
@@ -348,14 +362,18 @@ def run_aggregate(
     """Check, authorize, run, release and receipt one aggregate query.
 
     ``epsilon`` (a decimal string) asks for differential privacy where the rules do not require
-    it, or sets the ε of a query that must be private (default :data:`DEFAULT_QUERY_EPSILON`).
+    it, or sets the ε of a query that must be private (default :data:`DEFAULT_QUERY_EPSILON`,
+    never below ``settings.min_release_epsilon``).
     """
-    eps = parse_epsilon(epsilon)
+    eps = release_epsilon(ex, epsilon)
     prepared = prepare(ex, actor, zone, sql, purpose, with_dp=eps is not None)
     checked = prepared.checked
     charge = Decimal(0)
+    # the δ a gate over groups found in the data spends, whether any group opens or not
+    delta = Decimal(0)
     if checked.dp:
-        charge = eps if eps is not None else DEFAULT_QUERY_EPSILON
+        charge = eps if eps is not None else default_epsilon(ex)
+        delta = checked.delta or Decimal(0)
         _check_budget(ex, actor.key_id, prepared, charge)
     raw = execute(ex, prepared)
     released: AggregateResult = postprocess(
@@ -367,17 +385,31 @@ def run_aggregate(
         "zone": zone,
         "sql": checked.canonical,
         "purpose": prepared.purpose,
-        "epsilon": format(charge.normalize(), "f") if charge else "0",
+        "epsilon": _plain(charge),
+        "delta": _plain(delta),
     }
     terms = _budget_terms(prepared)
 
     def apply(session: Session, draft: Any) -> None:
         if charge:
             for name, (total, refresh) in terms.items():
-                budget.charge(session, actor.key_id, zone, name, charge, total, refresh)
+                budget.charge(
+                    session, actor.key_id, zone, name, charge, total, refresh, delta=delta
+                )
 
     first = prepared.auths[checked.datasets[0]]
     grants = sorted({a.decision.rule or "" for a in prepared.auths.values()})
+    attrs: dict[str, str | int] = {
+        **first.attrs(),
+        "groups": len(released.rows),
+        "k": checked.k,
+        "epsilon": parameters["epsilon"],
+        "delta": parameters["delta"],
+    }
+    if released.suppressed is not None:
+        # exact releases only: under DP the count of shut groups is not released, not even to
+        # the ledger's readers
+        attrs["suppressed"] = released.suppressed
     receipt, _ = record_computation(
         ex,
         kind="aggregate",
@@ -396,20 +428,20 @@ def run_aggregate(
             "purpose": prepared.purpose,
             "k": checked.k,
             "epsilon": parameters["epsilon"],
+            "delta": parameters["delta"],
             "output_level": checked.output_level.value,
         },
         result=result,
         refs={"zone": zone, "dataset": ",".join(checked.datasets)[:200]},
-        attrs={
-            **first.attrs(),
-            "groups": len(released.rows),
-            "suppressed": released.suppressed,
-            "k": checked.k,
-            "epsilon": parameters["epsilon"],
-        },
+        attrs=attrs,
         apply=apply,
     )
     return {"result": result, "receipt": receipt}
+
+
+def _plain(value: Decimal) -> str:
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
 
 
 def budget_status(ex: Exchange, actor: Principal, zone: str | None = None) -> list[dict[str, Any]]:
@@ -439,6 +471,7 @@ def budget_status(ex: Exchange, actor: Principal, zone: str | None = None) -> li
                         "dataset": name,
                         "budget": format(state.budget.normalize(), "f"),
                         "spent": format(state.spent.normalize(), "f"),
+                        "delta_spent": _plain(state.delta_spent),
                         "remaining": format(state.remaining.normalize(), "f"),
                         "window_start": state.window_start.isoformat(),
                         "window_end": state.window_end.isoformat(),

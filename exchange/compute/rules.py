@@ -5,7 +5,10 @@ The rules themselves (what each column may disclose, k, DP, budgets) and their c
 its column levels (reported as version 0, never stored). Setting rules is the zone provider's
 act: checked against the classification (:func:`check_rules`), stored as the next version and
 ledgered (``analysis.rules_set``, with the digest of the rules' canonical JSON) in one
-transaction.
+transaction. The catalog shows whether a dataset's rules opt out of DP by default
+(``exact_release``: "exact: differencing possible"), so a new version also moves the registry
+version in that transaction: every process's cached catalog is reloaded before it is shown
+again.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from crypto.canonical import canonicalize
@@ -22,7 +25,7 @@ from exchange.analysis import AnalysisRules, check_rules, default_rules
 from exchange.domain import Principal
 from exchange.errors import ForbiddenError, InvalidInputError
 from exchange.ledger import EntryDraft
-from exchange.models import AnalysisRulesRow, DatasetRow
+from exchange.models import AnalysisRulesRow, DatasetRow, RegistryStateRow
 from exchange.node import Exchange
 
 __all__ = ["current_rules", "get_rules", "set_rules"]
@@ -91,7 +94,14 @@ def set_rules(
             )
         )
         draft.attrs["version"] = version
+        draft.attrs["exact_release"] = "true" if rules.exact_release else "false"
         draft.digests["rules"] = hashlib.sha256(canonicalize(body)).hexdigest()
+        # the catalog shows exact_release: the same statement the registry triggers run
+        session.execute(
+            update(RegistryStateRow)
+            .where(RegistryStateRow.id == 1)
+            .values(version=RegistryStateRow.version + 1)
+        )
         session.flush()
         return rules
 

@@ -7,21 +7,32 @@ public HE context (BFV for exact integers, CKKS for decimals). Then:
 
 1. **Each zone** (:func:`contribute`) runs the query through the aggregate pipeline under its
    own analysis rules (``secure_sum`` authorized per dataset, its own k), zeroes every cell whose
-   group has fewer than its k distinct subjects (and every cell it has no group for), counts
-   both, encrypts the cell-major vector under the requester's key and signs a contribution
-   (DSSE, payload type :data:`CONTRIBUTION_TYPE`) with the zone key: the computation id, the
-   context, the query and cells digests, the ciphertext's SHA-256 and the counts.
+   group fails its k gate (and every cell it has no group for), encrypts the cell-major vector
+   under the requester's key and signs a contribution (DSSE, payload type
+   :data:`CONTRIBUTION_TYPE`) with the zone key: the computation id, the context, the query and
+   cells digests, the ciphertext's SHA-256, k and (exact sums only) how many cells it zeroed.
 2. **The exchange** (:func:`combine`) verifies every contribution against the zone's registered
    public key and the computation's terms, adds the ciphertexts it cannot read, adds DP noise
-   when any dataset's rules require it or the requester asked (``epsilon``), re-randomizes, and
-   signs a receipt. The ε is charged to every dataset of every zone in the receipt's ledger
-   transaction; an overspend aborts it and nothing is released.
+   when the sum is differentially private, re-randomizes, and signs a receipt. The ε is charged
+   to every dataset of every zone in the receipt's ledger transaction; an overspend aborts it
+   and nothing is released.
 3. **The requester** decrypts only the total (:mod:`exchange.he_client`).
 
-Failure is all or nothing: a zone that is denied, has every cell below k, fails, or signs with
-another key makes the whole computation fail with no partial total, and nothing is ledgered as
-computed. DP noise is calibrated to the largest per-subject sensitivity over the zones (each
-zone's clamping bounds and rows per subject) and drawn by :mod:`exchange.dp` (OpenDP).
+The sum goes through the same checker as an aggregate (:func:`exchange.compute.aggregate.prepare`)
+and inherits its privacy defaults: it is differentially private when any zone's query is (at
+L3 and above unless every dataset read opted out with ``exact_release``; always at L4 and
+above) or the requester asked (``epsilon``). Then each zone's gate is noisy
+(:class:`exchange.dp.Gate` at the zone's k, on the cell's distinct-subject count): the cells are
+named by the requester, fixed in advance, so the gate spends a share of ε and no δ. A cell that
+fails it contributes zeros, no zone refuses on k, the contributions carry no count of zeroed or
+missing cells, and the computation is charged whatever the gates decided. The query's ε is
+split equally between the summed values and the gate. Exact sums keep the exact k gate: a zone
+with no named cell at k refuses (``zone_refused``).
+
+Failure is all or nothing: a zone that is denied, refuses, fails, or signs with another key
+makes the whole computation fail with no partial total, and nothing is ledgered as computed. DP
+noise is calibrated to the largest per-subject sensitivity over the zones (each zone's clamping
+bounds and rows per subject) and drawn by :mod:`exchange.dp` (OpenDP).
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from crypto.errors import CryptoError
 from crypto.keys import VerifyKey
 from exchange import access, budget, dp
 from exchange.compute import aggregate, contexts
-from exchange.compute.aggregate import DEFAULT_QUERY_EPSILON, Prepared, parse_epsilon
+from exchange.compute.aggregate import Prepared, default_epsilon, release_epsilon
 from exchange.domain import Principal
 from exchange.errors import BudgetExhaustedError, InvalidInputError, ZonexError
 from exchange.keyfile import load_private_key
@@ -146,7 +157,7 @@ def plan_sum(
         context=context,
         params=params,
         cells=_cells(cells, he.slot_count(params)),
-        epsilon=parse_epsilon(epsilon),
+        epsilon=release_epsilon(ex, epsilon),
     )
 
 
@@ -208,12 +219,19 @@ def _prepare(ex: Exchange, actor: Principal, plan: Plan, zone: str, with_dp: boo
         plan.purpose,
         operation=Operation.SECURE_SUM,
         with_dp=with_dp,
+        named_groups=True,  # the requester names the cells: no group is found in the data
         step="secure_sum",
     )
 
 
-def contribute(ex: Exchange, plan: Plan, prepared: Prepared) -> Contribution:
-    """The zone's part: its own k, its cells, encrypted under the requester's key, signed."""
+def contribute(
+    ex: Exchange, plan: Plan, prepared: Prepared, gate: dp.Gate | None = None
+) -> Contribution:
+    """The zone's part: its own k, its cells, encrypted under the requester's key, signed.
+
+    With ``gate`` (a differentially private sum) each named cell opens on the gate's noisy
+    distinct-subject count, a cell that stays shut contributes zeros, and nothing is refused or
+    counted; without it the exact k gate applies and a zone with no cell at k refuses."""
     zone = prepared.zone
     checked = prepared.checked
     dims, value_columns, names = _shape(prepared)
@@ -235,15 +253,16 @@ def contribute(ex: Exchange, plan: Plan, prepared: Prepared) -> Contribution:
         cell = index.get(key)  # type: ignore[arg-type]
         if cell is None:
             continue  # a group the requester did not name is never released
-        distinct = row[-1]
-        if distinct is None or int(distinct) < checked.k:
+        distinct = 0 if row[-1] is None else int(row[-1])
+        if not (gate.opens(distinct) if gate is not None else distinct >= checked.k):
             suppressed += 1
             continue
         filled[cell] = True
         for v, column in enumerate(value_columns):
             vector[cell * width + v] = _value(row[column], plan.params.scheme, names[v])
     missing = filled.count(False) - suppressed
-    if not any(filled):
+    if gate is None and not any(filled):
+        # the exact path only: under DP a refusal would be a free, exact "fewer than k" answer
         raise InvalidInputError(
             f"zone {zone!r} has no named cell with at least k={checked.k} subjects",
             reason="zone_refused",
@@ -254,7 +273,7 @@ def contribute(ex: Exchange, plan: Plan, prepared: Prepared) -> Contribution:
         ciphertext = he.encrypt_vector(ctx, vector)
     except CryptoError as exc:
         raise InvalidInputError(f"zone {zone!r} cannot encrypt its part: {exc}") from exc
-    payload = {
+    payload: dict[str, Any] = {
         "type": CONTRIBUTION_VERSION,
         "computation": plan.id,
         "consumer": plan.consumer,
@@ -268,9 +287,10 @@ def contribute(ex: Exchange, plan: Plan, prepared: Prepared) -> Contribution:
             {"name": name, "snapshot": prepared.auths[name].digest} for name in checked.datasets
         ],
         "k": checked.k,
-        "suppressed": suppressed,
-        "missing": missing,
     }
+    if gate is None:
+        # exact counts of zeroed and absent cells: exact sums only
+        payload |= {"suppressed": suppressed, "missing": missing}
     # the zone signs with its own key, kept in its directory (a separate node would hold it)
     signer = load_private_key(ex.zones_dir / zone / "zone.key")
     envelope = sign_envelope(CONTRIBUTION_TYPE, payload, [signer])
@@ -325,13 +345,18 @@ def _verify(ex: Exchange, plan: Plan, item: Contribution, length: int) -> dict[s
     return payload
 
 
+def _share(prepared: Prepared, epsilon: Decimal) -> Decimal:
+    """One equal share of ``epsilon`` for each summed value and for the gate."""
+    _, value_columns, _ = _shape(prepared)
+    return dp.split_epsilon(epsilon, len(value_columns) + 1)
+
+
 def _noise(
-    plan: Plan, items: Sequence[Contribution], epsilon: Decimal
+    plan: Plan, items: Sequence[Contribution], share: Decimal
 ) -> tuple[list[int | float], list[dict[str, str]]]:
     """Laplace noise for every cell and value, at the largest sensitivity over the zones."""
     first = items[0]
     _, value_columns, names = _shape(first.prepared)
-    share = dp.split_epsilon(epsilon, len(value_columns))
     contributions = max(c.prepared.checked.contributions for c in items)
     per_value: list[tuple[str, Decimal, Decimal]] = []  # kind, bound, sensitivity
     info: list[dict[str, str]] = []
@@ -440,7 +465,7 @@ def run_secure_sum(
     if with_dp and not all(p.checked.dp for p in prepared):
         # one zone's rules require noise: every zone bounds rows per subject for it
         prepared = [_prepare(ex, actor, plan, zone, True) for zone in plan.zones]
-    epsilon = (plan.epsilon or DEFAULT_QUERY_EPSILON) if with_dp else None
+    epsilon = (plan.epsilon or default_epsilon(ex)) if with_dp else None
     shapes = {_shape(p)[2] for p in prepared}
     if len(shapes) != 1:
         raise InvalidInputError("the query's outputs differ between zones")
@@ -453,14 +478,20 @@ def run_secure_sum(
         ]
         _check_budget(ex, actor.key_id, terms, epsilon)
 
+    share = _share(prepared[0], epsilon) if epsilon is not None else None
+    gates = {
+        p.zone: dp.Gate(p.checked.k, share, sensitivity=p.checked.contributions)
+        for p in prepared
+        if share is not None
+    }
     items: list[Contribution] = []
     for p in prepared:
         try:
-            items.append(contribute(ex, plan, p))
+            items.append(contribute(ex, plan, p, gates.get(p.zone)))
         except ZonexError as exc:
             exc.extra.setdefault("zone", p.zone)
             raise
-    noise, noise_info = _noise(plan, items, epsilon) if epsilon is not None else (None, [])
+    noise, noise_info = _noise(plan, items, share) if share is not None else (None, [])
     total = combine(ex, plan, items, noise)
 
     checked = [p.checked for p in prepared]
@@ -488,7 +519,20 @@ def run_secure_sum(
         "contributions": contributions,
         "k": {p.zone: p.checked.k for p in prepared},
         "epsilon": eps_text,
+        # the cells are named in advance: the gates spend no δ
+        "delta": "0",
         "noise": noise_info,
+        "gates": [
+            {
+                "zone": zone,
+                "k": gate.k,
+                "threshold": gate.threshold,
+                "epsilon": _plain(gate.epsilon),
+                "sensitivity": str(gate.sensitivity),
+                "scale": _plain(gate.scale),
+            }
+            for zone, gate in gates.items()
+        ],
         "level": level.value,
     }
     query = {
@@ -531,6 +575,7 @@ def run_secure_sum(
             "purpose": prepared[0].purpose,
             "k": min(c.k for c in checked),
             "epsilon": eps_text,
+            "delta": "0",
             "output_level": level.value,
             "context": plan.context,
             "contributions": [c["envelope"] for c in contributions],

@@ -122,8 +122,10 @@ def test_rules_are_versioned_checked_and_ledgered(
 def test_aggregate_exact_suppressed_and_receipted(
     server: LiveServer, parties: dict[str, SigningKey], tmp_path: Path
 ) -> None:
+    """The provider opted out of DP by default (``exact_release``): exact values, an exact k
+    gate, and the count of suppressed groups."""
     with server.client(parties["provider"]) as p:
-        p.set_analysis_rules("tax", "companies", _rules())
+        p.set_analysis_rules("tax", "companies", _rules(exact_release=True))
     with server.client(parties["consumer"]) as c:
         with pytest.raises(ApiError) as exc:
             c.aggregate("tax", SQL, PURPOSE)
@@ -159,6 +161,7 @@ def test_aggregate_exact_suppressed_and_receipted(
     assert statement["kind"] == "aggregate" and statement["k"] == 10
     assert statement["rules_version"] == {"companies": 1}
     assert statement["output_level"] == "L3" and statement["epsilon"] == "0"
+    assert statement["delta"] == "0" and result["gate"] is None
     assert statement["grant"].startswith("grant:")
     tampered = json.loads(json.dumps(result))
     tampered["rows"][0][1] += 1
@@ -295,6 +298,7 @@ def _table(rules: AnalysisRules) -> dict[str, TableRules]:
 
 
 def _rules_obj(dp: bool) -> AnalysisRules:
+    """DP required, or the provider's opt-out from DP by default (exact releases)."""
     return AnalysisRules(
         columns={
             "company_id": ColumnRule(Disclosure.JOIN_ONLY),
@@ -303,6 +307,7 @@ def _rules_obj(dp: bool) -> AnalysisRules:
             "tax_paid_2025": ColumnRule(Disclosure.AFTER_AGGREGATE, Decimal(0), Decimal(2_000_000)),
         },
         dp_required=dp,
+        exact_release=not dp,
     )
 
 
@@ -362,19 +367,29 @@ def test_differencing_attack_yields_nothing_usable() -> None:
     assert Decimal(exact_all[district]) - Decimal(exact_cut[district]) == int(
         victim["tax_paid_2025"]
     )
-    # ... with DP (ε = 1 per query) the difference is dominated by noise
-    all_checked, all_raw = _raw(all_q, rows, _rules_obj(True), True)
-    cut_checked, cut_raw = _raw(cut_q, rows, _rules_obj(True), True)
+    # ... with DP (ε = 1 per query) the difference is dominated by noise. The filters keep the
+    # victim's district: one global group, gated at k
+    dp_all = f"SELECT SUM(tax_paid_2025) FROM companies WHERE district = '{district}'"
+    dp_cut = dp_all + f" AND founded_year <> {year}"
+    all_checked, all_raw = _raw(dp_all, rows, _rules_obj(True), True)
+    cut_checked, cut_raw = _raw(dp_cut, rows, _rules_obj(True), True)
+    assert all_raw[0][-1] >= 24 and all_raw[0][0] - cut_raw[0][0] == int(victim["tax_paid_2025"])
     dp = DpMechanisms(Decimal(1))
     diffs = []
     for _ in range(400):
-        a = dict(postprocess(all_checked, all_raw, dp=dp).rows)
-        b = dict(postprocess(cut_checked, cut_raw, dp=dp).rows)
-        diffs.append(float(Decimal(a[district]) - Decimal(b[district])))
+        a = postprocess(all_checked, all_raw, dp=dp).rows
+        b = postprocess(cut_checked, cut_raw, dp=dp).rows
+        if a and b:
+            diffs.append(float(Decimal(a[0][0]) - Decimal(b[0][0])))
+    # half of ε for the gate (scale 2, k = 10): a group of 23 or more fails it with probability
+    # at most e^(-14/2) < 1e-3, so more than 100 of 400 trials lose a release with < 1e-200
+    assert len(diffs) >= 300
     spread = statistics.pstdev(diffs)
-    # each sum gets Laplace noise of scale b = 2,000,000 / ε (std √2·b); the difference of two
-    # independent draws has std 2·b = 4·10^6, some forty times a typical tax payment
-    assert 3.2e6 < spread < 4.8e6
+    # each sum gets Laplace noise of scale b = 2,000,000 / 0.5 = 4·10^6 (std √2·b); the
+    # difference of two independent draws has std 2·b = 8·10^6. The sample variance's relative
+    # standard error is sqrt(3.5 / 300) < 0.11: the bounds below are more than six of them
+    # away (a normal tail under 1e-9)
+    assert 4.4e6 < spread < 11.2e6
     assert spread > 4 * int(victim["tax_paid_2025"])
 
 
@@ -419,6 +434,7 @@ def test_statistics_are_computed_per_snapshot(
             "tax",
             "doubled",
             _rules(
+                exact_release=True,
                 columns={
                     **_rules()["columns"],
                     "tax_paid_2025": {
@@ -426,7 +442,7 @@ def test_statistics_are_computed_per_snapshot(
                         "lower": "0",
                         "upper": "500000",
                     },
-                }
+                },
             ),
         )
     granted(server, parties, ["doubled"], ["aggregate"])
@@ -488,7 +504,7 @@ def test_grant_gone_before_release_refuses_the_result(
     the cache's back) is refused at release, inside the ledger transaction: no result, no ε
     spent, the refusal ledgered."""
     with server.client(parties["provider"]) as p:
-        p.set_analysis_rules("tax", "companies", _rules())
+        p.set_analysis_rules("tax", "companies", _rules(exact_release=True))
     _grant(server, parties)
     with server.client(parties["consumer"]) as c:
         c.aggregate("tax", SQL, PURPOSE)  # allowed while the grant stands
@@ -512,3 +528,231 @@ def test_grant_gone_before_release_refuses_the_result(
     with Session(server.exchange.engine) as s:
         spent = s.execute(select(BudgetRow.spent)).scalars().all()
     assert all(Decimal(v) == 0 for v in spent)  # the refused ε = 0.5 was not charged
+
+
+# -- privacy by construction: what no sequence of allowed calls may reveal -----------------------
+
+
+def _lonely() -> tuple[str, int, list[dict[str, str]]]:
+    """A district, a founding year that only one of its companies has, and the district's
+    companies (the first is the one alone in that year)."""
+    rows = _companies()
+    cells: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
+    for r in rows:
+        cells[(r["district"], int(r["founded_year"]))].append(r)
+    (district, year), (victim,) = next((k, v) for k, v in sorted(cells.items()) if len(v) == 1)
+    others = [r for r in rows if r["district"] == district and r is not victim]
+    return district, year, [victim, *others]
+
+
+def _spent(server: LiveServer) -> tuple[Decimal, Decimal]:
+    with Session(server.exchange.engine) as s:
+        rows = s.execute(select(BudgetRow)).scalars().all()
+    return sum((Decimal(r.spent) for r in rows), Decimal(0)), sum(
+        (Decimal(r.delta_spent) for r in rows), Decimal(0)
+    )
+
+
+def test_differencing_at_l3_is_dp_by_default_and_charged(
+    server: LiveServer, parties: dict[str, SigningKey]
+) -> None:
+    """The provider set bounds but no ``exact_release``: two SUMs whose filters differ by one
+    company used to come back exact, their difference that company's tax. Now both are
+    differentially private at the default ε, charged to the one budget, with receipts."""
+    with server.client(parties["provider"]) as p:
+        p.set_analysis_rules("tax", "companies", _rules())
+    _grant(server, parties)
+    district, year, members = _lonely()
+    both = f"SELECT SUM(tax_paid_2025) AS total FROM companies WHERE district = '{district}'"
+    cut = both + f" AND founded_year <> {year}"
+    with server.client(parties["consumer"]) as c:
+        answers = [c.aggregate("tax", q, PURPOSE) for q in (both, cut)]
+        (state,) = c.budgets("tax")
+    exact = [
+        sum(min(2_000_000, int(r["tax_paid_2025"])) for r in rows)
+        for rows in (members, members[1:])
+    ]
+    for answer, value in zip(answers, exact, strict=True):
+        result = answer["result"]
+        assert result["epsilon"] == "0.1" and result["delta"] == "0"
+        assert result["suppressed"] is None and result["gate"]["threshold"] == 10
+        (noise,) = result["noise"]
+        assert noise["mechanism"] == "laplace" and noise["epsilon"] == "0.05"
+        # a released sum is the exact one only if its Laplace noise (scale 2e6 / 0.05 = 4e7)
+        # rounds to 0 in a double near 1e7: probability below 1e-15
+        for (total,) in result["rows"]:
+            assert Decimal(total) != value
+        statement, _ = verify_receipt(answer["receipt"], result, server.log_verifier())
+        assert statement["epsilon"] == "0.1" and statement["delta"] == "0"
+    assert state["spent"] == "0.2"
+
+
+def test_membership_probe_at_k_is_gated_noisily_and_charged(
+    server: LiveServer, parties: dict[str, SigningKey]
+) -> None:
+    """A group of exactly k companies, then the same group without one of them: an exact gate
+    answers "released" then "suppressed", and told the consumer, for free, that the company is
+    in the group. Under DP the decision is taken on a noisy count, the answer never says how
+    many groups were suppressed, and every call is charged whether its group opened or not."""
+    district, year, members = _lonely()
+    k = len(members)
+    with server.client(parties["provider"]) as p:
+        p.set_analysis_rules("tax", "companies", _rules(min_group_size=k, epsilon_budget="10"))
+    _grant(server, parties)
+    whole = f"SELECT COUNT(*), SUM(tax_paid_2025) FROM companies WHERE district = '{district}'"
+    probes = [whole, whole + f" AND founded_year <> {year}"] * 2
+    with server.client(parties["consumer"]) as c:
+        answers = [c.aggregate("tax", q, PURPOSE, epsilon="0.5") for q in probes]
+        grouped = c.aggregate(
+            "tax",
+            "SELECT district, COUNT(*), SUM(tax_paid_2025) FROM companies GROUP BY district",
+            PURPOSE,
+            epsilon="0.5",
+        )
+    for answer in answers:
+        result = answer["result"]
+        assert result["suppressed"] is None and len(result["rows"]) <= 1
+        assert result["gate"] == {
+            "k": k,
+            "threshold": k,  # one global group: fixed in advance, no δ
+            "epsilon": "0.166666666666",
+            "delta": None,
+            "sensitivity": "1",
+            "scale": result["gate"]["scale"],
+        }
+        statement, _ = verify_receipt(answer["receipt"], result, server.log_verifier())
+        assert (statement["epsilon"], statement["delta"]) == ("0.5", "0")
+    # GROUP BY finds its groups in the data: the gate spends the rules' δ (default 1e-7)
+    result = grouped["result"]
+    assert result["delta"] == "0.0000001" and result["gate"]["delta"] == "0.0000001"
+    assert result["gate"]["threshold"] > k
+    # charged for every call, suppressed or not: 5 x 0.5, and δ once
+    assert _spent(server) == (Decimal("2.5"), Decimal("1e-7"))
+    logged = entries(server, "computation.aggregate")
+    assert len(logged) == 5 and all("suppressed" not in e["attrs"] for e in logged)
+
+
+def test_identifier_and_text_extremes_are_refused(
+    server: LiveServer, parties: dict[str, SigningKey]
+) -> None:
+    opened = _rules()
+    opened["columns"]["company_id"] = {"disclosure": "after_aggregate"}
+    with server.client(parties["provider"]) as p:
+        p.set_analysis_rules("tax", "companies", opened)
+    _grant(server, parties)
+    with server.client(parties["consumer"]) as c:
+        for sql, reason in (
+            ("SELECT MIN(company_id) FROM companies", "subject_value"),
+            ("SELECT district, MAX(company_id) FROM companies GROUP BY district", "subject_value"),
+            ("SELECT MAX(industry) FROM companies", "min_max_type"),
+        ):
+            with pytest.raises(ApiError) as exc:
+                c.aggregate("tax", sql, PURPOSE)
+            assert exc.value.status == 422 and exc.value.body["reason"] == reason
+        counted = c.aggregate("tax", "SELECT COUNT(DISTINCT company_id) FROM companies", PURPOSE)
+    assert counted["result"]["rows"] == [[len(_companies())]]  # L2: exact
+    assert len(entries(server, "computation.aggregate")) == 1
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "reason"),
+    [
+        ("1e-30", "bad_epsilon"),
+        ("1E+999999999", "bad_epsilon"),
+        ("0.0000000001", "bad_epsilon"),
+        ("10.000000001", "bad_epsilon"),
+        ("-1", "epsilon_below_floor"),
+        ("0.000000001", "epsilon_below_floor"),
+        ("0", "epsilon_below_floor"),
+    ],
+)
+def test_extreme_epsilon_is_422_with_a_reason(
+    server: LiveServer, parties: dict[str, SigningKey], epsilon: str, reason: str
+) -> None:
+    with server.client(parties["provider"]) as p:
+        p.set_analysis_rules("tax", "companies", _rules())
+    _grant(server, parties)
+    with server.client(parties["consumer"]) as c, pytest.raises(ApiError) as exc:
+        c.aggregate("tax", "SELECT SUM(tax_paid_2025) FROM companies", PURPOSE, epsilon=epsilon)
+    assert exc.value.status == 422 and exc.value.body["reason"] == reason
+    assert entries(server, "computation.aggregate") == []
+    assert _spent(server) == (0, 0)
+
+
+def test_the_release_floor_comes_from_the_settings(
+    server: LiveServer, parties: dict[str, SigningKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exchange import dp
+    from exchange.compute import aggregate, secure_sum
+
+    # one parser for ε: exchange.dp's, wherever an ε enters
+    for module in (aggregate, secure_sum):
+        assert getattr(module, "parse_epsilon", dp.parse_epsilon) is dp.parse_epsilon
+    raised = server.exchange.settings.model_copy(update={"min_release_epsilon": Decimal("0.2")})
+    monkeypatch.setattr(server.exchange, "settings", raised)
+    with server.client(parties["provider"]) as p:
+        p.set_analysis_rules("tax", "companies", _rules())
+    _grant(server, parties)
+    sql = "SELECT SUM(tax_paid_2025) FROM companies"
+    with server.client(parties["consumer"]) as c:
+        with pytest.raises(ApiError) as exc:
+            c.aggregate("tax", sql, PURPOSE, epsilon="0.1")
+        assert exc.value.body["reason"] == "epsilon_below_floor"
+        # the default ε (0.1) is lifted to the floor
+        assert c.aggregate("tax", sql, PURPOSE)["result"]["epsilon"] == "0.2"
+
+
+def test_exact_release_is_the_providers_ledgered_opt_out_shown_in_the_catalog(
+    server: LiveServer, parties: dict[str, SigningKey]
+) -> None:
+    def release(c: Any) -> str | None:
+        (zone,) = [z for z in c.catalog()["zones"] if z["name"] == "tax"]
+        (d,) = zone["datasets"]
+        assert d["exact_release"] is (d["release_note"] is not None)
+        return d["release_note"]  # type: ignore[no-any-return]
+
+    sql = "SELECT district, SUM(tax_paid_2025) FROM companies GROUP BY district"
+    _grant(server, parties)
+    with server.client(parties["consumer"]) as c, server.client(parties["provider"]) as p:
+        assert release(c) is None
+        p.set_analysis_rules("tax", "companies", _rules(exact_release=True))
+        assert release(c) == "exact: differencing possible"
+        exact = c.aggregate("tax", sql, PURPOSE)["result"]
+        assert exact["epsilon"] == "0" and exact["suppressed"] == 0 and exact["gate"] is None
+        p.set_analysis_rules("tax", "companies", _rules())
+        assert release(c) is None
+        private = c.aggregate("tax", sql, PURPOSE)["result"]
+        assert private["epsilon"] == "0.1" and private["suppressed"] is None
+    logged = entries(server, "analysis.rules_set")
+    assert len(logged) == 2  # the opt-out and its withdrawal are both on the ledger
+
+
+def test_the_cli_warns_when_a_provider_opts_out_and_shows_it_in_the_catalog(
+    server: LiveServer, parties: dict[str, SigningKey], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from exchange.cli import app
+    from exchange.keyfile import write_private_key
+
+    paths = {}
+    for name in ("provider", "consumer"):
+        paths[name] = tmp_path / f"{name}.key"
+        write_private_key(paths[name], parties[name])
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(_rules(exact_release=True)))
+
+    def run(key: str, *args: str) -> str:
+        out = CliRunner().invoke(
+            app, [*args, "--url", server.url, "--key", str(paths[key])], catch_exceptions=False
+        )
+        assert out.exit_code == 0, out.output
+        return out.output
+
+    text = run("provider", "dataset", "rules", "tax", "companies", "--set", str(rules))
+    assert "warning" in text.lower() and "differencing" in text
+    shown = run("consumer", "catalog")
+    assert "exact:" in shown and "differencing" in shown  # the table may wrap the note
+    rules.write_text(json.dumps(_rules()))
+    text = run("provider", "dataset", "rules", "tax", "companies", "--set", str(rules))
+    assert "warning" not in text.lower()

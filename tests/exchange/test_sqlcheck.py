@@ -177,7 +177,17 @@ PAYROLL = TableRules(
 )
 TABLES = {
     t.name: t
-    for t in (TAX, COMPANIES, TAX_L4, OTHER_ZONE, TAX_DEFAULT, TAX_NO_DELTA, REGISTRY, STAFF, PAYROLL)
+    for t in (
+        TAX,
+        COMPANIES,
+        TAX_L4,
+        OTHER_ZONE,
+        TAX_DEFAULT,
+        TAX_NO_DELTA,
+        REGISTRY,
+        STAFF,
+        PAYROLL,
+    )
 }
 
 DISTRICTS = ("north", "south", "east", "west")
@@ -1316,7 +1326,9 @@ def test_l3_is_differentially_private_unless_every_dataset_opted_out() -> None:
     )
     assert mixed.dp and mixed.dp_required  # one dataset without the opt-out is enough
     # below L3 the exact path stays (k is an exact gate there, and documented as one)
-    assert not check_query("SELECT district, COUNT(*) FROM tax_default GROUP BY district", TABLES).dp
+    assert not check_query(
+        "SELECT district, COUNT(*) FROM tax_default GROUP BY district", TABLES
+    ).dp
     # the exact path cannot be asked for: no release of an L3 SUM without noise
     private = check_query(ATTACK[0].format(t="firms_default", d="B"), FIRM_TABLES)
     assert private.dp
