@@ -595,12 +595,11 @@ def encrypted_scoring(story: Story) -> None:
     expect(positions == unconsented, "the refusal names other positions")
     expect(refused.body["refused_count"] == len(unconsented), "the refusal count is off")
     expect("refused" not in refused.body, "the refusal names subjects by digest")
-    table = Table(
-        "position",
-        "application",
-        title=f"{refused.status} {refused.code}: reason {refused.body['reason']}, "
-        "nothing read or computed; refused by position only",
+    console.print(
+        f"  {refused.status} {refused.code}, reason {refused.body['reason']}: nothing read or "
+        "computed; the refusal names positions and a count, nothing derived from an id"
     )
+    table = Table("position", "application")
     for pos in positions:
         table.add_row(str(pos), app_of[city.shortlist[pos]])
     console.print(table)
