@@ -33,6 +33,20 @@ version's key only, until they expire or are withdrawn; new consents are version
 A subject id is 1-512 characters with no control or format character (Unicode categories Cc,
 Cf, Cs, Zl, Zp): such characters let one printed id stand for several digests (and a lone
 surrogate cannot be encoded at all).
+
+What each party still learns here (exact answers: these paths are authorizations, not
+releases, so no ε or δ is spent or claimed):
+
+- a consumer, for each id it asks to score: whether it holds a live consent for it, and for a
+  consented id whether the zone has exactly one complete row (``unscorable``), by position; from
+  an ``L2`` export, a pseudonym per subject that is stable across its own exports and unrelated
+  to any other consumer's, to any consent digest and to the pseudonyms made before the keys
+  were separated (exports from before and after do not link);
+- a provider: the ids of the consents it records, never their digests;
+- the exchange (which holds the salts in the embedded deployment): raw ids in memory during a
+  call, consent digests in its tables, and on its ledger the consent digest of each recorded
+  consent and, per score, a digest of the consent ids used; an auditor holding the consent
+  table can tell which consents a score relied on, not which subjects.
 """
 
 from __future__ import annotations
