@@ -7,7 +7,9 @@ a zone and registers datasets from examples/data/companies.csv with a classifica
 column; the consumer browses the catalog (metadata only, never rows); an unsigned and a replayed
 call are rejected; the consumer is denied, files an access request, the provider signs an
 approval, the call succeeds with a receipt verified offline, the provider revokes, the call is
-denied again; the ledger is exported and verified offline, as an auditor would.
+denied again; aggregates run under analysis rules (exact at L1/L2, differentially private by
+default at L3, groups released through a noisy gate); the ledger is exported and verified
+offline, as an auditor would.
 """
 
 from __future__ import annotations
@@ -188,14 +190,45 @@ def _result_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def _gate(result: dict[str, Any]) -> str:
+    gate = result["gate"]
+    delta = "no δ (groups fixed in advance)" if gate["delta"] is None else f"δ {gate['delta']}"
+    return (
+        f"noisy gate: a group opens when its noisy company count reaches {gate['threshold']} "
+        f"(k = {gate['k']}; noise scale {float(gate['scale']):g}, ε {float(gate['epsilon']):g}, "
+        f"{delta})"
+    )
+
+
+def _show_private(answer: dict[str, Any]) -> bool:
+    """Print a differentially private release; False if it is not one."""
+    console.print(_result_table(answer))
+    if not answer["rows"]:
+        console.print("  the gate stayed shut: nothing released, ε charged all the same")
+    console.print(f"  {_gate(answer)}")
+    for n in answer["noise"]:
+        console.print(
+            f"  {n['value']}: {n['mechanism']} noise, scale {float(n['scale']):,.1f} "
+            f"(ε {float(n['epsilon']):g})"
+        )
+    console.print(
+        f"  ε {answer['epsilon']} and δ {answer['delta']} charged; how many groups the gate "
+        "kept shut is not released"
+    )
+    if answer["suppressed"] is not None or answer["epsilon"] == "0":
+        console.print("[red]expected a differentially private release[/]")
+        return False
+    return True
+
+
 def aggregate_flow(url: str, tax: SigningKey, bank: SigningKey, data_dir: Path) -> bool:
-    """Analysis rules → granted aggregate → a suppressed group → a DP result → receipt."""
+    """Analysis rules → an exact L2 count → DP by default at L3 → a noisy gate → receipt."""
     step("The tax bureau sets analysis rules on the L3 companies dataset (k = 10, bounds)")
     with Client(url, bank) as consumer, Client(url, tax) as provider:
         rules = provider.set_analysis_rules("market-registry", "companies", AGGREGATE_RULES)
         console.print(
             f"  rules v{rules['version']}: tax_paid_2025 after_aggregate in [0, 1000000], "
-            "company_id join_only"
+            "company_id join_only; no exact_release, so L3 releases are differentially private"
         )
         req = consumer.request_access(
             "market-registry",
@@ -208,7 +241,7 @@ def aggregate_flow(url: str, tax: SigningKey, bank: SigningKey, data_dir: Path) 
         provider.approve(req["id"])
         console.print("  the bank is granted aggregate on companies")
 
-        step("The bank counts companies by industry in two districts: small groups are hidden")
+        step("The bank counts companies by industry in two districts (L1/L2 only: exact)")
         cells = consumer.aggregate(
             "market-registry",
             "SELECT industry, COUNT(*) AS companies FROM companies "
@@ -218,39 +251,45 @@ def aggregate_flow(url: str, tax: SigningKey, bank: SigningKey, data_dir: Path) 
         console.print(_result_table(cells))
         console.print(
             f"  {cells['suppressed']} industry group(s) had fewer than k = {cells['k']} "
-            "companies and were suppressed (shown only as a count)"
+            "companies and were suppressed (shown only as a count); nothing was charged"
         )
-        if cells["suppressed"] == 0:
-            console.print("[red]expected suppressed groups[/]")
+        if cells["suppressed"] == 0 or cells["epsilon"] != "0":
+            console.print("[red]expected an exact release with suppressed groups[/]")
             return False
 
-        step("The bank asks for average tax by district with differential privacy (ε = 1)")
+        step("The bank asks for the average tax in one district: L3, so DP by default")
         try:
+            one = consumer.aggregate(
+                "market-registry",
+                "SELECT AVG(tax_paid_2025) AS avg_tax FROM companies WHERE district = 'huangpu'",
+                PURPOSE,
+                epsilon="1",
+            )
+            if not _show_private(one["result"]):
+                return False
+            step("... and by district: groups found in the data raise the gate's threshold")
             response = consumer.aggregate(
                 "market-registry",
                 "SELECT district, AVG(tax_paid_2025) AS avg_tax FROM companies GROUP BY district",
                 PURPOSE,
-                epsilon="1",
+                epsilon="3",
             )
+            if not _show_private(response["result"]):
+                return False
         except ApiError as exc:
             if exc.status != 429:
                 raise
             console.print(f"  {exc.status} {exc.code}: {exc.detail}")
             return True
         result, receipt = response["result"], response["receipt"]
-        console.print(_result_table(result))
-        for n in result["noise"]:
-            console.print(
-                f"  {n['value']}: {n['mechanism']} noise, scale {float(n['scale']):,.1f} "
-                f"(ε {float(n['epsilon']):g})"
-            )
         (data_dir / "aggregate-result.json").write_text(json.dumps(result, indent=2) + "\n")
         (data_dir / "aggregate-receipt.json").write_text(json.dumps(receipt, indent=2) + "\n")
         verifier = NoteVerifier.from_verifier_key((data_dir / "log.pub").read_text().strip())
         statement, _ = verify_receipt(receipt, result, verifier)
         console.print(
-            f"  receipt verified offline: ε {statement['epsilon']} charged, k {statement['k']}, "
-            f"rules {statement['rules_version']}, ledger entry {statement['ledger_index']}"
+            f"  receipt verified offline: ε {statement['epsilon']} and δ {statement['delta']} "
+            f"charged, k {statement['k']}, rules {statement['rules_version']}, ledger entry "
+            f"{statement['ledger_index']}"
         )
         (left,) = consumer.budgets("market-registry")
         console.print(f"  privacy budget left today: ε {left['remaining']} of {left['budget']}")
@@ -319,11 +358,13 @@ def run(data_dir: Path, url: str | None, port: int) -> int:
         step("The bank browses the catalog: metadata, levels and a row-count band, never a row")
         with Client(url, bank) as consumer:
             catalog = consumer.catalog()
-        table = Table("zone", "dataset", "level", "rows", "columns")
+        table = Table("zone", "dataset", "level", "rows", "release", "columns")
         for z in catalog["zones"]:
             for d in z["datasets"]:
                 cols = ", ".join(f"{c['name']}:{c['level']}" for c in d["columns"])
-                table.add_row(z["name"], d["name"], d["level"], d["row_count_band"], cols)
+                # a provider's opt-out from DP by default at L3 would show here
+                release = d["release_note"] or "-"
+                table.add_row(z["name"], d["name"], d["level"], d["row_count_band"], release, cols)
         console.print(table)
 
         step("An unsigned call and a replayed call are rejected")
