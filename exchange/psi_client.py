@@ -5,7 +5,8 @@ scalar and its HE secret key never leave this process.
 
 1. normalize the ids (:func:`exchange.compute.psi.normalize_id`), drop empty ones and
    de-duplicate (equal ids would give equal points, and the exchange refuses repeats); an id
-   with a control character, or too long, stops the run naming its row (:class:`BadIdError`);
+   with a control or format character, or too long, stops the run naming its row
+   (:class:`BadIdError`);
 2. for ``aggregate``, make a fresh BFV key pair and upload the public context only;
 3. open the session, shuffle the distinct ids with a secret permutation, blind them with a
    fresh scalar c and upload A = c·H(x) in ordered batches;
@@ -79,8 +80,8 @@ class Prepared:
 
 
 class BadIdError(ValueError):
-    """An id that is no usable id (a control character, too long); ``row`` counts from 1.
-    The message names the row, never the value."""
+    """An id that is no usable id (a control or format character, too long). ``row`` counts
+    from 1; the message names the row, never the value."""
 
     def __init__(self, row: int, detail: str) -> None:
         super().__init__(f"row {row}: {detail}")

@@ -43,7 +43,6 @@ import contextlib
 import hashlib
 import math
 import os
-import re
 import secrets
 import shutil
 import unicodedata
@@ -79,6 +78,7 @@ from exchange.ledger import EntryDraft
 from exchange.models import DatasetRow, PsiSessionRow
 from exchange.node import Exchange
 from exchange.receipts import record_computation
+from exchange.subjects import MAX_SUBJECT_ID, check_subject_id
 from policy import Operation
 
 __all__ = [
@@ -105,12 +105,10 @@ MODES: dict[str, Operation] = {
 #: the most numeric columns one ``psi_aggregate`` may sum (one ciphertext each)
 MAX_SUM_COLUMNS = 8
 #: the most characters of one normalized id (longer ones are refused on both sides)
-MAX_ID_CHARS = 512
+MAX_ID_CHARS = MAX_SUBJECT_ID
 _P = cpsi.POINT_BYTES
 _TERMINAL = ("done", "failed", "expired")
 _READ_BATCH = 50_000
-#: C0 and C1 control characters (Unicode category Cc) and lone surrogates (no UTF-8 form)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 # -- identifiers ------------------------------------------------------------------------------
@@ -125,29 +123,22 @@ def normalize_id(value: object) -> str | None:
     identifier. The provider's subject values and the consumer's CSV cells pass through this
     same function.
 
-    An id holding a control character (after trimming) or longer than :data:`MAX_ID_CHARS`
-    is refused (:class:`InvalidInputError`, reason ``bad_id``) rather than guessed at: the
-    consumer's side names the row, the zone skips the value and counts it. The message never
-    repeats the value.
+    What is left must be a usable subject id (:func:`exchange.subjects.check_subject_id`, the
+    one definition: at most :data:`MAX_ID_CHARS` characters, no control or format character):
+    otherwise it is refused (:class:`InvalidInputError`) rather than guessed at. The consumer's
+    side names the row, the zone skips the value and counts it; the message never repeats it.
     """
     if value is None:
         return None
     text = value if isinstance(value, str) else str(value)
     text = unicodedata.normalize("NFC", text).strip()
-    bad = _CONTROL.search(text)
-    if bad is not None:
-        raise InvalidInputError(
-            f"the id contains a control character (U+{ord(bad.group()):04X})", reason="bad_id"
-        )
-    if len(text) > MAX_ID_CHARS:
-        raise InvalidInputError(f"an id is at most {MAX_ID_CHARS} characters", reason="bad_id")
-    return text or None
+    return check_subject_id(text, what="the id") if text else None
 
 
 def id_bytes(normalized: str) -> bytes:
     """The bytes hashed for a normalized id: UTF-8."""
     if len(normalized) > MAX_ID_CHARS:
-        raise InvalidInputError(f"an id is at most {MAX_ID_CHARS} characters", reason="bad_id")
+        raise InvalidInputError(f"an id is at most {MAX_ID_CHARS} characters")
     return normalized.encode("utf-8")
 
 

@@ -212,5 +212,5 @@ def test_an_id_with_a_control_character_is_named_by_row(
     args = [*_common(setup)]
     args[args.index("--ids") + 1] = str(ids)
     line = _one_error_line(*run(server, setup["key"], "psi", "cardinality", *args))
-    assert "row 2" in line and "control character (U+001B)" in line and "company" in line
+    assert "row 2" in line and "control or format character (U+001B)" in line and "company" in line
     assert "[2J" not in line

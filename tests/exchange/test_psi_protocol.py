@@ -737,11 +737,13 @@ def test_extreme_epsilons_are_422_naming_epsilon(
 
 
 def test_consumer_ids_with_control_characters_are_refused_naming_the_row() -> None:
-    for bad in ("ACME\x00Ltd", "AC\x1b[2JME", "AC\u0085ME", "A\x7f"):
+    # C0, C1 and DEL controls; a zero-width space and a right-to-left override (format
+    # characters: one printed id that would hash as another)
+    for bad in ("ACME\x00Ltd", "AC\x1b[2JME", "AC\u0085ME", "A\x7f", "AC\u200bME", "AC\u202eME"):
         with pytest.raises(ValueError) as exc:
             prepare_ids(["C1", "", bad, "C2"])
         message = str(exc.value)
-        assert message.startswith("row 3: ") and "control character" in message, message
+        assert message.startswith("row 3: ") and "control or format character" in message
         assert "ACME" not in message and len(message.splitlines()) == 1
     with pytest.raises(ValueError) as exc:
         prepare_ids(["C1", "x" * 513])
@@ -754,7 +756,7 @@ def test_provider_ids_with_control_characters_are_skipped_and_never_echoed(
     server: LiveServer, world: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    dirty = ["BELL\x07COMPANY", "WIPE\x1b[2JCOMPANY"]
+    dirty = ["BELL\x07COMPANY", "WIPE\x1b[2JCOMPANY", "HIDDEN\u200bCOMPANY"]
     with server.client(world["keys"]["provider"]) as p:
         p.register_dataset(
             "tax",
@@ -771,14 +773,14 @@ def test_provider_ids_with_control_characters_are_skipped_and_never_echoed(
         )  # fmt: skip
         with server.client(world["keys"]["provider"]) as p:
             p.approve(req["id"])
-        ids = [cid for cid, _ in world["rows"][:10]] + ["BELLCOMPANY", "WIPE[2JCOMPANY"]
+        ids = [cid for cid, _ in world["rows"][:10]] + ["BELLCOMPANY", "HIDDENCOMPANY"]
         out = c.psi_join("tax", "dirty", "cardinality", ids, PURPOSE)
     assert out["result"]["y_count"] == 10 and out["result"]["intersection"] == 10
     (entry,) = _entries(server, "computation.psi_cardinality")
-    assert entry["attrs"]["y_skipped"] == 2
+    assert entry["attrs"]["y_skipped"] == 3
     with Session(server.exchange.engine) as s:
         ledger = b"".join(s.execute(select(LedgerEntryRow.body)).scalars())
-    for needle in ("BELL", "WIPE"):
+    for needle in ("BELL", "WIPE", "HIDDEN"):
         assert needle.encode() not in ledger and needle not in caplog.text
         assert needle not in json.dumps(out)
 
