@@ -23,7 +23,15 @@ a real SQLite control database and DuckDB zone store), the same sizes through op
 scalar multiplications per id pair at the measured single-core rate, divided by the cores.
 ``--aggregate-rows R`` runs ``psi_aggregate`` (one sum column) against R provider rows and
 splits its time into homomorphic work (encrypting R values, the masked sum, decryption) and the
-rest (the PSI).
+rest (the PSI). The dataset is L3 without the provider's opt-out, so sessions are
+differentially private (ε = 1).
+
+``--checks N`` (100,000 by default when given alone) prices the privacy checks of a session on
+N × N ids: a whole ``psi_aggregate`` session with every check next to the same session with the
+whole-upload checks switched off and the k gate exact (as before those checks existed), run
+alternately, best of ``--repeat``; then each check alone against the work around it (the
+whole-upload check of A and B^c at upload and again before matching, the matching itself; the
+noisy gate next to the exact comparison and the noisy count drawn before).
 """
 
 from __future__ import annotations
@@ -431,9 +439,10 @@ def _world(live: _Live, root: Any, rows: int, bound: int) -> tuple[Any, list[str
             "tax",
             "companies",
             {
+                "epsilon_budget": "10",  # L3, no opt-out: every session spends ε = 1
                 "columns": {
                     "tax": {"disclosure": "after_aggregate", "lower": "0", "upper": str(bound)}
-                }
+                },
             },
         )
     with Client(live.url, consumer) as c:
@@ -452,7 +461,13 @@ def _world(live: _Live, root: Any, rows: int, bound: int) -> tuple[Any, list[str
 
 
 def _session(
-    live: _Live, actor: Any, xs: list[str], mode: str, sums: list[str], ctx: Any = None
+    live: _Live,
+    actor: Any,
+    xs: list[str],
+    mode: str,
+    sums: list[str],
+    ctx: Any = None,
+    epsilon: str | None = "1",
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One session through the service functions, the consumer's work done here; seconds per
     phase."""
@@ -467,7 +482,7 @@ def _session(
         digest = contexts.register_context(live.ex, actor, he.public_context_bytes(ctx)).digest
     s = service.create_session(
         live.ex, actor, zone="tax", dataset="companies", mode=mode,
-        purpose="credit-assessment", x_count=len(xs), sums=sums, context=digest,
+        purpose="credit-assessment", x_count=len(xs), sums=sums, context=digest, epsilon=epsilon,
     )  # fmt: skip
     sid = s["session"]
     batch = 1 << 16
@@ -544,7 +559,8 @@ def run_service(sizes: list[int], aggregate_rows: int, aggregate_ids: int) -> No
                 actor, ids = _world(live, Path(tmp), n, 1000)
                 xs = ids[n // 2 :] + [f"X{i:09d}" for i in range(n // 2)]
                 out, t = _session(live, actor, xs, "cardinality", [])
-                assert out["result"]["intersection"] == n - n // 2
+                # discrete Laplace of scale 1: off by 40 or more with probability 2e-17
+                assert abs(out["result"]["intersection"] - (n - n // 2)) < 40
             finally:
                 live.close()
         om = _openmined_join(n)
@@ -565,7 +581,8 @@ def run_service(sizes: list[int], aggregate_rows: int, aggregate_ids: int) -> No
                 xs = ids[: aggregate_ids // 2] + [f"X{i:09d}" for i in range(aggregate_ids // 2)]
                 ctx = he.new_context(he.BFV_DEFAULT)
                 out, t = _session(live, actor, xs, "aggregate", ["tax"], ctx)
-                assert out["result"]["count"] == aggregate_ids // 2
+                # ε = 1 split in two: discrete Laplace of scale 2, off by 80 or more: 4e-18
+                assert abs(out["result"]["count"] - aggregate_ids // 2) < 80
             finally:
                 live.close()
         values = [(i * 7919) % 10**6 for i in range(aggregate_rows)]
@@ -597,6 +614,98 @@ def run_service(sizes: list[int], aggregate_rows: int, aggregate_ids: int) -> No
         )
 
 
+class _ExactGate:
+    """The k gate as it was: the exact intersection compared with k (the noisy count drawn
+    beside it, as the release drew it), for the side-by-side run only."""
+
+    def __init__(self, k: int, epsilon: Any, sensitivity: int = 1, delta: Any = None) -> None:
+        self.threshold = k
+        self.epsilon = epsilon
+
+    def noisy(self, true: int) -> int:
+        from exchange import dp
+
+        dp.laplace_count(true, self.epsilon)
+        return true
+
+
+def run_checks(n: int, repeat: int) -> None:
+    """The privacy checks of one session on ``n`` × ``n`` ids, side by side with a session
+    without them, and each check alone."""
+    import tempfile
+    from pathlib import Path
+
+    from crypto import he
+    from exchange import dp
+    from exchange.compute import psi as service
+
+    print(f"privacy checks of a psi_aggregate session, {n:,} x {n:,} ids, one sum, ε = 1:")
+    with tempfile.TemporaryDirectory() as tmp:
+        live = _Live(Path(tmp))
+        try:
+            actor, ids = _world(live, Path(tmp), n, 10**6)
+            xs = ids[: n // 2] + [f"X{i:09d}" for i in range(n - n // 2)]
+            ctx = he.new_context(he.BFV_DEFAULT)
+            check_whole, gate = service._check_whole, service.dp.Gate
+            runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+            _session(live, actor, xs[:1000], "aggregate", ["tax"], ctx)  # warm-up, not counted
+            for _ in range(repeat):
+                for label in ("before", "after"):
+                    if label == "before":
+                        service._check_whole = lambda *args, **kw: None  # type: ignore[assignment]
+                        service.dp.Gate = _ExactGate  # type: ignore[assignment,misc]
+                    try:
+                        out, t = _session(live, actor, xs, "aggregate", ["tax"], ctx)
+                    finally:
+                        service._check_whole, service.dp.Gate = check_whole, gate  # type: ignore[misc]
+                    assert out["result"]["suppressed"] is False
+                    runs[label].append(t)
+        finally:
+            live.close()
+    best_of = {label: {k: min(t[k] for t in ts) for k in ts[0]} for label, ts in runs.items()}
+    before, after = best_of["before"], best_of["after"]
+    print(f"  {'phase (best of ' + str(repeat) + ')':<44} {'before':>9} {'after':>9} {'ratio':>7}")
+    for phase in after:
+        print(
+            f"  {phase:<44} {before[phase]:8.2f}s {after[phase]:8.2f}s "
+            f"{after[phase] / before[phase]:6.3f}x"
+        )
+
+    # each check alone, on lists of the session's size
+    key = PsiKey.generate()
+    domain = session_domain("bench", "ids")
+    a_prime = blind(key, domain, [f"a{i}".encode() for i in range(n)])
+    bc = a_prime[: n // 2] + blind(key, domain, [f"b{i}".encode() for i in range(n - n // 2)])
+    whole = best(repeat, 1, lambda: (check_whole(a_prime, n, "A"), check_whole(bc, n, "B^c")))
+
+    def match() -> None:
+        in_a = set(a_prime)
+        sum(1 if p in in_a else 0 for p in bc)
+
+    matching = best(repeat, 1, match)
+    share = dp.split_epsilon(dp.parse_epsilon("1"), 2)
+    rounds = 200
+    noisy_gate = best(
+        repeat, rounds, lambda: [gate(10, share).noisy(n // 2) for _ in range(rounds)]
+    )
+    old_count = best(
+        repeat, rounds, lambda: [dp.laplace_count(n // 2, share) for _ in range(rounds)]
+    )
+    exact = best(repeat, rounds, lambda: [n // 2 < 10 for _ in range(rounds)])
+    total = after["total"]
+    # the session runs the whole-list check twice per list: at upload and before matching
+    print(
+        f"  whole-upload check of A and B^c ({n:,} points each)   {whole / 1e3:8.1f} ms"
+        f"   x2 per session = {2 * whole / 1e6 / total:.2%} of the session;"
+        f" {whole / matching:.2f}x the matching ({matching / 1e3:.1f} ms)"
+    )
+    print(
+        f"  noisy gate (dp.Gate: build + draw)            {noisy_gate:8.1f} us"
+        f"   vs exact compare {exact:.3f} us + the count's noise drawn before {old_count:.1f} us"
+        f" = {noisy_gate / (exact + old_count):.2f}x; {noisy_gate / 1e6 / total:.5%} of the session"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=10_000)
@@ -606,8 +715,13 @@ def main() -> None:
     parser.add_argument("--aggregate-rows", type=int, default=0, help="psi_aggregate rows")
     parser.add_argument("--aggregate-ids", type=int, default=100_000)
     parser.add_argument("--only-service", action="store_true", help="skip the primitives")
+    parser.add_argument("--checks", type=int, default=0, help="price the privacy checks, N x N")
     args = parser.parse_args()
     n, repeat = args.items, args.repeat
+    if args.checks:
+        run_checks(args.checks, min(repeat, 3))
+        if not (args.service or args.million or args.aggregate_rows):
+            return
     if args.service or args.million or args.aggregate_rows:
         run_service(
             sizes=[s for s in (args.service, 1_000_000 if args.million else 0) if s],
