@@ -71,8 +71,8 @@ STATS = "statistics"
 #: the bank's ε for one private join (split between the count and the tax sum)
 PSI_EPSILON = Decimal(2)
 #: a noisy value further than this many noise scales from the truth fails the run
-#: (probability e^-12, about 6 in a million, for a correct release)
-NOISE_SCALES = 12
+#: (probability at most 2·e^-22 = 5.6e-10 per value for a correct release)
+NOISE_SCALES = 22
 
 REGISTRY, REGISTRY_SET = "company-registry", "companies"
 TAX, TAX_SET = "tax", "tax_records"
@@ -504,8 +504,6 @@ def private_join(story: Story) -> None:
     # under DP the k gate reads the noisy count: a closed gate releases nothing but that fact
     expect(not result["suppressed"], "the private join was suppressed (noisy count below k)")
     share = PSI_EPSILON / 2  # ε split between COUNT and one SUM
-    # each noise is within 22 of its scales but with probability 2·e^-22 = 5.6e-10 or less
-    psi_scales = 22
     lo, hi = citydata.TAX_BOUNDS["tax_paid_2025"]
     count_scale = 1 / share
     sum_scale = Decimal(max(abs(lo), abs(hi))) / share
@@ -532,11 +530,11 @@ def private_join(story: Story) -> None:
     console.print(table)
     expect(result["noised"] and result["epsilon"] == str(PSI_EPSILON), "the join was not noised")
     expect(result["y_count"] == citydata.N_TAX, "the tax zone's size is off")
-    expect(abs(count - truth["count"]) <= psi_scales * count_scale, "the count is off")
+    expect(abs(count - truth["count"]) <= NOISE_SCALES * count_scale, "the count is off")
     # + 1: the sum's noise is rounded to an integer inside the ciphertext
-    expect(abs(total - truth["tax_sum"]) <= psi_scales * sum_scale + 1, "the tax sum is off")
+    expect(abs(total - truth["tax_sum"]) <= NOISE_SCALES * sum_scale + 1, "the tax sum is off")
     console.print(
-        f"  within {psi_scales} noise scales of the plaintext; the bank never saw which "
+        f"  within {NOISE_SCALES} noise scales of the plaintext; the bank never saw which "
         "applicants matched, the bureau never saw the applicant list; receipt saved"
     )
 
