@@ -138,6 +138,9 @@ TAX_RULES = {
 }
 DISTRICT_RULES = {
     "min_group_size": citydata.DISTRICT_K,
+    # the districts publish exact industry totals: an opt-out from DP by default at L3, ledgered
+    # with the rules and shown in the catalog as "exact: differencing possible"
+    "exact_release": True,
     "columns": {
         "enterprise_id": {"disclosure": "join_only"},
         "industry": {"disclosure": "plaintext"},
