@@ -632,8 +632,10 @@ class _ExactGate:
 def run_checks(n: int, repeat: int) -> None:
     """The privacy checks of one session on ``n`` × ``n`` ids, side by side with a session
     without them, and each check alone."""
+    import contextlib
     import tempfile
     from pathlib import Path
+    from unittest import mock
 
     from crypto import he
     from exchange import dp
@@ -646,18 +648,18 @@ def run_checks(n: int, repeat: int) -> None:
             actor, ids = _world(live, Path(tmp), n, 10**6)
             xs = ids[: n // 2] + [f"X{i:09d}" for i in range(n - n // 2)]
             ctx = he.new_context(he.BFV_DEFAULT)
-            check_whole, gate = service._check_whole, service.dp.Gate
+            check_whole, gate = service._check_whole, dp.Gate
             runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
             _session(live, actor, xs[:1000], "aggregate", ["tax"], ctx)  # warm-up, not counted
             for _ in range(repeat):
                 for label in ("before", "after"):
-                    if label == "before":
-                        service._check_whole = lambda *args, **kw: None  # type: ignore[assignment]
-                        service.dp.Gate = _ExactGate  # type: ignore[assignment,misc]
-                    try:
+                    with contextlib.ExitStack() as undo:
+                        if label == "before":
+                            undo.enter_context(
+                                mock.patch.object(service, "_check_whole", lambda *a, **k: None)
+                            )
+                            undo.enter_context(mock.patch.object(dp, "Gate", _ExactGate))
                         out, t = _session(live, actor, xs, "aggregate", ["tax"], ctx)
-                    finally:
-                        service._check_whole, service.dp.Gate = check_whole, gate  # type: ignore[misc]
                     assert out["result"]["suppressed"] is False
                     runs[label].append(t)
         finally:

@@ -444,7 +444,11 @@ def _terms(ex: Exchange, snap: _Snap, *, encrypted: bool) -> _Terms:
     if needs_dp and (snap.mode == "members" or eps is None):
         raise _cannot_comply(
             f"releases from this dataset ({row.level}) must now be differentially private "
-            "and this session has no epsilon",
+            + (
+                "and membership has no noisy form"
+                if snap.mode == "members"
+                else "and this session has no epsilon"
+            ),
             "dp_required",
         )
     if snap.mode == "cardinality" and snap.x_count < k:
@@ -782,8 +786,8 @@ def _read_y(
 ) -> tuple[list[str], list[list[int]], int]:
     """The dataset's distinct normalized subject ids, per sum column each subject's clipped
     total over at most ``limit`` rows (further rows are dropped), and how many distinct subject
-    values were skipped as no usable id (a control character, too long): counted, never
-    echoed."""
+    values were skipped as no usable id (a control or format character, too long): counted,
+    never echoed."""
     bounds = [(Decimal(p["lower"]), Decimal(p["upper"])) for p in plan]
     index: dict[str, int] = {}
     rows_of: list[int] = []
