@@ -15,12 +15,21 @@ consumer ``aggregate`` and sets analysis rules. Then, in one run, median seconds
 - **sqlite**: the query as written on the same rows in a SQLite file (``sqlite3``), the engine a
   smaller deployment might pick;
 
-and the ratios zonex / engine (goal ≤ 1.2) and sqlite / engine (goal ≥ 5).
+and the ratios zonex / engine (goal ≤ 1.2) and sqlite / engine (goal ≥ 5). ``tax_paid`` is L3
+and the rules do not opt out (no ``exact_release``), so the zonex run is differentially private,
+as a consumer gets it by default.
+
+Then the cost of the noisy gate, side by side on the same raw rows in the same run: a query
+whose groups are found in the data (``GROUP BY district, industry, year``) is run once;
+:func:`exchange.sqlcheck.postprocess` releases its rows (a) exactly, with the exact k gate, and
+(b) differentially privately, with :class:`exchange.dp.Gate` and the noise; and the gate
+decisions alone are timed, exact comparison against ``Gate.opens``. Ratios are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sqlite3
 import statistics
 import tempfile
@@ -37,14 +46,22 @@ from crypto.keys import SigningKey
 from exchange import access, services
 from exchange.compute import aggregate, rules
 from exchange.domain import APPROVAL_TYPE, approval_payload
+from exchange.dp import DpMechanisms, Gate, parse_epsilon
 from exchange.keyfile import load_private_key
 from exchange.node import Exchange, init_data_dir
 from exchange.settings import Settings
+from exchange.sqlcheck import postprocess
 
 SQL = (
     "SELECT district, COUNT(*), AVG(tax_paid), SUM(employees) FROM tax_records "
     "WHERE year = 2025 GROUP BY district"
 )
+#: groups found in the data (districts x industries x years present)
+GATE_SQL = (
+    "SELECT district, industry, year, COUNT(*), SUM(tax_paid) FROM tax_records "
+    "GROUP BY district, industry, year"
+)
+GATE_EPSILON = "1"
 
 GENERATE = """
 COPY (
@@ -72,6 +89,8 @@ LEVELS = {
 }
 RULES = {
     "min_group_size": 10,
+    # every zonex run below is a charged DP release (L3, no exact_release)
+    "epsilon_budget": "10",
     "columns": {
         "company_id": {"disclosure": "join_only"},
         "district": {"disclosure": "plaintext"},
@@ -199,7 +218,10 @@ def main() -> None:
             released = through_zonex()["result"]  # type: ignore[index]
             print(f"query: {SQL}")
             print(f"zonex runs: {rewritten.sql}")
-            print(f"released {len(released['rows'])} groups, {released['suppressed']} suppressed")
+            print(
+                f"released {len(released['rows'])} groups, differentially private: "
+                f"ε {released['epsilon']}, gate threshold {released['gate']['threshold']}"
+            )
 
             results = {
                 "engine (as written)": median_seconds(on_engine(SQL, {}), args.repeats),
@@ -216,6 +238,7 @@ def main() -> None:
                     lambda: con.execute(SQL).fetchall(), max(3, args.repeats // 2)
                 )
                 con.close()
+            gate_figures = gate_cost(ex, consumer, args.repeats)
         finally:
             ex.close()
 
@@ -227,6 +250,52 @@ def main() -> None:
     print(f"\nzonex / engine = {zonex:.2f} (goal <= 1.2)")
     if "sqlite (as written)" in results:
         print(f"sqlite / engine = {results['sqlite (as written)'] / base:.1f} (goal >= 5)")
+
+    groups = gate_figures.pop("groups")
+    print(f"\nthe noisy gate, {int(groups):,} groups found in the data, median of {args.repeats}")
+    for name, seconds in gate_figures.items():
+        print(f"  {name:<34} {seconds * 1000:9.3f} ms   {seconds / groups * 1e6:8.2f} µs/group")
+    print(
+        "\ngate decisions: dp.Gate / exact = "
+        f"{gate_figures['gate: dp.Gate.opens'] / gate_figures['gate: exact count >= k']:.0f}"
+    )
+    private = gate_figures["postprocess, DP (gate + noise)"]
+    print(
+        "release: postprocess with dp.Gate and noise / with the exact gate = "
+        f"{private / gate_figures['postprocess, exact']:.1f}"
+    )
+
+
+def gate_cost(ex: Exchange, consumer: object, repeats: int) -> dict[str, float]:
+    """Median seconds to release the same raw rows exactly and under DP, and of the gate
+    decisions alone (exact comparison vs :meth:`Gate.opens`)."""
+    prepared = aggregate.prepare(  # type: ignore[arg-type]
+        ex, consumer, "tax", GATE_SQL, PURPOSE, with_dp=True
+    )
+    private = prepared.checked
+    assert private.dp and private.delta is not None
+    raw = aggregate.execute(ex, prepared)
+    # the same rewrite read as an exact release (subjects are unique: one statement for both)
+    exact = dataclasses.replace(private, dp=False, dp_required=False, contributions=0, delta=None)
+    mechanisms = DpMechanisms(parse_epsilon(GATE_EPSILON))
+    released = postprocess(private, raw, dp=mechanisms)
+    assert released.gate is not None
+    gate = Gate(private.k, released.gate.epsilon, private.contributions, private.delta)
+    counts = [int(r[-1]) for r in raw]
+    print(
+        f"\ngate query: {GATE_SQL}\n{len(raw):,} groups; under DP (ε {GATE_EPSILON}) the gate's "
+        f"threshold is {gate.threshold} (k {gate.k}, scale {float(gate.scale):g}, "
+        f"δ {float(gate.delta or 0):g}); {len(released.rows):,} opened this time"
+    )
+    return {
+        "groups": float(len(raw)),
+        "gate: exact count >= k": median_seconds(lambda: [c >= private.k for c in counts], repeats),
+        "gate: dp.Gate.opens": median_seconds(lambda: [gate.opens(c) for c in counts], repeats),
+        "postprocess, exact": median_seconds(lambda: postprocess(exact, raw), repeats),
+        "postprocess, DP (gate + noise)": median_seconds(
+            lambda: postprocess(private, raw, dp=mechanisms), repeats
+        ),
+    }
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation, localcontext
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from exchange.errors import InvalidInputError
@@ -226,6 +226,9 @@ def _calibrated_with_scale(
     raise InvalidInputError("no noise scale meets this epsilon")  # pragma: no cover
 
 
+# built (and its privacy map checked) once per (ε, Δ): a release noises every group with the
+# same mechanism, and building one costs far more than drawing from it
+@lru_cache(maxsize=1024, typed=True)
 def count_mechanism(epsilon: Decimal, sensitivity: int = 1) -> Any:
     """The discrete Laplace measurement for an integer of the given sensitivity at ``epsilon``
     (an OpenDP ``Measurement``; its ``map(sensitivity)`` is at most ``epsilon``)."""
@@ -241,6 +244,7 @@ def count_mechanism(epsilon: Decimal, sensitivity: int = 1) -> Any:
     )
 
 
+@lru_cache(maxsize=1024, typed=True)
 def sum_mechanism(
     lower: Decimal, upper: Decimal, epsilon: Decimal, *, contributions: int = 1
 ) -> Any:
