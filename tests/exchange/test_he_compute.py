@@ -239,8 +239,8 @@ def test_unconsented_entities_are_refused_by_position_and_nothing_is_computed(
     # positions and a count: nothing derived from the ids (no keyed digest to compare)
     assert "refused" not in exc.value.body
     assert exc.value.body["refused_positions"] == "0,3,4"
-    assert (exc.value.positions, exc.value.count) == ([0, 3, 4], 3)
     assert exc.value.body["refused_count"] == 3
+    assert (exc.value.positions, exc.value.count) == ([0, 3, 4], 3)
     assert entries(server, "computation.he_score") == []
     (refusal,) = entries(server, "he.score_refused")
     assert refusal["attrs"]["reason"] == "no_consent" and refusal["attrs"]["refused"] == 3
@@ -456,7 +456,8 @@ def bureau(server: LiveServer, tmp_path: Path) -> dict[str, Any]:
                 subject_column="company_id",
                 file=_write(tmp_path / f"{d}.csv", firms),
             )
-            p.set_analysis_rules(d, "firms", _sum_rules())
+            # exact sums at L3 are the providers' opt-out (the DP default is tested below)
+            p.set_analysis_rules(d, "firms", _sum_rules(exact_release=True))
         grants[d] = _grant(server, bureau_key, providers[d], d, "secure_sum", STATS)
     return {"bureau": bureau_key, "providers": providers, "data": data, "grants": grants}
 
@@ -545,6 +546,71 @@ def test_a_refusing_zone_fails_the_whole_sum(server: LiveServer, bureau: dict[st
         assert exc.value.status == 403 and exc.value.body["reason"] == "not_granted"
         assert exc.value.body["zone"] == "d1"
     assert entries(server, "computation.secure_sum") == []
+
+
+def _payloads(client: Client, response: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each zone's verified contribution payload."""
+    from crypto.envelope import Envelope, verify_envelope
+    from crypto.keys import VerifyKey
+    from exchange.compute.secure_sum import CONTRIBUTION_TYPE
+
+    out = {}
+    for d in DISTRICTS:
+        key = VerifyKey(b64url_decode(client.zone(d)["public_key"]))
+        for raw in response["contributions"]:
+            envelope = Envelope.model_validate(raw)
+            if any(sig.keyid == key.key_id for sig in envelope.signatures):
+                out[d] = verify_envelope(envelope, CONTRIBUTION_TYPE, {key.key_id: key})
+    return out
+
+
+def test_secure_sums_inherit_dp_by_default_and_a_zone_below_k_is_charged_not_refused(
+    server: LiveServer, bureau: dict[str, Any]
+) -> None:
+    """At L3 a secure sum is differentially private by default: it goes through the same
+    checker as an aggregate. District d3 has two retail firms, below its k = 3. An exact gate
+    made d3 refuse its whole part (``zone_refused``), exactly and for free: a "fewer than k"
+    oracle. Under DP each named cell passes a noisy gate at its zone's k (cells are named by the
+    requester, so no δ); a cell that fails contributes zeros; nothing is refused, every zone's
+    budget is charged, and no contribution carries an exact count of zeroed cells."""
+    for d, key in bureau["providers"].items():
+        with server.client(key) as p:
+            p.set_analysis_rules(d, "firms", _sum_rules())
+    with server.client(bureau["bureau"]) as c:
+        out = he_client.secure_sum(
+            c, zones=list(DISTRICTS), sql=SUM_SQL, cells=[["retail"]], purpose=STATS
+        )
+        budgets = {(b["zone"], b["dataset"]): b["spent"] for b in c.budgets()}
+        payloads = _payloads(c, out.response)
+    result = out.response["result"]
+    assert (result["epsilon"], result["delta"]) == ("0.1", "0")
+    # ε = 0.1 split between COUNT, SUM and the gate
+    assert {n["epsilon"] for n in result["noise"]} == {"0.033333333333"}
+    assert [g["zone"] for g in result["gates"]] == list(DISTRICTS)
+    for gate in result["gates"]:
+        assert gate["k"] == gate["threshold"] == 3 and gate["epsilon"] == "0.033333333333"
+    assert budgets == {(d, "firms"): "0.1" for d in DISTRICTS}
+    assert set(payloads) == set(DISTRICTS)
+    for payload in payloads.values():
+        assert "suppressed" not in payload and "missing" not in payload
+    statement, _ = verify_receipt(out.response["receipt"], result, server.log_verifier())
+    assert (statement["epsilon"], statement["delta"]) == ("0.1", "0")
+    assert len(entries(server, "computation.secure_sum")) == 1
+    assert entries(server, "he.secure_sum_refused") == []
+    # an ε that is not a decimal within the floor and ceiling is bad input with a reason
+    with server.client(bureau["bureau"]) as c:
+        for eps, reason in (("1e-30", "bad_epsilon"), ("0.001", "epsilon_below_floor")):
+            with pytest.raises(ApiError) as exc:
+                he_client.secure_sum(
+                    c,
+                    zones=list(DISTRICTS),
+                    sql=SUM_SQL,
+                    cells=[["retail"]],
+                    purpose=STATS,
+                    epsilon=eps,
+                )
+            assert exc.value.status == 422 and exc.value.body["reason"] == reason
+    assert len(entries(server, "computation.secure_sum")) == 1
 
 
 def test_dp_secure_sum_charges_every_zone_until_the_budget_is_exhausted(
