@@ -5,6 +5,7 @@ Every route except ``/v1/health``, ``/v1/ready`` and ``/metrics`` authenticates 
 """
 
 import asyncio
+import importlib.metadata
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -221,6 +222,13 @@ def _authenticates(request: Request) -> bool:
     return False
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("zonex")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
 def create_app(settings: Settings | None = None, exchange: Exchange | None = None) -> FastAPI:
     """Build the app. Pass ``exchange`` to share an already-started one (tests, embedding)."""
     if exchange is None and settings is None:
@@ -239,7 +247,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             if owned:
                 ex.close()
 
-    app = FastAPI(title="zonex", version="0.1.0", lifespan=lifespan, responses=PROBLEM_RESPONSES)
+    app = FastAPI(title="zonex", version=_version(), lifespan=lifespan, responses=PROBLEM_RESPONSES)
     cfg = settings if settings is not None else exchange.settings  # type: ignore[union-attr]
     app.add_middleware(
         BodyLimitMiddleware,
