@@ -5,8 +5,8 @@ Every route except ``/v1/health``, ``/v1/ready`` and ``/metrics`` authenticates 
 """
 
 import asyncio
-import importlib.metadata
 import hashlib
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
