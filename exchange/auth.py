@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
@@ -89,7 +90,9 @@ async def authenticate(
             raise AuthenticationError("malformed", keyid)
         loop = asyncio.get_running_loop()
         try:
-            recorded: Recorded = await ex.nonces.submit(keyid, nonce, sig_input.created, loop)
+            # on a loop the waiter is an asyncio future
+            waiter = ex.nonces.submit(keyid, nonce, sig_input.created, loop)
+            recorded: Recorded = await cast("asyncio.Future[Recorded]", waiter)
         except SQLAlchemyError as exc:  # nothing recorded: refuse rather than act unprotected
             raise UnavailableError("the request could not be recorded; retry it") from exc
         if not recorded.fresh:

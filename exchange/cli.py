@@ -580,8 +580,8 @@ def zone_ceilings(
     with client(url, key) as c:
         eff = c.set_ceilings(zone, table_in, dataset=dataset)
     table = Table("level", "operations allowed")
-    for level, ops in eff.items():
-        table.add_row(level, ", ".join(ops) or "-")
+    for name, allowed in eff.items():
+        table.add_row(name, ", ".join(allowed) or "-")
     out.print(table)
 
 

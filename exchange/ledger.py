@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
-from sqlalchemy import Engine, bindparam, insert, select, text, update
+from sqlalchemy import Engine, Table, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -113,8 +113,8 @@ class _Pending:
                 delivery.add(self.future, None, self.error or LedgerError("not recorded"))
 
 
-_HEAD = LedgerHeadRow.__table__
-_ENTRIES = LedgerEntryRow.__table__
+_HEAD = cast(Table, LedgerHeadRow.__table__)
+_ENTRIES = cast(Table, LedgerEntryRow.__table__)
 _LOCK_HEAD = (
     select(_HEAD.c.size, _HEAD.c.last_hash, _HEAD.c.last_time)
     .where(_HEAD.c.id == 1)

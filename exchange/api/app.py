@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -384,7 +384,8 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             digests={"catalog": rendered.digest},
             attrs={"registry_version": rendered.version},
         )
-        await ex.ledger.submit(draft, asyncio.get_running_loop())
+        # on a loop the waiter is an asyncio future
+        await cast("asyncio.Future[Any]", ex.ledger.submit(draft, asyncio.get_running_loop()))
         return Response(rendered.body, media_type="application/json")
 
     @v1.get("/zones/{zone}", response_model=ZoneOut)
