@@ -226,21 +226,24 @@ def _calibrated_with_scale(
     raise InvalidInputError("no noise scale meets this epsilon")  # pragma: no cover
 
 
-# built (and its privacy map checked) once per (ε, Δ): a release noises every group with the
-# same mechanism, and building one costs far more than drawing from it
-@lru_cache(maxsize=1024, typed=True)
 def count_mechanism(epsilon: Decimal, sensitivity: int = 1) -> Any:
     """The discrete Laplace measurement for an integer of the given sensitivity at ``epsilon``
     (an OpenDP ``Measurement``; its ``map(sensitivity)`` is at most ``epsilon``)."""
-    eps = _positive(epsilon)
-    _contributions(sensitivity)
+    return _count_mechanism(_positive(epsilon), _contributions(sensitivity))[0]
+
+
+# built (and its privacy map checked) once per (ε, Δ): a release noises every group with the
+# same mechanism, and building one costs far more than drawing from it
+@lru_cache(maxsize=1024, typed=True)
+def _count_mechanism(epsilon: Decimal, sensitivity: int) -> tuple[Any, float]:
+    """:func:`count_mechanism` and the scale it was built with (a gate's threshold needs it)."""
     dp = _prelude()
     space = dp.atom_domain(T="i64"), dp.absolute_distance(T="i64")
-    return _calibrated(
+    return _calibrated_with_scale(
         lambda s: dp.m.make_laplace(*space, scale=s),
-        scale_for(eps, Decimal(sensitivity)),
+        scale_for(epsilon, Decimal(sensitivity)),
         sensitivity,
-        eps,
+        epsilon,
     )
 
 
@@ -362,7 +365,7 @@ class Gate:
 
     @property
     def _built(self) -> tuple[Any, float]:
-        return _gate_mechanism(self.epsilon, self.sensitivity)
+        return _count_mechanism(self.epsilon, self.sensitivity)
 
     @property
     def scale(self) -> Decimal:
@@ -387,15 +390,3 @@ class Gate:
     def opens(self, true: int) -> bool:
         """Whether a group with ``true`` distinct subjects is released."""
         return self.noisy(true) >= self.threshold
-
-
-@cache
-def _gate_mechanism(epsilon: Decimal, sensitivity: int) -> tuple[Any, float]:
-    dp = _prelude()
-    space = dp.atom_domain(T="i64"), dp.absolute_distance(T="i64")
-    return _calibrated_with_scale(
-        lambda s: dp.m.make_laplace(*space, scale=s),
-        scale_for(epsilon, Decimal(sensitivity)),
-        sensitivity,
-        epsilon,
-    )
