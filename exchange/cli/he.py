@@ -17,7 +17,7 @@ from rich.table import Table
 from crypto import he
 from crypto.encoding import b64url_decode
 from exchange import he_client
-from exchange.cli import KeyPath, Url, app, client, one_line_errors, out, save_result
+from exchange.cli._common import KeyPath, Url, app, client, one_line_errors, out, save_result
 from exchange.sdk import ScoreRefusedError
 
 model_app = typer.Typer(help="scoring-model commitments", no_args_is_help=True)

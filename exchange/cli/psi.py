@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from exchange import dp
-from exchange.cli import KeyPath, Url, app, client, err, one_line_errors, out, save_result
+from exchange.cli._common import KeyPath, Url, app, client, err, one_line_errors, out, save_result
 from exchange.psi_client import DEFAULT_BATCH_POINTS, BadIdError, read_ids, run
 from exchange.sdk import ApiError
 

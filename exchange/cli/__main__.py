@@ -1,0 +1,5 @@
+"""``python -m exchange.cli``: the same as the ``zonex`` script."""
+
+from exchange.cli import main
+
+main()

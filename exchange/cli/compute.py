@@ -1,0 +1,141 @@
+"""Computations over one zone: export, aggregate, the budget and a dataset's analysis rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from exchange.cli._common import KeyPath, Url, _when, app, client, one_line_errors, out, save_result
+from exchange.cli.datasets import dataset_app
+
+
+@app.command("export")
+@one_line_errors
+def export_cmd(
+    zone: str,
+    dataset: str,
+    purpose: Annotated[str, typer.Option(help="purpose of use")],
+    out_file: Annotated[Path | None, typer.Option("--out", help="write the result here")] = None,
+    receipt_file: Annotated[
+        Path | None, typer.Option("--receipt", help="write the receipt here (default OUT.receipt)")
+    ] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """Export rows where the level allows it (masked subject column at L2)."""
+    with client(url, key) as c:
+        response = c.export(zone, dataset, purpose)
+    save_result(response, out_file, receipt_file)
+    if out_file is not None:
+        out.print(f"{len(response['result']['rows'])} rows written to {out_file}")
+
+
+@app.command("aggregate")
+@one_line_errors
+def aggregate_cmd(
+    zone: str,
+    sql: Annotated[str, typer.Option(help="one SELECT over the zone's datasets")],
+    purpose: Annotated[str, typer.Option(help="purpose of use")],
+    epsilon: Annotated[
+        str | None, typer.Option(help="ε to spend: asks for DP, or sets it where DP is required")
+    ] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="write the result here")] = None,
+    receipt_file: Annotated[
+        Path | None, typer.Option("--receipt", help="write the receipt here (default OUT.receipt)")
+    ] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """Run a clean-room SQL aggregate under the zone's analysis rules."""
+    with client(url, key) as c:
+        response = c.aggregate(zone, sql, purpose, epsilon=epsilon)
+    result = response["result"]
+    if out_file is not None:
+        table = Table(*result["columns"])
+        for row in result["rows"]:
+            table.add_row(*("-" if v is None else str(v) for v in row))
+        out.print(table)
+    save_result(response, out_file, receipt_file)
+    note = f"{len(result['rows'])} groups released"
+    if result.get("suppressed") is not None:
+        note += f", {result['suppressed']} suppressed (k = {result['k']})"
+    else:
+        # a DP release does not say how many groups its noisy gate kept shut
+        note += f" (noisy gate at k = {result['k']})"
+    if result["epsilon"] != "0":
+        note += f"; differentially private, ε = {result['epsilon']} charged"
+    out.print(note)
+
+
+@app.command("budget")
+@one_line_errors
+def budget_cmd(
+    zone: Annotated[str | None, typer.Option(help="only this zone")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON, not a table")] = False,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """Show the privacy budget (ε) left on each dataset you hold a grant for."""
+    with client(url, key) as c:
+        found = c.budgets(zone)
+    if as_json:
+        out.print_json(data=found)
+        return
+    table = Table("zone", "dataset", "budget ε", "spent", "remaining", "refreshes", "DP required")
+    for b in found:
+        table.add_row(
+            b["zone"],
+            b["dataset"],
+            b["budget"],
+            b["spent"],
+            b["remaining"],
+            _when(b["window_end"]),
+            "yes" if b["dp_required"] else "no",
+        )
+    out.print(table)
+
+
+@dataset_app.command("rules")
+@one_line_errors
+def dataset_rules(
+    zone: str,
+    dataset: str,
+    set_file: Annotated[
+        Path | None, typer.Option("--set", help="JSON analysis rules to set (provider)")
+    ] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Show a dataset's analysis rules, or set new ones (docs/analysis-rules.md)."""
+    document: Any = None
+    if set_file is not None:
+        try:
+            document = json.loads(set_file.read_text("utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{set_file}: not a readable JSON file ({exc})") from None
+    with client(url, key) as c:
+        if document is not None:
+            found = c.set_analysis_rules(zone, dataset, document)
+        else:
+            found = c.analysis_rules(zone, dataset)
+    rules = found["rules"]
+    origin = "defaults from the column levels" if found["default"] else f"v{found['version']}"
+    out.print(
+        f"{zone}/{dataset} analysis rules ({origin}): k = {rules['min_group_size']}, "
+        f"DP {'required' if rules['dp_required'] else 'optional'}, ε budget "
+        f"{rules['epsilon_budget']} per {rules['refresh_seconds']} s"
+    )
+    table = Table("column", "disclosure", "lower", "upper")
+    for name, rule in rules["columns"].items():
+        table.add_row(name, rule["disclosure"], rule.get("lower") or "", rule.get("upper") or "")
+    out.print(table)
+    if document is not None and rules.get("exact_release"):
+        out.print(
+            "[yellow]warning:[/] exact_release is set: L3 releases of this dataset are exact, "
+            "not differentially private, and two queries that differ by one subject can reveal "
+            "that subject's value (differencing possible); the catalog says so"
+        )

@@ -1,0 +1,95 @@
+"""``zonex dataset register`` and ``zonex catalog``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from exchange.cli._common import KeyPath, Url, app, client, one_line_errors, out
+
+dataset_app = typer.Typer(help="datasets", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+
+def _parse_levels(pairs: list[str], levels_file: Path | None) -> dict[str, str]:
+    levels: dict[str, str] = {}
+    if levels_file is not None:
+        data = json.loads(levels_file.read_text("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{levels_file}: expected a JSON object of column -> level")
+        levels.update({str(k): str(v) for k, v in data.items()})
+    for pair in pairs:
+        column, sep, level = pair.partition("=")
+        if not sep or not column or not level:
+            raise ValueError(f"--level takes COLUMN=LEVEL, got {pair!r}")
+        levels[column] = level
+    return levels
+
+
+@dataset_app.command("register")
+@one_line_errors
+def dataset_register(
+    zone: str,
+    name: str,
+    subject_column: Annotated[str, typer.Option(help="the subject/key column")],
+    level: Annotated[
+        list[str] | None, typer.Option(help="COLUMN=LEVEL (L1 L2 L3 L4 IMPORTANT CORE), repeat")
+    ] = None,
+    levels_file: Annotated[Path | None, typer.Option(help="JSON object column -> level")] = None,
+    file: Annotated[Path | None, typer.Option(help="CSV or Parquet file to import")] = None,
+    attach_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL to attach")] = None,
+    attach_table: Annotated[str | None, typer.Option(help="table to attach")] = None,
+    description: Annotated[str, typer.Option(help="what the dataset holds")] = "",
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Register a dataset in a zone you own."""
+    levels = _parse_levels(level or [], levels_file)
+    if (file is None) == (attach_url is None):
+        raise ValueError("give exactly one of --file or --attach-url")
+    with client(url, key) as c:
+        d = c.register_dataset(
+            zone,
+            name,
+            levels=levels,
+            subject_column=subject_column,
+            description=description,
+            file=file,
+            attach_url=attach_url,
+            attach_table=attach_table,
+        )
+    out.print(f"dataset {d['zone']}/{d['name']} level {d['level']} digest {d['digest'][:16]}…")
+
+
+@app.command()
+@one_line_errors
+def catalog(
+    zone: Annotated[str | None, typer.Option(help="only this zone")] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("consumer.key"),
+) -> None:
+    """Browse zones, datasets, columns and levels (never rows)."""
+    with client(url, key) as c:
+        zones = [c.zone(zone)] if zone else c.catalog()["zones"]
+    table = Table("zone", "owner", "dataset", "level", "rows", "release", "columns")
+    for z in zones:
+        if not z["datasets"]:
+            table.add_row(z["name"], z["owner_name"], "-", "-", "-", "-", "-")
+        for d in z["datasets"]:
+            cols = ", ".join(f"{c['name']}:{c['level']}" for c in d["columns"])
+            # the provider's opt-out from DP by default at L3 is shown wherever datasets are
+            release = d.get("release_note") or ""
+            table.add_row(
+                z["name"],
+                z["owner_name"],
+                d["name"],
+                d["level"],
+                d["row_count_band"],
+                release,
+                cols,
+            )
+    out.print(table)
