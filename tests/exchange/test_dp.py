@@ -182,3 +182,116 @@ def test_no_python_random(module: str) -> None:
             imported.add(node.module.split(".")[0])
     assert "random" not in imported
     assert "numpy" not in imported
+
+
+# -- the one ε type ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "parsed"),
+    [
+        ("0.5", D("0.5")),
+        ("0.50", D("0.5")),
+        (" 1 ", D(1)),
+        (2, D(2)),
+        (D("0.01"), D("0.01")),
+        ("1e-2", D("0.01")),
+        ("1E+1", D(10)),
+        ("0.123456789", D("0.123456789")),
+    ],
+)
+def test_epsilon_forms_that_parse(given: object, parsed: Decimal) -> None:
+    eps = dp.parse_epsilon(given)
+    assert eps == parsed and str(eps) == str(parsed)  # one spelling per value on a receipt
+
+
+@pytest.mark.parametrize(
+    ("given", "reason"),
+    [
+        ("0.001", "epsilon_below_floor"),
+        ("0", "epsilon_below_floor"),
+        ("-1", "epsilon_below_floor"),
+        ("10.5", "bad_epsilon"),
+        ("1e-30", "bad_epsilon"),
+        ("0.0100000001", "bad_epsilon"),
+        ("1E+999999999", "bad_epsilon"),
+        ("NaN", "bad_epsilon"),
+        ("Infinity", "bad_epsilon"),
+        ("", "bad_epsilon"),
+        ("x" * 40, "bad_epsilon"),
+        (0.5, "bad_epsilon"),
+        (True, "bad_epsilon"),
+        (None, "bad_epsilon"),
+        ([1], "bad_epsilon"),
+    ],
+)
+def test_epsilon_forms_that_are_refused_with_a_reason(given: object, reason: str) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        dp.parse_epsilon(given)
+    assert caught.value.extra["reason"] == reason
+
+
+def test_epsilon_floor_and_ceiling_are_parameters() -> None:
+    assert dp.parse_epsilon("0.001", floor=D("0.001")) == D("0.001")
+    with pytest.raises(InvalidInputError):
+        dp.parse_epsilon("0.5", floor=D(1))
+    with pytest.raises(InvalidInputError):
+        dp.parse_epsilon("2", ceiling=D(1))
+
+
+# -- noisy gates ------------------------------------------------------------------------------
+
+
+def discrete_laplace_tail(scale: Decimal, t: int) -> float:
+    """P[Z ≥ t] for t ≥ 0, Z discrete Laplace with P(z) ∝ exp(-|z|/scale): q^t / (1 + q)."""
+    q = math.exp(-1 / float(scale))
+    return q**t / (1 + q)
+
+
+@pytest.mark.parametrize(
+    ("k", "epsilon", "sensitivity", "delta"),
+    [
+        (10, D("0.1"), 1, D("1e-7")),
+        (10, D("0.333"), 3, D("1e-7")),
+        (2, D(1), 1, D("0.01")),
+        (5, D("0.05"), 10, D("1e-9")),
+        (500, D(2), 1, D("1e-5")),
+    ],
+)
+def test_a_gate_over_data_found_groups_opens_a_one_subject_group_with_probability_delta(
+    k: int, epsilon: Decimal, sensitivity: int, delta: Decimal
+) -> None:
+    """Exact, not sampled: with the scale OpenDP was built with, each of the M groups one
+    subject alone makes opens with probability P[Z ≥ τ - 1], and M times that is at most δ."""
+    gate = dp.Gate(k, epsilon, sensitivity, delta)
+    assert gate.threshold >= k
+    assert sensitivity * discrete_laplace_tail(gate.scale, gate.threshold - 1) <= float(delta)
+    # the scale is the one the privacy map accepted: never below Δ/ε
+    assert gate.scale >= D(sensitivity) / epsilon
+
+
+def test_a_gate_over_fixed_groups_is_k_and_spends_no_delta() -> None:
+    gate = dp.Gate(10, D("0.1"))
+    assert gate.threshold == 10 and gate.delta is None
+
+
+def test_a_one_subject_group_never_opens_at_a_tiny_delta() -> None:
+    # 200 draws, each opening with probability at most 1e-13: a false failure has probability
+    # at most 2e-11
+    gate = dp.Gate(2, D("0.5"), 1, D("1e-13"))
+    assert not any(gate.opens(1) for _ in range(200))
+
+
+def test_a_gate_opens_far_above_its_threshold_and_stays_shut_far_below() -> None:
+    # 40 scales away the discrete Laplace tail is e^-40 < 5e-18 per draw (400 draws: < 2e-15)
+    gate = dp.Gate(1000, D("0.2"))
+    far = int(40 * gate.scale) + 1
+    assert far < gate.threshold
+    assert all(gate.opens(gate.threshold + far) for _ in range(200))
+    assert not any(gate.opens(gate.threshold - far) for _ in range(200))
+
+
+def test_a_gate_needs_a_usable_delta() -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        dp.Gate(10, D("0.1"), 1, D(0))
+    assert caught.value.extra["reason"] == "delta_required"
