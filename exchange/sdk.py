@@ -1,13 +1,32 @@
-"""Python client for the zonex API. Signs every request (RFC 9421) with the caller's key."""
+"""Python client for the zonex API. Signs every request (RFC 9421) with the caller's key.
+
+    from exchange.sdk import Client
+
+    with Client("https://exchange.example", "bank.key") as c:
+        for zone in c.catalog().zones:
+            print(zone.name, [d.name for d in zone.datasets])
+        req = c.request_access("tax", ["companies"], ["aggregate"], "credit-assessment",
+                               duration_seconds=7 * 86400, justification="credit line review")
+        # ... once the provider approved:
+        out = c.aggregate("tax", "SELECT district, COUNT(*) FROM companies GROUP BY district",
+                          "credit-assessment")
+        print(out.columns, out.rows, out.receipt["type"])
+
+The main calls return typed results (:mod:`exchange.sdk_results`): dicts with attributes.
+A refusal raises :class:`ApiError` carrying the server's RFC 9457 problem (``status``,
+``code``, ``detail``, ``body``).
+"""
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Generator, Mapping
 from datetime import UTC, datetime, timedelta
+from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -16,6 +35,31 @@ from crypto.envelope import sign_envelope
 from crypto.httpsig import sign_request
 from crypto.keys import SigningKey, VerifyKey
 from exchange.domain import APPROVAL_TYPE, approval_payload
+from exchange.keyfile import load_private_key
+from exchange.sdk_results import (
+    AccessRequest,
+    Budget,
+    Catalog,
+    Computation,
+    Dataset,
+    Grant,
+    Principal,
+    Zone,
+)
+
+__all__ = [
+    "AccessRequest",
+    "ApiError",
+    "Budget",
+    "Catalog",
+    "Client",
+    "Computation",
+    "Dataset",
+    "Grant",
+    "Principal",
+    "ScoreRefusedError",
+    "Zone",
+]
 
 MEDIA_TYPES = {".csv": "text/csv", ".parquet": "application/vnd.apache.parquet"}
 
@@ -92,16 +136,38 @@ def raise_for_problem(response: httpx.Response) -> None:
 
 
 class Client:
-    """A signed session with one exchange."""
+    """A signed session with one exchange.
+
+    ``key`` is the caller's private key: a path to its PEM file (``str`` or ``Path``, as
+    written by ``zonex key new``; mode 0600) or a loaded :class:`~crypto.keys.SigningKey`. A
+    missing, public, unreadable or group/world-readable key file raises
+    :class:`~exchange.errors.KeyFileError` naming the file and what to do.
+
+        with Client("http://127.0.0.1:8000", "bank.key") as c:
+            me = c.whoami()
+            print(me.name, me.key_id)
+            for grant in c.grants():
+                print(grant.id, grant.datasets, grant.expires_at)
+
+    Every request is signed (RFC 9421, see docs/wire-formats-http.md); the server answers a
+    refusal with a problem document, raised here as :class:`ApiError`.
+    """
 
     def __init__(
         self,
         base_url: str,
-        key: SigningKey,
+        key: SigningKey | str | PathLike[str],
         *,
         timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        if not isinstance(key, SigningKey):
+            if not isinstance(key, (str, PathLike)):
+                raise TypeError(
+                    f"key must be a path to a private key file or a SigningKey, not "
+                    f"{type(key).__name__}"
+                )
+            key = load_private_key(key)
         self.key = key
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
@@ -120,23 +186,24 @@ class Client:
         self._http.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a signed request and return the decoded JSON answer (any route, for calls
+        without a method here); raises :class:`ApiError` on a refusal."""
         response = self._http.request(method, path, **kwargs)
         raise_for_problem(response)
         return response.json()
 
     # principals
-    def whoami(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", "/v1/principals/me")
-        return result
+    def whoami(self) -> Principal:
+        """The principal this client's key belongs to."""
+        return Principal(self.request("GET", "/v1/principals/me"))
 
     def register_principal(self, name: str, kind: str, public_key: VerifyKey) -> dict[str, Any]:
         body = {"name": name, "kind": kind, "public_key": b64url_encode(public_key.raw)}
         result: dict[str, Any] = self.request("POST", "/v1/principals", json=body)
         return result
 
-    def list_principals(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.request("GET", "/v1/principals")
-        return result
+    def list_principals(self) -> list[Principal]:
+        return [Principal(p) for p in self.request("GET", "/v1/principals")]
 
     def set_principal_status(self, key_id: str, status: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
@@ -150,17 +217,20 @@ class Client:
         result: dict[str, Any] = self.request("POST", "/v1/zones", json=body)
         return result
 
-    def catalog(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", "/v1/catalog")
-        return result
+    def catalog(self) -> Catalog:
+        """Every zone the caller may see, with its datasets, columns and levels.
 
-    def zone(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", f"/v1/zones/{name}")
-        return result
+        for zone in c.catalog().zones:
+            for d in zone.datasets:
+                print(zone.name, d.name, d.level, d.row_count_band)
+        """
+        return Catalog(self.request("GET", "/v1/catalog"))
 
-    def dataset(self, zone: str, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", f"/v1/zones/{zone}/datasets/{name}")
-        return result
+    def zone(self, name: str) -> Zone:
+        return Zone(self.request("GET", f"/v1/zones/{name}"))
+
+    def dataset(self, zone: str, name: str) -> Dataset:
+        return Dataset(self.request("GET", f"/v1/zones/{zone}/datasets/{name}"))
 
     def upload(self, zone: str, path: Path, media_type: str | None = None) -> dict[str, Any]:
         media = media_type or MEDIA_TYPES.get(path.suffix.lower())
@@ -200,6 +270,40 @@ class Client:
         result: dict[str, Any] = self.request("POST", f"/v1/zones/{zone}/datasets", json=body)
         return result
 
+    def publish_snapshot(
+        self,
+        zone: str,
+        name: str,
+        file: Path,
+        *,
+        levels: Mapping[str, str] | None = None,
+        subject_column: str | None = None,
+        description: str | None = None,
+    ) -> dict[str, Any]:
+        """Publish a new snapshot of a dataset you provide from a CSV/Parquet file: same
+        columns, levels kept unless given; returns the dataset with its new digest.
+
+            c.publish_snapshot("tax", "companies", Path("companies-2026.csv"))
+        """
+        body: dict[str, Any] = {"upload_id": self.upload(zone, Path(file))["upload_id"]}
+        if levels:
+            body["levels"] = dict(levels)
+        if subject_column is not None:
+            body["subject_column"] = subject_column
+        if description is not None:
+            body["description"] = description
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/zones/{zone}/datasets/{name}/snapshots", json=body
+        )
+        return result
+
+    def retire_dataset(self, zone: str, name: str, reason: str = "") -> dict[str, Any]:
+        """Retire a dataset you provide: no more computations, gone from the catalog."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/zones/{zone}/datasets/{name}/retire", json={"reason": reason}
+        )
+        return result
+
     # ledger
     def checkpoint(self) -> dict[str, Any]:
         result: dict[str, Any] = self.request("GET", "/v1/log/checkpoint")
@@ -221,6 +325,42 @@ class Client:
         result: dict[str, Any] = self.request("GET", f"/v1/log/entries/{seq}")
         return result
 
+    def log_key(self) -> str:
+        """The log's verifier key (what ``log.pub`` holds): checks checkpoints, bundles and
+        receipts offline. Compare its key hash with the one the operator publishes.
+
+            Path("log.pub").write_text(c.log_key() + "\\n")
+        """
+        result: dict[str, Any] = self.request("GET", "/v1/log/key")
+        return str(result["verifier_key"])
+
+    def export_ledger(self, out: IO[bytes]) -> int:
+        """Stream the ledger export bundle (JSON Lines, as ``zonex ledger export`` writes it)
+        into ``out``; the operator and auditors only. Returns the size of the checkpoint it
+        ends with; raises :class:`ApiError` if the stream ends early.
+
+            with open("ledger.jsonl", "wb") as f:
+                size = c.export_ledger(f)
+        """
+        with self._http.stream("GET", "/v1/log/export") as response:
+            if not response.is_success:
+                response.read()
+                raise_for_problem(response)
+            size = response.headers.get("zonex-log-size", "")
+            last = b""
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+                last = (last + chunk)[-65536:]
+        tail = last.rstrip(b"\n").rpartition(b"\n")[2]
+        try:
+            note = json.loads(tail)["checkpoint"]
+            ended_at = int(note.split("\n")[1])
+        except (ValueError, KeyError, IndexError, TypeError):
+            ended_at = -1
+        if not size.isdigit() or ended_at != int(size):
+            raise ApiError(502, "incomplete", "Incomplete bundle", "the export ended early", {})
+        return ended_at
+
     # access workflow
     def request_access(
         self,
@@ -231,7 +371,13 @@ class Client:
         *,
         duration_seconds: int,
         justification: str,
-    ) -> dict[str, Any]:
+    ) -> AccessRequest:
+        """Ask a zone's provider for access; returns the pending request (keep its ``id``).
+
+        req = c.request_access("tax", ["companies"], ["aggregate"], "credit-assessment",
+                               duration_seconds=30 * 86400, justification="credit review")
+        print(req.id, req.status)  # ... "pending"
+        """
         body = {
             "zone": zone,
             "datasets": datasets,
@@ -240,17 +386,15 @@ class Client:
             "duration_seconds": duration_seconds,
             "justification": justification,
         }
-        result: dict[str, Any] = self.request("POST", "/v1/access-requests", json=body)
-        return result
+        return AccessRequest(self.request("POST", "/v1/access-requests", json=body))
 
-    def requests(self, zone: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+    def requests(self, zone: str | None = None, status: str | None = None) -> list[AccessRequest]:
         params = {k: v for k, v in (("zone", zone), ("status", status)) if v is not None}
-        result: list[dict[str, Any]] = self.request("GET", "/v1/access-requests", params=params)
-        return result
+        found = self.request("GET", "/v1/access-requests", params=params)
+        return [AccessRequest(r) for r in found]
 
-    def get_request(self, request_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", f"/v1/access-requests/{request_id}")
-        return result
+    def get_request(self, request_id: str) -> AccessRequest:
+        return AccessRequest(self.request("GET", f"/v1/access-requests/{request_id}"))
 
     def approve(
         self,
@@ -259,41 +403,62 @@ class Client:
         not_after: datetime | None = None,
         datasets: list[str] | None = None,
         operations: list[str] | None = None,
-    ) -> dict[str, Any]:
+    ) -> AccessRequest:
         """Sign an approval of the request's terms (optionally narrowed) with this client's key.
 
-        ``not_after`` defaults to now plus the requested duration."""
+        ``not_after`` defaults to now plus the requested duration. A request awaiting the
+        operator (important data its provider approved) is approved by signing its
+        ``pending_terms`` exactly as the provider did; terms given here that differ from them
+        are signed as given and refused by the exchange. ``request_id`` may be a unique prefix
+        (6+ characters). Returns the request, its ``grant_id`` set once every required
+        approval is in.
+
+            approved = provider.approve(req.id)
+            print(approved.status, approved.grant_id)
+        """
         req = self.get_request(request_id)
-        end = not_after or datetime.now(UTC) + timedelta(seconds=int(req["duration_seconds"]))
+        pending = req.get("pending_terms")
+        if req.get("status") == "awaiting_operator" and pending:
+            end = not_after or datetime.strptime(
+                str(pending["not_after"]), "%Y-%m-%dT%H:%M:%SZ"
+            ).replace(tzinfo=UTC)
+            datasets = list(pending["datasets"]) if datasets is None else datasets
+            operations = list(pending["operations"]) if operations is None else operations
+        else:
+            end = not_after or datetime.now(UTC) + timedelta(seconds=int(req["duration_seconds"]))
         payload = approval_payload(
             req, approver=self.key.key_id, not_after=end, datasets=datasets, operations=operations
         )
         envelope = sign_envelope(APPROVAL_TYPE, payload, [self.key])
-        result: dict[str, Any] = self.request(
-            "POST",
-            f"/v1/access-requests/{request_id}/approve",
-            json={"approval": envelope.model_dump(mode="json")},
+        return AccessRequest(
+            self.request(
+                "POST",
+                f"/v1/access-requests/{req['id']}/approve",
+                json={"approval": envelope.model_dump(mode="json")},
+            )
         )
-        return result
 
-    def reject(self, request_id: str, reason: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request(
-            "POST", f"/v1/access-requests/{request_id}/reject", json={"reason": reason}
+    def reject(self, request_id: str, reason: str) -> AccessRequest:
+        return AccessRequest(
+            self.request(
+                "POST", f"/v1/access-requests/{request_id}/reject", json={"reason": reason}
+            )
         )
-        return result
 
-    def grants(self, zone: str | None = None, *, include_inactive: bool = False) -> list[Any]:
+    def grants(self, zone: str | None = None, *, include_inactive: bool = False) -> list[Grant]:
+        """The caller's grants (a consumer's own, a provider's on its zones); live ones only
+        unless ``include_inactive``.
+
+            for g in c.grants("tax"):
+                print(g.id, g.operations, g.expires_at.isoformat())
+        """
         params: dict[str, Any] = {"all": include_inactive}
         if zone is not None:
             params["zone"] = zone
-        result: list[dict[str, Any]] = self.request("GET", "/v1/grants", params=params)
-        return result
+        return [Grant(g) for g in self.request("GET", "/v1/grants", params=params)]
 
-    def revoke(self, grant_id: str, reason: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request(
-            "POST", f"/v1/grants/{grant_id}/revoke", json={"reason": reason}
-        )
-        return result
+    def revoke(self, grant_id: str, reason: str) -> Grant:
+        return Grant(self.request("POST", f"/v1/grants/{grant_id}/revoke", json={"reason": reason}))
 
     def set_zone_status(self, zone: str, status: str) -> None:
         response = self._http.request("POST", f"/v1/zones/{zone}/status", json={"status": status})
@@ -329,11 +494,17 @@ class Client:
         return result
 
     # computations
-    def export(self, zone: str, dataset: str, purpose: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.request(
-            "POST", f"/v1/zones/{zone}/datasets/{dataset}/export", json={"purpose": purpose}
+    def export(self, zone: str, dataset: str, purpose: str) -> Computation:
+        """Rows of a dataset under an export grant (subject ids pseudonymized), with a receipt.
+
+        out = c.export("tax", "companies", "credit-assessment")
+        print(out.columns, len(out.rows), out.result["masked"])
+        """
+        return Computation(
+            self.request(
+                "POST", f"/v1/zones/{zone}/datasets/{dataset}/export", json={"purpose": purpose}
+            )
         )
-        return result
 
     def analysis_rules(self, zone: str, dataset: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
@@ -349,18 +520,29 @@ class Client:
 
     def aggregate(
         self, zone: str, sql: str, purpose: str, *, epsilon: str | None = None
-    ) -> dict[str, Any]:
-        """Run a clean-room SQL aggregate; returns ``{"result": ..., "receipt": ...}``."""
+    ) -> Computation:
+        """Run a clean-room SQL aggregate under the zone's analysis rules (differentially
+        private by default from L3; ``epsilon`` is a decimal string). Returns the result
+        (``columns``, ``rows``, ``k``, ``epsilon``, ``noise``, ...) and its signed receipt.
+
+            out = c.aggregate("tax", "SELECT district, SUM(tax_paid_2025) FROM companies "
+                              "GROUP BY district", "credit-assessment", epsilon="0.5")
+            for district, total in out.rows:
+                print(district, total)
+        """
         body: dict[str, Any] = {"sql": sql, "purpose": purpose}
         if epsilon is not None:
             body["epsilon"] = epsilon
-        result: dict[str, Any] = self.request("POST", f"/v1/zones/{zone}/aggregate", json=body)
-        return result
+        return Computation(self.request("POST", f"/v1/zones/{zone}/aggregate", json=body))
 
-    def budgets(self, zone: str | None = None) -> list[dict[str, Any]]:
+    def budgets(self, zone: str | None = None) -> list[Budget]:
+        """The caller's privacy budgets (ε as :class:`~decimal.Decimal`) per dataset.
+
+        for b in c.budgets("tax"):
+            print(b.dataset, b.spent, "of", b.budget, "until", b.window_end)
+        """
         params = {"zone": zone} if zone else None
-        result: list[dict[str, Any]] = self.request("GET", "/v1/budgets", params=params)
-        return result
+        return [Budget(b) for b in self.request("GET", "/v1/budgets", params=params)]
 
     # homomorphic encryption
     def upload_context(self, data: bytes) -> dict[str, Any]:
