@@ -1,26 +1,35 @@
 """What every ``zonex`` command shares: the consoles, the one-line error wrapper, the common
-options and the signed client. The CLI is the only place that prints or exits."""
+options and the signed client. The CLI is the only place that prints or exits.
+
+Fast start: a client command imports nothing of the server stack (FastAPI, SQLAlchemy, DuckDB,
+TenSEAL, OpenDP, Casbin ...). Heavy modules are imported inside the commands that need them,
+and the SDK itself only when a command talks to the exchange (tests/exchange/test_cli_start.py).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
+from decimal import Decimal, InvalidOperation
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import httpx
 import typer
 from rich.console import Console
 
 from crypto.errors import CryptoError
 from exchange.errors import ZonexError
-from exchange.keyfile import load_private_key
-from exchange.sdk import ApiError, Client
+
+if TYPE_CHECKING:
+    from exchange.sdk import Client
 
 app = typer.Typer(help="zonex: privacy-preserving data exchange", no_args_is_help=True)
 
+#: results, JSON and tables a command is asked for
 out = Console(soft_wrap=True)
+#: progress, notes and errors: never mixed into what a pipe reads
 err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,10 +37,40 @@ F = TypeVar("F", bound=Callable[..., Any])
 DataDir = Annotated[Path, typer.Option("--data-dir", "-d", help="exchange data directory")]
 Url = Annotated[str, typer.Option("--url", envvar="ZONEX_URL", help="exchange base URL")]
 KeyPath = Annotated[Path, typer.Option("--key", envvar="ZONEX_KEY", help="your private key file")]
+Json = Annotated[bool, typer.Option("--json", help="print the exchange's JSON, not a table")]
+
+#: ``--out -``: write to standard output
+STDOUT = Path("-")
+
+#: decimal places of noised or decrypted numbers in tables (JSON keeps every digit)
+PLACES = 2
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"zonex {version('zonex')}")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            typer.echo("zonex (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """zonex: privacy-preserving data exchange."""
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 
@@ -42,42 +81,210 @@ def one_line_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ApiError as exc:
-            fail(f"{exc.status} {exc.code}: {exc.detail}")
-        except ZonexError as exc:
-            fail(exc.detail)
-        except CryptoError as exc:
-            fail(str(exc))
-        except httpx.HTTPError as exc:
-            fail(f"cannot reach the exchange: {exc}")
-        except OSError as exc:
-            fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-        except ValueError as exc:
-            fail(str(exc))
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise  # typer's own exits and usage errors
+        except Exception as exc:
+            message = explain(exc)
+            if message is None:
+                raise
+            fail(_escape(message))
 
     return wrapper  # type: ignore[return-value]
 
 
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def explain(exc: BaseException) -> str | None:
+    """The one line a user reads for an expected failure (``None``: a bug, let it show)."""
+    # the SDK and httpx are only imported by commands that call the exchange: an error of
+    # theirs cannot happen before they are
+    sdk = sys.modules.get("exchange.sdk")
+    if sdk is not None and isinstance(exc, sdk.ApiError):
+        return explain_problem(exc.status, exc.code, exc.detail, exc.body)
+    httpx = sys.modules.get("httpx")
+    if httpx is not None and isinstance(exc, httpx.HTTPError):
+        return _explain_transport(exc)
+    if isinstance(exc, ZonexError):
+        return exc.detail
+    if isinstance(exc, CryptoError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    if isinstance(exc, ValueError):
+        return str(exc)
+    return None
+
+
+def _explain_transport(exc: Any) -> str:
+    try:
+        url = exc.request.url
+        where = f"{url.scheme}://{url.netloc.decode('ascii', 'replace')}"
+    except (AttributeError, RuntimeError):  # no request attached
+        where = "the exchange"
+    reason = str(exc) or type(exc).__name__
+    return (
+        f"cannot reach the exchange at {where} ({reason}); check that it is running there, "
+        "or give its address with --url or ZONEX_URL"
+    )
+
+
+#: what a consumer does next after a denial, where the CLI can say it better than a code
+_DENIAL_STEPS = {
+    "not_granted": "request access",
+    "expired": "the grant has expired; request access again",
+    "purpose_mismatch": "no grant covers this purpose; request access for it",
+}
+
+
+def explain_problem(status: int, code: str, detail: str, body: Any) -> str:
+    """One line for an RFC 9457 problem: its status, code and detail, the fields a validation
+    error names, a denial's reason and context and the next step."""
+    problem: Mapping[str, Any] = body if isinstance(body, Mapping) else {}
+    fields = _field_errors(problem.get("errors"))
+    if fields:
+        return f"{status} {code}: {'; '.join(fields)}"
+    line = f"{status} {code}: {detail}"
+    reason = problem.get("reason")
+    if isinstance(reason, str) and reason and reason not in detail:
+        line += f" (reason: {reason})"
+    context = [
+        f"{name} {problem[name]}"
+        for name in ("zone", "dataset", "operation", "purpose")
+        if isinstance(problem.get(name), str | int) and str(problem[name]) not in detail
+    ]
+    if context:
+        line += f"; {', '.join(context)}"
+    step = problem.get("next")
+    if not isinstance(step, str) and isinstance(reason, str) and reason in _DENIAL_STEPS:
+        step = f"{_DENIAL_STEPS[reason]}: {_request_command(problem)}"
+    if isinstance(step, str) and step:
+        line += f"; next: {step}"
+    if code == "invalid_input" and "unknown purpose" in detail and "vocabulary" not in detail:
+        line += f"; valid purposes: {', '.join(valid_purposes())}"
+    return line
+
+
+def _request_command(problem: Mapping[str, Any]) -> str:
+    def part(name: str, placeholder: str) -> str:
+        value = problem.get(name)
+        return str(value) if isinstance(value, str) and value else placeholder
+
+    return (
+        f"zonex request {part('zone', 'ZONE')} --dataset {part('dataset', 'DATASET')} "
+        f"--operation {part('operation', 'OPERATION')} --purpose {part('purpose', 'PURPOSE')} "
+        "--justification TEXT"
+    )
+
+
+def _field_errors(errors: Any) -> list[str]:
+    """``field X: msg`` for each entry of a validation problem's ``errors`` list."""
+    if not isinstance(errors, list):
+        return []
+    found = []
+    for e in errors:
+        if not isinstance(e, Mapping):
+            continue
+        loc = [str(p) for p in e.get("loc", []) if str(p) != "body"] if e.get("loc") else []
+        msg = str(e.get("msg", "invalid"))
+        found.append(f"field {'.'.join(loc)}: {msg}" if loc else msg)
+    return found
+
+
+def valid_purposes() -> list[str]:
+    """The purpose vocabulary's names (loaded only when an error needs them)."""
+    from policy.purposes import PurposeVocabulary
+
+    return [p.name for p in PurposeVocabulary.load_default()]
+
+
 def client(url: str, key: Path) -> Client:
+    from exchange.keyfile import load_private_key
+    from exchange.sdk import Client
+
+    _refuse_public_key(key)
     return Client(url, load_private_key(key))
+
+
+def _refuse_public_key(key: Path) -> None:
+    try:
+        with key.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return  # the key loader names the problem
+    if b"PUBLIC KEY-----" in head and b"PRIVATE KEY-----" not in head:
+        raise ValueError(
+            f"--key {key}: that is a public key; pass the private key file "
+            "(the .key that zonex key new wrote next to the .pub)"
+        )
 
 
 def _when(value: Any) -> str:
     return "-" if not value else str(value).replace("T", " ")[:19]
 
 
-def save_result(response: dict[str, Any], out_file: Path | None, receipt_file: Path | None) -> None:
-    """Write a computation's result and receipt as two files (or print the result)."""
+def shown(value: Any, places: int = PLACES) -> str:
+    """A table cell: numbers with a fractional part rounded to ``places`` decimals (noised and
+    decrypted values carry 17-28 meaningless digits); the JSON keeps the full value."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool | int):
+        return str(value)
+    if isinstance(value, float | Decimal | str):
+        try:
+            number = Decimal(str(value))
+        except InvalidOperation:
+            return str(value)
+        if not number.is_finite():
+            return str(value)
+        exponent = number.as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -places:
+            return f"{number:.{places}f}"
+    return str(value)
+
+
+def is_stdout(path: Path | None) -> bool:
+    """``--out`` not given, or given as ``-``: the result goes to standard output."""
+    return path is None or path == STDOUT
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable JSON on standard output, nothing else on that line."""
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def save_result(
+    response: Mapping[str, Any], out_file: Path | None, receipt_file: Path | None
+) -> None:
+    """Write a computation's result and its receipt.
+
+    To a file: the result, and the receipt beside it (``OUT.receipt``) or at ``--receipt``.
+    To standard output (no ``--out``, or ``--out -``): the whole response, ``{"result": ...,
+    "receipt": ...}``, so the receipt is never dropped; ``--receipt`` also writes it to a file.
+    Notes go to standard error."""
+    if is_stdout(out_file):
+        print_json({"result": response["result"], "receipt": response["receipt"]})
+        if receipt_file is not None and receipt_file != STDOUT:
+            receipt_file.write_text(json.dumps(response["receipt"], indent=2) + "\n", "utf-8")
+            err.print(f'receipt: {receipt_file} (also in the output\'s "receipt")', highlight=False)
+        else:
+            err.print(
+                'the signed receipt is in the output\'s "receipt" field; saved to a file, '
+                "check it with: zonex receipt verify FILE --result FILE --log-key LOG.pub",
+                highlight=False,
+            )
+        return
+    assert out_file is not None
     text = json.dumps(response["result"], ensure_ascii=False, indent=2)
-    if out_file is None:
-        out.print_json(text)
-        if receipt_file is None:
-            return
-    else:
-        out_file.write_text(text + "\n", "utf-8")
-        receipt_file = receipt_file or out_file.with_name(out_file.name + ".receipt")
+    out_file.write_text(text + "\n", "utf-8")
+    receipt_file = receipt_file or out_file.with_name(out_file.name + ".receipt")
     receipt_file.write_text(json.dumps(response["receipt"], indent=2) + "\n", "utf-8")
-    out.print(
+    err.print(
         f"receipt: {receipt_file} (check: zonex receipt verify {receipt_file} "
-        f"--result {out_file or 'RESULT'} --log-key LOG.pub)"
+        f"--result {out_file} --log-key LOG.pub)",
+        highlight=False,
     )

@@ -5,20 +5,33 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from crypto import he
-from crypto.encoding import b64url_decode
-from exchange import he_client
-from exchange.cli._common import KeyPath, Url, app, client, one_line_errors, out, save_result
-from exchange.sdk import ScoreRefusedError
+from exchange.cli._common import (
+    PLACES,
+    STDOUT,
+    KeyPath,
+    Url,
+    app,
+    client,
+    err,
+    is_stdout,
+    one_line_errors,
+    out,
+    print_json,
+    save_result,
+    shown,
+)
+
+if TYPE_CHECKING:
+    from exchange import he_client
 
 model_app = typer.Typer(help="scoring-model commitments", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -32,12 +45,14 @@ Purpose = Annotated[str, typer.Option(help="purpose the grant (and consents) nam
 @contextmanager
 def _progress(title: str) -> Iterator[he_client.Progress]:
     """A rich progress bar driven by the client's ``progress(step, done, total)`` calls."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
-        console=out,
+        console=err,
         transient=False,
     ) as bar:
         task = bar.add_task(title, total=1)
@@ -55,6 +70,8 @@ def model_commit(
 ) -> None:
     """Register the commitment of a model (its weights stay here). A model file without a
     nonce gets one, written back: keep the file, it is what an auditor will check."""
+    from exchange import he_client
+
     loaded, fresh = he_client.load_model(model)
     if fresh:
         he_client.save_model(model, loaded)
@@ -71,17 +88,19 @@ def model_show(
     commitment: str,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("key"),
-    out_file: Annotated[Path | None, typer.Option("--out", help="write the document")] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="write the document here (- or none: stdout)")
+    ] = None,
 ) -> None:
     """Fetch a commitment's public document (owner, auditor or operator)."""
     with client(url, key) as c:
         stored = c.model(commitment)
-    text = json.dumps(stored["document"], indent=2)
-    if out_file is None:
-        out.print_json(text)
+    if is_stdout(out_file):
+        print_json(stored["document"])
     else:
-        out_file.write_text(text + "\n", "utf-8")
-        out.print(f"document: {out_file}")
+        assert out_file is not None
+        out_file.write_text(json.dumps(stored["document"], indent=2) + "\n", "utf-8")
+        err.print(f"document: {out_file}", highlight=False)
 
 
 @model_app.command("verify")
@@ -92,6 +111,9 @@ def model_verify(
     commitment: Annotated[str, typer.Option(help="the commitment a receipt cites")],
 ) -> None:
     """Offline: check a revealed model file against a commitment and its document."""
+    from crypto import he
+    from exchange import he_client
+
     loaded, fresh = he_client.load_model(model)
     if fresh:
         raise ValueError(f"{model} has no nonce: it cannot be the committed model")
@@ -125,6 +147,17 @@ def _read_ids(path: Path, column: str | None) -> list[str]:
     return ids
 
 
+@contextmanager
+def _csv_out(path: Path) -> Iterator[TextIO]:
+    """A CSV file to write, or standard output for ``-``."""
+    if path == STDOUT:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with path.open("w", newline="", encoding="utf-8") as f:
+        yield f
+
+
 def _numbered(path: Path, n: int, total: int) -> Path:
     return path if total == 1 else path.with_name(f"{path.stem}-{n + 1}{path.suffix}")
 
@@ -138,9 +171,9 @@ def score_cmd(
     ids: Annotated[Path, typer.Option("--ids", help="CSV of entity ids (first column)")],
     purpose: Purpose = "credit-assessment",
     id_column: Annotated[str | None, typer.Option(help="id column name in the CSV")] = None,
-    scores_file: Annotated[Path, typer.Option("--out", help="scores CSV to write")] = Path(
-        "scores.csv"
-    ),
+    scores_file: Annotated[
+        Path, typer.Option("--out", help="scores CSV to write (- for stdout)")
+    ] = Path("scores.csv"),
     result_file: Annotated[
         Path, typer.Option("--result", help="signed result (receipt beside it)")
     ] = Path("score-result.json"),
@@ -156,6 +189,9 @@ def score_cmd(
     commitment to the ids scored (keep it private; it shows an auditor which ids were scored).
     If the exchange refuses ids, it names their positions only: the ids are looked up here and
     written to --refused."""
+    from exchange import he_client
+    from exchange.sdk import ScoreRefusedError
+
     loaded, fresh = he_client.load_model(model)
     if fresh:
         raise ValueError(f"{model} has no nonce; run zonex model commit --model {model} first")
@@ -176,13 +212,17 @@ def score_cmd(
             writer = csv.writer(f)
             writer.writerow(["position", "id"])
             writer.writerows((p, entity_ids[p]) for p in exc.positions)
-        out.print(f"{exc.count} ids refused (reason {exc.body.get('reason')}): {refused_file}")
+        err.print(
+            f"{exc.count} ids refused (reason {exc.body.get('reason')}): {refused_file}",
+            highlight=False,
+        )
         raise
-    with scores_file.open("w", newline="", encoding="utf-8") as f:
+    with _csv_out(scores_file) as f:
         writer = csv.writer(f)
         writer.writerow(["id", "score"])
         writer.writerows((i, repr(s)) for i, s in zip(outcome.ids, outcome.scores, strict=True))
-    out.print(f"{len(outcome.scores)} scores: {scores_file}")
+    where = "standard output" if scores_file == STDOUT else scores_file
+    err.print(f"{len(outcome.scores)} scores: {where}", highlight=False)
     batches = he_client.id_batches(entity_ids)
     for n, (response, batch) in enumerate(zip(outcome.responses, batches, strict=True)):
         target = _numbered(result_file, n, len(outcome.responses))
@@ -229,9 +269,9 @@ def secure_sum_cmd(
     purpose: Purpose = "statistics",
     scheme: Annotated[str, typer.Option(help="bfv (exact integers) or ckks (decimals)")] = "bfv",
     epsilon: Annotated[str | None, typer.Option(help="ask for DP noise with this ε")] = None,
-    totals_file: Annotated[Path, typer.Option("--out", help="totals CSV to write")] = Path(
-        "totals.csv"
-    ),
+    totals_file: Annotated[
+        Path, typer.Option("--out", help="totals CSV to write (- for stdout)")
+    ] = Path("totals.csv"),
     result_file: Annotated[
         Path, typer.Option("--result", help="signed result (receipt beside it)")
     ] = Path("sum-result.json"),
@@ -239,6 +279,9 @@ def secure_sum_cmd(
     key: KeyPath = Path("key"),
 ) -> None:
     """Sum one aggregate over several zones; only the total is decrypted, here."""
+    from crypto.encoding import b64url_decode
+    from exchange import he_client
+
     names = [z.strip() for z in zones.split(",") if z.strip()]
     wanted = _cells(cells, cells_file)
     with client(url, key) as c:
@@ -255,17 +298,23 @@ def secure_sum_cmd(
             )
         zone_keys = {z: b64url_decode(c.zone(z)["public_key"]) for z in names}
     he_client.verify_contributions(outcome.response, zone_keys)
-    table = Table("cell", *outcome.values, title="totals over " + ", ".join(names))
-    with totals_file.open("w", newline="", encoding="utf-8") as f:
+    table = Table(
+        "cell",
+        *outcome.values,
+        title="totals over " + ", ".join(names),
+        caption=f"decimals rounded to {PLACES} places; the CSV keeps every digit",
+    )
+    with _csv_out(totals_file) as f:
         writer = csv.writer(f)
         writer.writerow(["cell", *outcome.values])
         for cell, row in zip(outcome.cells, outcome.totals, strict=True):
             label = "|".join(cell) or "(all)"
             writer.writerow([label, *row])
-            table.add_row(label, *(str(v) for v in row))
-    out.print(table)
+            table.add_row(label, *(shown(v) for v in row))
+    err.print(table)
     result = outcome.response["result"]
     if result["epsilon"] != "0":
-        out.print(f"with Laplace noise at ε = {result['epsilon']} (see noise in {result_file})")
-    out.print(f"totals: {totals_file}; every zone's signed contribution verified")
+        err.print(f"with Laplace noise at ε = {result['epsilon']} (see noise in {result_file})")
+    where = "standard output" if totals_file == STDOUT else totals_file
+    err.print(f"totals: {where}; every zone's signed contribution verified", highlight=False)
     save_result(outcome.response, result_file, None)

@@ -7,9 +7,7 @@ from typing import Annotated
 
 import typer
 
-from crypto.keys import SigningKey
 from exchange.cli._common import app, one_line_errors, out
-from exchange.keyfile import load_private_key, load_public_key, write_private_key, write_public_key
 
 key_app = typer.Typer(help="Ed25519 key pairs", no_args_is_help=True)
 app.add_typer(key_app, name="key")
@@ -21,6 +19,9 @@ def key_new(
     out_prefix: Annotated[Path, typer.Option("--out", help="writes OUT.key (0600) and OUT.pub")],
 ) -> None:
     """Make an Ed25519 key pair."""
+    from crypto.keys import SigningKey
+    from exchange.keyfile import write_private_key, write_public_key
+
     key = SigningKey.generate()
     priv = out_prefix.with_name(out_prefix.name + ".key")
     pub = out_prefix.with_name(out_prefix.name + ".pub")
@@ -34,6 +35,8 @@ def key_new(
 @one_line_errors
 def key_id_cmd(path: Path) -> None:
     """Print the key id of a public or private key file."""
+    from exchange.keyfile import load_private_key, load_public_key
+
     text = path.read_bytes()
     if b"PRIVATE" in text:
         out.print(load_private_key(path).key_id)

@@ -18,16 +18,30 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from exchange import dp
-from exchange.cli._common import KeyPath, Url, app, client, err, one_line_errors, out, save_result
-from exchange.psi_client import DEFAULT_BATCH_POINTS, BadIdError, read_ids, run
-from exchange.sdk import ApiError
+from exchange.cli._common import (
+    PLACES,
+    STDOUT,
+    KeyPath,
+    Url,
+    app,
+    client,
+    err,
+    one_line_errors,
+    out,
+    print_json,
+    save_result,
+    shown,
+)
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from exchange.sdk import ApiError
 
 psi_app = typer.Typer(help="private joins (PSI) with a zone's dataset", no_args_is_help=True)
 app.add_typer(psi_app, name="psi")
@@ -40,8 +54,15 @@ Ids = Annotated[
 Column = Annotated[str, typer.Option("--column", help="the CSV column with the ids")]
 Purpose = Annotated[str, typer.Option("--purpose", help="purpose of use (as granted)")]
 OutFile = Annotated[
-    Path | None, typer.Option("--out", help="write the signed result here (and OUT.receipt)")
+    Path | None,
+    typer.Option(
+        "--out",
+        help="write the signed result here (and OUT.receipt, OUT.local.json); - for stdout",
+    ),
 ]
+#: exchange.psi_client.DEFAULT_BATCH_POINTS, stated here so that --help needs no PSI stack
+#: (a test checks the two agree)
+DEFAULT_BATCH = 65_536
 Batch = Annotated[int, typer.Option("--batch", min=1, help="points per upload batch")]
 Epsilon = Annotated[
     str | None,
@@ -72,6 +93,8 @@ def _hint(mode: str, exc: ApiError) -> str | None:
 @contextmanager
 def _bars() -> Iterator[Any]:
     """A progress callback drawing one bar per phase (on stderr, so --out stays clean)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     with Progress(
         TextColumn("{task.description:<10}"),
         BarColumn(),
@@ -104,6 +127,10 @@ def _join(
     sums: list[str] | None = None,
     epsilon: str | None = None,
 ) -> None:
+    from exchange import dp
+    from exchange.psi_client import BadIdError, read_ids, run
+    from exchange.sdk import ApiError
+
     values = read_ids(ids, column)
     if epsilon is not None:
         # the exchange may set a higher floor; this catches the rest before any work
@@ -130,19 +157,29 @@ def _join(
             raise
         raise ValueError(hint) from None
     local = response.pop("local")
-    if out_file is not None:
+    doc = dict(local)
+    if "members" in doc:
+        doc["members"] = [
+            {"row": i + 1, column: v, "member": m}
+            for i, (v, m) in enumerate(zip(values, doc["members"], strict=True))
+        ]
+    if out_file == STDOUT:
+        # the signed result, its receipt and what only this machine can read, as one document
+        print_json({"result": response["result"], "receipt": response["receipt"], "local": doc})
+        err.print(
+            'the signed receipt is in the output\'s "receipt" field, the decrypted values in '
+            '"local"',
+            highlight=False,
+        )
+    elif out_file is not None:
         save_result(response, out_file, None)
         local_file = out_file.with_name(out_file.name + ".local.json")
-        doc = dict(local)
-        if "members" in doc:
-            doc["members"] = [
-                {"row": i + 1, column: v, "member": m}
-                for i, (v, m) in enumerate(zip(values, doc["members"], strict=True))
-            ]
         local_file.write_text(json.dumps(doc, ensure_ascii=False, indent=2) + "\n", "utf-8")
-        out.print(f"local result (readable only here): {local_file}")
+        err.print(f"local result (readable only here): {local_file}", highlight=False)
     result = response["result"]
     table = Table(title=f"psi {mode}: {zone}/{dataset}")
+    if result.get("noised"):
+        table.caption = f"noised values rounded to {PLACES} decimals; --out keeps every digit"
     table.add_column("value")
     table.add_column("", justify="right")
     table.add_row("your ids (distinct)", f"{local['ids']} ({local['distinct']})")
@@ -153,13 +190,14 @@ def _join(
         table.add_row("result", f"suppressed: the noisy count fell below k = {result['k']}")
         table.add_row("released", "nothing else (no count, no sums)")
     else:
-        table.add_row("count", str(local["count"]))
+        table.add_row("count", shown(local["count"]))
         for name, total in local["sums"].items():
-            table.add_row(f"sum({name})", str(total))
-            table.add_row(f"avg({name})", str(local["averages"][name]))
+            table.add_row(f"sum({name})", shown(total))
+            table.add_row(f"avg({name})", shown(local["averages"][name]))
     if result.get("noised"):
         table.add_row("DP noise", f"ε = {result['epsilon']} (spent from your budget)")
-    out.print(table)
+    # the table is for people: on stderr when stdout carries the JSON
+    (err if out_file == STDOUT else out).print(table)
 
 
 @psi_app.command("cardinality")
@@ -172,7 +210,7 @@ def cardinality(
     purpose: Purpose,
     epsilon: Epsilon = None,
     out_file: OutFile = None,
-    batch: Batch = DEFAULT_BATCH_POINTS,
+    batch: Batch = DEFAULT_BATCH,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
@@ -191,7 +229,7 @@ def members(
     column: Column,
     purpose: Purpose,
     out_file: OutFile = None,
-    batch: Batch = DEFAULT_BATCH_POINTS,
+    batch: Batch = DEFAULT_BATCH,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
@@ -213,7 +251,7 @@ def aggregate(
     ] = None,
     epsilon: Epsilon = None,
     out_file: OutFile = None,
-    batch: Batch = DEFAULT_BATCH_POINTS,
+    batch: Batch = DEFAULT_BATCH,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
