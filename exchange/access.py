@@ -19,10 +19,10 @@ import contextlib
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -58,6 +58,7 @@ from exchange.models import (
 from exchange.node import Exchange
 from exchange.observability import record_decision
 from exchange.policystore import add_rules, remove_rules
+from exchange.registry import to_principal
 from policy import (
     DEFAULT_CEILINGS,
     CeilingError,
@@ -102,6 +103,8 @@ __all__ = [
 
 MIN_DURATION = 60
 MAX_DURATION = 366 * 24 * 3600
+#: every status an access request can have
+REQUEST_STATUSES = ("pending", "awaiting_operator", "approved", "rejected", "withdrawn")
 #: an approval's ``not_after`` may run this much past ``now + duration`` (clock skew, signing)
 APPROVAL_SLACK = timedelta(seconds=300)
 #: live_consents scans a zone's consents when they are at most this many per asked digest
@@ -127,6 +130,11 @@ class AccessRequest:
     decided_by: str | None
     reason: str | None
     grant_id: str | None
+    #: the consumer's registered name, shown next to its key id
+    consumer_name: str | None = None
+    #: while the operator's approval is awaited: the exact terms the provider signed, which
+    #: the operator signs in turn (datasets, operations, purpose, not_after, the provider)
+    pending_terms: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ class Grant:
     approved_by: tuple[str, ...]
     revoked_at: datetime | None
     revoke_reason: str | None
+    consumer_name: str | None = None
 
     def live(self, now: datetime) -> bool:
         return self.status == "active" and now < self.expires_at
@@ -160,6 +169,7 @@ class Consent:
     status: str
     created_at: datetime
     withdrawn_at: datetime | None
+    consumer_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,7 +197,20 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _to_request(row: AccessRequestRow) -> AccessRequest:
+def _pending_terms(row: AccessRequestRow) -> dict[str, Any] | None:
+    """The provider's signed terms of a request awaiting the operator (stored after they
+    verified), without the signature: what the operator's approval must repeat."""
+    if row.status != "awaiting_operator" or row.provider_approval is None:
+        return None
+    payload = json.loads(Envelope.model_validate(json.loads(row.provider_approval)).payload_bytes())
+    return {
+        key: payload[key]
+        for key in ("datasets", "operations", "purpose", "not_after", "approver")
+        if key in payload
+    }
+
+
+def _to_request(row: AccessRequestRow, consumer_name: str | None = None) -> AccessRequest:
     return AccessRequest(
         id=row.id,
         consumer=row.consumer,
@@ -203,10 +226,12 @@ def _to_request(row: AccessRequestRow) -> AccessRequest:
         decided_by=row.decided_by,
         reason=row.reason,
         grant_id=row.grant_id,
+        consumer_name=consumer_name,
+        pending_terms=_pending_terms(row),
     )
 
 
-def _to_grant(row: GrantRow) -> Grant:
+def _to_grant(row: GrantRow, consumer_name: str | None = None) -> Grant:
     return Grant(
         id=row.id,
         request_id=row.request_id,
@@ -223,10 +248,11 @@ def _to_grant(row: GrantRow) -> Grant:
         ),
         revoked_at=row.revoked_at,
         revoke_reason=row.revoke_reason,
+        consumer_name=consumer_name,
     )
 
 
-def _to_consent(row: ConsentRow) -> Consent:
+def _to_consent(row: ConsentRow, consumer_name: str | None = None) -> Consent:
     return Consent(
         id=row.id,
         zone=row.zone,
@@ -237,10 +263,54 @@ def _to_consent(row: ConsentRow) -> Consent:
         status=row.status,
         created_at=row.created_at,
         withdrawn_at=row.withdrawn_at,
+        consumer_name=consumer_name,
     )
 
 
 # -- registry helpers -------------------------------------------------------------------------
+
+#: an id may be given by a unique prefix of at least this many characters (like git)
+MIN_ID_PREFIX = 6
+#: at most this many rows are looked at for one prefix
+_PREFIX_SCAN = 1000
+
+_IdRow = TypeVar("_IdRow", AccessRequestRow, GrantRow, ConsentRow)
+
+
+def _resolve(
+    session: Session,
+    model: type[_IdRow],
+    given: str,
+    what: str,
+    visible: Callable[[_IdRow], bool],
+) -> _IdRow:
+    """The row named by ``given``: its exact id, else the one row the caller may see whose id
+    starts with it. Rows the caller may not see are never counted or named."""
+    row = session.get(model, given)
+    if row is not None:
+        return row
+    if len(given) >= MIN_ID_PREFIX:
+        escaped = given.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        stmt = select(model).where(model.id.like(escaped + "%", escape="\\")).limit(_PREFIX_SCAN)
+        found = [r for r in session.scalars(stmt) if visible(r)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise InvalidInputError(
+                f"the id prefix {given!r} matches {len(found)} {what}s you can see; "
+                "give more characters of the id",
+                reason="ambiguous_id",
+                candidates=len(found),
+            )
+    raise NotFoundError(f"no such {what}")
+
+
+def _names_of(session: Session, key_ids: Iterable[str]) -> dict[str, str]:
+    wanted = set(key_ids)
+    if not wanted:
+        return {}
+    stmt = select(PrincipalRow.key_id, PrincipalRow.name).where(PrincipalRow.key_id.in_(wanted))
+    return {str(row[0]): str(row[1]) for row in session.execute(stmt)}
 
 
 def _zone(session: Session, name: str) -> ZoneRow:
@@ -338,9 +408,12 @@ def file_request(
     ds = _names(datasets, "dataset")
     ops = _operations(operations)
     purpose = _purpose(ex, purpose)
+    # the one check of this bound (the API schema and the CLI leave it to this one)
     if not MIN_DURATION <= duration_seconds <= MAX_DURATION:
         raise InvalidInputError(
-            f"duration_seconds must be between {MIN_DURATION} and {MAX_DURATION}"
+            f"the duration must be from 1 minute to 366 days (duration_seconds "
+            f"{MIN_DURATION} to {MAX_DURATION}); got {duration_seconds} seconds",
+            field="duration_seconds",
         )
     justification = justification.strip()
     if not justification or len(justification) > 4000:
@@ -402,19 +475,35 @@ def list_requests(
         if zone is not None:
             stmt = stmt.where(AccessRequestRow.zone == zone)
         if status is not None:
+            if status not in REQUEST_STATUSES:
+                raise InvalidInputError(
+                    f"unknown status {status!r}; use one of {', '.join(REQUEST_STATUSES)}"
+                )
             stmt = stmt.where(AccessRequestRow.status == status)
         rows = session.execute(stmt.order_by(AccessRequestRow.created_at)).all()
-        return [_to_request(r) for r, owner in rows if _visible(actor, r.consumer, owner)]
+        shown = [r for r, owner in rows if _visible(actor, r.consumer, owner)]
+        names = _names_of(session, (r.consumer for r in shown))
+        return [_to_request(r, names.get(r.consumer)) for r in shown]
+
+
+def _request_row(session: Session, actor: Principal, given: str) -> AccessRequestRow:
+    """The request named by its id or a unique prefix of it (among those the actor sees)."""
+    return _resolve(
+        session,
+        AccessRequestRow,
+        given,
+        "request",
+        lambda r: _visible(actor, r.consumer, _zone(session, r.zone).owner),
+    )
 
 
 def get_request(ex: Exchange, actor: Principal, request_id: str) -> AccessRequest:
+    """One request, by its id or a unique prefix of it."""
     with Session(ex.engine) as session:
-        row = session.get(AccessRequestRow, request_id)
-        if row is None:
-            raise NotFoundError("no such request")
+        row = _request_row(session, actor, request_id)
         if not _visible(actor, row.consumer, _zone(session, row.zone).owner):
             raise NotFoundError("no such request")
-        return _to_request(row)
+        return _to_request(row, _names_of(session, [row.consumer]).get(row.consumer))
 
 
 def _check_approval(
@@ -463,9 +552,8 @@ def approve_request(
     now = _now()
 
     def apply(session: Session, draft: EntryDraft) -> AccessRequest:
-        row = session.get(AccessRequestRow, request_id)
-        if row is None:
-            raise NotFoundError("no such request")
+        row = _request_row(session, actor, request_id)
+        draft.refs["request"] = row.id
         zone = _zone(session, row.zone)
         if actor.key_id == row.consumer:
             raise ForbiddenError("no one approves their own request")
@@ -506,7 +594,12 @@ def approve_request(
             mine = dict(payload, approver=None)
             theirs = dict(json.loads(provider_terms), approver=None)
             if mine != theirs:
-                raise InvalidInputError("the operator's approval differs from the provider's")
+                differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                raise InvalidInputError(
+                    f"the operator's approval differs from the provider's in {', '.join(differ)}: "
+                    "sign the request's pending_terms as they are (zonex approve does)",
+                    reason="terms_differ",
+                )
             approvals = [first, envelope.model_dump(mode="json")]
         else:
             approvals = [envelope.model_dump(mode="json")]
@@ -568,9 +661,8 @@ def reject_request(ex: Exchange, actor: Principal, request_id: str, reason: str)
         raise InvalidInputError("give a reason of 1-2000 characters")
 
     def apply(session: Session, draft: EntryDraft) -> AccessRequest:
-        row = session.get(AccessRequestRow, request_id)
-        if row is None:
-            raise NotFoundError("no such request")
+        row = _request_row(session, actor, request_id)
+        draft.refs["request"] = row.id
         zone = _zone(session, row.zone)
         if actor.key_id == row.consumer:
             new_status = "withdrawn"
@@ -612,15 +704,29 @@ def list_grants(
         if not include_inactive:
             stmt = stmt.where(GrantRow.status == "active")
         rows = session.execute(stmt.order_by(GrantRow.created_at)).all()
-        return [_to_grant(g) for g, owner in rows if _visible(actor, g.consumer, owner)]
+        shown = [g for g, owner in rows if _visible(actor, g.consumer, owner)]
+        names = _names_of(session, (g.consumer for g in shown))
+        return [_to_grant(g, names.get(g.consumer)) for g in shown]
+
+
+def _grant_row(session: Session, actor: Principal, given: str) -> GrantRow:
+    """The grant named by its id or a unique prefix of it (among those the actor sees)."""
+    return _resolve(
+        session,
+        GrantRow,
+        given,
+        "grant",
+        lambda g: _visible(actor, g.consumer, _zone(session, g.zone).owner),
+    )
 
 
 def get_grant(ex: Exchange, actor: Principal, grant_id: str) -> Grant:
+    """One grant, by its id or a unique prefix of it."""
     with Session(ex.engine) as session:
-        row = session.get(GrantRow, grant_id)
-        if row is None or not _visible(actor, row.consumer, _zone(session, row.zone).owner):
+        row = _grant_row(session, actor, grant_id)
+        if not _visible(actor, row.consumer, _zone(session, row.zone).owner):
             raise NotFoundError("no such grant")
-        return _to_grant(row)
+        return _to_grant(row, _names_of(session, [row.consumer]).get(row.consumer))
 
 
 def revoke_grant(ex: Exchange, actor: Principal, grant_id: str, reason: str) -> Grant:
@@ -631,9 +737,8 @@ def revoke_grant(ex: Exchange, actor: Principal, grant_id: str, reason: str) -> 
         raise InvalidInputError("give a reason of 1-2000 characters")
 
     def apply(session: Session, draft: EntryDraft) -> Grant:
-        row = session.get(GrantRow, grant_id)
-        if row is None:
-            raise NotFoundError("no such grant")
+        row = _grant_row(session, actor, grant_id)
+        draft.refs["grant"] = row.id
         zone = _zone(session, row.zone)
         if actor.key_id not in (zone.owner, row.consumer) and actor.kind != PrincipalKind.OPERATOR:
             raise ForbiddenError("only the zone's provider, the operator or the grantee revokes")
@@ -661,6 +766,70 @@ def revoke_grant(ex: Exchange, actor: Principal, grant_id: str, reason: str) -> 
     result: Grant = ex.ledger.append(draft, apply).value
     ex.policy.refresh()
     return result
+
+
+# -- principals as seen by providers ----------------------------------------------------------
+
+
+def _seen_principals(session: Session, actor: Principal) -> set[str] | None:
+    """Key ids of the principals ``actor`` may look up: all (None) for the operator and
+    auditors; for a zone's provider itself and every principal with a request, grant or
+    consent on its zones; for anyone else only itself."""
+    if actor.kind in (PrincipalKind.OPERATOR, PrincipalKind.AUDITOR):
+        return None
+    owned = select(ZoneRow.name).where(ZoneRow.owner == actor.key_id)
+    seen = {actor.key_id}
+    for column, zone_column in (
+        (AccessRequestRow.consumer, AccessRequestRow.zone),
+        (GrantRow.consumer, GrantRow.zone),
+        (ConsentRow.consumer, ConsentRow.zone),
+    ):
+        seen.update(session.scalars(select(column).where(zone_column.in_(owned)).distinct()))
+    return seen
+
+
+def list_principals(ex: Exchange, actor: Principal) -> list[Principal]:
+    """Principals by name: all of them for the operator and auditors; for a zone's provider,
+    itself and those with requests, grants or consents on its zones. A principal that owns no
+    zone lists none (``whoami`` names itself; the catalog names the providers)."""
+    with Session(ex.engine) as session:
+        seen = _seen_principals(session, actor)
+        stmt = select(PrincipalRow).order_by(PrincipalRow.name)
+        if seen is not None:
+            owns = session.scalars(
+                select(ZoneRow.name).where(ZoneRow.owner == actor.key_id).limit(1)
+            ).first()
+            if owns is None:
+                raise ForbiddenError(
+                    "only the operator, auditors and zone providers list principals "
+                    "(a provider sees those with requests, grants or consents on its zones)"
+                )
+            stmt = stmt.where(PrincipalRow.key_id.in_(seen))
+        return [to_principal(r) for r in session.scalars(stmt)]
+
+
+def _consumer_key_id(session: Session, actor: Principal, given: str) -> str:
+    """A consumer named by its key id, its registered name, or a unique prefix (6+) of the key
+    id of a principal the actor may look up."""
+    if session.get(PrincipalRow, given) is not None:
+        return given
+    by_name = session.scalars(select(PrincipalRow.key_id).where(PrincipalRow.name == given)).first()
+    if by_name is not None:
+        return by_name
+    if len(given) >= MIN_ID_PREFIX and all(c in "0123456789abcdef" for c in given):
+        seen = _seen_principals(session, actor)
+        stmt = select(PrincipalRow.key_id).where(PrincipalRow.key_id.startswith(given))
+        found = [k for k in session.scalars(stmt.limit(_PREFIX_SCAN)) if seen is None or k in seen]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise InvalidInputError(
+                f"the key id prefix {given!r} matches {len(found)} principals you can see; "
+                "give more characters or the name",
+                reason="ambiguous_id",
+                candidates=len(found),
+            )
+    raise NotFoundError(f"no such consumer {given!r}: give its name or key id")
 
 
 # -- suspensions and ceilings -----------------------------------------------------------------
@@ -793,15 +962,15 @@ def record_consent(
         z = _zone(session, zone)
         if z.owner != actor.key_id:
             raise ForbiddenError("only the zone's provider records consents")
-        if session.get(PrincipalRow, consumer) is None:
-            raise NotFoundError("no such consumer")
+        consumer_id = _consumer_key_id(session, actor, consumer)
+        draft.refs["consumer"] = consumer_id
         digest = subject_digest(ex, zone, subject)
         row = ConsentRow(
             id=consent_id,
             zone=zone,
             subject_digest=digest,
             digest_version=subjects.CONSENT_DIGEST_VERSION,
-            consumer=consumer,
+            consumer=consumer_id,
             purpose=purpose,
             expires_at=expires_at,
             status="active",
@@ -811,12 +980,12 @@ def record_consent(
         draft.digests["subject"] = digest
         draft.attrs["digest_version"] = subjects.CONSENT_DIGEST_VERSION
         session.flush()
-        return _to_consent(row)
+        return _to_consent(row, _names_of(session, [consumer_id]).get(consumer_id))
 
     draft = EntryDraft(
         kind="consent.recorded",
         actor=actor.key_id,
-        refs={"consent": consent_id, "zone": zone, "consumer": consumer},
+        refs={"consent": consent_id, "zone": zone},  # the consumer's key id: added on apply
         attrs={"purpose": purpose, "expires": expires_at.astimezone(UTC).isoformat()},
     )
     result: Consent = ex.ledger.append(draft, apply).value
@@ -825,9 +994,17 @@ def record_consent(
 
 def withdraw_consent(ex: Exchange, actor: Principal, consent_id: str) -> Consent:
     def apply(session: Session, draft: EntryDraft) -> Consent:
-        row = session.get(ConsentRow, consent_id)
-        if row is None:
-            raise NotFoundError("no such consent")
+        row = _resolve(
+            session,
+            ConsentRow,
+            consent_id,
+            "consent",
+            lambda c: (
+                actor.key_id in (c.consumer, _zone(session, c.zone).owner)
+                or actor.kind in (PrincipalKind.OPERATOR, PrincipalKind.AUDITOR)
+            ),
+        )
+        draft.refs["consent"] = row.id
         if _zone(session, row.zone).owner != actor.key_id:
             raise ForbiddenError("only the zone's provider withdraws consents")
         if row.status != "active":
@@ -852,7 +1029,9 @@ def list_consents(ex: Exchange, actor: Principal, zone: str) -> list[Consent]:
             PrincipalKind.AUDITOR,
         ):
             stmt = stmt.where(ConsentRow.consumer == actor.key_id)
-        return [_to_consent(r) for r in session.scalars(stmt.order_by(ConsentRow.created_at))]
+        shown = list(session.scalars(stmt.order_by(ConsentRow.created_at)))
+        names = _names_of(session, (c.consumer for c in shown))
+        return [_to_consent(c, names.get(c.consumer)) for c in shown]
 
 
 def live_consents(
@@ -935,6 +1114,30 @@ def has_live_consent(
 # -- authorization ----------------------------------------------------------------------------
 
 
+def _denial(reason: str, zone: str, dataset: str, operation: str, purpose: str) -> DeniedError:
+    """A ledgered denial naming what the caller asked for (its own dataset, operation and
+    purpose: nothing of the policy) and, where there is one, the next step."""
+    ask = (
+        f"zonex request {zone} --dataset {dataset} --operation {operation} "
+        f"--purpose {purpose} --justification TEXT"
+    )
+    hints = {
+        "not_granted": f"request access: {ask}",
+        "expired": f"the grant has expired; request access again: {ask}",
+        "purpose_mismatch": f"no grant covers this purpose; request access for it: {ask}",
+        "level_ceiling": "the operation is above the dataset's level ceiling: see zonex catalog",
+        "suspended": "the zone or your principal is suspended: ask the exchange's operator",
+    }
+    denied = DeniedError(
+        reason, f"denied: {reason}: {operation} on {zone}/{dataset} for purpose {purpose}"
+    )
+    denied.extra.update(zone=zone, dataset=dataset, operation=operation, purpose=purpose)
+    if reason in hints:
+        denied.extra["next"] = hints[reason]
+    denied.ledgered = True  # authorize's access.denied entry records it, with the full decision
+    return denied
+
+
 def authorize(
     ex: Exchange,
     actor: Principal,
@@ -978,7 +1181,12 @@ def authorize(
         now=_now(),
     )
     decision = ex.policy.decide(request)
-    if decision.allowed and not zone_active:
+    if ds.status == "retired":
+        # its provider retired it: nothing runs on it any more, granted or not
+        decision = Decision(
+            False, f"retired:dataset:{zone}/{dataset}", "retired", decision.policy_version
+        )
+    elif decision.allowed and not zone_active:
         # the suspension row is written with the status; this covers the refresh interval
         decision = Decision(False, f"suspend:zone:{zone}", "suspended", decision.policy_version)
     record_decision(decision.allowed, str(decision.reason))
@@ -1001,7 +1209,5 @@ def authorize(
                 attrs=attrs,
             )
         )
-        denied = DeniedError(str(decision.reason))
-        denied.ledgered = True  # the entry above records it, with the full decision
-        raise denied
+        raise _denial(str(decision.reason), zone, dataset, op.value, purpose)
     return Authorization(decision=decision, request=request, level=level, digest=digest)

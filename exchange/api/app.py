@@ -354,7 +354,8 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
 
     @v1.get("/principals", response_model=list[PrincipalOut])
     def list_principals(actor: Actor, ex: Ex) -> list[PrincipalOut]:
-        return [PrincipalOut.from_domain(p) for p in services.list_principals(ex, actor)]
+        # all for the operator and auditors; a provider sees those active on its zones
+        return [PrincipalOut.from_domain(p) for p in access.list_principals(ex, actor)]
 
     @v1.post("/principals/{key_id}/status", response_model=PrincipalOut)
     def set_status(key_id: str, actor: Actor, ex: Ex, body: StatusIn) -> PrincipalOut:

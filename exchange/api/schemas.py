@@ -184,7 +184,9 @@ class AccessRequestIn(In):
     datasets: Annotated[list[Token], Field(min_length=1, max_length=100)]
     operations: Annotated[list[Token], Field(min_length=1, max_length=10)]
     purpose: Token
-    duration_seconds: Annotated[int, Field(ge=1, le=10**9)]
+    #: bounded by the service alone (exchange.access.MIN_DURATION .. MAX_DURATION), whose
+    #: problem names the field: one check per bound
+    duration_seconds: int
     justification: Text
 
 
@@ -203,6 +205,12 @@ class AccessRequestOut(Out):
     decided_by: str | None
     reason: str | None
     grant_id: str | None
+    #: the consumer's registered name
+    consumer_name: str | None = None
+    #: while ``status`` is ``awaiting_operator``: the exact terms the provider signed
+    #: (datasets, operations, purpose, not_after, approver), which the operator's approval
+    #: must repeat; null otherwise
+    pending_terms: dict[str, Any] | None = None
 
     @classmethod
     def from_domain(cls, r: AccessRequest) -> AccessRequestOut:
@@ -221,6 +229,8 @@ class AccessRequestOut(Out):
             decided_by=r.decided_by,
             reason=r.reason,
             grant_id=r.grant_id,
+            consumer_name=r.consumer_name,
+            pending_terms=dict(r.pending_terms) if r.pending_terms is not None else None,
         )
 
 
@@ -247,6 +257,8 @@ class GrantOut(Out):
     approved_by: list[str]
     revoked_at: datetime | None
     revoke_reason: str | None
+    #: the consumer's registered name
+    consumer_name: str | None = None
 
     @classmethod
     def from_domain(cls, g: Grant) -> GrantOut:
@@ -264,6 +276,7 @@ class GrantOut(Out):
             approved_by=list(g.approved_by),
             revoked_at=g.revoked_at,
             revoke_reason=g.revoke_reason,
+            consumer_name=g.consumer_name,
         )
 
 
@@ -278,7 +291,8 @@ class CeilingsOut(Out):
 
 class ConsentIn(In):
     subject: Annotated[str, Field(min_length=1, max_length=512)]
-    consumer: Annotated[str, Field(min_length=64, max_length=64)]
+    #: the consumer's key id, a unique prefix of it (6+ characters), or its registered name
+    consumer: Annotated[str, Field(min_length=1, max_length=128)]
     purpose: Token
     expires_at: datetime
 
@@ -295,6 +309,8 @@ class ConsentOut(Out):
     status: str
     created_at: datetime
     withdrawn_at: datetime | None
+    #: the consumer's registered name
+    consumer_name: str | None = None
 
     @classmethod
     def from_domain(cls, c: Consent) -> ConsentOut:
@@ -307,6 +323,7 @@ class ConsentOut(Out):
             status=c.status,
             created_at=c.created_at,
             withdrawn_at=c.withdrawn_at,
+            consumer_name=c.consumer_name,
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -33,19 +33,39 @@ def principal_add(
 @principal_app.command("list")
 @one_line_errors
 def principal_list(url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")) -> None:
-    """List principals (operator and auditors)."""
+    """List principals: all of them (operator, auditors); a zone's provider sees itself and
+    those with requests, grants or consents on its zones."""
+    from exchange.cli.access import print_wide
+
     with client(url, key) as c:
         rows = c.list_principals()
     table = Table("name", "kind", "status", "key id")
     for p in rows:
-        table.add_row(p["name"], p["kind"], p["status"], p["key_id"][:16] + "…")
-    out.print(table)
+        table.add_row(p["name"], p["kind"], p["status"], p["key_id"])
+    print_wide(table)
 
 
 def _status(key_id: str, status: str, url: str, key: Path) -> None:
     with client(url, key) as c:
+        if len(key_id) != 64:  # a name or a unique key id prefix (6+), like git
+            key_id = _principal_key_id(c.list_principals(), key_id)
         p = c.set_principal_status(key_id, status)
     out.print(f"{p['name']}: {p['status']}")
+
+
+def _principal_key_id(principals: list[Any], given: str) -> str:
+    """The key id of the principal named ``given`` or whose key id starts with it (6+)."""
+    named = [p["key_id"] for p in principals if p["name"] == given]
+    if named:
+        return str(named[0])
+    if len(given) < 6:
+        raise ValueError(f"{given!r}: give a principal's name, key id or 6+ characters of it")
+    found = [p["key_id"] for p in principals if p["key_id"].startswith(given)]
+    if len(found) > 1:
+        raise ValueError(f"the key id prefix {given!r} matches {len(found)} principals")
+    if not found:
+        raise ValueError(f"no principal named {given!r} or with a key id starting with it")
+    return str(found[0])
 
 
 @principal_app.command("suspend")
@@ -53,7 +73,7 @@ def _status(key_id: str, status: str, url: str, key: Path) -> None:
 def principal_suspend(
     key_id: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
 ) -> None:
-    """Suspend a principal at once (operator only)."""
+    """Suspend a principal at once (operator only); KEY_ID may be a name or a unique prefix."""
     _status(key_id, "suspended", url, key)
 
 
@@ -62,7 +82,7 @@ def principal_suspend(
 def principal_reinstate(
     key_id: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
 ) -> None:
-    """Reinstate a suspended principal (operator only)."""
+    """Reinstate a suspended principal (operator only); KEY_ID may be a name or a prefix."""
     _status(key_id, "active", url, key)
 
 

@@ -23,7 +23,7 @@ from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange import access
 from exchange.domain import APPROVAL_TYPE, approval_payload
-from exchange.models import AccessRequestRow, LedgerEntryRow
+from exchange.models import LedgerEntryRow
 from exchange.sdk import ApiError, Client
 from tests.conftest import EXAMPLES, L2_LEVELS, L3_LEVELS, LiveServer, free_port
 
@@ -395,23 +395,81 @@ def test_important_data_needs_the_operator_too(
     with server.client(parties["provider"]) as p, pytest.raises(ApiError) as exc:
         p.approve(req["id"])
     assert exc.value.status == 403
+    # the provider's signed terms are on the request, for everyone who sees it
+    terms = first["pending_terms"]
+    assert terms["approver"] == parties["provider"].key_id
+    assert terms["datasets"] == ["strategic"] and terms["operations"] == ["aggregate"]
+    with server.client(parties["consumer"]) as c:
+        assert c.get_request(req["id"])["pending_terms"] == terms
     end = datetime.now(UTC) + timedelta(hours=2)
     with server.client(server.operator) as op:
         with pytest.raises(ApiError) as exc:  # different terms from the provider's
             op.approve(req["id"], not_after=end)
+        assert exc.value.status == 422 and exc.value.body["reason"] == "terms_differ"
+        with pytest.raises(ApiError) as exc:  # other datasets than the provider signed
+            op.approve(req["id"], datasets=["strategic", "companies"])
         assert exc.value.status == 422
-        with Session(server.exchange.engine) as session:
-            stored = session.get(AccessRequestRow, req["id"])
-            assert stored is not None and stored.provider_approval is not None
-            provider_terms = json.loads(
-                Envelope.model_validate(json.loads(stored.provider_approval)).payload_bytes()
-            )
-        same_end = datetime.strptime(provider_terms["not_after"], "%Y-%m-%dT%H:%M:%SZ")
-        done = op.approve(req["id"], not_after=same_end.replace(tzinfo=UTC))
-    assert done["status"] == "approved"
+        # the operator's approval signs the pending terms as they are
+        same_end = datetime.strptime(terms["not_after"], "%Y-%m-%dT%H:%M:%SZ")
+        payload = approval_payload(
+            op.get_request(req["id"]),
+            approver=server.operator.key_id,
+            not_after=same_end.replace(tzinfo=UTC),
+            datasets=terms["datasets"],
+            operations=terms["operations"],
+        )
+        envelope = sign_envelope(APPROVAL_TYPE, payload, [server.operator])
+        body = {"approval": envelope.model_dump(mode="json")}
+        done = op.request("POST", f"/v1/access-requests/{req['id']}/approve", json=body)
+        assert done["status"] == "approved" and done["pending_terms"] is None
+        # replaying the operator's signed approval creates nothing more
+        with pytest.raises(ApiError) as exc:
+            op.request("POST", f"/v1/access-requests/{req['id']}/approve", json=body)
+        assert exc.value.status == 409
     with server.client(parties["consumer"]) as c:
         (grant,) = c.grants()
     assert grant["approved_by"] == [parties["provider"].key_id, server.exchange.operator_key_id()]
+    assert grant["expires_at"].startswith(terms["not_after"][:19])
+    assert grant["consumer_name"] == "City Bank"
+
+
+def test_the_operator_approves_important_data_by_the_sdk(
+    server: LiveServer, parties: dict[str, SigningKey]
+) -> None:
+    with server.client(parties["consumer"]) as c:
+        req = c.request_access(
+            "tax", ["strategic"], ["aggregate"], PURPOSE, duration_seconds=DAY, justification="x"
+        )
+        with pytest.raises(ApiError) as exc:  # no one approves their own request
+            c.approve(req["id"])
+        assert exc.value.status == 403
+    with server.client(parties["provider"]) as p:
+        assert p.approve(req["id"])["status"] == "awaiting_operator"
+    with server.client(server.operator) as op:
+        done = op.approve(req["id"][:10])  # the pending terms, by a unique id prefix
+    assert done["status"] == "approved" and done["grant_id"]
+    with server.client(parties["consumer"]) as c:
+        out = c.aggregate(
+            "tax", "SELECT district, COUNT(*) FROM strategic GROUP BY district", PURPOSE
+        )
+    assert out["receipt"]
+
+
+def test_a_denial_names_what_was_denied_and_the_next_step(
+    server: LiveServer, parties: dict[str, SigningKey]
+) -> None:
+    with server.client(parties["consumer"]) as c, pytest.raises(ApiError) as exc:
+        c.export("tax", "open_companies", PURPOSE)
+    assert denial(exc) == "not_granted"
+    body = exc.value.body
+    assert (body["zone"], body["dataset"], body["operation"], body["purpose"]) == (
+        "tax",
+        "open_companies",
+        "export",
+        PURPOSE,
+    )
+    assert body["next"].startswith("request access: zonex request tax --dataset open_companies")
+    assert "export on tax/open_companies" in body["detail"]
 
 
 def test_consents(server: LiveServer, parties: dict[str, SigningKey]) -> None:
