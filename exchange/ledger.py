@@ -484,8 +484,15 @@ class Ledger:
         """Write the JSON Lines bundle: every entry, then every checkpoint with a consistency
         proof from the one before. Signs a fresh checkpoint first so the last covers all."""
         final = self.checkpoint()
+        for line in self.export_lines(final):
+            out.write(line)
+        return final
+
+    def export_lines(self, final: SignedCheckpoint) -> Iterator[bytes]:
+        """The bundle's lines (each ending in a newline) up to the signed checkpoint ``final``:
+        the same bytes :meth:`export` writes for it, produced lazily for a streamed answer."""
         for body in self._iter_bodies(final.size):
-            out.write(body + b"\n")
+            yield body + b"\n"
         previous = 0
         with Session(self._engine) as session:
             notes = session.execute(
@@ -496,9 +503,8 @@ class Ledger:
         for index, (size, note) in enumerate(notes):
             proof = [] if index == 0 or size == previous else self.consistency_proof(previous, size)
             line = {"checkpoint": note, "consistency": [b64_encode(h) for h in proof]}
-            out.write(canonicalize(line) + b"\n")
+            yield canonicalize(line) + b"\n"
             previous = size
-        return final
 
     def _iter_bodies(self, size: int, batch: int = 10_000) -> Iterator[bytes]:
         start = 0

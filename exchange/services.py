@@ -7,11 +7,13 @@ about HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -43,10 +45,12 @@ from exchange.ledger import EntryDraft
 from exchange.models import AnalysisRulesRow, DatasetRow, PrincipalRow, UploadRow, ZoneRow
 from exchange.node import Exchange
 from exchange.registry import to_principal
-from exchange.zonestore import TableInfo, ZoneStore, ZoneStoreError, attach
+from exchange.zonestore import TableInfo, ZoneStore, ZoneStoreError, attach, row_count_band
 from policy.levels import Level, max_level
 
 UPLOAD_TYPES = {"text/csv": "csv", "application/vnd.apache.parquet": "parquet"}
+#: a dataset's status once its provider retired it: no computations, not in the catalog
+RETIRED = "retired"
 
 
 # -- mapping rows to domain objects -----------------------------------------------------------
@@ -235,7 +239,9 @@ def get_zone(ex: Exchange, actor: Principal, name: str) -> Zone:
         row = _zone_row(session, name)
         owner = session.get(PrincipalRow, row.owner)
         datasets = session.execute(
-            select(DatasetRow).where(DatasetRow.zone == name).order_by(DatasetRow.name)
+            select(DatasetRow)
+            .where(DatasetRow.zone == name, DatasetRow.status != RETIRED)
+            .order_by(DatasetRow.name)
         ).scalars()
         exact = exact_releases(session, name)
         return Zone(
@@ -272,7 +278,9 @@ def load_catalog(session: Session) -> list[Zone]:
     by_zone: dict[str, list[Dataset]] = {}
     exact = exact_releases(session)
     for d in session.execute(
-        select(DatasetRow).order_by(DatasetRow.zone, DatasetRow.name)
+        select(DatasetRow)
+        .where(DatasetRow.status != RETIRED)
+        .order_by(DatasetRow.zone, DatasetRow.name)
     ).scalars():
         by_zone.setdefault(d.zone, []).append(
             to_dataset(d, exact_release=(d.zone, d.name) in exact)
@@ -300,6 +308,8 @@ def get_dataset(ex: Exchange, actor: Principal, zone: str, name: str) -> Dataset
         ).scalar_one_or_none()
         if row is None:
             raise NotFoundError(f"no dataset {name!r} in zone {zone!r}")
+        if row.status == RETIRED:
+            raise NotFoundError(f"dataset {name!r} in zone {zone!r} was retired")
         return to_dataset(row, exact_release=(zone, name) in exact_releases(session, zone))
 
 
@@ -402,10 +412,18 @@ def register_dataset(ex: Exchange, actor: Principal, zone: str, spec: DatasetSpe
     with Session(ex.engine) as session:
         _require_owner(_zone_row(session, zone), actor)
         exists = session.execute(
-            select(DatasetRow.id).where(DatasetRow.zone == zone, DatasetRow.name == spec.name)
+            select(DatasetRow.status).where(DatasetRow.zone == zone, DatasetRow.name == spec.name)
         ).first()
+        if exists and exists[0] == RETIRED:
+            raise ConflictError(
+                f"dataset {spec.name!r} in zone {zone!r} was retired; its name is not reused "
+                "(the ledger and receipts name it): choose another name"
+            )
         if exists:
-            raise ConflictError(f"dataset {spec.name!r} already exists in zone {zone!r}")
+            raise ConflictError(
+                f"dataset {spec.name!r} already exists in zone {zone!r}; to replace its "
+                f"content: zonex dataset publish {zone} {spec.name} --file FILE"
+            )
         upload = None
         if spec.upload_id is not None:
             upload = session.get(UploadRow, spec.upload_id)
@@ -493,4 +511,166 @@ def register_dataset(ex: Exchange, actor: Principal, zone: str, spec: DatasetSpe
         store.close()
     if spec.upload_id is not None:
         (ex.staging_dir / spec.upload_id).unlink(missing_ok=True)
+    return dataset
+
+
+# -- datasets that change ---------------------------------------------------------------------
+
+
+def _live_dataset(session: Session, zone: str, name: str) -> DatasetRow:
+    row = session.execute(
+        select(DatasetRow).where(DatasetRow.zone == zone, DatasetRow.name == name)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFoundError(f"no dataset {name!r} in zone {zone!r}")
+    if row.status == RETIRED:
+        raise ConflictError(f"dataset {zone}/{name} is retired")
+    return row
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """A new snapshot of a registered dataset: the staged upload with its content, and the
+    column levels that change (the others keep theirs)."""
+
+    upload_id: str
+    levels: Mapping[str, str]
+    subject_column: str | None = None
+    description: str | None = None
+
+
+def publish_snapshot(
+    ex: Exchange, actor: Principal, zone: str, name: str, spec: SnapshotSpec
+) -> Dataset:
+    """Replace an imported dataset's content with a staged upload: a new snapshot digest,
+    ledgered (``dataset.snapshot_published`` names the previous digest too).
+
+    The columns stay the same (a different schema is a new dataset); levels, the subject
+    column and the description stay unless given. Grants name the dataset, not a snapshot, so
+    they carry over; every call is still decided on the levels in force. Receipts made under the
+    previous snapshot keep verifying offline (they carry its digest and their own proof);
+    caches of checked queries and statistics are keyed by the digest, so nothing computed on
+    the previous snapshot is reused for the new one."""
+    if spec.description is not None and len(spec.description) > 4000:
+        raise InvalidInputError("description is at most 4000 characters")
+    with Session(ex.engine) as session:
+        _require_owner(_zone_row(session, zone), actor)
+        current = _live_dataset(session, zone, name)
+        if current.source != "import":
+            raise InvalidInputError(
+                f"dataset {zone}/{name} is an attached table, read in place: it has no "
+                "uploaded snapshots"
+            )
+        upload = session.get(UploadRow, spec.upload_id)
+        if upload is None or upload.zone != zone or upload.owner != actor.key_id:
+            raise NotFoundError("no such upload for this zone")
+        if upload.used:
+            raise ConflictError("this upload was already used")
+        upload_format = upload.media_type
+        old_columns = [dict(c) for c in current.columns]
+        old_digest = current.digest
+        subject_column = spec.subject_column or current.subject_column
+        description = current.description if spec.description is None else spec.description
+
+    source_path = ex.staging_dir / spec.upload_id
+    store = ZoneStore(ex.zones_dir / zone)
+    result: list[Dataset] = []
+
+    def publish(new_file: Path, info: TableInfo) -> None:
+        names = [c.name for c in info.columns]
+        before = [c["name"] for c in old_columns]
+        if names != before:
+            raise InvalidInputError(
+                f"the new snapshot's columns ({', '.join(names)}) differ from {zone}/{name}'s "
+                f"({', '.join(before)}); a different schema is a new dataset"
+            )
+        if info.digest == old_digest:
+            raise ConflictError(f"this content is already the current snapshot of {zone}/{name}")
+        levels = {c["name"]: c["level"] for c in old_columns}
+        levels.update(spec.levels)
+        columns = _columns(
+            info,
+            DatasetSpec(name, description, subject_column, levels, upload_id=spec.upload_id),
+        )
+        level = max_level(Level(c["level"]) for c in columns).value
+        undo: list[Callable[[], None]] = []
+
+        def apply(session: Session, draft: EntryDraft) -> Dataset:
+            up = session.get(UploadRow, spec.upload_id)
+            if up is None or up.used:
+                raise ConflictError("this upload was already used")
+            row = _live_dataset(session, zone, name)
+            if row.digest != old_digest:
+                raise ConflictError(f"{zone}/{name} changed meanwhile; publish again")
+            up.used = True
+            row.columns = columns
+            row.level = level
+            row.row_count = info.row_count
+            row.digest = info.digest
+            row.subject_column = subject_column
+            row.description = description
+            row.source_format = upload_format
+            # the file is swapped inside the transaction that records it: whoever reads the
+            # new digest reads the new rows
+            undo.append(store.replace(name, new_file))
+            session.flush()
+            return to_dataset(row)
+
+        draft = EntryDraft(
+            kind="dataset.snapshot_published",
+            actor=actor.key_id,
+            refs={"zone": zone, "dataset": name},
+            digests={"snapshot": info.digest, "previous": old_digest},
+            attrs={"level": level, "rows_band": row_count_band(info.row_count)},
+        )
+        try:
+            result.append(ex.ledger.append(draft, apply).value)
+        except BaseException:
+            for step in undo:
+                step()
+            raise
+
+    try:
+        try:
+            if upload_format == "csv":
+                store.import_csv(name, source_path, publish=publish)
+            else:
+                store.import_parquet(name, source_path, publish=publish)
+        except ZoneStoreError as exc:
+            raise InvalidInputError(str(exc), reason=exc.code) from exc
+        store.discard_previous()
+    finally:
+        store.close()
+    source_path.unlink(missing_ok=True)
+    return result[0]
+
+
+def retire_dataset(ex: Exchange, actor: Principal, zone: str, name: str, reason: str) -> Dataset:
+    """Retire a dataset for good: no computation runs on it any more (the policy point
+    refuses with ``retired``), the catalog no longer lists it, its name is not reused, and an
+    imported dataset's rows are removed from the zone's store. Ledgered (``dataset.retired``);
+    receipts made on it keep verifying offline."""
+    if len(reason) > 1000:
+        raise InvalidInputError("reason is at most 1000 characters")
+    with Session(ex.engine) as session:
+        _require_owner(_zone_row(session, zone), actor)
+        _live_dataset(session, zone, name)
+
+    def apply(session: Session, draft: EntryDraft) -> Dataset:
+        row = _live_dataset(session, zone, name)
+        row.status = RETIRED
+        draft.digests["snapshot"] = row.digest
+        session.flush()
+        return to_dataset(row)
+
+    draft = EntryDraft(
+        kind="dataset.retired",
+        actor=actor.key_id,
+        refs={"zone": zone, "dataset": name},
+        digests={"reason": hashlib.sha256(reason.encode()).hexdigest()} if reason else {},
+    )
+    dataset: Dataset = ex.ledger.append(draft, apply).value
+    if dataset.source == "import":
+        with ZoneStore(ex.zones_dir / zone) as store, contextlib.suppress(ZoneStoreError):
+            store.drop(name)  # the rows leave the zone; a missing file is already gone
     return dataset

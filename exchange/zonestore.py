@@ -89,6 +89,10 @@ __all__ = [
     "row_count_band",
 ]
 
+#: publishes an import's complete private file in place of the current snapshot (see
+#: :meth:`ZoneStore.replace`); called with the file and its description
+Publish = Callable[["Path", "TableInfo"], None]
+
 log = logging.getLogger(__name__)
 
 PortableType = Literal["integer", "decimal", "text", "boolean", "date", "timestamp"]
@@ -542,6 +546,7 @@ class ZoneStore:
         self._lock = threading.Lock()
         self._generation: _Generation | None = None
         self._engine: Engine | None = None
+        self._previous: list[Path] = []
         self._sweep_stale_imports()
 
     def __enter__(self) -> ZoneStore:
@@ -580,13 +585,17 @@ class ZoneStore:
 
     # -- import --
 
-    def import_csv(self, table: str, source: Path) -> TableInfo:
+    def import_csv(self, table: str, source: Path, *, publish: Publish | None = None) -> TableInfo:
         """Import a CSV file (RFC 4180: UTF-8, comma, ``"`` quotes, one header row of lowercase
         identifiers, the same number of fields on every row, at least one row). Column types are
         inferred (integer, decimal as binary64, boolean, date, timestamp, else text); a value
-        with leading zeros stays text. Refusals: ``bad_name``, ``table_exists``, ``bad_csv``."""
+        with leading zeros stays text. Refusals: ``bad_name``, ``table_exists``, ``bad_csv``.
+
+        With ``publish``, the table is a new snapshot of an existing one: ``publish`` is handed
+        the complete file instead of it being linked in (see :meth:`replace`)."""
         _check_name(table)
-        self._refuse_existing(table)
+        if publish is None:
+            self._refuse_existing(table)
         names = _read_csv_header(Path(source))
         _check_columns(names, "bad_csv")
 
@@ -607,15 +616,18 @@ class ZoneStore:
                     "bad_csv", "the CSV file has a header but no rows (types cannot be inferred)"
                 )
 
-        return self._import(table, build, "bad_csv", Path(source))
+        return self._import(table, build, "bad_csv", Path(source), publish)
 
-    def import_parquet(self, table: str, source: Path) -> TableInfo:
+    def import_parquet(
+        self, table: str, source: Path, *, publish: Publish | None = None
+    ) -> TableInfo:
         """Import a Parquet file. Columns must be lowercase identifiers and of a type in the
         portable vocabulary; FLOAT is widened to DOUBLE, TIMESTAMP_S/MS/NS become microsecond
         TIMESTAMP, UUID and ENUM become text. Refusals: ``bad_name``, ``table_exists``,
-        ``bad_parquet``, ``unsupported_type``."""
+        ``bad_parquet``, ``unsupported_type``. ``publish``: as for :meth:`import_csv`."""
         _check_name(table)
-        self._refuse_existing(table)
+        if publish is None:
+            self._refuse_existing(table)
         if not Path(source).is_file():
             raise ZoneStoreError("bad_parquet", "the Parquet file cannot be read")
 
@@ -639,7 +651,7 @@ class ZoneStore:
                 [str(source)],
             )
 
-        return self._import(table, build, "bad_parquet", Path(source))
+        return self._import(table, build, "bad_parquet", Path(source), publish)
 
     def _refuse_existing(self, table: str) -> None:
         if self._path(table).exists():
@@ -651,6 +663,7 @@ class ZoneStore:
         build: Callable[[duckdb.DuckDBPyConnection], None],
         code: str,
         source: Path,
+        publish: Publish | None = None,
     ) -> TableInfo:
         """Build the table in a private file, describe it, then publish it atomically."""
         temp = self._tables / f"{TEMP_PREFIX}{table}-{secrets.token_hex(8)}{TABLE_SUFFIX}"
@@ -665,6 +678,9 @@ class ZoneStore:
             finally:
                 con.close()  # checkpoints: the file is complete and the WAL gone
             _fsync(temp)
+            if publish is not None:
+                publish(temp, info)
+                return info
             try:
                 # link() never replaces: of two racing imports exactly one wins
                 os.link(temp, self._path(table))
@@ -691,6 +707,32 @@ class ZoneStore:
             raise ZoneStoreError("not_found", f"no dataset {table!r} in this zone") from exc
         finally:
             cur.close()
+
+    def replace(self, table: str, new_file: Path) -> Callable[[], None]:
+        """Publish ``new_file`` (handed to an import's ``publish``) as the current snapshot of
+        ``table``, atomically; queries already running finish on the old file. Returns an undo
+        that puts the previous snapshot back, for a caller whose own commit then failed."""
+        _check_name(table)
+        path = self._path(table)
+        previous = self._tables / f"{TEMP_PREFIX}prev-{table}-{secrets.token_hex(8)}{TABLE_SUFFIX}"
+        try:
+            os.link(path, previous)
+        except FileNotFoundError as exc:
+            raise ZoneStoreError("not_found", f"no dataset {table!r} in this zone") from exc
+        os.replace(new_file, path)
+        _fsync(self._tables)
+
+        def undo() -> None:
+            os.replace(previous, path)
+            _fsync(self._tables)
+
+        self._previous.append(previous)
+        return undo
+
+    def discard_previous(self) -> None:
+        """Remove the snapshots :meth:`replace` kept for an undo (after the caller committed)."""
+        while self._previous:
+            self._previous.pop().unlink(missing_ok=True)
 
     def drop(self, table: str) -> None:
         """Remove a dataset. Queries already running on it finish on the old file."""

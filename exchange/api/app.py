@@ -26,7 +26,9 @@ from crypto.encoding import b64_encode, b64url_decode
 from crypto.errors import EncodingError
 from crypto.merkle import leaf_hash
 from exchange import access, services
+from exchange.api import datasets as dataset_routes
 from exchange.api import he as he_routes
+from exchange.api import log as log_routes
 from exchange.api import psi as psi_routes
 from exchange.api.deps import Actor, Ex, principal, principal_of_body, registry_version
 from exchange.api.refusals import reason_of, record_refusal
@@ -582,6 +584,8 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     app.include_router(v1)
     app.include_router(psi_routes.router)
     app.include_router(he_routes.router)
+    app.include_router(log_routes.router)
+    app.include_router(dataset_routes.router)
     return app
 
 

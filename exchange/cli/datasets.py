@@ -1,4 +1,4 @@
-"""``zonex dataset register`` and ``zonex catalog``."""
+"""``zonex dataset register|publish|retire`` and ``zonex catalog``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,70 @@ def dataset_register(
             attach_table=attach_table,
         )
     out.print(f"dataset {d['zone']}/{d['name']} level {d['level']} digest {d['digest'][:16]}…")
+
+
+@dataset_app.command("publish")
+@one_line_errors
+def dataset_publish(
+    zone: str,
+    name: str,
+    file: Annotated[Path, typer.Option(help="CSV or Parquet file: the new snapshot")],
+    level: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=LEVEL for a column whose level changes (others keep theirs)"),
+    ] = None,
+    levels_file: Annotated[Path | None, typer.Option(help="JSON object column -> level")] = None,
+    subject_column: Annotated[
+        str | None, typer.Option(help="a new subject/key column (default: unchanged)")
+    ] = None,
+    description: Annotated[str | None, typer.Option(help="a new description")] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Publish a new snapshot of a dataset you provide: same columns, a new digest, on the
+    ledger. Grants carry over; receipts made on the previous snapshot keep verifying.
+
+    Example:
+      zonex dataset publish tax companies --file companies-2026.csv
+    """
+    levels = _parse_levels(level or [], levels_file)
+    with client(url, key) as c:
+        previous = c.dataset(zone, name)["digest"]
+        d = c.publish_snapshot(
+            zone,
+            name,
+            file,
+            levels=levels,
+            subject_column=subject_column,
+            description=description,
+        )
+    out.print(
+        f"dataset {d['zone']}/{d['name']} snapshot {d['digest']} published "
+        f"(previous {previous}), level {d['level']}"
+    )
+
+
+@dataset_app.command("retire")
+@one_line_errors
+def dataset_retire(
+    zone: str,
+    name: str,
+    reason: Annotated[str, typer.Option(help="why (its digest goes on the ledger)")] = "",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Retire a dataset you provide, for good: no more computations, gone from the catalog,
+    its rows removed from the zone. Receipts made on it keep verifying.
+
+    Example:
+      zonex dataset retire tax companies --reason "superseded by companies_v2" --yes
+    """
+    if not yes and not typer.confirm(f"retire {zone}/{name} for good?", default=False):
+        raise ValueError("not retired (confirm, or pass --yes)")
+    with client(url, key) as c:
+        d = c.retire_dataset(zone, name, reason)
+    out.print(f"dataset {d['zone']}/{d['name']} retired (last snapshot {d['digest']})")
 
 
 @app.command()

@@ -1,21 +1,43 @@
-"""``zonex ledger``, ``zonex audit`` and ``zonex receipt``: offline, no server needed."""
+"""``zonex ledger``, ``zonex log``, ``zonex audit`` and ``zonex receipt``.
+
+Audit and receipt checks are offline; the ledger export and checkpoint run offline from the
+data directory or over the signed API, so an auditor needs no access to the operator's disk.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from exchange.cli._common import DataDir, app, fail, one_line_errors, out
+from exchange.cli._common import KeyPath, Url, app, client, fail, one_line_errors, out
 
-ledger_app = typer.Typer(help="the ledger, offline (no server needed)", no_args_is_help=True)
+ledger_app = typer.Typer(
+    help="the ledger: export and checkpoints, offline (--data-dir) or over the API (--url)",
+    no_args_is_help=True,
+)
+log_app = typer.Typer(help="the exchange's log, over the API", no_args_is_help=True)
 audit_app = typer.Typer(help="offline verification", no_args_is_help=True)
 receipt_app = typer.Typer(help="computation receipts, offline", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(audit_app, name="audit")
 app.add_typer(receipt_app, name="receipt")
+app.add_typer(log_app, name="log")
+
+OptDataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", "-d", help="exchange data directory (offline, no server)"),
+]
+OptUrl = Annotated[
+    str | None, typer.Option("--url", envvar="ZONEX_URL", help="exchange base URL (over the API)")
+]
+AuditorKey = Annotated[
+    Path, typer.Option("--key", envvar="ZONEX_KEY", help="your private key file (with --url)")
+]
 
 
 def _offline_exchange(data_dir: Path) -> Any:
@@ -25,37 +47,136 @@ def _offline_exchange(data_dir: Path) -> Any:
     return Exchange(Settings.from_data_dir(data_dir))
 
 
+def _source(data_dir: Path | None, url: str | None) -> str:
+    """Which form a ledger command runs in: ``"offline"`` (the data directory) or ``"api"``.
+    A URL that only comes from ``ZONEX_URL`` gives way to an explicit ``--data-dir``."""
+    explicit_url = url is not None and url != os.environ.get("ZONEX_URL")
+    if data_dir is not None and explicit_url:
+        raise ValueError(
+            "give --data-dir (offline, on the exchange's machine) or --url (over the API), not both"
+        )
+    if data_dir is not None:
+        return "offline"
+    if url is not None:
+        return "api"
+    raise ValueError(
+        "give --data-dir DIR (offline, on the exchange's machine) or --url URL --key KEY "
+        "(over the API, as the operator or an auditor)"
+    )
+
+
+def _write_text(out_path: Path | None, text: str) -> None:
+    if out_path is None or str(out_path) == "-":
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    else:
+        out_path.write_text(text, "utf-8")
+
+
 @ledger_app.command("checkpoint")
 @one_line_errors
 def ledger_checkpoint(
-    data_dir: DataDir,
-    out_path: Annotated[Path, typer.Option("--out", help="where to write the checkpoint note")],
+    data_dir: OptDataDir = None,
+    url: OptUrl = None,
+    key: AuditorKey = Path("auditor.key"),
+    out_path: Annotated[
+        Path | None,
+        typer.Option("--out", help="where to write the checkpoint note (default or -: stdout)"),
+    ] = None,
 ) -> None:
-    """Write the latest signed checkpoint (signing one if entries are not yet covered)."""
-    ex = _offline_exchange(data_dir)
-    try:
-        cp = ex.ledger.checkpoint()
-    finally:
-        ex.close()
-    out_path.write_text(cp.note, "utf-8")
-    out.print(f"checkpoint size {cp.size} written to {out_path}")
+    """Write the latest signed checkpoint: offline from the data directory (signing one if
+    entries are not yet covered), or over the API with --url and --key.
+
+    Examples:
+      zonex ledger checkpoint --url https://exchange.example --key auditor.key --out cp.txt
+      zonex ledger checkpoint --data-dir ./exchange --out cp.txt
+    """
+    if _source(data_dir, url) == "offline":
+        assert data_dir is not None
+        ex = _offline_exchange(data_dir)
+        try:
+            cp = ex.ledger.checkpoint()
+        finally:
+            ex.close()
+        note, size = cp.note, cp.size
+    else:
+        assert url is not None
+        with client(url, key) as c:
+            got = c.checkpoint()
+        note, size = str(got["note"]), int(got["size"])
+    _write_text(out_path, note)
+    if out_path is not None and str(out_path) != "-":
+        out.print(f"checkpoint size {size} written to {out_path}")
 
 
 @ledger_app.command("export")
 @one_line_errors
 def ledger_export(
-    data_dir: DataDir,
     out_path: Annotated[Path, typer.Option("--out", help="JSON Lines bundle to write")],
+    data_dir: OptDataDir = None,
+    url: OptUrl = None,
+    key: AuditorKey = Path("auditor.key"),
 ) -> None:
-    """Export entries and checkpoints as a self-contained JSON Lines bundle."""
+    """Export entries and checkpoints as a self-contained JSON Lines bundle: offline from the
+    data directory, or streamed over the API with --url and --key (operator or auditor).
+    Check it with: zonex audit verify BUNDLE --log-key log.pub
+
+    Examples:
+      zonex ledger export --url https://exchange.example --key auditor.key --out ledger.jsonl
+      zonex ledger export --data-dir ./exchange --out ledger.jsonl
+    """
     from exchange.ledger import write_export
 
-    ex = _offline_exchange(data_dir)
-    try:
-        final = write_export(ex.ledger, out_path)
-    finally:
-        ex.close()
-    out.print(f"exported {final.size} entries to {out_path}")
+    if str(out_path) == "-":
+        raise ValueError("--out takes a file: a bundle is written whole or not at all")
+    if _source(data_dir, url) == "offline":
+        assert data_dir is not None
+        ex = _offline_exchange(data_dir)
+        try:
+            size = write_export(ex.ledger, out_path).size
+        finally:
+            ex.close()
+    else:
+        assert url is not None
+        # written beside the target and renamed once complete: never a truncated bundle
+        partial = out_path.with_name(out_path.name + ".partial")
+        try:
+            with client(url, key) as c, partial.open("wb") as f:
+                size = c.export_ledger(f)
+            partial.replace(out_path)
+        finally:
+            partial.unlink(missing_ok=True)
+    out.print(f"exported {size} entries to {out_path}")
+
+
+@log_app.command("key")
+@one_line_errors
+def log_key(
+    out_path: Annotated[
+        Path | None,
+        typer.Option("--out", help="where to write the verifier key (default or -: stdout)"),
+    ] = None,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("auditor.key"),
+) -> None:
+    """Fetch the log's verifier key (what log.pub holds), for zonex audit verify and zonex
+    receipt verify. Any registered principal may fetch it; compare the key hash printed with
+    the one your operator publishes before you trust it.
+
+    Example:
+      zonex log key --url https://exchange.example --key bank.key --out log.pub
+    """
+    from crypto.note import NoteVerifier
+
+    with client(url, key) as c:
+        verifier_key = c.log_key()
+    verifier = NoteVerifier.from_verifier_key(verifier_key)  # refuse a malformed key
+    _write_text(out_path, verifier_key + "\n")
+    if out_path is not None and str(out_path) != "-":
+        out.print(
+            f"log {verifier.name} key hash {verifier.key_hash.hex()} written to {out_path} "
+            "(compare the key hash with the one your operator publishes)"
+        )
 
 
 @audit_app.command("verify")
@@ -100,11 +221,13 @@ def receipt_verify(
         bundle = json.loads(receipt.read_text("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{receipt}: not a JSON receipt") from None
+    if isinstance(bundle, dict) and set(bundle) >= {"result", "receipt"}:
+        bundle = bundle["receipt"]  # a command's stdout saved as one file
     try:
         result_doc = json.loads(result.read_text("utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{result}: not a JSON result") from None
-    if isinstance(result_doc, dict) and set(result_doc) == {"result", "receipt"}:
+    if isinstance(result_doc, dict) and set(result_doc) >= {"result", "receipt"}:
         result_doc = result_doc["result"]  # a whole API response saved as one file
     statement, cp = verify_receipt(bundle, result_doc, verifier)
     out.print(
