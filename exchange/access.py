@@ -242,7 +242,8 @@ def _to_grant(row: GrantRow, consumer_name: str | None = None) -> Grant:
         purpose=row.purpose,
         expires_at=row.expires_at,
         created_at=row.created_at,
-        status=row.status,
+        # an active grant past its end is shown as what it is (the policy row denies it too)
+        status="expired" if row.status == "active" and row.expires_at <= _now() else row.status,
         approved_by=tuple(
             sig["keyid"] for env in row.approvals for sig in env.get("signatures", ())
         ),
@@ -380,6 +381,8 @@ def _check_ceilings(
     """Refuse operations above any dataset's (tightened) ceiling — at request and approval."""
     for name in datasets:
         ds = _dataset(session, zone.name, name)
+        if ds.status == "retired":
+            raise DeniedError("retired", f"dataset {name!r} was retired by its provider")
         ceilings = effective_ceilings(zone, ds)
         above = [op for op in operations if Operation(op) not in ceilings[Level(ds.level)]]
         if above:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +304,17 @@ def test_denial_names_dataset_operation_purpose_and_next_step(
     )
     assert "403" in text and "not_granted" in text
     assert "export" in text and "tax/companies" in text and PURPOSE in text
+
+
+def test_status_filters_and_expired_grants(server: LiveServer, keys: dict[str, Path]) -> None:
+    text = one_error(*run(server, keys["provider"], "requests", "--status", "done"))
+    assert "422" in text and "awaiting_operator" in text and "pending" in text
+    request_id = file_request(server, keys, "companies", "export")
+    # an outsider cannot reach a request by its prefix, nor learn it exists
+    text = one_error(*run(server, keys["other"], "approve", request_id[:10]))
+    assert "404" in text and request_id not in text
+    code, out = run(server, keys["provider"], "approve", request_id, "--days", "0.00003")
+    assert code == 0, out
+    time.sleep(3)
+    code, table = run(server, keys["consumer"], "grants")
+    assert code == 0 and "expired" in table and "active" not in table
