@@ -206,6 +206,23 @@ def test_publish_a_new_snapshot_then_retire(
     code, out = api(server, keys["consumer"], "catalog")
     assert code == 0 and "companies" not in out, out
     code, out = api(
+        server,
+        keys["consumer"],
+        "request",
+        "tax",
+        "--dataset",
+        "companies",
+        "--operation",
+        "export",
+        "--purpose",
+        PURPOSE,
+        "--justification",
+        "again",
+        "--days",
+        "7",
+    )
+    assert code == 1 and "retired" in out and len(out.strip().splitlines()) == 1, out
+    code, out = api(
         server, keys["provider"], "dataset", "publish", "tax", "companies", "--file", str(raised)
     )
     assert code == 1 and "was retired" in out and len(out.strip().splitlines()) == 1, out
