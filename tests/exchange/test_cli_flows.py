@@ -318,3 +318,14 @@ def test_status_filters_and_expired_grants(server: LiveServer, keys: dict[str, P
     time.sleep(3)
     code, table = run(server, keys["consumer"], "grants")
     assert code == 0 and "expired" in table and "active" not in table
+
+
+def test_reject_and_withdraw_by_prefix(server: LiveServer, keys: dict[str, Path]) -> None:
+    first = file_request(server, keys, "companies", "export")
+    second = file_request(server, keys, "companies", "aggregate")
+    code, out = run(server, keys["provider"], "reject", first[:10], "--reason", "not needed")
+    assert code == 0 and f"request {first} rejected" in out, out
+    code, out = run(server, keys["consumer"], "reject", second[:10], "--reason", "changed plan")
+    assert code == 0 and f"request {second} withdrawn" in out, out
+    text = one_error(*run(server, keys["provider"], "reject", first, "--reason", "again"))
+    assert "409" in text and "rejected" in text
