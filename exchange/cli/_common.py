@@ -30,7 +30,7 @@ app = typer.Typer(help="zonex: privacy-preserving data exchange", no_args_is_hel
 #: results, JSON and tables a command is asked for
 out = Console(soft_wrap=True)
 #: progress, notes and errors: never mixed into what a pipe reads
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -270,7 +270,11 @@ def save_result(
         print_json({"result": response["result"], "receipt": response["receipt"]})
         if receipt_file is not None and receipt_file != STDOUT:
             receipt_file.write_text(json.dumps(response["receipt"], indent=2) + "\n", "utf-8")
-            err.print(f'receipt: {receipt_file} (also in the output\'s "receipt")', highlight=False)
+            err.print(
+                f'receipt: {receipt_file} (also in the output\'s "receipt")',
+                highlight=False,
+                soft_wrap=True,
+            )
         else:
             err.print(
                 'the signed receipt is in the output\'s "receipt" field; saved to a file, '
@@ -287,4 +291,5 @@ def save_result(
         f"receipt: {receipt_file} (check: zonex receipt verify {receipt_file} "
         f"--result {out_file} --log-key LOG.pub)",
         highlight=False,
+        soft_wrap=True,
     )

@@ -9,8 +9,34 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from exchange.cli._common import KeyPath, Url, _when, app, client, one_line_errors, out, save_result
+from exchange.cli._common import (
+    PLACES,
+    KeyPath,
+    Url,
+    _when,
+    app,
+    client,
+    err,
+    is_stdout,
+    one_line_errors,
+    out,
+    print_json,
+    save_result,
+    shown,
+)
 from exchange.cli.datasets import dataset_app
+
+OutFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="write the result here; without it (or with -) stdout gets the result and "
+        "its receipt as one JSON document",
+    ),
+]
+ReceiptFile = Annotated[
+    Path | None, typer.Option("--receipt", help="write the receipt here (default OUT.receipt)")
+]
 
 
 @app.command("export")
@@ -19,10 +45,8 @@ def export_cmd(
     zone: str,
     dataset: str,
     purpose: Annotated[str, typer.Option(help="purpose of use")],
-    out_file: Annotated[Path | None, typer.Option("--out", help="write the result here")] = None,
-    receipt_file: Annotated[
-        Path | None, typer.Option("--receipt", help="write the receipt here (default OUT.receipt)")
-    ] = None,
+    out_file: OutFile = None,
+    receipt_file: ReceiptFile = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
@@ -30,8 +54,8 @@ def export_cmd(
     with client(url, key) as c:
         response = c.export(zone, dataset, purpose)
     save_result(response, out_file, receipt_file)
-    if out_file is not None:
-        out.print(f"{len(response['result']['rows'])} rows written to {out_file}")
+    where = "standard output" if is_stdout(out_file) else out_file
+    err.print(f"{len(response['result']['rows'])} rows written to {where}", highlight=False)
 
 
 @app.command("aggregate")
@@ -43,10 +67,8 @@ def aggregate_cmd(
     epsilon: Annotated[
         str | None, typer.Option(help="ε to spend: asks for DP, or sets it where DP is required")
     ] = None,
-    out_file: Annotated[Path | None, typer.Option("--out", help="write the result here")] = None,
-    receipt_file: Annotated[
-        Path | None, typer.Option("--receipt", help="write the receipt here (default OUT.receipt)")
-    ] = None,
+    out_file: OutFile = None,
+    receipt_file: ReceiptFile = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
@@ -54,11 +76,17 @@ def aggregate_cmd(
     with client(url, key) as c:
         response = c.aggregate(zone, sql, purpose, epsilon=epsilon)
     result = response["result"]
-    if out_file is not None:
+    if not is_stdout(out_file):
         table = Table(*result["columns"])
         for row in result["rows"]:
-            table.add_row(*("-" if v is None else str(v) for v in row))
-        out.print(table)
+            table.add_row(*(shown(v) for v in row))
+        err.print(table)
+        if result["epsilon"] != "0":
+            err.print(
+                f"noised values rounded to {PLACES} decimals; {out_file} keeps every digit",
+                highlight=False,
+                soft_wrap=True,
+            )
     save_result(response, out_file, receipt_file)
     note = f"{len(result['rows'])} groups released"
     if result.get("suppressed") is not None:
@@ -68,7 +96,7 @@ def aggregate_cmd(
         note += f" (noisy gate at k = {result['k']})"
     if result["epsilon"] != "0":
         note += f"; differentially private, ε = {result['epsilon']} charged"
-    out.print(note)
+    err.print(note, highlight=False)
 
 
 @app.command("budget")
@@ -83,7 +111,7 @@ def budget_cmd(
     with client(url, key) as c:
         found = c.budgets(zone)
     if as_json:
-        out.print_json(data=found)
+        print_json(found)
         return
     table = Table("zone", "dataset", "budget ε", "spent", "remaining", "refreshes", "DP required")
     for b in found:

@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from exchange.cli._common import KeyPath, Url, app, client, one_line_errors, out
+from exchange.cli._common import (
+    Json,
+    KeyPath,
+    Url,
+    app,
+    client,
+    one_line_errors,
+    out,
+    print_json,
+)
 
 dataset_app = typer.Typer(help="datasets", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
@@ -133,12 +142,16 @@ def dataset_retire(
 @one_line_errors
 def catalog(
     zone: Annotated[str | None, typer.Option(help="only this zone")] = None,
+    as_json: Json = False,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
     """Browse zones, datasets, columns and levels (never rows)."""
     with client(url, key) as c:
         zones = [c.zone(zone)] if zone else c.catalog()["zones"]
+    if as_json:
+        print_json(zones)
+        return
     table = Table("zone", "owner", "dataset", "level", "rows", "release", "columns")
     for z in zones:
         if not z["datasets"]:

@@ -8,8 +8,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from exchange.cli._common import KeyPath, Url, app, client, one_line_errors, out
-from exchange.keyfile import load_public_key
+from exchange.cli._common import Json, KeyPath, Url, app, client, one_line_errors, out, print_json
+
+#: the kinds an operator registers (exchange.domain.PrincipalKind, less the operator itself)
+KINDS = ("agency", "enterprise", "auditor")
 
 principal_app = typer.Typer(help="principals (operator)", no_args_is_help=True)
 app.add_typer(principal_app, name="principal")
@@ -25,6 +27,10 @@ def principal_add(
     key: KeyPath = Path("operator.key"),
 ) -> None:
     """Register a principal (operator only)."""
+    from exchange.keyfile import load_public_key
+
+    if kind not in KINDS:
+        raise ValueError(f"--kind {kind!r} is not a principal kind; use one of: {', '.join(KINDS)}")
     with client(url, key) as c:
         p = c.register_principal(name, kind, load_public_key(public_key))
     out.print(f"registered {p['name']} ({p['kind']}) key id {p['key_id']}")
@@ -32,13 +38,18 @@ def principal_add(
 
 @principal_app.command("list")
 @one_line_errors
-def principal_list(url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")) -> None:
+def principal_list(
+    as_json: Json = False, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
+) -> None:
     """List principals: all of them (operator, auditors); a zone's provider sees itself and
     those with requests, grants or consents on its zones."""
     from exchange.cli.access import print_wide
 
     with client(url, key) as c:
         rows = c.list_principals()
+    if as_json:
+        print_json(rows)
+        return
     table = Table("name", "kind", "status", "key id")
     for p in rows:
         table.add_row(p["name"], p["kind"], p["status"], p["key_id"])
