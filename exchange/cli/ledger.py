@@ -14,7 +14,18 @@ from typing import Annotated, Any
 
 import typer
 
-from exchange.cli._common import KeyPath, Url, app, client, fail, one_line_errors, out
+from exchange.cli._common import (
+    Json,
+    KeyPath,
+    Url,
+    app,
+    client,
+    fail,
+    is_stdout,
+    one_line_errors,
+    out,
+    print_json,
+)
 
 ledger_app = typer.Typer(
     help="the ledger: export and checkpoints, offline (--data-dir) or over the API (--url)",
@@ -66,7 +77,7 @@ def _source(data_dir: Path | None, url: str | None) -> str:
 
 
 def _write_text(out_path: Path | None, text: str) -> None:
-    if out_path is None or str(out_path) == "-":
+    if out_path is None or is_stdout(out_path):
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
     else:
@@ -83,6 +94,7 @@ def ledger_checkpoint(
         Path | None,
         typer.Option("--out", help="where to write the checkpoint note (default or -: stdout)"),
     ] = None,
+    as_json: Json = False,
 ) -> None:
     """Write the latest signed checkpoint: offline from the data directory (signing one if
     entries are not yet covered), or over the API with --url and --key.
@@ -90,6 +102,7 @@ def ledger_checkpoint(
     Examples:
       zonex ledger checkpoint --url https://exchange.example --key auditor.key --out cp.txt
       zonex ledger checkpoint --data-dir ./exchange --out cp.txt
+      zonex ledger checkpoint --url https://exchange.example --key auditor.key --json
     """
     if _source(data_dir, url) == "offline":
         assert data_dir is not None
@@ -104,8 +117,11 @@ def ledger_checkpoint(
         with client(url, key) as c:
             got = c.checkpoint()
         note, size = str(got["note"]), int(got["size"])
+    if as_json and (out_path is None or is_stdout(out_path)):
+        print_json({"size": size, "note": note})
+        return
     _write_text(out_path, note)
-    if out_path is not None and str(out_path) != "-":
+    if out_path is not None and not is_stdout(out_path):
         out.print(f"checkpoint size {size} written to {out_path}")
 
 
@@ -127,7 +143,7 @@ def ledger_export(
     """
     from exchange.ledger import write_export
 
-    if str(out_path) == "-":
+    if is_stdout(out_path):
         raise ValueError("--out takes a file: a bundle is written whole or not at all")
     if _source(data_dir, url) == "offline":
         assert data_dir is not None
@@ -158,6 +174,7 @@ def log_key(
     ] = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("auditor.key"),
+    as_json: Json = False,
 ) -> None:
     """Fetch the log's verifier key (what log.pub holds), for zonex audit verify and zonex
     receipt verify. Any registered principal may fetch it; compare the key hash printed with
@@ -171,8 +188,17 @@ def log_key(
     with client(url, key) as c:
         verifier_key = c.log_key()
     verifier = NoteVerifier.from_verifier_key(verifier_key)  # refuse a malformed key
+    if as_json and (out_path is None or is_stdout(out_path)):
+        print_json(
+            {
+                "verifier_key": verifier_key,
+                "origin": verifier.name,
+                "key_hash": verifier.key_hash.hex(),
+            }
+        )
+        return
     _write_text(out_path, verifier_key + "\n")
-    if out_path is not None and str(out_path) != "-":
+    if out_path is not None and not is_stdout(out_path):
         out.print(
             f"log {verifier.name} key hash {verifier.key_hash.hex()} written to {out_path} "
             "(compare the key hash with the one your operator publishes)"

@@ -142,6 +142,11 @@ def test_auditor_fetches_key_checkpoint_and_bundle_and_verifies_offline(
     assert code == 0, out
     code, out = api(server, keys["auditor"], "ledger", "checkpoint")
     assert code == 0 and out.startswith("test.zonex/log\n"), out
+    code, out = api(server, keys["auditor"], "ledger", "checkpoint", "--json")
+    assert code == 0 and json.loads(out)["note"].startswith("test.zonex/log\n"), out
+    code, out = api(server, keys["consumer"], "log", "key", "--json")
+    assert code == 0 and json.loads(out)["verifier_key"] == log_pub.read_text().strip(), out
+    assert json.loads(out)["origin"] == "test.zonex/log"
 
 
 def test_consumers_and_providers_cannot_export_and_the_refusal_is_ledgered(
