@@ -212,8 +212,11 @@ def score_cmd(
             writer = csv.writer(f)
             writer.writerow(["position", "id"])
             writer.writerows((p, entity_ids[p]) for p in exc.positions)
+        listed = ", ".join(str(p + 1) for p in exc.positions[:20])
+        more = f" and {len(exc.positions) - 20} more" if len(exc.positions) > 20 else ""
         err.print(
-            f"{exc.count} ids refused (reason {exc.body.get('reason')}): {refused_file}",
+            f"{exc.count} ids refused (reason {exc.body.get('reason')}): rows {listed}{more} "
+            f"of {ids} (1 = the first id); positions and ids in {refused_file}",
             highlight=False,
         )
         raise

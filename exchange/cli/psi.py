@@ -179,7 +179,7 @@ def _join(
     result = response["result"]
     table = Table(title=f"psi {mode}: {zone}/{dataset}")
     if result.get("noised"):
-        table.caption = f"noised values rounded to {PLACES} decimals; --out keeps every digit"
+        table.caption = f"noised values rounded to {PLACES} decimals; the JSON keeps every digit"
     table.add_column("value")
     table.add_column("", justify="right")
     table.add_row("your ids (distinct)", f"{local['ids']} ({local['distinct']})")

@@ -60,6 +60,12 @@ def test_commit_score_and_audit_from_the_shell(
     assert "added a secret nonce" in output
     commitment = output.split("model commitment: ")[1].split()[0]
     assert json.loads(model.read_text())["nonce"]
+    shown = CliRunner().invoke(
+        app,
+        ["model", "show", commitment, "--out", "-", "--url", server.url, "--key", str(key)],
+        catch_exceptions=False,
+    )
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["features"] == FEATURES
 
     firms = bank["firms"][:CONSENTED]
     ids = tmp_path / "ids.csv"
@@ -190,6 +196,7 @@ def test_a_refused_score_names_the_ids_locally_from_positions(
         str(tmp_path / "scores.csv"),
     )
     assert code == 1 and "403 denied" in output and "2 ids refused" in output
+    assert "rows 2, 4 of" in output  # the refused positions, printed
     with refused.open() as f:
         assert list(csv.reader(f)) == [["position", "id"], ["1", asked[1]], ["3", asked[3]]]
     assert not (tmp_path / "scores.csv").exists()
@@ -223,6 +230,15 @@ def test_secure_sum_from_the_shell(
     assert [[int(v) for v in r[1:]] for r in rows[1:]] == _expected(bureau["data"])
     assert json.loads(result.read_text())["zones"] == list(DISTRICTS)
     assert (tmp_path / "sum.json.receipt").exists()
+
+    # --out -: the totals CSV alone on stdout (the table and notes go to stderr)
+    argv = ["secure-sum", *common, "--cells", cells, "--out", "-", "--result", str(result)]
+    piped = CliRunner().invoke(
+        app, [*argv, "--url", server.url, "--key", str(key)], catch_exceptions=False
+    )
+    assert piped.exit_code == 0, piped.output
+    assert list(csv.reader(piped.stdout.splitlines())) == rows
+    assert "contribution verified" in piped.stderr
 
     code, output = run(server, key, "secure-sum", *common, "--cells", "retail")
     assert code == 1

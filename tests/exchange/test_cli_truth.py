@@ -230,3 +230,48 @@ def test_noised_numbers_are_rounded_in_tables_and_whole_in_json(
     assert values and any(len(v.partition(".")[2]) > 2 for v in values)  # the JSON: every digit
     shown = re.findall(r"\d+\.\d+", ran.stderr)
     assert shown and all(len(n.partition(".")[2]) <= 2 for n in shown), ran.stderr
+
+
+def test_psi_out_dash_is_one_json_document_with_receipt_and_local_values(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    from tests.exchange.test_cli_psi import _setup
+
+    setup = _setup(server, tmp_path, L3_LEVELS)  # DP by default: the sums are noised
+    ran = as_(
+        server,
+        setup["key"],
+        "psi",
+        "aggregate",
+        "--zone",
+        "tax",
+        "--dataset",
+        "companies",
+        "--ids",
+        setup["ids"],
+        "--column",
+        "company",
+        "--purpose",
+        "credit-assessment",
+        "--sum",
+        "tax_paid_2025",
+        "--epsilon",
+        "1",
+        "--out",
+        "-",
+    )
+    assert ran.code == 0, ran.output
+    document = json.loads(ran.stdout)
+    assert set(document) == {"result", "receipt", "local"}
+    assert "receipt" in ran.stderr and "psi aggregate" in ran.stderr  # the table, on stderr
+    saved = tmp_path / "psi.json"
+    saved.write_text(ran.stdout)
+    checked = zonex(
+        "receipt", "verify", saved, "--result", saved, "--log-key", server.data_dir / "log.pub"
+    )
+    assert checked.code == 0, checked.output
+    if not document["local"].get("suppressed"):
+        # the table shows the noised average with at most two decimals
+        shown = re.search(r"avg\(tax_paid_2025\)\s*│?\s*(-?\d+(?:\.\d+)?)", ran.stderr)
+        assert shown is not None, ran.stderr
+        assert len(shown.group(1).partition(".")[2]) <= 2, ran.stderr
