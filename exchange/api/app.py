@@ -29,6 +29,7 @@ from exchange import access, services
 from exchange.api import datasets as dataset_routes
 from exchange.api import he as he_routes
 from exchange.api import log as log_routes
+from exchange.api import openapi as openapi_docs
 from exchange.api import psi as psi_routes
 from exchange.api.deps import Actor, Ex, principal, principal_of_body, registry_version
 from exchange.api.refusals import reason_of, record_refusal
@@ -224,6 +225,24 @@ def _authenticates(request: Request) -> bool:
     return False
 
 
+#: what json.loads may have decoded a body from (json.detect_encoding), UTF-8 first
+_JSON_ENCODINGS = ("utf-8", "utf-8-sig", "utf-16-be", "utf-16-le", "utf-32-be", "utf-32-le")
+
+
+def _decoded_body(text: str, content_digest: str) -> bytes:
+    """The bytes json.loads decoded into ``text``: it reads UTF-16 and UTF-32 too (a body
+    starting with a NUL byte), so the encoding whose bytes match the signed Content-Digest is
+    taken; UTF-8 when none does (the signature check then refuses it)."""
+    for encoding in _JSON_ENCODINGS:
+        try:
+            data = text.encode(encoding, "surrogatepass")
+        except UnicodeEncodeError:
+            continue
+        if f":{b64_encode(hashlib.sha256(data).digest())}:" in content_digest:
+            return data
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("zonex")
@@ -249,7 +268,15 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             if owned:
                 ex.close()
 
-    app = FastAPI(title="zonex", version=_version(), lifespan=lifespan, responses=PROBLEM_RESPONSES)
+    app = FastAPI(
+        title="zonex",
+        version=_version(),
+        lifespan=lifespan,
+        responses=PROBLEM_RESPONSES,
+        # /docs is served by exchange.api.openapi: a self-contained page, no CDN assets
+        docs_url=None,
+        redoc_url=None,
+    )
     cfg = settings if settings is not None else exchange.settings  # type: ignore[union-attr]
     app.add_middleware(
         BodyLimitMiddleware,
@@ -292,9 +319,10 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
         ):
             # the framework refused the body before the signature was checked: check it now,
             # so an unauthenticated caller learns nothing and a signer's refusal is ledgered
-            # (the text is what json.loads decoded from the UTF-8 body received)
+            # (the text is what json.loads decoded from the body received)
+            received = _decoded_body(exc.body, request.headers.get("content-digest", ""))
             try:
-                await principal_of_body(request, exc.body.encode("utf-8", "surrogatepass"))
+                await principal_of_body(request, received)
             except ZonexError as failed:
                 return error_problem(failed)
         await record_refusal(request, 422, "invalid_input", kind or "invalid_input")
@@ -395,7 +423,12 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     def get_zone(zone: str, actor: Actor, ex: Ex) -> ZoneOut:
         return ZoneOut.from_domain(services.get_zone(ex, actor, zone))
 
-    @v1.post("/zones/{zone}/uploads", response_model=UploadOut, status_code=201)
+    @v1.post(
+        "/zones/{zone}/uploads",
+        response_model=UploadOut,
+        status_code=201,
+        openapi_extra=openapi_docs.DATASET_FILE_BODY,
+    )
     async def upload(zone: str, request: Request, actor: Actor, ex: Ex) -> UploadOut:
         body = await request.body()
         media = request.headers.get("content-type", "")
@@ -586,6 +619,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     app.include_router(he_routes.router)
     app.include_router(log_routes.router)
     app.include_router(dataset_routes.router)
+    openapi_docs.install(app)
     return app
 
 

@@ -366,31 +366,90 @@ class BudgetOut(Out):
     rules_version: int
 
 
+class EnvelopeSignatureOut(Out):
+    keyid: str = Field(description="the signer's key id (hex SHA-256 of its public key)")
+    sig: str = Field(description="Ed25519 signature over the DSSE PAE, unpadded base64url")
+
+
+class EnvelopeOut(Out):
+    """A DSSE envelope: the signature covers ``DSSEv1 <len> <payloadType> <len> <payload>``."""
+
+    payloadType: str = Field(description="`application/vnd.zonex.receipt+json` for receipts")
+    payload: str = Field(description="unpadded base64url of the canonical (RFC 8785) JSON")
+    signatures: list[EnvelopeSignatureOut]
+
+
+class InclusionOut(Out):
+    index: int = Field(description="the ledger entry's sequence number")
+    size: int = Field(description="the tree size of the checkpoint the proof is against")
+    proof: list[str] = Field(description="RFC 9162 inclusion proof, unpadded base64url hashes")
+
+
+class ReceiptOut(Out):
+    """A receipt bundle (:mod:`crypto.receipt`): the exchange's signed statement of what was
+    computed, the ledger entry that records it and its inclusion in a signed checkpoint.
+    Verifiable offline with the log's key (``zonex receipt verify``)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str = Field(description="`zonex.receipt-bundle.v1`")
+    statement: EnvelopeOut = Field(
+        description="DSSE envelope signed by the log key over the statement: kind, consumer, "
+        "zones, datasets with snapshot digests, query digest, grant, policy and rules "
+        "versions, k, epsilon, output level, result_digest, time, ledger_index"
+    )
+    entry: str = Field(description="the ledger entry's exact canonical JSON, unpadded base64url")
+    inclusion: InclusionOut
+    checkpoint: str = Field(description="the signed checkpoint (C2SP signed-note text)")
+
+
 class ComputationOut(Out):
     #: the result document; its canonical JSON hashes to the receipt's ``result_digest``
-    result: dict[str, Any]
+    result: dict[str, Any] = Field(
+        description="the released result; its RFC 8785 canonical JSON hashes (SHA-256) to "
+        "the statement's result_digest"
+    )
     #: a receipt bundle (:mod:`crypto.receipt`), verifiable offline with ``log.pub``
-    receipt: dict[str, Any]
+    receipt: ReceiptOut
 
 
 class ProblemOut(BaseModel):
     """An RFC 9457 problem (``application/problem+json``), the body of every 4xx and 5xx. Some
     carry more members: ``reason`` (a stable refusal code), ``errors``, counts."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(frozen=True, extra="allow", title="Problem")
 
-    type: str
-    title: str
-    status: int
-    detail: str
-    code: str
+    type: str = Field(description="`urn:zonex:problem:<code>`")
+    title: str = Field(description="a short, fixed summary of the error class")
+    status: int = Field(description="the HTTP status, repeated")
+    detail: str = Field(description="what was wrong in this request and what to do")
+    code: str = Field(
+        description="stable error class: verification_failed, denied, forbidden, not_found, "
+        "conflict, payload_too_large, unsupported_media_type, invalid_input, "
+        "budget_exhausted, unavailable, ..."
+    )
+    reason: str | None = Field(
+        default=None,
+        description="a stable refusal code within the class (e.g. not_granted, dp_required, "
+        "bad_point); docs/api-psi-he.md lists those of the PSI and HE routes",
+    )
+    errors: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="on 422 invalid_input from body validation: up to 20 of "
+        '`{"loc": [...], "msg": "..."}`, naming each field that is wrong',
+    )
 
+
+#: the one schema of every problem document: ``components.schemas.Problem`` in the OpenAPI
+#: document (:mod:`exchange.api.openapi`), referenced by every error answer
+PROBLEM_COMPONENT: dict[str, Any] = ProblemOut.model_json_schema()
+PROBLEM_REF = "#/components/schemas/Problem"
 
 #: declared on every operation: each error answer is a problem document
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     key: {
         "description": description,
-        "content": {"application/problem+json": {"schema": ProblemOut.model_json_schema()}},
+        "content": {"application/problem+json": {"schema": {"$ref": PROBLEM_REF}}},
     }
     for key, description in (
         (
