@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from exchange.cli._common import DataDir, app, err, fail, one_line_errors, out
+from exchange.cli._common import STDOUT, DataDir, app, err, fail, one_line_errors, out
 
 
 @app.command()
@@ -36,7 +36,7 @@ def init(
 def serve(
     data_dir: DataDir,
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8421,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8421,
     database_url: Annotated[
         str | None, typer.Option(envvar="ZONEX_DATABASE_URL", help="SQLAlchemy URL")
     ] = None,
@@ -87,6 +87,11 @@ def backup(
     ] = None,
 ) -> None:
     """Back up the control plane, zone stores, keys and configuration (works while serving)."""
+    if out_path == STDOUT:
+        raise ValueError(
+            "--out -: a backup holds the exchange's private keys and salts; write it to a file "
+            "(created with mode 0600), not to standard output"
+        )
     from exchange.backup import create_backup
     from exchange.settings import Settings
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from exchange.cli._common import app, one_line_errors, out
+from exchange.cli._common import STDOUT, app, one_line_errors, out
 
 key_app = typer.Typer(help="Ed25519 key pairs", no_args_is_help=True)
 app.add_typer(key_app, name="key")
@@ -23,6 +23,8 @@ def key_new(
     from exchange.keyfile import write_private_key, write_public_key
 
     key = SigningKey.generate()
+    if out_prefix == STDOUT:
+        raise ValueError("--out takes a file name prefix (writes PREFIX.key and PREFIX.pub), not -")
     priv = out_prefix.with_name(out_prefix.name + ".key")
     pub = out_prefix.with_name(out_prefix.name + ".pub")
     write_private_key(priv, key)

@@ -275,3 +275,19 @@ def test_psi_out_dash_is_one_json_document_with_receipt_and_local_values(
         shown = re.search(r"avg\(tax_paid_2025\)\s*│?\s*(-?\d+(?:\.\d+)?)", ran.stderr)
         assert shown is not None, ran.stderr
         assert len(shown.group(1).partition(".")[2]) <= 2, ran.stderr
+
+
+def test_out_dash_is_refused_where_stdout_would_leak_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(zonex("key", "new", "--out", "-"))
+    assert "prefix" in line and not list(tmp_path.iterdir())  # no "-.key" written
+    line = one_error_line(zonex("backup", "--data-dir", tmp_path, "--out", "-"))
+    assert "private keys" in line and "not to standard output" in line
+
+
+def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    ran = zonex("serve", "--data-dir", tmp_path, "--port", "70000")
+    assert ran.code == 2 and "Traceback" not in ran.output
+    assert "--port" in ran.output and "65535" in ran.output
