@@ -16,7 +16,14 @@ from typer.testing import CliRunner
 from crypto.keys import SigningKey
 from exchange.cli import app
 from exchange.keyfile import write_private_key, write_public_key
-from tests.conftest import L2_LEVELS, L3_LEVELS, LiveServer, free_port, tax_bureau_and_bank
+from tests.conftest import (
+    EXAMPLES,
+    L2_LEVELS,
+    L3_LEVELS,
+    LiveServer,
+    free_port,
+    tax_bureau_and_bank,
+)
 from tests.exchange.test_access import granted
 from tests.exchange.test_aggregate import _rules
 
@@ -137,6 +144,25 @@ def test_unknown_choices_list_the_valid_values(
         )
     )
     assert "'bakery'" in line and "agency, enterprise, auditor" in line
+    levels = tmp_path / "levels.json"
+    levels.write_text(json.dumps({**L2_LEVELS, "company_id": "L9"}))
+    line = one_error_line(
+        as_(
+            server,
+            parties["provider"],
+            "dataset",
+            "register",
+            "tax",
+            "firms",
+            "--file",
+            EXAMPLES / "companies.csv",
+            "--subject-column",
+            "company_id",
+            "--levels-file",
+            levels,
+        )
+    )
+    assert "'L9'" in line and "L1, L2, L3, L4, IMPORTANT, CORE" in line
 
 
 def test_out_dash_is_stdout_json_with_its_receipt(
