@@ -65,7 +65,15 @@ MEDIA_TYPES = {".csv": "text/csv", ".parquet": "application/vnd.apache.parquet"}
 
 
 class ApiError(Exception):
-    """The server answered with a problem+json (or another error)."""
+    """The server answered with a problem+json (or another error).
+
+    try:
+        c.aggregate("tax", sql, "credit-assessment")
+    except ApiError as exc:
+        print(exc.status, exc.code, exc.reason, exc.detail)  # 422 invalid_input dp_required
+        for field in exc.errors:                             # body validation, per field
+            print(field["loc"], field["msg"])
+    """
 
     def __init__(self, status: int, code: str, title: str, detail: str, body: Any) -> None:
         super().__init__(f"{status} {code}: {detail}")
@@ -74,6 +82,18 @@ class ApiError(Exception):
         self.title = title
         self.detail = detail
         self.body = body
+
+    @property
+    def reason(self) -> str | None:
+        """The stable refusal code within ``code`` (``not_granted``, ``dp_required``, ...)."""
+        value = self.body.get("reason") if isinstance(self.body, dict) else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """On a 422 from body validation: ``{"loc": [...], "msg": ...}`` per wrong field."""
+        value = self.body.get("errors") if isinstance(self.body, dict) else None
+        return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
 
 
 class ScoreRefusedError(ApiError):

@@ -19,6 +19,7 @@ from exchange.errors import KeyFileError
 from exchange.keyfile import load_private_key, load_public_key, write_private_key, write_public_key
 from exchange.sdk import (
     AccessRequest,
+    ApiError,
     Budget,
     Catalog,
     Client,
@@ -190,3 +191,17 @@ def test_export_is_typed(server: LiveServer, tmp_path: Path) -> None:
         assert "company_id" in out.columns and len(out.rows) > 0
         assert out.result["masked"] == ["company_id"]
         out.verify((server.data_dir / "log.pub").read_text())
+
+
+def test_a_refusal_carries_its_reason_and_field_errors(server: LiveServer) -> None:
+    _, consumer = tax_bureau_and_bank(server, L3_LEVELS)
+    with Client(server.url, consumer) as bank:
+        with pytest.raises(ApiError) as denied:
+            bank.aggregate("tax", "SELECT COUNT(*) FROM companies", PURPOSE)
+        assert denied.value.status == 403 and denied.value.code == "denied"
+        assert denied.value.reason == "not_granted" and denied.value.errors == []
+        with pytest.raises(ApiError) as invalid:
+            bank.request("POST", "/v1/access-requests", json={"zone": "tax"})
+        assert invalid.value.status == 422 and invalid.value.code == "invalid_input"
+        fields = {tuple(e["loc"]) for e in invalid.value.errors}
+        assert ("body", "purpose") in fields and ("body", "datasets") in fields
