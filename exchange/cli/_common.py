@@ -161,6 +161,12 @@ def explain_problem(status: int, code: str, detail: str, body: Any) -> str:
     step = problem.get("next")
     if not isinstance(step, str) and isinstance(reason, str) and reason in _DENIAL_STEPS:
         step = f"{_DENIAL_STEPS[reason]}: {_request_command(problem)}"
+    if not isinstance(step, str) and status == 401:
+        step = (
+            "check that --key (or ZONEX_KEY) is a key this exchange's operator registered and "
+            "--url (or ZONEX_URL) the exchange that registered it; zonex key id KEY shows its "
+            "key id"
+        )
     if isinstance(step, str) and step:
         line += f"; next: {step}"
     if code == "invalid_input" and "unknown purpose" in detail and "vocabulary" not in detail:

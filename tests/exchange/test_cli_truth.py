@@ -93,6 +93,13 @@ def test_an_unreachable_exchange_names_the_url_and_the_fix(tmp_path: Path) -> No
     assert "--url" in line and "ZONEX_URL" in line
 
 
+def test_an_unregistered_key_is_told_what_to_check(server: LiveServer, tmp_path: Path) -> None:
+    key = tmp_path / "stranger.key"
+    write_private_key(key, SigningKey.generate())
+    line = one_error_line(zonex("catalog", "--url", server.url, "--key", key))
+    assert "401" in line and "next: check that --key" in line and "zonex key id" in line
+
+
 def test_a_validation_error_names_the_field(server: LiveServer, parties: dict[str, Any]) -> None:
     line = one_error_line(as_(server, parties["provider"], "zone", "create", "x"))
     assert "422 invalid_input" in line
