@@ -11,6 +11,7 @@ from rich.table import Table
 
 from exchange.cli._common import (
     PLACES,
+    Json,
     KeyPath,
     Url,
     _when,
@@ -34,6 +35,11 @@ OutFile = Annotated[
         "its receipt as one JSON document",
     ),
 ]
+_EXACT_RELEASE_WARNING = (
+    "exact_release is set: L3 releases of this dataset are exact, not differentially private, "
+    "and two queries that differ by one subject can reveal that subject's value (differencing "
+    "possible); the catalog says so"
+)
 ReceiptFile = Annotated[
     Path | None, typer.Option("--receipt", help="write the receipt here (default OUT.receipt)")
 ]
@@ -135,6 +141,7 @@ def dataset_rules(
     set_file: Annotated[
         Path | None, typer.Option("--set", help="JSON analysis rules to set (provider)")
     ] = None,
+    as_json: Json = False,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
@@ -150,6 +157,11 @@ def dataset_rules(
             found = c.set_analysis_rules(zone, dataset, document)
         else:
             found = c.analysis_rules(zone, dataset)
+    if as_json:
+        print_json(found)
+        if document is not None and found["rules"].get("exact_release"):
+            err.print(f"[yellow]warning:[/] {_EXACT_RELEASE_WARNING}")
+        return
     rules = found["rules"]
     origin = "defaults from the column levels" if found["default"] else f"v{found['version']}"
     out.print(
@@ -162,8 +174,4 @@ def dataset_rules(
         table.add_row(name, rule["disclosure"], rule.get("lower") or "", rule.get("upper") or "")
     out.print(table)
     if document is not None and rules.get("exact_release"):
-        out.print(
-            "[yellow]warning:[/] exact_release is set: L3 releases of this dataset are exact, "
-            "not differentially private, and two queries that differ by one subject can reveal "
-            "that subject's value (differencing possible); the catalog says so"
-        )
+        out.print(f"[yellow]warning:[/] {_EXACT_RELEASE_WARNING}")

@@ -99,8 +99,13 @@ def principal_reinstate(
 
 @app.command()
 @one_line_errors
-def whoami(url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")) -> None:
+def whoami(
+    as_json: Json = False, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
+) -> None:
     """Show the principal your key belongs to."""
     with client(url, key) as c:
         p = c.whoami()
+    if as_json:
+        print_json(p)
+        return
     out.print(f"{p['name']} ({p['kind']}, {p['status']}) {p['key_id']}")

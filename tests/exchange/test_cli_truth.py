@@ -232,6 +232,8 @@ def test_read_commands_print_the_servers_json(server: LiveServer, parties: dict[
         ("consumer", ["budget"]),
         ("provider", ["consents", "tax"]),
         ("operator", ["principal", "list"]),
+        ("consumer", ["whoami"]),
+        ("provider", ["dataset", "rules", "tax", "companies"]),
     ):
         ran = as_(server, parties[key], *args, "--json")
         assert ran.code == 0, (args, ran.output)
