@@ -176,14 +176,6 @@ def set_principal_status(ex: Exchange, actor: Principal, key_id: str, status: st
     return result
 
 
-def list_principals(ex: Exchange, actor: Principal) -> list[Principal]:
-    if actor.kind not in (PrincipalKind.OPERATOR, PrincipalKind.AUDITOR):
-        raise ForbiddenError("only the operator and auditors may list principals")
-    with Session(ex.engine) as session:
-        rows = session.execute(select(PrincipalRow).order_by(PrincipalRow.name)).scalars()
-        return [to_principal(r) for r in rows]
-
-
 # -- zones ------------------------------------------------------------------------------------
 
 
