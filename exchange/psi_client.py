@@ -20,7 +20,6 @@ scalar and its HE secret key never leave this process.
 
 from __future__ import annotations
 
-import base64
 import csv
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from crypto import he
 from crypto import psi as cpsi
+from crypto.encoding import b64url_decode
 from exchange.compute.psi import LABEL, MODES, id_bytes, normalize_id
 from exchange.errors import InvalidInputError
 
@@ -209,7 +209,7 @@ def _interpret(
         count = int(result["count"])
         local["suppressed"] = False
         totals = {
-            name: he.decrypt_total(secret_ctx, base64.b64decode(blob))
+            name: he.decrypt_total(secret_ctx, b64url_decode(blob))
             for name, blob in result["sums"].items()
         }
         local["count"] = count

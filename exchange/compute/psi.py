@@ -38,7 +38,6 @@ two requests (or two processes) can never run steps of one session at once.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import math
@@ -59,6 +58,7 @@ from sqlalchemy.orm import Session
 from crypto import he
 from crypto import psi as cpsi
 from crypto.canonical import canonicalize
+from crypto.encoding import b64url_encode
 from crypto.errors import CryptoError, VerificationError
 from exchange import access, dp
 from exchange.analysis import NUMERIC_TYPES, AnalysisRules, effective_disclosure, requires_dp
@@ -1055,7 +1055,7 @@ def _aggregate(
             raise InvalidInputError(
                 f"cannot sum column {p['column']!r}: {exc}", fatal=True
             ) from exc
-        sums[p["column"]] = base64.b64encode(total).decode("ascii")
+        sums[p["column"]] = b64url_encode(total)
     released = {
         "count": count,
         "suppressed": False,

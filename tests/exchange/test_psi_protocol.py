@@ -3,7 +3,6 @@ guards against a hostile consumer, and what stays out of the exchange's storage.
 
 from __future__ import annotations
 
-import base64
 import csv
 import json
 import logging
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from crypto import he
 from crypto import psi as cpsi
+from crypto.encoding import b64url_decode
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange import dp
@@ -152,7 +152,7 @@ def test_aggregate_is_exact_and_dp_is_charged(server: LiveServer, world: dict[st
         statement, _ = verify_receipt(out["receipt"], out["result"], server.log_verifier())
         assert statement["he_context"] == out["result"]["he_context"]
         # one ciphertext per sum; no per-row value is readable by the exchange
-        assert len(base64.b64decode(out["result"]["sums"]["tax"])) > 100_000
+        assert len(b64url_decode(out["result"]["sums"]["tax"])) > 100_000
 
         # every company, ε = 2: COUNT and SUM get ε = 1 each (discrete Laplace of scale 1 on
         # the count, Laplace of scale 7e6 on the sum). False failures: P(|Z| >= 22) <= 2e^-22
