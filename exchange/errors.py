@@ -39,10 +39,15 @@ class AuthenticationError(ZonexError):
     status = 401
     title = "Request signature could not be verified"
 
-    def __init__(self, reason: str, keyid: str | None = None) -> None:
+    def __init__(self, reason: str, keyid: str | None = None, *, signed: bool = False) -> None:
         super().__init__(self.title)
         self.reason = reason
         self.keyid = keyid
+        if signed and reason == "suspended":
+            # the caller's own fresh signature verified: it holds the key, so it may learn that
+            # the key is suspended (never told to anyone who did not sign with it)
+            self.detail = "your key is suspended; ask the operator to reinstate it"
+            self.extra["reason"] = reason
 
 
 class ForbiddenError(ZonexError):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from crypto.errors import CryptoError
 from exchange.errors import ZonexError
@@ -25,7 +26,42 @@ from exchange.errors import ZonexError
 if TYPE_CHECKING:
     from exchange.sdk import Client
 
-app = typer.Typer(help="zonex: privacy-preserving data exchange", no_args_is_help=True)
+#: where the root callback leaves ``--profile`` for :func:`client`
+_PROFILE = "zonex.profile"
+
+
+class _RootGroup(TyperGroup):
+    """``--profile NAME`` is taken anywhere on the line (``zonex catalog --profile city``, like
+    ``zonex --profile city catalog``): it is moved before the command, where the root parses it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _hoist_profile(args))
+
+
+def _hoist_profile(args: list[str]) -> list[str]:
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg == "--profile" and i + 1 < len(args):
+            front += args[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith("--profile="):
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
+app = typer.Typer(
+    help="zonex: privacy-preserving data exchange", no_args_is_help=True, cls=_RootGroup
+)
 
 #: results, JSON and tables a command is asked for
 out = Console(soft_wrap=True)
@@ -35,8 +71,22 @@ err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 DataDir = Annotated[Path, typer.Option("--data-dir", "-d", help="exchange data directory")]
-Url = Annotated[str, typer.Option("--url", envvar="ZONEX_URL", help="exchange base URL")]
-KeyPath = Annotated[Path, typer.Option("--key", envvar="ZONEX_KEY", help="your private key file")]
+Url = Annotated[
+    str,
+    typer.Option(
+        "--url",
+        envvar="ZONEX_URL",
+        help="exchange base URL; if not given: ZONEX_URL, else the profile's (zonex profile)",
+    ),
+]
+KeyPath = Annotated[
+    Path,
+    typer.Option(
+        "--key",
+        envvar="ZONEX_KEY",
+        help="your private key file; if not given: ZONEX_KEY, else the profile's (zonex profile)",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="print the exchange's JSON, not a table")]
 
 #: ``--out -``: write to standard output
@@ -59,14 +109,25 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(
+    ctx: typer.Context,
     show_version: Annotated[
         bool,
         typer.Option(
             "--version", callback=_version, is_eager=True, help="print the version and exit"
         ),
     ] = False,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            envvar="ZONEX_PROFILE",
+            help="use this profile's url and key (zonex profile list); --url/--key and "
+            "ZONEX_URL/ZONEX_KEY still win",
+        ),
+    ] = None,
 ) -> None:
     """zonex: privacy-preserving data exchange."""
+    ctx.meta[_PROFILE] = profile
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -161,6 +222,10 @@ def explain_problem(status: int, code: str, detail: str, body: Any) -> str:
     step = problem.get("next")
     if not isinstance(step, str) and isinstance(reason, str) and reason in _DENIAL_STEPS:
         step = f"{_DENIAL_STEPS[reason]}: {_request_command(problem)}"
+    if not isinstance(step, str) and status == 401 and reason == "suspended":
+        step = (
+            "the operator suspended this key; ask them to reinstate it (zonex principal reinstate)"
+        )
     if not isinstance(step, str) and status == 401:
         step = (
             "check that --key (or ZONEX_KEY) is a key this exchange's operator registered and "
@@ -207,12 +272,54 @@ def valid_purposes() -> list[str]:
     return [p.name for p in PurposeVocabulary.load_default()]
 
 
-def client(url: str, key: Path) -> Client:
+def client(url: str | None, key: Path) -> Client:
+    """The signed client for this command's exchange and key, resolved as: ``--url``/``--key``
+    > ``ZONEX_URL``/``ZONEX_KEY`` > ``--profile``/``ZONEX_PROFILE`` > the current profile > the
+    command's defaults."""
     from exchange.keyfile import load_private_key
     from exchange.sdk import Client
 
+    url, key = resolve_endpoint(url, key)
     _refuse_public_key(key)
     return Client(url, load_private_key(key))
+
+
+def resolve_endpoint(url: str | None, key: Path) -> tuple[str, Path]:
+    """Fill in what the command line and the environment left at its default from the
+    selected profile (see :func:`client`)."""
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        need_url = ctx.get_parameter_source("url") not in given
+        need_key = ctx.get_parameter_source("key") not in given
+        if need_url or need_key:
+            from exchange.cli._config import selected_profile
+
+            profile = selected_profile(ctx.meta.get(_PROFILE))
+            if profile is not None:
+                url = profile.url if need_url else url
+                key = profile.key if need_key else key
+    if url is None:
+        raise ValueError(
+            "no exchange to talk to: give --url URL, set ZONEX_URL, or add a profile "
+            "(zonex profile add NAME --url URL --key KEY)"
+        )
+    return url, key
+
+
+def profile_url() -> str | None:
+    """The selected profile's URL, if a profile is selected (for commands whose URL is
+    optional)."""
+    import click
+
+    from exchange.cli._config import selected_profile
+
+    ctx = click.get_current_context(silent=True)
+    profile = selected_profile(None if ctx is None else ctx.meta.get(_PROFILE))
+    return None if profile is None else profile.url
 
 
 def _refuse_public_key(key: Path) -> None:

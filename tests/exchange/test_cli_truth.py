@@ -100,6 +100,16 @@ def test_an_unregistered_key_is_told_what_to_check(server: LiveServer, tmp_path:
     assert "401" in line and "next: check that --key" in line and "zonex key id" in line
 
 
+def test_a_suspended_key_is_told_so_and_what_to_do(
+    server: LiveServer, parties: dict[str, Any]
+) -> None:
+    consumer = parties["keys"]["consumer"]
+    with server.client(server.operator) as op:
+        op.set_principal_status(consumer.key_id, "suspended")
+    line = one_error_line(as_(server, parties["consumer"], "catalog"))
+    assert "401" in line and "suspended" in line and "reinstate" in line
+
+
 def test_a_validation_error_names_the_field(server: LiveServer, parties: dict[str, Any]) -> None:
     line = one_error_line(as_(server, parties["provider"], "zone", "create", "x"))
     assert "422 invalid_input" in line

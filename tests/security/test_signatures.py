@@ -347,6 +347,25 @@ def test_unknown_or_malformed_keyids_are_rejected(parties: World) -> None:
     assert entries(parties.server, "request.rejected") == []
 
 
+def test_only_the_holder_of_a_suspended_key_is_told_it_is_suspended(parties: World) -> None:
+    consumer = parties.key("consumer")
+    with parties.server.client(parties.key("operator")) as op:
+        op.set_principal_status(consumer.key_id, "suspended")
+    own = send(handmade("GET", parties.url("/v1/catalog"), consumer, keyid=consumer.key_id))
+    body = assert_problem(own, 401, "verification_failed")
+    assert body["reason"] == "suspended" and "suspended" in body["detail"]
+    # anyone else naming that key id, and a replay of the holder's request, learn nothing
+    forged = handmade(
+        "GET", parties.url("/v1/catalog"), SigningKey.generate(), keyid=consumer.key_id
+    )
+    _401(send(forged))
+    replayed = handmade(
+        "GET", parties.url("/v1/catalog"), consumer, keyid=consumer.key_id, nonce="once-only"
+    )
+    send(replayed)
+    _401(send(replayed))
+
+
 @pytest.fixture
 def pinned(data_dir: Path) -> Iterator[LiveServer]:
     """A server that knows its public origin (``public_base_url``)."""
