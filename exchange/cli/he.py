@@ -130,18 +130,24 @@ def model_verify(
 
 
 def _read_ids(path: Path, column: str | None) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as f:
+    """The ids in ``column`` of a CSV file whose first row is its header (never an id); a file
+    of one column needs no ``--id-column``."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows:
         raise ValueError(f"{path} is empty")
-    header = rows[0]
-    if column is not None:
-        if column not in header:
-            raise ValueError(f"{path} has no column {column!r}")
-        index, body = header.index(column), rows[1:]
-    else:
-        index, body = 0, rows[1:] if header and header[0].strip().lower() in ("id", "ids") else rows
-    ids = [r[index].strip() for r in body if r and r[index].strip()]
+    header = [h.strip() for h in rows[0]]
+    if column is None:
+        if len(header) != 1:
+            raise ValueError(
+                f"{path} has {len(header)} columns ({', '.join(header)}): name the one with the "
+                "ids with --id-column"
+            )
+        column = header[0]
+    if column not in header:
+        raise ValueError(f"{path} has no column {column!r} (columns: {', '.join(header)})")
+    index, body = header.index(column), rows[1:]
+    ids = [r[index].strip() for r in body if len(r) > index and r[index].strip()]
     if not ids:
         raise ValueError(f"{path} holds no ids")
     return ids
@@ -170,7 +176,10 @@ def score_cmd(
     model: ModelFile,
     ids: Annotated[Path, typer.Option("--ids", help="CSV of entity ids (first column)")],
     purpose: Purpose = "credit-assessment",
-    id_column: Annotated[str | None, typer.Option(help="id column name in the CSV")] = None,
+    id_column: Annotated[
+        str | None,
+        typer.Option(help="the CSV column with the ids (its header row; needed if several)"),
+    ] = None,
     scores_file: Annotated[
         Path, typer.Option("--out", help="scores CSV to write (- for stdout)")
     ] = Path("scores.csv"),

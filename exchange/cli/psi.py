@@ -51,7 +51,10 @@ Dataset = Annotated[str, typer.Option("--dataset", help="the dataset to join wit
 Ids = Annotated[
     Path, typer.Option("--ids", exists=True, dir_okay=False, help="CSV file holding your ids")
 ]
-Column = Annotated[str, typer.Option("--column", help="the CSV column with the ids")]
+Column = Annotated[
+    str,
+    typer.Option("--id-column", "--column", help="the CSV column with the ids (its header row)"),
+]
 Purpose = Annotated[str, typer.Option("--purpose", help="purpose of use (as granted)")]
 OutFile = Annotated[
     Path | None,
@@ -197,7 +200,10 @@ def _join(
     if result.get("noised"):
         table.add_row("DP noise", f"ε = {result['epsilon']} (spent from your budget)")
     # the table is for people: on stderr when stdout carries the JSON
-    (err if out_file == STDOUT else out).print(table)
+    console = err if out_file == STDOUT else out
+    console.print(table)
+    # whole, on a line of its own: an id to copy (the receipt and the ledger name it)
+    console.print(f"session {result['session']}", highlight=False, soft_wrap=True)
 
 
 @psi_app.command("cardinality")

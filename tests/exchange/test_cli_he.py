@@ -176,7 +176,11 @@ def test_a_refused_score_names_the_ids_locally_from_positions(
     firms = [f["company_id"] for f in bank["firms"]]
     asked = [firms[0], firms[CONSENTED], firms[1], firms[CONSENTED + 1]]  # 2nd and 4th: none
     ids = tmp_path / "ids.csv"
-    ids.write_text("\n".join(asked) + "\n")
+    ids.write_text("application,company_id\n" + "".join(f"a{i},{a}\n" for i, a in enumerate(asked)))
+    # with two columns the id column must be named: the header row is never taken as an id
+    common = ["score", "--zone", "tax", "--dataset", "firms", "--model", str(model)]
+    code, output = run(server, key, *common, "--ids", str(ids), "--out", str(tmp_path / "x.csv"))
+    assert code == 1 and "2 columns (application, company_id)" in output and "--id-column" in output
     refused = tmp_path / "refused.csv"
     code, output = run(
         server,
@@ -190,6 +194,8 @@ def test_a_refused_score_names_the_ids_locally_from_positions(
         str(model),
         "--ids",
         str(ids),
+        "--id-column",
+        "company_id",
         "--refused",
         str(refused),
         "--out",
