@@ -81,6 +81,7 @@ __all__ = [
     "AccessRequest",
     "Authorization",
     "Consent",
+    "ConsentDraft",
     "Grant",
     "approval_payload",
     "approve_request",
@@ -88,6 +89,7 @@ __all__ = [
     "effective_ceilings",
     "file_request",
     "has_live_consent",
+    "import_consents",
     "list_consents",
     "list_grants",
     "list_requests",
@@ -992,6 +994,141 @@ def record_consent(
         attrs={"purpose": purpose, "expires": expires_at.astimezone(UTC).isoformat()},
     )
     result: Consent = ex.ledger.append(draft, apply).value
+    return result
+
+
+@dataclass(frozen=True)
+class ConsentDraft:
+    """One consent of a bulk import, as the provider gave it."""
+
+    subject: str
+    #: the consumer's key id, registered name or unique key id prefix (as for record_consent)
+    consumer: str
+    purpose: str
+    expires_at: datetime
+
+
+#: a refused import names at most this many row problems; the rest are counted
+MAX_ROW_PROBLEMS = 20
+
+
+def import_consents(
+    ex: Exchange, actor: Principal, zone: str, drafts: Sequence[ConsentDraft]
+) -> list[Consent]:
+    """Record many consents at once under :func:`record_consent`'s rules, all or nothing.
+
+    Every row is checked before anything is recorded; a refusal (``invalid_input``, reason
+    ``bad_rows``) names up to :data:`MAX_ROW_PROBLEMS` problems by row index (0-based) and
+    counts the rest. On success each consent gets its own ``consent.recorded`` entry, exactly
+    as one ``record_consent`` call would, all in one transaction. The answer lists the
+    consents in row order; subjects are never echoed, not even digested."""
+    limit = ex.settings.max_consent_import_rows
+    if not drafts:
+        raise InvalidInputError("no consents to record: the import has no rows")
+    if len(drafts) > limit:
+        raise InvalidInputError(
+            f"{len(drafts)} consents in one import; at most {limit} per call "
+            "(max_consent_import_rows): split the file",
+            reason="too_many_rows",
+        )
+    now = _now()
+    problems: list[dict[str, Any]] = []
+
+    def bad(row: int, name: str, message: str) -> None:
+        problems.append({"loc": ["rows", row, name], "row": row, "msg": message})
+
+    purposes: list[str] = []
+    for i, d in enumerate(drafts):
+        try:
+            subjects.check_subject_id(d.subject)
+        except InvalidInputError as exc:
+            bad(i, "subject", exc.detail)
+        try:
+            purposes.append(_purpose(ex, d.purpose))
+        except InvalidInputError as exc:
+            purposes.append(d.purpose)
+            bad(i, "purpose", exc.detail)
+        if d.expires_at.tzinfo is None:
+            bad(i, "expires_at", "expires_at needs a time zone")
+        elif d.expires_at <= now:
+            bad(i, "expires_at", "expires_at is in the past")
+
+    def resolve(session: Session) -> tuple[dict[str, str], dict[str, str]]:
+        """The zone checked; each distinct consumer as given -> its key id, or why not."""
+        z = _zone(session, zone)
+        if z.owner != actor.key_id:
+            raise ForbiddenError("only the zone's provider records consents")
+        found: dict[str, str] = {}
+        unknown: dict[str, str] = {}
+        for given in dict.fromkeys(d.consumer for d in drafts):
+            try:
+                found[given] = _consumer_key_id(session, actor, given)
+            except (InvalidInputError, NotFoundError) as exc:
+                unknown[given] = exc.detail
+        return found, unknown
+
+    with Session(ex.engine) as session:
+        consumers, unknown = resolve(session)
+    for i, d in enumerate(drafts):
+        if d.consumer in unknown:
+            bad(i, "consumer", unknown[d.consumer])
+    if problems:
+        problems.sort(key=lambda p: int(p["row"]))
+        rows = len({p["row"] for p in problems})
+        raise InvalidInputError(
+            f"{rows} of {len(drafts)} rows are invalid; nothing was recorded",
+            reason="bad_rows",
+            invalid_rows=rows,
+            problems=len(problems),
+            errors=problems[:MAX_ROW_PROBLEMS],
+        )
+
+    keys = subjects.ZoneSubjects.of(ex.zones_dir / zone)
+    digests = keys.consent_digests([d.subject for d in drafts])
+    version = subjects.CONSENT_DIGEST_VERSION
+    ids = ["consent-" + secrets.token_hex(12) for _ in drafts]
+    entries = [
+        EntryDraft(
+            kind="consent.recorded",
+            actor=actor.key_id,
+            refs={"consent": ids[i], "zone": zone, "consumer": consumers[d.consumer]},
+            digests={"subject": digests[i]},
+            attrs={
+                "purpose": purposes[i],
+                "expires": d.expires_at.astimezone(UTC).isoformat(),
+                "digest_version": version,
+            },
+        )
+        for i, d in enumerate(drafts)
+    ]
+
+    def apply(session: Session, _draft: EntryDraft) -> list[Consent]:
+        # the zone and consumers again, inside the transaction: they may have changed since
+        if resolve(session)[0] != consumers:
+            raise ConflictError("the zone's principals changed during the import; try again")
+        created = _now()
+        rows = [
+            ConsentRow(
+                id=ids[i],
+                zone=zone,
+                subject_digest=digests[i],
+                digest_version=version,
+                consumer=consumers[d.consumer],
+                purpose=purposes[i],
+                expires_at=d.expires_at,
+                status="active",
+                created_at=created,
+                recorded_by=actor.key_id,
+            )
+            for i, d in enumerate(drafts)
+        ]
+        session.add_all(rows)
+        session.flush()
+        names = _names_of(session, consumers.values())
+        return [_to_consent(r, names.get(r.consumer)) for r in rows]
+
+    appended = ex.ledger.append_group(entries, apply)
+    result: list[Consent] = appended[0].value
     return result
 
 

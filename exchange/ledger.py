@@ -85,7 +85,7 @@ Apply = Callable[[Session, EntryDraft], Any]
 
 
 class _Pending:
-    __slots__ = ("apply", "done", "draft", "error", "future", "queued", "result")
+    __slots__ = ("apply", "done", "draft", "error", "future", "more", "queued", "result", "results")
 
     def __init__(
         self,
@@ -101,6 +101,9 @@ class _Pending:
         self.queued = time.perf_counter()
         self.result: Appended | None = None
         self.error: BaseException | None = None
+        #: further entries committed in the same transaction as ``draft`` (append_group)
+        self.more: list[EntryDraft] = []
+        self.results: list[Appended] = []
 
     def finish(self, delivery: Delivery) -> None:
         if self.done is not None:
@@ -230,6 +233,24 @@ class Ledger:
         assert pending.result is not None
         return pending.result
 
+    def append_group(self, drafts: list[EntryDraft], apply: Apply | None = None) -> list[Appended]:
+        """Apply the state change (called with the first draft) and append every draft, in
+        order, in one transaction: all are recorded or none. Return once durable."""
+        if not drafts:
+            return []
+        if not self._threads:
+            raise LedgerError("the ledger is not running")
+        pending = _Pending(drafts[0], apply, wait=True)
+        pending.more = list(drafts[1:])
+        queued = time.perf_counter()
+        self._queue.put(pending)
+        assert pending.done is not None
+        pending.done.wait()
+        get_metrics().ledger_append.observe(time.perf_counter() - queued)
+        if pending.error is not None:
+            raise pending.error
+        return pending.results
+
     def submit(self, draft: EntryDraft, loop: asyncio.AbstractEventLoop | None = None) -> Waiter:
         """Queue an entry that changes no state. The returned future resolves (to
         :class:`Appended`) once the entry is durable: an asyncio future on ``loop`` to await
@@ -300,29 +321,34 @@ class Ledger:
                                 savepoint.rollback()
                                 item.error = _translate(exc)
                                 continue
-                        now = max(format_time(self._clock()), last_time)
-                        entry = {
-                            "seq": size,
-                            "time": now,
-                            "kind": item.draft.kind,
-                            "actor": item.draft.actor,
-                            "refs": item.draft.refs,
-                            "digests": item.draft.digests,
-                            "attrs": item.draft.attrs,
-                            "prev": last_hash.hex() if size else GENESIS_PREV,
-                        }
-                        try:
-                            body = canonicalize(entry)
-                        except ValueError as exc:
-                            item.error = InvalidInputError(f"entry cannot be recorded: {exc}")
-                            if item.apply is not None:  # never keep a change without its entry
-                                raise
+                        appended: list[Appended] = []
+                        for draft in (item.draft, *item.more):
+                            now = max(format_time(self._clock()), last_time)
+                            entry = {
+                                "seq": size,
+                                "time": now,
+                                "kind": draft.kind,
+                                "actor": draft.actor,
+                                "refs": draft.refs,
+                                "digests": draft.digests,
+                                "attrs": draft.attrs,
+                                "prev": last_hash.hex() if size else GENESIS_PREV,
+                            }
+                            try:
+                                body = canonicalize(entry)
+                            except ValueError as exc:
+                                item.error = InvalidInputError(f"entry cannot be recorded: {exc}")
+                                if item.apply is not None or item.more:
+                                    raise  # never keep a change, or part of a group, alone
+                                break
+                            digest = leaf_hash(body)
+                            rows.append({"seq": size, "body": body, "leaf_hash": digest})
+                            appended.append(Appended(size, digest, value, body))
+                            size, last_hash, last_time = size + 1, digest, now
+                        if not appended:
                             continue
-                        digest = leaf_hash(body)
-                        rows.append({"seq": size, "body": body, "leaf_hash": digest})
-                        item.result = Appended(size, digest, value, body)
+                        item.result, item.results = appended[0], appended
                         committed.append(item)
-                        size, last_hash, last_time = size + 1, digest, now
                     if rows:
                         head_values = {"size": size, "last_hash": last_hash, "last_time": last_time}
                         if conn.dialect.name == "postgresql":
@@ -351,7 +377,7 @@ class Ledger:
             error = LedgerError("the ledger could not record this request; nothing was changed")
             error.__cause__ = exc
             for item in batch:
-                item.result = None
+                item.result, item.results = None, []
                 item.error = item.error or error
             committed = []
         get_metrics().ledger_commit.observe(time.perf_counter() - started)

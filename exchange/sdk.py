@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from os import PathLike
 from pathlib import Path
@@ -503,6 +503,37 @@ class Client:
             "expires_at": expires_at.isoformat(),
         }
         result: dict[str, Any] = self.request("POST", f"/v1/zones/{zone}/consents", json=body)
+        return result
+
+    def import_consents(self, zone: str, consents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """Record many consents in one call, all or nothing: ``{"zone", "recorded", "ids"}``,
+        the ids in the order given. Each item has ``subject``, ``consumer`` (name, key id or
+        unique key id prefix), ``purpose`` and ``expires_at`` (a datetime with a time zone, or
+        RFC 3339 text). A refusal (:class:`ApiError`, 422) names the bad rows in ``errors``
+        (``row`` is the 0-based index) and records nothing.
+
+        Example::
+
+            c.import_consents("tax", [
+                {"subject": "91310000X", "consumer": "bank", "purpose": "credit_scoring",
+                 "expires_at": datetime(2027, 1, 1, tzinfo=UTC)},
+            ])
+        """
+        rows = [
+            {
+                "subject": c["subject"],
+                "consumer": c["consumer"],
+                "purpose": c["purpose"],
+                "expires_at": (
+                    c["expires_at"].isoformat()
+                    if isinstance(c["expires_at"], datetime)
+                    else c["expires_at"]
+                ),
+            }
+            for c in consents
+        ]
+        path = f"/v1/zones/{zone}/consents/import"
+        result: dict[str, Any] = self.request("POST", path, json={"consents": rows})
         return result
 
     def consents(self, zone: str) -> list[dict[str, Any]]:

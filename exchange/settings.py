@@ -50,6 +50,10 @@ class Settings(BaseModel):
     max_he_upload_bytes: int = 128 << 20
     #: entities one he_score call may ask about (25 ciphertexts of 4096 scores come back)
     max_score_entities: int = 100_000
+    #: consents one ``consents/import`` call may record (all in one transaction), and the
+    #: size of its body (a row is at most ~700 bytes of JSON)
+    max_consent_import_rows: int = 10_000
+    max_consent_import_bytes: int = 8 << 20
     #: zones one secure_sum may combine
     max_secure_sum_zones: int = 32
     #: one binary batch of PSI points (32 bytes each): 64 MiB is two million points

@@ -45,6 +45,8 @@ from exchange.api.schemas import (
     CeilingsOut,
     CheckpointOut,
     ComputationOut,
+    ConsentImportIn,
+    ConsentImportOut,
     ConsentIn,
     ConsentOut,
     ConsistencyProofOut,
@@ -286,6 +288,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             "/v1/he/contexts/*" + UPLOAD_SUFFIX: cfg.max_he_upload_bytes,
             UPLOAD_SUFFIX: cfg.max_upload_bytes,
             CONTEXT_SUFFIX: cfg.max_he_context_bytes,
+            "/consents/import": cfg.max_consent_import_bytes,
             POINTS_SUFFIX: cfg.max_psi_batch_bytes,
         },
     )
@@ -299,6 +302,8 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.detail, exc_info=exc.__cause__)
         extra = {k: v for k, v in exc.extra.items() if isinstance(v, (str, int))}
+        if isinstance(exc.extra.get("errors"), list):  # field or row problems the domain named
+            extra["errors"] = exc.extra["errors"]
         return problem(exc.status, exc.code, exc.title, exc.detail, **extra)
 
     @app.exception_handler(ZonexError)
@@ -534,6 +539,18 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             ex, actor, zone, body.subject, body.consumer, body.purpose, body.expires_at
         )
         return ConsentOut.from_domain(c)
+
+    @v1.post("/zones/{zone}/consents/import", response_model=ConsentImportOut, status_code=201)
+    def import_consents(zone: str, actor: Actor, ex: Ex, body: ConsentImportIn) -> ConsentImportOut:
+        """Record many consents in one call, all or nothing: every row is checked first; a
+        refusal names the rows that are wrong (``errors``, by row index) and records nothing.
+        Each consent gets its own ``consent.recorded`` ledger entry, in one transaction."""
+        drafts = [
+            access.ConsentDraft(c.subject, c.consumer, c.purpose, c.expires_at)
+            for c in body.consents
+        ]
+        found = access.import_consents(ex, actor, zone, drafts)
+        return ConsentImportOut(zone=zone, recorded=len(found), ids=[c.id for c in found])
 
     @v1.get("/zones/{zone}/consents", response_model=list[ConsentOut])
     def list_consents(zone: str, actor: Actor, ex: Ex) -> list[ConsentOut]:

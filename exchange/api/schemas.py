@@ -297,6 +297,22 @@ class ConsentIn(In):
     expires_at: datetime
 
 
+class ConsentImportIn(In):
+    """Many consents at once, all or nothing (``POST /v1/zones/{zone}/consents/import``);
+    at most ``max_consent_import_rows`` per call."""
+
+    consents: Annotated[list[ConsentIn], Field(min_length=1)]
+
+
+class ConsentImportOut(Out):
+    """The consents recorded by an import: their ids in the order of the rows given (subjects
+    are never echoed, not even digested)."""
+
+    zone: str
+    recorded: int
+    ids: list[str]
+
+
 class ConsentOut(Out):
     """A consent as answered: named by its id. The subject's keyed digest stays in the
     exchange (no answer carries a keyed digest of a string the caller chose)."""

@@ -10,7 +10,18 @@ import typer
 from rich.measure import Measurement
 from rich.table import Table
 
-from exchange.cli._common import KeyPath, Url, _when, app, client, one_line_errors, out
+from exchange.cli._common import (
+    KeyPath,
+    Url,
+    _when,
+    app,
+    client,
+    err,
+    fail,
+    one_line_errors,
+    out,
+    print_json,
+)
 
 consent_app = typer.Typer(help="data-subject consents (zone provider)", no_args_is_help=True)
 app.add_typer(consent_app, name="consent")
@@ -272,3 +283,194 @@ def consent_withdraw(
     with client(url, key) as c:
         x = c.withdraw_consent(consent_id)
     out.print(f"consent {x['id']} {x['status']}")
+
+
+#: row problems a refused ``consent import`` prints before it counts the rest
+_SHOWN_PROBLEMS = 20
+_CONSENT_COLUMNS = ("subject", "consumer", "purpose")
+
+
+def _expiry(expires: str, days: str, now: Any) -> Any:
+    """A row's end: ``expires`` (an RFC 3339 date, 00:00 UTC that day, or a date-time with
+    its offset), else ``days`` from now."""
+    from datetime import UTC, datetime, timedelta
+
+    if expires:
+        try:
+            when = datetime.fromisoformat(expires.replace("z", "Z"))
+        except ValueError:
+            raise ValueError(
+                f"expires {expires!r} is not an RFC 3339 date (2027-06-30) or date-time "
+                "(2027-06-30T18:00:00+08:00)"
+            ) from None
+        if len(expires) == 10:  # a date alone
+            return when.replace(tzinfo=UTC)
+        if when.tzinfo is None:
+            raise ValueError(f"expires {expires!r} needs a time zone (Z or +08:00)")
+        return when
+    if days:
+        try:
+            n = float(days)
+        except ValueError:
+            raise ValueError(f"days {days!r} is not a number") from None
+        if not math.isfinite(n) or n <= 0:
+            raise ValueError(f"days {days!r} must be a positive number")
+        try:
+            return now + timedelta(days=n)
+        except OverflowError:
+            raise ValueError(f"days {days!r} is too large") from None
+    raise ValueError("give expires (a date or date-time) or days")
+
+
+def _read_consents(
+    path: Path, delimiter: str, encoding: str
+) -> tuple[list[dict[str, str]], list[int], list[tuple[int, str]]]:
+    """The rows of a consents CSV file, each one's line number, and the problems found."""
+    import csv
+    import io
+    from datetime import UTC, datetime
+
+    try:
+        text = path.read_text(encoding)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: byte {exc.start} is not {encoding}; give the file's --encoding "
+            "(utf-8, utf-8-sig, gb18030)"
+        ) from None
+    except LookupError:
+        raise ValueError(f"--encoding {encoding!r} is not a known encoding") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    # newline="": lines end at \n, \r or \r\n only, as the line numbers users see
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise ValueError(f"{path}: the file is empty") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path}, line 1: {exc}") from None
+    missing = [c for c in _CONSENT_COLUMNS if c not in header]
+    if missing or not {"expires", "days"} & set(header):
+        need = [*missing] + ([] if {"expires", "days"} & set(header) else ["expires or days"])
+        raise ValueError(
+            f"{path}, line 1: the header needs the columns {', '.join(need)} "
+            f"(found: {', '.join(header) or 'none'}); columns: subject, consumer, purpose, "
+            "expires or days"
+        )
+    now = datetime.now(UTC)
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
+    problems: list[tuple[int, str]] = []
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            problems.append((reader.line_num, str(exc)))
+            break
+        line = reader.line_num
+        if not any(f.strip() for f in fields):
+            continue  # a blank line
+        if len(fields) != len(header):
+            problems.append((line, f"{len(fields)} fields, the header has {len(header)}"))
+            continue
+        cell = {h: f.strip() for h, f in zip(header, fields, strict=True)}
+        for column in _CONSENT_COLUMNS:
+            if not cell[column]:
+                problems.append((line, f"{column} is empty"))
+        try:
+            until = _expiry(cell.get("expires", ""), cell.get("days", ""), now)
+        except ValueError as exc:
+            problems.append((line, str(exc)))
+            continue
+        rows.append(
+            {
+                "subject": cell["subject"],
+                "consumer": cell["consumer"],
+                "purpose": cell["purpose"],
+                "expires_at": until.isoformat(),
+            }
+        )
+        lines.append(line)
+    return rows, lines, problems
+
+
+def _refuse_rows(path: Path, total: int, problems: list[tuple[int, str]], more: int = 0) -> None:
+    """Print the rows that are wrong (the first few, then a count) and exit non-zero."""
+    rows = len({line for line, _ in problems})
+    for line, message in problems[:_SHOWN_PROBLEMS]:
+        err.print(f"  {path}, line {line}: {message}", highlight=False, markup=False)
+    rest = len(problems) - min(len(problems), _SHOWN_PROBLEMS) + more
+    if rest:
+        err.print(f"  ... and {rest} more", highlight=False, markup=False)
+    fail(
+        f"{path}: {rows or 'some'} of {total} rows are invalid (listed above); nothing was "
+        "recorded: fix them and import the file again",
+    )
+
+
+@consent_app.command("import")
+@one_line_errors
+def consent_import(
+    zone: str,
+    file: Annotated[Path, typer.Argument(help="CSV: subject, consumer, purpose, expires or days")],
+    delimiter: Annotated[
+        str, typer.Option(help="field separator, one character (\\t for tab)")
+    ] = ",",
+    encoding: Annotated[str, typer.Option(help="utf-8, utf-8-sig, gb18030, ...")] = "utf-8",
+    as_json: Annotated[bool, typer.Option("--json", help="print the exchange's JSON")] = False,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+) -> None:
+    """Record many consents from a CSV file in one call, all or nothing (zone provider).
+
+    Columns (a header line, any order): subject, consumer (name, key id or unique key id
+    prefix), purpose, and expires (RFC 3339 date or date-time; a date means 00:00 UTC that
+    day) or days. Every row is checked first; if any is wrong, the wrong rows are listed by
+    line number and nothing is recorded. Prints each line's consent id, in row order.
+
+    Example:
+      zonex consent import tax consents.csv --key provider.key
+    """
+    sep = "\t" if delimiter in ("\\t", "tab") else delimiter
+    if len(sep) != 1:
+        raise ValueError(f"--delimiter takes one character (\\t for tab), got {delimiter!r}")
+    rows, lines, problems = _read_consents(file, sep, encoding)
+    if problems:
+        _refuse_rows(file, len(rows) + len({line for line, _ in problems}), problems)
+    if not rows:
+        raise ValueError(f"{file}: no consents to record (the file has a header only)")
+    from exchange.sdk import ApiError
+
+    try:
+        with client(url, key) as c:
+            result = c.import_consents(zone, rows)
+    except ApiError as exc:
+        named = [e for e in exc.errors if isinstance(e.get("loc"), list) and len(e["loc"]) >= 2]
+        if exc.status != 422 or not named:
+            raise
+        found: list[tuple[int, str]] = []
+        for e in named:
+            loc = [p for p in e["loc"] if p != "body"]
+            index = int(loc[1]) if len(loc) > 1 and str(loc[1]).isdigit() else -1
+            if not 0 <= index < len(lines):
+                raise
+            column = f"{loc[2]}: " if len(loc) > 2 else ""
+            found.append((lines[index], f"{column}{e.get('msg', 'invalid')}"))
+        body = exc.body if isinstance(exc.body, dict) else {}
+        shown_count = body.get("problems")
+        more = shown_count - len(found) if isinstance(shown_count, int) else 0
+        _refuse_rows(file, len(rows), found, more)
+        return
+    if as_json:
+        print_json(result)
+        return
+    out.print("line,consent", highlight=False)
+    for line, consent_id in zip(lines, result["ids"], strict=True):
+        out.print(f"{line},{consent_id}", highlight=False)
+    err.print(
+        f"{result['recorded']} consents recorded in zone {result['zone']} (one ledger entry "
+        "each); the ids above are how they are named",
+        highlight=False,
+    )
