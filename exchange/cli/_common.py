@@ -287,14 +287,10 @@ def client(url: str | None, key: Path) -> Client:
 def resolve_endpoint(url: str | None, key: Path) -> tuple[str, Path]:
     """Fill in what the command line and the environment left at its default from the
     selected profile (see :func:`client`)."""
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context(silent=True)
+    ctx = _current_context()
     if ctx is not None:
-        given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-        need_url = ctx.get_parameter_source("url") not in given
-        need_key = ctx.get_parameter_source("key") not in given
+        need_url = not _given(ctx, "url")
+        need_key = not _given(ctx, "key")
         if need_url or need_key:
             from exchange.cli._config import selected_profile
 
@@ -310,14 +306,27 @@ def resolve_endpoint(url: str | None, key: Path) -> tuple[str, Path]:
     return url, key
 
 
+def _current_context() -> Any:
+    """The running command's context (typer carries its own copy of click)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:  # a typer that runs on click itself
+        from click import get_current_context  # type: ignore[no-redef]
+    return get_current_context(silent=True)
+
+
+def _given(ctx: Any, name: str) -> bool:
+    """Whether the option ``name`` came from the command line or its environment variable."""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def profile_url() -> str | None:
     """The selected profile's URL, if a profile is selected (for commands whose URL is
     optional)."""
-    import click
-
     from exchange.cli._config import selected_profile
 
-    ctx = click.get_current_context(silent=True)
+    ctx = _current_context()
     profile = selected_profile(None if ctx is None else ctx.meta.get(_PROFILE))
     return None if profile is None else profile.url
 
