@@ -902,11 +902,37 @@ def run(data_dir: Path, port: int) -> int:
     return 0
 
 
+def port_problem(port: int) -> str | None:
+    """Why the server could not listen on 127.0.0.1:``port``, in one line (None: it can)."""
+    import errno
+    import socket
+
+    other = port + 1 if 1 <= port < 65535 else 8421
+    pick = f"pick another: scripts/demo.sh DATA_DIR PORT (or --port PORT), e.g. {other}"
+    if not 1 <= port <= 65535:
+        return f"port {port} is not a TCP port (1-65535); {pick}"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on 127.0.0.1 is busy (something is listening there); {pick}"
+            return f"port {port} on 127.0.0.1 cannot be used ({exc.strerror}); {pick}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("demo-data"))
     parser.add_argument("--port", type=int, default=8421)
     args = parser.parse_args(argv)
+    # said before anything starts: a busy port is a server that exits, or worse another
+    # exchange answering the health check
+    problem = port_problem(args.port)
+    if problem is not None:
+        errors.print(f"[bold red]✗ {problem}[/]", soft_wrap=True, highlight=False)
+        return 2
     return run(args.data_dir.resolve(), args.port)
 
 

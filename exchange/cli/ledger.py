@@ -25,6 +25,7 @@ from exchange.cli._common import (
     one_line_errors,
     out,
     print_json,
+    profile_url,
 )
 
 ledger_app = typer.Typer(
@@ -60,7 +61,8 @@ def _offline_exchange(data_dir: Path) -> Any:
 
 def _source(data_dir: Path | None, url: str | None) -> str:
     """Which form a ledger command runs in: ``"offline"`` (the data directory) or ``"api"``.
-    A URL that only comes from ``ZONEX_URL`` gives way to an explicit ``--data-dir``."""
+    A URL that only comes from ``ZONEX_URL`` or a profile gives way to an explicit
+    ``--data-dir``."""
     explicit_url = url is not None and url != os.environ.get("ZONEX_URL")
     if data_dir is not None and explicit_url:
         raise ValueError(
@@ -68,7 +70,7 @@ def _source(data_dir: Path | None, url: str | None) -> str:
         )
     if data_dir is not None:
         return "offline"
-    if url is not None:
+    if url is not None or profile_url() is not None:
         return "api"
     raise ValueError(
         "give --data-dir DIR (offline, on the exchange's machine) or --url URL --key KEY "
@@ -113,7 +115,6 @@ def ledger_checkpoint(
             ex.close()
         note, size = cp.note, cp.size
     else:
-        assert url is not None
         with client(url, key) as c:
             got = c.checkpoint()
         note, size = str(got["note"]), int(got["size"])
@@ -153,7 +154,6 @@ def ledger_export(
         finally:
             ex.close()
     else:
-        assert url is not None
         # written beside the target and renamed once complete: never a truncated bundle
         partial = out_path.with_name(out_path.name + ".partial")
         try:
@@ -257,7 +257,7 @@ def receipt_verify(
         result_doc = result_doc["result"]  # a whole API response saved as one file
     statement, cp = verify_receipt(bundle, result_doc, verifier)
     out.print(
-        f"OK: {statement['kind']} by {statement['consumer'][:16]}… on "
+        f"OK: {statement['kind']} by {statement['consumer']} on "
         f"{', '.join(d['zone'] + '/' + d['name'] for d in statement['datasets'])}; "
         f"ledger entry {statement['ledger_index']} included in checkpoint {cp.size}"
     )
