@@ -30,6 +30,15 @@ PG_ADMIN_URL = os.environ.get("ZONEX_TEST_DATABASE_URL")
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
+@pytest.fixture(autouse=True)
+def _no_user_cli_profiles(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI reads profiles from a fresh, empty XDG_CONFIG_HOME, never the user's."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg")))
+    monkeypatch.delenv("ZONEX_PROFILE", raising=False)
+
+
 @contextmanager
 def fresh_postgres_database(prefix: str = "zonex_t_") -> Iterator[str]:
     """The URL of a new, empty PostgreSQL database on the test server, dropped afterwards;
