@@ -35,12 +35,13 @@ def add(
         bool, typer.Option("--replace", help="overwrite a profile of this name")
     ] = False,
 ) -> None:
-    """Add a profile: an exchange URL and your private key file. The first profile becomes the
-    current one.
+    """Add a profile: an exchange URL and your private key file.
+
+    The first profile becomes the current one. Only the key file's path is stored.
 
     Examples:
       zonex profile add city --url https://exchange.example --key bank.key
-      zonex profile add local --url http://127.0.0.1:8421 --key ./demo-data/keys/bank.key
+      zonex profile add demo --url http://127.0.0.1:8421 --key demo-data/keys/bank.key
     """
     from exchange.cli._config import Profile, check_name, check_url, load_config, save_config
     from exchange.keyfile import load_private_key
@@ -71,8 +72,9 @@ def add(
 @profile_app.command("use")
 @one_line_errors
 def use(name: Name) -> None:
-    """Make a profile the current one (client commands use it when --url/--key, ZONEX_URL/
-    ZONEX_KEY and --profile are not given).
+    """Make a profile the current one.
+
+    Client commands use it when --url/--key, ZONEX_URL/ZONEX_KEY and --profile are not given.
 
     Example:
       zonex profile use city
@@ -130,8 +132,9 @@ def list_profiles(as_json: Json = False) -> None:
 @profile_app.command("remove")
 @one_line_errors
 def remove(name: Name) -> None:
-    """Remove a profile (the key file itself is left alone). Removing the current profile
-    leaves none current.
+    """Remove a profile (the key file itself is left alone).
+
+    Removing the current profile leaves none current.
 
     Example:
       zonex profile remove old
