@@ -275,8 +275,12 @@ class Client:
         file: Path | None = None,
         attach_url: str | None = None,
         attach_table: str | None = None,
+        csv: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Register a dataset from a local CSV/Parquet file (uploaded) or an attached table."""
+        """Register a dataset from a local CSV/Parquet file (uploaded) or an attached table.
+        ``csv`` says how a CSV file is written: ``{"delimiter": ";", "encoding": "gb18030",
+        "rename": {"企业名称": "name"}}`` (each optional; default UTF-8, comma, headers as
+        they are)."""
         body: dict[str, Any] = {
             "name": name,
             "description": description,
@@ -287,6 +291,8 @@ class Client:
             body["upload_id"] = self.upload(zone, file)["upload_id"]
         if attach_url is not None:
             body["attach"] = {"url": attach_url, "table": attach_table or name}
+        if csv:
+            body["csv"] = dict(csv)
         result: dict[str, Any] = self.request("POST", f"/v1/zones/{zone}/datasets", json=body)
         return result
 
@@ -299,9 +305,11 @@ class Client:
         levels: Mapping[str, str] | None = None,
         subject_column: str | None = None,
         description: str | None = None,
+        csv: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Publish a new snapshot of a dataset you provide from a CSV/Parquet file: same
-        columns, levels kept unless given; returns the dataset with its new digest.
+        columns, levels kept unless given; returns the dataset with its new digest. ``csv``:
+        as for :meth:`register_dataset`.
 
             c.publish_snapshot("tax", "companies", Path("companies-2026.csv"))
         """
@@ -312,6 +320,8 @@ class Client:
             body["subject_column"] = subject_column
         if description is not None:
             body["description"] = description
+        if csv:
+            body["csv"] = dict(csv)
         result: dict[str, Any] = self.request(
             "POST", f"/v1/zones/{zone}/datasets/{name}/snapshots", json=body
         )

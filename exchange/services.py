@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -45,7 +46,14 @@ from exchange.ledger import EntryDraft
 from exchange.models import AnalysisRulesRow, DatasetRow, PrincipalRow, UploadRow, ZoneRow
 from exchange.node import Exchange
 from exchange.registry import to_principal
-from exchange.zonestore import TableInfo, ZoneStore, ZoneStoreError, attach, row_count_band
+from exchange.zonestore import (
+    CsvOptions,
+    TableInfo,
+    ZoneStore,
+    ZoneStoreError,
+    attach,
+    row_count_band,
+)
 from policy.levels import Level, max_level
 
 UPLOAD_TYPES = {"text/csv": "csv", "application/vnd.apache.parquet": "parquet"}
@@ -365,6 +373,27 @@ class DatasetSpec:
     upload_id: str | None = None
     attach_url: str | None = None
     attach_table: str | None = None
+    #: how a CSV upload is written (delimiter, encoding, header renames); None: the defaults
+    csv: CsvOptions | None = None
+
+
+def csv_options(given: Mapping[str, Any]) -> CsvOptions:
+    """CSV import options from a request (``delimiter``, ``encoding``, ``rename``), checked."""
+    options = CsvOptions(
+        delimiter=str(given.get("delimiter", ",")),
+        encoding=str(given.get("encoding", "utf-8")),
+        rename=tuple((str(k), str(v)) for k, v in dict(given.get("rename") or {}).items()),
+    )
+    try:
+        options.check()
+    except ZoneStoreError as exc:
+        raise InvalidInputError(str(exc), reason=exc.code) from exc
+    return options
+
+
+def _csv_only(options: CsvOptions | None, upload_format: str) -> None:
+    if options is not None and upload_format != "csv":
+        raise InvalidInputError("CSV options (delimiter, encoding, rename) apply to CSV uploads")
 
 
 def _columns(info: TableInfo, spec: DatasetSpec) -> list[dict[str, str]]:
@@ -433,8 +462,9 @@ def register_dataset(ex: Exchange, actor: Principal, zone: str, spec: DatasetSpe
             if store.has_table(spec.name):
                 store.drop(spec.name)  # an orphan from an interrupted registration
             try:
+                _csv_only(spec.csv, upload_format)
                 if upload_format == "csv":
-                    info = store.import_csv(spec.name, source_path)
+                    info = store.import_csv(spec.name, source_path, options=spec.csv)
                 else:
                     info = store.import_parquet(spec.name, source_path)
             except ZoneStoreError as exc:
@@ -529,6 +559,7 @@ class SnapshotSpec:
     levels: Mapping[str, str]
     subject_column: str | None = None
     description: str | None = None
+    csv: CsvOptions | None = None
 
 
 def publish_snapshot(
@@ -624,8 +655,9 @@ def publish_snapshot(
 
     try:
         try:
+            _csv_only(spec.csv, upload_format)
             if upload_format == "csv":
-                store.import_csv(name, source_path, publish=publish)
+                store.import_csv(name, source_path, options=spec.csv, publish=publish)
             else:
                 store.import_parquet(name, source_path, publish=publish)
         except ZoneStoreError as exc:

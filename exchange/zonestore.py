@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -81,6 +80,7 @@ from exchange.errors import ZonexError
 __all__ = [
     "AttachedTable",
     "ColumnInfo",
+    "CsvOptions",
     "PortableType",
     "TableInfo",
     "ZoneStore",
@@ -487,29 +487,139 @@ def _duck_error(code: str, what: str, exc: duckdb.Error, source: Path) -> ZoneSt
     return ZoneStoreError(code, f"{what}: {first.replace(str(source), 'the file')[:300]}")
 
 
-def _read_csv_header(source: Path) -> list[str]:
-    """The header row, parsed independently of DuckDB (which renames duplicates silently)."""
+#: encodings a CSV file may be read in: each keeps ``\n`` a line end in every byte sequence
+CSV_ENCODINGS = ("utf-8", "utf-8-sig", "gb18030", "gbk", "big5", "latin-1")
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    """How a provider's CSV file is written: its field ``delimiter`` (one character), its
+    ``encoding`` (one of :data:`CSV_ENCODINGS`) and header ``rename`` (source name -> column
+    name, e.g. a Chinese export's headers to lowercase identifiers)."""
+
+    delimiter: str = ","
+    encoding: str = "utf-8"
+    rename: tuple[tuple[str, str], ...] = ()
+
+    def check(self) -> None:
+        if len(self.delimiter) != 1 or self.delimiter in ('"', "\r", "\n"):
+            raise ZoneStoreError(
+                "bad_csv_options",
+                f"the delimiter is one character other than a quote or line end (tab: \\t), "
+                f"got {self.delimiter!r}",
+            )
+        if self.encoding.lower().replace("_", "-") not in CSV_ENCODINGS:
+            raise ZoneStoreError(
+                "bad_csv_options",
+                f"unknown encoding {self.encoding!r}; use one of {', '.join(CSV_ENCODINGS)}",
+            )
+        sources = [src for src, _ in self.rename]
+        if len(set(sources)) != len(sources):
+            raise ZoneStoreError("bad_csv_options", "a column is renamed twice")
+
+    @property
+    def codec(self) -> str:
+        return self.encoding.lower().replace("_", "-")
+
+
+def _lines(source: Path, codec: str, delimiter: str) -> Iterable[str]:
+    """The file's decoded lines (ends kept), naming the line and byte a decoding fails at."""
+    with source.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf") and codec.startswith("utf-8"):
+                raw = raw[3:]
+            try:
+                yield raw.decode(codec)
+            except UnicodeDecodeError as exc:
+                column = raw[: exc.start].decode(codec, "replace").count(delimiter) + 1
+                raise ZoneStoreError(
+                    "bad_csv",
+                    f"line {number}, near field {column}: byte 0x{raw[exc.start]:02x} at "
+                    f"position {exc.start + 1} is not {codec}; give the file's encoding "
+                    f"({', '.join(CSV_ENCODINGS)})",
+                ) from None
+
+
+def _csv_fault(message: str, delimiter: str) -> str:
+    """The csv module's complaint, said in the file's terms."""
+    if "expected after" in message:
+        return (
+            f"a quoted field is followed by more text before the next {delimiter!r} (a stray "
+            f"quote, or is the delimiter not {delimiter!r}?); quotes inside a field are doubled"
+        )
+    if "end of data" in message or "unexpected end" in message:
+        return "a quote is not closed before the end of the file"
+    if "NUL" in message or "null byte" in message:
+        return "the line holds a NUL byte (is this a text file, and is the encoding right?)"
+    return message
+
+
+def _check_csv(source: Path, options: CsvOptions, copy_to: Path | None) -> list[str]:
+    """Read the whole file once, as the engine will: the header (its names after renames),
+    then every record's field count, each fault named by line and column. With ``copy_to``,
+    the file's lines are written there in UTF-8 (other encodings)."""
+    options.check()
+    sink = copy_to.open("w", encoding="utf-8", newline="") if copy_to is not None else None
     try:
-        with source.open("rb") as f:
-            head = f.read(HEADER_LIMIT)
-    except OSError as exc:
-        raise ZoneStoreError("bad_csv", "the CSV file cannot be read") from exc
-    if not head.strip():
-        raise ZoneStoreError("bad_csv", "the CSV file is empty")
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:]
-    end = head.find(b"\n")
-    if end < 0:
-        raise ZoneStoreError("bad_csv", "the CSV file has no header line followed by rows")
-    try:
-        line = head[:end].rstrip(b"\r").decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ZoneStoreError("bad_csv", "the CSV file is not UTF-8") from exc
-    return next(csv.reader(io.StringIO(line)), [])
+        try:
+            lines = _lines(source, options.codec, options.delimiter)
+            feed: Iterable[str] = lines
+            if sink is not None:
+
+                def copied() -> Iterable[str]:
+                    for line in lines:
+                        sink.write(line)
+                        yield line
+
+                feed = copied()
+            reader = csv.reader(feed, delimiter=options.delimiter, strict=True)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise ZoneStoreError("bad_csv", "the CSV file is empty") from None
+            width = len(header)
+            rows = 0
+            for fields in reader:
+                if not fields:
+                    continue  # a blank line: the engine skips it too
+                rows += 1
+                if len(fields) != width:
+                    line = reader.line_num
+                    after = header[min(len(fields), width) - 1]
+                    what = "missing" if len(fields) < width else "extra"
+                    raise ZoneStoreError(
+                        "bad_csv",
+                        f"line {line}: {len(fields)} fields where the header has {width} "
+                        f"({what} fields after column {after!r}; is the delimiter "
+                        f"{options.delimiter!r} right, and is every quote closed?)",
+                    )
+        except csv.Error as exc:
+            raise ZoneStoreError(
+                "bad_csv", f"line {reader.line_num}: {_csv_fault(str(exc), options.delimiter)}"
+            ) from None
+        except OSError as exc:
+            raise ZoneStoreError("bad_csv", "the CSV file cannot be read") from exc
+    finally:
+        if sink is not None:
+            sink.close()
+    if rows == 0:
+        raise ZoneStoreError(
+            "bad_csv", "the CSV file has a header but no rows (types cannot be inferred)"
+        )
+    renames = dict(options.rename)
+    unknown = [src for src in renames if src not in header]
+    if unknown:
+        raise ZoneStoreError(
+            "bad_csv",
+            f"rename: no column {unknown[0]!r} in the header (it has: "
+            f"{', '.join(repr(h) for h in header[:20])})",
+        )
+    return [renames.get(h, h) for h in header]
 
 
 _CSV_OPTIONS = (
-    "header = true, delim = ',', quote = '\"', escape = '\"', skip = 0, encoding = 'utf-8', "
+    "header = true, delim = ?, names = ?, quote = '\"', escape = '\"', skip = 0, "
+    "encoding = 'utf-8', "
     "strict_mode = true, null_padding = false, ignore_errors = false, allow_quoted_nulls = false, "
     "auto_type_candidates = ['BOOLEAN', 'BIGINT', 'HUGEINT', 'DOUBLE', 'DATE', 'TIMESTAMP', "
     "'VARCHAR']"
@@ -585,38 +695,60 @@ class ZoneStore:
 
     # -- import --
 
-    def import_csv(self, table: str, source: Path, *, publish: Publish | None = None) -> TableInfo:
-        """Import a CSV file (RFC 4180: UTF-8, comma, ``"`` quotes, one header row of lowercase
-        identifiers, the same number of fields on every row, at least one row). Column types are
-        inferred (integer, decimal as binary64, boolean, date, timestamp, else text); a value
-        with leading zeros stays text. Refusals: ``bad_name``, ``table_exists``, ``bad_csv``.
+    def import_csv(
+        self,
+        table: str,
+        source: Path,
+        *,
+        options: CsvOptions | None = None,
+        publish: Publish | None = None,
+    ) -> TableInfo:
+        """Import a CSV file (RFC 4180: ``"`` quotes, one header row, the same number of fields
+        on every row, at least one row), UTF-8 and comma-separated unless ``options`` say
+        otherwise; its header names, after ``options.rename``, must be lowercase identifiers.
+        Column types are inferred (integer, decimal as binary64, boolean, date, timestamp, else
+        text); a value with leading zeros stays text. Refusals: ``bad_name``, ``table_exists``,
+        ``bad_csv_options``, ``bad_csv`` (naming the line, and the column where one is at fault).
 
         With ``publish``, the table is a new snapshot of an existing one: ``publish`` is handed
         the complete file instead of it being linked in (see :meth:`replace`)."""
         _check_name(table)
         if publish is None:
             self._refuse_existing(table)
-        names = _read_csv_header(Path(source))
-        _check_columns(names, "bad_csv")
+        options = options or CsvOptions()
+        options.check()
+        source = Path(source)
+        utf8 = None
+        if options.codec != "utf-8":
+            utf8 = self._tables / f"{TEMP_PREFIX}{table}-{secrets.token_hex(8)}.csv"
+        try:
+            names = _check_csv(source, options, utf8)
+            _check_columns(names, "bad_csv")
+            read = utf8 or source
 
-        def build(con: duckdb.DuckDBPyConnection) -> None:
-            sql = f"CREATE TABLE {_quote(table)} AS SELECT * FROM read_csv(?, {_CSV_OPTIONS}"
-            try:
-                con.execute(sql + ")", [str(source)])
-            except duckdb.ConversionException:
-                # the type sniffed from a sample did not fit a later row: infer from every row
-                con.execute(f"DROP TABLE IF EXISTS {_quote(table)}")
-                con.execute(sql + ", sample_size = -1)", [str(source)])
-            got = [r[0] for r in con.execute(f"DESCRIBE {_quote(table)}").fetchall()]
-            if got != names:
-                raise ZoneStoreError("bad_csv", "the CSV header does not match its rows")
-            count = con.execute(f"SELECT count(*) FROM {_quote(table)}").fetchone()
-            if not count or not count[0]:
-                raise ZoneStoreError(
-                    "bad_csv", "the CSV file has a header but no rows (types cannot be inferred)"
-                )
+            def build(con: duckdb.DuckDBPyConnection) -> None:
+                sql = f"CREATE TABLE {_quote(table)} AS SELECT * FROM read_csv(?, {_CSV_OPTIONS}"
+                params = [str(read), options.delimiter, names]
+                try:
+                    con.execute(sql + ")", params)
+                except duckdb.ConversionException:
+                    # the type sniffed from a sample did not fit a later row: infer from all
+                    con.execute(f"DROP TABLE IF EXISTS {_quote(table)}")
+                    con.execute(sql + ", sample_size = -1)", params)
+                got = [r[0] for r in con.execute(f"DESCRIBE {_quote(table)}").fetchall()]
+                if got != names:
+                    raise ZoneStoreError("bad_csv", "the CSV header does not match its rows")
+                count = con.execute(f"SELECT count(*) FROM {_quote(table)}").fetchone()
+                if not count or not count[0]:
+                    raise ZoneStoreError(
+                        "bad_csv",
+                        "the CSV file has a header but no rows (types cannot be inferred)",
+                    )
 
-        return self._import(table, build, "bad_csv", Path(source), publish)
+            return self._import(table, build, "bad_csv", read, publish)
+        finally:
+            if utf8 is not None:
+                utf8.unlink(missing_ok=True)
 
     def import_parquet(
         self, table: str, source: Path, *, publish: Publish | None = None

@@ -450,6 +450,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             upload_id=body.upload_id,
             attach_url=body.attach.url if body.attach else None,
             attach_table=body.attach.table if body.attach else None,
+            csv=services.csv_options(body.csv.model_dump()) if body.csv else None,
         )
         return DatasetOut.from_domain(services.register_dataset(ex, actor, zone, spec))
 

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from exchange import services
 from exchange.api.deps import Actor, Ex
-from exchange.api.schemas import DatasetOut, In, Out, Text
+from exchange.api.schemas import CsvIn, DatasetOut, In, Out, Text
 
 __all__ = ["RetireIn", "RetiredOut", "SnapshotIn", "router"]
 
@@ -28,6 +28,8 @@ class SnapshotIn(In):
     )
     subject_column: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     description: Text | None = None
+    #: for a CSV upload: how the file is written (as for registration)
+    csv: CsvIn | None = None
 
 
 class RetireIn(In):
@@ -62,6 +64,7 @@ async def publish_snapshot(
         levels=body.levels,
         subject_column=body.subject_column,
         description=body.description,
+        csv=services.csv_options(body.csv.model_dump()) if body.csv else None,
     )
     dataset = await run_in_threadpool(services.publish_snapshot, ex, actor, zone, name, spec)
     return DatasetOut.from_domain(dataset)

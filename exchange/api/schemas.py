@@ -133,6 +133,19 @@ class AttachIn(In):
     table: Annotated[str, Field(min_length=1, max_length=128)]
 
 
+class CsvIn(In):
+    """How an uploaded CSV file is written: field delimiter (one character, tab included),
+    encoding (utf-8, utf-8-sig, gb18030, gbk, big5, latin-1) and header renames."""
+
+    delimiter: Annotated[str, Field(min_length=1, max_length=1)] = ","
+    encoding: Annotated[str, Field(min_length=1, max_length=20)] = "utf-8"
+    #: a header name in the file -> the column name to import it as
+    rename: Annotated[
+        dict[Annotated[str, Field(max_length=200)], Annotated[str, Field(max_length=63)]],
+        Field(max_length=1000),
+    ] = Field(default_factory=dict)
+
+
 class DatasetIn(In):
     name: Annotated[str, Field(min_length=1, max_length=63)]
     description: Text = ""
@@ -140,6 +153,8 @@ class DatasetIn(In):
     levels: Annotated[dict[Annotated[str, Field(max_length=128)], str], Field(max_length=1000)]
     upload_id: Annotated[str, Field(min_length=32, max_length=32)] | None = None
     attach: AttachIn | None = None
+    #: for a CSV upload: how the file is written (default: UTF-8, comma, headers as they are)
+    csv: CsvIn | None = None
 
 
 class UploadOut(Out):

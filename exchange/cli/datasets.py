@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -22,6 +22,51 @@ from exchange.cli._common import (
 
 dataset_app = typer.Typer(help="datasets", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+
+
+#: the CSV options ``dataset register`` and ``dataset publish`` share
+Delimiter = Annotated[
+    str | None, typer.Option(help="CSV field separator, one character (\\t for tab)")
+]
+Encoding = Annotated[
+    str | None,
+    typer.Option(help="CSV encoding: utf-8 (default), utf-8-sig, gb18030, gbk, big5, latin-1"),
+]
+Rename = Annotated[
+    list[str] | None,
+    typer.Option(help="SRC=DST: import the CSV header SRC as column DST (repeat)"),
+]
+
+
+def _csv_options(
+    file: Path | None, delimiter: str | None, encoding: str | None, rename: list[str] | None
+) -> dict[str, Any] | None:
+    """The CSV options given, checked here where a line can name the flag."""
+    if delimiter is None and encoding is None and not rename:
+        return None
+    if file is None or file.suffix.lower() != ".csv":
+        raise ValueError("--delimiter, --encoding and --rename apply to a .csv --file")
+    options: dict[str, Any] = {}
+    if delimiter is not None:
+        sep = "\t" if delimiter in ("\\t", "tab") else delimiter
+        if len(sep) != 1:
+            raise ValueError(f"--delimiter takes one character (\\t for tab), got {delimiter!r}")
+        options["delimiter"] = sep
+    if encoding is not None:
+        options["encoding"] = encoding
+    renames: dict[str, str] = {}
+    for pair in rename or []:
+        src, sep, dst = pair.partition("=")
+        if not sep or not src or not dst:
+            raise ValueError(
+                f"--rename takes SRC=DST (a header name and a column name), got {pair!r}"
+            )
+        if src in renames:
+            raise ValueError(f"--rename: {src!r} is renamed twice")
+        renames[src] = dst
+    if renames:
+        options["rename"] = renames
+    return options
 
 
 def _parse_levels(pairs: list[str], levels_file: Path | None) -> dict[str, str]:
@@ -53,13 +98,26 @@ def dataset_register(
     attach_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL to attach")] = None,
     attach_table: Annotated[str | None, typer.Option(help="table to attach")] = None,
     description: Annotated[str, typer.Option(help="what the dataset holds")] = "",
+    delimiter: Delimiter = None,
+    encoding: Encoding = None,
+    rename: Rename = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """Register a dataset in a zone you own."""
+    """Register a dataset in a zone you own.
+
+    Levels name the columns as imported (after --rename).
+
+    Example:
+      zonex dataset register tax companies --file companies.csv --subject-column company_id \\
+        --level company_id=L3 --level tax_paid=L3 --level district=L1
+      zonex dataset register tax firms --file firms.csv --encoding gb18030 --delimiter ";" \\
+        --rename 统一社会信用代码=company_id --rename 纳税额=tax_paid ...
+    """
     levels = _parse_levels(level or [], levels_file)
     if (file is None) == (attach_url is None):
         raise ValueError("give exactly one of --file or --attach-url")
+    csv = _csv_options(file, delimiter, encoding, rename)
     with client(url, key) as c:
         d = c.register_dataset(
             zone,
@@ -70,6 +128,7 @@ def dataset_register(
             file=file,
             attach_url=attach_url,
             attach_table=attach_table,
+            csv=csv,
         )
     out.print(f"dataset {d['zone']}/{d['name']} level {d['level']} digest {d['digest'][:16]}…")
 
@@ -89,6 +148,9 @@ def dataset_publish(
         str | None, typer.Option(help="a new subject/key column (default: unchanged)")
     ] = None,
     description: Annotated[str | None, typer.Option(help="a new description")] = None,
+    delimiter: Delimiter = None,
+    encoding: Encoding = None,
+    rename: Rename = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
@@ -99,6 +161,7 @@ def dataset_publish(
       zonex dataset publish tax companies --file companies-2026.csv
     """
     levels = _parse_levels(level or [], levels_file)
+    csv = _csv_options(file, delimiter, encoding, rename)
     with client(url, key) as c:
         previous = c.dataset(zone, name)["digest"]
         d = c.publish_snapshot(
@@ -108,6 +171,7 @@ def dataset_publish(
             levels=levels,
             subject_column=subject_column,
             description=description,
+            csv=csv,
         )
     out.print(
         f"dataset {d['zone']}/{d['name']} snapshot {d['digest']} published "

@@ -192,3 +192,125 @@ def test_consent_import_is_for_the_provider_and_bounded(
     write_private_key(outsider, SigningKey.generate())
     code, out = run(server, outsider, "consent", "import", "tax", str(csv_file))
     assert code == 1 and "401" in out and "Traceback" not in out
+
+
+# -- CSV import options ------------------------------------------------------------------------
+
+LEVELS = ["--level", "company_id=L2", "--level", "district=L1", "--level", "tax_paid=L2"]
+
+
+def register(server: LiveServer, key: Path, name: str, file: Path, *extra: str) -> tuple[int, str]:
+    return run(
+        server, key, "dataset", "register", "tax", name, "--file", str(file),
+        "--subject-column", "company_id", *LEVELS, *extra,
+    )  # fmt: skip
+
+
+def columns(server: LiveServer, key: Path, name: str) -> dict[str, str]:
+    code, out = run(server, key, "catalog", "--zone", "tax", "--json")
+    assert code == 0, out
+    zones = json.loads(out)
+    (d,) = [d for d in zones[0]["datasets"] if d["name"] == name]
+    return {c["name"]: c["type"] for c in d["columns"]}
+
+
+def test_register_semicolon_and_tab_files(
+    server: LiveServer, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    semi = tmp_path / "semi.csv"
+    semi.write_text(
+        'company_id;district;tax_paid\n"9131;0001";Pudong;1200\n91310002;Minhang;800\n', "utf-8"
+    )
+    code, out = register(server, keys["provider"], "semi", semi, "--delimiter", ";")
+    assert code == 0, out
+    assert columns(server, keys["provider"], "semi") == {
+        "company_id": "text", "district": "text", "tax_paid": "integer",
+    }  # fmt: skip
+
+    tab = tmp_path / "tab.csv"
+    tab.write_text("company_id\tdistrict\ttax_paid\n91310001\tPudong\t1200.5\n", "utf-8")
+    code, out = register(server, keys["provider"], "tabbed", tab, "--delimiter", "\\t")
+    assert code == 0, out
+    assert columns(server, keys["provider"], "tabbed")["tax_paid"] == "decimal"
+
+    # without the delimiter, the refusal names the line and asks about the delimiter
+    code, out = register(server, keys["provider"], "semi2", semi)
+    assert code == 1 and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    assert "line 2: a quoted field is followed by more text" in out and "delimiter" in out
+
+    code, out = register(server, keys["provider"], "semi3", semi, "--delimiter", ";;")
+    assert code == 1 and "--delimiter takes one character" in out
+
+
+def test_register_gb18030_with_chinese_headers_renamed(
+    server: LiveServer, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    gb = tmp_path / "firms.csv"
+    gb.write_bytes(
+        "统一社会信用代码,所在区,纳税额\n91310001,浦东新区,1200\n91310002,闵行区,800\n".encode(
+            "gb18030"
+        )
+    )
+    renames = [
+        "--rename", "统一社会信用代码=company_id", "--rename", "所在区=district",
+        "--rename", "纳税额=tax_paid",
+    ]  # fmt: skip
+    code, out = register(server, keys["provider"], "firms", gb, "--encoding", "gb18030", *renames)
+    assert code == 0, out
+    assert set(columns(server, keys["provider"], "firms")) == {
+        "company_id", "district", "tax_paid",
+    }  # fmt: skip
+
+    # read as UTF-8 (the default), the file's first bad byte is named by line
+    code, out = register(server, keys["provider"], "firms2", gb, *renames)
+    assert code == 1 and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    assert "line 1" in out and "is not utf-8" in out and "gb18030" in out
+
+    # a rename of a header the file does not have, and an encoding nobody knows
+    code, out = register(
+        server, keys["provider"], "firms3", gb, "--encoding", "gb18030",
+        "--rename", "企业名称=name", *renames,
+    )  # fmt: skip
+    assert code == 1 and "rename: no column '企业名称' in the header" in out
+    code, out = register(server, keys["provider"], "firms4", gb, "--encoding", "klingon")
+    assert code == 1 and "unknown encoding 'klingon'" in out and "gb18030" in out
+
+    # a Chinese header left as it is: the line names what to rename
+    code, out = register(server, keys["provider"], "firms5", gb, "--encoding", "gb18030")
+    assert code == 1 and "rename" in out and "统一社会信用代码" in out
+
+    # publish takes the same options
+    gb2 = tmp_path / "firms-2026.csv"
+    gb2.write_bytes("统一社会信用代码,所在区,纳税额\n91310003,黄浦区,900\n".encode("gb18030"))
+    code, out = run(
+        server, keys["provider"], "dataset", "publish", "tax", "firms", "--file", str(gb2),
+        "--encoding", "gb18030", *renames,
+    )  # fmt: skip
+    assert code == 0 and "published" in out, out
+
+
+def test_a_bad_row_is_named_by_its_line(
+    server: LiveServer, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "company_id,district,tax_paid\n91310001,Pudong,1200\n91310002,Minhang\n", "utf-8"
+    )
+    code, out = register(server, keys["provider"], "bad", bad)
+    assert code == 1 and "Traceback" not in out and len(out.strip().splitlines()) == 1
+    assert "line 3: 2 fields where the header has 3" in out
+    assert "'district'" in out  # the column after which the fields run out
+    assert "sniff" not in out.lower() and "read_csv" not in out  # not the engine's text
+
+    quote = tmp_path / "quote.csv"
+    quote.write_text(
+        'company_id,district,tax_paid\n91310001,Pudong,1200\n91310002,"Min"hang,800\n', "utf-8"
+    )
+    code, out = register(server, keys["provider"], "quoted", quote)
+    assert code == 1 and "line 3:" in out and "Traceback" not in out
+
+    code, out = run(
+        server, keys["provider"], "dataset", "register", "tax", "x", "--attach-url",
+        "sqlite:///nowhere.db", "--subject-column", "id", "--encoding", "gb18030",
+    )  # fmt: skip
+    assert code == 1 and "apply to a .csv --file" in out
