@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 #: where the root callback leaves ``--profile`` for :func:`client`
 _PROFILE = "zonex.profile"
+#: the profile a command's URL came from, for its error lines
+_URL_FROM = "zonex.url_from"
 
 
 class _RootGroup(TyperGroup):
@@ -187,9 +189,14 @@ def _explain_transport(exc: Any) -> str:
     except (AttributeError, RuntimeError):  # no request attached
         where = "the exchange"
     reason = str(exc) or type(exc).__name__
+    ctx = _current_context()
+    source = None if ctx is None else ctx.meta.get(_URL_FROM)
+    if source is not None:
+        where += f" (the url of profile {source!r})"
     return (
         f"cannot reach the exchange at {where} ({reason}); check that it is running there, "
         "or give its address with --url or ZONEX_URL"
+        + ("" if source is None else f", or fix the profile: zonex profile add {source} --replace")
     )
 
 
@@ -296,7 +303,9 @@ def resolve_endpoint(url: str | None, key: Path) -> tuple[str, Path]:
 
             profile = selected_profile(ctx.meta.get(_PROFILE))
             if profile is not None:
-                url = profile.url if need_url else url
+                if need_url:
+                    url = profile.url
+                    ctx.meta[_URL_FROM] = profile.name
                 key = profile.key if need_key else key
     if url is None:
         raise ValueError(

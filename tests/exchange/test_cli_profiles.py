@@ -183,7 +183,8 @@ def test_flag_beats_env_beats_profile_beats_current(
         ((), {"ZONEX_PROFILE": "dead"}),
     ):
         line = one_error_line(*zonex("catalog", *args, env=env))
-        assert "127.0.0.1:9" in line, line
+        assert "127.0.0.1:9 (the url of profile 'dead')" in line, line
+        assert "zonex profile add dead --replace" in line
     line = one_error_line(*zonex("--profile", "dead", "catalog"))
     assert "127.0.0.1:9" in line
     line = one_error_line(*zonex("catalog", "--profile", "nope"))
@@ -191,7 +192,7 @@ def test_flag_beats_env_beats_profile_beats_current(
 
     # env beats profile (url and key separately); flag beats env
     line = one_error_line(*zonex("whoami", env={"ZONEX_URL": DEAD_URL}))
-    assert "127.0.0.1:9" in line
+    assert "127.0.0.1:9" in line and "profile" not in line
     assert who(env={"ZONEX_KEY": str(keys["provider"])}) == "Tax Bureau"
     assert who("--url", server.url, env={"ZONEX_URL": DEAD_URL}) == "City Bank"
     assert who("--key", str(operator), env={"ZONEX_KEY": str(keys["provider"])}) == "operator"
