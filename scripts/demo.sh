@@ -39,6 +39,12 @@ if [ "$data_dir" != "demo-data" ]; then
     *) data_dir="$PWD/$data_dir" ;;
   esac
 fi
+# before any installing: something already answering on the port (the showcase checks again)
+if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+  echo "✗ port $port on 127.0.0.1 is busy (something is listening there); pick another:" \
+    "scripts/demo.sh DATA_DIR PORT (or --port PORT), e.g. $((port + 1))" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 exec .venv/bin/python examples/financial_zone/financial_zone.py --data-dir "$data_dir" \

@@ -246,6 +246,21 @@ def test_demo_script_takes_a_port(tmp_path: Path) -> None:
         )
         assert done.returncode == 2 and expected in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+    # a busy port is named before anything is installed or started
+    busy, port = _listening_port()
+    with busy:
+        done = subprocess.run(
+            ["bash", str(script), str(tmp_path / "demo"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"✗ port {port} on 127.0.0.1 is busy (something is listening there); pick another: "
+        f"scripts/demo.sh DATA_DIR PORT (or --port PORT), e.g. {port + 1}"
+    ]
+    assert not (tmp_path / "demo").exists()
 
 
 def test_psi_session_and_receipt_consumer_ids_are_whole(server: LiveServer, tmp_path: Path) -> None:
