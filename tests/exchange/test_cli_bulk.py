@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +315,32 @@ def test_a_bad_row_is_named_by_its_line(
         "sqlite:///nowhere.db", "--subject-column", "id", "--encoding", "gb18030",
     )  # fmt: skip
     assert code == 1 and "apply to a .csv --file" in out
+
+
+def test_a_group_is_recorded_whole_or_not_at_all(server: LiveServer, keys: dict[str, Path]) -> None:
+    """append_group (what consent import records through): a change and all its entries commit
+    together; an entry that cannot be recorded undoes the change and every other entry."""
+    from exchange.errors import InvalidInputError
+    from exchange.ledger import EntryDraft
+
+    ledger_ = server.exchange.ledger
+    before = ledger_.sync_tree()
+    consumer_id = str(keys["consumer_id"])
+
+    def apply(session: Session, _draft: EntryDraft) -> None:
+        session.add(
+            ConsentRow(
+                id="consent-" + "0" * 24, zone="tax", subject_digest="0" * 64, consumer=consumer_id,
+                purpose=PURPOSE, expires_at=datetime(2099, 1, 1, tzinfo=UTC),
+                status="active", recorded_by=consumer_id,
+            )
+        )  # fmt: skip
+
+    drafts = [EntryDraft(kind="test.one"), EntryDraft(kind="test.two", attrs={"n": 2**60})]
+    with pytest.raises(InvalidInputError, match="entry cannot be recorded"):
+        ledger_.append_group(drafts, apply)
+    assert ledger_.sync_tree() == before and consent_count(server) == 0
+    assert not ledger(server, "test.one")
+
+    appended = ledger_.append_group([EntryDraft(kind="test.one"), EntryDraft(kind="test.two")])
+    assert [a.seq for a in appended] == [before, before + 1]
