@@ -425,10 +425,14 @@ def consent_import(
 ) -> None:
     """Record many consents from a CSV file in one call, all or nothing (zone provider).
 
-    Columns (a header line, any order): subject, consumer (name, key id or unique key id
-    prefix), purpose, and expires (RFC 3339 date or date-time; a date means 00:00 UTC that
-    day) or days. Every row is checked first; if any is wrong, the wrong rows are listed by
-    line number and nothing is recorded. Prints each line's consent id, in row order.
+    Header columns, any order: subject, consumer, purpose, and expires or days.
+
+    consumer: a name, key id or unique key id prefix. expires: 2027-06-30 (00:00 UTC) or
+    2027-06-30T18:00:00+08:00.
+
+    If any row is wrong, the wrong rows are listed by line and nothing is recorded.
+
+    Prints line,consent for each row, in row order.
 
     Example:
       zonex consent import tax consents.csv --key provider.key

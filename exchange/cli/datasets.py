@@ -106,11 +106,11 @@ def dataset_register(
 ) -> None:
     """Register a dataset in a zone you own.
 
-    Levels name the columns as imported (after --rename).
+    --level and --subject-column name the columns as imported (after --rename).
 
-    Example:
+    Examples:
       zonex dataset register tax companies --file companies.csv --subject-column company_id \\
-        --level company_id=L3 --level tax_paid=L3 --level district=L1
+        --level company_id=L3 --level district=L1 --level tax_paid=L3
       zonex dataset register tax firms --file firms.csv --encoding gb18030 --delimiter ";" \\
         --rename 统一社会信用代码=company_id --rename 纳税额=tax_paid ...
     """
