@@ -118,6 +118,10 @@ def test_add_refuses_a_public_key_a_missing_key_and_a_bad_url(
     )
     assert "no such key file" in line
     good = new_key(tmp_path / "bank.key")
+    good.chmod(0o644)  # others may read it: not a key to point a profile at
+    line = one_error_line(*zonex("profile", "add", "p", "--url", DEAD_URL, "--key", str(good)))
+    assert "readable by others" in line and "chmod 600" in line
+    good.chmod(0o600)
     line = one_error_line(*zonex("profile", "add", "p", "--url", "exchange", "--key", str(good)))
     assert "--url" in line and "base URL" in line
     line = one_error_line(*zonex("profile", "add", "a b", "--url", DEAD_URL, "--key", str(good)))
