@@ -396,9 +396,11 @@ def _read_consents(
     return rows, lines, problems
 
 
-def _refuse_rows(path: Path, total: int, problems: list[tuple[int, str]], more: int = 0) -> None:
+def _refuse_rows(
+    path: Path, total: int, problems: list[tuple[int, str]], more: int = 0, rows: int = 0
+) -> None:
     """Print the rows that are wrong (the first few, then a count) and exit non-zero."""
-    rows = len({line for line, _ in problems})
+    rows = rows or len({line for line, _ in problems})
     for line, message in problems[:_SHOWN_PROBLEMS]:
         err.print(f"  {path}, line {line}: {message}", highlight=False, markup=False)
     rest = len(problems) - min(len(problems), _SHOWN_PROBLEMS) + more
@@ -465,7 +467,8 @@ def consent_import(
         body = exc.body if isinstance(exc.body, dict) else {}
         shown_count = body.get("problems")
         more = shown_count - len(found) if isinstance(shown_count, int) else 0
-        _refuse_rows(file, len(rows), found, more)
+        invalid = body.get("invalid_rows")
+        _refuse_rows(file, len(rows), found, more, invalid if isinstance(invalid, int) else 0)
         return
     if as_json:
         print_json(result)

@@ -135,6 +135,18 @@ def test_consent_import_refuses_the_whole_file_naming_lines(
     assert "9131\u200b0000B" not in out  # the refused subject is not echoed
     assert len(ledger(server, "consent.recorded")) == before and consent_count(server) == 0
 
+    # many wrong rows: the first 20 named, the rest counted
+    many = tmp_path / "many.csv"
+    many.write_text(
+        "subject,consumer,purpose,days\n"
+        + "".join(f"9131{i:04d},City Bank,gambling,30\n" for i in range(25)),
+        "utf-8",
+    )
+    code, out = run(server, keys["provider"], "consent", "import", "tax", str(many))
+    assert code == 1 and "25 of 25 rows are invalid" in out
+    assert "line 21: purpose" in out and "line 22: purpose" not in out
+    assert "... and 5 more" in out and consent_count(server) == 0
+
     # problems the CLI sees before sending anything: lines named, nothing sent
     local = tmp_path / "local.csv"
     local.write_text(
