@@ -467,7 +467,9 @@ class ProblemOut(BaseModel):
     errors: list[dict[str, Any]] | None = Field(
         default=None,
         description="on 422 invalid_input from body validation: up to 20 of "
-        '`{"loc": [...], "msg": "..."}`, naming each field that is wrong',
+        '`{"loc": [...], "msg": "..."}`, naming each field that is wrong; a refused consent '
+        'import (reason `bad_rows`) names rows as `{"loc": ["rows", index, field], "row": '
+        'index, "msg": ...}` (0-based) with `invalid_rows` and `problems` counting them all',
     )
 
 
