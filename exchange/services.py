@@ -56,6 +56,8 @@ from exchange.zonestore import (
 )
 from policy.levels import Level, max_level
 
+_LEVEL_NAMES = frozenset(lv.value for lv in Level)
+
 UPLOAD_TYPES = {"text/csv": "csv", "application/vnd.apache.parquet": "parquet"}
 #: a dataset's status once its provider retired it: no computations, not in the catalog
 RETIRED = "retired"
@@ -592,7 +594,14 @@ def publish_snapshot(
         upload_format = upload.media_type
         old_columns = [dict(c) for c in current.columns]
         old_digest = current.digest
-        subject_column = spec.subject_column or current.subject_column
+        if spec.subject_column and spec.subject_column != current.subject_column:
+            # the subject column is the privacy unit every k, budget and DP bound counts in
+            raise InvalidInputError(
+                f"a new snapshot keeps the subject column {current.subject_column!r}; "
+                "another privacy unit is a new dataset",
+                reason="subject_changed",
+            )
+        subject_column = current.subject_column
         description = current.description if spec.description is None else spec.description
 
     source_path = ex.staging_dir / spec.upload_id
@@ -610,6 +619,20 @@ def publish_snapshot(
         if info.digest == old_digest:
             raise ConflictError(f"this content is already the current snapshot of {zone}/{name}")
         levels = {c["name"]: c["level"] for c in old_columns}
+        # 就高从严: a snapshot may raise a column's level, never lower it. A lower level would
+        # loosen every live grant at once (an operator-approved IMPORTANT grant turning into
+        # exact releases) without a new request or approval
+        lowered = [
+            f"{col} {levels[col]} -> {lv}"
+            for col, lv in spec.levels.items()
+            if col in levels and lv in _LEVEL_NAMES and Level(lv) < Level(levels[col])
+        ]
+        if lowered:
+            raise InvalidInputError(
+                f"a new snapshot never lowers a column's level ({', '.join(lowered)}); "
+                "a lower classification is a new dataset, with new grants",
+                reason="level_lowered",
+            )
         levels.update(spec.levels)
         columns = _columns(
             info,

@@ -186,6 +186,31 @@ def test_publish_a_new_snapshot_then_retire(
         "tax_paid_2025=L3",
     )
     assert code == 0 and "level L3" in out, out
+    # ... but never lower it (就高从严: a live grant would turn DP releases exact), nor change
+    # the privacy unit; a refused snapshot changes nothing
+    fewer = _write(tmp_path / "fewer.csv", header, rows[:-2])
+    for extra, said in (
+        (["--level", "tax_paid_2025=L1"], "never lowers a column's level"),
+        (["--subject-column", "district"], "another privacy unit is a new dataset"),
+    ):
+        code, out = api(
+            server,
+            keys["provider"],
+            "dataset",
+            "publish",
+            "tax",
+            "companies",
+            "--file",
+            str(fewer),
+            *extra,
+        )
+        assert code == 1 and "422" in out and said in out, out
+        assert len(out.strip().splitlines()) == 1
+    code, out = api(server, keys["consumer"], "catalog", "--json")
+    zones = json.loads(out)
+    zones = zones["zones"] if isinstance(zones, dict) else zones
+    (listed,) = [d for z in zones for d in z["datasets"] if d["name"] == "companies"]
+    assert listed["level"] == "L3", listed
 
     # retire: ledgered, gone from the catalog, nothing runs on it, its name is not reused
     code, out = api(
