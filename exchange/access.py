@@ -814,15 +814,21 @@ def list_principals(ex: Exchange, actor: Principal) -> list[Principal]:
 
 
 def _consumer_key_id(session: Session, actor: Principal, given: str) -> str:
-    """A consumer named by its key id, its registered name, or a unique prefix (6+) of the key
-    id of a principal the actor may look up."""
+    """A consumer named by its full key id (whoever holds a key id may name it), or by the
+    registered name or a unique prefix (6+) of the key id of a principal the actor may look up
+    (:func:`_seen_principals`): a name or prefix never tells whether a principal the actor may
+    not see exists."""
     if session.get(PrincipalRow, given) is not None:
         return given
-    by_name = session.scalars(select(PrincipalRow.key_id).where(PrincipalRow.name == given)).first()
-    if by_name is not None:
-        return by_name
+    seen = _seen_principals(session, actor)
+    by_name = [
+        k
+        for k in session.scalars(select(PrincipalRow.key_id).where(PrincipalRow.name == given))
+        if seen is None or k in seen
+    ]
+    if by_name:
+        return by_name[0]
     if len(given) >= MIN_ID_PREFIX and all(c in "0123456789abcdef" for c in given):
-        seen = _seen_principals(session, actor)
         stmt = select(PrincipalRow.key_id).where(PrincipalRow.key_id.startswith(given))
         found = [k for k in session.scalars(stmt.limit(_PREFIX_SCAN)) if seen is None or k in seen]
         if len(found) == 1:
@@ -834,7 +840,10 @@ def _consumer_key_id(session: Session, actor: Principal, given: str) -> str:
                 reason="ambiguous_id",
                 candidates=len(found),
             )
-    raise NotFoundError(f"no such consumer {given!r}: give its name or key id")
+    raise NotFoundError(
+        f"no consumer {given!r} among the principals you can see: give its full key id (a name "
+        "or a prefix works once it has a request, grant or consent on your zones)"
+    )
 
 
 # -- suspensions and ceilings -----------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_ceilings_consents_and_suspension_from_the_shell(
         "--purpose",
         "credit-assessment",
     )
-    assert code == 1 and "no such consumer" in out
+    assert code == 1 and "no consumer" in out and "among the principals you can see" in out
     code, out = run(server, keys["provider"], "consents", "tax")
     assert code == 0
     code, out = run(server, keys["operator"], "zone", "suspend", "tax")

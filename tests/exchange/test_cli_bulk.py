@@ -27,6 +27,12 @@ PURPOSE = "credit-assessment"
 @pytest.fixture
 def keys(server: LiveServer, tmp_path: Path) -> dict[str, Path]:
     provider, consumer = tax_bureau_and_bank(server, L2_LEVELS)
+    # the bank has asked for access, so the bureau may name it (a principal with nothing on
+    # the bureau's zones is named by its full key id only)
+    with server.client(consumer) as c:
+        c.request_access(
+            "tax", ["companies"], ["aggregate"], PURPOSE, duration_seconds=86400, justification="x"
+        )
     paths = {}
     for name, key in (("provider", provider), ("consumer", consumer)):
         paths[name] = tmp_path / f"{name}.key"
@@ -128,7 +134,7 @@ def test_consent_import_refuses_the_whole_file_naming_lines(
     assert code == 1 and "Traceback" not in out
     assert "4 of 5 rows are invalid" in out and "nothing was recorded" in out
     assert "line 3: subject: a subject id holds a control or format character (U+200B)" in out
-    assert "line 4: consumer: no such consumer 'Nobody Bank'" in out
+    assert "line 4: consumer: no consumer 'Nobody Bank' among the principals you can see" in out
     assert "line 5: purpose: unknown purpose 'gambling'" in out
     assert "line 6: expires_at: expires_at is in the past" in out
     assert "line 2" not in out
