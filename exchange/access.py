@@ -288,10 +288,13 @@ def _resolve(
     visible: Callable[[_IdRow], bool],
 ) -> _IdRow:
     """The row named by ``given``: its exact id, else the one row the caller may see whose id
-    starts with it. Rows the caller may not see are never counted or named."""
+    starts with it. Rows the caller may not see are never counted or named, and a row the
+    caller may not see is as absent as a row that does not exist (404 either way)."""
     row = session.get(model, given)
     if row is not None:
-        return row
+        if visible(row):
+            return row
+        raise NotFoundError(f"no such {what}")
     if len(given) >= MIN_ID_PREFIX:
         escaped = given.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         stmt = select(model).where(model.id.like(escaped + "%", escape="\\")).limit(_PREFIX_SCAN)
@@ -729,8 +732,6 @@ def get_grant(ex: Exchange, actor: Principal, grant_id: str) -> Grant:
     """One grant, by its id or a unique prefix of it."""
     with Session(ex.engine) as session:
         row = _grant_row(session, actor, grant_id)
-        if not _visible(actor, row.consumer, _zone(session, row.zone).owner):
-            raise NotFoundError("no such grant")
         return _to_grant(row, _names_of(session, [row.consumer]).get(row.consumer))
 
 

@@ -197,6 +197,10 @@ def test_ids_are_whole_and_unique_prefixes_work(server: LiveServer, keys: dict[s
     # another's grant by its unique prefix: still not found for an outsider
     text = one_error(*run(server, keys["other"], "revoke", grant_ids[0][:12], "--reason", "x"))
     assert "404" in text and grant_ids[0] not in text
+    # ... and by its whole id the outsider gets exactly what an id nobody has gets
+    whole = one_error(*run(server, keys["other"], "revoke", grant_ids[0], "--reason", "x"))
+    absent = one_error(*run(server, keys["other"], "revoke", "grant:" + "0" * 24, "--reason", "x"))
+    assert "404" in whole and whole == absent
 
     code, out = run(server, keys["provider"], "revoke", grant_ids[0][:12], "--reason", "done")
     assert code == 0 and f"grant {grant_ids[0]} revoked" in out, out
