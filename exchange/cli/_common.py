@@ -90,6 +90,24 @@ KeyPath = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="print the exchange's JSON, not a table")]
+#: the zone a command acts on, given first as in every such command (``zonex export tax …``,
+#: ``zonex psi aggregate tax …``); a zone that only filters a listing is ``--zone``
+ZoneArg = Annotated[
+    str | None, typer.Argument(metavar="ZONE", help="the provider's zone", show_default=False)
+]
+#: the older spelling ``--zone ZONE``, still taken (hidden)
+ZoneFlag = Annotated[str | None, typer.Option("--zone", hidden=True, show_default=False)]
+
+
+def one_zone(given: str | None, flag: str | None, command: str, *, required: bool = True) -> str:
+    """The zone named first (``zonex COMMAND ZONE``) or by the older ``--zone``; not both."""
+    if given is not None and flag is not None and given != flag:
+        raise ValueError(f"two zones named ({given!r} and --zone {flag!r}): give it once, first")
+    zone = given if given is not None else flag
+    if zone is None and required:
+        raise ValueError(f"name the zone first: zonex {command} ZONE ...")
+    return zone or ""
+
 
 #: ``--out -``: write to standard output
 STDOUT = Path("-")

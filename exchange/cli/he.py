@@ -19,11 +19,14 @@ from exchange.cli._common import (
     STDOUT,
     KeyPath,
     Url,
+    ZoneArg,
+    ZoneFlag,
     app,
     client,
     err,
     is_stdout,
     one_line_errors,
+    one_zone,
     out,
     print_json,
     save_result,
@@ -69,7 +72,11 @@ def model_commit(
     model: ModelFile, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("key")
 ) -> None:
     """Register the commitment of a model (its weights stay here). A model file without a
-    nonce gets one, written back: keep the file, it is what an auditor will check."""
+    nonce gets one, written back: keep the file, it is what an auditor will check.
+
+    Example:
+      zonex model commit --model model.json --key bank.key
+    """
     from exchange import he_client
 
     loaded, fresh = he_client.load_model(model)
@@ -92,7 +99,11 @@ def model_show(
         Path | None, typer.Option("--out", help="write the document here (- or none: stdout)")
     ] = None,
 ) -> None:
-    """Fetch a commitment's public document (owner, auditor or operator)."""
+    """Fetch a commitment's public document (owner, auditor or operator).
+
+    Example:
+      zonex model show COMMITMENT --out model-doc.json --key bank.key
+    """
     with client(url, key) as c:
         stored = c.model(commitment)
     if is_stdout(out_file):
@@ -171,7 +182,6 @@ def _numbered(path: Path, n: int, total: int) -> Path:
 @app.command("score")
 @one_line_errors
 def score_cmd(
-    zone: Annotated[str, typer.Option(help="the zone holding the features")],
     dataset: Annotated[str, typer.Option(help="the dataset whose columns the model uses")],
     model: ModelFile,
     ids: Annotated[Path, typer.Option("--ids", help="CSV of entity ids (first column)")],
@@ -191,13 +201,21 @@ def score_cmd(
     ] = Path("refused.csv"),
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("key"),
+    zone: ZoneArg = None,
+    zone_flag: ZoneFlag = None,
 ) -> None:
     """Score consented entities under your committed model; decrypt locally.
 
     Beside each signed result, RESULT.subjects holds the nonce that opens the result's
     commitment to the ids scored (keep it private; it shows an auditor which ids were scored).
     If the exchange refuses ids, it names their positions only: the ids are looked up here and
-    written to --refused."""
+    written to --refused.
+
+    Example:
+      zonex score tax --dataset companies --model model.json --ids applicants.csv \\
+        --id-column company_id --purpose credit-assessment --key bank.key
+    """
+    zone = one_zone(zone, zone_flag, "score")
     from exchange import he_client
     from exchange.sdk import ScoreRefusedError
 

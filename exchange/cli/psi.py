@@ -28,10 +28,13 @@ from exchange.cli._common import (
     STDOUT,
     KeyPath,
     Url,
+    ZoneArg,
+    ZoneFlag,
     app,
     client,
     err,
     one_line_errors,
+    one_zone,
     out,
     print_json,
     save_result,
@@ -46,7 +49,6 @@ if TYPE_CHECKING:
 psi_app = typer.Typer(help="private joins (PSI) with a zone's dataset", no_args_is_help=True)
 app.add_typer(psi_app, name="psi")
 
-Zone = Annotated[str, typer.Option("--zone", help="the provider's zone")]
 Dataset = Annotated[str, typer.Option("--dataset", help="the dataset to join with")]
 Ids = Annotated[
     Path, typer.Option("--ids", exists=True, dir_okay=False, help="CSV file holding your ids")
@@ -209,7 +211,6 @@ def _join(
 @psi_app.command("cardinality")
 @one_line_errors
 def cardinality(
-    zone: Zone,
     dataset: Dataset,
     ids: Ids,
     column: Column,
@@ -219,8 +220,16 @@ def cardinality(
     batch: Batch = DEFAULT_BATCH,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
+    zone: ZoneArg = None,
+    zone_flag: ZoneFlag = None,
 ) -> None:
-    """How many of your ids the dataset holds (nobody sees the other side's ids)."""
+    """How many of your ids the dataset holds (nobody sees the other side's ids).
+
+    Example:
+      zonex psi cardinality tax --dataset companies --ids applicants.csv --id-column company_id \\
+        --epsilon 1 --purpose credit-assessment --key bank.key
+    """
+    zone = one_zone(zone, zone_flag, "psi cardinality")
     _join(
         "cardinality", zone, dataset, ids, column, purpose, out_file, url, key, batch, None, epsilon
     )
@@ -229,7 +238,6 @@ def cardinality(
 @psi_app.command("members")
 @one_line_errors
 def members(
-    zone: Zone,
     dataset: Dataset,
     ids: Ids,
     column: Column,
@@ -238,16 +246,23 @@ def members(
     batch: Batch = DEFAULT_BATCH,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
+    zone: ZoneArg = None,
+    zone_flag: ZoneFlag = None,
 ) -> None:
     """Which of your ids the dataset holds (exact: only where the provider allows exact
-    releases, at L1/L2 or at L3 by its opt-out)."""
+    releases, at L1/L2 or at L3 by its opt-out).
+
+    Example:
+      zonex psi members tax --dataset companies --ids applicants.csv --id-column company_id \\
+        --purpose credit-assessment --out members.json --key bank.key
+    """
+    zone = one_zone(zone, zone_flag, "psi members")
     _join("members", zone, dataset, ids, column, purpose, out_file, url, key, batch)
 
 
 @psi_app.command("aggregate")
 @one_line_errors
 def aggregate(
-    zone: Zone,
     dataset: Dataset,
     ids: Ids,
     column: Column,
@@ -260,8 +275,16 @@ def aggregate(
     batch: Batch = DEFAULT_BATCH,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
+    zone: ZoneArg = None,
+    zone_flag: ZoneFlag = None,
 ) -> None:
-    """COUNT, SUM and AVG of the dataset's columns over the ids you both hold, decrypted here."""
+    """COUNT, SUM and AVG of the dataset's columns over the ids you both hold, decrypted here.
+
+    Example:
+      zonex psi aggregate tax --dataset companies --ids applicants.csv --id-column company_id \\
+        --sum tax_paid_2025 --epsilon 1 --purpose credit-assessment --key bank.key
+    """
+    zone = one_zone(zone, zone_flag, "psi aggregate")
     _join(
         "aggregate",
         zone,

@@ -82,9 +82,10 @@ def run(server: LiveServer, key: Path, *args: str) -> tuple[int, str]:
 
 
 def _common(setup: dict[str, Path]) -> list[str]:
+    # the zone first, as every command that acts on a zone takes it
     return [
-        "--zone", "tax", "--dataset", "companies", "--ids", str(setup["ids"]),
-        "--column", "company", "--purpose", PURPOSE,
+        "tax", "--dataset", "companies", "--ids", str(setup["ids"]),
+        "--id-column", "company", "--purpose", PURPOSE,
     ]  # fmt: skip
 
 
@@ -135,11 +136,18 @@ def test_psi_errors_are_one_line(server: LiveServer, setup: dict[str, Path]) -> 
         ["psi", "cardinality", *_common(setup), "--epsilon", "lots"],
         ["psi", "aggregate", *_common(setup), "--sum", "district"],
         ["psi", "members", *_common(setup)[:-2], "--purpose", "marketing"],
+        # the zone named twice, differently; and not at all
+        ["psi", "cardinality", *_common(setup), "--zone", "land"],
+        ["psi", "cardinality", *_common(setup)[1:]],
     ):
         code, out = run(server, setup["key"], *args)
         assert code == 1, out
         assert "Traceback" not in out
         assert len([line for line in out.strip().splitlines() if "error" in line]) == 1, out
+    # the older spelling --zone still works
+    older = ["psi", "cardinality", "--zone", "tax", *_common(setup)[1:], "--epsilon", "1"]
+    code, out = run(server, setup["key"], *older)
+    assert code == 0 and "in both" in out, out
 
 
 def _one_error_line(code: int, out: str) -> str:
