@@ -65,7 +65,12 @@ def request_cmd(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
-    """File an access request (consumer)."""
+    """File an access request (consumer).
+
+    Example:
+      zonex request tax --dataset companies --operation aggregate --purpose credit-assessment \\
+        --justification "loan review" --days 30 --key bank.key
+    """
     if not math.isfinite(days):
         raise ValueError(f"--days takes a number of days, got {days}")
     # the bounds are the exchange's alone: its answer names them
@@ -92,7 +97,11 @@ def requests_cmd(
 ) -> None:
     """List the access requests you filed or that concern your zones. A request awaiting the
     operator shows the terms the provider signed (``pending terms``): the operator's
-    ``zonex approve`` signs exactly those."""
+    ``zonex approve`` signs exactly those.
+
+    Example:
+      zonex requests --key bureau.key
+    """
     with client(url, key) as c:
         found = c.requests(zone=zone, status=status)
     if as_json:
@@ -139,7 +148,11 @@ def approve(
     """Sign and approve an access request (provider; operator too for important data).
 
     REQUEST_ID may be a unique prefix (6+ characters). For important data the operator
-    approves second and signs the terms the provider signed (see ``zonex requests``)."""
+    approves second and signs the terms the provider signed (see ``zonex requests``).
+
+    Example:
+      zonex approve REQUEST_ID --key bureau.key
+    """
     from datetime import UTC, datetime, timedelta
 
     not_after = datetime.now(UTC) + timedelta(days=days) if days is not None else None
@@ -164,7 +177,11 @@ def reject(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """Reject a request (provider, operator) or withdraw your own (consumer)."""
+    """Reject a request (provider, operator) or withdraw your own (consumer).
+
+    Example:
+      zonex reject REQUEST_ID --reason "purpose not covered" --key bureau.key
+    """
     with client(url, key) as c:
         r = c.reject(request_id, reason)
     out.print(f"request {r['id']} {r['status']}")
@@ -179,7 +196,11 @@ def grants(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
-    """List grants you hold or that concern your zones."""
+    """List grants you hold or that concern your zones.
+
+    Example:
+      zonex grants --key bank.key
+    """
     with client(url, key) as c:
         found = c.grants(zone, include_inactive=all_)
     if as_json:
@@ -219,7 +240,11 @@ def revoke(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """Revoke a grant now (GRANT_ID or a unique prefix of it, 6+ characters)."""
+    """Revoke a grant now (GRANT_ID or a unique prefix of it, 6+ characters).
+
+    Example:
+      zonex revoke GRANT_ID --reason done --key bureau.key
+    """
     with client(url, key) as c:
         g = c.revoke(grant_id, reason)
     out.print(f"grant {g['id']} {g['status']}")
@@ -233,7 +258,11 @@ def consents(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """List a zone's consents (by consent id; subjects are never shown, not even digested)."""
+    """List a zone's consents (by consent id; subjects are never shown, not even digested).
+
+    Example:
+      zonex consents tax --key bureau.key
+    """
     with client(url, key) as c:
         found = c.consents(zone)
     if as_json:
@@ -265,7 +294,12 @@ def consent_add(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """Record a data subject's consent for a consumer and purpose (zone provider)."""
+    """Record a data subject's consent for a consumer and purpose (zone provider).
+
+    Example:
+      zonex consent add tax --subject ID --consumer "City Bank" --purpose credit-assessment \\
+        --key bureau.key
+    """
     from datetime import UTC, datetime, timedelta
 
     until = datetime.now(UTC) + timedelta(days=days)
@@ -279,7 +313,11 @@ def consent_add(
 def consent_withdraw(
     consent_id: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("provider.key")
 ) -> None:
-    """Withdraw a consent (CONSENT_ID or a unique prefix of it, 6+ characters)."""
+    """Withdraw a consent (CONSENT_ID or a unique prefix of it, 6+ characters).
+
+    Example:
+      zonex consent withdraw CONSENT_ID --key bureau.key
+    """
     with client(url, key) as c:
         x = c.withdraw_consent(consent_id)
     out.print(f"consent {x['id']} {x['status']}")

@@ -22,7 +22,11 @@ def init(
         str | None, typer.Option(envvar="ZONEX_DATABASE_URL", help="SQLAlchemy URL")
     ] = None,
 ) -> None:
-    """Create the control-plane database, operator identity and log key in DATA_DIR."""
+    """Create the control-plane database, operator identity and log key in DATA_DIR.
+
+    Example:
+      zonex init --data-dir D
+    """
     from exchange.node import init_data_dir
 
     info = init_data_dir(data_dir, origin=origin, database_url=database_url)
@@ -46,7 +50,11 @@ def serve(
     ] = "json",
 ) -> None:
     """Run the API server (FastAPI under uvicorn). SIGTERM or SIGINT: stop accepting, finish
-    in-flight requests, flush the ledger, exit. See docs/operations.md."""
+    in-flight requests, flush the ledger, exit. See docs/operations.md.
+
+    Example:
+      zonex serve --data-dir D --port 8421
+    """
     import uvicorn
 
     from exchange.observability import logging_config, prepare_multiprocess_metrics
@@ -86,7 +94,11 @@ def backup(
         str | None, typer.Option(envvar="ZONEX_DATABASE_URL", help="SQLAlchemy URL")
     ] = None,
 ) -> None:
-    """Back up the control plane, zone stores, keys and configuration (works while serving)."""
+    """Back up the control plane, zone stores, keys and configuration (works while serving).
+
+    Example:
+      zonex backup --data-dir D --out backup.tar.gz
+    """
     if out_path == STDOUT:
         raise ValueError(
             "--out -: a backup holds the exchange's private keys and salts; write it to a file "
@@ -124,7 +136,11 @@ def restore(
         typer.Option("--checkpoint-out", help="save the backup's signed checkpoint here"),
     ] = None,
 ) -> None:
-    """Restore a backup into a new or empty data directory; verifies the ledger first."""
+    """Restore a backup into a new or empty data directory; verifies the ledger first.
+
+    Example:
+      zonex restore backup.tar.gz --data-dir D2
+    """
     from exchange.backup import restore_backup
 
     with err.status("restoring…"):

@@ -56,7 +56,11 @@ def export_cmd(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
-    """Export rows where the level allows it (masked subject column at L2)."""
+    """Export rows where the level allows it (masked subject column at L2).
+
+    Example:
+      zonex export tax companies --purpose credit-assessment --out rows.json --key bank.key
+    """
     with client(url, key) as c:
         response = c.export(zone, dataset, purpose)
     save_result(response, out_file, receipt_file)
@@ -78,7 +82,12 @@ def aggregate_cmd(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
-    """Run a clean-room SQL aggregate under the zone's analysis rules."""
+    """Run a clean-room SQL aggregate under the zone's analysis rules.
+
+    Example:
+      zonex aggregate tax --purpose credit-assessment --epsilon 0.5 --out agg.json --key bank.key \\
+        --sql "SELECT district, COUNT(*), AVG(tax_paid_2025) FROM companies GROUP BY district"
+    """
     with client(url, key) as c:
         response = c.aggregate(zone, sql, purpose, epsilon=epsilon)
     result = response["result"]
@@ -113,7 +122,11 @@ def budget_cmd(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
-    """Show the privacy budget (ε) left on each dataset you hold a grant for."""
+    """Show the privacy budget (ε) left on each dataset you hold a grant for.
+
+    Example:
+      zonex budget --zone tax --key bank.key
+    """
     with client(url, key) as c:
         found = c.budgets(zone)
     if as_json:
@@ -145,7 +158,11 @@ def dataset_rules(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """Show a dataset's analysis rules, or set new ones (docs/analysis-rules.md)."""
+    """Show a dataset's analysis rules, or set new ones (docs/analysis-rules.md).
+
+    Example:
+      zonex dataset rules tax companies --set rules.json --key bureau.key
+    """
     document: Any = None
     if set_file is not None:
         try:

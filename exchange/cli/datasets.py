@@ -210,7 +210,11 @@ def catalog(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("consumer.key"),
 ) -> None:
-    """Browse zones, datasets, columns and levels (never rows)."""
+    """Browse zones, datasets, columns and levels (never rows).
+
+    Example:
+      zonex catalog --key bank.key
+    """
     with client(url, key) as c:
         zones = [c.zone(zone)] if zone else c.catalog()["zones"]
     if as_json:

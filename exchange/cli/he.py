@@ -121,7 +121,11 @@ def model_verify(
     document: Annotated[Path, typer.Option(help="the committed document (zonex model show)")],
     commitment: Annotated[str, typer.Option(help="the commitment a receipt cites")],
 ) -> None:
-    """Offline: check a revealed model file against a commitment and its document."""
+    """Offline: check a revealed model file against a commitment and its document.
+
+    Example:
+      zonex model verify --model model.json --document model-doc.json --commitment COMMITMENT
+    """
     from crypto import he
     from exchange import he_client
 
@@ -308,7 +312,12 @@ def secure_sum_cmd(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("key"),
 ) -> None:
-    """Sum one aggregate over several zones; only the total is decrypted, here."""
+    """Sum one aggregate over several zones; only the total is decrypted, here.
+
+    Example:
+      zonex secure-sum --zones d1,d2,d3 --cells north,south --key bank.key \\
+        --sql "SELECT district, COUNT(*), SUM(tax_paid_2025) FROM companies GROUP BY district"
+    """
     from crypto.encoding import b64url_decode
     from exchange import he_client
 

@@ -18,7 +18,11 @@ app.add_typer(key_app, name="key")
 def key_new(
     out_prefix: Annotated[Path, typer.Option("--out", help="writes OUT.key (0600) and OUT.pub")],
 ) -> None:
-    """Make an Ed25519 key pair."""
+    """Make an Ed25519 key pair.
+
+    Example:
+      zonex key new --out bank
+    """
     from crypto.keys import SigningKey
     from exchange.keyfile import write_private_key, write_public_key
 
@@ -36,7 +40,11 @@ def key_new(
 @key_app.command("id")
 @one_line_errors
 def key_id_cmd(path: Path) -> None:
-    """Print the key id of a public or private key file."""
+    """Print the key id of a public or private key file.
+
+    Example:
+      zonex key id bank.pub
+    """
     from exchange.keyfile import load_private_key, load_public_key
 
     text = path.read_bytes()

@@ -214,7 +214,11 @@ def audit_verify(
         Path | None, typer.Option(help="a checkpoint saved earlier (rollback/fork check)")
     ] = None,
 ) -> None:
-    """Verify an exported ledger bundle offline. Exit 0 only if everything holds."""
+    """Verify an exported ledger bundle offline. Exit 0 only if everything holds.
+
+    Example:
+      zonex audit verify ledger.jsonl --log-key D/log.pub --trusted cp.txt
+    """
     from crypto.note import NoteVerifier
     from exchange.audit import check_bundle, read_bundle_lines
 
@@ -238,7 +242,11 @@ def receipt_verify(
     result: Annotated[Path, typer.Option(help="the result file (JSON) the receipt is about")],
     log_key: Annotated[Path, typer.Option("--log-key", help="the log's verifier key (log.pub)")],
 ) -> None:
-    """Verify a computation receipt and its result offline. Exit 0 only if everything holds."""
+    """Verify a computation receipt and its result offline. Exit 0 only if everything holds.
+
+    Example:
+      zonex receipt verify rows.json.receipt --result rows.json --log-key D/log.pub
+    """
     from crypto.note import NoteVerifier
     from crypto.receipt import verify_receipt
 

@@ -26,7 +26,11 @@ def principal_add(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("operator.key"),
 ) -> None:
-    """Register a principal (operator only)."""
+    """Register a principal (operator only).
+
+    Example:
+      zonex principal add "City Bank" --kind enterprise --public-key bank.pub --key D/operator.key
+    """
     from exchange.keyfile import load_public_key
 
     if kind not in KINDS:
@@ -42,7 +46,11 @@ def principal_list(
     as_json: Json = False, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
 ) -> None:
     """List principals: all of them (operator, auditors); a zone's provider sees itself and
-    those with requests, grants or consents on its zones."""
+    those with requests, grants or consents on its zones.
+
+    Example:
+      zonex principal list --key D/operator.key
+    """
     from exchange.cli.access import print_wide
 
     with client(url, key) as c:
@@ -84,7 +92,11 @@ def _principal_key_id(principals: list[Any], given: str) -> str:
 def principal_suspend(
     key_id: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
 ) -> None:
-    """Suspend a principal at once (operator only); KEY_ID may be a name or a unique prefix."""
+    """Suspend a principal at once (operator only); KEY_ID may be a name or a unique prefix.
+
+    Example:
+      zonex principal suspend "City Bank" --key D/operator.key
+    """
     _status(key_id, "suspended", url, key)
 
 
@@ -93,7 +105,11 @@ def principal_suspend(
 def principal_reinstate(
     key_id: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
 ) -> None:
-    """Reinstate a suspended principal (operator only); KEY_ID may be a name or a prefix."""
+    """Reinstate a suspended principal (operator only); KEY_ID may be a name or a prefix.
+
+    Example:
+      zonex principal reinstate "City Bank" --key D/operator.key
+    """
     _status(key_id, "active", url, key)
 
 
@@ -102,7 +118,11 @@ def principal_reinstate(
 def whoami(
     as_json: Json = False, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
 ) -> None:
-    """Show the principal your key belongs to."""
+    """Show the principal your key belongs to.
+
+    Example:
+      zonex whoami --key bank.key
+    """
     with client(url, key) as c:
         p = c.whoami()
     if as_json:

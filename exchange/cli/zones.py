@@ -22,7 +22,11 @@ def zone_create(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """Create a zone you own."""
+    """Create a zone you own.
+
+    Example:
+      zonex zone create tax --key bureau.key
+    """
     with client(url, key) as c:
         z = c.create_zone(name, description)
     out.print(f"zone {z['name']} created")
@@ -33,7 +37,11 @@ def zone_create(
 def zone_suspend(
     zone: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
 ) -> None:
-    """Suspend a whole zone (operator); effective on the next call."""
+    """Suspend a whole zone (operator); effective on the next call.
+
+    Example:
+      zonex zone suspend tax --key D/operator.key
+    """
     with client(url, key) as c:
         c.set_zone_status(zone, "suspended")
     out.print(f"zone {zone} suspended")
@@ -44,7 +52,11 @@ def zone_suspend(
 def zone_reinstate(
     zone: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("operator.key")
 ) -> None:
-    """Reinstate a suspended zone (operator)."""
+    """Reinstate a suspended zone (operator).
+
+    Example:
+      zonex zone reinstate tax --key D/operator.key
+    """
     with client(url, key) as c:
         c.set_zone_status(zone, "active")
     out.print(f"zone {zone} active")
@@ -59,7 +71,11 @@ def zone_ceilings(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
-    """Tighten the operation ceilings of a zone or dataset (never beyond the defaults)."""
+    """Tighten the operation ceilings of a zone or dataset (never beyond the defaults).
+
+    Example:
+      zonex zone ceilings tax --allow L2=aggregate --key bureau.key
+    """
     table_in: dict[str, list[str]] = {}
     for item in allow:
         level, sep, ops = item.partition("=")
