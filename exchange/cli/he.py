@@ -279,11 +279,17 @@ def score_cmd(
         )
 
 
-def _cells(cells: str | None, cells_file: Path | None) -> list[list[str]]:
-    if (cells is None) == (cells_file is None):
-        raise ValueError("give --cells A,B,C or --cells-file FILE (a JSON list of lists)")
-    if cells is not None:
-        return [[c.strip()] for c in cells.split(",") if c.strip()]
+def _listed(values: list[str]) -> list[str]:
+    """A list option given one way or the other: the flag repeated, or comma-separated values
+    (both may mix)."""
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _cells(cells: list[str] | None, cells_file: Path | None) -> list[list[str]]:
+    if (not cells) == (cells_file is None):
+        raise ValueError("give --cell A --cell B (or --cells A,B) or --cells-file FILE (JSON)")
+    if cells:
+        return [[c] for c in _listed(cells)]
     assert cells_file is not None
     data: Any = json.loads(cells_file.read_text("utf-8"))
     if not isinstance(data, list) or not all(isinstance(c, list) for c in data):
@@ -294,10 +300,18 @@ def _cells(cells: str | None, cells_file: Path | None) -> list[list[str]]:
 @app.command("secure-sum")
 @one_line_errors
 def secure_sum_cmd(
-    zones: Annotated[str, typer.Option(help="comma-separated zones, e.g. d1,d2,d3")],
+    zones: Annotated[
+        list[str],
+        typer.Option(
+            "--zone", "--zones", help="a zone to sum over (repeat it; d1,d2,d3 works too)"
+        ),
+    ],
     sql: Annotated[str, typer.Option(help="one aggregate query (COUNT and SUM by group)")],
     cells: Annotated[
-        str | None, typer.Option(help="comma-separated group values (one GROUP BY column)")
+        list[str] | None,
+        typer.Option(
+            "--cell", "--cells", help="a group value (one GROUP BY column; repeat it, or A,B,C)"
+        ),
     ] = None,
     cells_file: Annotated[Path | None, typer.Option(help="JSON list of group-value lists")] = None,
     purpose: Purpose = "statistics",
@@ -321,7 +335,7 @@ def secure_sum_cmd(
     from crypto.encoding import b64url_decode
     from exchange import he_client
 
-    names = [z.strip() for z in zones.split(",") if z.strip()]
+    names = _listed(zones)
     wanted = _cells(cells, cells_file)
     with client(url, key) as c:
         with _progress(f"secure sum over {len(names)} zones") as progress:

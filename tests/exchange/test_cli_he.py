@@ -237,8 +237,11 @@ def test_secure_sum_from_the_shell(
     assert json.loads(result.read_text())["zones"] == list(DISTRICTS)
     assert (tmp_path / "sum.json.receipt").exists()
 
-    # --out -: the totals CSV alone on stdout (the table and notes go to stderr)
-    argv = ["secure-sum", *common, "--cells", cells, "--out", "-", "--result", str(result)]
+    # --out -: the totals CSV alone on stdout (the table and notes go to stderr); list options
+    # given the other way, the flag repeated, mean the same
+    repeated = [a for d in DISTRICTS for a in ("--zone", d)]
+    repeated += [a for c in CELLS for a in ("--cell", c[0])]
+    argv = ["secure-sum", *repeated, *common[2:], "--out", "-", "--result", str(result)]
     piped = CliRunner().invoke(
         app, [*argv, "--url", server.url, "--key", str(key)], catch_exceptions=False
     )
