@@ -48,7 +48,7 @@ from exchange.compute import aggregate, rules
 from exchange.domain import APPROVAL_TYPE, approval_payload
 from exchange.dp import DpMechanisms, Gate, parse_epsilon
 from exchange.keyfile import load_private_key
-from exchange.node import Exchange, init_data_dir
+from exchange.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 from exchange.sqlcheck import postprocess
 

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from crypto.keys import SigningKey
 from exchange.cli import app
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.node import Exchange, init_data_dir
+from exchange.runtime import Exchange, init_data_dir
 from exchange.sdk import Client
 from exchange.settings import Settings
 

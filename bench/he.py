@@ -70,7 +70,7 @@ from exchange.compute.source import open_source
 from exchange.domain import APPROVAL_TYPE, Principal, approval_payload
 from exchange.keyfile import load_private_key
 from exchange.models import ConsentRow, DatasetRow
-from exchange.node import Exchange, init_data_dir
+from exchange.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
 T = TypeVar("T")

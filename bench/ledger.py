@@ -24,7 +24,7 @@ from crypto.merkle import leaf_hash, verify_inclusion
 from crypto.note import NoteVerifier
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.ledger import EntryDraft, write_export
-from exchange.node import Exchange, init_data_dir
+from exchange.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
 

@@ -52,7 +52,7 @@ from sqlalchemy.engine import make_url
 from crypto.httpsig import sign_request
 from crypto.keys import SigningKey
 from exchange.keyfile import load_private_key
-from exchange.node import init_data_dir
+from exchange.runtime import init_data_dir
 from exchange.sdk import Client
 
 ROOT = Path(__file__).resolve().parents[1]

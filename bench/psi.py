@@ -368,7 +368,7 @@ class _Live:
 
         from exchange.api.app import create_app
         from exchange.keyfile import load_private_key
-        from exchange.node import Exchange, init_data_dir
+        from exchange.runtime import Exchange, init_data_dir
         from exchange.settings import Settings
 
         self.data_dir = root / "exchange"

@@ -34,7 +34,7 @@ from crypto.receipt import verify_receipt
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.keyfile import load_private_key, write_private_key
 from exchange.ledger import write_export
-from exchange.node import Exchange, init_data_dir
+from exchange.runtime import Exchange, init_data_dir
 from exchange.sdk import ApiError, Client
 from exchange.settings import Settings
 

@@ -55,10 +55,10 @@ from exchange.models import (
     PrincipalRow,
     ZoneRow,
 )
-from exchange.node import Exchange
 from exchange.observability import record_decision
 from exchange.policystore import add_rules, remove_rules
 from exchange.registry import to_principal
+from exchange.runtime import Exchange
 from policy import (
     DEFAULT_CEILINGS,
     CeilingError,

@@ -25,8 +25,8 @@ from crypto.httpsig import HttpSignatureError, parse_signature, verify_request
 from crypto.keys import VerifyKey
 from exchange.domain import Principal
 from exchange.errors import AuthenticationError, UnavailableError
-from exchange.node import Exchange
 from exchange.registry import KnownKey, Recorded
+from exchange.runtime import Exchange
 
 __all__ = ["Authenticated", "authenticate"]
 

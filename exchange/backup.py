@@ -128,7 +128,7 @@ def create_backup(settings: Settings, out: Path) -> BackupInfo:
     from crypto.note import NoteSigner
     from exchange.keyfile import load_private_key
     from exchange.ledger import Ledger
-    from exchange.node import LOG_KEY
+    from exchange.runtime import LOG_KEY
     from exchange.storage import create_control_engine
 
     data_dir = settings.data_dir.resolve()
@@ -635,7 +635,7 @@ def _verify_restored(
     from crypto.note import NoteVerifier
     from exchange.audit import check_bundle, read_bundle_lines
     from exchange.ledger import write_export
-    from exchange.node import LOG_PUB, Exchange
+    from exchange.runtime import LOG_PUB, Exchange
 
     settings = Settings.from_data_dir(new_dir, database_url=url)
     if url is None:

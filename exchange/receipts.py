@@ -22,7 +22,7 @@ from crypto.receipt import STATEMENT_TYPE, build_bundle, result_digest, statemen
 from exchange.errors import DeniedError, LedgerError
 from exchange.ledger import Apply, EntryDraft
 from exchange.models import GrantRow
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 
 __all__ = ["record_computation"]
 

@@ -44,8 +44,8 @@ from exchange.errors import (
 from exchange.keyfile import write_private_key
 from exchange.ledger import EntryDraft
 from exchange.models import AnalysisRulesRow, DatasetRow, PrincipalRow, UploadRow, ZoneRow
-from exchange.node import Exchange
 from exchange.registry import to_principal
+from exchange.runtime import Exchange
 from exchange.zonestore import (
     CsvOptions,
     TableInfo,

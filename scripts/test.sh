@@ -8,4 +8,6 @@ scripts/setup.sh dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-.venv/bin/python -m pytest "$@"
+# Tests run in two worker processes (pytest-xdist; CI has two cores). Tests marked
+# @pytest.mark.xdist_group(name) share one worker. Serial run: scripts/test.sh -n 0
+.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

@@ -22,7 +22,7 @@ from crypto.keys import SigningKey
 from crypto.note import NoteVerifier
 from exchange.api.app import create_app
 from exchange.keyfile import load_private_key
-from exchange.node import Exchange, init_data_dir
+from exchange.runtime import Exchange, init_data_dir
 from exchange.sdk import Client
 from exchange.settings import Settings
 

@@ -33,8 +33,8 @@ from crypto.keys import SigningKey
 from crypto.note import NoteVerifier
 from crypto.receipt import verify_receipt
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.node import init_data_dir
 from exchange.psi_client import read_ids
+from exchange.runtime import init_data_dir
 from exchange.sdk import ApiError, Client
 
 PURPOSE = "credit-assessment"

@@ -76,7 +76,6 @@ from exchange.errors import (
     ZonexError,
 )
 from exchange.ledger import EntryDraft
-from exchange.node import Exchange
 from exchange.observability import (
     METRICS_CONTENT_TYPE,
     REQUEST_ID_HEADER,
@@ -86,6 +85,7 @@ from exchange.observability import (
     readiness_problem,
     render_metrics,
 )
+from exchange.runtime import Exchange
 from exchange.settings import Settings
 
 log = logging.getLogger("zonex.api")

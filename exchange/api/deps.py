@@ -11,8 +11,8 @@ from fastapi import Depends, Request
 from exchange.auth import authenticate
 from exchange.domain import Principal
 from exchange.errors import UnsupportedMediaTypeError
-from exchange.node import Exchange
 from exchange.observability import note_key_id
+from exchange.runtime import Exchange
 
 __all__ = [
     "BINARY",

@@ -21,7 +21,7 @@ from exchange.api.schemas import Out
 from exchange.domain import PrincipalKind
 from exchange.errors import ForbiddenError, NotFoundError
 from exchange.ledger import EntryDraft
-from exchange.node import LOG_PUB, Exchange
+from exchange.runtime import LOG_PUB, Exchange
 
 __all__ = ["BUNDLE_MEDIA_TYPE", "SIZE_HEADER", "LogKeyOut", "router"]
 

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from exchange.domain import Principal
 from exchange.errors import ZonexError
 from exchange.ledger import Refusal
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 from exchange.sqlcheck import MAX_SQL_LENGTH
 
 __all__ = ["query_digest", "reason_of", "record_refusal", "sql_digest"]

@@ -27,7 +27,7 @@ def init(
     Example:
       zonex init --data-dir D
     """
-    from exchange.node import init_data_dir
+    from exchange.runtime import init_data_dir
 
     info = init_data_dir(data_dir, origin=origin, database_url=database_url)
     out.print(f"initialized {data_dir}")
@@ -64,7 +64,7 @@ def serve(
         fail("--log-format must be json or text")
 
     settings = Settings.from_data_dir(data_dir.resolve(), database_url=database_url)
-    from exchange.node import Exchange
+    from exchange.runtime import Exchange
 
     Exchange(settings, with_log_key=True).close()  # fail fast on a bad data dir or key
     os.environ["ZONEX_DATA_DIR"] = str(data_dir.resolve())

@@ -53,7 +53,7 @@ AuditorKey = Annotated[
 
 
 def _offline_exchange(data_dir: Path) -> Any:
-    from exchange.node import Exchange
+    from exchange.runtime import Exchange
     from exchange.settings import Settings
 
     return Exchange(Settings.from_data_dir(data_dir))

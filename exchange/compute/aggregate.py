@@ -48,8 +48,8 @@ from exchange.domain import Principal
 from exchange.dp import DpMechanisms, parse_epsilon
 from exchange.errors import BudgetExhaustedError, InvalidInputError
 from exchange.models import DatasetRow, ZoneRow
-from exchange.node import Exchange
 from exchange.receipts import record_computation
+from exchange.runtime import Exchange
 from exchange.services import to_dataset
 from exchange.sqlcheck import (
     AggregateResult,

@@ -37,7 +37,7 @@ from crypto.errors import CryptoError
 from exchange.domain import Principal
 from exchange.errors import InvalidInputError, NotFoundError
 from exchange.ledger import EntryDraft
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 
 __all__ = [
     "CiphertextUpload",

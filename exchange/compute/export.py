@@ -23,8 +23,8 @@ from exchange import access, subjects
 from exchange.compute.source import open_source
 from exchange.domain import Principal
 from exchange.errors import InvalidInputError
-from exchange.node import Exchange
 from exchange.receipts import record_computation
+from exchange.runtime import Exchange
 from policy import Obligation, Operation, obligations
 
 MAX_EXPORT_ROWS = 100_000

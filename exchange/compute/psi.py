@@ -76,8 +76,8 @@ from exchange.errors import (
 )
 from exchange.ledger import EntryDraft
 from exchange.models import DatasetRow, PsiSessionRow
-from exchange.node import Exchange
 from exchange.receipts import record_computation
+from exchange.runtime import Exchange
 from exchange.subjects import MAX_SUBJECT_ID, check_subject_id
 from policy import Operation
 

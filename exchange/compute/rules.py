@@ -26,7 +26,7 @@ from exchange.domain import Principal
 from exchange.errors import ForbiddenError, InvalidInputError
 from exchange.ledger import EntryDraft
 from exchange.models import AnalysisRulesRow, DatasetRow, RegistryStateRow
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 
 __all__ = ["current_rules", "get_rules", "set_rules"]
 

@@ -61,8 +61,8 @@ from exchange.domain import Principal
 from exchange.errors import ConflictError, DeniedError, InvalidInputError, NotFoundError
 from exchange.ledger import EntryDraft
 from exchange.models import DatasetRow, ModelCommitmentRow
-from exchange.node import Exchange
 from exchange.receipts import record_computation
+from exchange.runtime import Exchange
 from policy import Level, Operation
 
 __all__ = ["commit_model", "get_model", "run_score"]

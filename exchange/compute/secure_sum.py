@@ -60,8 +60,8 @@ from exchange.domain import Principal
 from exchange.errors import BudgetExhaustedError, InvalidInputError, ZonexError
 from exchange.keyfile import load_private_key
 from exchange.ledger import EntryDraft
-from exchange.node import Exchange
 from exchange.receipts import record_computation
+from exchange.runtime import Exchange
 from policy import Operation
 from policy.levels import max_level
 

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, TableClause, column, table
 
 from exchange.errors import InvalidInputError
 from exchange.models import DatasetRow
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 from exchange.zonestore import ZoneStoreError, attach
 
 

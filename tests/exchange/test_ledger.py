@@ -20,7 +20,7 @@ from exchange.cli import app
 from exchange.errors import ConflictError, LedgerError
 from exchange.ledger import EntryDraft, Refusal, RejectionCounter, write_export
 from exchange.models import LedgerEntryRow, PrincipalRow
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 from tests.conftest import settings_for
 
 

@@ -28,8 +28,8 @@ from exchange.models import (
     PrincipalRow,
     ZoneRow,
 )
-from exchange.node import Exchange
 from exchange.registry import NonceLog, _Waiting, registry_version
+from exchange.runtime import Exchange
 from exchange.sdk import ApiError, Client
 from tests.conftest import (
     EXAMPLES,

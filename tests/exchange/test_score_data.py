@@ -22,7 +22,7 @@ from exchange.compute import score
 from exchange.compute.source import open_source
 from exchange.keyfile import load_private_key
 from exchange.models import ConsentRow, DatasetRow
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 
 PURPOSE = "credit-assessment"
 

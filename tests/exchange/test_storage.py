@@ -7,7 +7,7 @@ from alembic.migration import MigrationContext
 
 import exchange.policystore  # noqa: F401 - register every table on the metadata
 from exchange.db import Base
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 
 
 def test_migrations_match_the_models(exchange: Exchange) -> None:

@@ -22,7 +22,7 @@ from exchange.backup import BackupError, create_backup, restore_backup
 from exchange.cli import app
 from exchange.ledger import EntryDraft
 from exchange.models import DatasetRow, PrincipalRow
-from exchange.node import Exchange, init_data_dir
+from exchange.runtime import Exchange, init_data_dir
 from exchange.sdk import ApiError
 from tests.conftest import (
     L3_LEVELS,

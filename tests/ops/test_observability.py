@@ -15,8 +15,8 @@ from sqlalchemy import create_engine
 
 from crypto.keys import SigningKey
 from exchange.api.app import create_app
-from exchange.node import Exchange
 from exchange.observability import JsonFormatter, RequestIdFilter, logging_config
+from exchange.runtime import Exchange
 from exchange.sdk import ApiError
 from tests.conftest import L3_LEVELS, LiveServer, settings_for, tax_bureau_and_bank
 

@@ -32,8 +32,8 @@ from crypto.receipt import verify_receipt
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.ledger import write_export
 from exchange.models import AccessRequestRow, BudgetRow, DatasetRow, GrantRow, ZoneRow
-from exchange.node import Exchange
 from exchange.policystore import PolicyRuleRow
+from exchange.runtime import Exchange
 from exchange.sdk import ApiError, Client
 from exchange.settings import Settings
 from tests.conftest import EXAMPLES, L3_LEVELS, free_port

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from exchange.ledger import EntryDraft
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 from tests.conftest import settings_for
 
 

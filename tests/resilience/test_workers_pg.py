@@ -26,7 +26,7 @@ from crypto.merkle import verify_consistency
 from crypto.note import verify_checkpoint
 from exchange.keyfile import load_private_key
 from exchange.models import CheckpointRow
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 from exchange.sdk import Client
 from exchange.settings import Settings
 from tests.resilience.harness import Acks, Load, Servers, audit, set_up, verifier_of

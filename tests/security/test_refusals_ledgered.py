@@ -19,7 +19,7 @@ from crypto.keys import SigningKey
 from exchange.api.refusals import sql_digest
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.ledger import EntryDraft, write_export
-from exchange.node import Exchange
+from exchange.runtime import Exchange
 from exchange.sdk import ApiError
 from tests.conftest import LiveServer, settings_for
 from tests.exchange.test_access import granted
