@@ -7,8 +7,13 @@ A receipt bundle is one JSON object::
       "statement": <DSSE envelope, payloadType "application/vnd.zonex.receipt+json">,
       "entry": <base64url of the ledger entry's exact canonical bytes>,
       "inclusion": {"index": n, "size": m, "proof": [<base64url hash>, ...]},
-      "checkpoint": <signed-note checkpoint text of size m>
+      "checkpoint": <signed-note checkpoint text of size m>,
+      "node_result": <DSSE envelope, payloadType "application/vnd.zonex.node-result+json">
     }
+
+``node_result`` is present exactly when the statement has a ``node`` (``key_id`` and
+``public_key``): the zone's own node computed the result, drew its noise and signed it; the
+verifier checks that signature and that every value the node released is the result's.
 
 The **statement** (canonical JSON, no floats) says what ran: ``kind``, ``consumer``, ``zones``,
 ``datasets`` (with snapshot digests), ``query_digest``, ``rules_version``, ``grant`` (the matched
@@ -39,11 +44,13 @@ from crypto.canonical import canonicalize
 from crypto.encoding import b64url_decode, b64url_encode
 from crypto.envelope import Envelope, verify_envelope
 from crypto.errors import EncodingError, VerificationError
+from crypto.keys import VerifyKey
 from crypto.merkle import leaf_hash, verify_inclusion
 from crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
 
 __all__ = [
     "BUNDLE_TYPE",
+    "NODE_RESULT_TYPE",
     "STATEMENT_TYPE",
     "build_bundle",
     "result_digest",
@@ -53,7 +60,10 @@ __all__ = [
 
 STATEMENT_TYPE = "application/vnd.zonex.receipt+json"
 BUNDLE_TYPE = "zonex.receipt-bundle.v1"
+#: DSSE payload type of a zone node's signed result (exchange.tasks signs it)
+NODE_RESULT_TYPE = "application/vnd.zonex.node-result+json"
 _BUNDLE_KEYS = {"type", "statement", "entry", "inclusion", "checkpoint"}
+_NODE_KEYS = _BUNDLE_KEYS | {"node_result"}
 _REQUIRED = (
     "type",
     "kind",
@@ -82,16 +92,66 @@ def statement_digest(statement: Mapping[str, Any]) -> str:
 
 
 def build_bundle(
-    statement: Envelope, entry: bytes, index: int, size: int, proof: list[bytes], checkpoint: str
+    statement: Envelope,
+    entry: bytes,
+    index: int,
+    size: int,
+    proof: list[bytes],
+    checkpoint: str,
+    node_result: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble a receipt bundle (the exchange's side; verification is :func:`verify_receipt`)."""
-    return {
+    """Assemble a receipt bundle (the exchange's side; verification is :func:`verify_receipt`).
+
+    ``node_result``: the zone node's signed result envelope, when a node computed the result;
+    the statement's ``node`` field then names the node's key.
+    """
+    bundle = {
         "type": BUNDLE_TYPE,
         "statement": statement.model_dump(mode="json"),
         "entry": b64url_encode(entry),
         "inclusion": {"index": index, "size": size, "proof": [b64url_encode(h) for h in proof]},
         "checkpoint": checkpoint,
     }
+    if node_result is not None:
+        bundle["node_result"] = dict(node_result)
+    return bundle
+
+
+def _check_node_result(
+    bundle: Mapping[str, Any], statement: Mapping[str, Any], result: Any
+) -> None:
+    """The zone's node vouched for the result: its envelope verifies under the key the statement
+    names, answers this computation's zone, and its released values are the result's."""
+    node = statement.get("node")
+    if node is None:
+        if "node_result" in bundle:
+            raise _fail("a node result without a node in the statement")
+        return
+    if not isinstance(node, Mapping) or set(node) != {"key_id", "public_key"}:
+        raise _fail("the statement's node has exactly key_id and public_key")
+    if "node_result" not in bundle:
+        raise _fail("the statement names a node but the bundle carries no node result")
+    try:
+        key = VerifyKey(b64url_decode(str(node["public_key"])))
+        envelope = Envelope.model_validate(bundle["node_result"])
+    except (EncodingError, ValueError) as exc:
+        raise _fail("the node's key or result envelope is malformed") from exc
+    if key.key_id != node["key_id"]:
+        raise _fail("the node's public key does not match its key id")
+    try:
+        payload = verify_envelope(envelope, NODE_RESULT_TYPE, {key.key_id: key})
+    except VerificationError as exc:
+        raise _fail(f"the node's result signature does not verify ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("node") != key.key_id:
+        raise _fail("the node's result is not signed for this node")
+    if payload.get("zone") not in statement["zones"]:
+        raise _fail("the node's result is for another zone")
+    released = payload.get("result")
+    if not isinstance(released, dict) or not isinstance(result, Mapping):
+        raise _fail("the node's result carries no released values")
+    for name, value in released.items():
+        if name not in result or canonicalize(result[name]) != canonicalize(value):
+            raise _fail(f"the result's {name!r} is not what the node signed")
 
 
 def _fail(why: str) -> VerificationError:
@@ -105,8 +165,11 @@ def verify_receipt(
 
     Raises :class:`VerificationError` naming the first check that failed.
     """
-    if not isinstance(bundle, Mapping) or set(bundle) != _BUNDLE_KEYS:
-        raise _fail(f"a bundle has exactly the keys {sorted(_BUNDLE_KEYS)}")
+    if not isinstance(bundle, Mapping) or set(bundle) not in (_BUNDLE_KEYS, _NODE_KEYS):
+        raise _fail(
+            f"a bundle has exactly the keys {sorted(_BUNDLE_KEYS)} (and node_result when a "
+            "zone node computed the result)"
+        )
     if bundle["type"] != BUNDLE_TYPE:
         raise _fail(f"unknown bundle type {bundle['type']!r}")
     try:
@@ -123,6 +186,7 @@ def verify_receipt(
         raise _fail("the statement is not a zonex.receipt.v1")
     if result_digest(result) != statement["result_digest"]:
         raise _fail("the result does not match the statement's result digest")
+    _check_node_result(bundle, statement, result)
 
     note = bundle["checkpoint"]
     if not isinstance(note, str):

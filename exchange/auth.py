@@ -108,7 +108,8 @@ async def authenticate(
                 raise AuthenticationError("unknown_key", keyid)
             key = fresh
         if not key.principal.active:
-            raise AuthenticationError("suspended", keyid, signed=True)
+            reason = "pending" if key.principal.status == "pending" else "suspended"
+            raise AuthenticationError(reason, keyid, signed=True)
         return Authenticated(key.principal, recorded.registry_version)
     except AuthenticationError as exc:
         log.info("rejected request: reason=%s keyid=%s route=%s", exc.reason, keyid, route)

@@ -17,6 +17,8 @@ class PrincipalKind(StrEnum):
     AGENCY = "agency"
     ENTERPRISE = "enterprise"
     AUDITOR = "auditor"
+    #: a provider's zone node (its key is approved by the operator for one zone)
+    NODE = "node"
 
 
 #: kinds that may own zones and hold data

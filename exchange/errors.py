@@ -48,6 +48,9 @@ class AuthenticationError(ZonexError):
             # the key is suspended (never told to anyone who did not sign with it)
             self.detail = "your key is suspended; ask the operator to reinstate it"
             self.extra["reason"] = reason
+        elif signed and reason == "pending":
+            self.detail = "your node key awaits the operator's approval: zonex node approve KEY_ID"
+            self.extra["reason"] = reason
 
 
 class ForbiddenError(ZonexError):
@@ -112,6 +115,15 @@ class UnavailableError(ZonexError):
     code = "unavailable"
     status = 503
     title = "Service unavailable"
+
+
+class ZoneUnavailableError(ZonexError):
+    """The zone's node is offline or did not finish the task in time; nothing was released and
+    nothing was charged. The caller may retry once the zone is back (the catalog shows it)."""
+
+    code = "zone_unavailable"
+    status = 503
+    title = "Zone unavailable"
 
 
 class KeyFileError(ZonexError):

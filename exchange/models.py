@@ -321,3 +321,46 @@ class ModelCommitmentRow(Base):
     owner: Mapped[str] = mapped_column(String(64), index=True)
     document: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class NodeRow(Base):
+    """A provider's zone node: its key (also a principal of kind ``node``), the zone it hosts,
+    and when it last called in. ``pending`` until the operator approves it; one ``active`` node
+    per zone."""
+
+    __tablename__ = "nodes"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("principals.key_id"), primary_key=True)
+    zone: Mapped[str] = mapped_column(ForeignKey("zones.name"), index=True)
+    #: pending | active | retired
+    status: Mapped[str] = mapped_column(String(16))
+    registered_by: Mapped[str] = mapped_column(String(64))
+    approved_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: the start of the node's latest poll (None: never called in)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class NodeTaskRow(Base):
+    """One task dispatched to a zone node (:mod:`exchange.dispatch`).
+
+    ``bundle`` is what the node receives (the task, its authorization entry, inclusion proof and
+    checkpoint); ``outcome`` what it answered (a node-signed result envelope, or a refusal).
+    """
+
+    __tablename__ = "node_tasks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    zone: Mapped[str] = mapped_column(String(64))
+    node: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    #: queued | started | done | refused | terminated
+    status: Mapped[str] = mapped_column(String(16))
+    bundle: Mapped[dict[str, Any]] = mapped_column(JSON)
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (Index("ix_node_tasks_node_status", "node", "status"),)

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
+from crypto.encoding import b64url_encode
 from crypto.envelope import sign_envelope
 from crypto.receipt import STATEMENT_TYPE, build_bundle, result_digest, statement_digest
 from exchange.errors import DeniedError, LedgerError
 from exchange.ledger import Apply, EntryDraft
 from exchange.models import GrantRow
 from exchange.runtime import Exchange
+
+if TYPE_CHECKING:
+    from exchange.dispatch import NodeResult
 
 __all__ = ["record_computation"]
 
@@ -37,11 +41,14 @@ def record_computation(
     refs: Mapping[str, str] | None = None,
     attrs: Mapping[str, str | int] | None = None,
     apply: Apply | None = None,
+    node: NodeResult | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Ledger a computation and return ``(receipt bundle, apply's return value)``.
 
     ``statement`` holds the receipt fields except ``type``, ``kind``, ``result_digest``, ``time``
-    and ``ledger_index``, which are filled in here.
+    and ``ledger_index``, which are filled in here. ``node``: the zone node's verified answer
+    when a node computed the result; the statement names its key and the bundle embeds its
+    signed envelope.
     """
     if ex.log_signer is None:
         raise LedgerError("this process holds no log key and cannot sign receipts")
@@ -53,6 +60,8 @@ def record_computation(
         "result_digest": digest,
         "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
+    if node is not None:
+        core["node"] = {"key_id": node.node, "public_key": b64url_encode(node.public_key)}
     draft = EntryDraft(
         kind=f"computation.{kind}",
         actor=actor,
@@ -87,6 +96,7 @@ def record_computation(
         checkpoint.size,
         proof,
         checkpoint.note,
+        None if node is None else node.envelope,
     )
     return bundle, appended.value
 

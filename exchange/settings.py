@@ -65,6 +65,15 @@ class Settings(BaseModel):
     #: threads for blinding and re-blinding (None: every available core)
     psi_workers: int | None = None
 
+    # zone nodes
+    #: a node's long poll waits at most this long for a task before answering 204
+    node_poll_seconds: float = 4.0
+    #: a node unseen for this long is offline: its zone answers 503 zone_unavailable and a task
+    #: it holds is terminated (the poll above plus slack; a dead node is noticed within 10 s)
+    node_offline_seconds: float = 8.0
+    #: a dispatched task must be finished by then, else it is terminated
+    node_task_seconds: int = 120
+
     # operations
     #: ``/v1/ready`` answers 503 when the database does not answer a trivial query within this
     ready_timeout_seconds: float = 2.0

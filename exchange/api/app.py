@@ -29,6 +29,7 @@ from exchange import access, services
 from exchange.api import datasets as dataset_routes
 from exchange.api import he as he_routes
 from exchange.api import log as log_routes
+from exchange.api import nodes as node_routes
 from exchange.api import openapi as openapi_docs
 from exchange.api import psi as psi_routes
 from exchange.api.deps import Actor, Ex, principal, principal_of_body, registry_version
@@ -637,6 +638,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     app.include_router(he_routes.router)
     app.include_router(log_routes.router)
     app.include_router(dataset_routes.router)
+    app.include_router(node_routes.router)
     openapi_docs.install(app)
     return app
 

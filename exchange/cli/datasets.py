@@ -101,23 +101,58 @@ def dataset_register(
     delimiter: Delimiter = None,
     encoding: Encoding = None,
     rename: Rename = None,
+    node: Annotated[
+        Path | None,
+        typer.Option(
+            help="a node directory (zonex node init): import or attach on the node; only "
+            "metadata and the snapshot digest reach the exchange"
+        ),
+    ] = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
     """Register a dataset in a zone you own.
 
-    --level and --subject-column name the columns as imported (after --rename).
+    --level and --subject-column name the columns as imported (after --rename). With --node
+    the rows stay on the zone's node (the node's key signs the registration).
 
     Examples:
       zonex dataset register tax companies --file companies.csv --subject-column company_id \\
         --level company_id=L3 --level district=L1 --level tax_paid=L3
       zonex dataset register tax firms --file firms.csv --encoding gb18030 --delimiter ";" \\
         --rename 统一社会信用代码=company_id --rename 纳税额=tax_paid ...
+      zonex dataset register tax companies --node tax-node --file companies.csv ...
     """
     levels = _parse_levels(level or [], levels_file)
     if (file is None) == (attach_url is None):
         raise ValueError("give exactly one of --file or --attach-url")
     csv = _csv_options(file, delimiter, encoding, rename)
+    if node is not None:
+        from exchange.node.datasets import register_on_node
+        from exchange.node.home import NodeHome
+
+        home = NodeHome(node)
+        if home.zone != zone:
+            raise ValueError(f"the node at {node} hosts zone {home.zone!r}, not {zone!r}")
+        try:
+            d = register_on_node(
+                home,
+                name,
+                levels=levels,
+                subject_column=subject_column,
+                description=description,
+                file=file,
+                attach_url=attach_url,
+                attach_table=attach_table,
+                csv=csv,
+            )
+        finally:
+            home.close()
+        out.print(
+            f"dataset {d['zone']}/{d['name']} level {d['level']} digest {d['digest'][:16]}… "
+            "(rows on the node)"
+        )
+        return
     with client(url, key) as c:
         d = c.register_dataset(
             zone,

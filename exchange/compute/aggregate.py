@@ -34,30 +34,30 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import distinct, func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from crypto.canonical import canonicalize
-from exchange import access, budget
+from exchange import access, budget, dispatch
 from exchange.access import Authorization
-from exchange.analysis import NUMERIC_TYPES, AnalysisRules
+from exchange.analysis import AnalysisRules
 from exchange.compute.rules import current_rules
 from exchange.compute.source import open_source
+from exchange.dispatch import NodeResult
 from exchange.domain import Principal
-from exchange.dp import DpMechanisms, parse_epsilon
+from exchange.dp import parse_epsilon
 from exchange.errors import BudgetExhaustedError, InvalidInputError
 from exchange.models import DatasetRow, ZoneRow
+from exchange.node.engine import release_aggregate, table_stats
 from exchange.receipts import record_computation
 from exchange.runtime import Exchange
 from exchange.services import to_dataset
 from exchange.sqlcheck import (
-    AggregateResult,
     CheckedQuery,
     TableRules,
     TableStats,
     check_query,
-    postprocess,
 )
 from policy import Operation
 
@@ -112,8 +112,8 @@ def default_epsilon(ex: Exchange) -> Decimal:
 
 
 def _dialect(row: DatasetRow) -> str:
-    if row.source == "import":
-        return "duckdb"
+    if row.source in ("import", "node"):
+        return "duckdb"  # a node checks the query again for its own engine
     assert row.attach_url is not None
     backend = make_url(row.attach_url).get_backend_name()
     dialect = _DIALECTS.get(backend)
@@ -124,8 +124,8 @@ def _dialect(row: DatasetRow) -> str:
 
 def _store_key(row: DatasetRow) -> tuple[str, str]:
     """Datasets with the same key live in one database and can be joined in one statement."""
-    if row.source == "import":
-        return ("import", row.zone)
+    if row.source in ("import", "node"):
+        return (row.source, row.zone)
     return ("attach", row.attach_url or "")
 
 
@@ -142,7 +142,8 @@ def _decimal(value: object) -> Decimal | None:
 def snapshot_stats(ex: Exchange, row: DatasetRow) -> TableStats | None:
     """Subject uniqueness and numeric ranges of an imported dataset's snapshot, computed once
     per snapshot digest (imported datasets never change; a new snapshot is a new digest).
-    Attached tables can change under the exchange: no statistics are assumed for them."""
+    Attached tables can change under the exchange, and a node's rows are not here: no
+    statistics are assumed for them (the node computes its own)."""
     if row.source != "import":
         return None
     key = (row.zone, row.name, row.digest)
@@ -150,22 +151,8 @@ def snapshot_stats(ex: Exchange, row: DatasetRow) -> TableStats | None:
         cached = _stats_cache.get(key)
     if cached is not None:
         return cached
-    numeric = [c["name"] for c in row.columns if c["type"] in NUMERIC_TYPES]
-    with open_source(ex, row) as src, src.engine.connect() as conn:
-        rel = src.relation
-        subject = rel.c[row.subject_column]
-        values = conn.execute(
-            select(
-                func.count(distinct(subject)) == func.count(),
-                *(func.min(rel.c[n]) for n in numeric),
-                *(func.max(rel.c[n]) for n in numeric),
-            )
-        ).one()
-    ranges = {
-        n: (_decimal(values[1 + i]), _decimal(values[1 + len(numeric) + i]))
-        for i, n in enumerate(numeric)
-    }
-    stats = TableStats(subject_unique=bool(values[0]), ranges=ranges)
+    with open_source(ex, row) as src:
+        stats = table_stats(src.engine, src.relation, row.subject_column, row.columns)
     with _stats_lock:
         if len(_stats_cache) > 10_000:
             _stats_cache.clear()
@@ -350,6 +337,51 @@ def _check_budget(ex: Exchange, consumer: str, prepared: Prepared, epsilon: Deci
                 )
 
 
+def host_release(
+    ex: Exchange,
+    actor: Principal,
+    prepared: Prepared,
+    epsilon: Decimal,
+    delta: Decimal,
+    *,
+    named_groups: bool = False,
+) -> tuple[dict[str, Any], NodeResult | None]:
+    """Run a prepared query where the zone is hosted and release it
+    (:func:`exchange.node.engine.release_aggregate`): in this process for a zone without a node,
+    else as a task on the zone's node, which checks it again, draws the noise and signs.
+
+    Returns the released body (``result``, ``k``, ``epsilon``, ``delta``, and ``suppressed``
+    for exact releases) and the node's verified answer (None in-process).
+    """
+    checked = prepared.checked
+    with Session(ex.engine) as session:
+        node = dispatch.node_for_zone(session, prepared.zone)
+    if node is None:
+        row = prepared.rows[checked.datasets[0]]
+        with open_source(ex, row) as src:
+            return release_aggregate(checked, src.engine, epsilon if checked.dp else None), None
+    fields = {
+        "consumer": actor.key_id,
+        "purpose": prepared.purpose,
+        "datasets": {name: prepared.auths[name].digest for name in checked.datasets},
+        "sql": checked.canonical,
+        "dp": checked.dp,
+        "epsilon": _plain(epsilon),
+        "named_groups": named_groups,
+        "rules": {name: ruleset.to_json() for name, (ruleset, _) in prepared.rules.items()},
+    }
+    answer = dispatch.dispatch(ex, node, "aggregate", fields)
+    body = answer.payload
+    want = {"epsilon": _plain(epsilon) if checked.dp else "0", "delta": _plain(delta)}
+    got = {"epsilon": body.get("epsilon"), "delta": body.get("delta")}
+    if got != want or not isinstance(body.get("result"), dict) or body.get("k", 0) < checked.k:
+        raise dispatch.NodeRefusedError(
+            "the zone's node released under other parameters than authorized; nothing was released",
+            reason="node_mismatch",
+        )
+    return body, answer
+
+
 def run_aggregate(
     ex: Exchange,
     actor: Principal,
@@ -375,11 +407,8 @@ def run_aggregate(
         charge = eps if eps is not None else default_epsilon(ex)
         delta = checked.delta or Decimal(0)
         _check_budget(ex, actor.key_id, prepared, charge)
-    raw = execute(ex, prepared)
-    released: AggregateResult = postprocess(
-        checked, raw, dp=DpMechanisms(charge) if checked.dp else None
-    )
-    result = {"zone": zone, "sql": checked.canonical, **released.to_json()}
+    body, node_result = host_release(ex, actor, prepared, charge, delta)
+    result = {"zone": zone, "sql": checked.canonical, **body["result"]}
     parameters = {
         "operation": "aggregate",
         "zone": zone,
@@ -401,15 +430,15 @@ def run_aggregate(
     grants = sorted({a.decision.rule or "" for a in prepared.auths.values()})
     attrs: dict[str, str | int] = {
         **first.attrs(),
-        "groups": len(released.rows),
-        "k": checked.k,
+        "groups": len(body["result"]["rows"]),
+        "k": body["k"],
         "epsilon": parameters["epsilon"],
         "delta": parameters["delta"],
     }
-    if released.suppressed is not None:
+    if "suppressed" in body:
         # exact releases only: under DP the count of shut groups is not released, not even to
         # the ledger's readers
-        attrs["suppressed"] = released.suppressed
+        attrs["suppressed"] = int(body["suppressed"])
     receipt, _ = record_computation(
         ex,
         kind="aggregate",
@@ -426,12 +455,13 @@ def run_aggregate(
             "grant": ",".join(grants),
             "policy_version": first.decision.policy_version,
             "purpose": prepared.purpose,
-            "k": checked.k,
+            "k": body["k"],
             "epsilon": parameters["epsilon"],
             "delta": parameters["delta"],
             "output_level": checked.output_level.value,
         },
         result=result,
+        node=node_result,
         refs={"zone": zone, "dataset": ",".join(checked.datasets)[:200]},
         attrs=attrs,
         apply=apply,

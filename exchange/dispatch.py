@@ -1,0 +1,625 @@
+"""The exchange's side of zone nodes: registration, availability, and task dispatch.
+
+A provider registers a node key for its zone (pending); the operator approves it (a ledgered,
+signed request, as for principals). From then on the zone's computations run on that node:
+
+1. The computation is checked and authorized here exactly as before; then a ``task.authorized``
+   entry is ledgered with the task's digest (:mod:`exchange.tasks`).
+2. The task is queued (``node_tasks``). The node's long poll (``POST /v1/node/poll``, signed
+   with the node key) claims it and receives the bundle: the task, its entry, an inclusion proof
+   and a checkpoint that covers it, and a consistency proof from the last checkpoint the node
+   saw. The node dials out; it never needs an inbound port.
+3. The node answers with a signed result (or a refusal); the waiting request verifies it under
+   the node's registered key and releases it through the usual receipt transaction, which
+   charges ε. A task the node never finishes is **terminated** (ledgered, nothing released,
+   nothing charged): when the node has not polled for ``node_offline_seconds`` or the task's
+   deadline passes. ε is only ever charged at release, so a terminated task costs none.
+
+Waiting is a loop over the task's row (every 25 ms) woken early by a condition variable when the
+answer arrives in this process, so several API workers over one PostgreSQL database dispatch
+correctly and one worker dispatches without polling delay.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, get_args
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from crypto.encoding import b64url_decode
+from crypto.errors import EncodingError, VerificationError
+from crypto.keys import VerifyKey
+from exchange.domain import PROVIDER_KINDS, Principal, PrincipalKind, check_dataset_name
+from exchange.errors import (
+    ConflictError,
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+    ZoneUnavailableError,
+    ZonexError,
+)
+from exchange.ledger import ANONYMOUS, EntryDraft
+from exchange.models import DatasetRow, NodeRow, NodeTaskRow, PrincipalRow, ZoneRow
+from exchange.runtime import Exchange
+from exchange.services import to_dataset
+from exchange.storage import WRITE
+from exchange.tasks import (
+    AUTHORIZED_KIND,
+    TASK_TYPE,
+    build_task_bundle,
+    task_digest,
+    verify_result,
+)
+from exchange.zonestore import PortableType
+from policy.levels import Level, max_level
+
+__all__ = [
+    "NodeRefusedError",
+    "NodeResult",
+    "approve_node",
+    "availability",
+    "dispatch",
+    "finish_task",
+    "list_nodes",
+    "next_task",
+    "node_for_zone",
+    "register_node",
+]
+
+PORTABLE_TYPES = frozenset(get_args(PortableType))
+
+#: how often a waiting request re-reads its task's row
+_TICK = 0.025
+
+
+class NodeRefusedError(ZonexError):
+    """The zone's node refused the task (its local veto rules, a snapshot it no longer holds,
+    or a task it could not verify); nothing was released and nothing was charged."""
+
+    code = "node_refused"
+    status = 409
+    title = "The zone's node refused the task"
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """A node's verified answer: its signed envelope and the payload inside."""
+
+    node: str
+    public_key: bytes
+    envelope: dict[str, Any]
+    payload: dict[str, Any]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _rfc3339(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Signals:
+    """Per exchange: one condition that every arrival of a task or an answer notifies."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+
+    def notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait(self, seconds: float) -> None:
+        with self.cond:
+            self.cond.wait(seconds)
+
+
+_signals: weakref.WeakKeyDictionary[Exchange, _Signals] = weakref.WeakKeyDictionary()
+_signals_lock = threading.Lock()
+
+
+def _signal(ex: Exchange) -> _Signals:
+    with _signals_lock:
+        found = _signals.get(ex)
+        if found is None:
+            found = _signals[ex] = _Signals()
+        return found
+
+
+# -- registration -----------------------------------------------------------------------------
+
+
+def _node_json(row: NodeRow, now: datetime, offline: float) -> dict[str, Any]:
+    return {
+        "key_id": row.key_id,
+        "zone": row.zone,
+        "status": row.status,
+        "registered_by": row.registered_by,
+        "approved_by": row.approved_by,
+        "created_at": row.created_at.isoformat(),
+        "last_seen": None if row.last_seen is None else row.last_seen.isoformat(),
+        "online": _online(row, now, offline),
+    }
+
+
+def _online(row: NodeRow, now: datetime, offline: float) -> bool:
+    return (
+        row.status == "active"
+        and row.last_seen is not None
+        and (now - row.last_seen).total_seconds() < offline
+    )
+
+
+def register_node(ex: Exchange, actor: Principal, zone: str, public_key: str) -> dict[str, Any]:
+    """A provider registers a node key for its own zone; it waits for the operator's approval."""
+    if actor.kind not in PROVIDER_KINDS:
+        raise ForbiddenError("only a zone's provider registers its node")
+    try:
+        key = VerifyKey(b64url_decode(public_key))
+    except (EncodingError, ValueError) as exc:
+        raise InvalidInputError(f"public_key: {exc}") from exc
+
+    def apply(session: Session, draft: EntryDraft) -> dict[str, Any]:
+        zone_row = session.get(ZoneRow, zone)
+        if zone_row is None:
+            raise NotFoundError(f"no zone {zone!r}")
+        if zone_row.owner != actor.key_id:
+            raise ForbiddenError("only the zone's provider may register its node")
+        if session.get(PrincipalRow, key.key_id) is not None:
+            raise ConflictError("this key is already registered")
+        session.add(
+            PrincipalRow(
+                key_id=key.key_id,
+                name=f"node {zone} {key.key_id[:12]}",
+                kind=PrincipalKind.NODE.value,
+                public_key=key.raw,
+                status="pending",
+                registered_by=actor.key_id,
+            )
+        )
+        session.flush()
+        row = NodeRow(key_id=key.key_id, zone=zone, status="pending", registered_by=actor.key_id)
+        session.add(row)
+        session.flush()
+        return _node_json(row, _now(), ex.settings.node_offline_seconds)
+
+    draft = EntryDraft(
+        kind="node.registered", actor=actor.key_id, refs={"zone": zone, "node": key.key_id}
+    )
+    result: dict[str, Any] = ex.ledger.append(draft, apply).value
+    return result
+
+
+def approve_node(ex: Exchange, actor: Principal, key_id: str) -> dict[str, Any]:
+    """The operator approves a pending node; it then hosts its zone (one active node a zone)."""
+    if actor.kind is not PrincipalKind.OPERATOR:
+        raise ForbiddenError("only the operator approves nodes")
+
+    def apply(session: Session, draft: EntryDraft) -> dict[str, Any]:
+        row = session.get(NodeRow, key_id)
+        if row is None:
+            raise NotFoundError(f"no node {key_id[:16]}…")
+        if row.status != "pending":
+            raise ConflictError(f"the node is {row.status}, not pending")
+        other = session.execute(
+            select(NodeRow.key_id).where(NodeRow.zone == row.zone, NodeRow.status == "active")
+        ).first()
+        if other is not None:
+            raise ConflictError(
+                f"zone {row.zone!r} already has an active node ({other[0][:16]}…); retire it first"
+            )
+        row.status = "active"
+        row.approved_by = actor.key_id
+        principal = session.get(PrincipalRow, key_id)
+        assert principal is not None
+        principal.status = "active"
+        draft.refs["zone"] = row.zone
+        session.flush()
+        return _node_json(row, _now(), ex.settings.node_offline_seconds)
+
+    draft = EntryDraft(kind="node.approved", actor=actor.key_id, refs={"node": key_id})
+    result: dict[str, Any] = ex.ledger.append(draft, apply).value
+    return result
+
+
+def list_nodes(ex: Exchange, actor: Principal) -> list[dict[str, Any]]:
+    """Nodes the caller may see: all (operator, auditor), its zones' (provider), itself (node)."""
+    now = _now()
+    with Session(ex.engine) as session:
+        query = select(NodeRow).order_by(NodeRow.zone, NodeRow.created_at)
+        if actor.kind is PrincipalKind.NODE:
+            query = query.where(NodeRow.key_id == actor.key_id)
+        elif actor.kind in PROVIDER_KINDS:
+            owned = select(ZoneRow.name).where(ZoneRow.owner == actor.key_id)
+            query = query.where(NodeRow.zone.in_(owned))
+        elif actor.kind not in (PrincipalKind.OPERATOR, PrincipalKind.AUDITOR):
+            return []
+        rows = session.execute(query).scalars().all()
+        return [_node_json(r, now, ex.settings.node_offline_seconds) for r in rows]
+
+
+def node_for_zone(session: Session, zone: str) -> NodeRow | None:
+    """The zone's active node, or None when the exchange hosts the zone in-process."""
+    return session.execute(
+        select(NodeRow).where(NodeRow.zone == zone, NodeRow.status == "active")
+    ).scalar_one_or_none()
+
+
+def availability(ex: Exchange) -> dict[str, dict[str, Any]]:
+    """Zone name -> where it is hosted and whether its node is online (node-hosted zones)."""
+    now = _now()
+    with Session(ex.engine) as session:
+        rows = session.execute(select(NodeRow).where(NodeRow.status == "active")).scalars()
+        return {
+            r.zone: {
+                "host": "node",
+                "node": r.key_id,
+                "online": _online(r, now, ex.settings.node_offline_seconds),
+                "last_seen": None if r.last_seen is None else r.last_seen.isoformat(),
+            }
+            for r in rows
+        }
+
+
+def _node_principal(actor: Principal) -> None:
+    if actor.kind is not PrincipalKind.NODE:
+        raise ForbiddenError("only a zone node calls this")
+
+
+def _active_node(session: Session, actor: Principal) -> NodeRow:
+    _node_principal(actor)
+    row = session.get(NodeRow, actor.key_id)
+    if row is None or row.status != "active":
+        raise ForbiddenError("this node is not approved")
+    return row
+
+
+def node_self(ex: Exchange, actor: Principal) -> dict[str, Any]:
+    """The calling node's own registration (``zonex node doctor``)."""
+    with Session(ex.engine) as session:
+        row = _active_node(session, actor)
+        return _node_json(row, _now(), ex.settings.node_offline_seconds)
+
+
+# -- dispatch (the consumer's request waits here) ----------------------------------------------
+
+
+def dispatch(ex: Exchange, node: NodeRow, kind: str, fields: dict[str, Any]) -> NodeResult:
+    """Ledger a task's authorization, queue it for ``node`` and wait for its verified answer.
+
+    Raises :class:`ZoneUnavailableError` (nothing released, nothing charged) when the node is
+    offline or does not finish in time, and :class:`NodeRefusedError` when it refuses.
+    """
+    settings = ex.settings
+    now = _now()
+    if node.last_seen is None or (now - node.last_seen).total_seconds() >= (
+        settings.node_offline_seconds
+    ):
+        raise ZoneUnavailableError(
+            f"zone {node.zone!r} is hosted on a node that is offline; retry when the catalog "
+            "shows it online"
+        )
+    deadline = now + timedelta(seconds=settings.node_task_seconds)
+    task: dict[str, Any] = {
+        **fields,
+        "type": TASK_TYPE,
+        "id": secrets.token_hex(16),
+        "kind": kind,
+        "zone": node.zone,
+        "node": node.key_id,
+        "deadline": _rfc3339(deadline),
+    }
+    digest = task_digest(task)
+
+    appended = ex.ledger.append(
+        EntryDraft(
+            kind=AUTHORIZED_KIND,
+            actor=str(task.get("consumer") or ANONYMOUS),
+            refs={"zone": node.zone, "node": node.key_id, "task": task["id"]},
+            digests={"task": digest},
+            attrs={"kind": kind},
+        )
+    )
+    # queued once its authorization is on the ledger (a crash in between leaves an entry that
+    # authorizes a task nobody will run, never a task without its entry)
+    with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
+        session.add(
+            NodeTaskRow(
+                id=task["id"],
+                zone=node.zone,
+                node=node.key_id,
+                kind=kind,
+                status="queued",
+                bundle={"task": task, "index": appended.seq},
+                deadline=deadline,
+            )
+        )
+    signals = _signal(ex)
+    signals.notify()
+    public_key = _public_key(ex, node.key_id)
+    while True:
+        with Session(ex.engine) as session:
+            row = session.get(NodeTaskRow, task["id"])
+            seen = session.execute(
+                select(NodeRow.last_seen).where(NodeRow.key_id == node.key_id)
+            ).scalar_one()
+        assert row is not None
+        if row.status == "done" and row.outcome is not None:
+            envelope = row.outcome["result"]
+            payload = verify_result(envelope, VerifyKey(public_key), task)
+            return NodeResult(node.key_id, public_key, envelope, payload)
+        if row.status == "refused" and row.outcome is not None:
+            refused = row.outcome.get("refused") or {}
+            reason = str(refused.get("reason", "refused"))[:64]
+            detail = str(refused.get("detail", ""))[:300]
+            raise NodeRefusedError(
+                f"the zone's node refused the task ({reason}): {detail}", reason=reason
+            )
+        if row.status == "terminated":
+            raise ZoneUnavailableError(f"the task on zone {node.zone!r} was terminated")
+        now = _now()
+        offline = seen is None or (now - seen).total_seconds() >= settings.node_offline_seconds
+        if offline or now >= deadline:
+            why = "node_offline" if offline else "deadline"
+            if _terminate(ex, task["id"], why):
+                raise ZoneUnavailableError(
+                    f"zone {node.zone!r}: "
+                    + (
+                        "its node went offline before answering"
+                        if offline
+                        else "its node did not answer before the deadline"
+                    )
+                    + "; nothing was released and no epsilon was charged"
+                )
+            continue  # the answer arrived meanwhile: read it
+        signals.wait(_TICK)
+
+
+def _public_key(ex: Exchange, key_id: str) -> bytes:
+    with Session(ex.engine) as session:
+        row = session.get(PrincipalRow, key_id)
+        assert row is not None
+        return bytes(row.public_key)
+
+
+def _terminate(ex: Exchange, task_id: str, reason: str) -> bool:
+    """Mark a task terminated unless it already finished; ledger it. True if this call did."""
+
+    def apply(session: Session, draft: EntryDraft) -> bool:
+        done = _rowcount(
+            session.execute(
+                update(NodeTaskRow)
+                .where(NodeTaskRow.id == task_id, NodeTaskRow.status.in_(("queued", "started")))
+                .values(status="terminated", finished_at=_now(), outcome={"terminated": reason})
+            )
+        )
+        if not done:
+            raise _AlreadyFinished
+        return True
+
+    try:
+        ex.ledger.append(
+            EntryDraft(
+                kind="task.terminated",
+                actor=ANONYMOUS,
+                refs={"task": task_id},
+                attrs={"reason": reason, "epsilon_charged": "0"},
+            ),
+            apply,
+        )
+    except _AlreadyFinished:
+        return False
+    _signal(ex).notify()
+    return True
+
+
+class _AlreadyFinished(Exception):
+    pass
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE matched (a ``CursorResult``; typed loosely by SQLAlchemy's stubs)."""
+    return int(result.rowcount)
+
+
+# -- the node's side of the API ----------------------------------------------------------------
+
+
+def _touch(ex: Exchange, key_id: str) -> None:
+    with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
+        session.execute(update(NodeRow).where(NodeRow.key_id == key_id).values(last_seen=_now()))
+
+
+def next_task(
+    ex: Exchange, actor: Principal, since: int | None, wait: float
+) -> dict[str, Any] | None:
+    """The node's long poll: claim the oldest queued task for it and return its bundle, or None
+    after ``wait`` seconds (at most ``node_poll_seconds``)."""
+    with Session(ex.engine) as session:
+        _active_node(session, actor)
+    if since is not None and (not isinstance(since, int) or since < 0):
+        raise InvalidInputError("since is the size of the last checkpoint the node accepted")
+    wait = max(0.0, min(float(wait), ex.settings.node_poll_seconds))
+    _touch(ex, actor.key_id)
+    signals = _signal(ex)
+    end = time.monotonic() + wait
+    while True:
+        claimed = _claim(ex, actor.key_id)
+        if claimed is not None:
+            return _bundle(ex, claimed, since)
+        left = end - time.monotonic()
+        if left <= 0:
+            return None
+        signals.wait(min(left, _TICK * 4))
+
+
+def _claim(ex: Exchange, node: str) -> NodeTaskRow | None:
+    with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
+        candidates = session.execute(
+            select(NodeTaskRow.id)
+            .where(NodeTaskRow.node == node, NodeTaskRow.status == "queued")
+            .order_by(NodeTaskRow.created_at)
+            .limit(4)
+        ).scalars()
+        for task_id in list(candidates):
+            claimed = _rowcount(
+                session.execute(
+                    update(NodeTaskRow)
+                    .where(NodeTaskRow.id == task_id, NodeTaskRow.status == "queued")
+                    .values(status="started", started_at=_now())
+                )
+            )
+            if claimed:
+                row = session.get(NodeTaskRow, task_id)
+                assert row is not None
+                session.expunge(row)
+                return row
+    return None
+
+
+def _bundle(ex: Exchange, row: NodeTaskRow, since: int | None) -> dict[str, Any]:
+    index = int(row.bundle["index"])
+    # a checkpoint that covers the entry and is no older than the node's last one
+    floor = index if since is None else max(index, since - 1)
+    checkpoint = ex.ledger.checkpoint(persist=False, covering=floor)
+    proof = ex.ledger.inclusion_proof(index, checkpoint.size)
+    consistency = None
+    if since is not None and 0 < since <= checkpoint.size:
+        consistency = (since, ex.ledger.consistency_proof(since, checkpoint.size))
+    return build_task_bundle(
+        row.bundle["task"],
+        ex.ledger.entry(index),
+        index,
+        checkpoint.size,
+        proof,
+        checkpoint.note,
+        consistency,
+    )
+
+
+def finish_task(ex: Exchange, actor: Principal, task_id: str, outcome: dict[str, Any]) -> None:
+    """Record a node's answer to a task it claimed: ``{"result": envelope}`` (verified here
+    under the node's key before it is stored) or ``{"refused": {"reason", "detail"}}``."""
+    _node_principal(actor)
+    with Session(ex.engine) as session:
+        row = session.get(NodeTaskRow, task_id)
+        if row is None or row.node != actor.key_id:
+            raise NotFoundError("no such task for this node")
+        task = row.bundle["task"]
+        status = row.status
+    if status != "started":
+        raise ConflictError(f"the task is {status}; its answer is no longer wanted")
+    if set(outcome) == {"result"}:
+        try:
+            verify_result(outcome["result"], VerifyKey(_public_key(ex, actor.key_id)), task)
+        except VerificationError as exc:
+            raise InvalidInputError(str(exc), reason="bad_result") from exc
+        new_status = "done"
+    elif set(outcome) == {"refused"} and isinstance(outcome["refused"], dict):
+        new_status = "refused"
+    else:
+        raise InvalidInputError("an outcome is {result: envelope} or {refused: {reason, detail}}")
+    with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
+        updated = _rowcount(
+            session.execute(
+                update(NodeTaskRow)
+                .where(NodeTaskRow.id == task_id, NodeTaskRow.status == "started")
+                .values(status=new_status, outcome=outcome, finished_at=_now())
+            )
+        )
+    if not updated:
+        raise ConflictError("the task was terminated; its answer is no longer wanted")
+    if new_status == "refused":
+        refused = outcome["refused"]
+        ex.ledger.append(
+            EntryDraft(
+                kind="task.refused",
+                actor=actor.key_id,
+                refs={"task": task_id, "zone": task["zone"]},
+                attrs={"reason": str(refused.get("reason", ""))[:64]},
+            )
+        )
+    _signal(ex).notify()
+
+
+def register_node_dataset(
+    ex: Exchange,
+    actor: Principal,
+    *,
+    name: str,
+    description: str,
+    subject_column: str,
+    columns: list[dict[str, str]],
+    row_count: int,
+    digest: str,
+) -> Any:
+    """A node registers a dataset it imported or attached on its own machine: only the
+    metadata (columns, levels, subject column, row count, snapshot digest) reaches the catalog;
+    the request is signed with the node's key and the registration is ledgered under it."""
+    check_dataset_name(name)
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise InvalidInputError("digest is the snapshot's 64 lowercase hex digits")
+    if row_count < 0:
+        raise InvalidInputError("row_count is not negative")
+    names = [c.get("name", "") for c in columns]
+    if len(set(names)) != len(names) or not names:
+        raise InvalidInputError("columns have distinct names")
+    if subject_column not in names:
+        raise InvalidInputError(f"subject column {subject_column!r} is not a column")
+    clean: list[dict[str, str]] = []
+    for col in columns:
+        try:
+            level = Level(col.get("level", ""))
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"unknown level {col.get('level')!r} for column {col.get('name')!r}"
+            ) from exc
+        if col.get("type") not in PORTABLE_TYPES:
+            raise InvalidInputError(f"column {col.get('name')!r}: unknown type {col.get('type')!r}")
+        clean.append({"name": str(col["name"]), "type": str(col["type"]), "level": level.value})
+    top = max_level(Level(c["level"]) for c in clean).value
+    with Session(ex.engine) as session:
+        zone = _active_node(session, actor).zone
+
+    def apply(session: Session, draft: EntryDraft) -> Any:
+        exists = session.execute(
+            select(DatasetRow.status).where(DatasetRow.zone == zone, DatasetRow.name == name)
+        ).first()
+        if exists:
+            raise ConflictError(f"dataset {name!r} already exists in zone {zone!r}")
+        row = DatasetRow(
+            zone=zone,
+            name=name,
+            description=description,
+            subject_column=subject_column,
+            columns=clean,
+            level=top,
+            row_count=row_count,
+            digest=digest,
+            source="node",
+            source_format=None,
+            attach_url=None,
+            attach_table=None,
+            ceilings={},
+            status="active",
+        )
+        session.add(row)
+        session.flush()
+        return to_dataset(row)
+
+    draft = EntryDraft(
+        kind="dataset.registered",
+        actor=actor.key_id,
+        refs={"zone": zone, "dataset": name},
+        digests={"snapshot": digest},
+        attrs={"level": top, "source": "node"},
+    )
+    return ex.ledger.append(draft, apply).value

@@ -1,0 +1,245 @@
+"""``zonex node serve``: dial out to the exchange, verify each task, run it, sign the answer.
+
+The loop long-polls ``POST /v1/node/poll`` (signed with the node key); the exchange answers
+with a task bundle or, after a few seconds, with nothing. Each bundle is verified in the loop
+(:func:`exchange.tasks.verify_task_bundle`, against the log key pinned at init and the last
+checkpoint this node accepted) and recorded as answered before it runs, so a task is never run
+twice, even across a restart; then a worker thread checks the query again under the task's
+rules tightened by the local veto rules, reads the rows, draws the noise and signs the result.
+A refusal is an answer too (``{"refused": {"reason", "detail"}}``): the consumer learns the
+reason code; the node's log keeps the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import httpx
+
+from exchange.analysis import AnalysisRules
+from exchange.errors import ZonexError
+from exchange.node.engine import release_aggregate, table_stats
+from exchange.node.home import NodeHome
+from exchange.sdk import SignatureAuth
+from exchange.sqlcheck import QueryRejected, TableColumn, TableRules, TableStats, check_query
+from exchange.tasks import TaskRefused, Verified, sign_result, verify_task_bundle
+from policy.levels import Level
+
+__all__ = ["NodeAgent"]
+
+log = logging.getLogger("zonex.node")
+
+#: how long the node asks the exchange to hold a poll open
+POLL_WAIT = 4.0
+
+
+class NodeAgent:
+    """One node process: its home directory and its connection to the exchange."""
+
+    def __init__(
+        self,
+        home: NodeHome,
+        *,
+        url: str | None = None,
+        workers: int = 2,
+        poll_wait: float = POLL_WAIT,
+    ) -> None:
+        self.home = home
+        self.url = (url or home.exchange).rstrip("/")
+        self.poll_wait = poll_wait
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zonex-task")
+        self._http = httpx.Client(
+            base_url=self.url, auth=SignatureAuth(home.key), timeout=poll_wait + 30.0
+        )
+        self._stats: dict[tuple[str, str], TableStats] = {}
+        self._stats_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._http.close()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def serve(self, stop: threading.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                bundle = self.poll()
+            except (httpx.HTTPError, _PollError, ZonexError) as exc:
+                log.warning("poll failed (%s); retrying in %.1f s", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.5
+            if bundle is None:
+                continue
+            self.take(bundle)
+
+    def poll(self) -> dict[str, Any] | None:
+        last = self.home.last_checkpoint()
+        response = self._http.post(
+            "/v1/node/poll",
+            json={"since": None if last is None else last.size, "wait": self.poll_wait},
+        )
+        if response.status_code == 204:
+            return None
+        if response.status_code != 200:
+            detail = _detail(response)
+            raise _PollError(f"the exchange answered {response.status_code}: {detail}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    def take(self, bundle: dict[str, Any]) -> None:
+        """Verify a bundle here (in order), then run it on a worker."""
+        task_id = str((bundle.get("task") or {}).get("id", ""))[:64]
+        try:
+            verified = self.verify(bundle)
+        except TaskRefused as refusal:
+            log.warning("refused task %s: %s", task_id, refusal)
+            self._pool.submit(self._answer, task_id, {"refused": refusal.to_json()})
+            return
+        self._pool.submit(self._run, verified)
+
+    def verify(self, bundle: dict[str, Any]) -> Verified:
+        home = self.home
+        verified = verify_task_bundle(
+            bundle,
+            log=home.log,
+            zone=home.zone,
+            node=home.key_id,
+            now=datetime.now(UTC),
+            last=home.last_checkpoint(),
+        )
+        task = verified.task
+        if home.answered(task["id"]):
+            raise TaskRefused("replayed", "this node already answered this task")
+        home.accept(bundle["checkpoint"], verified.checkpoint.size, task["id"], task["deadline"])
+        return verified
+
+    def _run(self, verified: Verified) -> None:
+        task = verified.task
+        try:
+            outcome: dict[str, Any] = {"result": self.run(task).model_dump(mode="json")}
+        except TaskRefused as refusal:
+            log.warning("refused task %s: %s", task["id"], refusal)
+            outcome = {"refused": refusal.to_json()}
+        except Exception:  # the node keeps serving; the consumer gets a reason code
+            log.exception("task %s failed", task["id"])
+            outcome = {"refused": {"reason": "node_error", "detail": "the node failed to run it"}}
+        self._answer(task["id"], outcome)
+
+    def _answer(self, task_id: str, outcome: dict[str, Any]) -> None:
+        for attempt in range(5):
+            try:
+                response = self._http.post(f"/v1/node/tasks/{task_id}/outcome", json=outcome)
+            except httpx.HTTPError as exc:
+                log.warning("could not deliver the answer to %s (%s)", task_id, exc)
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            if response.status_code >= 400:
+                log.warning("the exchange refused the answer to %s: %s", task_id, _detail(response))
+            return
+
+    # -- running one task ---------------------------------------------------------------------
+
+    def run(self, task: dict[str, Any]) -> Any:
+        if task["kind"] != "aggregate":
+            raise TaskRefused("unsupported", f"this node does not run {task['kind']!r} tasks")
+        return self._aggregate(task)
+
+    def _aggregate(self, task: dict[str, Any]) -> Any:
+        home = self.home
+        epsilon: Decimal | None = None
+        if task.get("dp"):
+            try:
+                epsilon = Decimal(str(task["epsilon"]))
+            except (InvalidOperation, KeyError) as exc:
+                raise TaskRefused("malformed", "the task's epsilon is not a decimal") from exc
+        veto = home.veto()
+        veto.check("aggregate", epsilon)
+        hosted = home.datasets()
+        wanted: dict[str, Any] = task.get("datasets") or {}
+        if not wanted:
+            raise TaskRefused("malformed", "the task names no dataset")
+        tables: dict[str, TableRules] = {}
+        for name, snapshot in wanted.items():
+            dataset = hosted.get(name)
+            if dataset is None:
+                raise TaskRefused("unknown_dataset", f"this node hosts no dataset {name!r}")
+            if dataset.digest != snapshot:
+                raise TaskRefused("snapshot_mismatch", f"{name}: the task is for another snapshot")
+            try:
+                rules = AnalysisRules.from_json(task["rules"][name])
+            except (KeyError, ValueError, TypeError) as exc:
+                raise TaskRefused("malformed", f"{name}: the task's rules are unusable") from exc
+            rules = dataclasses.replace(rules, min_group_size=veto.k(rules.min_group_size))
+            relation, schema = None, None
+            if dataset.source == "attach" and dataset.attach_table:
+                schema, _, relation = dataset.attach_table.rpartition(".")
+                schema = schema or None
+            tables[name] = TableRules(
+                name,
+                tuple(
+                    TableColumn(c["name"], c["type"], Level(c["level"])) for c in dataset.columns
+                ),
+                dataset.subject_column,
+                rules,
+                zone=home.zone,
+                relation=relation,
+                relation_schema=schema,
+                stats=self._table_stats(dataset),
+            )
+        first = hosted[next(iter(wanted))]
+        with home.source(first) as (engine, _, dialect):
+            try:
+                checked = check_query(
+                    str(task["sql"]),
+                    tables,
+                    dialect_out=_DIALECTS.get(dialect, dialect),
+                    with_dp=bool(task.get("dp")),
+                    named_groups=bool(task.get("named_groups")),
+                )
+            except QueryRejected as exc:
+                raise TaskRefused("query_refused", f"{exc.reason}: {exc.detail}") from exc
+            if checked.dp and epsilon is None:
+                raise TaskRefused("dp_required", "the rules here require a DP release")
+            body = release_aggregate(checked, engine, epsilon if checked.dp else None)
+        return sign_result(home.key, task, body)
+
+    def _table_stats(self, dataset: Any) -> TableStats | None:
+        if dataset.source != "import":
+            return None  # an attached table can change under the node: assume nothing
+        key = (dataset.name, dataset.digest)
+        with self._stats_lock:
+            found = self._stats.get(key)
+        if found is None:
+            with self.home.source(dataset) as (engine, relation, _):
+                found = table_stats(engine, relation, dataset.subject_column, dataset.columns)
+            with self._stats_lock:
+                self._stats[key] = found
+        return found
+
+
+#: SQLAlchemy backend name -> sqlglot dialect
+_DIALECTS = {"postgresql": "postgres"}
+
+
+class _PollError(Exception):
+    """The exchange answered the poll with an error (the loop logs it and backs off)."""
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("title") or body)[:300]
+    return str(body)[:300]

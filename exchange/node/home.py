@@ -1,0 +1,265 @@
+"""A zone node's data directory: its key, its configuration, its store, and what it has seen.
+
+::
+
+    NODE_DIR/
+      node.key        the node's Ed25519 key (0600); its public half is registered for the zone
+      node.json       {"zone", "exchange", "log_key", "key_id"}: where it dials, what it trusts
+      veto.toml       the provider's local veto rules (optional; see exchange.node.engine.Veto)
+      catalog.json    the datasets this node hosts: columns, levels, subject column, snapshot
+                      digest, and where the rows are (imported here, or an attached URL that
+                      never leaves this machine)
+      state.json      the last checkpoint the node accepted and the tasks it has answered
+      store/          the embedded DuckDB store of imported datasets
+
+Files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import TableClause, column, table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from crypto.errors import EncodingError, VerificationError
+from crypto.keys import SigningKey
+from crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
+from exchange.errors import ConfigurationError, InvalidInputError
+from exchange.keyfile import load_private_key, write_private_key, write_public_key
+from exchange.node.engine import Veto, load_veto
+from exchange.zonestore import ZoneStore, ZoneStoreError, attach
+
+__all__ = ["NodeHome", "init_node_dir"]
+
+NODE_KEY = "node.key"
+NODE_PUB = "node.pub"
+CONFIG = "node.json"
+CATALOG = "catalog.json"
+STATE = "state.json"
+VETO = "veto.toml"
+
+VETO_TEMPLATE = """\
+# Local veto rules: this node applies them on top of the exchange's analysis rules, before it
+# reads a row. They can only make releases stricter. Uncomment to use.
+# min_k = 20                 # no group smaller than this, whatever the exchange's rules say
+# max_epsilon = "0.5"        # the largest epsilon one task may spend on this node
+# refuse = ["secure_sum"]    # task kinds this node never runs (aggregate, secure_sum)
+"""
+
+
+def own(url: str) -> str:
+    """The prefix that admits exactly ``url``: on its own node, a provider may attach any table
+    of its own databases (the exchange's operator-set prefixes do not apply here)."""
+    try:
+        return make_url(url).render_as_string(hide_password=False)
+    except (ArgumentError, ValueError, TypeError) as exc:
+        raise InvalidInputError("not a database URL") from exc
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", "utf-8")
+    os.replace(tmp, path)
+
+
+def init_node_dir(
+    data_dir: Path, *, zone: str, exchange: str, log_key: str, key: SigningKey | None = None
+) -> SigningKey:
+    """Lay out a new node directory; refuses an initialized one. Returns the node's key."""
+    try:
+        log = NoteVerifier.from_verifier_key(log_key)
+    except (EncodingError, ValueError) as exc:
+        raise ConfigurationError(f"the exchange's log key is not a verifier key: {exc}") from exc
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    if (data_dir / CONFIG).exists():
+        raise ConfigurationError(f"{data_dir} is already a node directory")
+    key = key or SigningKey.generate()
+    if not (data_dir / NODE_KEY).exists():
+        write_private_key(data_dir / NODE_KEY, key)
+        write_public_key(data_dir / NODE_PUB, key.public_key)
+    (data_dir / "store").mkdir(exist_ok=True)
+    if not (data_dir / VETO).exists():
+        (data_dir / VETO).write_text(VETO_TEMPLATE, "utf-8")
+    _write_json(data_dir / CATALOG, {"datasets": {}})
+    _write_json(data_dir / STATE, {"checkpoint": None, "answered": {}})
+    # written last: its presence marks a complete initialization
+    _write_json(
+        data_dir / CONFIG,
+        {
+            "zone": zone,
+            "exchange": exchange,
+            "log_key": log.to_verifier_key(),
+            "key_id": key.key_id,
+        },
+    )
+    return key
+
+
+@dataclass(frozen=True)
+class HostedDataset:
+    """One dataset as the node keeps it (the rows, or where they are, never leave the node)."""
+
+    name: str
+    subject_column: str
+    columns: tuple[dict[str, str], ...]
+    digest: str
+    row_count: int
+    source: str  # "import" | "attach"
+    attach_url: str | None = None
+    attach_table: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "subject_column": self.subject_column,
+            "columns": list(self.columns),
+            "digest": self.digest,
+            "row_count": self.row_count,
+            "source": self.source,
+            "attach_url": self.attach_url,
+            "attach_table": self.attach_table,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostedDataset:
+        return cls(
+            name=data["name"],
+            subject_column=data["subject_column"],
+            columns=tuple(data["columns"]),
+            digest=data["digest"],
+            row_count=int(data["row_count"]),
+            source=data["source"],
+            attach_url=data.get("attach_url"),
+            attach_table=data.get("attach_table"),
+        )
+
+
+class NodeHome:
+    """An initialized node directory, opened by one process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = data_dir
+        config_path = data_dir / CONFIG
+        if not config_path.is_file():
+            raise ConfigurationError(
+                f"{data_dir} is not a node directory; run: zonex node init --data-dir {data_dir} "
+                "--zone ZONE --url EXCHANGE_URL --key PROVIDER_KEY"
+            )
+        try:
+            config = json.loads(config_path.read_text("utf-8"))
+            self.zone: str = config["zone"]
+            self.exchange: str = config["exchange"]
+            self.log = NoteVerifier.from_verifier_key(config["log_key"])
+        except (ValueError, KeyError, EncodingError) as exc:
+            raise ConfigurationError(f"{config_path} is damaged: {exc}") from exc
+        self.key = load_private_key(data_dir / NODE_KEY)
+        self._lock = threading.Lock()
+        self._store: ZoneStore | None = None
+
+    @property
+    def key_id(self) -> str:
+        return self.key.key_id
+
+    # -- local rules --------------------------------------------------------------------------
+
+    def veto(self) -> Veto:
+        """The veto rules as the file says now (read per task: an edit applies at once)."""
+        try:
+            return load_veto(self.dir / VETO)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from exc
+
+    # -- datasets -----------------------------------------------------------------------------
+
+    @property
+    def store(self) -> ZoneStore:
+        with self._lock:
+            if self._store is None:
+                self._store = ZoneStore(self.dir / "store")
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def datasets(self) -> dict[str, HostedDataset]:
+        data = json.loads((self.dir / CATALOG).read_text("utf-8"))
+        return {n: HostedDataset.from_json(d) for n, d in data["datasets"].items()}
+
+    def add_dataset(self, dataset: HostedDataset) -> None:
+        with self._lock:
+            data = json.loads((self.dir / CATALOG).read_text("utf-8"))
+            data["datasets"][dataset.name] = dataset.to_json()
+            _write_json(self.dir / CATALOG, data)
+
+    def remove_dataset(self, name: str) -> None:
+        with self._lock:
+            data = json.loads((self.dir / CATALOG).read_text("utf-8"))
+            data["datasets"].pop(name, None)
+            _write_json(self.dir / CATALOG, data)
+
+    @contextmanager
+    def source(self, dataset: HostedDataset) -> Iterator[tuple[Any, TableClause, str]]:
+        """(engine, relation, dialect) to read ``dataset`` where it lives."""
+        names = [c["name"] for c in dataset.columns]
+        if dataset.source == "import":
+            relation = table(dataset.name, *(column(n) for n in names))
+            yield self.store.engine, relation, "duckdb"
+            return
+        assert dataset.attach_url is not None and dataset.attach_table is not None
+        try:
+            attached = attach(
+                dataset.attach_url,
+                dataset.attach_table,
+                allowed_prefixes=(own(dataset.attach_url),),
+            )
+        except ZoneStoreError as exc:
+            raise InvalidInputError(f"the attached table is unavailable: {exc}") from exc
+        try:
+            relation = table(attached.table, *(column(n) for n in names), schema=attached.schema)
+            yield attached.engine, relation, attached.engine.dialect.name
+        finally:
+            attached.close()
+
+    # -- what the node has seen ---------------------------------------------------------------
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        state = json.loads((self.dir / STATE).read_text("utf-8"))
+        note = state.get("checkpoint")
+        if note is None:
+            return None
+        try:
+            return verify_checkpoint(note, self.log)
+        except (VerificationError, EncodingError) as exc:
+            raise ConfigurationError(f"{self.dir / STATE}: the stored checkpoint: {exc}") from exc
+
+    def answered(self, task_id: str) -> bool:
+        state = json.loads((self.dir / STATE).read_text("utf-8"))
+        return task_id in state.get("answered", {})
+
+    def accept(self, note: str, size: int, task_id: str, deadline: str) -> None:
+        """Remember a checkpoint (if newer) and a task as answered, before the answer is sent:
+        the same task is never run twice, even across a restart."""
+        with self._lock:
+            state = json.loads((self.dir / STATE).read_text("utf-8"))
+            current = state.get("checkpoint")
+            if current is None or size >= verify_checkpoint(current, self.log).size:
+                state["checkpoint"] = note
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            answered = {t: d for t, d in state.get("answered", {}).items() if d > now}
+            answered[task_id] = deadline
+            state["answered"] = answered
+            _write_json(self.dir / STATE, state)
