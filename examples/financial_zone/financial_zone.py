@@ -52,7 +52,7 @@ import citydata
 from citydata import City
 
 from crypto import he
-from crypto.encoding import b64url_decode
+from crypto.encoding import b64url_decode, b64url_encode
 from crypto.envelope import Envelope, verify_envelope
 from crypto.keys import SigningKey, VerifyKey
 from crypto.note import NoteVerifier
@@ -62,6 +62,8 @@ from exchange.audit import check_bundle, read_bundle_lines
 from exchange.compute.secure_sum import CONTRIBUTION_TYPE
 from exchange.keyfile import load_private_key, write_private_key
 from exchange.ledger import write_export
+from exchange.node.datasets import register_on_node
+from exchange.node.home import NodeHome, init_node_dir
 from exchange.runtime import Exchange, init_data_dir
 from exchange.sdk import ApiError, Client
 from exchange.settings import Settings
@@ -70,6 +72,8 @@ CREDIT = "credit-assessment"
 STATS = "statistics"
 #: the bank's ε for one private join (split between the count and the tax sum)
 PSI_EPSILON = Decimal(2)
+#: the statistics bureau's aggregate on the node-hosted social-insurance zone
+NODE_EPSILON = Decimal(1)
 #: a noisy value further than this many noise scales from the truth fails the run
 #: (probability at most 2·e^-22 = 5.6e-10 per value for a correct release)
 NOISE_SCALES = 22
@@ -125,6 +129,7 @@ def _bounds(pairs: dict[str, tuple[int, int]]) -> dict[str, dict[str, str]]:
     }
 
 
+SOCIAL_BOUNDS = {"insured_staff": (0, 2_500), "contributions_2025": (0, 9_000_000)}
 TAX_RULES = {
     "min_group_size": 10,
     "dp_required": True,  # an L4 column: every release is differentially private
@@ -134,6 +139,17 @@ TAX_RULES = {
         "company_id": {"disclosure": "join_only"},
         "district": {"disclosure": "plaintext"},
         **_bounds(citydata.TAX_BOUNDS),
+    },
+}
+#: social insurance is hosted on the social bureau's own node: its rows never reach the exchange
+SOCIAL_RULES = {
+    "min_group_size": 10,
+    "epsilon_budget": "5",
+    "refresh_seconds": 3600,
+    "columns": {
+        "company_id": {"disclosure": "join_only"},
+        "district": {"disclosure": "plaintext"},
+        **_bounds(SOCIAL_BOUNDS),
     },
 }
 DISTRICT_RULES = {
@@ -231,6 +247,75 @@ def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     proc.terminate()
     proc.wait(timeout=30)
     raise StoryError("the server did not start within 60 s (see server.log)")
+
+
+def node_dir(story: Story) -> Path:
+    """The social bureau's node: its own directory, beside (not inside) the exchange's."""
+    return story.data_dir.with_name(story.data_dir.name + "-social-node")
+
+
+def host_on_node(
+    story: Story,
+    owner: str,
+    dataset: str,
+    levels: dict[str, str],
+    subject: str,
+    description: str,
+    csv_path: Path,
+) -> None:
+    """The social bureau hosts its zone on its own node: register the node key (pending), the
+    operator approves it, the rows are imported on the node and only metadata and the snapshot
+    digest go to the exchange; then the node process dials out and serves."""
+    home_dir = node_dir(story)
+    if not (home_dir / "node.json").exists():
+        key = SigningKey.generate()
+        with story.client(owner) as p:
+            log_key = p.log_key()
+            p.request(
+                "POST",
+                "/v1/nodes",
+                json={"zone": SOCIAL, "public_key": b64url_encode(key.public_key.raw)},
+            )
+        with Client(story.url, load_private_key(story.data_dir / "operator.key")) as op:
+            op.request("POST", f"/v1/nodes/{key.key_id}/approve")
+        init_node_dir(home_dir, zone=SOCIAL, exchange=story.url, log_key=log_key, key=key)
+    home = NodeHome(home_dir)
+    try:
+        if dataset not in home.datasets():
+            register_on_node(
+                home,
+                dataset,
+                levels=levels,
+                subject_column=subject,
+                description=description,
+                file=csv_path,
+                url=story.url,
+            )
+        story.state["social_node"] = home.key_id
+    finally:
+        home.close()
+    story.state["node_proc"] = start_node(home_dir, story.url)
+    deadline = time.monotonic() + 30
+    with story.client(owner) as p:
+        while not p.request("GET", "/v1/availability").get(SOCIAL, {}).get("online"):
+            if time.monotonic() > deadline:
+                raise StoryError("the social bureau's node did not come online (see node.log)")
+            time.sleep(0.1)
+    console.print(
+        f"  {SOCIAL}: hosted on the social bureau's node {home_dir.name} (key "
+        f"{story.state['social_node'][:16]}…); its rows never reach the exchange"
+    )
+
+
+def start_node(home_dir: Path, url: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "exchange.cli", "node", "serve", "--data-dir", str(home_dir)]
+    with (home_dir.parent / f"{home_dir.name}.log").open("ab") as log:
+        return subprocess.Popen(
+            [*cmd, "--url", url],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def created(call: Callable[[], Any]) -> bool:
@@ -375,7 +460,7 @@ def open_zones(story: Story) -> None:
             SOCIAL_LEVELS,
             city.social,
             "insured staff and 2025 contributions",
-            None,
+            SOCIAL_RULES,
         ),
     ] + [
         (
@@ -394,17 +479,20 @@ def open_zones(story: Story) -> None:
         with story.client(owner) as p:
             created(partial(p.create_zone, zone, description))
             subject = next(iter(levels))  # the first column names the subject
-            created(
-                partial(
-                    p.register_dataset,
-                    zone,
-                    dataset,
-                    levels=levels,
-                    subject_column=subject,
-                    description=description,
-                    file=csv_path,
+            if zone == SOCIAL:
+                host_on_node(story, owner, dataset, levels, subject, description, csv_path)
+            else:
+                created(
+                    partial(
+                        p.register_dataset,
+                        zone,
+                        dataset,
+                        levels=levels,
+                        subject_column=subject,
+                        description=description,
+                        file=csv_path,
+                    )
                 )
-            )
             if rules is not None and p.analysis_rules(zone, dataset)["version"] == 0:
                 p.set_analysis_rules(zone, dataset, rules)
 
@@ -741,6 +829,45 @@ def secure_sum(story: Story) -> None:
     )
 
 
+def node_aggregate(story: Story) -> None:
+    """The statistics bureau queries social insurance; the social bureau's node checks the
+    query again, draws the noise and signs the result, which the receipt carries."""
+    request_and_approve(
+        story,
+        "stats-bureau",
+        "social-bureau",
+        SOCIAL,
+        [SOCIAL_SET],
+        ["aggregate"],
+        STATS,
+        "insured staff by district",
+    )
+    sql = f"SELECT district, COUNT(*) AS n FROM {SOCIAL_SET} GROUP BY district"
+    with story.client("stats-bureau") as c:
+        out = c.aggregate(SOCIAL, sql, STATS, epsilon=str(NODE_EPSILON))
+    statement, _ = verify_receipt(out.receipt, out.result, story.verifier)
+    expect(
+        statement.get("node", {}).get("key_id") == story.state["social_node"],
+        "the receipt does not carry the social bureau's node signature",
+    )
+    truth: dict[str, int] = {}
+    for row in story.city.social:
+        truth[row["district"]] = truth.get(row["district"], 0) + 1
+    released = {r[0]: r[1] for r in out.result["rows"]}
+    # ε = 1 in two shares (count, gate): Laplace scale 2; P(|noise| >= 50) = e^-25 per group
+    expect(
+        set(released) == set(truth)
+        and all(abs(Decimal(str(released[d])) - truth[d]) < 50 for d in truth),
+        "the node's noisy counts are not near the truth",
+    )
+    story.save("node-aggregate.receipt.json", out.receipt)
+    story.save("node-aggregate.result.json", out.result)
+    console.print(
+        f"  {SOCIAL} on its node: staff records by district (ε = {NODE_EPSILON}, noise drawn "
+        f"on the node) {released}; receipt verified, signed by the node's own key"
+    )
+
+
 def denials(story: Story) -> None:
     story.section(7, "Unauthorized calls are denied, with a problem+json reason")
     with story.client("city-bank") as c:
@@ -883,10 +1010,15 @@ def run(data_dir: Path, port: int) -> int:
             private_join(story)
             encrypted_scoring(story)
             secure_sum(story)
+            node_aggregate(story)
             denials(story)
             revocation(story)
             pin_checkpoint(story)
         finally:
+            node = story.state.get("node_proc")
+            if node is not None:
+                node.terminate()
+                node.wait(timeout=30)
             server.terminate()
             server.wait(timeout=30)
         audit(story)

@@ -252,13 +252,24 @@ def catalog(
     """
     with client(url, key) as c:
         zones = [c.zone(zone)] if zone else c.catalog()["zones"]
+        hosts = c.request("GET", "/v1/availability")
+    for z in zones:
+        # where the zone's rows are, and whether a node-hosted zone can compute right now
+        found = hosts.get(z["name"])
+        z["host"] = "exchange" if found is None else "node"
+        z["available"] = True if found is None else bool(found["online"])
     if as_json:
         print_json(zones)
         return
-    table = Table("zone", "owner", "dataset", "level", "rows", "release", "columns")
+    table = Table("zone", "owner", "host", "dataset", "level", "rows", "release", "columns")
     for z in zones:
+        host = (
+            z["host"]
+            if z["host"] == "exchange"
+            else ("node, online" if z["available"] else "node, OFFLINE")
+        )
         if not z["datasets"]:
-            table.add_row(z["name"], z["owner_name"], "-", "-", "-", "-", "-")
+            table.add_row(z["name"], z["owner_name"], host, "-", "-", "-", "-", "-")
         for d in z["datasets"]:
             cols = ", ".join(f"{c['name']}:{c['level']}" for c in d["columns"])
             # the provider's opt-out from DP by default at L3 is shown wherever datasets are
@@ -266,6 +277,7 @@ def catalog(
             table.add_row(
                 z["name"],
                 z["owner_name"],
+                host,
                 d["name"],
                 d["level"],
                 d["row_count_band"],

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, TableClause, column, table
 
-from exchange.errors import InvalidInputError
+from exchange.errors import ConflictError, InvalidInputError
 from exchange.models import DatasetRow
 from exchange.runtime import Exchange
 from exchange.zonestore import ZoneStoreError, attach
@@ -29,6 +29,13 @@ class Source:
 @contextmanager
 def open_source(ex: Exchange, row: DatasetRow) -> Iterator[Source]:
     names = [c["name"] for c in row.columns]
+    if row.source == "node":
+        # the rows are on the provider's node; only aggregates are dispatched there so far
+        raise ConflictError(
+            f"dataset {row.zone}/{row.name} is hosted on its zone's node, which runs aggregates "
+            "(zonex aggregate); this computation is not yet available for node-hosted datasets",
+            reason="node_hosted",
+        )
     if row.source == "import":
         store = ex.zone_store(row.zone)
         yield Source(store.engine, table(row.name, *(column(n) for n in names)), "duckdb")

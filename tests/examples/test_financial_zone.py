@@ -32,7 +32,7 @@ def test_financial_zone_showcase_runs(tmp_path: Path) -> None:
     report = check_bundle(read_bundle_lines(data_dir / "audit" / "ledger.jsonl"), log, trusted)
     assert report.ok and report.entries > 0
     kinds = {}
-    for name in ("psi-aggregate", "he-score", "secure-sum"):
+    for name in ("psi-aggregate", "he-score", "secure-sum", "node-aggregate"):
         receipts = data_dir / "receipts"
         receipt = json.loads((receipts / f"{name}.receipt.json").read_text())
         result = json.loads((receipts / f"{name}.result.json").read_text())
@@ -42,7 +42,12 @@ def test_financial_zone_showcase_runs(tmp_path: Path) -> None:
         "psi-aggregate": ("psi_aggregate", str(financial_zone.PSI_EPSILON)),
         "he-score": ("he_score", "0"),
         "secure-sum": ("secure_sum", "0"),
+        "node-aggregate": ("aggregate", str(financial_zone.NODE_EPSILON)),
     }
+    # the social-insurance zone lives on its bureau's node: no store of it at the exchange
+    assert not list((data_dir / "zones").glob("social-insurance/**/*.duckdb"))
+    node_dir = data_dir.with_name(data_dir.name + "-social-node")
+    assert list(node_dir.glob("store/**/*.duckdb"))
     city = financial_zone.citydata.generate()
     assert_no_planted_id_or_value_is_kept(data_dir, city)
     # the bank's secret model stays private to it; no private-join artefact is left behind
