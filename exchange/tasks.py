@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from crypto.canonical import canonicalize
@@ -87,12 +88,15 @@ def task_digest(task: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonicalize(dict(task))).hexdigest()
 
 
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
+
+
 def parse_time(value: object) -> datetime:
-    """An RFC 3339 UTC time as the wire carries it (``...Z``)."""
-    if not isinstance(value, str) or not value.endswith("Z"):
-        raise ValueError("a time is RFC 3339 in UTC, ending in Z")
-    parsed = datetime.fromisoformat(value[:-1] + "+00:00")
-    return parsed
+    """An RFC 3339 UTC time exactly as the wire writes it (``YYYY-MM-DDTHH:MM:SS[.ffffff]Z``);
+    any other spelling is refused, so one instant has one text."""
+    if not isinstance(value, str) or not _TIME.fullmatch(value):
+        raise ValueError("a time is RFC 3339 in UTC: YYYY-MM-DDTHH:MM:SSZ")
+    return datetime.fromisoformat(value[:-1]).replace(tzinfo=UTC)
 
 
 def build_task_bundle(

@@ -80,7 +80,10 @@ class NodeAgent:
             backoff = 0.5
             if bundle is None:
                 continue
-            self.take(bundle)
+            try:
+                self.take(bundle)
+            except Exception:  # a bundle that breaks the checks must not stop the node
+                log.exception("could not handle a task bundle")
 
     def poll(self) -> dict[str, Any] | None:
         last = self.home.last_checkpoint()

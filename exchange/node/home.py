@@ -37,6 +37,7 @@ from crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
 from exchange.errors import ConfigurationError, InvalidInputError
 from exchange.keyfile import load_private_key, write_private_key, write_public_key
 from exchange.node.engine import Veto, load_veto
+from exchange.tasks import parse_time
 from exchange.zonestore import ZoneStore, ZoneStoreError, attach
 
 __all__ = ["NodeHome", "init_node_dir"]
@@ -258,8 +259,17 @@ class NodeHome:
             current = state.get("checkpoint")
             if current is None or size >= verify_checkpoint(current, self.log).size:
                 state["checkpoint"] = note
-            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            answered = {t: d for t, d in state.get("answered", {}).items() if d > now}
+            now = datetime.now(UTC)
+            answered = {t: d for t, d in state.get("answered", {}).items() if _still_due(d, now)}
             answered[task_id] = deadline
             state["answered"] = answered
             _write_json(self.dir / STATE, state)
+
+
+def _still_due(deadline: str, now: datetime) -> bool:
+    """Keep a task's id until its deadline has passed (after it, the bundle is refused as
+    expired anyway); an unreadable deadline is kept, never dropped."""
+    try:
+        return parse_time(deadline) > now
+    except ValueError:
+        return True
