@@ -319,18 +319,9 @@ def dispatch(ex: Exchange, node: NodeRow, kind: str, fields: dict[str, Any]) -> 
     }
     digest = task_digest(task)
 
-    appended = ex.ledger.append(
-        EntryDraft(
-            kind=AUTHORIZED_KIND,
-            actor=str(task.get("consumer") or ANONYMOUS),
-            refs={"zone": node.zone, "node": node.key_id, "task": task["id"]},
-            digests={"task": digest},
-            attrs={"kind": kind},
-        )
-    )
-    # queued once its authorization is on the ledger (a crash in between leaves an entry that
-    # authorizes a task nobody will run, never a task without its entry)
-    with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
+    def enqueue(session: Session, draft: EntryDraft) -> None:
+        # queued in the transaction that ledgers its authorization: never one without the other
+        assert draft.seq is not None
         session.add(
             NodeTaskRow(
                 id=task["id"],
@@ -338,10 +329,21 @@ def dispatch(ex: Exchange, node: NodeRow, kind: str, fields: dict[str, Any]) -> 
                 node=node.key_id,
                 kind=kind,
                 status="queued",
-                bundle={"task": task, "index": appended.seq},
+                bundle={"task": task, "index": draft.seq},
                 deadline=deadline,
             )
         )
+
+    ex.ledger.append(
+        EntryDraft(
+            kind=AUTHORIZED_KIND,
+            actor=str(task.get("consumer") or ANONYMOUS),
+            refs={"zone": node.zone, "node": node.key_id, "task": task["id"]},
+            digests={"task": digest},
+            attrs={"kind": kind},
+        ),
+        enqueue,
+    )
     signals = _signal(ex)
     signals.notify()
     public_key = _public_key(ex, node.key_id)

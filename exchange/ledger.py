@@ -61,6 +61,9 @@ class EntryDraft:
     refs: dict[str, str] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     attrs: dict[str, str | int] = field(default_factory=dict)
+    #: the sequence number the entry receives, set just before ``apply`` runs (an apply that
+    #: stores a reference to its own evidence, e.g. a queued task to its authorization)
+    seq: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,7 @@ class Ledger:
                             if session is None:  # state changes: an ORM session in this transaction
                                 session = Session(bind=conn, join_transaction_mode="rollback_only")
                             savepoint = session.begin_nested()
+                            item.draft.seq = size
                             try:
                                 value = item.apply(session, item.draft)
                                 session.flush()

@@ -123,7 +123,7 @@ class NodeAgent:
         task = verified.task
         if home.answered(task["id"]):
             raise TaskRefused("replayed", "this node already answered this task")
-        home.accept(bundle["checkpoint"], verified.checkpoint.size, task["id"], task["deadline"])
+        home.accept(verified.checkpoint, bundle["checkpoint"], task["id"], task["deadline"])
         return verified
 
     def _run(self, verified: Verified) -> None:

@@ -167,6 +167,8 @@ class NodeHome:
         self.key = load_private_key(data_dir / NODE_KEY)
         self._lock = threading.Lock()
         self._store: ZoneStore | None = None
+        self._seen: dict[str, Any] | None = None
+        self._last: Checkpoint | None = None
 
     @property
     def key_id(self) -> str:
@@ -237,33 +239,44 @@ class NodeHome:
 
     # -- what the node has seen ---------------------------------------------------------------
 
+    def _state(self) -> dict[str, Any]:
+        """What the node has seen, read once and written through (one process owns the
+        directory; every change is on disk before the task it concerns runs)."""
+        if self._seen is None:
+            self._seen = json.loads((self.dir / STATE).read_text("utf-8"))
+            note = self._seen.get("checkpoint")
+            if note is not None:
+                try:
+                    self._last = verify_checkpoint(note, self.log)
+                except (VerificationError, EncodingError) as exc:
+                    raise ConfigurationError(
+                        f"{self.dir / STATE}: the stored checkpoint: {exc}"
+                    ) from exc
+        return self._seen
+
     def last_checkpoint(self) -> Checkpoint | None:
-        state = json.loads((self.dir / STATE).read_text("utf-8"))
-        note = state.get("checkpoint")
-        if note is None:
-            return None
-        try:
-            return verify_checkpoint(note, self.log)
-        except (VerificationError, EncodingError) as exc:
-            raise ConfigurationError(f"{self.dir / STATE}: the stored checkpoint: {exc}") from exc
+        with self._lock:
+            self._state()
+            return self._last
 
     def answered(self, task_id: str) -> bool:
-        state = json.loads((self.dir / STATE).read_text("utf-8"))
-        return task_id in state.get("answered", {})
-
-    def accept(self, note: str, size: int, task_id: str, deadline: str) -> None:
-        """Remember a checkpoint (if newer) and a task as answered, before the answer is sent:
-        the same task is never run twice, even across a restart."""
         with self._lock:
-            state = json.loads((self.dir / STATE).read_text("utf-8"))
-            current = state.get("checkpoint")
-            if current is None or size >= verify_checkpoint(current, self.log).size:
+            return task_id in self._state().get("answered", {})
+
+    def accept(self, checkpoint: Checkpoint, note: str, task_id: str, deadline: str) -> None:
+        """Remember a verified checkpoint (if newer) and a task as answered, before the task
+        runs: the same task is never run twice, even across a restart."""
+        with self._lock:
+            state = dict(self._state())
+            if self._last is None or checkpoint.size >= self._last.size:
                 state["checkpoint"] = note
+                self._last = checkpoint
             now = datetime.now(UTC)
             answered = {t: d for t, d in state.get("answered", {}).items() if _still_due(d, now)}
             answered[task_id] = deadline
             state["answered"] = answered
             _write_json(self.dir / STATE, state)
+            self._seen = state
 
 
 def _still_due(deadline: str, now: datetime) -> bool:
