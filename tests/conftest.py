@@ -152,12 +152,16 @@ class _Server(uvicorn.Server):
 def serving(exchange: Exchange, data_dir: Path, port: int | None = None) -> Iterator[LiveServer]:
     """A real uvicorn server on loopback (``port``, else a free one) serving a started exchange,
     in a thread, until the block ends."""
-    port = free_port() if port is None else port
+    # bound here and handed to uvicorn: a port the kernel picks stays ours (another test's
+    # free_port() in a parallel worker cannot be given it before the server listens)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port or 0))
+    port = int(sock.getsockname()[1])
     config = uvicorn.Config(
         create_app(exchange=exchange), host="127.0.0.1", port=port, log_level="warning"
     )
     srv = _Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not srv.started:
@@ -174,6 +178,7 @@ def serving(exchange: Exchange, data_dir: Path, port: int | None = None) -> Iter
     finally:
         srv.should_exit = True
         thread.join(timeout=20)
+        sock.close()
 
 
 @pytest.fixture

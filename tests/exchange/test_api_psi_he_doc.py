@@ -52,7 +52,8 @@ def hash_from_the_doc(session_id: str, item: str) -> bytes:
     "session_id",
     [
         "psi_Zq3v9sLx0T7bWc1kP4nRe8yA2dF6hJ5m",
-        "psi_" + secrets.token_urlsafe(24),  # what the exchange issues
+        # what the exchange issues; a fixed id, as pytest-xdist workers must collect the same names
+        pytest.param("psi_" + secrets.token_urlsafe(24), id="issued"),
         "psi_é",  # a two-byte UTF-8 character: lengths count bytes, not characters
         "会话-ü",
         "x",

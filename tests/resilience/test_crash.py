@@ -71,6 +71,26 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _some_of_everything(acks: Acks) -> bool:
+    with acks.lock:
+        kinds = (acks.receipts, acks.grants, acks.revoked, acks.zones, acks.datasets)
+        return all(kinds) and sum(acks.denials.values()) > 0
+
+
+def _until_some_of_everything(acks: Acks, where: str, timeout: float = 60.0) -> None:
+    """Before the first kill, run until every kind of work has been acknowledged once (the end
+    of the test asserts it). Random windows alone do not ensure that: a grant cycle is four
+    calls in a row, about 0.3 s alone on an idle machine but slower under the other client
+    threads; on PostgreSQL (eight windows, 0.21-0.93 s) an idle run acknowledged one revocation
+    and a run sharing the CPU with other tests none. The kill still comes a random window
+    later, in the middle of whatever is in flight."""
+    deadline = time.monotonic() + timeout
+    while not _some_of_everything(acks):
+        assert not acks.errors, f"{where}: {acks.errors}"
+        assert time.monotonic() < deadline, f"{where}: not every kind of work done in {timeout} s"
+        time.sleep(0.01)
+
+
 def test_acknowledged_work_survives_sigkill(
     servers: Servers, data_dir: Path, database_url: str | None, tmp_path: Path
 ) -> None:
@@ -94,6 +114,8 @@ def test_acknowledged_work_survives_sigkill(
     for round_ in range(kills):
         where = f"seed {SEED}, kill {round_ + 1} of {kills}"
         load = Load(served.url, cast, acks, f"r{round_}", tiny).start()
+        if round_ == 0:
+            _until_some_of_everything(acks, where)
         time.sleep(rng.uniform(*WINDOW))
         served.kill()
         load.finish()
