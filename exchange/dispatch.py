@@ -22,13 +22,17 @@ correctly and one worker dispatches without polling delay.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
 import secrets
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, get_args
 
 from sqlalchemy import select, update
@@ -64,6 +68,7 @@ from policy.levels import Level, max_level
 __all__ = [
     "NodeRefusedError",
     "NodeResult",
+    "TaskFiles",
     "approve_node",
     "availability",
     "dispatch",
@@ -72,6 +77,8 @@ __all__ = [
     "next_task",
     "node_for_zone",
     "register_node",
+    "task_input",
+    "task_output",
 ]
 
 PORTABLE_TYPES = frozenset(get_args(PortableType))
@@ -97,6 +104,18 @@ class NodeResult:
     public_key: bytes
     envelope: dict[str, Any]
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TaskFiles:
+    """Bulk data a task moves without putting it in the task: files (under the exchange's data
+    directory) the node may read while the task is ``started`` (``inputs``: name -> path), and
+    files it may write then (``outputs``: name -> (path, most bytes)). The node's signed result
+    names each output it wrote with its SHA-256 and size (``outputs``: name -> {"sha256",
+    "bytes"}); an answer whose outputs do not match is refused (``bad_output``)."""
+
+    inputs: Mapping[str, Path] = field(default_factory=dict)
+    outputs: Mapping[str, tuple[Path, int]] = field(default_factory=dict)
 
 
 def _now() -> datetime:
@@ -292,11 +311,22 @@ def node_self(ex: Exchange, actor: Principal) -> dict[str, Any]:
 # -- dispatch (the consumer's request waits here) ----------------------------------------------
 
 
-def dispatch(ex: Exchange, node: NodeRow, kind: str, fields: dict[str, Any]) -> NodeResult:
+def dispatch(
+    ex: Exchange,
+    node: NodeRow,
+    kind: str,
+    fields: dict[str, Any],
+    *,
+    files: TaskFiles | None = None,
+) -> NodeResult:
     """Ledger a task's authorization, queue it for ``node`` and wait for its verified answer.
 
     Raises :class:`ZoneUnavailableError` (nothing released, nothing charged) when the node is
     offline or does not finish in time, and :class:`NodeRefusedError` when it refuses.
+
+    ``files``: what the node reads and writes through ``GET /v1/node/tasks/{id}/inputs/{name}``
+    and ``PUT /v1/node/tasks/{id}/outputs/{name}``; the task names them (``io``) and the upload
+    chunk size. When this call raises, the outputs written so far are deleted.
     """
     settings = ex.settings
     now = _now()
@@ -317,6 +347,20 @@ def dispatch(ex: Exchange, node: NodeRow, kind: str, fields: dict[str, Any]) -> 
         "node": node.key_id,
         "deadline": _rfc3339(deadline),
     }
+    stored: dict[str, Any] = {}
+    if files is not None:
+        task["io"] = {
+            "inputs": sorted(files.inputs),
+            "outputs": {name: limit for name, (_, limit) in sorted(files.outputs.items())},
+            "chunk_bytes": _chunk_bytes(ex),
+        }
+        stored = {
+            "inputs": {name: _relative(ex, path) for name, path in files.inputs.items()},
+            "outputs": {
+                name: {"path": _relative(ex, path), "max": limit}
+                for name, (path, limit) in files.outputs.items()
+            },
+        }
     digest = task_digest(task)
 
     def enqueue(session: Session, draft: EntryDraft) -> None:
@@ -329,7 +373,7 @@ def dispatch(ex: Exchange, node: NodeRow, kind: str, fields: dict[str, Any]) -> 
                 node=node.key_id,
                 kind=kind,
                 status="queued",
-                bundle={"task": task, "index": draft.seq},
+                bundle={"task": task, "index": draft.seq, **({"files": stored} if stored else {})},
                 deadline=deadline,
             )
         )
@@ -347,6 +391,22 @@ def dispatch(ex: Exchange, node: NodeRow, kind: str, fields: dict[str, Any]) -> 
     signals = _signal(ex)
     signals.notify()
     public_key = _public_key(ex, node.key_id)
+    try:
+        return _wait(ex, node, task, deadline, public_key)
+    except BaseException:
+        if files is not None:
+            for path, _ in files.outputs.values():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        raise
+
+
+def _wait(
+    ex: Exchange, node: NodeRow, task: dict[str, Any], deadline: datetime, public_key: bytes
+) -> NodeResult:
+    """Wait for the answer to a queued task (see :func:`dispatch`)."""
+    settings = ex.settings
+    signals = _signal(ex)
     while True:
         with Session(ex.engine) as session:
             row = session.get(NodeTaskRow, task["id"])
@@ -435,7 +495,20 @@ def _rowcount(result: Any) -> int:
 # -- the node's side of the API ----------------------------------------------------------------
 
 
+#: a node's last poll is written at most this often (seconds): availability needs seconds, not
+#: a durable write per poll competing with the ledger for the database's write lock
+TOUCH_INTERVAL = 1.0
+_touched: dict[tuple[int, str], float] = {}
+_touched_lock = threading.Lock()
+
+
 def _touch(ex: Exchange, key_id: str) -> None:
+    key = (id(ex), key_id)
+    now = time.monotonic()
+    with _touched_lock:
+        if now - _touched.get(key, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+            return
+        _touched[key] = now
     with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
         session.execute(update(NodeRow).where(NodeRow.key_id == key_id).values(last_seen=_now()))
 
@@ -464,13 +537,13 @@ def next_task(
 
 
 def _claim(ex: Exchange, node: str) -> NodeTaskRow | None:
+    queued = select(NodeTaskRow.id).where(NodeTaskRow.node == node, NodeTaskRow.status == "queued")
+    with Session(ex.engine) as session:
+        # a read first: an idle poll never takes the write lock
+        if session.execute(queued.limit(1)).first() is None:
+            return None
     with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
-        candidates = session.execute(
-            select(NodeTaskRow.id)
-            .where(NodeTaskRow.node == node, NodeTaskRow.status == "queued")
-            .order_by(NodeTaskRow.created_at)
-            .limit(4)
-        ).scalars()
+        candidates = session.execute(queued.order_by(NodeTaskRow.created_at).limit(4)).scalars()
         for task_id in list(candidates):
             claimed = _rowcount(
                 session.execute(
@@ -517,11 +590,14 @@ def finish_task(ex: Exchange, actor: Principal, task_id: str, outcome: dict[str,
             raise NotFoundError("no such task for this node")
         task = row.bundle["task"]
         status = row.status
+        principal = session.get(PrincipalRow, actor.key_id)
+        assert principal is not None
+        public_key = bytes(principal.public_key)
     if status != "started":
         raise ConflictError(f"the task is {status}; its answer is no longer wanted")
     if set(outcome) == {"result"}:
         try:
-            verify_result(outcome["result"], VerifyKey(_public_key(ex, actor.key_id)), task)
+            verify_result(outcome["result"], VerifyKey(public_key), task)
         except VerificationError as exc:
             raise InvalidInputError(str(exc), reason="bad_result") from exc
         new_status = "done"

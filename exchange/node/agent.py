@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -23,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from crypto.canonical import canonicalize
 from exchange.analysis import AnalysisRules
 from exchange.errors import ZonexError
 from exchange.node.engine import release_aggregate, table_stats
@@ -35,6 +37,9 @@ from policy.levels import Level
 __all__ = ["NodeAgent"]
 
 log = logging.getLogger("zonex.node")
+
+#: checked queries remembered per node process
+PLAN_CACHE_SIZE = 256
 
 #: how long the node asks the exchange to hold a poll open
 POLL_WAIT = 4.0
@@ -59,6 +64,7 @@ class NodeAgent:
             base_url=self.url, auth=SignatureAuth(home.key), timeout=poll_wait + 30.0
         )
         self._stats: dict[tuple[str, str], TableStats] = {}
+        self._plans: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._stats_lock = threading.Lock()
 
     def close(self) -> None:
@@ -201,20 +207,50 @@ class NodeAgent:
             )
         first = hosted[next(iter(wanted))]
         with home.source(first) as (engine, _, dialect):
-            try:
-                checked = check_query(
-                    str(task["sql"]),
-                    tables,
-                    dialect_out=_DIALECTS.get(dialect, dialect),
-                    with_dp=bool(task.get("dp")),
-                    named_groups=bool(task.get("named_groups")),
-                )
-            except QueryRejected as exc:
-                raise TaskRefused("query_refused", f"{exc.reason}: {exc.detail}") from exc
+            checked = self._check(task, tables, _DIALECTS.get(dialect, dialect))
             if checked.dp and epsilon is None:
                 raise TaskRefused("dp_required", "the rules here require a DP release")
             body = release_aggregate(checked, engine, epsilon if checked.dp else None)
         return sign_result(home.key, task, body)
+
+    def _check(self, task: dict[str, Any], tables: dict[str, TableRules], dialect: str) -> Any:
+        """:func:`check_query` on this node's view of the tables, remembered per exact input
+        (the query, the flags, and every table's columns, rules after the veto, relation and
+        snapshot): the same task shape is checked once, a changed rule or snapshot misses."""
+        key = (
+            str(task["sql"]),
+            bool(task.get("dp")),
+            bool(task.get("named_groups")),
+            dialect,
+            tuple(
+                (
+                    name,
+                    t.columns,
+                    t.subject_column,
+                    canonicalize(t.rules.to_json()),
+                    t.relation,
+                    t.relation_schema,
+                    task["datasets"][name],
+                )
+                for name, t in sorted(tables.items())
+            ),
+        )
+        with self._stats_lock:
+            found = self._plans.get(key)
+            if found is not None:
+                self._plans.move_to_end(key)
+                return found
+        try:
+            checked = check_query(
+                key[0], tables, dialect_out=dialect, with_dp=key[1], named_groups=key[2]
+            )
+        except QueryRejected as exc:
+            raise TaskRefused("query_refused", f"{exc.reason}: {exc.detail}") from exc
+        with self._stats_lock:
+            self._plans[key] = checked
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return checked
 
     def _table_stats(self, dataset: Any) -> TableStats | None:
         if dataset.source != "import":
