@@ -452,6 +452,24 @@ def _public_key(ex: Exchange, key_id: str) -> bytes:
         return bytes(row.public_key)
 
 
+def _chunk_bytes(ex: Exchange) -> int:
+    """The most bytes one output upload carries: the body limit of a route outside the binary
+    suffixes (``max_json_bytes``), never more than a PSI batch."""
+    return max(1, min(ex.settings.max_json_bytes, ex.settings.max_psi_batch_bytes))
+
+
+def _relative(ex: Exchange, path: Path) -> str:
+    return path.resolve().relative_to(ex.settings.data_dir.resolve()).as_posix()
+
+
+def _absolute(ex: Exchange, relative: str) -> Path:
+    base = ex.settings.data_dir.resolve()
+    path = (base / relative).resolve()
+    if not path.is_relative_to(base):  # pragma: no cover - written by dispatch() only
+        raise ConflictError("a task file outside the data directory")
+    return path
+
+
 def _terminate(ex: Exchange, task_id: str, reason: str) -> bool:
     """Mark a task terminated unless it already finished; ledger it. True if this call did."""
 
@@ -580,6 +598,106 @@ def _bundle(ex: Exchange, row: NodeTaskRow, since: int | None) -> dict[str, Any]
     )
 
 
+def _started_task(ex: Exchange, actor: Principal, task_id: str) -> dict[str, Any]:
+    """The stored bundle of a task addressed to the calling node and ``started`` (claimed by its
+    poll, not yet answered); anything else is refused."""
+    _node_principal(actor)
+    with Session(ex.engine) as session:
+        _active_node(session, actor)
+        row = session.get(NodeTaskRow, task_id) if len(task_id) <= 40 else None
+        if row is None or row.node != actor.key_id:
+            raise NotFoundError("no such task for this node")
+        if row.status != "started":
+            raise ConflictError(
+                f"the task is {row.status}; its files are available only while it runs",
+                reason="task_not_started",
+            )
+        return dict(row.bundle)
+
+
+def task_input(
+    ex: Exchange, actor: Principal, task_id: str, name: str, offset: int, limit: int | None
+) -> bytes:
+    """A slice of a task's input file (``GET /v1/node/tasks/{id}/inputs/{name}``): only for the
+    node the task is addressed to, only while the task is ``started``."""
+    bundle = _started_task(ex, actor, task_id)
+    inputs: dict[str, str] = (bundle.get("files") or {}).get("inputs") or {}
+    if name not in inputs:
+        raise NotFoundError(f"the task has no input {name[:32]!r}")
+    most = ex.settings.max_psi_batch_bytes
+    size = most if limit is None else min(limit, most)
+    if offset < 0 or size < 1:
+        raise InvalidInputError("offset and limit select bytes of the input")
+    try:
+        with _absolute(ex, inputs[name]).open("rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    except FileNotFoundError:
+        raise ConflictError("the task's input is gone", reason="task_not_started") from None
+
+
+def task_output(
+    ex: Exchange, actor: Principal, task_id: str, name: str, offset: int, body: bytes
+) -> dict[str, Any]:
+    """Write one chunk of a task's output (``PUT /v1/node/tasks/{id}/outputs/{name}``) at byte
+    ``offset``, which is the bytes received so far (0 starts over): only for the node the task
+    is addressed to, only while it is ``started``, at most the output's declared size."""
+    bundle = _started_task(ex, actor, task_id)
+    outputs: dict[str, Any] = (bundle.get("files") or {}).get("outputs") or {}
+    if name not in outputs:
+        raise NotFoundError(f"the task has no output {name[:32]!r}")
+    if len(body) > _chunk_bytes(ex):
+        raise InvalidInputError(f"one chunk is at most {_chunk_bytes(ex)} bytes")
+    path = _absolute(ex, str(outputs[name]["path"]))
+    have = path.stat().st_size if path.exists() else 0
+    if offset not in (0, have):
+        raise ConflictError(
+            f"expected the chunk at offset {have}, got {offset}", reason="out_of_order"
+        )
+    if offset + len(body) > int(outputs[name]["max"]):
+        raise InvalidInputError(
+            f"the output {name!r} is at most {outputs[name]['max']} bytes", reason="too_large"
+        )
+    if not path.parent.is_dir():  # the task's requester is gone (its files deleted)
+        raise ConflictError("the task's files are gone", reason="task_not_started")
+    with path.open("r+b" if offset else "wb") as f:
+        f.truncate(offset)
+        f.seek(offset)
+        f.write(body)
+    return {"received": offset + len(body)}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _outputs_problem(ex: Exchange, bundle: Mapping[str, Any], payload: Any) -> str | None:
+    """Why the uploaded outputs of a task are not what the node's signed result names (each
+    declared output it wrote, with its SHA-256 and size, and none it did not), or None."""
+    outputs: dict[str, Any] = (bundle.get("files") or {}).get("outputs") or {}
+    if not outputs:
+        return None
+    signed = payload.get("outputs") if isinstance(payload, dict) else None
+    if not isinstance(signed, dict) or set(signed) - set(outputs):
+        return "the signed result does not name the task's outputs"
+    for name, spec in outputs.items():
+        path = _absolute(ex, str(spec["path"]))
+        claim = signed.get(name)
+        if claim is None:
+            if path.exists():
+                return f"output {name!r} was uploaded but the signed result does not name it"
+            continue
+        if not isinstance(claim, dict) or not path.exists():
+            return f"output {name!r} named in the signed result was not uploaded"
+        if claim.get("bytes") != path.stat().st_size or claim.get("sha256") != _file_sha256(path):
+            return f"output {name!r} does not match the digest the node signed"
+    return None
+
+
 def finish_task(ex: Exchange, actor: Principal, task_id: str, outcome: dict[str, Any]) -> None:
     """Record a node's answer to a task it claimed: ``{"result": envelope}`` (verified here
     under the node's key before it is stored) or ``{"refused": {"reason", "detail"}}``."""
@@ -588,19 +706,27 @@ def finish_task(ex: Exchange, actor: Principal, task_id: str, outcome: dict[str,
         row = session.get(NodeTaskRow, task_id)
         if row is None or row.node != actor.key_id:
             raise NotFoundError("no such task for this node")
-        task = row.bundle["task"]
+        bundle = dict(row.bundle)
+        task = bundle["task"]
         status = row.status
         principal = session.get(PrincipalRow, actor.key_id)
         assert principal is not None
         public_key = bytes(principal.public_key)
     if status != "started":
         raise ConflictError(f"the task is {status}; its answer is no longer wanted")
+    bad_output = None
     if set(outcome) == {"result"}:
         try:
-            verify_result(outcome["result"], VerifyKey(public_key), task)
+            payload = verify_result(outcome["result"], VerifyKey(public_key), task)
         except VerificationError as exc:
             raise InvalidInputError(str(exc), reason="bad_result") from exc
         new_status = "done"
+        bad_output = _outputs_problem(ex, bundle, payload)
+        if bad_output is not None:
+            # signed, but not what was uploaded: the task ends refused (the waiting request
+            # stops, nothing is released) and the node is told why
+            outcome = {"refused": {"reason": "bad_output", "detail": bad_output}}
+            new_status = "refused"
     elif set(outcome) == {"refused"} and isinstance(outcome["refused"], dict):
         new_status = "refused"
     else:
@@ -626,6 +752,10 @@ def finish_task(ex: Exchange, actor: Principal, task_id: str, outcome: dict[str,
             )
         )
     _signal(ex).notify()
+    if bad_output is not None:
+        raise InvalidInputError(
+            f"the exchange refused the result: {bad_output}", reason="bad_output"
+        )
 
 
 def register_node_dataset(

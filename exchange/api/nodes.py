@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from exchange import dispatch
-from exchange.api.deps import Actor, Ex
+from exchange.api.deps import BINARY, Actor, Ex, binary_body
 from exchange.api.schemas import DatasetOut, In, Text
 
 __all__ = ["router"]
@@ -97,6 +97,50 @@ async def outcome(task_id: str, body: OutcomeIn, actor: Actor, ex: Ex) -> None:
     """A node's answer to a task it claimed: a signed result envelope, or a refusal."""
     given = body.model_dump(exclude_none=True)
     await run_in_threadpool(dispatch.finish_task, ex, actor, task_id, given)
+
+
+@router.get(
+    "/node/tasks/{task_id}/inputs/{name}",
+    tags=["nodes"],
+    response_class=Response,
+    responses={
+        200: {
+            "description": "bytes of the task's input from offset, at most limit",
+            "content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+async def task_input(
+    task_id: str,
+    name: str,
+    actor: Actor,
+    ex: Ex,
+    offset: int = Query(0, ge=0, description="the first byte"),
+    limit: int | None = Query(None, ge=1, description="the most bytes (capped)"),
+) -> Response:
+    """A task's bulk input (a PSI session's A, the consumer's public HE context): only for the
+    node the task is addressed to, only while the task runs."""
+    data = await run_in_threadpool(dispatch.task_input, ex, actor, task_id, name, offset, limit)
+    return Response(content=data, media_type=BINARY)
+
+
+@router.put("/node/tasks/{task_id}/outputs/{name}", tags=["nodes"])
+async def task_output(
+    task_id: str,
+    name: str,
+    request: Request,
+    actor: Actor,
+    ex: Ex,
+    offset: int = Query(ge=0, description="the bytes received so far (0 starts over)"),
+) -> dict[str, Any]:
+    """One chunk of a task's bulk output (``application/octet-stream``): only from the node the
+    task is addressed to, only while the task runs; its signed result names each output's
+    SHA-256, checked before the answer is accepted."""
+    body = await binary_body(request, "the output")
+    result: dict[str, Any] = await run_in_threadpool(
+        dispatch.task_output, ex, actor, task_id, name, offset, body
+    )
+    return result
 
 
 @router.post("/node/datasets", status_code=201, tags=["nodes"])

@@ -40,15 +40,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import secrets
 import shutil
-import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +58,8 @@ from crypto import psi as cpsi
 from crypto.canonical import canonicalize
 from crypto.encoding import b64url_encode
 from crypto.errors import CryptoError, VerificationError
-from exchange import access, dp
+from crypto.keys import VerifyKey
+from exchange import access, dispatch, dp
 from exchange.analysis import NUMERIC_TYPES, AnalysisRules, effective_disclosure, requires_dp
 from exchange.budget import charge
 from exchange.compute.contexts import load_context
@@ -72,17 +71,33 @@ from exchange.errors import (
     DeniedError,
     InvalidInputError,
     NotFoundError,
+    ZoneUnavailableError,
     ZonexError,
 )
 from exchange.ledger import EntryDraft
-from exchange.models import DatasetRow, PsiSessionRow
+from exchange.models import DatasetRow, NodeRow, NodeTaskRow, PrincipalRow, PsiSessionRow
+from exchange.psi_protocol import (
+    LABEL,
+    MAX_ID_CHARS,
+    MAX_SUM_COLUMNS,
+    MODES,
+    NORMALIZATION,
+    encrypt_columns,
+    id_bytes,
+    int_bounds,
+    normalize_id,
+    read_y,
+    subject_bounds,
+)
 from exchange.receipts import record_computation
 from exchange.runtime import Exchange
-from exchange.subjects import MAX_SUBJECT_ID, check_subject_id
+from exchange.tasks import verify_result
 from policy import Operation
 
 __all__ = [
     "LABEL",
+    "MAX_ID_CHARS",
+    "MAX_SUM_COLUMNS",
     "MODES",
     "create_session",
     "finish_session",
@@ -95,51 +110,13 @@ __all__ = [
     "sweep_expired",
 ]
 
-#: the label hashed into every session's domain (both sides use it)
-LABEL = "ids"
-MODES: dict[str, Operation] = {
-    "cardinality": Operation.PSI_CARDINALITY,
-    "members": Operation.PSI_MEMBERS,
-    "aggregate": Operation.PSI_AGGREGATE,
-}
-#: the most numeric columns one ``psi_aggregate`` may sum (one ciphertext each)
-MAX_SUM_COLUMNS = 8
-#: the most characters of one normalized id (longer ones are refused on both sides)
-MAX_ID_CHARS = MAX_SUBJECT_ID
 _P = cpsi.POINT_BYTES
 _TERMINAL = ("done", "failed", "expired")
-_READ_BATCH = 50_000
-
-
-# -- identifiers ------------------------------------------------------------------------------
-
-
-def normalize_id(value: object) -> str | None:
-    """The form in which both sides hash an identifier, or ``None`` for no identifier.
-
-    Text is Unicode NFC with surrounding whitespace (Unicode ``str.strip``) removed; case is
-    kept (``ABC`` and ``abc`` are different ids); inner whitespace is kept. A non-text value
-    (an integer subject column) is taken as ``str(value)``. Empty results and ``None`` are no
-    identifier. The provider's subject values and the consumer's CSV cells pass through this
-    same function.
-
-    What is left must be a usable subject id (:func:`exchange.subjects.check_subject_id`, the
-    one definition: at most :data:`MAX_ID_CHARS` characters, no control or format character):
-    otherwise it is refused (:class:`InvalidInputError`) rather than guessed at. The consumer's
-    side names the row, the zone skips the value and counts it; the message never repeats it.
-    """
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    text = unicodedata.normalize("NFC", text).strip()
-    return check_subject_id(text, what="the id") if text else None
-
-
-def id_bytes(normalized: str) -> bytes:
-    """The bytes hashed for a normalized id: UTF-8."""
-    if len(normalized) > MAX_ID_CHARS:
-        raise InvalidInputError(f"an id is at most {MAX_ID_CHARS} characters")
-    return normalized.encode("utf-8")
+#: the task a node-hosted zone runs for its role (:mod:`exchange.node.psi`)
+NODE_TASK_KIND = "psi_zone"
+#: one name each for the shared helpers (:mod:`exchange.psi_protocol`)
+_int_bounds = int_bounds
+_subject_bounds = subject_bounds
 
 
 # -- session rows and files -------------------------------------------------------------------
@@ -477,11 +454,6 @@ def _terms(ex: Exchange, snap: _Snap, *, encrypted: bool) -> _Terms:
     return _Terms(k, needs_dp, eps, plan, max_rows, rules, version)
 
 
-def _int_bounds(lower: Decimal, upper: Decimal) -> tuple[int, int]:
-    """Integer bounds every clipped-and-rounded value lies in."""
-    return math.floor(lower), math.ceil(upper)
-
-
 def _sum_plan(row: DatasetRow, rules: Any, sums: Sequence[str]) -> list[dict[str, str]]:
     """Check that each column may be summed; return its declared bounds (decimal strings)."""
     if len(sums) > MAX_SUM_COLUMNS:
@@ -549,6 +521,9 @@ def create_session(
         row = access._dataset(s, zone, dataset)
         rules, rules_version = current_rules(s, row)
         level = row.level
+        on_node = row.source == "node"
+        if on_node:
+            _node_online(ex, s, zone)
         if row.row_count > cfg.psi_max_items:
             raise InvalidInputError(
                 f"the dataset has more than {cfg.psi_max_items} rows", reason="too_many_ids"
@@ -606,8 +581,12 @@ def create_session(
         "rules_version": rules_version,
         "max_rows_per_subject": rules.max_rows_per_subject,
     }
+    if on_node:
+        # the zone's role runs on its node, which draws p itself: no key is kept here
+        params["host"] = "node"
     _private_dir(_session_dir(ex, sid))
-    _write_key(_key_path(ex, zone, sid), cpsi.PsiKey.generate())
+    if not on_node:
+        _write_key(_key_path(ex, zone, sid), cpsi.PsiKey.generate())
     expires = now + timedelta(seconds=cfg.psi_session_seconds)
 
     def apply(session: Session, draft: EntryDraft) -> None:
@@ -711,7 +690,7 @@ def put_a_points(
     """Receive one batch of A (in order); the zone re-blinds it. The last batch makes the zone
     compute B (and, for ``aggregate``, the ciphertexts)."""
     with _step(ex, actor, sid, ("created",)) as snap:
-        _authorize(ex, actor, snap, "a")
+        auth = _authorize(ex, actor, snap, "a")
         terms = _terms(ex, snap, encrypted=False)
         if offset != snap.a_received:
             raise ConflictError(
@@ -729,20 +708,31 @@ def put_a_points(
                 f"{repeat}: send each id once (de-duplicate before blinding)",
                 reason="duplicate_point",
             )
-        key = _read_key(ex, snap)
-        try:
-            a_prime = cpsi.reblind(key, points, workers=ex.settings.psi_workers)
-        except VerificationError as exc:
-            raise InvalidInputError(_shift(str(exc), offset), reason="bad_point") from exc
         folder = _session_dir(ex, sid)
-        _append(folder / "a_prime.bin", offset, a_prime)
+        on_node = snap.params.get("host") == "node"
+        if on_node:
+            # the zone's node re-blinds A once it is whole; here every point is checked as the
+            # zone would check it, so a bad batch is refused now and can be sent again
+            _check_points(points, offset)
+            _append(folder / "a.bin", offset, points)
+        else:
+            key = _read_key(ex, snap)
+            try:
+                a_prime = cpsi.reblind(key, points, workers=ex.settings.psi_workers)
+            except VerificationError as exc:
+                raise InvalidInputError(_shift(str(exc), offset), reason="bad_point") from exc
+            _append(folder / "a_prime.bin", offset, a_prime)
         received = offset + len(points)
         if received < snap.x_count:
             _release(ex, sid, a_received=received)
             return {"received": received, "complete": False}
-        # A' = p·A is a bijection of A: A' holds a repeat exactly when A does
-        _check_whole(_read_points(folder / "a_prime.bin"), snap.x_count, "A")
-        y_count, digests = _zone_answer(ex, snap, key, terms)
+        if on_node:
+            _check_whole(_read_points(folder / "a.bin"), snap.x_count, "A")
+            y_count, digests = _node_answer(ex, snap, terms, auth.digest)
+        else:
+            # A' = p·A is a bijection of A: A' holds a repeat exactly when A does
+            _check_whole(_read_points(folder / "a_prime.bin"), snap.x_count, "A")
+            y_count, digests = _zone_answer(ex, snap, key, terms)
         digests["a_prime"] = _file_digest(folder / "a_prime.bin")
         _release(
             ex,
@@ -766,88 +756,16 @@ def _shift(message: str, offset: int) -> str:
     return message
 
 
-def _clip(value: object, lower: Decimal, upper: Decimal) -> int:
-    """A provider value clipped to the declared bounds and rounded to an integer (BFV sums
-    integers; a null contributes 0)."""
-    if value is None:
-        return 0
-    try:
-        d = Decimal(str(value))
-    except InvalidOperation as exc:
-        raise InvalidInputError("a summed column holds a non-numeric value") from exc
-    if not d.is_finite():
-        return 0
-    d = min(max(d, lower), upper)
-    return int(d.to_integral_value(rounding=ROUND_HALF_EVEN))
-
-
 def _read_y(
     ex: Exchange, snap: _Snap, plan: Sequence[dict[str, str]], limit: int
 ) -> tuple[list[str], list[list[int]], int]:
-    """The dataset's distinct normalized subject ids, per sum column each subject's clipped
-    total over at most ``limit`` rows (further rows are dropped), and how many distinct subject
-    values were skipped as no usable id (a control or format character, too long): counted,
-    never echoed."""
-    bounds = [(Decimal(p["lower"]), Decimal(p["upper"])) for p in plan]
-    index: dict[str, int] = {}
-    rows_of: list[int] = []
-    totals: list[list[int]] = [[] for _ in plan]
-    unusable: set[str] = set()
-
-    def usable(value: object) -> str | None:
-        try:
-            return normalize_id(value)
-        except InvalidInputError:
-            unusable.add(str(value))
-            return None
-
+    """Y as the zone reads it (:func:`exchange.psi_protocol.read_y`) from a dataset this
+    exchange hosts."""
     with Session(ex.engine) as s:
         row = access._dataset(s, snap.zone, snap.dataset)
         subject = row.subject_column
-    with open_source(ex, row) as src, src.engine.connect() as conn:
-        cols = [src.relation.c[subject], *(src.relation.c[p["column"]] for p in plan)]
-        if not plan:
-            # cardinality and members need the distinct subjects only: let the engine dedupe
-            query = select(cols[0]).distinct()
-            result = conn.execution_options(yield_per=_READ_BATCH).execute(query)
-            for part in result.partitions():
-                for (value,) in part:
-                    ident = usable(value)
-                    if ident is None or ident in index:
-                        continue
-                    if len(index) >= ex.settings.psi_max_items:
-                        raise InvalidInputError(
-                            "the dataset has too many subjects for a private join"
-                        )
-                    index[ident] = len(index)
-            return list(index), totals, len(unusable)
-        result = conn.execution_options(yield_per=_READ_BATCH).execute(select(*cols))
-        for part in result.partitions():
-            for record in part:
-                ident = usable(record[0])
-                if ident is None:
-                    continue
-                i = index.get(ident)
-                if i is None:
-                    if len(index) >= ex.settings.psi_max_items:
-                        raise InvalidInputError(
-                            "the dataset has too many subjects for a private join"
-                        )
-                    i = index[ident] = len(index)
-                    rows_of.append(0)
-                    for t in totals:
-                        t.append(0)
-                if rows_of[i] >= limit:
-                    continue
-                rows_of[i] += 1
-                for j, (lo, hi) in enumerate(bounds):
-                    totals[j][i] += _clip(record[1 + j], lo, hi)
-    return list(index), totals, len(unusable)
-
-
-def _subject_bounds(lower: str, upper: str, limit: int) -> tuple[int, int]:
-    lo, hi = _int_bounds(Decimal(lower), Decimal(upper))
-    return min(lo, limit * lo), max(hi, limit * hi)
+    with open_source(ex, row) as src:
+        return read_y(src.engine, src.relation, subject, plan, limit, ex.settings.psi_max_items)
 
 
 def _zone_answer(
@@ -867,20 +785,189 @@ def _zone_answer(
     if snap.mode == "aggregate" and ids:
         assert snap.context_digest is not None
         ctx = load_context(ex, snap.context_digest, expected=he.BFV_DEFAULT)
-        limit = terms.max_rows
-        for j, plan in enumerate(terms.plan):
-            values = [totals[j][i] for i in order]
-            bounds = _subject_bounds(plan["lower"], plan["upper"], limit)
-            try:
-                chunks = he.encrypt_column_chunks(ctx, values, bounds=bounds)
-            except CryptoError as exc:
-                raise InvalidInputError(
-                    f"cannot encrypt column {plan['column']!r}: {exc}", fatal=True
-                ) from exc
+        columns = encrypt_columns(ctx, terms.plan, totals, order, terms.max_rows)
+        for j, chunks in enumerate(columns):
             for c, chunk in enumerate(chunks):
                 (folder / f"sum{j}.{c}.ct").write_bytes(chunk)
             digests[f"sum{j}"] = str(len(chunks))
     return len(ids), digests
+
+
+# -- the zone's answer from its node --------------------------------------------------------
+
+
+def _node_online(ex: Exchange, session: Session, zone: str) -> NodeRow:
+    """The active node of a zone whose datasets it hosts, online now (else 503: a session
+    could not be answered)."""
+    node = dispatch.node_for_zone(session, zone)
+    offline = ex.settings.node_offline_seconds
+    if (
+        node is None
+        or node.last_seen is None
+        or (_now() - node.last_seen).total_seconds() >= (offline)
+    ):
+        raise ZoneUnavailableError(
+            f"zone {zone!r} is hosted on a node that is offline; retry when the catalog shows "
+            "it online"
+        )
+    return node
+
+
+def _check_points(points: Sequence[bytes], offset: int) -> None:
+    """Every point of a batch of A is a valid point other than the identity (what
+    :func:`crypto.psi.reblind` checks), named by its index in the whole upload."""
+    for i, p in enumerate(points):
+        try:
+            cpsi.validate_point(p)
+        except VerificationError as exc:
+            detail = str(exc).removeprefix("point ")
+            raise InvalidInputError(f"point {offset + i} {detail}", reason="bad_point") from exc
+
+
+def _node_mismatch(what: str) -> dispatch.NodeRefusedError:
+    return dispatch.NodeRefusedError(
+        f"the zone's node answered {what} other than asked; nothing was released",
+        reason="node_mismatch",
+    )
+
+
+def _node_answer(
+    ex: Exchange, snap: _Snap, terms: _Terms, snapshot: str
+) -> tuple[int, dict[str, Any]]:
+    """The zone's message computed on its node (:mod:`exchange.node.psi`): A' = p·A, B and,
+    for ``aggregate``, the ciphertexts, uploaded by the node and checked here against the
+    digests it signed before they take the places an in-process zone writes them to. The
+    exchange never holds p and never reads Y."""
+    with Session(ex.engine) as s:
+        node = _node_online(ex, s, snap.zone)
+    cfg = ex.settings
+    folder = _session_dir(ex, snap.id)
+    work = _private_dir(folder / "node")
+    a_path = folder / "a.bin"
+    a_digest = _file_digest(a_path)
+    slots = he.slot_count(he.BFV_DEFAULT)
+    per_column = -(-cfg.psi_max_items // slots)
+    inputs = {"a": a_path}
+    outputs = {
+        "a_prime": (work / "a_prime", snap.x_count * _P),
+        "b": (work / "b", cfg.psi_max_items * _P),
+    }
+    if snap.mode == "aggregate":
+        assert snap.context_digest is not None
+        load_context(ex, snap.context_digest, expected=he.BFV_DEFAULT)  # stored and usable
+        inputs["context"] = cfg.data_dir / "contexts" / snap.context_digest
+        outputs["ciphertexts"] = (
+            work / "ciphertexts",
+            len(terms.plan) * per_column * (he.max_ciphertext_bytes(he.BFV_DEFAULT) + 4),
+        )
+    fields = {
+        "consumer": snap.consumer,
+        "purpose": snap.purpose,
+        "session": snap.id,
+        "dataset": snap.dataset,
+        "snapshot": snapshot,
+        "mode": snap.mode,
+        "a": {"sha256": a_digest, "count": snap.x_count},
+        "sums": terms.plan,
+        "max_rows_per_subject": terms.max_rows,
+        "context": snap.context_digest,
+        "label": LABEL,
+        "normalization": NORMALIZATION,
+        "k": terms.k,
+        "epsilon": snap.params.get("epsilon"),
+        "max_items": cfg.psi_max_items,
+    }
+    answer = dispatch.dispatch(
+        ex, node, NODE_TASK_KIND, fields, files=dispatch.TaskFiles(inputs, outputs)
+    )
+    body = answer.payload
+    result = body.get("result")
+    want: dict[str, Any] = {
+        "zone": snap.zone,
+        "session": snap.id,
+        "dataset": snap.dataset,
+        "mode": snap.mode,
+        "x_count": snap.x_count,
+    }
+    if snap.mode == "aggregate":
+        want["bounds"] = {p["column"]: [p["lower"], p["upper"]] for p in terms.plan}
+        want["he_context"] = snap.context_digest
+    if not isinstance(result, dict) or set(result) != {*want, "y_count"}:
+        raise _node_mismatch("a result")
+    if any(result[name] != value for name, value in want.items()):
+        raise _node_mismatch("another session")
+    y = result["y_count"]
+    if not isinstance(y, int) or isinstance(y, bool) or not 0 <= y <= cfg.psi_max_items:
+        raise _node_mismatch("a count")
+    if body.get("snapshot") != snapshot or body.get("a") != _want_a(a_digest, snap.x_count):
+        raise _node_mismatch("for another snapshot or list")
+    skipped = body.get("y_skipped")
+    if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+        raise _node_mismatch("a skipped count")
+    signed = body.get("outputs")
+    assert isinstance(signed, dict)  # dispatch checked the uploads against it
+
+    def output(name: str, size: int) -> bytes:
+        path = outputs[name][0]
+        data = path.read_bytes() if path.exists() else b""
+        claim = signed.get(name) or {}
+        if len(data) != size or claim.get("sha256") != hashlib.sha256(data).hexdigest():
+            raise _node_mismatch(f"{name} of another length or digest")
+        path.unlink()
+        return data
+
+    (folder / "a_prime.bin").write_bytes(output("a_prime", snap.x_count * _P))
+    _check_whole(_read_points(folder / "a_prime.bin"), snap.x_count, "A'")
+    b = output("b", y * _P)
+    _check_whole([b[i : i + _P] for i in range(0, len(b), _P)], y, "B")
+    (folder / "b.bin").write_bytes(b)
+    digests: dict[str, Any] = {"b": _file_digest(folder / "b.bin"), "y_skipped": skipped}
+    if snap.mode == "aggregate" and y:
+        per = -(-y // slots)
+        count = per * len(terms.plan)
+        packed = outputs["ciphertexts"][0]
+        data = packed.read_bytes() if packed.exists() else b""
+        claim = signed.get("ciphertexts") or {}
+        if claim.get("sha256") != hashlib.sha256(data).hexdigest():
+            raise _node_mismatch("ciphertexts of another digest")
+        try:
+            chunks = he.unpack_ciphertexts(
+                data, max_items=count, max_item_bytes=he.max_ciphertext_bytes(he.BFV_DEFAULT)
+            )
+        except CryptoError as exc:
+            raise _node_mismatch(f"ciphertexts that do not unpack ({exc})") from exc
+        if len(chunks) != count:
+            raise _node_mismatch("another number of ciphertexts")
+        for j in range(len(terms.plan)):
+            for c in range(per):
+                (folder / f"sum{j}.{c}.ct").write_bytes(chunks[j * per + c])
+            digests[f"sum{j}"] = str(per)
+        packed.unlink()
+    shutil.rmtree(work, ignore_errors=True)
+    a_path.unlink()
+    digests["node"] = {"task": body["task"], "key_id": answer.node}
+    return y, digests
+
+
+def _want_a(digest: str, count: int) -> dict[str, Any]:
+    """How a node's signed result names the list A it answered."""
+    return {"sha256": digest, "count": count}
+
+
+def _node_result(ex: Exchange, snap: _Snap) -> dispatch.NodeResult | None:
+    """The node's verified answer for a session whose zone ran on a node (None in-process),
+    read back from its task and verified again under the node's registered key."""
+    ref = snap.digests.get("node")
+    if not isinstance(ref, dict):
+        return None
+    with Session(ex.engine) as s:
+        row = s.get(NodeTaskRow, str(ref.get("task")))
+        principal = s.get(PrincipalRow, str(ref.get("key_id")))
+        if row is None or principal is None or row.outcome is None or "result" not in row.outcome:
+            raise ConflictError("the node's answer is gone", reason="session_broken")
+        task, envelope, public_key = row.bundle["task"], row.outcome["result"], principal.public_key
+    payload = verify_result(envelope, VerifyKey(bytes(public_key)), task)
+    return dispatch.NodeResult(row.node, bytes(public_key), envelope, payload)
 
 
 # -- step 3: B for the consumer -------------------------------------------------------------
@@ -1129,6 +1216,13 @@ def _receipt(
                 rules.refresh_seconds,
             )
 
+    node = _node_result(ex, snap)
+    node_attrs: dict[str, str | int] = {}
+    if node is not None:
+        node_attrs = {
+            "node_task": str(node.payload["task"]),
+            "node_result": hashlib.sha256(canonicalize(node.envelope)).hexdigest(),
+        }
     receipt, _ = record_computation(
         ex,
         kind=snap.operation.value,
@@ -1142,7 +1236,9 @@ def _receipt(
             "y_count": snap.y_count or 0,
             # provider subject values that were no usable id (counted, never echoed)
             "y_skipped": int(snap.digests.get("y_skipped", 0)),
+            **node_attrs,
         },
         apply=apply,
+        node=node,
     )
     return {"result": result_doc, "receipt": receipt}

@@ -30,10 +30,12 @@ class Source:
 def open_source(ex: Exchange, row: DatasetRow) -> Iterator[Source]:
     names = [c["name"] for c in row.columns]
     if row.source == "node":
-        # the rows are on the provider's node; only aggregates are dispatched there so far
+        # the rows are on the provider's node; aggregates and the zone's role of private joins
+        # are dispatched there (they never open the source here)
         raise ConflictError(
             f"dataset {row.zone}/{row.name} is hosted on its zone's node, which runs aggregates "
-            "(zonex aggregate); this computation is not yet available for node-hosted datasets",
+            "(zonex aggregate) and private joins (zonex psi); this computation is not yet "
+            "available for node-hosted datasets",
             reason="node_hosted",
         )
     if row.source == "import":

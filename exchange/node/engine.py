@@ -25,7 +25,7 @@ from exchange.tasks import TaskRefused
 __all__ = ["Veto", "load_veto", "plain", "release_aggregate", "table_stats"]
 
 #: task kinds a veto file may name
-TASK_KINDS = ("aggregate", "secure_sum")
+TASK_KINDS = ("aggregate", "secure_sum", "psi_zone")
 
 
 def plain(value: Decimal) -> str:

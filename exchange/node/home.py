@@ -54,7 +54,7 @@ VETO_TEMPLATE = """\
 # reads a row. They can only make releases stricter. Uncomment to use.
 # min_k = 20                 # no group smaller than this, whatever the exchange's rules say
 # max_epsilon = "0.5"        # the largest epsilon one task may spend on this node
-# refuse = ["secure_sum"]    # task kinds this node never runs (aggregate, secure_sum)
+# refuse = ["secure_sum"]    # task kinds never run here (aggregate, secure_sum, psi_zone)
 """
 
 

@@ -1,0 +1,270 @@
+"""The zone's role of a private join, run on the zone's own node (task kind ``psi_zone``).
+
+When a dataset is hosted on a node, the exchange keeps its part of the protocol (``docs/psi.md``:
+matching doubly blinded points, the masked HE sum, DP, the gates and the receipt) and hands the
+zone's part to the node as one task, sent when the consumer's list A is complete:
+
+1. the node checks the task against its local veto (``psi_zone`` among the refused kinds, the
+   largest ε, the smallest k) and that it still holds the snapshot the task names;
+2. it draws the session's scalar p here, in memory (it is never written anywhere and is gone
+   when the task ends), fetches A (``GET /v1/node/tasks/{id}/inputs/a``), checks its digest and
+   computes A' = p·A, every point checked;
+3. it reads Y where the rows live, normalizes, de-duplicates, shuffles and computes
+   B = p·H(y), and for ``aggregate`` each subject's clipped totals encrypted under the consumer's
+   public context (fetched as the input ``context``, checked against the digest in the task),
+   in B's order: the functions the exchange uses for an in-process zone
+   (:mod:`exchange.psi_protocol`);
+4. it uploads A', B and the framed ciphertexts (``PUT /v1/node/tasks/{id}/outputs/{name}``) and
+   signs a result naming each output's SHA-256 and size, |X|, |Y| and the parameters it worked
+   under. The exchange checks the uploads against those digests before it uses them.
+
+The exchange sees A, A', B and ciphertexts, as it does for an in-process zone; it never holds p,
+never reads Y and never sees a value before it is encrypted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import httpx
+
+from crypto import he
+from crypto import psi as cpsi
+from crypto.envelope import Envelope
+from crypto.errors import CryptoError, VerificationError
+from exchange.errors import InvalidInputError
+from exchange.node.home import NodeHome
+from exchange.psi_protocol import (
+    LABEL,
+    MAX_SUM_COLUMNS,
+    MODES,
+    NORMALIZATION,
+    encrypt_columns,
+    read_y,
+)
+from exchange.tasks import TaskRefused, sign_result
+
+__all__ = ["KIND", "run_psi_zone"]
+
+#: the task kind, also the name a veto file refuses it by (``refuse = ["psi_zone"]``)
+KIND = "psi_zone"
+_P = cpsi.POINT_BYTES
+#: bytes asked for per input request
+_READ_BYTES = 8 << 20
+
+
+def _field(task: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = task.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TaskRefused("malformed", f"the task's {name!r} is missing or of the wrong type")
+    return value
+
+
+def _epsilon(task: dict[str, Any]) -> Decimal | None:
+    raw = task.get("epsilon")
+    if raw is None:
+        return None
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation as exc:
+        raise TaskRefused("malformed", "the task's epsilon is not a decimal") from exc
+    if not value.is_finite() or value <= 0:
+        raise TaskRefused("malformed", "the task's epsilon is not positive")
+    return value
+
+
+def _problem(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    return (
+        str(body.get("detail") or body.get("title") or body)[:200] if isinstance(body, dict) else ""
+    )
+
+
+def _fetch(http: httpx.Client, task_id: str, name: str, size: int) -> bytes:
+    """The task's input ``name``, exactly ``size`` bytes, in slices."""
+    out = bytearray()
+    while len(out) < size:
+        response = http.get(
+            f"/v1/node/tasks/{task_id}/inputs/{name}",
+            params={"offset": len(out), "limit": min(_READ_BYTES, size - len(out))},
+        )
+        if response.status_code != 200:
+            raise TaskRefused("input_unavailable", f"could not fetch {name}: {_problem(response)}")
+        if not response.content:
+            break
+        out += response.content
+    if len(out) != size:
+        raise TaskRefused("bad_input", f"the input {name} is not {size} bytes")
+    return bytes(out)
+
+
+def _upload(http: httpx.Client, task_id: str, name: str, data: bytes, chunk: int) -> None:
+    """Send an output in chunks of at most ``chunk`` bytes (one empty chunk for empty data)."""
+    offset = 0
+    while True:
+        part = data[offset : offset + chunk]
+        response = http.put(
+            f"/v1/node/tasks/{task_id}/outputs/{name}",
+            params={"offset": offset},
+            content=part,
+            headers={"content-type": "application/octet-stream"},
+        )
+        if response.status_code != 200:
+            raise TaskRefused(
+                "output_refused", f"the exchange refused {name}: {_problem(response)}"
+            )
+        offset += len(part)
+        if offset >= len(data):
+            return
+
+
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _plan(task: dict[str, Any], mode: str) -> list[dict[str, str]]:
+    sums = task.get("sums") or []
+    if not isinstance(sums, list) or len(sums) > MAX_SUM_COLUMNS:
+        raise TaskRefused("malformed", "the task's sums are not a list of sum columns")
+    plan: list[dict[str, str]] = []
+    for p in sums:
+        if not isinstance(p, dict) or set(p) != {"column", "lower", "upper"}:
+            raise TaskRefused("malformed", "a sum column is {column, lower, upper}")
+        try:
+            lower, upper = Decimal(str(p["lower"])), Decimal(str(p["upper"]))
+        except InvalidOperation as exc:
+            raise TaskRefused("malformed", "a sum column's bounds are not decimals") from exc
+        if not (lower.is_finite() and upper.is_finite()) or lower > upper:
+            raise TaskRefused("malformed", "a sum column's bounds are not an interval")
+        plan.append(
+            {"column": str(p["column"]), "lower": str(p["lower"]), "upper": str(p["upper"])}
+        )
+    if mode == "aggregate" and not plan:
+        raise TaskRefused("malformed", "psi_aggregate names at least one sum column")
+    if mode != "aggregate" and plan:
+        raise TaskRefused("malformed", "only psi_aggregate sums columns")
+    return plan
+
+
+def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> Envelope:
+    """Run the zone's role of one private-join session and sign what it produced."""
+    mode = _field(task, "mode", str)
+    if mode not in MODES:
+        raise TaskRefused("malformed", f"unknown private-join mode {mode[:16]!r}")
+    session = _field(task, "session", str)
+    name = _field(task, "dataset", str)
+    snapshot = _field(task, "snapshot", str)
+    k = _field(task, "k", int)
+    limit = _field(task, "max_rows_per_subject", int)
+    max_items = _field(task, "max_items", int)
+    a_spec = _field(task, "a", dict)
+    io = _field(task, "io", dict)
+    if task.get("label") != LABEL or task.get("normalization") != NORMALIZATION:
+        raise TaskRefused(
+            "unsupported", "the task hashes or normalizes ids otherwise than this node"
+        )
+    epsilon = _epsilon(task)
+    plan = _plan(task, mode)
+
+    veto = home.veto()
+    veto.check(KIND, epsilon)
+    if veto.k(k) > k:
+        raise TaskRefused("vetoed", f"this node releases no group smaller than {veto.k(k)}")
+    dataset = home.datasets().get(name)
+    if dataset is None:
+        raise TaskRefused("unknown_dataset", f"this node hosts no dataset {name!r}")
+    if dataset.digest != snapshot:
+        raise TaskRefused("snapshot_mismatch", f"{name}: the task is for another snapshot")
+    columns = {c["name"] for c in dataset.columns}
+    if any(p["column"] not in columns for p in plan):
+        raise TaskRefused("malformed", f"{name}: a sum column is not in the dataset")
+
+    x_count = a_spec.get("count")
+    if not isinstance(x_count, int) or isinstance(x_count, bool) or not 0 < x_count <= max_items:
+        raise TaskRefused("malformed", "the task's |A| is not a count")
+    chunk = io.get("chunk_bytes")
+    if not isinstance(chunk, int) or chunk < _P:
+        raise TaskRefused("malformed", "the task names no upload chunk size")
+
+    # p: drawn here for this session only, held in memory, dropped when the task ends
+    key = cpsi.PsiKey.generate()
+    try:
+        data = _fetch(http, task["id"], "a", x_count * _P)
+        if hashlib.sha256(data).hexdigest() != a_spec.get("sha256"):
+            raise TaskRefused("bad_input", "A does not match the digest in the task")
+        points = [data[i : i + _P] for i in range(0, len(data), _P)]
+        try:
+            a_prime = cpsi.reblind(key, points)
+        except VerificationError as exc:
+            raise TaskRefused("bad_input", f"A: {exc}") from exc
+        with home.source(dataset) as (engine, relation, _):
+            try:
+                ids, totals, skipped = read_y(
+                    engine, relation, dataset.subject_column, plan, limit, max_items
+                )
+            except InvalidInputError as exc:
+                raise TaskRefused("bad_data", exc.detail) from exc
+        order = cpsi.shuffled(range(len(ids)))
+        domain = cpsi.session_domain(session, LABEL)
+        b = cpsi.blind(key, domain, [ids[i].encode("utf-8") for i in order])
+    finally:
+        del key
+    outputs: dict[str, bytes] = {"a_prime": b"".join(a_prime), "b": b"".join(b)}
+    chunks: list[int] = []
+    result: dict[str, Any] = {
+        "zone": home.zone,
+        "session": session,
+        "dataset": name,
+        "mode": mode,
+        "x_count": x_count,
+        "y_count": len(ids),
+    }
+    if mode == "aggregate":
+        context = task.get("context")
+        if not isinstance(context, str):
+            raise TaskRefused("malformed", "psi_aggregate names the consumer's HE context")
+        result["bounds"] = {p["column"]: [p["lower"], p["upper"]] for p in plan}
+        result["he_context"] = context
+        if ids:
+            ctx = _context(http, task["id"], context)
+            try:
+                encrypted = encrypt_columns(ctx, plan, totals, order, limit)
+            except InvalidInputError as exc:
+                raise TaskRefused("bad_data", exc.detail) from exc
+            chunks = [len(c) for c in encrypted]
+            outputs["ciphertexts"] = he.pack_ciphertexts([ct for col in encrypted for ct in col])
+    for output, blob in outputs.items():
+        _upload(http, task["id"], output, blob, chunk)
+    body = {
+        "result": result,
+        "snapshot": snapshot,
+        "a": {"sha256": a_spec.get("sha256"), "count": x_count},
+        "outputs": {output: _digest(blob) for output, blob in outputs.items()},
+        "counts": {"a_prime": len(a_prime), "b": len(b), "ciphertexts": chunks},
+        "y_skipped": skipped,
+        "k": k,
+        "epsilon": None if epsilon is None else str(task.get("epsilon")),
+    }
+    return sign_result(home.key, task, body)
+
+
+def _context(http: httpx.Client, task_id: str, digest: str) -> Any:
+    """The consumer's public BFV context, fetched and checked against the task's digest."""
+    most = he.max_public_context_bytes(he.BFV_DEFAULT)
+    response = http.get(
+        f"/v1/node/tasks/{task_id}/inputs/context", params={"offset": 0, "limit": most + 1}
+    )
+    if response.status_code != 200:
+        raise TaskRefused("input_unavailable", f"could not fetch the context: {_problem(response)}")
+    data = response.content
+    if len(data) > most or he.context_digest(data) != digest:
+        raise TaskRefused("bad_input", "the HE context does not match the digest in the task")
+    try:
+        return he.load_public_context(data, max_bytes=most, expected=he.BFV_DEFAULT)
+    except CryptoError as exc:
+        raise TaskRefused("bad_input", f"unusable HE context: {exc}") from exc
