@@ -240,12 +240,20 @@ def approve_node(ex: Exchange, actor: Principal, key_id: str) -> dict[str, Any]:
         principal = session.get(PrincipalRow, key_id)
         assert principal is not None
         principal.status = "active"
+        # the node's key becomes the zone's key: the catalog shows it, contributions and
+        # results are verified under it, and the exchange's own copy is deleted below
+        zone_row = session.get(ZoneRow, row.zone)
+        assert zone_row is not None
+        zone_row.public_key = principal.public_key
         draft.refs["zone"] = row.zone
+        draft.refs["zone_key"] = key_id
         session.flush()
         return _node_json(row, _now(), ex.settings.node_offline_seconds)
 
     draft = EntryDraft(kind="node.approved", actor=actor.key_id, refs={"node": key_id})
     result: dict[str, Any] = ex.ledger.append(draft, apply).value
+    # the zone signs on its node from now on; the key the exchange generated for it goes
+    (ex.zones_dir / result["zone"] / "zone.key").unlink(missing_ok=True)
     return result
 
 
@@ -453,9 +461,9 @@ def _public_key(ex: Exchange, key_id: str) -> bytes:
 
 
 def _chunk_bytes(ex: Exchange) -> int:
-    """The most bytes one output upload carries: the body limit of a route outside the binary
-    suffixes (``max_json_bytes``), never more than a PSI batch."""
-    return max(1, min(ex.settings.max_json_bytes, ex.settings.max_psi_batch_bytes))
+    """The most bytes one output upload carries: a PSI batch (the API's body limit for the
+    output routes, ``exchange.api.app.NODE_OUTPUTS``)."""
+    return max(1, ex.settings.max_psi_batch_bytes)
 
 
 def _relative(ex: Exchange, path: Path) -> str:

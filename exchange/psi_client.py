@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 from crypto import he
 from crypto import psi as cpsi
 from crypto.encoding import b64url_decode
-from exchange.compute.psi import LABEL, MODES, id_bytes, normalize_id
 from exchange.errors import InvalidInputError
+from exchange.psi_protocol import LABEL, MODES, id_bytes, normalize_id
 
 if TYPE_CHECKING:
     from exchange.sdk import Client

@@ -13,15 +13,16 @@ import math
 import unicodedata
 from collections.abc import Sequence
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
-from typing import Any
-
-from sqlalchemy import Engine, TableClause, select
+from typing import TYPE_CHECKING, Any
 
 from crypto import he
 from crypto.errors import CryptoError
 from exchange.errors import InvalidInputError
 from exchange.subjects import MAX_SUBJECT_ID, check_subject_id
 from policy import Operation
+
+if TYPE_CHECKING:  # the consumer imports this module without the node's database stack
+    from sqlalchemy import Engine, TableClause
 
 __all__ = [
     "LABEL",
@@ -128,6 +129,8 @@ def read_y(
     total over at most ``limit`` rows (further rows are dropped), and how many distinct subject
     values were skipped as no usable id (a control or format character, too long): counted,
     never echoed. More than ``max_items`` subjects is refused."""
+    from sqlalchemy import select  # the node's side only
+
     bounds = [(Decimal(p["lower"]), Decimal(p["upper"])) for p in plan]
     index: dict[str, int] = {}
     rows_of: list[int] = []

@@ -46,6 +46,6 @@ if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
   exit 2
 fi
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh server
 exec .venv/bin/python examples/financial_zone/financial_zone.py --data-dir "$data_dir" \
   --port "$port"

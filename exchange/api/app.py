@@ -96,6 +96,8 @@ UPLOAD_SUFFIX = "/uploads"
 #: binary bodies: HE public contexts and PSI point batches
 CONTEXT_SUFFIX = "/he/contexts"
 POINTS_SUFFIX = "/points"
+#: the binary outputs a zone node uploads for a task (exchange.dispatch.TaskFiles)
+NODE_OUTPUTS = ("a_prime", "b", "ciphertexts")
 
 
 CATALOG_SNAPSHOT = "catalog"
@@ -291,6 +293,10 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             CONTEXT_SUFFIX: cfg.max_he_context_bytes,
             "/consents/import": cfg.max_consent_import_bytes,
             POINTS_SUFFIX: cfg.max_psi_batch_bytes,
+            # a zone node's bulk outputs (PSI points and ciphertexts), in chunks
+            **{
+                f"/v1/node/tasks/*/outputs/{name}": cfg.max_psi_batch_bytes for name in NODE_OUTPUTS
+            },
         },
     )
     # outermost: every response, refusals by the body limit included, carries a request id

@@ -28,10 +28,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from crypto.encoding import b64url_encode
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange.cli import app
-from exchange.keyfile import write_private_key
+from exchange.keyfile import load_private_key, write_private_key
 from exchange.models import BudgetRow, LedgerEntryRow, NodeTaskRow
 from exchange.sdk import ApiError
 from tests.conftest import EXAMPLES, L3_LEVELS, LiveServer
@@ -135,8 +136,11 @@ def test_aggregate_runs_on_the_node_and_its_signature_travels_in_the_receipt(
         zone = c.zone("tax")
         (dataset,) = zone["datasets"]
         assert dataset["source"] == "node"
-        # nothing is hosted in the exchange's zone directory
+        # nothing is hosted in the exchange's zone directory, and the zone's key is the node's
         assert not list((server.data_dir / "zones").glob("tax/**/*.duckdb"))
+        assert not (server.data_dir / "zones" / "tax" / "zone.key").exists()
+        node_key = load_private_key(hosted["node_dir"] / "node.key")
+        assert zone["public_key"] == b64url_encode(node_key.public_key.raw)
         with pytest.raises(ApiError) as exc:  # offline: no node process yet
             c.aggregate("tax", SQL, "credit-assessment", epsilon="1")
         assert exc.value.status == 503 and exc.value.code == "zone_unavailable"
