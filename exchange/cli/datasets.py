@@ -261,15 +261,19 @@ def catalog(
     if as_json:
         print_json(zones)
         return
-    table = Table("zone", "owner", "host", "dataset", "level", "rows", "release", "columns")
+    # where rows live is shown once any zone runs on a node (the table stays narrow otherwise)
+    hosted = any(z["host"] != "exchange" for z in zones)
+    head = ["zone", "owner", *(["host"] if hosted else []), "dataset", "level", "rows"]
+    table = Table(*head, "release", "columns")
     for z in zones:
         host = (
             z["host"]
             if z["host"] == "exchange"
             else ("node, online" if z["available"] else "node, OFFLINE")
         )
+        where = [host] if hosted else []
         if not z["datasets"]:
-            table.add_row(z["name"], z["owner_name"], host, "-", "-", "-", "-", "-")
+            table.add_row(z["name"], z["owner_name"], *where, "-", "-", "-", "-", "-")
         for d in z["datasets"]:
             cols = ", ".join(f"{c['name']}:{c['level']}" for c in d["columns"])
             # the provider's opt-out from DP by default at L3 is shown wherever datasets are
@@ -277,7 +281,7 @@ def catalog(
             table.add_row(
                 z["name"],
                 z["owner_name"],
-                host,
+                *where,
                 d["name"],
                 d["level"],
                 d["row_count_band"],

@@ -141,11 +141,17 @@ def test_aggregate_runs_on_the_node_and_its_signature_travels_in_the_receipt(
         assert not (server.data_dir / "zones" / "tax" / "zone.key").exists()
         node_key = load_private_key(hosted["node_dir"] / "node.key")
         assert zone["public_key"] == b64url_encode(node_key.public_key.raw)
+        # the catalog says where the zone's rows are and that its node is not there
+        consumer_key = hosted["node_dir"].parent / "consumer.key"
+        write_private_key(consumer_key, consumer)
+        shown = cli("catalog", "--url", server.url, "--key", str(consumer_key))
+        assert "host" in shown and "OFFLINE" in shown
         with pytest.raises(ApiError) as exc:  # offline: no node process yet
             c.aggregate("tax", SQL, "credit-assessment", epsilon="1")
         assert exc.value.status == 503 and exc.value.code == "zone_unavailable"
     with node_process(hosted["node_dir"]):
         wait_online(server, consumer)
+        assert "online" in cli("catalog", "--url", server.url, "--key", str(consumer_key))
         with server.client(consumer) as c:
             out = c.aggregate("tax", SQL, "credit-assessment", epsilon="1")
     bundle = out.receipt
