@@ -122,3 +122,36 @@ def approval_payload(
         "not_after": not_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "approver": approver,
     }
+
+
+def leveled_columns(
+    columns: Sequence[tuple[str, str]], levels: Mapping[str, str], subject_column: str
+) -> list[dict[str, str]]:
+    """The catalog's ``[{"name", "type", "level"}]`` for a table's ``(name, type)`` columns and
+    the provider's column -> level map: every column has exactly one known level and the subject
+    column is a column (the exchange and a zone node register datasets through this)."""
+    from policy.levels import Level
+
+    names = [name for name, _ in columns]
+    missing = [n for n in names if n not in levels]
+    extra = [n for n in levels if n not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no level for column(s) {', '.join(missing)}")
+        if extra:
+            parts.append(f"no such column(s) {', '.join(extra)}")
+        raise InvalidInputError("; ".join(parts))
+    if subject_column not in names:
+        raise InvalidInputError(f"subject column {subject_column!r} is not in the data")
+    out = []
+    for name, kind in columns:
+        try:
+            level = Level(levels[name])
+        except ValueError as exc:
+            raise InvalidInputError(
+                f"unknown level {levels[name]!r} for column {name!r}; "
+                f"use one of {', '.join(lv.value for lv in Level)}"
+            ) from exc
+        out.append({"name": name, "type": kind, "level": level.value})
+    return out

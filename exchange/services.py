@@ -32,6 +32,7 @@ from exchange.domain import (
     Zone,
     check_dataset_name,
     check_zone_name,
+    leveled_columns,
 )
 from exchange.errors import (
     ConflictError,
@@ -399,29 +400,9 @@ def _csv_only(options: CsvOptions | None, upload_format: str) -> None:
 
 
 def _columns(info: TableInfo, spec: DatasetSpec) -> list[dict[str, str]]:
-    names = [c.name for c in info.columns]
-    missing = [n for n in names if n not in spec.levels]
-    extra = [n for n in spec.levels if n not in names]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"no level for column(s) {', '.join(missing)}")
-        if extra:
-            parts.append(f"no such column(s) {', '.join(extra)}")
-        raise InvalidInputError("; ".join(parts))
-    if spec.subject_column not in names:
-        raise InvalidInputError(f"subject column {spec.subject_column!r} is not in the data")
-    columns = []
-    for col in info.columns:
-        try:
-            level = Level(spec.levels[col.name])
-        except ValueError as exc:
-            raise InvalidInputError(
-                f"unknown level {spec.levels[col.name]!r} for column {col.name!r}; "
-                f"use one of {', '.join(lv.value for lv in Level)}"
-            ) from exc
-        columns.append({"name": col.name, "type": col.type, "level": level.value})
-    return columns
+    return leveled_columns(
+        [(c.name, c.type) for c in info.columns], spec.levels, spec.subject_column
+    )
 
 
 def register_dataset(ex: Exchange, actor: Principal, zone: str, spec: DatasetSpec) -> Dataset:

@@ -8,39 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from exchange.domain import leveled_columns
 from exchange.errors import InvalidInputError
 from exchange.node.home import HostedDataset, NodeHome, own
 from exchange.sdk import Client
-from exchange.zonestore import CsvOptions, TableInfo, ZoneStoreError, attach
-from policy.levels import Level
+from exchange.zonestore import CsvOptions, ZoneStoreError, attach
 
 __all__ = ["register_on_node"]
-
-
-def _columns(info: TableInfo, levels: Mapping[str, str], subject: str) -> list[dict[str, str]]:
-    names = [c.name for c in info.columns]
-    missing = [n for n in names if n not in levels]
-    extra = [n for n in levels if n not in names]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"no level for column(s) {', '.join(missing)}")
-        if extra:
-            parts.append(f"no such column(s) {', '.join(extra)}")
-        raise InvalidInputError("; ".join(parts))
-    if subject not in names:
-        raise InvalidInputError(f"subject column {subject!r} is not in the data")
-    out = []
-    for col in info.columns:
-        try:
-            level = Level(levels[col.name])
-        except ValueError as exc:
-            raise InvalidInputError(
-                f"unknown level {levels[col.name]!r} for column {col.name!r}; use one of "
-                f"{', '.join(lv.value for lv in Level)}"
-            ) from exc
-        out.append({"name": col.name, "type": col.type, "level": level.value})
-    return out
 
 
 def register_on_node(
@@ -94,7 +68,7 @@ def register_on_node(
             except ZoneStoreError as exc:
                 raise InvalidInputError(str(exc), reason=exc.code) from exc
             hosted_source, url_kept, table_kept = "attach", attach_url, attach_table
-        columns = _columns(info, levels, subject_column)
+        columns = leveled_columns([(c.name, c.type) for c in info.columns], levels, subject_column)
         with Client(url or home.exchange, home.key) as client:
             registered: dict[str, Any] = client.request(
                 "POST",
