@@ -33,6 +33,16 @@ Failure is all or nothing: a zone that is denied, refuses, fails, or signs with 
 makes the whole computation fail with no partial total, and nothing is ledgered as computed. DP
 noise is calibrated to the largest per-subject sensitivity over the zones (each zone's clamping
 bounds and rows per subject) and drawn by :mod:`exchange.dp` (OpenDP).
+
+A zone hosted on its own node (``zonex node serve``) contributes there: the exchange dispatches
+a ``secure_sum`` task (:mod:`exchange.node.secure_sum`) naming the computation, the canonical
+query, the snapshots and rules, the cells, the context (a task input) and, under DP, the gate's
+share of ε. The node checks the query again under its veto, runs it, gates and encrypts the
+cells with the same code as an in-process zone (:mod:`exchange.node.engine`), uploads the
+ciphertext and signs the contribution with its key, which is the zone's registered key. The
+exchange verifies it exactly as an in-process zone's, and checks the upload against the digest
+in both the contribution and the node's signed result. An offline node is 503
+``zone_unavailable``, a refusal 409 ``node_refused``: the whole computation fails.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -53,13 +64,29 @@ from crypto.encoding import b64url_encode
 from crypto.envelope import Envelope, sign_envelope, verify_envelope
 from crypto.errors import CryptoError
 from crypto.keys import VerifyKey
-from exchange import access, budget, dp
+from exchange import access, budget, dispatch, dp
 from exchange.compute import aggregate, contexts
 from exchange.compute.aggregate import Prepared, default_epsilon, release_epsilon
 from exchange.domain import Principal
-from exchange.errors import BudgetExhaustedError, InvalidInputError, ZonexError
+from exchange.errors import (
+    BudgetExhaustedError,
+    InvalidInputError,
+    ZoneUnavailableError,
+    ZonexError,
+)
 from exchange.keyfile import load_private_key
 from exchange.ledger import EntryDraft
+from exchange.models import NodeRow
+from exchange.node.engine import (
+    CONTRIBUTION_TYPE,
+    CONTRIBUTION_VERSION,
+    cell_vector,
+    cells_digest,
+    check_cells,
+    contribution_payload,
+    parse_cells,
+    sum_layout,
+)
 from exchange.receipts import record_computation
 from exchange.runtime import Exchange
 from policy import Operation
@@ -77,10 +104,8 @@ __all__ = [
 
 log = logging.getLogger("zonex.secure_sum")
 
-CONTRIBUTION_TYPE = "application/vnd.zonex.secure-sum-contribution+json"
-CONTRIBUTION_VERSION = "zonex.secure-sum-contribution.v1"
-#: the outputs that add up across zones
-_ADDITIVE = ("count", "sum")
+#: the task kind a node-hosted zone's contribution runs as (and a veto file refuses)
+NODE_TASK_KIND = "secure_sum"
 
 
 @dataclass(frozen=True)
@@ -99,7 +124,7 @@ class Plan:
 
     @property
     def cells_digest(self) -> str:
-        return hashlib.sha256(canonicalize([list(c) for c in self.cells])).hexdigest()
+        return cells_digest(self.cells)
 
 
 @dataclass(frozen=True)
@@ -111,23 +136,8 @@ class Contribution:
     ciphertext: bytes
     prepared: Prepared
     values: tuple[str, ...]
-
-
-def _cells(raw: object, slots: int) -> tuple[tuple[str, ...], ...]:
-    if not isinstance(raw, list) or not raw:
-        raise InvalidInputError("cells is a non-empty list of group keys")
-    cells: list[tuple[str, ...]] = []
-    for cell in raw:
-        if not isinstance(cell, list) or any(not isinstance(v, str) or len(v) > 200 for v in cell):
-            raise InvalidInputError("each cell is a list of group values (strings)")
-        cells.append(tuple(cell))
-    if len(set(cells)) != len(cells):
-        raise InvalidInputError("each cell may be named once")
-    if len({len(c) for c in cells}) != 1:
-        raise InvalidInputError("every cell names one value per GROUP BY column")
-    if len(cells) > slots:
-        raise InvalidInputError(f"at most {slots} cells fit one ciphertext")
-    return tuple(cells)
+    #: the zone's node's verified answer (None for a zone the exchange hosts in-process)
+    node: dispatch.NodeResult | None = None
 
 
 def plan_sum(
@@ -156,58 +166,15 @@ def plan_sum(
         purpose=purpose,
         context=context,
         params=params,
-        cells=_cells(cells, he.slot_count(params)),
+        cells=parse_cells(cells, he.slot_count(params)),
         epsilon=release_epsilon(ex, epsilon),
     )
 
 
-def _key(value: object) -> str | None:
-    """A group value as the text a requester names it by."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Decimal):
-        text = format(value.normalize(), "f")
-        return "0" if text in ("-0", "0") else text
-    return str(value)
-
-
-def _value(value: object, scheme: str, what: str) -> int | float:
-    if value is None:
-        return 0
-    if scheme == "ckks":
-        return float(value)  # type: ignore[arg-type]
-    exact = value if isinstance(value, int) else Decimal(str(value))
-    if isinstance(exact, Decimal):
-        if exact != exact.to_integral_value():
-            raise InvalidInputError(
-                f"{what} is fractional: a BFV context sums integers exactly; use a CKKS context"
-            )
-        return int(exact)
-    return exact
-
-
 def _shape(prepared: Prepared) -> tuple[list[int], list[int], tuple[str, ...]]:
     """Result-column indexes of the dimensions and of the additive values, and value names."""
-    checked = prepared.checked
-    dims: list[int] = []
-    values: list[int] = []
-    names: list[str] = []
-    for output, sources in zip(checked.outputs, checked.layout, strict=True):
-        if output.kind == "dimension":
-            dims.append(sources[0])
-        elif output.kind in _ADDITIVE:
-            values.append(sources[0])
-            names.append(output.name)
-        else:
-            raise InvalidInputError(
-                f"{output.kind.upper()} does not add up across zones; use COUNT and SUM",
-                reason="not_additive",
-            )
-    if not values:
-        raise InvalidInputError("select at least one COUNT or SUM")
-    return dims, values, tuple(names)
+    layout = sum_layout(prepared.checked)
+    return list(layout.dims), list(layout.values), layout.names
 
 
 def _prepare(ex: Exchange, actor: Principal, plan: Plan, zone: str, with_dp: bool) -> Prepared:
@@ -225,43 +192,35 @@ def _prepare(ex: Exchange, actor: Principal, plan: Plan, zone: str, with_dp: boo
 
 
 def contribute(
-    ex: Exchange, plan: Plan, prepared: Prepared, gate: dp.Gate | None = None
+    ex: Exchange,
+    plan: Plan,
+    prepared: Prepared,
+    gate: dp.Gate | None = None,
+    *,
+    epsilon: Decimal | None = None,
 ) -> Contribution:
     """The zone's part: its own k, its cells, encrypted under the requester's key, signed.
 
     With ``gate`` (a differentially private sum) each named cell opens on the gate's noisy
     distinct-subject count, a cell that stays shut contributes zeros, and nothing is refused or
-    counted; without it the exact k gate applies and a zone with no cell at k refuses."""
+    counted; without it the exact k gate applies and a zone with no cell at k refuses.
+
+    A zone hosted on a node contributes there (:func:`_node_contribution`); ``epsilon`` is the
+    whole computation's ε, which the node's veto is checked against."""
     zone = prepared.zone
     checked = prepared.checked
-    dims, value_columns, names = _shape(prepared)
-    if len(dims) != len(plan.cells[0]):
-        raise InvalidInputError(
-            f"the query groups by {len(dims)} columns; cells name {len(plan.cells[0])} values"
-        )
-    width = len(value_columns)
-    length = len(plan.cells) * width
     slots = he.slot_count(plan.params)
-    if length > slots:
-        raise InvalidInputError(f"{len(plan.cells)} cells × {width} values exceed {slots} slots")
-    index = {cell: i for i, cell in enumerate(plan.cells)}
-    vector: list[int | float] = [0] * length
-    filled = [False] * len(plan.cells)
-    suppressed = 0
-    for row in aggregate.execute(ex, prepared):
-        key = tuple(_key(row[d]) for d in dims)
-        cell = index.get(key)  # type: ignore[arg-type]
-        if cell is None:
-            continue  # a group the requester did not name is never released
-        distinct = 0 if row[-1] is None else int(row[-1])
-        if not (gate.opens(distinct) if gate is not None else distinct >= checked.k):
-            suppressed += 1
-            continue
-        filled[cell] = True
-        for v, column in enumerate(value_columns):
-            vector[cell * width + v] = _value(row[column], plan.params.scheme, names[v])
-    missing = filled.count(False) - suppressed
-    if gate is None and not any(filled):
+    layout = sum_layout(checked)
+    length = check_cells(layout, plan.cells, slots)
+    node = _zone_node(ex, prepared)
+    if node is not None:
+        if checked.dp and epsilon is None:
+            epsilon = plan.epsilon or default_epsilon(ex)
+        return _node_contribution(ex, plan, prepared, gate, node, epsilon)
+    cells = cell_vector(
+        checked, aggregate.execute(ex, prepared), plan.cells, plan.params.scheme, slots, gate
+    )
+    if gate is None and not any(cells.filled):
         # the exact path only: under DP a refusal would be a free, exact "fewer than k" answer
         raise InvalidInputError(
             f"zone {zone!r} has no named cell with at least k={checked.k} subjects",
@@ -270,31 +229,158 @@ def contribute(
         )
     ctx = contexts.load_context(ex, plan.context, expected=plan.params)
     try:
-        ciphertext = he.encrypt_vector(ctx, vector)
+        ciphertext = he.encrypt_vector(ctx, cells.values)
     except CryptoError as exc:
         raise InvalidInputError(f"zone {zone!r} cannot encrypt its part: {exc}") from exc
-    payload: dict[str, Any] = {
-        "type": CONTRIBUTION_VERSION,
-        "computation": plan.id,
-        "consumer": plan.consumer,
-        "zone": zone,
-        "context": plan.context,
-        "query": checked.digest,
-        "cells": plan.cells_digest,
-        "length": length,
-        "ciphertext": hashlib.sha256(ciphertext).hexdigest(),
-        "datasets": [
-            {"name": name, "snapshot": prepared.auths[name].digest} for name in checked.datasets
-        ],
-        "k": checked.k,
-    }
-    if gate is None:
+    payload = contribution_payload(
+        computation=plan.id,
+        consumer=plan.consumer,
+        zone=zone,
+        context=plan.context,
+        checked=checked,
+        cells=plan.cells_digest,
+        length=length,
+        ciphertext=ciphertext,
+        snapshots={name: auth.digest for name, auth in prepared.auths.items()},
         # exact counts of zeroed and absent cells: exact sums only
-        payload |= {"suppressed": suppressed, "missing": missing}
-    # the zone signs with its own key, kept in its directory (a separate node would hold it)
+        exact=cells if gate is None else None,
+    )
+    # the zone signs with its own key, kept in its directory (a zone node holds its own)
     signer = load_private_key(ex.zones_dir / zone / "zone.key")
     envelope = sign_envelope(CONTRIBUTION_TYPE, payload, [signer])
-    return Contribution(zone, envelope, ciphertext, prepared, names)
+    return Contribution(zone, envelope, ciphertext, prepared, layout.names)
+
+
+# -- a node-hosted zone's contribution ----------------------------------------------------------
+
+
+def _zone_node(ex: Exchange, prepared: Prepared) -> NodeRow | None:
+    """The zone's active node, or None when the exchange hosts the zone's datasets itself."""
+    with Session(ex.engine) as session:
+        node = dispatch.node_for_zone(session, prepared.zone)
+    if node is None and any(r.source == "node" for r in prepared.rows.values()):
+        raise ZoneUnavailableError(
+            f"zone {prepared.zone!r} is hosted on a node that is not active", zone=prepared.zone
+        )
+    return node
+
+
+def _check_nodes_online(ex: Exchange, prepared: Sequence[Prepared]) -> None:
+    """Before any zone works: every node-hosted zone's node is online (else 503)."""
+    hosted = dispatch.availability(ex)
+    for p in prepared:
+        where = hosted.get(p.zone)
+        if where is not None and not where["online"]:
+            raise ZoneUnavailableError(
+                f"zone {p.zone!r} is hosted on a node that is offline; retry when the catalog "
+                "shows it online",
+                zone=p.zone,
+            )
+
+
+def _node_mismatch(zone: str, what: str) -> dispatch.NodeRefusedError:
+    return dispatch.NodeRefusedError(
+        f"the node of zone {zone!r} answered {what} other than asked; nothing was released",
+        reason="node_mismatch",
+        zone=zone,
+    )
+
+
+def _node_contribution(
+    ex: Exchange,
+    plan: Plan,
+    prepared: Prepared,
+    gate: dp.Gate | None,
+    node: NodeRow,
+    epsilon: Decimal | None,
+) -> Contribution:
+    """The zone's part computed on its node (:mod:`exchange.node.secure_sum`): the task names
+    the terms, the context travels as the task input ``context`` and the ciphertext comes back
+    as the output ``ciphertext``; the node signs the contribution with its (the zone's) key and
+    puts it in its signed result with the upload's digest."""
+    zone = prepared.zone
+    checked = prepared.checked
+    snapshots = {name: prepared.auths[name].digest for name in checked.datasets}
+    fields: dict[str, Any] = {
+        "consumer": plan.consumer,
+        "purpose": prepared.purpose,
+        "computation": plan.id,
+        # the aggregate task's shape (exchange.compute.aggregate.host_release)
+        "datasets": snapshots,
+        "sql": checked.canonical,
+        "dp": checked.dp,
+        "epsilon": _plain(epsilon) if checked.dp and epsilon is not None else None,
+        "named_groups": True,
+        "rules": {name: ruleset.to_json() for name, (ruleset, _) in prepared.rules.items()},
+        "cells": [list(c) for c in plan.cells],
+        "context": plan.context,
+        "parameter_set": contexts.context_info(ex, plan.context).parameter_set,
+        "gate": None if gate is None else {"epsilon": _plain(gate.epsilon)},
+    }
+    work = ex.settings.data_dir / "secure_sum" / f"{plan.id}-{secrets.token_hex(4)}"
+    work.mkdir(mode=0o700, parents=True)
+    out = work / "ciphertext"
+    files = dispatch.TaskFiles(
+        inputs={"context": ex.settings.data_dir / "contexts" / plan.context},
+        outputs={"ciphertext": (out, he.max_ciphertext_bytes(plan.params))},
+    )
+    try:
+        answer = dispatch.dispatch(ex, node, NODE_TASK_KIND, fields, files=files)
+        ciphertext = out.read_bytes() if out.exists() else b""
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    body = answer.payload
+    claim = (body.get("outputs") or {}).get("ciphertext") or {}
+    if claim.get("sha256") != hashlib.sha256(ciphertext).hexdigest():
+        raise _node_mismatch(zone, "a ciphertext of another digest")
+    want_gate = None if gate is None else _plain(gate.epsilon)
+    got_gate = body.get("gate")
+    k = body.get("k")
+    if (
+        body.get("computation") != plan.id
+        or body.get("query") != checked.digest
+        or body.get("datasets") != snapshots
+        or body.get("epsilon") != fields["epsilon"]
+        or not isinstance(k, int)
+        or isinstance(k, bool)
+        or k < checked.k
+        or (want_gate is None) != (got_gate is None)
+        or (
+            got_gate is not None
+            and (
+                not isinstance(got_gate, dict)
+                or got_gate.get("epsilon") != want_gate
+                or got_gate.get("k") != k
+            )
+        )
+    ):
+        raise _node_mismatch(zone, "for other terms")
+    try:
+        envelope = Envelope.model_validate(body.get("contribution"))
+    except ValueError as exc:
+        raise _node_mismatch(zone, "a contribution that does not parse") from exc
+    names = sum_layout(checked).names
+    return Contribution(zone, envelope, ciphertext, prepared, names, node=answer)
+
+
+def _check_node_payload(item: Contribution, payload: dict[str, Any]) -> None:
+    """A node's verified contribution was made under the terms its signed result names: the
+    authorized query and snapshots, the node's k (at least the authorized one), and counts of
+    zeroed cells exactly when the sum is exact."""
+    assert item.node is not None
+    checked = item.prepared.checked
+    snapshots = [
+        {"name": name, "snapshot": item.prepared.auths[name].digest} for name in checked.datasets
+    ]
+    exact = item.node.payload.get("gate") is None
+    if (
+        payload.get("query") != checked.digest
+        or sorted(payload.get("datasets") or [], key=str) != sorted(snapshots, key=str)
+        or payload.get("k") != item.node.payload.get("k")
+        or ("suppressed" in payload) != exact
+        or ("missing" in payload) != exact
+    ):
+        raise _node_mismatch(item.zone, "a contribution")
 
 
 def _verify(ex: Exchange, plan: Plan, item: Contribution, length: int) -> dict[str, Any]:
@@ -410,6 +496,9 @@ def combine(
         raise InvalidInputError("a contribution is missing or out of order")
     length = len(plan.cells) * len(items[0].values)
     payloads = [_verify(ex, plan, c, length) for c in items]
+    for item, payload in zip(items, payloads, strict=True):
+        if item.node is not None:
+            _check_node_payload(item, payload)
     if len({p["query"] for p in payloads}) != 1:
         raise InvalidInputError("the zones ran different queries", reason="contribution_unverified")
     ctx = contexts.load_context(ex, plan.context, expected=plan.params)
@@ -484,10 +573,11 @@ def run_secure_sum(
         for p in prepared
         if share is not None
     }
+    _check_nodes_online(ex, prepared)
     items: list[Contribution] = []
     for p in prepared:
         try:
-            items.append(contribute(ex, plan, p, gates.get(p.zone)))
+            items.append(contribute(ex, plan, p, gates.get(p.zone), epsilon=epsilon))
         except ZonexError as exc:
             exc.extra.setdefault("zone", p.zone)
             raise
@@ -496,6 +586,26 @@ def run_secure_sum(
 
     checked = [p.checked for p in prepared]
     level = max_level(c.output_level for c in checked)
+    # a node's k (its veto may raise it) and the gate it built, as it signed them
+    ks = {c.zone: int(c.node.payload["k"]) if c.node else c.prepared.checked.k for c in items}
+    gate_info = {
+        zone: {
+            "zone": zone,
+            "k": gate.k,
+            "threshold": gate.threshold,
+            "epsilon": _plain(gate.epsilon),
+            "sensitivity": str(gate.sensitivity),
+            "scale": _plain(gate.scale),
+        }
+        for zone, gate in gates.items()
+    }
+    for c in items:
+        if c.node is not None and c.zone in gate_info:
+            signed = c.node.payload["gate"]
+            gate_info[c.zone] = {
+                "zone": c.zone,
+                **{f: signed.get(f) for f in ("k", "threshold", "epsilon", "sensitivity", "scale")},
+            }
     envelopes = [c.envelope.model_dump(mode="json") for c in items]
     contributions = [
         {
@@ -517,22 +627,12 @@ def run_secure_sum(
         "context": plan.context,
         "ciphertext": hashlib.sha256(total).hexdigest(),
         "contributions": contributions,
-        "k": {p.zone: p.checked.k for p in prepared},
+        "k": ks,
         "epsilon": eps_text,
         # the cells are named in advance: the gates spend no δ
         "delta": "0",
         "noise": noise_info,
-        "gates": [
-            {
-                "zone": zone,
-                "k": gate.k,
-                "threshold": gate.threshold,
-                "epsilon": _plain(gate.epsilon),
-                "sensitivity": str(gate.sensitivity),
-                "scale": _plain(gate.scale),
-            }
-            for zone, gate in gates.items()
-        ],
+        "gates": [gate_info[zone] for zone in gates],
         "level": level.value,
     }
     query = {
@@ -554,6 +654,9 @@ def run_secure_sum(
     attrs: dict[str, str | int] = {**auths[0][1].attrs(), "zones": len(plan.zones)}
     for zone, auth in auths:
         attrs[f"rule.{zone}.{auth.request.dataset}"] = auth.decision.rule or ""
+    for c in items:
+        if c.node is not None:
+            attrs[f"node_task.{c.zone}"] = str(c.node.payload["task"])
     receipt, _ = record_computation(
         ex,
         kind="secure_sum",
@@ -573,7 +676,7 @@ def run_secure_sum(
             "grant": ",".join(sorted({a.decision.rule or "" for _, a in auths})),
             "policy_version": max(a.decision.policy_version for _, a in auths),
             "purpose": prepared[0].purpose,
-            "k": min(c.k for c in checked),
+            "k": min(ks.values()),
             "epsilon": eps_text,
             "delta": "0",
             "output_level": level.value,

@@ -31,6 +31,8 @@ from exchange.node.engine import release_aggregate, table_stats
 from exchange.node.home import NodeHome
 from exchange.node.psi import KIND as PSI_KIND
 from exchange.node.psi import run_psi_zone
+from exchange.node.secure_sum import KIND as SUM_KIND
+from exchange.node.secure_sum import run_secure_sum
 from exchange.sdk import SignatureAuth
 from exchange.sqlcheck import QueryRejected, TableColumn, TableRules, TableStats, check_query
 from exchange.tasks import TaskRefused, Verified, sign_result, verify_task_bundle
@@ -163,6 +165,8 @@ class NodeAgent:
     def run(self, task: dict[str, Any]) -> Any:
         if task["kind"] == PSI_KIND:
             return run_psi_zone(self.home, self._http, task)
+        if task["kind"] == SUM_KIND:
+            return run_secure_sum(self, task)
         if task["kind"] != "aggregate":
             raise TaskRefused("unsupported", f"this node does not run {task['kind']!r} tasks")
         return self._aggregate(task)

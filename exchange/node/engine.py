@@ -4,12 +4,19 @@
 exchange calls it in-process for zones without a node, and a zone node calls it for the tasks it
 receives (:mod:`exchange.node.agent`). Noise is drawn here, on the zone's host, so a node never
 lets a pre-noise value leave its machine.
+
+A secure sum's zone part is shared the same way: :func:`sum_layout` and :func:`cell_vector`
+turn a checked query's rows into the gated cell vector, and :func:`contribution_payload` is what
+the zone signs, whether the exchange runs it in-process
+(:func:`exchange.compute.secure_sum.contribute`) or the zone's node does
+(:mod:`exchange.node.secure_sum`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -17,12 +24,30 @@ from typing import Any
 
 from sqlalchemy import Engine, TableClause, distinct, func, select, text
 
+from crypto.canonical import canonicalize
 from exchange.analysis import NUMERIC_TYPES
-from exchange.dp import DpMechanisms
+from exchange.dp import DpMechanisms, Gate
+from exchange.errors import InvalidInputError
 from exchange.sqlcheck import CheckedQuery, TableStats, postprocess
 from exchange.tasks import TaskRefused
 
-__all__ = ["Veto", "load_veto", "plain", "release_aggregate", "table_stats"]
+__all__ = [
+    "CONTRIBUTION_TYPE",
+    "CONTRIBUTION_VERSION",
+    "CellVector",
+    "SumLayout",
+    "Veto",
+    "cell_vector",
+    "cells_digest",
+    "check_cells",
+    "contribution_payload",
+    "load_veto",
+    "parse_cells",
+    "plain",
+    "release_aggregate",
+    "sum_layout",
+    "table_stats",
+]
 
 #: task kinds a veto file may name
 TASK_KINDS = ("aggregate", "secure_sum", "psi_zone")
@@ -133,3 +158,186 @@ def release_aggregate(
     if released.suppressed is not None:
         body["suppressed"] = released.suppressed
     return body
+
+
+# -- a secure sum's zone part (the exchange in-process, or the zone's node) --------------------
+
+CONTRIBUTION_TYPE = "application/vnd.zonex.secure-sum-contribution+json"
+CONTRIBUTION_VERSION = "zonex.secure-sum-contribution.v1"
+#: the outputs that add up across zones
+_ADDITIVE = ("count", "sum")
+
+
+def parse_cells(raw: object, slots: int) -> tuple[tuple[str, ...], ...]:
+    """The cells a requester names: distinct group keys of one width, at most ``slots``."""
+    if not isinstance(raw, list) or not raw:
+        raise InvalidInputError("cells is a non-empty list of group keys")
+    cells: list[tuple[str, ...]] = []
+    for cell in raw:
+        if not isinstance(cell, list) or any(not isinstance(v, str) or len(v) > 200 for v in cell):
+            raise InvalidInputError("each cell is a list of group values (strings)")
+        cells.append(tuple(cell))
+    if len(set(cells)) != len(cells):
+        raise InvalidInputError("each cell may be named once")
+    if len({len(c) for c in cells}) != 1:
+        raise InvalidInputError("every cell names one value per GROUP BY column")
+    if len(cells) > slots:
+        raise InvalidInputError(f"at most {slots} cells fit one ciphertext")
+    return tuple(cells)
+
+
+def cells_digest(cells: Sequence[Sequence[str]]) -> str:
+    return hashlib.sha256(canonicalize([list(c) for c in cells])).hexdigest()
+
+
+def _key(value: object) -> str | None:
+    """A group value as the text a requester names it by."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Decimal):
+        text = format(value.normalize(), "f")
+        return "0" if text in ("-0", "0") else text
+    return str(value)
+
+
+def _value(value: object, scheme: str, what: str) -> int | float:
+    if value is None:
+        return 0
+    if scheme == "ckks":
+        return float(value)  # type: ignore[arg-type]
+    exact = value if isinstance(value, int) else Decimal(str(value))
+    if isinstance(exact, Decimal):
+        if exact != exact.to_integral_value():
+            raise InvalidInputError(
+                f"{what} is fractional: a BFV context sums integers exactly; use a CKKS context"
+            )
+        return int(exact)
+    return exact
+
+
+@dataclass(frozen=True)
+class SumLayout:
+    """Result-column indexes of the dimensions and of the additive values, the values' names."""
+
+    dims: tuple[int, ...]
+    values: tuple[int, ...]
+    names: tuple[str, ...]
+
+
+def sum_layout(checked: CheckedQuery) -> SumLayout:
+    """Where a checked secure-sum query's dimensions and additive values are (COUNT and SUM
+    only: the outputs that add up across zones)."""
+    dims: list[int] = []
+    values: list[int] = []
+    names: list[str] = []
+    for output, sources in zip(checked.outputs, checked.layout, strict=True):
+        if output.kind == "dimension":
+            dims.append(sources[0])
+        elif output.kind in _ADDITIVE:
+            values.append(sources[0])
+            names.append(output.name)
+        else:
+            raise InvalidInputError(
+                f"{output.kind.upper()} does not add up across zones; use COUNT and SUM",
+                reason="not_additive",
+            )
+    if not values:
+        raise InvalidInputError("select at least one COUNT or SUM")
+    return SumLayout(tuple(dims), tuple(values), tuple(names))
+
+
+def check_cells(layout: SumLayout, cells: Sequence[Sequence[str]], slots: int) -> int:
+    """The vector's length (cells × values) once the cells fit the query and one ciphertext."""
+    if len(layout.dims) != len(cells[0]):
+        raise InvalidInputError(
+            f"the query groups by {len(layout.dims)} columns; cells name {len(cells[0])} values"
+        )
+    width = len(layout.values)
+    length = len(cells) * width
+    if length > slots:
+        raise InvalidInputError(f"{len(cells)} cells × {width} values exceed {slots} slots")
+    return length
+
+
+@dataclass(frozen=True)
+class CellVector:
+    """A zone's cell-major vector and, for exact sums, which cells it filled or zeroed."""
+
+    values: list[int | float]
+    filled: list[bool]
+    suppressed: int
+
+    @property
+    def missing(self) -> int:
+        """Named cells the zone has no group for."""
+        return self.filled.count(False) - self.suppressed
+
+
+def cell_vector(
+    checked: CheckedQuery,
+    rows: Iterable[Sequence[Any]],
+    cells: Sequence[tuple[str, ...]],
+    scheme: str,
+    slots: int,
+    gate: Gate | None,
+) -> CellVector:
+    """The zone's vector from the checked query's raw rows: each named cell whose group passes
+    the gate (``gate`` for a differentially private sum, on the group's noisy distinct-subject
+    count; else the exact k gate) holds its values; every other cell, and every group the
+    requester did not name, is zeros."""
+    layout = sum_layout(checked)
+    length = check_cells(layout, cells, slots)
+    width = len(layout.values)
+    index = {cell: i for i, cell in enumerate(cells)}
+    vector: list[int | float] = [0] * length
+    filled = [False] * len(cells)
+    suppressed = 0
+    for row in rows:
+        key = tuple(_key(row[d]) for d in layout.dims)
+        cell = index.get(key)  # type: ignore[arg-type]
+        if cell is None:
+            continue  # a group the requester did not name is never released
+        distinct = 0 if row[-1] is None else int(row[-1])
+        if not (gate.opens(distinct) if gate is not None else distinct >= checked.k):
+            suppressed += 1
+            continue
+        filled[cell] = True
+        for v, column in enumerate(layout.values):
+            vector[cell * width + v] = _value(row[column], scheme, layout.names[v])
+    return CellVector(vector, filled, suppressed)
+
+
+def contribution_payload(
+    *,
+    computation: str,
+    consumer: str,
+    zone: str,
+    context: str,
+    checked: CheckedQuery,
+    cells: str,
+    length: int,
+    ciphertext: bytes,
+    snapshots: Mapping[str, str],
+    exact: CellVector | None,
+) -> dict[str, Any]:
+    """What a zone signs for its part of a secure sum (DSSE, :data:`CONTRIBUTION_TYPE`):
+    ``cells`` is the cells' digest, ``snapshots`` each read dataset's snapshot; ``exact`` (exact
+    sums only) adds how many named cells were zeroed and how many it had no group for."""
+    payload: dict[str, Any] = {
+        "type": CONTRIBUTION_VERSION,
+        "computation": computation,
+        "consumer": consumer,
+        "zone": zone,
+        "context": context,
+        "query": checked.digest,
+        "cells": cells,
+        "length": length,
+        "ciphertext": hashlib.sha256(ciphertext).hexdigest(),
+        "datasets": [{"name": name, "snapshot": snapshots[name]} for name in checked.datasets],
+        "k": checked.k,
+    }
+    if exact is not None:
+        payload |= {"suppressed": exact.suppressed, "missing": exact.missing}
+    return payload
