@@ -97,7 +97,7 @@ UPLOAD_SUFFIX = "/uploads"
 CONTEXT_SUFFIX = "/he/contexts"
 POINTS_SUFFIX = "/points"
 #: the binary outputs a zone node uploads for a task (exchange.dispatch.TaskFiles)
-NODE_OUTPUTS = ("a_prime", "b", "ciphertexts", "ciphertext")
+NODE_OUTPUTS = ("a_prime", "b", "ciphertexts", "scores", "ciphertext")
 
 
 CATALOG_SNAPSHOT = "catalog"

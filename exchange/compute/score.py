@@ -15,7 +15,10 @@ The protocol (DESIGN, "Encrypted scoring"; ``docs/he.md``):
    live_consents`): otherwise the call is refused **by position and count**, before any
    feature is read, and the refusal is ledgered. Then the zone reads exactly the committed
    feature columns for those entities and computes packed ``Enc(w·x)`` (4096 entities per
-   ciphertext, column packing, no rotations; :func:`crypto.he.encrypted_scores`).
+   ciphertext, column packing, no rotations; :func:`crypto.he.encrypted_scores`): in this
+   process, or, for a dataset hosted on its zone's node, on the node as an ``he_score`` task
+   (:mod:`exchange.node.score`; the same code), whose uploaded scores are checked here against
+   the digests the node signed; the receipt then embeds the node's signed result.
 4. The consumer decrypts locally, adds its bias and applies its link (:mod:`exchange.he_client`).
 
 What comes back names no subject by anything derived from a secret (DESIGN, "Privacy
@@ -30,47 +33,41 @@ adds ``consents``, the SHA-256 of the canonical JSON list of the consent ids use
 order), so an auditor holding the consent table sees which consents each score relied on.
 
 Raw ids pass through memory only: they are needed to find the zone's rows, which are keyed by
-them. Scores come back in the order the ids were sent.
+them (for a node-hosted zone they also pass, for the task's duration only, through a salted
+input file the node fetches, deleted when the task ends). Scores come back in the order the ids
+were sent.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
+import os
 import secrets
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
-import duckdb
-import numpy as np
-import numpy.typing as npt
-import pyarrow as pa
-from sqlalchemy import Connection, Double, String, cast, column, select, table
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from crypto import he
 from crypto.canonical import canonicalize
 from crypto.encoding import b64url_encode
 from crypto.errors import CryptoError
-from exchange import access, subjects
-from exchange.analysis import NUMERIC_TYPES
+from exchange import access, dispatch, subjects
 from exchange.compute import contexts
-from exchange.compute.source import Source, open_source
+from exchange.compute.source import open_source
 from exchange.domain import Principal
 from exchange.errors import ConflictError, DeniedError, InvalidInputError, NotFoundError
 from exchange.ledger import EntryDraft
-from exchange.models import DatasetRow, ModelCommitmentRow
+from exchange.models import DatasetRow, ModelCommitmentRow, NodeRow
+from exchange.node.score import IDS_SALT_BYTES, Scored, score_columns, score_entities
+from exchange.node.score import KIND as NODE_TASK_KIND
+from exchange.node.score import OUTPUT as SCORES_OUTPUT
 from exchange.receipts import record_computation
 from exchange.runtime import Exchange
-from policy import Level, Operation
+from policy import Operation
 
 __all__ = ["commit_model", "get_model", "run_score"]
-
-#: ids per ``IN (...)`` when reading features from an attached table
-_READ_CHUNK = 5_000
-#: an id that can name an integer subject (its canonical text is checked by the lookup)
-_INTEGER = re.compile(r"-?[0-9]+")
 #: refused positions listed in a problem (the count is always exact)
 _MAX_LISTED = 10_000
 
@@ -177,109 +174,157 @@ def _refuse(
     raise error
 
 
-def _feature_columns(row: DatasetRow, features: Sequence[str]) -> tuple[str, str]:
-    """Check the committed features are numeric, scorable columns; return the subject column
-    and its portable type."""
-    by_name = {c["name"]: c for c in row.columns}
-    for name in features:
-        column = by_name.get(name)
-        if column is None:
-            raise InvalidInputError(f"dataset {row.name!r} has no column {name!r}")
-        if name == row.subject_column:
-            raise InvalidInputError("the subject column is not a feature")
-        if column["type"] not in NUMERIC_TYPES:
-            raise InvalidInputError(f"feature {name!r} is not numeric")
-        if Level(column["level"]) >= Level.CORE:
-            raise DeniedError("level_ceiling", f"feature {name!r} is core data")
-    return row.subject_column, by_name[row.subject_column]["type"]
-
-
-def _read_features(
-    ex: Exchange, row: DatasetRow, features: Sequence[str], ids: Sequence[str], id_type: str
-) -> tuple[npt.NDArray[np.float64], list[int]]:
-    """The committed features of each id, one row per id in request order, and the positions of
-    the ids that cannot be scored: no row, several rows, or a missing value (their rows are 0).
-
-    An id matches a row whose subject value, as text, is exactly the id."""
-    try:
-        with open_source(ex, row) as src, src.engine.connect() as conn:
-            if src.dialect == "duckdb" and id_type in ("text", "integer"):
-                return _read_features_joined(conn, src, row, features, ids, id_type)
-            return _read_features_chunked(conn, src, row, features, ids, id_type)
-    except (SQLAlchemyError, duckdb.Error) as exc:
-        raise InvalidInputError("the zone could not read the features") from exc
-
-
-def _read_features_joined(
-    conn: Connection,
-    src: Source,
+def _read_here(
+    ex: Exchange,
     row: DatasetRow,
+    *,
+    id_type: str,
     features: Sequence[str],
     ids: Sequence[str],
-    id_type: str,
-) -> tuple[npt.NDArray[np.float64], list[int]]:
-    """DuckDB: one join of the dataset with the ids (registered as an Arrow table), fetched as
-    numpy columns."""
-    name = f"zx_score_ids_{secrets.token_hex(8)}"
-    wanted = table(name, column("pos"), column("id"))
-    subject = src.relation.c[row.subject_column]
-    # integer subjects compare as their canonical text, so "007" does not match 7
-    key = cast(subject, String) if id_type == "integer" else subject
-    stmt = select(
-        wanted.c.pos.label("zx_pos"),
-        *(cast(src.relation.c[f], Double).label(f"zx_v{j}") for j, f in enumerate(features)),
-    ).select_from(wanted.join(src.relation, key == wanted.c.id))
-    sql = str(stmt.compile(dialect=conn.dialect))
-    n = len(ids)
-    positions = pa.array(np.arange(n, dtype=np.int64))
-    raw = conn.connection.driver_connection
-    assert raw is not None
-    raw.register(name, pa.table({"pos": positions, "id": pa.array(ids, pa.string())}))
+    ctx: Any,
+    weights: Sequence[bytes],
+) -> Scored:
+    """The zone's part, in this process: read the rows and score them
+    (:func:`exchange.node.engine.score_entities`, the code a zone node runs)."""
+    with open_source(ex, row) as src:
+        return score_entities(
+            src.engine,
+            src.relation,
+            src.dialect,
+            subject_column=row.subject_column,
+            id_type=id_type,
+            features=features,
+            ids=ids,
+            ctx=ctx,
+            weights=weights,
+        )
+
+
+def _node_mismatch(what: str) -> dispatch.NodeRefusedError:
+    return dispatch.NodeRefusedError(
+        f"the zone's node answered {what} other than asked; nothing was released",
+        reason="node_mismatch",
+    )
+
+
+def _node_attrs(answer: dispatch.NodeResult) -> dict[str, str | int]:
+    """What the computation's ledger entry says of the node's answer (as for private joins)."""
+    return {
+        "node_task": str(answer.payload["task"]),
+        "node_result": hashlib.sha256(canonicalize(answer.envelope)).hexdigest(),
+    }
+
+
+def _score_on_node(
+    ex: Exchange,
+    actor: Principal,
+    node: NodeRow,
+    *,
+    dataset: str,
+    snapshot: str,
+    purpose: str,
+    model: str,
+    doc: dict[str, Any],
+    context: str,
+    weights: str,
+    ids: list[str],
+    ctx: Any,
+) -> tuple[Scored, dispatch.NodeResult]:
+    """The zone's part on its node (:mod:`exchange.node.score`): the node reads the features
+    and uploads the encrypted scores, checked here against the digests it signed. The exchange
+    never reads a feature.
+
+    The ids travel as a task input (never in the task, which is stored): a file holding a
+    random 32-byte salt and the canonical JSON of the ids, deleted when the task ends; the task
+    names its SHA-256 (salted, so the digest the node signs tests no guess)."""
+    cfg = ex.settings
+    params = he.PARAMETER_SETS[doc["parameter_set"]]
+    features: list[str] = list(doc["features"])
+    work = cfg.data_dir / "he" / "tasks" / secrets.token_hex(16)
+    work.mkdir(mode=0o700, parents=True)
     try:
-        result = raw.execute(sql).fetchnumpy()
+        blob = secrets.token_bytes(IDS_SALT_BYTES) + canonicalize(ids)
+        ids_path = work / "ids"
+        fd = os.open(ids_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        upload = contexts._uploads(ex) / f"{actor.key_id}.{context}.{weights}"
+        slots = he.slot_count(params)
+        count = -(-len(ids) // slots)
+        limit = he.max_ciphertext_bytes(params)
+        outputs = {SCORES_OUTPUT: (work / SCORES_OUTPUT, count * (limit + 4))}
+        inputs = {
+            "context": cfg.data_dir / "contexts" / context,
+            "weights": upload,
+            "ids": ids_path,
+        }
+        ids_spec = {"sha256": hashlib.sha256(blob).hexdigest(), "count": len(ids)}
+        fields = {
+            "consumer": actor.key_id,
+            "purpose": purpose,
+            "dataset": dataset,
+            "snapshot": snapshot,
+            "model": model,
+            "features": features,
+            "link": doc["link"],
+            "parameter_set": doc["parameter_set"],
+            "context": context,
+            "weights": {"sha256": weights, "bytes": upload.stat().st_size},
+            "ids": {**ids_spec, "bytes": len(blob)},
+        }
+        del blob
+        answer = dispatch.dispatch(
+            ex, node, NODE_TASK_KIND, fields, files=dispatch.TaskFiles(inputs, outputs)
+        )
+        body = answer.payload
+        if body.get("snapshot") != snapshot or body.get("ids") != ids_spec:
+            raise _node_mismatch("for another snapshot or list of ids")
+        if "unscorable" in body:
+            positions = body["unscorable"]
+            if (
+                not isinstance(positions, list)
+                or not positions
+                or any(type(p) is not int or not 0 <= p < len(ids) for p in positions)
+                or positions != sorted(set(positions))
+                or "result" in body
+            ):
+                raise _node_mismatch("unscorable positions")
+            return Scored([], positions), answer
+        result = body.get("result")
+        want: dict[str, Any] = {
+            "zone": node.zone,
+            "dataset": dataset,
+            "model": model,
+            "context": context,
+            "weights": weights,
+            "features": features,
+            "entities": len(ids),
+            "slots": slots,
+        }
+        if not isinstance(result, dict) or set(result) != {*want, "ciphertexts"}:
+            raise _node_mismatch("a result")
+        if any(result[name] != value for name, value in want.items()):
+            raise _node_mismatch("a computation")
+        path = outputs[SCORES_OUTPUT][0]
+        data = path.read_bytes() if path.exists() else b""
+        claim = (body.get("outputs") or {}).get(SCORES_OUTPUT) or {}
+        if claim.get("sha256") != hashlib.sha256(data).hexdigest():  # dispatch checked it too
+            raise _node_mismatch("scores of another digest")
+        try:
+            chunks = he.unpack_ciphertexts(data, max_items=count, max_item_bytes=limit)
+            for chunk in chunks:
+                he.load_ciphertext(ctx, chunk, max_bytes=limit, kind=params.scheme)
+        except CryptoError as exc:
+            raise _node_mismatch(
+                f"scores that are not ciphertexts under the context ({exc})"
+            ) from exc
+        if len(chunks) != count:
+            raise _node_mismatch("another number of ciphertexts")
+        if result["ciphertexts"] != [hashlib.sha256(c).hexdigest() for c in chunks]:
+            raise _node_mismatch("ciphertext digests")
+        return Scored(chunks, []), answer
     finally:
-        raw.unregister(name)
-    pos = np.asarray(result["zx_pos"], dtype=np.int64)
-    columns = [result[f"zx_v{j}"] for j in range(len(features))]
-    # one row per subject and no NULL, else the subject is unscorable
-    bad = np.bincount(pos, minlength=n) != 1
-    for values in columns:
-        bad[pos[np.ma.getmaskarray(values)]] = True
-    keep = ~bad[pos]
-    matrix = np.zeros((n, len(features)))
-    for j, values in enumerate(columns):
-        matrix[pos[keep], j] = np.ma.getdata(values)[keep]
-    return matrix, np.flatnonzero(bad).tolist()
-
-
-def _read_features_chunked(
-    conn: Connection,
-    src: Source,
-    row: DatasetRow,
-    features: Sequence[str],
-    ids: Sequence[str],
-    id_type: str,
-) -> tuple[npt.NDArray[np.float64], list[int]]:
-    """Any SQLAlchemy source (an attached table): ``IN`` lists of ids, rows read in Python."""
-    found: dict[str, list[Any] | None] = {}
-    subject = src.relation.c[row.subject_column]
-    columns = [src.relation.c[f] for f in features]
-    for start in range(0, len(ids), _READ_CHUNK):
-        chunk: list[Any] = list(ids[start : start + _READ_CHUNK])
-        if id_type == "integer":
-            chunk = [int(i) for i in chunk if _INTEGER.fullmatch(i)]
-        for record in conn.execute(select(subject, *columns).where(subject.in_(chunk))):
-            key = str(record[0])
-            found[key] = None if key in found else list(record[1:])
-    matrix = np.zeros((len(ids), len(features)))
-    unscorable: list[int] = []
-    for k, entity in enumerate(ids):
-        values = found.get(entity)
-        if values is None or any(v is None for v in values):
-            unscorable.append(k)  # no row, several rows, or a missing feature value
-        else:
-            matrix[k] = [float(v) for v in values]
-    return matrix, unscorable
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def run_score(
@@ -305,8 +350,13 @@ def run_score(
         doc = dict(model_row.document)
         row = access._dataset(session, zone, dataset)
         session.expunge(row)
+        # a node-hosted dataset is scored on its zone's node; without an active node the
+        # in-process path refuses it (open_source: node_hosted)
+        node = dispatch.node_for_zone(session, zone) if row.source == "node" else None
+        if node is not None:
+            session.expunge(node)
     features: list[str] = list(doc["features"])
-    _, id_type = _feature_columns(row, features)
+    id_type = score_columns(row.name, row.subject_column, row.columns, features)
     params = he.PARAMETER_SETS[doc["parameter_set"]]
     ctx = contexts.load_context(ex, context, expected=params)
     encrypted = contexts.load_ciphertexts(ex, actor, context, weights)
@@ -329,25 +379,40 @@ def run_score(
             len(entity_ids),
         )
 
-    matrix, unscorable = _read_features(ex, row, features, entity_ids, id_type)
-    if unscorable:
+    answer: dispatch.NodeResult | None = None
+    if node is not None:
+        scored, answer = _score_on_node(
+            ex,
+            actor,
+            node,
+            dataset=dataset,
+            snapshot=auth.digest,
+            purpose=purpose,
+            model=model,
+            doc=doc,
+            context=context,
+            weights=weights,
+            ids=entity_ids,
+            ctx=ctx,
+        )
+    else:
+        scored = _read_here(
+            ex, row, id_type=id_type, features=features, ids=entity_ids, ctx=ctx, weights=encrypted
+        )
+    if scored.unscorable:
         _refuse(
             ex,
             actor,
             zone,
             dataset,
             InvalidInputError(
-                f"{len(unscorable)} consented entities have no single complete row",
+                f"{len(scored.unscorable)} consented entities have no single complete row",
                 reason="unscorable",
             ),
-            unscorable,
+            scored.unscorable,
             len(entity_ids),
         )
-
-    try:
-        chunks = he.encrypted_scores(ctx, encrypted, matrix)
-    except CryptoError as exc:
-        raise InvalidInputError(f"cannot score: {exc}", reason="bad_ciphertext") from exc
+    chunks = scored.ciphertexts
 
     # which ids, in which order: hidden by a nonce only the consumer receives
     nonce = secrets.token_bytes(subjects.NONCE_BYTES)
@@ -398,8 +463,14 @@ def run_score(
         },
         result=result,
         refs={"zone": zone, "dataset": dataset},
-        attrs={**auth.attrs(), "entities": len(entity_ids), "features": len(features)},
+        attrs={
+            **auth.attrs(),
+            "entities": len(entity_ids),
+            "features": len(features),
+            **({} if answer is None else _node_attrs(answer)),
+        },
         apply=lambda _session, draft: draft.digests.update(consents=used),
+        node=answer,
     )
     return {
         "result": result,

@@ -31,6 +31,8 @@ from exchange.node.engine import release_aggregate, table_stats
 from exchange.node.home import NodeHome
 from exchange.node.psi import KIND as PSI_KIND
 from exchange.node.psi import run_psi_zone
+from exchange.node.score import KIND as SCORE_KIND
+from exchange.node.score import run_he_score
 from exchange.node.secure_sum import KIND as SUM_KIND
 from exchange.node.secure_sum import run_secure_sum
 from exchange.sdk import SignatureAuth
@@ -167,6 +169,8 @@ class NodeAgent:
             return run_psi_zone(self.home, self._http, task)
         if task["kind"] == SUM_KIND:
             return run_secure_sum(self, task)
+        if task["kind"] == SCORE_KIND:
+            return run_he_score(self.home, self._http, task)
         if task["kind"] != "aggregate":
             raise TaskRefused("unsupported", f"this node does not run {task['kind']!r} tasks")
         return self._aggregate(task)

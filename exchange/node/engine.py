@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: task kinds a veto file may name
-TASK_KINDS = ("aggregate", "secure_sum", "psi_zone")
+TASK_KINDS = ("aggregate", "secure_sum", "psi_zone", "he_score")
 
 
 def plain(value: Decimal) -> str:
