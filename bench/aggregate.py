@@ -10,7 +10,7 @@ consumer ``aggregate`` and sets analysis rules. Then, in one run, median seconds
   through SQLAlchemy: what zonex pushes queries down to), no checks;
 - **engine, rewritten**: the statement zonex actually runs (clamping, the hidden distinct-subject
   count for k), on the same engine;
-- **zonex**: :func:`exchange.compute.aggregate.run_aggregate`: parse and check with sqlglot,
+- **zonex**: :func:`exchange.server.compute.aggregate.run_aggregate`: parse and check with sqlglot,
   authorize against the live policy, push down, suppress, sign the receipt, ledger it;
 - **sqlite**: the query as written on the same rows in a SQLite file (``sqlite3``), the engine a
   smaller deployment might pick;
@@ -21,8 +21,8 @@ as a consumer gets it by default.
 
 Then the cost of the noisy gate, side by side on the same raw rows in the same run: a query
 whose groups are found in the data (``GROUP BY district, industry, year``) is run once;
-:func:`exchange.sqlcheck.postprocess` releases its rows (a) exactly, with the exact k gate, and
-(b) differentially privately, with :class:`exchange.dp.Gate` and the noise; and the gate
+:func:`exchange.node.sqlcheck.postprocess` releases its rows (a) exactly, with the exact k gate, and
+(b) differentially privately, with :class:`exchange.node.dp.Gate` and the noise; and the gate
 decisions alone are timed, exact comparison against ``Gate.opens``. Ratios are printed.
 """
 
@@ -43,14 +43,14 @@ from sqlalchemy import text
 
 from crypto.envelope import sign_envelope
 from crypto.keys import SigningKey
-from exchange import access, services
-from exchange.compute import aggregate, rules
 from exchange.domain import APPROVAL_TYPE, approval_payload
-from exchange.dp import DpMechanisms, Gate, parse_epsilon
 from exchange.keyfile import load_private_key
-from exchange.runtime import Exchange, init_data_dir
+from exchange.node.dp import DpMechanisms, Gate, parse_epsilon
+from exchange.node.sqlcheck import postprocess
+from exchange.server import access, services
+from exchange.server.compute import aggregate, rules
+from exchange.server.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
-from exchange.sqlcheck import postprocess
 
 SQL = (
     "SELECT district, COUNT(*), AVG(tax_paid), SUM(employees) FROM tax_records "

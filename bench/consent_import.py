@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 
 from crypto.keys import SigningKey
 from exchange.cli import app
+from exchange.client.sdk import Client
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.runtime import Exchange, init_data_dir
-from exchange.sdk import Client
+from exchange.server.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
 PURPOSE = "credit-assessment"
@@ -41,7 +41,7 @@ def serving(ex: Exchange) -> Iterator[str]:
 
     import uvicorn
 
-    from exchange.api.app import create_app
+    from exchange.server.api.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,13 +17,13 @@ Prints, in one run:
 - secure_sum of --zones zones' vectors, BFV and CKKS.
 - the services end to end, in-process on a temporary exchange (SQLite control plane, DuckDB
   zone store): ``he_score`` of --entities consented entities x --features features through
-  :func:`exchange.compute.score.run_score` (authorization, consent check, feature read, packed
-  scoring, receipt) next to a one-ciphertext-per-entity baseline (TenSEAL ``dot`` with Galois
+  :func:`exchange.server.compute.score.run_score` (authorization, consent check, feature read,
+  packed scoring, receipt) next to a one-ciphertext-per-entity baseline (TenSEAL ``dot`` with Galois
   keys, run on --sample entities and extrapolated) and plain numpy; each step of its data path
   (digests, consent lookup, feature read, encrypted scoring) and run_score itself are timed
   against the unbatched path they replaced (kept below), alternating --repeats times, with the
   load average; and ``secure_sum`` of --zones zones' --cells-cell vectors through
-  :func:`exchange.compute.secure_sum.run_secure_sum` with total time and bytes on the wire.
+  :func:`exchange.server.compute.secure_sum.run_secure_sum` with total time and bytes on the wire.
 
 ``--only service-scores`` (comma-separated sections; ``services`` for both service sections)
 runs part of it.
@@ -61,16 +61,18 @@ from crypto.encoding import b64url_decode
 from crypto.envelope import sign_envelope
 from crypto.kdf import derive_key, encode_parts
 from crypto.keys import SigningKey
-from exchange import access, he_client, services, subjects
-from exchange.compute import contexts
-from exchange.compute import rules as rules_service
-from exchange.compute import score as score_service
-from exchange.compute import secure_sum as secure_sum_service
-from exchange.compute.source import open_source
+from exchange import subjects
+from exchange.client import he as he_client
 from exchange.domain import APPROVAL_TYPE, Principal, approval_payload
 from exchange.keyfile import load_private_key
-from exchange.models import ConsentRow, DatasetRow
-from exchange.runtime import Exchange, init_data_dir
+from exchange.server import access, services
+from exchange.server.compute import contexts
+from exchange.server.compute import rules as rules_service
+from exchange.server.compute import score as score_service
+from exchange.server.compute import secure_sum as secure_sum_service
+from exchange.server.compute.source import open_source
+from exchange.server.models import ConsentRow, DatasetRow
+from exchange.server.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
 T = TypeVar("T")

@@ -23,8 +23,8 @@ from pathlib import Path
 from crypto.merkle import leaf_hash, verify_inclusion
 from crypto.note import NoteVerifier
 from exchange.audit import check_bundle, read_bundle_lines
-from exchange.ledger import EntryDraft, write_export
-from exchange.runtime import Exchange, init_data_dir
+from exchange.server.ledger import EntryDraft, write_export
+from exchange.server.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
 
@@ -94,7 +94,7 @@ def bench_verify(root: Path, entries: int) -> tuple[float, float, int]:
     data = root / "big"
     init_data_dir(data)
     ex = Exchange(Settings.from_data_dir(data))
-    from exchange.ledger import ensure_head
+    from exchange.server.ledger import ensure_head
 
     ensure_head(ex.engine)
     batch = 20_000

@@ -51,9 +51,9 @@ from sqlalchemy.engine import make_url
 
 from crypto.httpsig import sign_request
 from crypto.keys import SigningKey
+from exchange.client.sdk import Client
 from exchange.keyfile import load_private_key
-from exchange.runtime import init_data_dir
-from exchange.sdk import Client
+from exchange.server.runtime import init_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPANIES = ROOT / "examples" / "data" / "companies.csv"

@@ -22,7 +22,7 @@ Measured side by side, requests alternating between the zones (the order flipped
    The overhead is given both as the difference of the percentiles and as the percentiles of
    the paired differences (each node request minus the in-process request next to it).
 
-Latency is the consumer's: ``exchange.sdk.Client.aggregate`` (one kept-alive connection,
+Latency is the consumer's: ``exchange.client.sdk.Client.aggregate`` (one kept-alive connection,
 the request's signature and the answer's decoding included) timed in this process. A consumer may
 spend at most ε 10 per dataset and window, which bounds --runs and --requests at the ε above.
 The exchange, the node and this client share the machine's cores; the load average is printed.
@@ -50,9 +50,9 @@ import duckdb
 import httpx
 
 from crypto.keys import SigningKey
+from exchange.client.sdk import Client
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.runtime import init_data_dir
-from exchange.sdk import Client
+from exchange.server.runtime import init_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTED, NODED = "hosted", "noded"
@@ -63,7 +63,7 @@ HEAVY_EPSILON = "0.25"
 TINY_EPSILON = "0.02"
 TINY_ROWS = 100
 HEAVY_WARMUP, TINY_WARMUP = 2, 10
-#: the most a rule's epsilon_budget may be (exchange.dp.MAX_EPSILON)
+#: the most a rule's epsilon_budget may be (exchange.node.dp.MAX_EPSILON)
 BUDGET = Decimal(10)
 
 GENERATE = """

@@ -5,7 +5,7 @@
 
 For 100, 10,000 and 100,000 live grants (consumers x datasets over ten zones, plus role
 memberships, suspensions and deny rows), the rows are written to a SQLite control database with
-exchange.policystore; the decision point is loaded from it by a PolicyCache and a plain
+exchange.server.policystore; the decision point is loaded from it by a PolicyCache and a plain
 ``casbin.Enforcer`` through the Casbin adapter over the same table. Prints, in one run:
 
 - decision latency p50 / p99 through the decision point and through the plain enforcer (fewer
@@ -40,8 +40,8 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from exchange.db import Base
-from exchange.policystore import (
+from exchange.server.db import Base
+from exchange.server.policystore import (
     PolicyAdapter,
     PolicyCache,
     PolicyChangeRow,
@@ -50,7 +50,7 @@ from exchange.policystore import (
     add_rules,
     remove_rules,
 )
-from exchange.storage import WRITE, create_control_engine
+from exchange.server.storage import WRITE, create_control_engine
 from policy import (
     DEFAULT_CEILINGS,
     DecisionRequest,

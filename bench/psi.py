@@ -366,9 +366,9 @@ class _Live:
 
         import uvicorn
 
-        from exchange.api.app import create_app
         from exchange.keyfile import load_private_key
-        from exchange.runtime import Exchange, init_data_dir
+        from exchange.server.api.app import create_app
+        from exchange.server.runtime import Exchange, init_data_dir
         from exchange.settings import Settings
 
         self.data_dir = root / "exchange"
@@ -412,8 +412,8 @@ def _world(live: _Live, root: Any, rows: int, bound: int) -> tuple[Any, list[str
     import csv
 
     from crypto.keys import SigningKey
-    from exchange import services
-    from exchange.sdk import Client
+    from exchange.client.sdk import Client
+    from exchange.server import services
 
     provider, consumer = SigningKey.generate(), SigningKey.generate()
     ids = [f"C{i:09d}" for i in range(rows)]
@@ -472,8 +472,8 @@ def _session(
     """One session through the service functions, the consumer's work done here; seconds per
     phase."""
     from crypto import he
-    from exchange.compute import contexts
-    from exchange.compute import psi as service
+    from exchange.server.compute import contexts
+    from exchange.server.compute import psi as service
 
     t: dict[str, float] = {}
     start = time.perf_counter()
@@ -623,7 +623,7 @@ class _ExactGate:
         self.epsilon = epsilon
 
     def noisy(self, true: int) -> int:
-        from exchange import dp
+        from exchange.node import dp
 
         dp.laplace_count(true, self.epsilon)
         return true
@@ -638,8 +638,8 @@ def run_checks(n: int, repeat: int) -> None:
     from unittest import mock
 
     from crypto import he
-    from exchange import dp
-    from exchange.compute import psi as service
+    from exchange.node import dp
+    from exchange.server.compute import psi as service
 
     print(f"privacy checks of a psi_aggregate session, {n:,} x {n:,} ids, one sum, ε = 1:")
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ from pathlib import Path
 import duckdb
 from sqlalchemy import text
 
-from exchange.zonestore import ZoneStore, attach
+from exchange.node.store import ZoneStore, attach
 
 QUERIES = {
     "Q1 filter+group": (

@@ -32,10 +32,10 @@ from crypto.keys import SigningKey
 from crypto.note import NoteVerifier
 from crypto.receipt import verify_receipt
 from exchange.audit import check_bundle, read_bundle_lines
+from exchange.client.sdk import ApiError, Client
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.ledger import write_export
-from exchange.runtime import Exchange, init_data_dir
-from exchange.sdk import ApiError, Client
+from exchange.server.ledger import write_export
+from exchange.server.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
 HERE = Path(__file__).resolve().parent

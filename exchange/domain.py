@@ -91,6 +91,10 @@ class Zone:
     datasets: tuple[Dataset, ...] = ()
 
 
+#: DSSE payload type of a zone's signed part of a secure sum (the consumer verifies it)
+CONTRIBUTION_TYPE = "application/vnd.zonex.secure-sum-contribution+json"
+CONTRIBUTION_VERSION = "zonex.secure-sum-contribution.v1"
+
 #: DSSE payload type of an access approval; nothing else verifies as one
 APPROVAL_TYPE = "application/vnd.zonex.approval+json"
 

@@ -1,7 +1,7 @@
 """What every party of a private join computes the same way (``docs/psi.md``).
 
-The consumer (:mod:`exchange.psi_client`), the zone's role hosted by the exchange
-(:mod:`exchange.compute.psi`) and the zone's role on a zone node (:mod:`exchange.node.psi`)
+The consumer (:mod:`exchange.client.psi`), the zone's role hosted by the exchange
+(:mod:`exchange.server.compute.psi`) and the zone's role on a zone node (:mod:`exchange.node.psi`)
 import this one module, so an id is normalized, a subject's values are clipped and summed, and
 Y is read identically wherever the zone runs. Nothing here touches the exchange's database or
 its files: only the arguments (an engine and a relation to read, a public HE context).

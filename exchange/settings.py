@@ -39,7 +39,7 @@ class Settings(BaseModel):
     policy_max_staleness_seconds: float = 1.0
 
     # computations
-    #: the least ε one differentially private release may spend (exchange.dp.parse_epsilon):
+    #: the least ε one differentially private release may spend (exchange.node.dp.parse_epsilon):
     #: a refusal by a noisy gate spends it too, so no probe is nearly free
     min_release_epsilon: Decimal = Decimal("0.01")
     #: an uploaded HE public context (no Galois or relinearization keys; ~0.5 MB at n = 8192)

@@ -20,10 +20,10 @@ from sqlalchemy.engine import make_url
 
 from crypto.keys import SigningKey
 from crypto.note import NoteVerifier
-from exchange.api.app import create_app
+from exchange.client.sdk import Client
 from exchange.keyfile import load_private_key
-from exchange.runtime import Exchange, init_data_dir
-from exchange.sdk import Client
+from exchange.server.api.app import create_app
+from exchange.server.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("ZONEX_TEST_DATABASE_URL")

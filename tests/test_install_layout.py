@@ -53,10 +53,10 @@ BLOCKER = textwrap.dedent(
 
 #: the consumer's and the auditor's modules
 CLIENT_AND_AUDIT = (
-    "exchange.sdk",
-    "exchange.sdk_results",
-    "exchange.he_client",
-    "exchange.psi_client",
+    "exchange.client.sdk",
+    "exchange.client.results",
+    "exchange.client.he",
+    "exchange.client.psi",
     "exchange.audit",
     "exchange.cli",
     "exchange.tasks",
@@ -76,7 +76,7 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_blocker_blocks() -> None:
     """The harness would notice: importing the server under it fails."""
-    done = _run("import exchange.api.app")
+    done = _run("import exchange.server.api.app")
     assert done.returncode != 0 and "not installed with the base package" in done.stderr
 
 
@@ -137,3 +137,52 @@ def test_a_consumer_and_an_auditor_verify_offline_without_server_or_node(
         )
         assert done.returncode == 0, (args, done.stdout[-1000:], done.stderr[-2000:])
     assert "OK" in done.stdout
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at module level or inside a function."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("client", ("exchange.server", "exchange.node")),
+        ("audit", ("exchange.server", "exchange.node")),
+        ("node", ("exchange.server",)),
+    ],
+)
+def test_imports_point_one_way(package: str, forbidden: tuple[str, ...]) -> None:
+    """client and audit import neither server nor node; node never imports server (not even
+    inside a function). The shared modules at exchange/ import none of the three."""
+    files = sorted((ROOT / "exchange" / package).rglob("*.py"))
+    assert files
+    bad = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in files
+        for name in sorted(_imports(path))
+        if name.startswith(forbidden)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_shared_modules_import_no_deployment_package() -> None:
+    shared = sorted((ROOT / "exchange").glob("*.py"))
+    bad = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in shared
+        for name in sorted(_imports(path))
+        if name.startswith(
+            ("exchange.server", "exchange.node", "exchange.client", "exchange.audit")
+        )
+    ]
+    assert not bad, "\n".join(bad)

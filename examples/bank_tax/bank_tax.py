@@ -32,10 +32,10 @@ from rich.table import Table
 from crypto.keys import SigningKey
 from crypto.note import NoteVerifier
 from crypto.receipt import verify_receipt
+from exchange.client.psi import read_ids
+from exchange.client.sdk import ApiError, Client
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.psi_client import read_ids
-from exchange.runtime import init_data_dir
-from exchange.sdk import ApiError, Client
+from exchange.server.runtime import init_data_dir
 
 PURPOSE = "credit-assessment"
 ZONE, DATASET = "tax-bureau", "tax_records"

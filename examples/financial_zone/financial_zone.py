@@ -57,15 +57,15 @@ from crypto.envelope import Envelope, verify_envelope
 from crypto.keys import SigningKey, VerifyKey
 from crypto.note import NoteVerifier
 from crypto.receipt import verify_receipt
-from exchange import he_client
 from exchange.audit import check_bundle, read_bundle_lines
-from exchange.compute.secure_sum import CONTRIBUTION_TYPE
+from exchange.client import he as he_client
+from exchange.client.sdk import ApiError, Client
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.ledger import write_export
 from exchange.node.datasets import register_on_node
 from exchange.node.home import NodeHome, init_node_dir
-from exchange.runtime import Exchange, init_data_dir
-from exchange.sdk import ApiError, Client
+from exchange.server.compute.secure_sum import CONTRIBUTION_TYPE
+from exchange.server.ledger import write_export
+from exchange.server.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
 CREDIT = "credit-assessment"

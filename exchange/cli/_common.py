@@ -24,7 +24,7 @@ from crypto.errors import CryptoError
 from exchange.errors import ZonexError
 
 if TYPE_CHECKING:
-    from exchange.sdk import Client
+    from exchange.client.sdk import Client
 
 #: where the root callback leaves ``--profile`` for :func:`client`
 _PROFILE = "zonex.profile"
@@ -183,7 +183,7 @@ def explain(exc: BaseException) -> str | None:
     """The one line a user reads for an expected failure (``None``: a bug, let it show)."""
     # the SDK and httpx are only imported by commands that call the exchange: an error of
     # theirs cannot happen before they are
-    sdk = sys.modules.get("exchange.sdk")
+    sdk = sys.modules.get("exchange.client.sdk")
     if sdk is not None and isinstance(exc, sdk.ApiError):
         return explain_problem(exc.status, exc.code, exc.detail, exc.body)
     httpx = sys.modules.get("httpx")
@@ -301,8 +301,8 @@ def client(url: str | None, key: Path) -> Client:
     """The signed client for this command's exchange and key, resolved as: ``--url``/``--key``
     > ``ZONEX_URL``/``ZONEX_KEY`` > ``--profile``/``ZONEX_PROFILE`` > the current profile > the
     command's defaults."""
+    from exchange.client.sdk import Client
     from exchange.keyfile import load_private_key
-    from exchange.sdk import Client
 
     url, key = resolve_endpoint(url, key)
     _refuse_public_key(key)

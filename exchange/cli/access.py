@@ -485,7 +485,7 @@ def consent_import(
         _refuse_rows(file, len(rows) + len({line for line, _ in problems}), problems)
     if not rows:
         raise ValueError(f"{file}: no consents to record (the file has a header only)")
-    from exchange.sdk import ApiError
+    from exchange.client.sdk import ApiError
 
     try:
         with client(url, key) as c:

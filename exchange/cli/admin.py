@@ -27,7 +27,7 @@ def init(
     Example:
       zonex init --data-dir D
     """
-    from exchange.runtime import init_data_dir
+    from exchange.server.runtime import init_data_dir
 
     info = init_data_dir(data_dir, origin=origin, database_url=database_url)
     out.print(f"initialized {data_dir}")
@@ -57,14 +57,14 @@ def serve(
     """
     import uvicorn
 
-    from exchange.observability import logging_config, prepare_multiprocess_metrics
+    from exchange.server.observability import logging_config, prepare_multiprocess_metrics
     from exchange.settings import Settings
 
     if log_format not in ("json", "text"):
         fail("--log-format must be json or text")
 
     settings = Settings.from_data_dir(data_dir.resolve(), database_url=database_url)
-    from exchange.runtime import Exchange
+    from exchange.server.runtime import Exchange
 
     Exchange(settings, with_log_key=True).close()  # fail fast on a bad data dir or key
     os.environ["ZONEX_DATA_DIR"] = str(data_dir.resolve())
@@ -74,7 +74,7 @@ def serve(
         # every worker writes its samples under the data dir; /metrics in any worker sums them
         prepare_multiprocess_metrics(data_dir.resolve() / "metrics")
     uvicorn.run(
-        "exchange.api.app:app_from_env",
+        "exchange.server.api.app:app_from_env",
         factory=True,
         host=host,
         port=port,
@@ -104,7 +104,7 @@ def backup(
             "--out -: a backup holds the exchange's private keys and salts; write it to a file "
             "(created with mode 0600), not to standard output"
         )
-    from exchange.backup import create_backup
+    from exchange.server.backup import create_backup
     from exchange.settings import Settings
 
     settings = Settings.from_data_dir(data_dir.resolve(), database_url=database_url)
@@ -141,7 +141,7 @@ def restore(
     Example:
       zonex restore backup.tar.gz --data-dir D2
     """
-    from exchange.backup import restore_backup
+    from exchange.server.backup import restore_backup
 
     with err.status("restoring…"):
         info = restore_backup(archive, data_dir, database_url=database_url)

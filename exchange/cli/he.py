@@ -34,7 +34,7 @@ from exchange.cli._common import (
 )
 
 if TYPE_CHECKING:
-    from exchange import he_client
+    from exchange.client import he as he_client
 
 model_app = typer.Typer(help="scoring-model commitments", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -77,7 +77,7 @@ def model_commit(
     Example:
       zonex model commit --model model.json --key bank.key
     """
-    from exchange import he_client
+    from exchange.client import he as he_client
 
     loaded, fresh = he_client.load_model(model)
     if fresh:
@@ -127,7 +127,7 @@ def model_verify(
       zonex model verify --model model.json --document model-doc.json --commitment COMMITMENT
     """
     from crypto import he
-    from exchange import he_client
+    from exchange.client import he as he_client
 
     loaded, fresh = he_client.load_model(model)
     if fresh:
@@ -220,8 +220,8 @@ def score_cmd(
         --id-column company_id --purpose credit-assessment --key bank.key
     """
     zone = one_zone(zone, zone_flag, "score")
-    from exchange import he_client
-    from exchange.sdk import ScoreRefusedError
+    from exchange.client import he as he_client
+    from exchange.client.sdk import ScoreRefusedError
 
     loaded, fresh = he_client.load_model(model)
     if fresh:
@@ -333,7 +333,7 @@ def secure_sum_cmd(
         --sql "SELECT district, COUNT(*), SUM(tax_paid_2025) FROM companies GROUP BY district"
     """
     from crypto.encoding import b64url_decode
-    from exchange import he_client
+    from exchange.client import he as he_client
 
     names = _listed(zones)
     wanted = _cells(cells, cells_file)

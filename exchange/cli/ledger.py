@@ -53,7 +53,7 @@ AuditorKey = Annotated[
 
 
 def _offline_exchange(data_dir: Path) -> Any:
-    from exchange.runtime import Exchange
+    from exchange.server.runtime import Exchange
     from exchange.settings import Settings
 
     return Exchange(Settings.from_data_dir(data_dir))
@@ -142,7 +142,7 @@ def ledger_export(
       zonex ledger export --url https://exchange.example --key auditor.key --out ledger.jsonl
       zonex ledger export --data-dir ./exchange --out ledger.jsonl
     """
-    from exchange.ledger import write_export
+    from exchange.server.ledger import write_export
 
     if is_stdout(out_path):
         raise ValueError("--out takes a file: a bundle is written whole or not at all")

@@ -195,9 +195,9 @@ def run_doctor(data_dir: Path, url: str | None) -> list[dict[str, Any]]:
     depend on fails."""
     import httpx
 
+    from exchange.client.sdk import ApiError, Client
     from exchange.errors import ZonexError
     from exchange.node.home import NodeHome
-    from exchange.sdk import ApiError, Client
 
     checks: list[dict[str, Any]] = []
 

@@ -1,7 +1,7 @@
 """``zonex psi cardinality|members|aggregate``: private joins, run from the consumer's machine.
 
 The ids are read from a local CSV column, normalized, blinded and (for ``aggregate``) the BFV
-secret key is made here; none of it leaves this process (:mod:`exchange.psi_client`). Each
+secret key is made here; none of it leaves this process (:mod:`exchange.client.psi`). Each
 phase shows a progress bar. The exchange's signed result goes to ``--out`` with its receipt
 next to it (``zonex receipt verify`` checks the pair); what only this machine can read (the
 membership of each input row, the decrypted sums) goes to ``OUT.local.json``.
@@ -44,7 +44,7 @@ from exchange.cli._common import (
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from exchange.sdk import ApiError
+    from exchange.client.sdk import ApiError
 
 psi_app = typer.Typer(help="private joins (PSI) with a zone's dataset", no_args_is_help=True)
 app.add_typer(psi_app, name="psi")
@@ -65,7 +65,7 @@ OutFile = Annotated[
         help="write the signed result here (and OUT.receipt, OUT.local.json); - for stdout",
     ),
 ]
-#: exchange.psi_client.DEFAULT_BATCH_POINTS, stated here so that --help needs no PSI stack
+#: exchange.client.psi.DEFAULT_BATCH_POINTS, stated here so that --help needs no PSI stack
 #: (a test checks the two agree)
 DEFAULT_BATCH = 65_536
 Batch = Annotated[int, typer.Option("--batch", min=1, help="points per upload batch")]
@@ -132,9 +132,9 @@ def _join(
     sums: list[str] | None = None,
     epsilon: str | None = None,
 ) -> None:
-    from exchange import dp
-    from exchange.psi_client import BadIdError, read_ids, run
-    from exchange.sdk import ApiError
+    from exchange.client.psi import BadIdError, read_ids, run
+    from exchange.client.sdk import ApiError
+    from exchange.node import dp
 
     values = read_ids(ids, column)
     if epsilon is not None:

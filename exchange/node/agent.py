@@ -25,8 +25,9 @@ from typing import Any
 import httpx
 
 from crypto.canonical import canonicalize
-from exchange.analysis import AnalysisRules
+from exchange.client.sdk import SignatureAuth
 from exchange.errors import ZonexError
+from exchange.node.analysis import AnalysisRules
 from exchange.node.engine import release_aggregate, table_stats
 from exchange.node.home import NodeHome
 from exchange.node.psi import KIND as PSI_KIND
@@ -35,8 +36,7 @@ from exchange.node.score import KIND as SCORE_KIND
 from exchange.node.score import run_he_score
 from exchange.node.secure_sum import KIND as SUM_KIND
 from exchange.node.secure_sum import run_secure_sum
-from exchange.sdk import SignatureAuth
-from exchange.sqlcheck import QueryRejected, TableColumn, TableRules, TableStats, check_query
+from exchange.node.sqlcheck import QueryRejected, TableColumn, TableRules, TableStats, check_query
 from exchange.tasks import TaskRefused, Verified, sign_result, verify_task_bundle
 from policy.levels import Level
 

@@ -8,11 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from exchange.client.sdk import Client
 from exchange.domain import leveled_columns
 from exchange.errors import InvalidInputError
 from exchange.node.home import HostedDataset, NodeHome, own
-from exchange.sdk import Client
-from exchange.zonestore import CsvOptions, ZoneStoreError, attach
+from exchange.node.store import CsvOptions, ZoneStoreError, attach
 
 __all__ = ["register_on_node"]
 

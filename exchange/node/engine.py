@@ -8,7 +8,7 @@ lets a pre-noise value leave its machine.
 A secure sum's zone part is shared the same way: :func:`sum_layout` and :func:`cell_vector`
 turn a checked query's rows into the gated cell vector, and :func:`contribution_payload` is what
 the zone signs, whether the exchange runs it in-process
-(:func:`exchange.compute.secure_sum.contribute`) or the zone's node does
+(:func:`exchange.server.compute.secure_sum.contribute`) or the zone's node does
 (:mod:`exchange.node.secure_sum`).
 """
 
@@ -25,10 +25,11 @@ from typing import Any
 from sqlalchemy import Engine, TableClause, distinct, func, select, text
 
 from crypto.canonical import canonicalize
-from exchange.analysis import NUMERIC_TYPES
-from exchange.dp import DpMechanisms, Gate
+from exchange.domain import CONTRIBUTION_TYPE, CONTRIBUTION_VERSION
 from exchange.errors import InvalidInputError
-from exchange.sqlcheck import CheckedQuery, TableStats, postprocess
+from exchange.node.analysis import NUMERIC_TYPES
+from exchange.node.dp import DpMechanisms, Gate
+from exchange.node.sqlcheck import CheckedQuery, TableStats, postprocess
 from exchange.tasks import TaskRefused
 
 __all__ = [
@@ -162,8 +163,7 @@ def release_aggregate(
 
 # -- a secure sum's zone part (the exchange in-process, or the zone's node) --------------------
 
-CONTRIBUTION_TYPE = "application/vnd.zonex.secure-sum-contribution+json"
-CONTRIBUTION_VERSION = "zonex.secure-sum-contribution.v1"
+
 #: the outputs that add up across zones
 _ADDITIVE = ("count", "sum")
 

@@ -37,8 +37,8 @@ from crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
 from exchange.errors import ConfigurationError, InvalidInputError
 from exchange.keyfile import load_private_key, write_private_key, write_public_key
 from exchange.node.engine import Veto, load_veto
+from exchange.node.store import ZoneStore, ZoneStoreError, attach
 from exchange.tasks import parse_time
-from exchange.zonestore import ZoneStore, ZoneStoreError, attach
 
 __all__ = ["NodeHome", "init_node_dir"]
 

@@ -1,9 +1,9 @@
 """``he_score``'s zone part: a zone's feature rows to encrypted scores, on the zone's host.
 
 :func:`score_entities` is the one code path from a zone's rows to the scores: the exchange calls
-it in-process for zones it hosts (:mod:`exchange.compute.score`), and a zone node runs it for the
-``he_score`` tasks it receives (:func:`run_he_score`), so the features of a node-hosted dataset
-are read and encrypted under the consumer's key on the node and never reach the exchange.
+it in-process for zones it hosts (:mod:`exchange.server.compute.score`), and a zone node runs it
+for the ``he_score`` tasks it receives (:func:`run_he_score`), so the features of a node-hosted
+dataset are read and encrypted under the consumer's key on the node and never reach the exchange.
 
 The exchange keeps everything around it (``docs/he.md``): authorization, the model commitment,
 the consent check and its refusal by positions, the limits, the ``subjects`` commitment and the
@@ -46,8 +46,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from crypto import he
 from crypto.envelope import Envelope
 from crypto.errors import CryptoError
-from exchange.analysis import NUMERIC_TYPES
 from exchange.errors import DeniedError, InvalidInputError
+from exchange.node.analysis import NUMERIC_TYPES
 from exchange.node.home import NodeHome
 from exchange.node.psi import _digest, _fetch, _field, _problem, _upload
 from exchange.subjects import MAX_SUBJECT_ID, check_subject_id

@@ -2,7 +2,7 @@
 
 When a zone is hosted on a node, the exchange keeps the computation's own work (planning, the
 checks and authorization, the DP noise on the total, adding the ciphertexts, the receipt:
-:mod:`exchange.compute.secure_sum`) and hands the zone's part to the node as one task:
+:mod:`exchange.server.compute.secure_sum`) and hands the zone's part to the node as one task:
 
 1. the node checks the task against its local veto (``secure_sum`` among the refused kinds, the
    largest ε, the smallest k) and that it still holds the snapshots the task names;
@@ -10,7 +10,7 @@ checks and authorization, the DP noise on the total, adding the ciphertexts, the
    cells), on its own copy of the columns and levels, under the task's rules tightened by its
    veto, and runs it where the rows are;
 3. it gates every named cell as an in-process zone does (:func:`exchange.node.engine.cell_vector`):
-   under DP on a noisy distinct-subject count (a :class:`exchange.dp.Gate` it builds from its
+   under DP on a noisy distinct-subject count (a :class:`exchange.node.dp.Gate` it builds from its
    own check of the query and the share of ε the task names), else on the exact k, refusing
    (``zone_refused``) when no named cell reaches k;
 4. it fetches the requester's public HE context (the task input ``context``, checked against the
@@ -36,9 +36,9 @@ from sqlalchemy import text
 from crypto import he
 from crypto.envelope import Envelope, sign_envelope
 from crypto.errors import CryptoError
-from exchange import dp
-from exchange.analysis import AnalysisRules
 from exchange.errors import InvalidInputError
+from exchange.node import dp
+from exchange.node.analysis import AnalysisRules
 from exchange.node.engine import (
     CONTRIBUTION_TYPE,
     cell_vector,
@@ -49,7 +49,7 @@ from exchange.node.engine import (
     sum_layout,
 )
 from exchange.node.psi import _problem, _upload
-from exchange.sqlcheck import TableColumn, TableRules
+from exchange.node.sqlcheck import TableColumn, TableRules
 from exchange.tasks import TaskRefused, sign_result
 from policy.levels import Level
 

@@ -21,10 +21,10 @@ from sqlalchemy.orm import Session
 from crypto.envelope import Envelope, sign_envelope
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
-from exchange import access
+from exchange.client.sdk import ApiError, Client
 from exchange.domain import APPROVAL_TYPE, approval_payload
-from exchange.models import LedgerEntryRow
-from exchange.sdk import ApiError, Client
+from exchange.server import access
+from exchange.server.models import LedgerEntryRow
 from tests.conftest import EXAMPLES, L2_LEVELS, L3_LEVELS, LiveServer, free_port
 
 IMPORTANT_LEVELS = {**L2_LEVELS, "tax_paid_2025": "IMPORTANT"}

@@ -22,14 +22,14 @@ from sqlalchemy.orm import Session
 from crypto.errors import VerificationError
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
-from exchange import budget
-from exchange.analysis import AnalysisRules, ColumnRule, Disclosure
-from exchange.dp import DpMechanisms
+from exchange.client.sdk import ApiError
 from exchange.errors import BudgetExhaustedError
-from exchange.models import BudgetRow, GrantRow
-from exchange.sdk import ApiError
-from exchange.sqlcheck import TableColumn, TableRules, TableStats, check_query, postprocess
-from exchange.storage import WRITE
+from exchange.node.analysis import AnalysisRules, ColumnRule, Disclosure
+from exchange.node.dp import DpMechanisms
+from exchange.node.sqlcheck import TableColumn, TableRules, TableStats, check_query, postprocess
+from exchange.server import budget
+from exchange.server.models import BudgetRow, GrantRow
+from exchange.server.storage import WRITE
 from policy.levels import Level
 from tests.conftest import LiveServer
 from tests.exchange.test_access import EXAMPLES, L3_LEVELS, PURPOSE, entries, granted
@@ -682,10 +682,10 @@ def test_extreme_epsilon_is_422_with_a_reason(
 def test_the_release_floor_comes_from_the_settings(
     server: LiveServer, parties: dict[str, SigningKey], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exchange import dp
-    from exchange.compute import aggregate, secure_sum
+    from exchange.node import dp
+    from exchange.server.compute import aggregate, secure_sum
 
-    # one parser for ε: exchange.dp's, wherever an ε enters
+    # one parser for ε: exchange.node.dp's, wherever an ε enters
     for module in (aggregate, secure_sum):
         assert getattr(module, "parse_epsilon", dp.parse_epsilon) is dp.parse_epsilon
     raised = server.exchange.settings.model_copy(update={"min_release_epsilon": Decimal("0.2")})

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exchange.analysis import (
+from exchange.domain import Column, Dataset
+from exchange.errors import InvalidInputError
+from exchange.node.analysis import (
     MAX_K,
     MIN_K,
     AnalysisRules,
@@ -21,8 +23,6 @@ from exchange.analysis import (
     default_rules,
     effective_disclosure,
 )
-from exchange.domain import Column, Dataset
-from exchange.errors import InvalidInputError
 from policy.levels import Level
 
 D = Decimal

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from crypto.httpsig import sign_request
 from crypto.keys import SigningKey
-from exchange.models import DatasetRow, LedgerEntryRow, PrincipalRow, ZoneRow
-from exchange.sdk import ApiError, Client
+from exchange.client.sdk import ApiError, Client
+from exchange.server.models import DatasetRow, LedgerEntryRow, PrincipalRow, ZoneRow
 from tests.conftest import LiveServer
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"

@@ -14,7 +14,7 @@ from rbcl import crypto_core_ristretto255_from_hash, crypto_scalarmult_ristretto
 
 from crypto import psi as cpsi
 from crypto.errors import EncodingError
-from exchange.compute.psi import LABEL
+from exchange.server.compute.psi import LABEL
 from exchange.settings import Settings
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "api-psi-he.md").read_text("utf-8")

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from crypto.keys import SigningKey
 from exchange.cli import app
 from exchange.keyfile import write_private_key
-from exchange.models import ConsentRow, LedgerEntryRow
+from exchange.server.models import ConsentRow, LedgerEntryRow
 from tests.conftest import L2_LEVELS, LiveServer, tax_bureau_and_bank
 
 PURPOSE = "credit-assessment"
@@ -339,7 +339,7 @@ def test_a_group_is_recorded_whole_or_not_at_all(server: LiveServer, keys: dict[
     """append_group (what consent import records through): a change and all its entries commit
     together; an entry that cannot be recorded undoes the change and every other entry."""
     from exchange.errors import InvalidInputError
-    from exchange.ledger import EntryDraft
+    from exchange.server.ledger import EntryDraft
 
     ledger_ = server.exchange.ledger
     before = ledger_.sync_tree()

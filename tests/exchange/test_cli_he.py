@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from crypto import he
 from crypto.keys import SigningKey
-from exchange import he_client
 from exchange.cli import app
+from exchange.client import he as he_client
 from exchange.keyfile import write_private_key
 from tests.conftest import LiveServer
 from tests.exchange import test_he_compute as he_tests

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from exchange import dp
 from exchange.cli import app
 from exchange.keyfile import write_private_key
+from exchange.node import dp
 from tests.conftest import EXAMPLES, L2_LEVELS, L3_LEVELS, LiveServer, tax_bureau_and_bank
 
 PURPOSE = "credit-assessment"

@@ -64,6 +64,6 @@ def test_the_check_sees_a_server_import() -> None:
 
 def test_the_psi_batch_default_matches_the_client() -> None:
     from exchange.cli import psi
-    from exchange.psi_client import DEFAULT_BATCH_POINTS
+    from exchange.client.psi import DEFAULT_BATCH_POINTS
 
     assert psi.DEFAULT_BATCH == DEFAULT_BATCH_POINTS

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from exchange import dp
 from exchange.errors import InvalidInputError
+from exchange.node import dp
 
 D = Decimal
 DRAWS = 4000
@@ -171,7 +171,7 @@ def test_bad_values() -> None:
         dp.laplace_count(1, D(1), sensitivity=0)
 
 
-@pytest.mark.parametrize("module", ["exchange/dp.py", "exchange/sqlcheck.py"])
+@pytest.mark.parametrize("module", ["exchange/node/dp.py", "exchange/node/sqlcheck.py"])
 def test_no_python_random(module: str) -> None:
     tree = ast.parse((ROOT / module).read_text("utf-8"))
     imported = set()

@@ -28,9 +28,10 @@ from crypto.errors import VerificationError
 from crypto.httpsig import sign_request
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
-from exchange import access, he_client
+from exchange.client import he as he_client
+from exchange.client.sdk import ApiError, Client, ScoreRefusedError
 from exchange.keyfile import write_private_key
-from exchange.sdk import ApiError, Client, ScoreRefusedError
+from exchange.server import access
 from tests.conftest import LiveServer
 from tests.exchange.test_access import entries
 
@@ -552,7 +553,7 @@ def _payloads(client: Client, response: dict[str, Any]) -> dict[str, dict[str, A
     """Each zone's verified contribution payload."""
     from crypto.envelope import Envelope, verify_envelope
     from crypto.keys import VerifyKey
-    from exchange.compute.secure_sum import CONTRIBUTION_TYPE
+    from exchange.server.compute.secure_sum import CONTRIBUTION_TYPE
 
     out = {}
     for d in DISTRICTS:
@@ -664,7 +665,7 @@ def test_dp_secure_sum_charges_every_zone_until_the_budget_is_exhausted(
 def test_ciphertext_uploads_have_their_own_body_limit(server: LiveServer) -> None:
     """The HE upload route is refused above ``max_he_upload_bytes`` before its body is read,
     not at the larger dataset-upload limit its ``/uploads`` suffix would otherwise get."""
-    from exchange.api.app import BodyLimitMiddleware, create_app
+    from exchange.server.api.app import BodyLimitMiddleware, create_app
 
     settings = server.exchange.settings
     app = create_app(exchange=server.exchange)

@@ -33,9 +33,11 @@ from crypto.canonical import canonicalize
 from crypto.errors import VerificationError
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
-from exchange import access, he_client, subjects
-from exchange.models import ConsentRow
-from exchange.sdk import ApiError, Client
+from exchange import subjects
+from exchange.client import he as he_client
+from exchange.client.sdk import ApiError, Client
+from exchange.server import access
+from exchange.server.models import ConsentRow
 from tests.conftest import EXAMPLES, L2_LEVELS, LiveServer
 from tests.exchange import test_he_compute as he_tests
 from tests.exchange.test_access import entries

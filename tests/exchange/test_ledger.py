@@ -18,9 +18,9 @@ from crypto.note import NoteVerifier, verify_checkpoint
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.cli import app
 from exchange.errors import ConflictError, LedgerError
-from exchange.ledger import EntryDraft, Refusal, RejectionCounter, write_export
-from exchange.models import LedgerEntryRow, PrincipalRow
-from exchange.runtime import Exchange
+from exchange.server.ledger import EntryDraft, Refusal, RejectionCounter, write_export
+from exchange.server.models import LedgerEntryRow, PrincipalRow
+from exchange.server.runtime import Exchange
 from tests.conftest import settings_for
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from exchange.api.openapi import SECURITY_SCHEME
+from exchange.server.api.openapi import SECURITY_SCHEME
 from tests.conftest import LiveServer
 
 BINARY = "application/octet-stream"

@@ -22,11 +22,11 @@ from crypto import psi as cpsi
 from crypto.encoding import b64url_decode
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
-from exchange import dp
-from exchange.compute.psi import LABEL, normalize_id
-from exchange.models import BudgetRow, LedgerEntryRow, PsiSessionRow
-from exchange.psi_client import prepare_ids
-from exchange.sdk import ApiError, Client
+from exchange.client.psi import prepare_ids
+from exchange.client.sdk import ApiError, Client
+from exchange.node import dp
+from exchange.server.compute.psi import LABEL, normalize_id
+from exchange.server.models import BudgetRow, LedgerEntryRow, PsiSessionRow
 from tests.conftest import LiveServer
 
 PURPOSE = "credit-assessment"

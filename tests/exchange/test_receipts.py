@@ -17,8 +17,8 @@ from crypto.keys import SigningKey
 from crypto.note import NoteSigner, NoteVerifier
 from crypto.receipt import verify_receipt
 from exchange.cli import app
-from exchange.receipts import record_computation
-from exchange.runtime import Exchange
+from exchange.server.receipts import record_computation
+from exchange.server.runtime import Exchange
 
 RESULT = {"columns": ["district", "count"], "rows": [["huangpu", 12], ["putuo", 30]]}
 STATEMENT = {

@@ -19,18 +19,18 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from crypto.keys import SigningKey
+from exchange.client.sdk import ApiError, Client
 from exchange.errors import LedgerError
-from exchange.ledger import EntryDraft
-from exchange.models import (
+from exchange.server.ledger import EntryDraft
+from exchange.server.models import (
     DatasetRow,
     GrantRow,
     NonceRow,
     PrincipalRow,
     ZoneRow,
 )
-from exchange.registry import NonceLog, _Waiting, registry_version
-from exchange.runtime import Exchange
-from exchange.sdk import ApiError, Client
+from exchange.server.registry import NonceLog, _Waiting, registry_version
+from exchange.server.runtime import Exchange
 from tests.conftest import (
     EXAMPLES,
     L2_LEVELS,

@@ -17,12 +17,13 @@ from sqlalchemy.orm import Session
 
 from crypto.kdf import derive_key, encode_parts
 from crypto.keys import SigningKey
-from exchange import access, services, subjects
-from exchange.compute import score
-from exchange.compute.source import open_source
+from exchange import subjects
 from exchange.keyfile import load_private_key
-from exchange.models import ConsentRow, DatasetRow
-from exchange.runtime import Exchange
+from exchange.node import score as node_score
+from exchange.server import access, services
+from exchange.server.compute.source import open_source
+from exchange.server.models import ConsentRow, DatasetRow
+from exchange.server.runtime import Exchange
 
 PURPOSE = "credit-assessment"
 
@@ -46,12 +47,16 @@ def _dataset(
 def _both_reads(
     ex: Exchange, row: DatasetRow, features: list[str], ids: list[str], id_type: str
 ) -> tuple[np.ndarray, list[int]]:
-    """The joined read, after checking the chunked read gives the same answer."""
-    matrix, unscorable = score._read_features(ex, row, features, ids, id_type)
-    with open_source(ex, row) as src, src.engine.connect() as conn:
-        chunked, unscorable_chunked = score._read_features_chunked(
-            conn, src, row, features, ids, id_type
+    """The joined read, after checking the chunked read gives the same answer (both are the
+    zone's code, exchange.node.score, run here on the exchange-hosted store)."""
+    with open_source(ex, row) as src:
+        matrix, unscorable = node_score.read_features(
+            src.engine, src.relation, src.dialect, row.subject_column, features, ids, id_type
         )
+        with src.engine.connect() as conn:
+            chunked, unscorable_chunked = node_score._read_features_chunked(
+                conn, src.relation, row.subject_column, features, ids, id_type
+            )
     assert unscorable == unscorable_chunked
     assert np.array_equal(matrix, chunked)
     return matrix, unscorable

@@ -15,9 +15,7 @@ from typer.testing import CliRunner
 from crypto.errors import VerificationError
 from crypto.keys import SigningKey
 from exchange.cli import app
-from exchange.errors import KeyFileError
-from exchange.keyfile import load_private_key, load_public_key, write_private_key, write_public_key
-from exchange.sdk import (
+from exchange.client.sdk import (
     AccessRequest,
     ApiError,
     Budget,
@@ -27,6 +25,8 @@ from exchange.sdk import (
     Grant,
     Principal,
 )
+from exchange.errors import KeyFileError
+from exchange.keyfile import load_private_key, load_public_key, write_private_key, write_public_key
 from tests.conftest import L2_LEVELS, L3_LEVELS, LiveServer, tax_bureau_and_bank
 
 PURPOSE = "credit-assessment"

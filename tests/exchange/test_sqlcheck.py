@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, text
 from sqlglot import exp
 
-from exchange.analysis import AnalysisRules, ColumnRule, Disclosure
-from exchange.dp import DpMechanisms
 from exchange.errors import InvalidInputError
-from exchange.sqlcheck import (
+from exchange.node.analysis import AnalysisRules, ColumnRule, Disclosure
+from exchange.node.dp import DpMechanisms
+from exchange.node.sqlcheck import (
     K_COLUMN,
     REASONS,
     AggregateResult,

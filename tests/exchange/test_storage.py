@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-import exchange.policystore  # noqa: F401 - register every table on the metadata
-from exchange.db import Base
-from exchange.runtime import Exchange
+import exchange.server.policystore  # noqa: F401 - register every table on the metadata
+from exchange.server.db import Base
+from exchange.server.runtime import Exchange
 
 
 def test_migrations_match_the_models(exchange: Exchange) -> None:

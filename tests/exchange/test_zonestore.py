@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from exchange.errors import ZonexError
-from exchange.zonestore import (
+from exchange.node.store import (
     ColumnInfo,
     TableInfo,
     ZoneStore,
@@ -366,7 +366,7 @@ def test_readers_in_another_process_do_not_block_imports(store: ZoneStore, tmp_p
             "import sys\n"
             "from pathlib import Path\n"
             "from sqlalchemy import text\n"
-            "from exchange.zonestore import ZoneStore\n"
+            "from exchange.node.store import ZoneStore\n"
             "s = ZoneStore(Path(sys.argv[1]))\n"
             "with s.engine.connect() as c:\n"
             "    assert c.execute(text('SELECT count(*) FROM first')).scalar() == 2\n"

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange.keyfile import write_private_key
-from exchange.models import DatasetRow
+from exchange.server.models import DatasetRow
 from tests.conftest import EXAMPLES, L3_LEVELS, LiveServer, fresh_postgres_database
 from tests.exchange.test_access import granted
 from tests.exchange.test_aggregate import _rules

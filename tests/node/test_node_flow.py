@@ -32,9 +32,9 @@ from crypto.encoding import b64url_encode
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange.cli import app
+from exchange.client.sdk import ApiError
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.models import BudgetRow, LedgerEntryRow, NodeTaskRow
-from exchange.sdk import ApiError
+from exchange.server.models import BudgetRow, LedgerEntryRow, NodeTaskRow
 from tests.conftest import EXAMPLES, L3_LEVELS, LiveServer
 from tests.exchange.test_access import granted
 from tests.exchange.test_aggregate import _rules

@@ -31,13 +31,13 @@ from sqlalchemy.orm import Session
 from crypto import psi as cpsi
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
+from exchange.client.sdk import ApiError, SignatureAuth
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.models import BudgetRow, LedgerEntryRow, NodeTaskRow, PsiSessionRow
 from exchange.node import psi as node_psi
 from exchange.node.agent import NodeAgent
 from exchange.node.home import NodeHome
 from exchange.psi_protocol import LABEL, normalize_id
-from exchange.sdk import ApiError, SignatureAuth
+from exchange.server.models import BudgetRow, LedgerEntryRow, NodeTaskRow, PsiSessionRow
 from tests.conftest import LiveServer
 from tests.node.test_node_flow import cli, node_process, wait_online
 

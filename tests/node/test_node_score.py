@@ -29,9 +29,9 @@ from sqlalchemy.orm import Session
 from crypto import he
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
-from exchange import he_client
-from exchange.models import NodeTaskRow
-from exchange.sdk import ApiError, ScoreRefusedError
+from exchange.client import he as he_client
+from exchange.client.sdk import ApiError, ScoreRefusedError
+from exchange.server.models import NodeTaskRow
 from tests.conftest import LiveServer
 from tests.exchange.test_access import entries
 from tests.node.test_node_flow import cli, node_process, wait_online

@@ -26,11 +26,11 @@ from crypto.encoding import b64url_decode
 from crypto.envelope import Envelope, verify_envelope
 from crypto.keys import SigningKey, VerifyKey
 from crypto.receipt import verify_receipt
-from exchange import he_client
-from exchange.compute.secure_sum import CONTRIBUTION_TYPE
+from exchange.client import he as he_client
+from exchange.client.sdk import ApiError
 from exchange.keyfile import load_private_key, write_private_key
-from exchange.models import BudgetRow, LedgerEntryRow, NodeTaskRow
-from exchange.sdk import ApiError
+from exchange.server.compute.secure_sum import CONTRIBUTION_TYPE
+from exchange.server.models import BudgetRow, LedgerEntryRow, NodeTaskRow
 from tests.conftest import LiveServer
 from tests.exchange.test_he_compute import FIRM_LEVELS, STATS, SUM_SQL, _grant, _sum_rules, _write
 from tests.node.test_node_flow import cli, node_process, wait_online

@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 import exchange.cli.node
-import exchange.sdk
+import exchange.client.sdk
+from exchange.client.sdk import SignatureAuth
 from exchange.node.agent import NodeAgent
 from exchange.node.home import NodeHome, init_node_dir
-from exchange.sdk import SignatureAuth
 from tests.conftest import LiveServer
 from tests.node.test_task_bundle import ZONE, Approved
 from tests.node.test_task_bundle import approved as approved  # a fixture
@@ -59,7 +59,7 @@ def test_a_poll_signed_by_a_skewed_clock_is_refused(
 ) -> None:
     server = approved.server
     assert server.exchange.settings.max_skew_seconds == 300
-    monkeypatch.setattr(exchange.sdk, "time", skewed(skew))
+    monkeypatch.setattr(exchange.client.sdk, "time", skewed(skew))
     response = _poll(server, approved)
     monkeypatch.undo()  # the provider's clock is right
     body = assert_problem(response, 401, "verification_failed")
@@ -75,7 +75,7 @@ def test_a_poll_signed_by_a_skewed_clock_is_refused(
 def test_a_poll_within_the_allowed_skew_is_served(
     approved: Approved, monkeypatch: pytest.MonkeyPatch, skew: int
 ) -> None:
-    monkeypatch.setattr(exchange.sdk, "time", skewed(skew))
+    monkeypatch.setattr(exchange.client.sdk, "time", skewed(skew))
     assert _poll(approved.server, approved).status_code == 204
 
 
@@ -86,7 +86,7 @@ def test_the_node_agents_own_poll_is_refused_when_its_clock_is_off(
     agent = NodeAgent(home, poll_wait=0)
     try:
         assert agent.poll() is None  # in time: served, nothing queued
-        monkeypatch.setattr(exchange.sdk, "time", skewed(400))
+        monkeypatch.setattr(exchange.client.sdk, "time", skewed(400))
         with pytest.raises(Exception, match="401") as exc:
             agent.poll()
         assert type(exc.value).__name__ == "_PollError"

@@ -2,8 +2,8 @@
 node's answers.
 
 The node trusts nothing the exchange says outside the log: each test hands it a bundle built
-from a real ``task.authorized`` entry on a real exchange ledger (as ``exchange.dispatch`` builds
-it) with one thing forged, and asserts the specific refusal. The exchange in turn refuses an
+from a real ``task.authorized`` entry on a real exchange ledger (as ``exchange.server.dispatch``
+builds it) with one thing forged, and asserts the specific refusal. The exchange in turn refuses an
 answer not signed by the node's key, or for a task it already terminated.
 """
 
@@ -28,15 +28,15 @@ from crypto.encoding import b64_decode, b64_encode, b64url_decode, b64url_encode
 from crypto.keys import SigningKey
 from crypto.merkle import MerkleTree, leaf_hash
 from crypto.note import Checkpoint, NoteSigner, sign_checkpoint, verify_checkpoint
-from exchange import dispatch
+from exchange.client.sdk import SignatureAuth
 from exchange.errors import ZoneUnavailableError
 from exchange.keyfile import load_private_key
-from exchange.ledger import EntryDraft
 from exchange.node.agent import NodeAgent
 from exchange.node.engine import Veto, load_veto
 from exchange.node.home import NodeHome, init_node_dir
-from exchange.runtime import Exchange
-from exchange.sdk import SignatureAuth
+from exchange.server import dispatch
+from exchange.server.ledger import EntryDraft
+from exchange.server.runtime import Exchange
 from exchange.tasks import (
     AUTHORIZED_KIND,
     TASK_TYPE,
@@ -102,7 +102,7 @@ class Log:
         return appended.seq
 
     def bundle(self, task: dict[str, Any], seq: int, since: int | None = None) -> dict[str, Any]:
-        """The bundle the exchange hands the node for ``task`` (``exchange.dispatch._bundle``
+        """The bundle the exchange hands the node for ``task`` (``exchange.server.dispatch._bundle``
         itself, over a queued row's ``{"task", "index"}``)."""
         row = SimpleNamespace(bundle={"task": task, "index": seq})
         return dispatch._bundle(self.ex, row, since)  # type: ignore[arg-type]
@@ -560,7 +560,7 @@ def approved(server: LiveServer) -> Approved:
 
 
 class Dispatched:
-    """``exchange.dispatch.dispatch`` waiting in a thread, as a consumer's request would."""
+    """``exchange.server.dispatch.dispatch`` waiting in a thread, as a consumer's request would."""
 
     def __init__(self, ex: Exchange) -> None:
         with Session(ex.engine) as s:

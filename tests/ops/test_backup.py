@@ -18,12 +18,12 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from crypto.keys import SigningKey
-from exchange.backup import BackupError, create_backup, restore_backup
 from exchange.cli import app
-from exchange.ledger import EntryDraft
-from exchange.models import DatasetRow, PrincipalRow
-from exchange.runtime import Exchange, init_data_dir
-from exchange.sdk import ApiError
+from exchange.client.sdk import ApiError
+from exchange.server.backup import BackupError, create_backup, restore_backup
+from exchange.server.ledger import EntryDraft
+from exchange.server.models import DatasetRow, PrincipalRow
+from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import (
     L3_LEVELS,
     LiveServer,

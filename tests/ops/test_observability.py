@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import create_engine
 
 from crypto.keys import SigningKey
-from exchange.api.app import create_app
-from exchange.observability import JsonFormatter, RequestIdFilter, logging_config
-from exchange.runtime import Exchange
-from exchange.sdk import ApiError
+from exchange.client.sdk import ApiError
+from exchange.server.api.app import create_app
+from exchange.server.observability import JsonFormatter, RequestIdFilter, logging_config
+from exchange.server.runtime import Exchange
 from tests.conftest import L3_LEVELS, LiveServer, settings_for, tax_bureau_and_bank
 
 

@@ -19,10 +19,10 @@ import httpx
 from crypto.keys import SigningKey
 from crypto.note import NoteVerifier
 from exchange.audit import check_bundle, read_bundle_lines
+from exchange.client.sdk import ApiError, Client
 from exchange.keyfile import load_private_key
-from exchange.ledger import write_export
-from exchange.runtime import Exchange, init_data_dir
-from exchange.sdk import ApiError, Client
+from exchange.server.ledger import write_export
+from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import free_port, settings_for
 
 

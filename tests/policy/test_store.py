@@ -1,4 +1,5 @@
-"""The policy store (exchange.policystore): tables, Casbin adapter and the per-process cache."""
+"""The policy store (exchange.server.policystore): tables, Casbin adapter and the per-process
+cache."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.orm import Session
 
-from exchange import policystore
-from exchange.db import Base
-from exchange.policystore import (
+from exchange.server import policystore
+from exchange.server.db import Base
+from exchange.server.policystore import (
     PolicyAdapter,
     PolicyCache,
     PolicyChangeRow,
@@ -26,7 +27,7 @@ from exchange.policystore import (
     load_rules,
     remove_rules,
 )
-from exchange.storage import WRITE, create_control_engine
+from exchange.server.storage import WRITE, create_control_engine
 from policy import (
     DEFAULT_CEILINGS,
     DecisionPoint,

@@ -30,11 +30,11 @@ from crypto.merkle import MerkleTree, leaf_hash
 from crypto.note import NoteVerifier
 from crypto.receipt import verify_receipt
 from exchange.audit import check_bundle, read_bundle_lines
-from exchange.ledger import write_export
-from exchange.models import AccessRequestRow, BudgetRow, DatasetRow, GrantRow, ZoneRow
-from exchange.policystore import PolicyRuleRow
-from exchange.runtime import Exchange
-from exchange.sdk import ApiError, Client
+from exchange.client.sdk import ApiError, Client
+from exchange.server.ledger import write_export
+from exchange.server.models import AccessRequestRow, BudgetRow, DatasetRow, GrantRow, ZoneRow
+from exchange.server.policystore import PolicyRuleRow
+from exchange.server.runtime import Exchange
 from exchange.settings import Settings
 from tests.conftest import EXAMPLES, L3_LEVELS, free_port
 
@@ -73,7 +73,7 @@ def _rules(budget: str) -> dict[str, Any]:
 #: A restart then measures opening the crashed data directory, not Python's import time.
 _ZYGOTE = """
 import json, os, signal, sys
-import exchange.api.app
+import exchange.server.api.app
 import exchange.cli
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped as they die
 print("ready", flush=True)

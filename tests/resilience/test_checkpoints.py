@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exchange.ledger import EntryDraft
-from exchange.runtime import Exchange
+from exchange.server.ledger import EntryDraft
+from exchange.server.runtime import Exchange
 from tests.conftest import settings_for
 
 

@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session
 from crypto.encoding import b64_decode
 from crypto.merkle import verify_consistency
 from crypto.note import verify_checkpoint
+from exchange.client.sdk import Client
 from exchange.keyfile import load_private_key
-from exchange.models import CheckpointRow
-from exchange.runtime import Exchange
-from exchange.sdk import Client
+from exchange.server.models import CheckpointRow
+from exchange.server.runtime import Exchange
 from exchange.settings import Settings
 from tests.resilience.harness import Acks, Load, Servers, audit, set_up, verifier_of
 

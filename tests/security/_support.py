@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from crypto.httpsig import sign_request
 from crypto.keys import SigningKey
-from exchange.models import (
+from exchange.server.models import (
     AccessRequestRow,
     AnalysisRulesRow,
     BudgetRow,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from exchange.cli import app
 from exchange.keyfile import write_private_key
-from exchange.zonestore import ZoneStoreError, _check_columns, _check_name, attach
+from exchange.node.store import ZoneStoreError, _check_columns, _check_name, attach
 from tests.conftest import LiveServer
 from tests.security._support import (
     EXAMPLES,

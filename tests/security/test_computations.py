@@ -19,8 +19,8 @@ import tenseal as ts
 from crypto import he
 from crypto import psi as cpsi
 from crypto.errors import CryptoError
-from exchange.compute.psi import LABEL
-from exchange.sdk import ApiError, Client
+from exchange.client.sdk import ApiError, Client
+from exchange.server.compute.psi import LABEL
 from tests.security._support import DAY, PURPOSE, World, state
 
 N_ROWS = 30

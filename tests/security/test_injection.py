@@ -13,7 +13,7 @@ from sqlalchemy import inspect
 
 from crypto.encoding import b64url_encode
 from crypto.keys import SigningKey
-from exchange.sdk import ApiError
+from exchange.client.sdk import ApiError
 from tests.conftest import BACKENDS
 from tests.exchange.test_aggregate import _rules
 from tests.security._support import DAY, PURPOSE, World, entries, state

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from exchange.sdk import ApiError
+from exchange.client.sdk import ApiError
 from tests.exchange.test_aggregate import _rules
 from tests.security._support import DAY, PURPOSE, World, entries, state
 

@@ -16,11 +16,11 @@ import pytest
 import sqlglot
 
 from crypto.keys import SigningKey
-from exchange.api.refusals import sql_digest
 from exchange.audit import check_bundle, read_bundle_lines
-from exchange.ledger import EntryDraft, write_export
-from exchange.runtime import Exchange
-from exchange.sdk import ApiError
+from exchange.client.sdk import ApiError
+from exchange.server.api.refusals import sql_digest
+from exchange.server.ledger import EntryDraft, write_export
+from exchange.server.runtime import Exchange
 from tests.conftest import LiveServer, settings_for
 from tests.exchange.test_access import granted
 from tests.security._support import PURPOSE, World, assert_problem, entries, send, signed

@@ -13,8 +13,8 @@ import pytest
 from crypto.encoding import b64url_encode
 from crypto.envelope import sign_envelope
 from crypto.keys import SigningKey
+from exchange.client.sdk import ApiError, Client
 from exchange.domain import APPROVAL_TYPE, approval_payload
-from exchange.sdk import ApiError, Client
 from tests.security._support import DAY, PURPOSE, World, entries, file_request, state
 
 

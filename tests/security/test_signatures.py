@@ -16,7 +16,7 @@ import pytest
 from crypto.encoding import b64_encode, b64url_encode
 from crypto.httpsig import SignatureInput, content_digest, signature_base
 from crypto.keys import SigningKey
-from exchange.runtime import Exchange
+from exchange.server.runtime import Exchange
 from tests.conftest import BACKENDS, LiveServer, free_port, serving, settings_for
 from tests.security._support import (
     DAY,

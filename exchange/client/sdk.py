@@ -1,0 +1,761 @@
+"""Python client for the zonex API. Signs every request (RFC 9421) with the caller's key.
+
+    from exchange.client.sdk import Client
+
+    with Client("https://exchange.example", "bank.key") as c:
+        for zone in c.catalog().zones:
+            print(zone.name, [d.name for d in zone.datasets])
+        req = c.request_access("tax", ["companies"], ["aggregate"], "credit-assessment",
+                               duration_seconds=7 * 86400, justification="credit line review")
+        # ... once the provider approved:
+        out = c.aggregate("tax", "SELECT district, COUNT(*) FROM companies GROUP BY district",
+                          "credit-assessment")
+        print(out.columns, out.rows, out.receipt["type"])
+
+The main calls return typed results (:mod:`exchange.client.results`): dicts with attributes.
+A refusal raises :class:`ApiError` carrying the server's RFC 9457 problem (``status``,
+``code``, ``detail``, ``body``).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Generator, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from os import PathLike
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from crypto.encoding import b64url_encode
+from crypto.envelope import sign_envelope
+from crypto.httpsig import sign_request
+from crypto.keys import SigningKey, VerifyKey
+from exchange.client.results import (
+    AccessRequest,
+    Budget,
+    Catalog,
+    Computation,
+    Dataset,
+    Grant,
+    Principal,
+    Zone,
+)
+from exchange.domain import APPROVAL_TYPE, approval_payload
+from exchange.keyfile import load_private_key
+
+__all__ = [
+    "AccessRequest",
+    "ApiError",
+    "Budget",
+    "Catalog",
+    "Client",
+    "Computation",
+    "Dataset",
+    "Grant",
+    "Principal",
+    "ScoreRefusedError",
+    "Zone",
+]
+
+MEDIA_TYPES = {".csv": "text/csv", ".parquet": "application/vnd.apache.parquet"}
+
+
+class ApiError(Exception):
+    """The server answered with a problem+json (or another error).
+
+    try:
+        c.aggregate("tax", sql, "credit-assessment")
+    except ApiError as exc:
+        print(exc.status, exc.code, exc.reason, exc.detail)  # 422 invalid_input dp_required
+        for field in exc.errors:                             # body validation, per field
+            print(field["loc"], field["msg"])
+    """
+
+    def __init__(self, status: int, code: str, title: str, detail: str, body: Any) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.title = title
+        self.detail = detail
+        self.body = body
+
+    @property
+    def reason(self) -> str | None:
+        """The stable refusal code within ``code`` (``not_granted``, ``dp_required``, ...)."""
+        value = self.body.get("reason") if isinstance(self.body, dict) else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        """On a 422 from body validation: ``{"loc": [...], "msg": ...}`` per wrong field."""
+        value = self.body.get("errors") if isinstance(self.body, dict) else None
+        return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+
+class ScoreRefusedError(ApiError):
+    """``he_score`` refused some of the ids asked (no live consent, or no single complete row).
+
+    The exchange names them by position in the request and by count only, never by anything
+    derived from the ids: ``positions`` (the first 10,000 at most) and ``count`` (exact)."""
+
+    def __init__(self, error: ApiError, positions: list[int], count: int) -> None:
+        super().__init__(error.status, error.code, error.title, error.detail, error.body)
+        self.positions = positions
+        self.count = count
+
+    @classmethod
+    def from_error(cls, error: ApiError, offset: int = 0) -> ScoreRefusedError:
+        """The refusal in ``error``'s problem, its positions shifted by ``offset``."""
+        listed = str(error.body.get("refused_positions", ""))
+        positions = [offset + int(p) for p in listed.split(",") if p.isdigit()]
+        return cls(error, positions, int(error.body.get("refused_count", len(positions))))
+
+
+class SignatureAuth(httpx.Auth):
+    """httpx auth that signs each request with Ed25519 (RFC 9421 + RFC 9530 Content-Digest)."""
+
+    requires_request_body = True
+
+    def __init__(self, key: SigningKey) -> None:
+        self.key = key
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        headers = sign_request(
+            request.method,
+            str(request.url),
+            request.headers,
+            request.content,
+            self.key,
+            created=int(time.time()),
+            nonce=secrets.token_urlsafe(18),
+        )
+        request.headers.update(headers)
+        yield request
+
+
+def raise_for_problem(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    raise ApiError(
+        response.status_code,
+        str(body.get("code", "http_error")),
+        str(body.get("title", response.reason_phrase)),
+        str(body.get("detail", response.text[:200])),
+        body,
+    )
+
+
+class Client:
+    """A signed session with one exchange.
+
+    ``key`` is the caller's private key: a path to its PEM file (``str`` or ``Path``, as
+    written by ``zonex key new``; mode 0600) or a loaded :class:`~crypto.keys.SigningKey`. A
+    missing, public, unreadable or group/world-readable key file raises
+    :class:`~exchange.errors.KeyFileError` naming the file and what to do.
+
+        with Client("http://127.0.0.1:8000", "bank.key") as c:
+            me = c.whoami()
+            print(me.name, me.key_id)
+            for grant in c.grants():
+                print(grant.id, grant.datasets, grant.expires_at)
+
+    Every request is signed (RFC 9421, see docs/wire-formats-http.md); the server answers a
+    refusal with a problem document, raised here as :class:`ApiError`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        key: SigningKey | str | PathLike[str],
+        *,
+        timeout: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not isinstance(key, SigningKey):
+            if not isinstance(key, (str, PathLike)):
+                raise TypeError(
+                    f"key must be a path to a private key file or a SigningKey, not "
+                    f"{type(key).__name__}"
+                )
+            key = load_private_key(key)
+        self.key = key
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            auth=SignatureAuth(key),
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send a signed request and return the decoded JSON answer (any route, for calls
+        without a method here); raises :class:`ApiError` on a refusal."""
+        response = self._http.request(method, path, **kwargs)
+        raise_for_problem(response)
+        return response.json()
+
+    # principals
+    def whoami(self) -> Principal:
+        """The principal this client's key belongs to."""
+        return Principal(self.request("GET", "/v1/principals/me"))
+
+    def register_principal(self, name: str, kind: str, public_key: VerifyKey) -> dict[str, Any]:
+        body = {"name": name, "kind": kind, "public_key": b64url_encode(public_key.raw)}
+        result: dict[str, Any] = self.request("POST", "/v1/principals", json=body)
+        return result
+
+    def list_principals(self) -> list[Principal]:
+        return [Principal(p) for p in self.request("GET", "/v1/principals")]
+
+    def set_principal_status(self, key_id: str, status: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/principals/{key_id}/status", json={"status": status}
+        )
+        return result
+
+    # zones and datasets
+    def create_zone(self, name: str, description: str = "") -> dict[str, Any]:
+        body = {"name": name, "description": description}
+        result: dict[str, Any] = self.request("POST", "/v1/zones", json=body)
+        return result
+
+    def catalog(self) -> Catalog:
+        """Every zone the caller may see, with its datasets, columns and levels.
+
+        for zone in c.catalog().zones:
+            for d in zone.datasets:
+                print(zone.name, d.name, d.level, d.row_count_band)
+        """
+        return Catalog(self.request("GET", "/v1/catalog"))
+
+    def zone(self, name: str) -> Zone:
+        return Zone(self.request("GET", f"/v1/zones/{name}"))
+
+    def dataset(self, zone: str, name: str) -> Dataset:
+        return Dataset(self.request("GET", f"/v1/zones/{zone}/datasets/{name}"))
+
+    def upload(self, zone: str, path: Path, media_type: str | None = None) -> dict[str, Any]:
+        media = media_type or MEDIA_TYPES.get(path.suffix.lower())
+        if media is None:
+            raise ValueError(f"{path}: use a .csv or .parquet file (or give the media type)")
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/v1/zones/{zone}/uploads",
+            content=path.read_bytes(),
+            headers={"content-type": media},
+        )
+        return result
+
+    def register_dataset(
+        self,
+        zone: str,
+        name: str,
+        *,
+        levels: Mapping[str, str],
+        subject_column: str,
+        description: str = "",
+        file: Path | None = None,
+        attach_url: str | None = None,
+        attach_table: str | None = None,
+        csv: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Register a dataset from a local CSV/Parquet file (uploaded) or an attached table.
+        ``csv`` says how a CSV file is written: ``{"delimiter": ";", "encoding": "gb18030",
+        "rename": {"企业名称": "name"}}`` (each optional; default UTF-8, comma, headers as
+        they are)."""
+        body: dict[str, Any] = {
+            "name": name,
+            "description": description,
+            "subject_column": subject_column,
+            "levels": dict(levels),
+        }
+        if file is not None:
+            body["upload_id"] = self.upload(zone, file)["upload_id"]
+        if attach_url is not None:
+            body["attach"] = {"url": attach_url, "table": attach_table or name}
+        if csv:
+            body["csv"] = dict(csv)
+        result: dict[str, Any] = self.request("POST", f"/v1/zones/{zone}/datasets", json=body)
+        return result
+
+    def publish_snapshot(
+        self,
+        zone: str,
+        name: str,
+        file: Path,
+        *,
+        levels: Mapping[str, str] | None = None,
+        subject_column: str | None = None,
+        description: str | None = None,
+        csv: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Publish a new snapshot of a dataset you provide from a CSV/Parquet file: same
+        columns, levels kept unless given; returns the dataset with its new digest. ``csv``:
+        as for :meth:`register_dataset`.
+
+            c.publish_snapshot("tax", "companies", Path("companies-2026.csv"))
+        """
+        body: dict[str, Any] = {"upload_id": self.upload(zone, Path(file))["upload_id"]}
+        if levels:
+            body["levels"] = dict(levels)
+        if subject_column is not None:
+            body["subject_column"] = subject_column
+        if description is not None:
+            body["description"] = description
+        if csv:
+            body["csv"] = dict(csv)
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/zones/{zone}/datasets/{name}/snapshots", json=body
+        )
+        return result
+
+    def retire_dataset(self, zone: str, name: str, reason: str = "") -> dict[str, Any]:
+        """Retire a dataset you provide: no more computations, gone from the catalog."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/zones/{zone}/datasets/{name}/retire", json={"reason": reason}
+        )
+        return result
+
+    # ledger
+    def checkpoint(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", "/v1/log/checkpoint")
+        return result
+
+    def inclusion_proof(self, seq: int, size: int) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "GET", "/v1/log/proof/inclusion", params={"seq": seq, "size": size}
+        )
+        return result
+
+    def consistency_proof(self, size1: int, size2: int) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "GET", "/v1/log/proof/consistency", params={"size1": size1, "size2": size2}
+        )
+        return result
+
+    def entry(self, seq: int) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/log/entries/{seq}")
+        return result
+
+    def log_key(self) -> str:
+        """The log's verifier key (what ``log.pub`` holds): checks checkpoints, bundles and
+        receipts offline. Compare its key hash with the one the operator publishes.
+
+            Path("log.pub").write_text(c.log_key() + "\\n")
+        """
+        result: dict[str, Any] = self.request("GET", "/v1/log/key")
+        return str(result["verifier_key"])
+
+    def export_ledger(self, out: IO[bytes]) -> int:
+        """Stream the ledger export bundle (JSON Lines, as ``zonex ledger export`` writes it)
+        into ``out``; the operator and auditors only. Returns the size of the checkpoint it
+        ends with; raises :class:`ApiError` if the stream ends early.
+
+            with open("ledger.jsonl", "wb") as f:
+                size = c.export_ledger(f)
+        """
+        with self._http.stream("GET", "/v1/log/export") as response:
+            if not response.is_success:
+                response.read()
+                raise_for_problem(response)
+            size = response.headers.get("zonex-log-size", "")
+            last = b""
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+                last = (last + chunk)[-65536:]
+        tail = last.rstrip(b"\n").rpartition(b"\n")[2]
+        try:
+            note = json.loads(tail)["checkpoint"]
+            ended_at = int(note.split("\n")[1])
+        except (ValueError, KeyError, IndexError, TypeError):
+            ended_at = -1
+        if not size.isdigit() or ended_at != int(size):
+            raise ApiError(502, "incomplete", "Incomplete bundle", "the export ended early", {})
+        return ended_at
+
+    # access workflow
+    def request_access(
+        self,
+        zone: str,
+        datasets: list[str],
+        operations: list[str],
+        purpose: str,
+        *,
+        duration_seconds: int,
+        justification: str,
+    ) -> AccessRequest:
+        """Ask a zone's provider for access; returns the pending request (keep its ``id``).
+
+        req = c.request_access("tax", ["companies"], ["aggregate"], "credit-assessment",
+                               duration_seconds=30 * 86400, justification="credit review")
+        print(req.id, req.status)  # ... "pending"
+        """
+        body = {
+            "zone": zone,
+            "datasets": datasets,
+            "operations": operations,
+            "purpose": purpose,
+            "duration_seconds": duration_seconds,
+            "justification": justification,
+        }
+        return AccessRequest(self.request("POST", "/v1/access-requests", json=body))
+
+    def requests(self, zone: str | None = None, status: str | None = None) -> list[AccessRequest]:
+        params = {k: v for k, v in (("zone", zone), ("status", status)) if v is not None}
+        found = self.request("GET", "/v1/access-requests", params=params)
+        return [AccessRequest(r) for r in found]
+
+    def get_request(self, request_id: str) -> AccessRequest:
+        return AccessRequest(self.request("GET", f"/v1/access-requests/{request_id}"))
+
+    def approve(
+        self,
+        request_id: str,
+        *,
+        not_after: datetime | None = None,
+        datasets: list[str] | None = None,
+        operations: list[str] | None = None,
+    ) -> AccessRequest:
+        """Sign an approval of the request's terms (optionally narrowed) with this client's key.
+
+        ``not_after`` defaults to now plus the requested duration. A request awaiting the
+        operator (important data its provider approved) is approved by signing its
+        ``pending_terms`` exactly as the provider did; terms given here that differ from them
+        are signed as given and refused by the exchange. ``request_id`` may be a unique prefix
+        (6+ characters). Returns the request, its ``grant_id`` set once every required
+        approval is in.
+
+            approved = provider.approve(req.id)
+            print(approved.status, approved.grant_id)
+        """
+        req = self.get_request(request_id)
+        pending = req.get("pending_terms")
+        if req.get("status") == "awaiting_operator" and pending:
+            end = not_after or datetime.strptime(
+                str(pending["not_after"]), "%Y-%m-%dT%H:%M:%SZ"
+            ).replace(tzinfo=UTC)
+            datasets = list(pending["datasets"]) if datasets is None else datasets
+            operations = list(pending["operations"]) if operations is None else operations
+        else:
+            end = not_after or datetime.now(UTC) + timedelta(seconds=int(req["duration_seconds"]))
+        payload = approval_payload(
+            req, approver=self.key.key_id, not_after=end, datasets=datasets, operations=operations
+        )
+        envelope = sign_envelope(APPROVAL_TYPE, payload, [self.key])
+        return AccessRequest(
+            self.request(
+                "POST",
+                f"/v1/access-requests/{req['id']}/approve",
+                json={"approval": envelope.model_dump(mode="json")},
+            )
+        )
+
+    def reject(self, request_id: str, reason: str) -> AccessRequest:
+        return AccessRequest(
+            self.request(
+                "POST", f"/v1/access-requests/{request_id}/reject", json={"reason": reason}
+            )
+        )
+
+    def grants(self, zone: str | None = None, *, include_inactive: bool = False) -> list[Grant]:
+        """The caller's grants (a consumer's own, a provider's on its zones); live ones only
+        unless ``include_inactive``.
+
+            for g in c.grants("tax"):
+                print(g.id, g.operations, g.expires_at.isoformat())
+        """
+        params: dict[str, Any] = {"all": include_inactive}
+        if zone is not None:
+            params["zone"] = zone
+        return [Grant(g) for g in self.request("GET", "/v1/grants", params=params)]
+
+    def revoke(self, grant_id: str, reason: str) -> Grant:
+        return Grant(self.request("POST", f"/v1/grants/{grant_id}/revoke", json={"reason": reason}))
+
+    def set_zone_status(self, zone: str, status: str) -> None:
+        response = self._http.request("POST", f"/v1/zones/{zone}/status", json={"status": status})
+        raise_for_problem(response)
+
+    def set_ceilings(
+        self, zone: str, ceilings: Mapping[str, list[str]], *, dataset: str | None = None
+    ) -> dict[str, list[str]]:
+        path = f"/v1/zones/{zone}" + (f"/datasets/{dataset}" if dataset else "") + "/ceilings"
+        result: dict[str, list[str]] = self.request("PUT", path, json={"ceilings": dict(ceilings)})[
+            "ceilings"
+        ]
+        return result
+
+    def record_consent(
+        self, zone: str, subject: str, consumer: str, purpose: str, expires_at: datetime
+    ) -> dict[str, Any]:
+        body = {
+            "subject": subject,
+            "consumer": consumer,
+            "purpose": purpose,
+            "expires_at": expires_at.isoformat(),
+        }
+        result: dict[str, Any] = self.request("POST", f"/v1/zones/{zone}/consents", json=body)
+        return result
+
+    def import_consents(self, zone: str, consents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """Record many consents in one call, all or nothing: ``{"zone", "recorded", "ids"}``,
+        the ids in the order given. Each item has ``subject``, ``consumer`` (name, key id or
+        unique key id prefix), ``purpose`` and ``expires_at`` (a datetime with a time zone, or
+        RFC 3339 text). A refusal (:class:`ApiError`, 422) names the bad rows in ``errors``
+        (``row`` is the 0-based index) and records nothing.
+
+        Example::
+
+            c.import_consents("tax", [
+                {"subject": "91310000X", "consumer": "bank", "purpose": "credit_scoring",
+                 "expires_at": datetime(2027, 1, 1, tzinfo=UTC)},
+            ])
+        """
+        rows = [
+            {
+                "subject": c["subject"],
+                "consumer": c["consumer"],
+                "purpose": c["purpose"],
+                "expires_at": (
+                    c["expires_at"].isoformat()
+                    if isinstance(c["expires_at"], datetime)
+                    else c["expires_at"]
+                ),
+            }
+            for c in consents
+        ]
+        path = f"/v1/zones/{zone}/consents/import"
+        result: dict[str, Any] = self.request("POST", path, json={"consents": rows})
+        return result
+
+    def consents(self, zone: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.request("GET", f"/v1/zones/{zone}/consents")
+        return result
+
+    def withdraw_consent(self, consent_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("POST", f"/v1/consents/{consent_id}/withdraw")
+        return result
+
+    # computations
+    def export(self, zone: str, dataset: str, purpose: str) -> Computation:
+        """Rows of a dataset under an export grant (subject ids pseudonymized), with a receipt.
+
+        out = c.export("tax", "companies", "credit-assessment")
+        print(out.columns, len(out.rows), out.result["masked"])
+        """
+        return Computation(
+            self.request(
+                "POST", f"/v1/zones/{zone}/datasets/{dataset}/export", json={"purpose": purpose}
+            )
+        )
+
+    def analysis_rules(self, zone: str, dataset: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "GET", f"/v1/zones/{zone}/datasets/{dataset}/analysis-rules"
+        )
+        return result
+
+    def set_analysis_rules(self, zone: str, dataset: str, rules: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "PUT", f"/v1/zones/{zone}/datasets/{dataset}/analysis-rules", json={"rules": rules}
+        )
+        return result
+
+    def aggregate(
+        self, zone: str, sql: str, purpose: str, *, epsilon: str | None = None
+    ) -> Computation:
+        """Run a clean-room SQL aggregate under the zone's analysis rules (differentially
+        private by default from L3; ``epsilon`` is a decimal string). Returns the result
+        (``columns``, ``rows``, ``k``, ``epsilon``, ``noise``, ...) and its signed receipt.
+
+            out = c.aggregate("tax", "SELECT district, SUM(tax_paid_2025) FROM companies "
+                              "GROUP BY district", "credit-assessment", epsilon="0.5")
+            for district, total in out.rows:
+                print(district, total)
+        """
+        body: dict[str, Any] = {"sql": sql, "purpose": purpose}
+        if epsilon is not None:
+            body["epsilon"] = epsilon
+        return Computation(self.request("POST", f"/v1/zones/{zone}/aggregate", json=body))
+
+    def budgets(self, zone: str | None = None) -> list[Budget]:
+        """The caller's privacy budgets (ε as :class:`~decimal.Decimal`) per dataset.
+
+        for b in c.budgets("tax"):
+            print(b.dataset, b.spent, "of", b.budget, "until", b.window_end)
+        """
+        params = {"zone": zone} if zone else None
+        return [Budget(b) for b in self.request("GET", "/v1/budgets", params=params)]
+
+    # homomorphic encryption
+    def upload_context(self, data: bytes) -> dict[str, Any]:
+        """Register a public HE context (no secret key); returns its digest and parameters."""
+        result: dict[str, Any] = self.request(
+            "POST",
+            "/v1/he/contexts",
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+        )
+        return result
+
+    def context(self, digest: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/he/contexts/{digest}")
+        return result
+
+    # -- private joins (psi) --
+    #: the zone's work (blinding Y, encrypting values) runs inside one request
+    PSI_TIMEOUT = 3600.0
+
+    def psi_create(self, **body: Any) -> dict[str, Any]:
+        """Open a private-join session (the low-level step; see :meth:`psi_join`)."""
+        result: dict[str, Any] = self.request("POST", "/v1/psi/sessions", json=body)
+        return result
+
+    def psi_session(self, session: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/psi/sessions/{session}")
+        return result
+
+    def _psi_points(self, session: str, which: str, offset: int, data: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/v1/psi/sessions/{session}/{which}/points",
+            params={"offset": offset},
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+            timeout=self.PSI_TIMEOUT,
+        )
+        return result
+
+    def psi_put_a(self, session: str, offset: int, data: bytes) -> dict[str, Any]:
+        return self._psi_points(session, "a", offset, data)
+
+    def psi_put_bc(self, session: str, offset: int, data: bytes) -> dict[str, Any]:
+        return self._psi_points(session, "bc", offset, data)
+
+    def psi_get_b(self, session: str, offset: int, limit: int) -> bytes:
+        response = self._http.get(
+            f"/v1/psi/sessions/{session}/b/points",
+            params={"offset": offset, "limit": limit},
+            timeout=self.PSI_TIMEOUT,
+        )
+        raise_for_problem(response)
+        return response.content
+
+    def psi_result(self, session: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/psi/sessions/{session}/result", timeout=self.PSI_TIMEOUT
+        )
+        return result
+
+    def psi_join(
+        self,
+        zone: str,
+        dataset: str,
+        mode: str,
+        ids: Any,
+        purpose: str,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Run a whole private join from this machine (:func:`exchange.client.psi.run`)."""
+        from exchange.client import psi as psi_client
+
+        return psi_client.run(
+            self, zone=zone, dataset=dataset, mode=mode, ids=ids, purpose=purpose, **options
+        )
+
+    # -- homomorphic scoring and secure sums --
+    # (raw calls; the key holder's side, which never sends a secret key: exchange.client.he)
+
+    def commit_model(self, document: Mapping[str, Any]) -> dict[str, Any]:
+        """Register a model commitment (public document only; weights stay with you)."""
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/he/models", json={"document": dict(document)}
+        )
+        return result
+
+    def model(self, commitment: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.request("GET", f"/v1/he/models/{commitment}")
+        return result
+
+    def upload_ciphertexts(self, context: str, data: bytes) -> dict[str, Any]:
+        """Upload framed ciphertexts (:func:`crypto.he.pack_ciphertexts`) made under a context."""
+        result: dict[str, Any] = self.request(
+            "POST",
+            f"/v1/he/contexts/{context}/uploads",
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+        )
+        return result
+
+    def he_score(
+        self,
+        *,
+        zone: str,
+        dataset: str,
+        purpose: str,
+        model: str,
+        context: str,
+        weights: str,
+        ids: list[str],
+    ) -> dict[str, Any]:
+        """Encrypted scores of consented entities: ``{"result", "receipt", "ciphertexts",
+        "subjects_nonce"}`` (the nonce opens ``result["subjects"]``, the commitment to the ids:
+        keep it to show an auditor which ids were scored). A refusal of some ids raises
+        :class:`ScoreRefusedError` with their positions."""
+        body = {
+            "zone": zone,
+            "dataset": dataset,
+            "purpose": purpose,
+            "model": model,
+            "context": context,
+            "weights": weights,
+            "ids": ids,
+        }
+        try:
+            result: dict[str, Any] = self.request("POST", "/v1/he/score", json=body)
+        except ApiError as exc:
+            if isinstance(exc.body, dict) and "refused_count" in exc.body:
+                raise ScoreRefusedError.from_error(exc) from None
+            raise
+        return result
+
+    def secure_sum(
+        self,
+        *,
+        zones: list[str],
+        sql: str,
+        purpose: str,
+        context: str,
+        cells: list[list[str]],
+        epsilon: str | None = None,
+    ) -> dict[str, Any]:
+        """An encrypted total over zones: ``{"result", "receipt", "ciphertext", ...}``."""
+        body: dict[str, Any] = {
+            "zones": zones,
+            "sql": sql,
+            "purpose": purpose,
+            "context": context,
+            "cells": cells,
+        }
+        if epsilon is not None:
+            body["epsilon"] = epsilon
+        result: dict[str, Any] = self.request("POST", "/v1/he/secure-sum", json=body)
+        return result

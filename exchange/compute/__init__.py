@@ -1,3 +1,0 @@
-"""Computations over zone data (DESIGN, "Computations"): each one authenticates, authorizes every
-step through :func:`exchange.access.authorize`, runs under the zone's analysis rules, records a
-ledger entry and returns."""

@@ -1,0 +1,117 @@
+"""Issuing receipts (the format and its offline verification: :mod:`crypto.receipt`).
+
+:func:`record_computation` appends the computation's ledger entry (running ``apply``, e.g. the
+privacy-budget charge, in the same transaction), then signs the statement with the log key,
+signs a checkpoint that covers the entry and assembles the bundle with its inclusion proof.
+
+The grants a computation was authorized under are checked again inside that transaction: it
+holds the ledger-head lock, so a revocation ledgered by any process before the computation's
+entry refuses the release (another process's policy cache may not have seen it yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from crypto.encoding import b64url_encode
+from crypto.envelope import sign_envelope
+from crypto.receipt import STATEMENT_TYPE, build_bundle, result_digest, statement_digest
+from exchange.errors import DeniedError, LedgerError
+from exchange.server.ledger import Apply, EntryDraft
+from exchange.server.models import GrantRow
+from exchange.server.runtime import Exchange
+
+if TYPE_CHECKING:
+    from exchange.server.dispatch import NodeResult
+
+__all__ = ["record_computation"]
+
+
+def record_computation(
+    ex: Exchange,
+    *,
+    kind: str,
+    actor: str,
+    statement: Mapping[str, Any],
+    result: Any,
+    refs: Mapping[str, str] | None = None,
+    attrs: Mapping[str, str | int] | None = None,
+    apply: Apply | None = None,
+    node: NodeResult | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """Ledger a computation and return ``(receipt bundle, apply's return value)``.
+
+    ``statement`` holds the receipt fields except ``type``, ``kind``, ``result_digest``, ``time``
+    and ``ledger_index``, which are filled in here. ``node``: the zone node's verified answer
+    when a node computed the result; the statement names its key and the bundle embeds its
+    signed envelope.
+    """
+    if ex.log_signer is None:
+        raise LedgerError("this process holds no log key and cannot sign receipts")
+    digest = result_digest(result)
+    core: dict[str, Any] = {
+        **statement,
+        "type": "zonex.receipt.v1",
+        "kind": kind,
+        "result_digest": digest,
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    if node is not None:
+        core["node"] = {"key_id": node.node, "public_key": b64url_encode(node.public_key)}
+    draft = EntryDraft(
+        kind=f"computation.{kind}",
+        actor=actor,
+        refs=dict(refs or {}),
+        digests={"statement": statement_digest(core), "result": digest},
+        attrs=dict(attrs or {}),
+    )
+    grants = sorted(
+        {g for g in str(statement.get("grant") or "").split(",") if g.startswith("grant:")}
+    )
+    try:
+        appended = ex.ledger.append(draft, _still_granted(grants, apply))
+    except DeniedError as exc:
+        ex.ledger.append(
+            EntryDraft(
+                kind="access.denied",
+                actor=actor,
+                refs=dict(refs or {}),
+                attrs={"reason": exc.reason, "rule": ",".join(grants)[:200], "step": "release"},
+            )
+        )
+        exc.ledgered = True
+        raise
+    signed = {**core, "ledger_index": appended.seq}
+    envelope = sign_envelope(STATEMENT_TYPE, signed, [ex.log_signer.key])
+    checkpoint = ex.ledger.checkpoint(persist=False, covering=appended.seq)
+    proof = ex.ledger.inclusion_proof(appended.seq, checkpoint.size)
+    bundle = build_bundle(
+        envelope,
+        appended.body or ex.ledger.entry(appended.seq),
+        appended.seq,
+        checkpoint.size,
+        proof,
+        checkpoint.note,
+        None if node is None else node.envelope,
+    )
+    return bundle, appended.value
+
+
+def _still_granted(grants: list[str], apply: Apply | None) -> Apply:
+    """``apply`` preceded by a check that every grant is still active and unexpired."""
+
+    def checked(session: Session, draft: EntryDraft) -> Any:
+        now = datetime.now(UTC)
+        for grant_id in grants:
+            row = session.get(GrantRow, grant_id)
+            if row is None or row.status != "active":
+                raise DeniedError("not_granted", "the grant was revoked before the release")
+            if row.expires_at <= now:
+                raise DeniedError("expired", "the grant expired before the release")
+        return None if apply is None else apply(session, draft)
+
+    return checked
