@@ -266,7 +266,7 @@ def set_up(
                 req = c.request_access(
                     zone,
                     list(files),
-                    ["aggregate"],
+                    ["aggregate", "psi_cardinality"],
                     PURPOSE,
                     duration_seconds=86400,
                     justification="benchmark",
@@ -310,6 +310,26 @@ def interleaved(
     return times
 
 
+#: each private join's ε (the dataset is L3: its releases are differentially private)
+PSI_EPSILON = "0.5"
+
+
+def psi_sessions(c: Client, ids: int, rows: int, runs: int) -> dict[str, list[float]]:
+    """Seconds per whole psi_cardinality session (the consumer's blinding and re-blinding
+    included, as `zonex psi` runs it), alternating between the zones."""
+    inside = [f"C{i:010d}" for i in range(0, min(rows, ids // 2))]
+    outside = [f"X{i:010d}" for i in range(ids - len(inside))]
+    mine = inside + outside
+    times: dict[str, list[float]] = {HOSTED: [], NODED: []}
+    for run in range(runs):
+        for zone in (HOSTED, NODED) if run % 2 == 0 else (NODED, HOSTED):
+            start = time.perf_counter()
+            c.psi_join(zone, "tax", "cardinality", mine, PURPOSE, epsilon=PSI_EPSILON)
+            times[zone].append(time.perf_counter() - start)
+            print(f"psi {zone}: {times[zone][-1]:.1f} s", flush=True)
+    return times
+
+
 def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile, in milliseconds."""
     ordered = sorted(values)
@@ -340,6 +360,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the heavy table")
     parser.add_argument("--runs", type=int, default=20, help="heavy aggregates per zone")
     parser.add_argument("--requests", type=int, default=300, help="tiny aggregates per zone")
+    parser.add_argument(
+        "--psi",
+        type=int,
+        default=0,
+        help="also time psi_cardinality sessions of this many consumer ids (half of them in the "
+        "zone's --rows ids) against each zone (0: skip)",
+    )
+    parser.add_argument("--psi-runs", type=int, default=2, help="private joins per zone")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     for count, warmup, eps, flag in (
@@ -372,6 +400,7 @@ def main() -> None:
             start = time.perf_counter()
             tiny_times = interleaved(c, TINY_SQL, TINY_EPSILON, args.requests, TINY_WARMUP)
             print(f"tiny: {time.perf_counter() - start:.0f} s", flush=True)
+            psi_times = psi_sessions(c, args.psi, args.rows, args.psi_runs) if args.psi else None
         load_after = load_average()
 
     figures: dict[str, Any] = {
@@ -394,6 +423,15 @@ def main() -> None:
             NODED: tiny_rows(tiny_times[NODED]),
         },
     }
+    if psi_times is not None:
+        figures["psi"] = {
+            "ids": args.psi,
+            "rows": args.rows,
+            "epsilon": PSI_EPSILON,
+            HOSTED: statistics.median(psi_times[HOSTED]),
+            NODED: statistics.median(psi_times[NODED]),
+        }
+        figures["psi"]["ratio_median"] = figures["psi"][NODED] / figures["psi"][HOSTED]
     h, n = figures["heavy"][HOSTED], figures["heavy"][NODED]
     figures["heavy"]["ratio_median"] = n["median_ms"] / h["median_ms"]
     figures["heavy"]["ratio_p95"] = n["p95_ms"] / h["p95_ms"]
@@ -430,6 +468,14 @@ def main() -> None:
     print(f"  {'overhead (difference)':<22}{o['p50_diff_ms']:>11.1f}{o['p99_diff_ms']:>10.1f}")
     print(f"  {'overhead (paired)':<22}{o['paired_p50_ms']:>11.1f}{o['paired_p99_ms']:>10.1f}")
     print("  goal: p99 overhead <= 50 ms")
+    if "psi" in figures:
+        f = figures["psi"]
+        print(
+            f"\npsi_cardinality: {args.psi:,} consumer ids against {args.rows:,} rows, "
+            f"ε {PSI_EPSILON}, {args.psi_runs} sessions each (whole session, consumer included)"
+        )
+        print(f"  in-process {f[HOSTED]:.1f} s, node {f[NODED]:.1f} s (median)")
+        print(f"  node / in-process: {f['ratio_median']:.2f} (goal <= 1.15)")
     if args.json:
         print(json.dumps(figures, indent=2))
 
