@@ -185,9 +185,24 @@ class NodeAgent:
                 raise TaskRefused("malformed", "the task's epsilon is not a decimal") from exc
         veto = home.veto()
         veto.check("aggregate", epsilon)
+        tables = self.tables(task, veto.min_k)
         hosted = home.datasets()
-        wanted: dict[str, Any] = task.get("datasets") or {}
-        if not wanted:
+        first = hosted[next(iter(tables))]
+        with home.source(first) as (engine, _, dialect):
+            checked = self._check(task, tables, _DIALECTS.get(dialect, dialect))
+            if checked.dp and epsilon is None:
+                raise TaskRefused("dp_required", "the rules here require a DP release")
+            body = release_aggregate(checked, engine, epsilon if checked.dp else None)
+        return sign_result(home.key, task, body)
+
+    def tables(self, task: dict[str, Any], min_k: int) -> dict[str, TableRules]:
+        """The checker's view of the datasets a task reads: this node's columns and levels, the
+        snapshot it holds (checked against the task's), the task's rules with k raised to the
+        veto's ``min_k``."""
+        home = self.home
+        hosted = home.datasets()
+        wanted = task.get("datasets")
+        if not isinstance(wanted, dict) or not wanted:
             raise TaskRefused("malformed", "the task names no dataset")
         tables: dict[str, TableRules] = {}
         for name, snapshot in wanted.items():
@@ -200,7 +215,7 @@ class NodeAgent:
                 rules = AnalysisRules.from_json(task["rules"][name])
             except (KeyError, ValueError, TypeError) as exc:
                 raise TaskRefused("malformed", f"{name}: the task's rules are unusable") from exc
-            rules = dataclasses.replace(rules, min_group_size=veto.k(rules.min_group_size))
+            rules = dataclasses.replace(rules, min_group_size=max(rules.min_group_size, min_k))
             relation, schema = None, None
             if dataset.source == "attach" and dataset.attach_table:
                 schema, _, relation = dataset.attach_table.rpartition(".")
@@ -217,13 +232,7 @@ class NodeAgent:
                 relation_schema=schema,
                 stats=self._table_stats(dataset),
             )
-        first = hosted[next(iter(wanted))]
-        with home.source(first) as (engine, _, dialect):
-            checked = self._check(task, tables, _DIALECTS.get(dialect, dialect))
-            if checked.dp and epsilon is None:
-                raise TaskRefused("dp_required", "the rules here require a DP release")
-            body = release_aggregate(checked, engine, epsilon if checked.dp else None)
-        return sign_result(home.key, task, body)
+        return tables
 
     def _check(self, task: dict[str, Any], tables: dict[str, TableRules], dialect: str) -> Any:
         """:func:`check_query` on this node's view of the tables, remembered per exact input

@@ -231,7 +231,7 @@ def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
         result["bounds"] = {p["column"]: [p["lower"], p["upper"]] for p in plan}
         result["he_context"] = context
         if ids:
-            ctx = _context(http, task["id"], context)
+            ctx = fetch_context(http, task["id"], context)
             try:
                 encrypted = encrypt_columns(ctx, plan, totals, order, limit)
             except InvalidInputError as exc:
@@ -253,9 +253,12 @@ def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
     return sign_result(home.key, task, body)
 
 
-def _context(http: httpx.Client, task_id: str, digest: str) -> Any:
-    """The consumer's public BFV context, fetched and checked against the task's digest."""
-    most = he.max_public_context_bytes(he.BFV_DEFAULT)
+def fetch_context(
+    http: httpx.Client, task_id: str, digest: str, params: he.ParameterSet = he.BFV_DEFAULT
+) -> Any:
+    """The consumer's public context (task input ``context``), fetched and checked against the
+    task's digest and parameter set (private joins, secure sums and scoring all fetch it)."""
+    most = he.max_public_context_bytes(params)
     response = http.get(
         f"/v1/node/tasks/{task_id}/inputs/context", params={"offset": 0, "limit": most + 1}
     )
@@ -265,6 +268,6 @@ def _context(http: httpx.Client, task_id: str, digest: str) -> Any:
     if len(data) > most or he.context_digest(data) != digest:
         raise TaskRefused("bad_input", "the HE context does not match the digest in the task")
     try:
-        return he.load_public_context(data, max_bytes=most, expected=he.BFV_DEFAULT)
+        return he.load_public_context(data, max_bytes=most, expected=params)
     except CryptoError as exc:
         raise TaskRefused("bad_input", f"unusable HE context: {exc}") from exc

@@ -49,7 +49,7 @@ from crypto.errors import CryptoError
 from exchange.errors import DeniedError, InvalidInputError
 from exchange.node.analysis import NUMERIC_TYPES
 from exchange.node.home import NodeHome
-from exchange.node.psi import _digest, _fetch, _field, _problem, _upload
+from exchange.node.psi import _digest, _fetch, _field, _upload, fetch_context
 from exchange.subjects import MAX_SUBJECT_ID, check_subject_id
 from exchange.tasks import TaskRefused, sign_result
 from policy.levels import Level
@@ -235,23 +235,6 @@ def score_entities(
 # -- the node's task ------------------------------------------------------------------------
 
 
-def _context(http: httpx.Client, task_id: str, digest: str, params: he.ParameterSet) -> Any:
-    """The consumer's public context, fetched and checked against the task's digest."""
-    most = he.max_public_context_bytes(params)
-    response = http.get(
-        f"/v1/node/tasks/{task_id}/inputs/context", params={"offset": 0, "limit": most + 1}
-    )
-    if response.status_code != 200:
-        raise TaskRefused("input_unavailable", f"could not fetch the context: {_problem(response)}")
-    data = response.content
-    if len(data) > most or he.context_digest(data) != digest:
-        raise TaskRefused("bad_input", "the HE context does not match the digest in the task")
-    try:
-        return he.load_public_context(data, max_bytes=most, expected=params)
-    except CryptoError as exc:
-        raise TaskRefused("bad_input", f"unusable HE context: {exc}") from exc
-
-
 def _spec(task: dict[str, Any], name: str, most: int) -> tuple[str, int]:
     """An input's SHA-256 and size as the task names them."""
     spec = _field(task, name, dict)
@@ -322,7 +305,7 @@ def run_he_score(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
     limit = he.max_ciphertext_bytes(params)
     weights_digest, weights_size = _spec(task, "weights", len(features) * (limit + 4))
     ids = _ids(http, task)
-    ctx = _context(http, task["id"], context, params)
+    ctx = fetch_context(http, task["id"], context, params)
     packed = _fetch(http, task["id"], "weights", weights_size)
     if hashlib.sha256(packed).hexdigest() != weights_digest:
         raise TaskRefused("bad_input", "the weights do not match the digest in the task")

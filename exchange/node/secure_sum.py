@@ -25,12 +25,10 @@ it never reads the rows and never sees a cell's value or count before it is encr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-import httpx
 from sqlalchemy import text
 
 from crypto import he
@@ -38,7 +36,6 @@ from crypto.envelope import Envelope, sign_envelope
 from crypto.errors import CryptoError
 from exchange.errors import InvalidInputError
 from exchange.node import dp
-from exchange.node.analysis import AnalysisRules
 from exchange.node.engine import (
     CONTRIBUTION_TYPE,
     cell_vector,
@@ -48,10 +45,8 @@ from exchange.node.engine import (
     plain,
     sum_layout,
 )
-from exchange.node.psi import _problem, _upload
-from exchange.node.sqlcheck import TableColumn, TableRules
+from exchange.node.psi import _upload, fetch_context
 from exchange.tasks import TaskRefused, sign_result
-from policy.levels import Level
 
 if TYPE_CHECKING:
     from exchange.node.agent import NodeAgent
@@ -77,62 +72,6 @@ def _decimal(value: object, what: str) -> Decimal:
     if not out.is_finite() or out <= 0:
         raise TaskRefused("malformed", f"the task's {what} is not positive")
     return out
-
-
-def _tables(agent: NodeAgent, task: dict[str, Any], min_k: int) -> dict[str, TableRules]:
-    """The checker's view of the datasets the task reads: this node's columns and levels, the
-    snapshot it holds (checked against the task's), the task's rules with k raised to the
-    veto's."""
-    home = agent.home
-    hosted = home.datasets()
-    wanted = task.get("datasets")
-    if not isinstance(wanted, dict) or not wanted:
-        raise TaskRefused("malformed", "the task names no dataset")
-    tables: dict[str, TableRules] = {}
-    for name, snapshot in wanted.items():
-        dataset = hosted.get(name)
-        if dataset is None:
-            raise TaskRefused("unknown_dataset", f"this node hosts no dataset {name!r}")
-        if dataset.digest != snapshot:
-            raise TaskRefused("snapshot_mismatch", f"{name}: the task is for another snapshot")
-        try:
-            rules = AnalysisRules.from_json(task["rules"][name])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise TaskRefused("malformed", f"{name}: the task's rules are unusable") from exc
-        rules = dataclasses.replace(rules, min_group_size=max(rules.min_group_size, min_k))
-        relation, schema = None, None
-        if dataset.source == "attach" and dataset.attach_table:
-            schema, _, relation = dataset.attach_table.rpartition(".")
-            schema = schema or None
-        tables[name] = TableRules(
-            name,
-            tuple(TableColumn(c["name"], c["type"], Level(c["level"])) for c in dataset.columns),
-            dataset.subject_column,
-            rules,
-            zone=home.zone,
-            relation=relation,
-            relation_schema=schema,
-            stats=agent._table_stats(dataset),
-        )
-    return tables
-
-
-def _context(http: httpx.Client, task_id: str, digest: str, params: he.ParameterSet) -> Any:
-    """The requester's public context, fetched and checked against the task's digest and
-    parameter set."""
-    most = he.max_public_context_bytes(params)
-    response = http.get(
-        f"/v1/node/tasks/{task_id}/inputs/context", params={"offset": 0, "limit": most + 1}
-    )
-    if response.status_code != 200:
-        raise TaskRefused("input_unavailable", f"could not fetch the context: {_problem(response)}")
-    data = response.content
-    if len(data) > most or he.context_digest(data) != digest:
-        raise TaskRefused("bad_input", "the HE context does not match the digest in the task")
-    try:
-        return he.load_public_context(data, max_bytes=most, expected=params)
-    except CryptoError as exc:
-        raise TaskRefused("bad_input", f"unusable HE context: {exc}") from exc
 
 
 def run_secure_sum(agent: NodeAgent, task: dict[str, Any]) -> Envelope:
@@ -163,7 +102,7 @@ def run_secure_sum(agent: NodeAgent, task: dict[str, Any]) -> Envelope:
 
     veto = home.veto()
     veto.check(KIND, epsilon)
-    tables = _tables(agent, task, veto.min_k)
+    tables = agent.tables(task, veto.min_k)
     first = home.datasets()[next(iter(tables))]
     with home.source(first) as (engine, _, dialect):
         checked = agent._check(task, tables, _DIALECTS.get(dialect, dialect))
@@ -196,7 +135,7 @@ def run_secure_sum(agent: NodeAgent, task: dict[str, Any]) -> Envelope:
         raise TaskRefused(
             "zone_refused", f"no named cell has at least k={checked.k} subjects on this node"
         )
-    ctx = _context(agent._http, task["id"], context, params)
+    ctx = fetch_context(agent._http, task["id"], context, params)
     try:
         ciphertext = he.encrypt_vector(ctx, vector.values)
     except CryptoError as exc:
