@@ -42,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,7 @@ def level_flags() -> list[str]:
 
 
 def set_up(
-    stack: ExitStack, work: Path, env: dict[str, str], files: dict[str, Path]
+    stack: ExitStack, work: Path, env: dict[str, str], files: dict[str, Path], consented: int = 0
 ) -> tuple[str, SigningKey]:
     """Start the exchange and the node; return the exchange's URL and the granted consumer."""
     data_dir = work / "exchange"
@@ -266,12 +267,27 @@ def set_up(
                 req = c.request_access(
                     zone,
                     list(files),
-                    ["aggregate", "psi_cardinality"],
+                    ["aggregate", "psi_cardinality", "he_score"],
                     PURPOSE,
                     duration_seconds=86400,
                     justification="benchmark",
                 )
             p.approve(req["id"])
+            if consented:
+                # he_score scores consented subjects only: the first --score ids of the table
+                until = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+                p.import_consents(
+                    zone,
+                    [
+                        {
+                            "subject": subject,
+                            "consumer": consumer.key_id,
+                            "purpose": PURPOSE,
+                            "expires_at": until,
+                        }
+                        for subject in company_ids(consented)
+                    ],
+                )
 
     node = stack.enter_context(
         running(
@@ -310,6 +326,33 @@ def interleaved(
     return times
 
 
+def company_ids(count: int) -> list[str]:
+    """The first ``count`` subject ids of the generated table."""
+    return [f"C{i:010d}" for i in range(count)]
+
+
+#: the bank's model in the scoring benchmark (the table's numeric columns)
+SCORE_FEATURES = ("employees", "tax_paid")
+
+
+def score_sessions(c: Client, ids: int, runs: int) -> dict[str, list[float]]:
+    """Seconds per he_score of ``ids`` consented subjects under one committed model (the
+    consumer's encryption of the weights and decryption included), alternating zones."""
+    from exchange.client import he as he_client
+
+    model = he_client.new_model(SCORE_FEATURES, [0.001, 0.000001], bias=-1.0, link="identity")
+    c.commit_model(model.document())
+    mine = company_ids(ids)
+    times: dict[str, list[float]] = {HOSTED: [], NODED: []}
+    for run in range(runs):
+        for zone in (HOSTED, NODED) if run % 2 == 0 else (NODED, HOSTED):
+            start = time.perf_counter()
+            he_client.score(c, zone=zone, dataset="tax", purpose=PURPOSE, model=model, ids=mine)
+            times[zone].append(time.perf_counter() - start)
+            print(f"he_score {zone}: {times[zone][-1]:.1f} s", flush=True)
+    return times
+
+
 #: each private join's ε (the dataset is L3: its releases are differentially private)
 PSI_EPSILON = "0.5"
 
@@ -317,7 +360,7 @@ PSI_EPSILON = "0.5"
 def psi_sessions(c: Client, ids: int, rows: int, runs: int) -> dict[str, list[float]]:
     """Seconds per whole psi_cardinality session (the consumer's blinding and re-blinding
     included, as `zonex psi` runs it), alternating between the zones."""
-    inside = [f"C{i:010d}" for i in range(0, min(rows, ids // 2))]
+    inside = company_ids(min(rows, ids // 2))
     outside = [f"X{i:010d}" for i in range(ids - len(inside))]
     mine = inside + outside
     times: dict[str, list[float]] = {HOSTED: [], NODED: []}
@@ -368,6 +411,13 @@ def main() -> None:
         "zone's --rows ids) against each zone (0: skip)",
     )
     parser.add_argument("--psi-runs", type=int, default=2, help="private joins per zone")
+    parser.add_argument(
+        "--score",
+        type=int,
+        default=0,
+        help="also time he_score of this many consented subjects against each zone (0: skip)",
+    )
+    parser.add_argument("--score-runs", type=int, default=3, help="scorings per zone")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     for count, warmup, eps, flag in (
@@ -391,7 +441,7 @@ def main() -> None:
         }
         env["XDG_CONFIG_HOME"] = str(work / "xdg")  # no user CLI profiles
         big, tiny = generate(work, args.rows)
-        url, consumer = set_up(stack, work, env, {"tax": big, "tiny": tiny})
+        url, consumer = set_up(stack, work, env, {"tax": big, "tiny": tiny}, args.score)
         load_before = load_average()
         with Client(url, consumer) as c:
             start = time.perf_counter()
@@ -401,6 +451,7 @@ def main() -> None:
             tiny_times = interleaved(c, TINY_SQL, TINY_EPSILON, args.requests, TINY_WARMUP)
             print(f"tiny: {time.perf_counter() - start:.0f} s", flush=True)
             psi_times = psi_sessions(c, args.psi, args.rows, args.psi_runs) if args.psi else None
+            score_times = score_sessions(c, args.score, args.score_runs) if args.score else None
         load_after = load_average()
 
     figures: dict[str, Any] = {
@@ -432,6 +483,16 @@ def main() -> None:
             NODED: statistics.median(psi_times[NODED]),
         }
         figures["psi"]["ratio_median"] = figures["psi"][NODED] / figures["psi"][HOSTED]
+    if score_times is not None:
+        figures["he_score"] = {
+            "ids": args.score,
+            "features": list(SCORE_FEATURES),
+            HOSTED: statistics.median(score_times[HOSTED]),
+            NODED: statistics.median(score_times[NODED]),
+        }
+        figures["he_score"]["ratio_median"] = (
+            figures["he_score"][NODED] / figures["he_score"][HOSTED]
+        )
     h, n = figures["heavy"][HOSTED], figures["heavy"][NODED]
     figures["heavy"]["ratio_median"] = n["median_ms"] / h["median_ms"]
     figures["heavy"]["ratio_p95"] = n["p95_ms"] / h["p95_ms"]
@@ -475,6 +536,14 @@ def main() -> None:
             f"ε {PSI_EPSILON}, {args.psi_runs} sessions each (whole session, consumer included)"
         )
         print(f"  in-process {f[HOSTED]:.1f} s, node {f[NODED]:.1f} s (median)")
+        print(f"  node / in-process: {f['ratio_median']:.2f} (goal <= 1.15)")
+    if "he_score" in figures:
+        f = figures["he_score"]
+        print(
+            f"\nhe_score: {args.score:,} consented subjects, features {', '.join(SCORE_FEATURES)}, "
+            f"{args.score_runs} scorings each (the consumer's encryption and decryption included)"
+        )
+        print(f"  in-process {f[HOSTED]:.2f} s, node {f[NODED]:.2f} s (median)")
         print(f"  node / in-process: {f['ratio_median']:.2f} (goal <= 1.15)")
     if args.json:
         print(json.dumps(figures, indent=2))
