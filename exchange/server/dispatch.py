@@ -127,10 +127,12 @@ def _rfc3339(when: datetime) -> str:
 
 
 class _Signals:
-    """Per exchange: one condition that every arrival of a task or an answer notifies."""
+    """Per exchange: one condition that every arrival of a task or an answer notifies, and when
+    each node's last poll was last written."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
+        self.touched: dict[str, float] = {}
 
     def notify(self) -> None:
         with self.cond:
@@ -524,17 +526,15 @@ def _rowcount(result: Any) -> int:
 #: a node's last poll is written at most this often (seconds): availability needs seconds, not
 #: a durable write per poll competing with the ledger for the database's write lock
 TOUCH_INTERVAL = 1.0
-_touched: dict[tuple[int, str], float] = {}
-_touched_lock = threading.Lock()
 
 
 def _touch(ex: Exchange, key_id: str) -> None:
-    key = (id(ex), key_id)
+    signals = _signal(ex)
     now = time.monotonic()
-    with _touched_lock:
-        if now - _touched.get(key, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
+    with signals.cond:
+        if now - signals.touched.get(key_id, -TOUCH_INTERVAL) < TOUCH_INTERVAL:
             return
-        _touched[key] = now
+        signals.touched[key_id] = now
     with Session(ex.engine.execution_options(**WRITE)) as session, session.begin():
         session.execute(update(NodeRow).where(NodeRow.key_id == key_id).values(last_seen=_now()))
 

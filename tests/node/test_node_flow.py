@@ -220,7 +220,7 @@ def test_a_node_killed_mid_task_releases_nothing_and_charges_nothing_then_restar
         assert s.execute(select(BudgetRow)).scalars().all() == []
         tasks = s.execute(select(NodeTaskRow)).scalars().all()
         kinds = [json.loads(r.body)["kind"] for r in s.execute(select(LedgerEntryRow)).scalars()]
-    assert all(t.status == "terminated" for t in tasks)
+    assert len(tasks) == 1 and tasks[0].status == "terminated"
     assert "computation.aggregate" not in kinds
     assert kinds.count("task.terminated") == len(tasks)
     # restarted, the node serves again from its own directory
@@ -229,3 +229,51 @@ def test_a_node_killed_mid_task_releases_nothing_and_charges_nothing_then_restar
         with server.client(consumer) as c:
             out = c.aggregate("tax", SQL, "credit-assessment", epsilon="1")
     verify_receipt(out.receipt, out.result, server.log_verifier())
+
+
+def test_registration_and_the_node_api_refuse_escalation(server: LiveServer) -> None:
+    """Only a zone's provider registers its node, only the operator approves it, a pending or
+    foreign key cannot poll, and no principal but a node reaches the node's routes."""
+    tax, bank, other = (SigningKey.generate() for _ in range(3))
+    with server.client(server.operator) as op:
+        op.register_principal("Tax Bureau", "agency", tax.public_key)
+        op.register_principal("City Bank", "enterprise", bank.public_key)
+        op.register_principal("Other Bureau", "agency", other.public_key)
+    with server.client(tax) as p:
+        p.create_zone("tax", "tax records")
+    node = SigningKey.generate()
+    body = {"zone": "tax", "public_key": b64url_encode(node.public_key.raw)}
+    for intruder in (other, bank):  # another provider's zone; a consumer
+        with server.client(intruder) as c, pytest.raises(ApiError) as exc:
+            c.request("POST", "/v1/nodes", json=body)
+        assert exc.value.status == 403
+    with server.client(tax) as p:
+        p.request("POST", "/v1/nodes", json=body)
+        with pytest.raises(ApiError) as exc:  # only the operator approves
+            p.request("POST", f"/v1/nodes/{node.key_id}/approve")
+        assert exc.value.status == 403
+    # pending: the node's own key is refused, and told why
+    with server.client(node) as n, pytest.raises(ApiError) as exc:
+        n.request("POST", "/v1/node/poll", json={"wait": 0})
+    assert exc.value.status == 401 and exc.value.body.get("reason") == "pending"
+    with server.client(server.operator) as op:
+        op.request("POST", f"/v1/nodes/{node.key_id}/approve")
+        with pytest.raises(ApiError) as exc:  # approved once; not twice
+            op.request("POST", f"/v1/nodes/{node.key_id}/approve")
+        assert exc.value.status == 409
+    # principals that are not nodes never reach a node's routes
+    for key in (server.operator, tax, bank):
+        with server.client(key) as c:
+            for method, path, payload in (
+                ("POST", "/v1/node/poll", {"wait": 0}),
+                ("POST", "/v1/node/tasks/" + "0" * 32 + "/outcome", {"refused": {}}),
+                ("GET", "/v1/node/self", None),
+            ):
+                with pytest.raises(ApiError) as exc:
+                    c.request(method, path, json=payload)
+                assert exc.value.status == 403, (method, path)
+    with server.client(node) as n:
+        assert n.request("GET", "/v1/node/self")["status"] == "active"
+        with pytest.raises(ApiError) as exc:  # no such task for this node
+            n.request("POST", "/v1/node/tasks/" + "0" * 32 + "/outcome", json={"refused": {}})
+        assert exc.value.status == 404
