@@ -13,7 +13,7 @@ leaf = SHA-256(0x00 || entry), node = SHA-256(0x01 || left || right), empty root
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from crypto.errors import VerificationError
 
@@ -186,85 +186,113 @@ class MerkleTree:
         if not _is_size(size) or size > self.size:
             raise ValueError(f"size {size} outside 0..{self.size}")
 
-    def _border(self, size: int) -> dict[int, bytes]:
-        """Hashes of ``[lo, size)`` for every ``lo`` where the recursion meets the right border.
-
-        ``size`` splits into perfect subtrees of decreasing powers of two; the border ranges are
-        the suffixes starting at each of their left edges.
-        """
-        starts: list[tuple[int, int]] = []  # (lo, k) of each perfect piece, left to right
-        lo = 0
-        for k in range(size.bit_length() - 1, -1, -1):
-            if size >> k & 1:
-                starts.append((lo, k))
-                lo += 1 << k
-        border: dict[int, bytes] = {}
-        acc: bytes | None = None
-        for lo, k in reversed(starts):
-            piece = self._levels[k][lo >> k]
-            acc = piece if acc is None else node_hash(piece, acc)
-            border[lo] = acc
-        return border
-
-    def _range(self, lo: int, hi: int, border: dict[int, bytes]) -> bytes:
-        n = hi - lo
-        if n & (n - 1) == 0 and lo % n == 0:
-            k = n.bit_length() - 1
-            return self._levels[k][lo >> k]
-        return border[lo]  # only border ranges are not perfect
+    def _perfect(self, height: int, index: int) -> bytes:
+        return self._levels[height][index]
 
     def root(self, size: int | None = None) -> bytes:
         """The root at ``size`` (default: the current size)."""
         size = self.size if size is None else size
         self._check_size(size)
-        if size == 0:
-            return EMPTY_ROOT
-        return self._border(size)[0]
+        return subtree_root(size, self._perfect)
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
         """RFC 9162 section 2.1.3.1 PATH(index, D[0:size]), leaf side first."""
         self._check_size(size)
         if not _is_size(index) or index >= size:
             raise ValueError(f"leaf index {index} outside 0..{size - 1}")
-        border = self._border(size)
-        proof: list[bytes] = []
-        lo, hi, m = 0, size, index
-        while hi - lo > 1:
-            k = _split(hi - lo)
-            if m < k:
-                proof.append(self._range(lo + k, hi, border))
-                hi = lo + k
-            else:
-                proof.append(self._range(lo, lo + k, border))
-                lo, m = lo + k, m - k
-        proof.reverse()
-        return proof
+        return inclusion_path(index, size, self._perfect)
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
         """RFC 9162 section 2.1.4.1 PROOF(size1, D[0:size2]); empty when size1 is 0 or size2."""
         self._check_size(size2)
         if not _is_size(size1) or size1 > size2:
             raise ValueError(f"need 0 <= size1 <= size2, got {size1} and {size2}")
-        if size1 in (0, size2):
-            return []
-        border = self._border(size2)
-        proof: list[bytes] = []
-        lo, hi, m, whole = 0, size2, size1, True
-        while True:
-            n = hi - lo
-            if m == n:
-                if not whole:
-                    proof.append(self._range(lo, hi, border))
-                break
-            k = _split(n)
-            if m <= k:
-                proof.append(self._range(lo + k, hi, border))
-                hi = lo + k
-            else:
-                proof.append(self._range(lo, lo + k, border))
-                lo, m, whole = lo + k, m - k, False
-        proof.reverse()
-        return proof
+        return consistency_path(size1, size2, self._perfect)
+
+
+#: ``perfect(k, i)`` is the hash of the perfect subtree over leaves ``[i * 2**k, (i + 1) * 2**k)``
+PerfectHash = Callable[[int, int], bytes]
+
+
+def _border(size: int, perfect: PerfectHash) -> dict[int, bytes]:
+    """Hashes of ``[lo, size)`` for every ``lo`` where the recursion meets the right border.
+
+    ``size`` splits into perfect subtrees of decreasing powers of two; the border ranges are
+    the suffixes starting at each of their left edges.
+    """
+    starts: list[tuple[int, int]] = []  # (lo, k) of each perfect piece, left to right
+    lo = 0
+    for k in range(size.bit_length() - 1, -1, -1):
+        if size >> k & 1:
+            starts.append((lo, k))
+            lo += 1 << k
+    border: dict[int, bytes] = {}
+    acc: bytes | None = None
+    for lo, k in reversed(starts):
+        piece = perfect(k, lo >> k)
+        acc = piece if acc is None else node_hash(piece, acc)
+        border[lo] = acc
+    return border
+
+
+def _range(lo: int, hi: int, border: dict[int, bytes], perfect: PerfectHash) -> bytes:
+    n = hi - lo
+    if n & (n - 1) == 0 and lo % n == 0:
+        k = n.bit_length() - 1
+        return perfect(k, lo >> k)
+    return border[lo]  # only border ranges are not perfect
+
+
+def subtree_root(size: int, perfect: PerfectHash) -> bytes:
+    """The root of the first ``size`` leaves, from perfect-subtree hashes (O(log n) lookups)."""
+    if size == 0:
+        return EMPTY_ROOT
+    return _border(size, perfect)[0]
+
+
+def inclusion_path(index: int, size: int, perfect: PerfectHash) -> list[bytes]:
+    """RFC 9162 PATH(index, D[0:size]) from perfect-subtree hashes; ``0 <= index < size``.
+
+    Every subtree in the RFC's recursion is either perfect (a lookup) or ends at the tree's
+    right border, and the border hashes for one size are computed once per call.
+    """
+    border = _border(size, perfect)
+    proof: list[bytes] = []
+    lo, hi, m = 0, size, index
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if m < k:
+            proof.append(_range(lo + k, hi, border, perfect))
+            hi = lo + k
+        else:
+            proof.append(_range(lo, lo + k, border, perfect))
+            lo, m = lo + k, m - k
+    proof.reverse()
+    return proof
+
+
+def consistency_path(size1: int, size2: int, perfect: PerfectHash) -> list[bytes]:
+    """RFC 9162 PROOF(size1, D[0:size2]) from perfect-subtree hashes; ``0 <= size1 <= size2``."""
+    if size1 in (0, size2):
+        return []
+    border = _border(size2, perfect)
+    proof: list[bytes] = []
+    lo, hi, m, whole = 0, size2, size1, True
+    while True:
+        n = hi - lo
+        if m == n:
+            if not whole:
+                proof.append(_range(lo, hi, border, perfect))
+            break
+        k = _split(n)
+        if m <= k:
+            proof.append(_range(lo + k, hi, border, perfect))
+            hi = lo + k
+        else:
+            proof.append(_range(lo, lo + k, border, perfect))
+            lo, m, whole = lo + k, m - k, False
+    proof.reverse()
+    return proof
 
 
 def root_from_inclusion_proof(

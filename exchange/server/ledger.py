@@ -28,13 +28,15 @@ from sqlalchemy.orm import Session
 from crypto.canonical import canonicalize
 from crypto.encoding import b64_encode
 from crypto.errors import VerificationError
-from crypto.merkle import MerkleTree, leaf_hash, verify_consistency
+from crypto.merkle import leaf_hash, verify_consistency
 from crypto.note import Checkpoint, NoteSigner, sign_checkpoint
+from crypto.tiles import TileEdge
 from exchange.errors import InvalidInputError, LedgerError, ZonexError
 from exchange.server.batching import Delivery, HeldConnection, Waiter, new_waiter
 from exchange.server.models import CheckpointRow, LedgerEntryRow, LedgerHeadRow
 from exchange.server.observability import get_metrics
 from exchange.server.storage import WRITE
+from exchange.server.tilestore import TileStore
 
 log = logging.getLogger("zonex.ledger")
 
@@ -173,8 +175,10 @@ class Ledger:
         self._checkpoint_interval = checkpoint_interval
         self._clock = clock
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._tree = MerkleTree()
-        self._tree_lock = threading.Lock()
+        #: the Merkle tree lives in the database as tiles; this process keeps only caches
+        self.tiles = TileStore(engine)
+        #: the writer's edge after its last commit (None: read it from the database next batch)
+        self._edge: TileEdge | None = None
         self._checkpoint_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -302,6 +306,8 @@ class Ledger:
     def _commit(self, batch: list[_Pending], held: HeldConnection | None = None) -> list[_Pending]:
         committed: list[_Pending] = []
         started = time.perf_counter()
+        edge: TileEdge | None = None
+        changed: dict[tuple[int, int], bytes] = {}
         try:
             conn = self._write_engine.connect() if held is None else held.get()
             session: Session | None = None
@@ -309,6 +315,7 @@ class Ledger:
                 with conn.begin():
                     head = conn.execute(_LOCK_HEAD).one()
                     size, last_hash, last_time = head.size, bytes(head.last_hash), head.last_time
+                    first = size
                     rows: list[dict[str, Any]] = []
                     for item in batch:
                         value = None
@@ -354,6 +361,12 @@ class Ledger:
                         item.result, item.results = appended[0], appended
                         committed.append(item)
                     if rows:
+                        # the tiles change in the same transaction as the leaves they hash
+                        edge, self._edge = self._edge, None
+                        if edge is None or edge.size != first:
+                            edge = self.tiles.load_edge(conn, first)
+                        changed = edge.extend([r["leaf_hash"] for r in rows])
+                        self.tiles.write(conn, changed)
                         head_values = {"size": size, "last_hash": last_hash, "last_time": last_time}
                         if conn.dialect.name == "postgresql":
                             # one round trip for the entries and the head
@@ -369,6 +382,10 @@ class Ledger:
                         else:
                             conn.execute(insert(_ENTRIES), rows)
                             conn.execute(_UPDATE_HEAD, head_values)
+                if edge is not None:  # committed: readers see the new tiles, then the writer
+                    self.tiles.committed(edge, changed)
+                    self._edge = edge
+                    get_metrics().ledger_size.set(edge.size)
             finally:
                 if session is not None:
                     session.close()
@@ -393,22 +410,14 @@ class Ledger:
 
     # -- tree, checkpoints, proofs ---------------------------------------------------------
 
-    def sync_tree(self) -> int:
-        """Catch the in-memory Merkle tree up with entries committed by any process."""
-        with self._tree_lock:
-            start = self._tree.size
-            with self._engine.connect() as conn:
-                result = conn.execute(
-                    select(LedgerEntryRow.seq, LedgerEntryRow.leaf_hash)
-                    .where(LedgerEntryRow.seq >= start)
-                    .order_by(LedgerEntryRow.seq)
-                )
-                for seq, digest in result:
-                    if seq != self._tree.size:
-                        raise LedgerError(f"ledger has a gap at seq {self._tree.size}")
-                    self._tree.append(bytes(digest))
-            get_metrics().ledger_size.set(self._tree.size)
-            return self._tree.size
+    def size(self) -> int:
+        """The number of committed entries (one query)."""
+        with self._engine.connect() as conn:
+            size = conn.execute(select(_HEAD.c.size).where(_HEAD.c.id == 1)).scalar_one_or_none()
+        return int(size or 0)
+
+    def _committed_at_least(self, size: int) -> bool:
+        return size <= self.tiles.known_size or size <= self.size()
 
     def latest_checkpoint(self) -> SignedCheckpoint | None:
         with Session(self._engine) as session:
@@ -438,7 +447,7 @@ class Ledger:
                 shared = self._covering(covering)  # signed while this thread waited
                 if shared is not None:
                     return shared
-            signed = self._checkpoint_locked(persist)
+            signed = self._checkpoint_locked(persist, covering)
             if self._recent is None or signed.size > self._recent.size:
                 self._recent = signed
             return signed
@@ -447,26 +456,29 @@ class Ledger:
         recent = self._recent
         return recent if recent is not None and recent.size > seq else None
 
-    def _checkpoint_locked(self, persist: bool) -> SignedCheckpoint:
+    def _checkpoint_locked(self, persist: bool, covering: int | None) -> SignedCheckpoint:
         assert self._signer is not None
-        # last checkpoint first, then the tree: its entries were committed before it was
-        # stored, so the tree caught up afterwards covers them, even when another process
-        # stores a larger checkpoint in between
-        last = self.latest_checkpoint()
-        size = self.sync_tree()
-        if last is not None and last.size == size:
-            return last
-        with self._tree_lock:
-            root = self._tree.root(size)
-            if last is not None:
-                if last.size > size:
-                    raise LedgerError("the ledger is shorter than its last checkpoint")
-                proof = self._tree.consistency_proof(last.size, size)
-                try:
-                    verify_consistency(last.size, size, last.root, root, proof)
-                except VerificationError as exc:
-                    log.critical("refusing to sign an inconsistent checkpoint: %s", exc)
-                    raise LedgerError("ledger is inconsistent with its last checkpoint") from exc
+        # a stored checkpoint is of the database's tree; a receipt's may be of the tree this
+        # process's writer committed last (its own state: no reads), checked against the last
+        # checkpoint this process signed
+        last = self.latest_checkpoint() if persist or self._recent is None else self._recent
+        size = self.tiles.known_size
+        if persist or covering is None or size <= covering:
+            size = self.size()
+        if last is not None and last.size >= size:
+            if last.size == size or not persist:
+                return last
+            raise LedgerError("the ledger is shorter than its last checkpoint")
+        tree = self.tiles.tree(size)
+        root = tree.root()
+        if last is not None:
+            try:
+                verify_consistency(
+                    last.size, size, last.root, root, tree.consistency_proof(last.size)
+                )
+            except VerificationError as exc:
+                log.critical("refusing to sign an inconsistent checkpoint: %s", exc)
+                raise LedgerError("ledger is inconsistent with its last checkpoint") from exc
         note = sign_checkpoint(Checkpoint(self._signer.name, size, root), self._signer)
         if not persist:
             return SignedCheckpoint(size, root, note)
@@ -478,21 +490,16 @@ class Ledger:
         return SignedCheckpoint(size, root, note)
 
     def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
-        with self._tree_lock:
-            tree_size = self._tree.size
-        if size > tree_size:
-            tree_size = self.sync_tree()
-        if not 0 <= seq < size <= tree_size:
+        """RFC 9162 inclusion proof of entry ``seq`` in the tree of ``size``, from tiles."""
+        if not 0 <= seq < size or not self._committed_at_least(size):
             raise InvalidInputError("need 0 <= seq < size <= ledger size")
-        with self._tree_lock:
-            return self._tree.inclusion_proof(seq, size)
+        return self.tiles.tree(size).inclusion_proof(seq)
 
     def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
-        tree_size = self.sync_tree()
-        if not 0 <= size1 <= size2 <= tree_size:
+        """RFC 9162 consistency proof from the tree of ``size1`` to that of ``size2``."""
+        if not 0 <= size1 <= size2 or not self._committed_at_least(size2):
             raise InvalidInputError("need 0 <= size1 <= size2 <= ledger size")
-        with self._tree_lock:
-            return self._tree.consistency_proof(size1, size2)
+        return self.tiles.tree(size2).consistency_proof(size1)
 
     def entry(self, seq: int) -> bytes:
         if not 0 <= seq < 1 << 63:  # no such seq, and beyond a BIGINT the driver would overflow
@@ -504,9 +511,6 @@ class Ledger:
         if body is None:
             raise InvalidInputError(f"no ledger entry {seq}")
         return bytes(body)
-
-    def size(self) -> int:
-        return self.sync_tree()
 
     # -- export ----------------------------------------------------------------------------
 

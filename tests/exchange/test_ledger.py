@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -19,7 +19,7 @@ from exchange.audit import check_bundle, read_bundle_lines
 from exchange.cli import app
 from exchange.errors import ConflictError, LedgerError
 from exchange.server.ledger import EntryDraft, Refusal, RejectionCounter, write_export
-from exchange.server.models import LedgerEntryRow, PrincipalRow
+from exchange.server.models import LedgerEntryRow, LedgerTileRow, PrincipalRow
 from exchange.server.runtime import Exchange
 from tests.conftest import settings_for
 
@@ -254,12 +254,13 @@ def test_log_refuses_to_sign_an_inconsistent_checkpoint(data_dir: Path) -> None:
         for _ in range(4):
             ex.ledger.append(EntryDraft(kind="test.x"))
         ex.ledger.checkpoint()
-    # someone rewrites history under the checkpoint
+    # someone rewrites history under the checkpoint: the tree's stored tile says entry 2
+    # hashed to something else
     with Exchange(settings) as ex:
         with Session(ex.engine) as s, s.begin():
-            s.execute(
-                update(LedgerEntryRow).where(LedgerEntryRow.seq == 2).values(leaf_hash=b"\x00" * 32)
-            )
+            tile = s.get(LedgerTileRow, (0, 0))
+            assert tile is not None
+            tile.hashes = tile.hashes[:64] + b"\x00" * 32 + tile.hashes[96:]
         ex.ledger.append(EntryDraft(kind="test.after"))
         with pytest.raises(LedgerError):
             ex.ledger.checkpoint()

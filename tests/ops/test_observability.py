@@ -197,7 +197,7 @@ def test_metrics(server: LiveServer) -> None:
             json={"purpose": "credit-assessment"},
         )
     assert denied.value.status == 403
-    server.exchange.ledger.sync_tree()
+    server.exchange.ledger.size()
     with httpx.Client(base_url=server.url) as http:
         for _ in range(3):
             http.get("/v1/health")

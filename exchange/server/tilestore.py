@@ -1,0 +1,135 @@
+"""The ledger's hash tiles in the control-plane database, and the caches that spare reads.
+
+The tiles are written by the ledger writer in the transaction that adds their leaves
+(:meth:`TileStore.write`), so the stored tiles always describe exactly the committed entries.
+Readers get tiles through :meth:`TileStore.fetch`, which looks in this order:
+
+1. the full tiles this process wrote or read (immutable once full: an LRU of bounded size);
+2. the partial tiles of the tree this process's writer last committed (its own state: a
+   receipt for an entry the writer just committed needs no read at all);
+3. the database.
+
+Nothing holds the whole tree: a worker starts without reading it, and memory is bounded by
+the cache size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import cast
+
+from sqlalchemy import Connection, Engine, Table, select, text, tuple_
+
+from crypto.merkle import HASH_SIZE
+from crypto.tiles import FULL_TILE, TiledTree, TileEdge, edge_tiles, tile_path
+from exchange.errors import LedgerError
+from exchange.server.models import LedgerTileRow
+
+_TILES = cast(Table, LedgerTileRow.__table__)
+_UPSERT = text(
+    "INSERT INTO ledger_tiles (level, idx, hashes) VALUES (:level, :idx, :hashes) "
+    "ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes"
+)
+
+
+class TileStore:
+    """Reads and writes the ``ledger_tiles`` table. Thread-safe."""
+
+    def __init__(self, engine: Engine, cache_tiles: int = 4096) -> None:
+        self._engine = engine
+        self._cache_tiles = cache_tiles
+        self._full: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        #: the partial tiles at the writer's last committed size, replaced whole after a commit
+        self._edge: dict[tuple[int, int], bytes] = {}
+        self._edge_size = 0
+
+    # -- writing (the writer's transaction) ----------------------------------------------
+
+    def load_edge(self, conn: Connection, size: int) -> TileEdge:
+        """The writer's edge at ``size``, read in the writer's transaction (one query)."""
+        wanted = [(level, index) for level, index, width in edge_tiles(size) if width]
+        stored: dict[tuple[int, int], bytes] = {}
+        if wanted:
+            rows = conn.execute(
+                select(_TILES.c.level, _TILES.c.idx, _TILES.c.hashes).where(
+                    tuple_(_TILES.c.level, _TILES.c.idx).in_(wanted)
+                )
+            )
+            stored = {(row.level, row.idx): bytes(row.hashes) for row in rows}
+        partial = []
+        for level, index, width in edge_tiles(size):
+            tile = stored.get((level, index), b"")[: width * HASH_SIZE]
+            if len(tile) != width * HASH_SIZE:
+                raise LedgerError(
+                    f"the ledger's tile {tile_path(level, index)} is missing or short: "
+                    "run `zonex admin migrate` to rebuild the tiles"
+                )
+            partial.append(tile)
+        return TileEdge(size, partial)
+
+    def write(self, conn: Connection, changed: dict[tuple[int, int], bytes]) -> None:
+        """Store the tiles a batch changed, in the batch's transaction."""
+        if changed:
+            conn.execute(
+                _UPSERT,
+                [{"level": lv, "idx": ix, "hashes": data} for (lv, ix), data in changed.items()],
+            )
+
+    def committed(self, edge: TileEdge, changed: dict[tuple[int, int], bytes]) -> None:
+        """After the batch committed: keep its full tiles and the new edge for readers."""
+        with self._lock:
+            for key, data in changed.items():
+                if len(data) == FULL_TILE:
+                    self._remember(key, data)
+            if edge.size >= self._edge_size:
+                self._edge, self._edge_size = edge.tiles(), edge.size
+
+    @property
+    def known_size(self) -> int:
+        """The largest tree size this process's writer committed (0 before its first batch)."""
+        return self._edge_size
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _remember(self, key: tuple[int, int], data: bytes) -> None:
+        self._full[key] = data
+        self._full.move_to_end(key)
+        while len(self._full) > self._cache_tiles:
+            self._full.popitem(last=False)
+
+    def fetch(self, level: int, index: int, width: int) -> bytes:
+        """A stored tile ``(level, index)`` at least ``width`` hashes wide."""
+        key = (level, index)
+        with self._lock:
+            tile = self._full.get(key)
+            if tile is not None:
+                self._full.move_to_end(key)
+                return tile
+            tile = self._edge.get(key)
+        if tile is not None and len(tile) >= width * HASH_SIZE:
+            return tile
+        with self._engine.connect() as conn:
+            stored = conn.execute(
+                select(_TILES.c.hashes).where(_TILES.c.level == level, _TILES.c.idx == index)
+            ).scalar_one_or_none()
+        if stored is None or len(stored) < width * HASH_SIZE:
+            raise LedgerError(f"the ledger's tile {tile_path(level, index)} is missing or short")
+        tile = bytes(stored)
+        if len(tile) == FULL_TILE:
+            with self._lock:
+                self._remember(key, tile)
+        return tile
+
+    def tree(self, size: int) -> TiledTree:
+        """Roots and proofs for the tree of ``size`` committed entries."""
+        return TiledTree(size, self.fetch)
+
+    def read_tile(self, level: int, index: int, width: int) -> bytes | None:
+        """The first ``width`` hashes of a stored tile, or ``None`` if it is not that wide
+        (the tlog-tiles read API)."""
+        try:
+            return self.fetch(level, index, width)[: width * HASH_SIZE]
+        except LedgerError:
+            return None
