@@ -425,6 +425,41 @@ def _check_witness(text: str, signatures: list[_Signature], witness: NoteVerifie
     return latest
 
 
+@dataclass(frozen=True)
+class CosignerResult:
+    """What one witness's cosignature lines on a checkpoint note show.
+
+    ``timestamp`` is the latest timestamp when the witness has lines and every one verified;
+    ``problem`` says why one did not. Both are ``None`` when the note has no line from it.
+    """
+
+    timestamp: int | None
+    problem: str | None
+
+    @property
+    def verified(self) -> bool:
+        return self.timestamp is not None
+
+
+def check_cosigners(note: str, witnesses: Sequence[NoteVerifier]) -> tuple[CosignerResult, ...]:
+    """Check each of ``witnesses``' cosignature lines on a checkpoint note, in the order given.
+
+    This checks the note's syntax but not the log's signature: verify that first (with
+    :func:`verify_checkpoint`). Lines from other keys are ignored. Raises
+    :class:`VerificationError` ("malformed note") only for a note that cannot be parsed.
+    """
+    text, signatures, _ = _parse_checkpoint_note(note)
+    results = []
+    for witness in witnesses:
+        try:
+            timestamp = _check_witness(text, signatures, witness)
+        except VerificationError as exc:
+            results.append(CosignerResult(None, str(exc)))
+        else:
+            results.append(CosignerResult(timestamp, None))
+    return tuple(results)
+
+
 def check_cosignatures(
     note: str, log: NoteVerifier, witnesses: Sequence[NoteVerifier], threshold: int
 ) -> CosignatureReport:

@@ -59,6 +59,7 @@ class FaultKind(StrEnum):
     TRUSTED_INVALID = "trusted_invalid"
     ROLLBACK = "rollback"
     FORK = "fork"
+    QUORUM_NOT_MET = "quorum_not_met"  # exchange.audit.quorum: a witness policy's quorum
 
 
 @dataclass(frozen=True)

@@ -213,25 +213,52 @@ def audit_verify(
     trusted: Annotated[
         Path | None, typer.Option(help="a checkpoint saved earlier (rollback/fork check)")
     ] = None,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="a C2SP tlog-policy file: the witness quorum the final (and trusted) "
+            "checkpoint must meet"
+        ),
+    ] = None,
 ) -> None:
     """Verify an exported ledger bundle offline. Exit 0 only if everything holds.
 
-    Example:
+    Examples:
       zonex audit verify ledger.jsonl --log-key D/log.pub --trusted cp.txt
+      zonex audit verify ledger.jsonl --log-key D/log.pub --policy witnesses.policy
     """
+    from rich.markup import escape
+
     from crypto.note import NoteVerifier
-    from exchange.audit import check_bundle, read_bundle_lines
+    from crypto.tlogpolicy import PolicyError, parse_policy
+    from exchange.audit import AuditReport, check_bundle, read_bundle_lines
+    from exchange.audit.quorum import QuorumAuditReport, check_bundle_quorum, require_policy_log
 
     verifier = NoteVerifier.from_verifier_key(log_key.read_text("utf-8").strip())
     trusted_note = trusted.read_text("utf-8") if trusted is not None else None
-    report = check_bundle(read_bundle_lines(bundle), verifier, trusted_note)
+    report: AuditReport | QuorumAuditReport
+    quorum = ""
+    if policy is None:
+        report = check_bundle(read_bundle_lines(bundle), verifier, trusted_note)
+    else:
+        try:
+            witnesses = parse_policy(policy.read_bytes())
+            require_policy_log(witnesses, verifier)
+        except PolicyError as exc:
+            where = policy if exc.line is None else f"{policy}:{exc.line}"
+            raise ValueError(f"{where}: {exc.reason}") from None
+        report = check_bundle_quorum(read_bundle_lines(bundle), verifier, witnesses, trusted_note)
+        if report.final is not None:
+            quorum = f"; {report.final.explain()}"
     if not report.ok:
         assert report.fault is not None
         f = report.fault
-        fail(f"{bundle}:{f.line}: {f.kind}: {f.message}")
+        fail(escape(f"{bundle}:{f.line}: {f.kind}: {f.message}"))
     out.print(
         f"OK: {report.entries} entries, {report.checkpoints} checkpoints verified"
         + (" against the trusted checkpoint" if trusted else "")
+        + quorum,
+        markup=False,
     )
 
 

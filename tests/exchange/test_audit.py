@@ -509,6 +509,7 @@ def test_fault_kinds_are_stable() -> None:
         "trusted_invalid",
         "rollback",
         "fork",
+        "quorum_not_met",
     }
 
 
