@@ -30,10 +30,13 @@ from typing import IO, Any
 
 import httpx
 
-from crypto.encoding import b64url_encode
+from crypto.encoding import b64_encode, b64url_encode
 from crypto.envelope import sign_envelope
+from crypto.errors import EncodingError
 from crypto.httpsig import sign_request
 from crypto.keys import SigningKey, VerifyKey
+from crypto.note import Checkpoint
+from crypto.tiles import entries_path, split_entry_bundle, tile_path
 from exchange.client.results import (
     AccessRequest,
     Budget,
@@ -336,8 +339,31 @@ class Client:
 
     # ledger
     def checkpoint(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.request("GET", "/v1/log/checkpoint")
-        return result
+        """The latest signed checkpoint: ``size``, ``root`` (base64) and the ``note`` as served
+        at ``GET /v1/log/checkpoint`` (C2SP tlog-tiles). The note is not verified here: check
+        it with the log's key (``crypto.note.verify_checkpoint``) before relying on it."""
+        response = self._http.get("/v1/log/checkpoint")
+        raise_for_problem(response)
+        note = response.text
+        try:
+            body = note[: note.index("\n\n") + 1]
+            parsed = Checkpoint.from_body(body.encode("utf-8"))
+        except (ValueError, EncodingError) as exc:
+            detail = f"not a checkpoint note: {exc}"
+            raise ApiError(response.status_code, "bad_checkpoint", detail, detail, None) from exc
+        return {"size": parsed.size, "root": b64_encode(parsed.root), "note": note}
+
+    def tile(self, level: int, index: int, width: int | None = None) -> bytes:
+        """A hash tile of the log (C2SP tlog-tiles), unverified bytes."""
+        response = self._http.get(f"/v1/log/{tile_path(level, index, width)}")
+        raise_for_problem(response)
+        return response.content
+
+    def entry_bundle(self, index: int, width: int | None = None) -> list[bytes]:
+        """Entries ``[256 index, 256 index + width)`` (operator and auditors)."""
+        response = self._http.get(f"/v1/log/{entries_path(index, width)}")
+        raise_for_problem(response)
+        return split_entry_bundle(response.content)
 
     def inclusion_proof(self, seq: int, size: int) -> dict[str, Any]:
         result: dict[str, Any] = self.request(

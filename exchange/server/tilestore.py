@@ -44,6 +44,8 @@ class TileStore:
         #: the partial tiles at the writer's last committed size, replaced whole after a commit
         self._edge: dict[tuple[int, int], bytes] = {}
         self._edge_size = 0
+        #: tiles read from the database (not from a cache), for tests and metrics
+        self.reads = 0
 
     # -- writing (the writer's transaction) ----------------------------------------------
 
@@ -110,6 +112,7 @@ class TileStore:
             tile = self._edge.get(key)
         if tile is not None and len(tile) >= width * HASH_SIZE:
             return tile
+        self.reads += 1
         with self._engine.connect() as conn:
             stored = conn.execute(
                 select(_TILES.c.hashes).where(_TILES.c.level == level, _TILES.c.idx == index)

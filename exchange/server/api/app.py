@@ -39,6 +39,7 @@ from exchange.server.api import log as log_routes
 from exchange.server.api import nodes as node_routes
 from exchange.server.api import openapi as openapi_docs
 from exchange.server.api import psi as psi_routes
+from exchange.server.api import tiles as tile_routes
 from exchange.server.api.deps import Actor, Ex, principal, principal_of_body, registry_version
 from exchange.server.api.refusals import reason_of, record_refusal
 from exchange.server.api.schemas import (
@@ -51,7 +52,6 @@ from exchange.server.api.schemas import (
     CatalogOut,
     CeilingsIn,
     CeilingsOut,
-    CheckpointOut,
     ComputationOut,
     ConsentImportIn,
     ConsentImportOut,
@@ -600,13 +600,6 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             out = export_rows(ex, actor, zone, name, body.purpose)
         return ComputationOut.model_validate(out)
 
-    @v1.get("/log/checkpoint", response_model=CheckpointOut)
-    def checkpoint(actor: Actor, ex: Ex) -> CheckpointOut:
-        cp = ex.ledger.latest_checkpoint()
-        if cp is None:
-            cp = ex.ledger.checkpoint()
-        return CheckpointOut(size=cp.size, root=b64_encode(cp.root), note=cp.note)
-
     @v1.get("/log/proof/inclusion", response_model=InclusionProofOut)
     def inclusion(
         actor: Actor, ex: Ex, seq: Annotated[int, Query(ge=0)], size: Annotated[int, Query(ge=1)]
@@ -643,6 +636,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     app.include_router(psi_routes.router)
     app.include_router(he_routes.router)
     app.include_router(log_routes.router)
+    app.include_router(tile_routes.router)
     app.include_router(dataset_routes.router)
     app.include_router(node_routes.router)
     openapi_docs.install(app)

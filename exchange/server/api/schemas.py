@@ -164,12 +164,6 @@ class UploadOut(Out):
     format: str
 
 
-class CheckpointOut(Out):
-    size: int
-    root: str
-    note: str
-
-
 class InclusionProofOut(Out):
     seq: int
     size: int
