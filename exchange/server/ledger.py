@@ -25,7 +25,7 @@ from sqlalchemy import Engine, Table, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from crypto.canonical import canonicalize
+from crypto.canonical import MAX_SAFE_INTEGER, canonicalize
 from crypto.encoding import b64_encode
 from crypto.errors import VerificationError
 from crypto.merkle import leaf_hash, verify_consistency
@@ -89,8 +89,53 @@ class SignedCheckpoint:
 Apply = Callable[[Session, EntryDraft], Any]
 
 
+def entry_parts(draft: EntryDraft) -> tuple[bytes, bytes]:
+    """The canonical bytes of ``draft``'s entry around the three values the writer assigns.
+
+    An entry's keys in RFC 8785 order are actor, attrs, digests, kind, prev, refs, seq, time,
+    so its bytes are ``head + prev + middle + seq + b',"time":"' + time + b'"}'``, each part
+    canonical on its own. Encoding the parts in the caller's thread keeps the writer's
+    critical path to a concatenation and a hash per entry. Raises ``ValueError``
+    (:class:`~crypto.errors.EncodingError`) for a draft that cannot be canonicalized.
+    """
+    head = b"".join(
+        (
+            b'{"actor":',
+            canonicalize(draft.actor),
+            b',"attrs":',
+            canonicalize(draft.attrs),
+            b',"digests":',
+            canonicalize(draft.digests),
+            b',"kind":',
+            canonicalize(draft.kind),
+            b',"prev":"',
+        )
+    )
+    return head, b'","refs":' + canonicalize(draft.refs) + b',"seq":'
+
+
+def entry_body(parts: tuple[bytes, bytes], seq: int, time: str, prev: str) -> bytes:
+    """An entry's canonical bytes from :func:`entry_parts` and the writer's values."""
+    if not 0 <= seq <= MAX_SAFE_INTEGER:
+        raise InvalidInputError("the ledger is full")
+    return b"".join(
+        (parts[0], prev.encode(), parts[1], str(seq).encode(), b',"time":"', time.encode(), b'"}')
+    )
+
+
 class _Pending:
-    __slots__ = ("apply", "done", "draft", "error", "future", "more", "queued", "result", "results")
+    __slots__ = (
+        "apply",
+        "done",
+        "draft",
+        "error",
+        "future",
+        "more",
+        "parts",
+        "queued",
+        "result",
+        "results",
+    )
 
     def __init__(
         self,
@@ -109,6 +154,14 @@ class _Pending:
         #: further entries committed in the same transaction as ``draft`` (append_group)
         self.more: list[EntryDraft] = []
         self.results: list[Appended] = []
+        #: the entry's bytes but for seq, time and prev, encoded here in the caller's thread
+        #: (an ``apply`` may still change the draft: those are encoded by the writer)
+        self.parts: tuple[bytes, bytes] | ValueError | None = None
+        if apply is None:
+            try:
+                self.parts = entry_parts(draft)
+            except ValueError as exc:
+                self.parts = exc
 
     def finish(self, delivery: Delivery) -> None:
         if self.done is not None:
@@ -316,6 +369,7 @@ class Ledger:
                     head = conn.execute(_LOCK_HEAD).one()
                     size, last_hash, last_time = head.size, bytes(head.last_hash), head.last_time
                     first = size
+                    now: str | None = None
                     rows: list[dict[str, Any]] = []
                     for item in batch:
                         value = None
@@ -334,19 +388,17 @@ class Ledger:
                                 continue
                         appended: list[Appended] = []
                         for draft in (item.draft, *item.more):
-                            now = max(format_time(self._clock()), last_time)
-                            entry = {
-                                "seq": size,
-                                "time": now,
-                                "kind": draft.kind,
-                                "actor": draft.actor,
-                                "refs": draft.refs,
-                                "digests": draft.digests,
-                                "attrs": draft.attrs,
-                                "prev": last_hash.hex() if size else GENESIS_PREV,
-                            }
+                            # one time per batch: its entries become durable together
+                            if now is None:
+                                now = max(format_time(self._clock()), last_time)
+                            prev = last_hash.hex() if size else GENESIS_PREV
                             try:
-                                body = canonicalize(entry)
+                                parts = item.parts if draft is item.draft else None
+                                if isinstance(parts, ValueError):
+                                    raise parts
+                                if parts is None:
+                                    parts = entry_parts(draft)
+                                body = entry_body(parts, size, now, prev)
                             except ValueError as exc:
                                 item.error = InvalidInputError(f"entry cannot be recorded: {exc}")
                                 if item.apply is not None or item.more:

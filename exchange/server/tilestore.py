@@ -2,6 +2,10 @@
 
 The tiles are written by the ledger writer in the transaction that adds their leaves
 (:meth:`TileStore.write`), so the stored tiles always describe exactly the committed entries.
+Level 0 is not stored twice: its hashes are the ``leaf_hash`` column of ``ledger_entries``,
+read as a range of 256 rows; ``ledger_tiles`` holds levels 1 and up, and a batch writes a
+row there only when it completes a level-0 tile (every 256 entries), so a batch's durable
+commit carries its entries and almost nothing else.
 Readers get tiles through :meth:`TileStore.fetch`, which looks in this order:
 
 1. the full tiles this process wrote or read (immutable once full: an LRU of bounded size);
@@ -22,11 +26,12 @@ from typing import cast
 from sqlalchemy import Connection, Engine, Table, select, text, tuple_
 
 from crypto.merkle import HASH_SIZE
-from crypto.tiles import FULL_TILE, TiledTree, TileEdge, edge_tiles, tile_path
+from crypto.tiles import FULL_TILE, TILE_WIDTH, TiledTree, TileEdge, edge_tiles, tile_path
 from exchange.errors import LedgerError
-from exchange.server.models import LedgerTileRow
+from exchange.server.models import LedgerEntryRow, LedgerTileRow
 
 _TILES = cast(Table, LedgerTileRow.__table__)
+_ENTRIES = cast(Table, LedgerEntryRow.__table__)
 _UPSERT = text(
     "INSERT INTO ledger_tiles (level, idx, hashes) VALUES (:level, :idx, :hashes) "
     "ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes"
@@ -50,16 +55,18 @@ class TileStore:
     # -- writing (the writer's transaction) ----------------------------------------------
 
     def load_edge(self, conn: Connection, size: int) -> TileEdge:
-        """The writer's edge at ``size``, read in the writer's transaction (one query)."""
-        wanted = [(level, index) for level, index, width in edge_tiles(size) if width]
+        """The writer's edge at ``size``, read in the writer's transaction (two queries)."""
+        wanted = [(level, index) for level, index, width in edge_tiles(size) if width and level]
         stored: dict[tuple[int, int], bytes] = {}
+        if size % TILE_WIDTH:
+            stored[(0, size // TILE_WIDTH)] = _leaf_hashes(conn, size // TILE_WIDTH)
         if wanted:
             rows = conn.execute(
                 select(_TILES.c.level, _TILES.c.idx, _TILES.c.hashes).where(
                     tuple_(_TILES.c.level, _TILES.c.idx).in_(wanted)
                 )
             )
-            stored = {(row.level, row.idx): bytes(row.hashes) for row in rows}
+            stored.update({(row.level, row.idx): bytes(row.hashes) for row in rows})
         partial = []
         for level, index, width in edge_tiles(size):
             tile = stored.get((level, index), b"")[: width * HASH_SIZE]
@@ -72,12 +79,13 @@ class TileStore:
         return TileEdge(size, partial)
 
     def write(self, conn: Connection, changed: dict[tuple[int, int], bytes]) -> None:
-        """Store the tiles a batch changed, in the batch's transaction."""
-        if changed:
-            conn.execute(
-                _UPSERT,
-                [{"level": lv, "idx": ix, "hashes": data} for (lv, ix), data in changed.items()],
-            )
+        """Store the tiles a batch changed, in the batch's transaction (level 0 is stored
+        with the entries)."""
+        rows = [
+            {"level": lv, "idx": ix, "hashes": data} for (lv, ix), data in changed.items() if lv
+        ]
+        if rows:
+            conn.execute(_UPSERT, rows)
 
     def committed(self, edge: TileEdge, changed: dict[tuple[int, int], bytes]) -> None:
         """After the batch committed: keep its full tiles and the new edge for readers."""
@@ -114,9 +122,12 @@ class TileStore:
             return tile
         self.reads += 1
         with self._engine.connect() as conn:
-            stored = conn.execute(
-                select(_TILES.c.hashes).where(_TILES.c.level == level, _TILES.c.idx == index)
-            ).scalar_one_or_none()
+            if level == 0:
+                stored = _leaf_hashes(conn, index)
+            else:
+                stored = conn.execute(
+                    select(_TILES.c.hashes).where(_TILES.c.level == level, _TILES.c.idx == index)
+                ).scalar_one_or_none()
         if stored is None or len(stored) < width * HASH_SIZE:
             raise LedgerError(f"the ledger's tile {tile_path(level, index)} is missing or short")
         tile = bytes(stored)
@@ -136,3 +147,16 @@ class TileStore:
             return self.fetch(level, index, width)[: width * HASH_SIZE]
         except LedgerError:
             return None
+
+
+def _leaf_hashes(conn: Connection, index: int) -> bytes:
+    """Level-0 tile ``index``: the leaf hashes of entries ``[256 index, 256 index + 256)``."""
+    start = index * TILE_WIDTH
+    return b"".join(
+        bytes(digest)
+        for digest in conn.execute(
+            select(_ENTRIES.c.leaf_hash)
+            .where(_ENTRIES.c.seq >= start, _ENTRIES.c.seq < start + TILE_WIDTH)
+            .order_by(_ENTRIES.c.seq)
+        ).scalars()
+    )

@@ -8,17 +8,27 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from crypto.canonical import canonicalize
 from crypto.errors import VerificationError
 from crypto.merkle import verify_consistency, verify_inclusion
 from crypto.note import NoteVerifier, verify_checkpoint
 from exchange.audit import check_bundle, read_bundle_lines
 from exchange.cli import app
-from exchange.errors import ConflictError, LedgerError
-from exchange.server.ledger import EntryDraft, Refusal, RejectionCounter, write_export
+from exchange.errors import ConflictError, InvalidInputError, LedgerError
+from exchange.server.ledger import (
+    EntryDraft,
+    Refusal,
+    RejectionCounter,
+    entry_body,
+    entry_parts,
+    write_export,
+)
 from exchange.server.models import LedgerEntryRow, LedgerTileRow, PrincipalRow
 from exchange.server.runtime import Exchange
 from tests.conftest import settings_for
@@ -254,13 +264,12 @@ def test_log_refuses_to_sign_an_inconsistent_checkpoint(data_dir: Path) -> None:
         for _ in range(4):
             ex.ledger.append(EntryDraft(kind="test.x"))
         ex.ledger.checkpoint()
-    # someone rewrites history under the checkpoint: the tree's stored tile says entry 2
-    # hashed to something else
+    # someone rewrites history under the checkpoint (level 0 of the tree is the leaf hashes)
     with Exchange(settings) as ex:
         with Session(ex.engine) as s, s.begin():
-            tile = s.get(LedgerTileRow, (0, 0))
-            assert tile is not None
-            tile.hashes = tile.hashes[:64] + b"\x00" * 32 + tile.hashes[96:]
+            s.execute(
+                update(LedgerEntryRow).where(LedgerEntryRow.seq == 2).values(leaf_hash=b"\x00" * 32)
+            )
         ex.ledger.append(EntryDraft(kind="test.after"))
         with pytest.raises(LedgerError):
             ex.ledger.checkpoint()
@@ -332,3 +341,65 @@ def test_cli_export_and_verify(data_dir: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code != 0
     assert "rollback" in result.output
+
+
+_text = st.text(max_size=12)  # any Unicode but lone surrogates: escapes, non-ASCII, controls
+_flat = st.dictionaries(_text, _text, max_size=4)
+_attrs = st.dictionaries(_text, st.one_of(_text, st.integers(-(2**53) + 1, 2**53 - 1)), max_size=4)
+
+
+@given(
+    kind=_text,
+    actor=_text,
+    refs=_flat,
+    digests=_flat,
+    attrs=_attrs,
+    seq=st.integers(0, 2**53 - 1),
+    prev=st.sampled_from(["0" * 64, "ab" * 32]),
+)
+def test_entry_bodies_assembled_from_parts_are_the_canonical_encoding(
+    kind: str,
+    actor: str,
+    refs: dict[str, str],
+    digests: dict[str, str],
+    attrs: dict[str, str | int],
+    seq: int,
+    prev: str,
+) -> None:
+    draft = EntryDraft(kind=kind, actor=actor, refs=refs, digests=digests, attrs=attrs)
+    time = "2026-12-07T20:00:00.123Z"
+    entry = {
+        "seq": seq,
+        "time": time,
+        "kind": kind,
+        "actor": actor,
+        "refs": refs,
+        "digests": digests,
+        "attrs": attrs,
+        "prev": prev,
+    }
+    assert entry_body(entry_parts(draft), seq, time, prev) == canonicalize(entry)
+
+
+def test_a_draft_that_cannot_be_encoded_is_refused_and_the_ledger_goes_on(
+    exchange: Exchange,
+) -> None:
+    with pytest.raises(InvalidInputError, match="cannot be recorded"):
+        exchange.ledger.append(EntryDraft(kind="test.bad", attrs={"n": 2**60}))
+    appended = exchange.ledger.append(EntryDraft(kind="test.good"))
+    assert b'"kind":"test.good"' in exchange.ledger.entry(appended.seq)
+
+
+def test_a_tampered_upper_tile_is_refused_at_the_next_checkpoint(data_dir: Path) -> None:
+    settings = settings_for(data_dir)
+    with Exchange(settings) as ex:
+        ex.ledger.append_batch_sync([EntryDraft(kind="test.x") for _ in range(600)])
+        ex.ledger.checkpoint()
+    with Exchange(settings) as ex:  # a fresh process: nothing cached
+        with Session(ex.engine) as s, s.begin():
+            tile = s.get(LedgerTileRow, (1, 0))
+            assert tile is not None and len(tile.hashes) == 2 * 32
+            tile.hashes = bytes(32) + tile.hashes[32:]
+        ex.ledger.append(EntryDraft(kind="test.after"))
+        with pytest.raises(LedgerError):
+            ex.ledger.checkpoint()

@@ -1,7 +1,8 @@
 """The ledger's Merkle tree stored as C2SP tlog-tiles, so no process holds the whole tree.
 
-- ``ledger_tiles``: one row per hash tile ``(level, idx)``: the concatenated 32-byte hashes
-  of the tile (256 when full, fewer for the rightmost tile of a level, which grows in place).
+- ``ledger_tiles``: one row per hash tile ``(level, idx)`` of levels 1 and up: the
+  concatenated 32-byte hashes of the tile (256 when full, fewer for the rightmost tile of a
+  level, which grows in place). Level 0 is the ``leaf_hash`` column of ``ledger_entries``.
 
 The tiles of an existing ledger are built from its leaf hashes, streamed in order; the upgrade
 refuses to finish (and changes nothing) unless the rebuilt root at the size of the latest
@@ -69,13 +70,14 @@ def build_tiles(conn: sa.Connection) -> None:
                     f"{check_at}): the ledger was altered; restore it from a backup"
                 )
         tiles.update(edge.extend(hashes))
-        if tiles:
+        upper = [{"level": lv, "idx": ix, "hashes": t} for (lv, ix), t in tiles.items() if lv]
+        if upper:
             conn.execute(
                 sa.text(
                     "INSERT INTO ledger_tiles (level, idx, hashes) VALUES (:level, :idx, :hashes) "
                     "ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes"
                 ),
-                [{"level": lv, "idx": ix, "hashes": data} for (lv, ix), data in tiles.items()],
+                upper,
             )
     if edge.size < check_at:
         raise RuntimeError(
