@@ -121,6 +121,7 @@ class TileStore:
         if tile is not None and len(tile) >= width * HASH_SIZE:
             return tile
         self.reads += 1
+        stored: bytes | None
         with self._engine.connect() as conn:
             if level == 0:
                 stored = _leaf_hashes(conn, index)
