@@ -11,8 +11,9 @@ grant); then, for each worker count, ``zonex serve --workers N`` on loopback tak
 
 - **catalog**: ``GET /v1/catalog``, RFC 9421-signed by the consumer: signature and skew checks,
   the nonce recorded (a group-committed database write that also reads the registry version),
-  key status as of that version, the catalog (cached per registry version) and its
-  ``catalog.read`` ledger entry (group-committed, durable before the answer);
+  key status as of that version, the catalog (cached per registry version) and its evidence:
+  the first read per interval a ``catalog.read`` ledger entry (group-committed, durable before
+  the answer), every later one counted for the interval's ``catalog.read.summary``;
 - **aggregate**: ``POST /v1/zones/tax/aggregate`` with a grouped ``COUNT(*)``: the above plus
   the SQL check, the policy decision, the query, k suppression, a ledger entry (group-committed)
   and a signed receipt with its inclusion proof;

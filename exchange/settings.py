@@ -8,7 +8,7 @@ from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 CONFIG_FILE = "config.json"
 
@@ -32,6 +32,10 @@ class Settings(BaseModel):
     #: rejections naming a known key are ledgered one by one up to this many per key and interval
     rejection_entries_per_key: int = 10
     rejection_summary_interval_seconds: float = 60.0
+    #: catalog reads: the first of each (principal, registry version, document) per interval is
+    #: a durable catalog.read entry before it is answered, the others are counted in one
+    #: catalog.read.summary at the interval's end (a crash loses at most one interval's counts)
+    catalog_read_interval_seconds: float = Field(default=60.0, gt=0)
 
     # policy: how often a process checks the database's policy version, and how stale its
     # cache may grow (database unreachable) before every decision fails closed

@@ -23,6 +23,7 @@ from exchange.node.store import ZoneStore
 from exchange.server.ledger import EntryDraft, Ledger, ensure_head
 from exchange.server.models import NonceRow, PrincipalRow
 from exchange.server.policystore import PolicyCache
+from exchange.server.readlog import CatalogReadLog
 from exchange.server.registry import NonceLog, RegistryCache
 from exchange.server.storage import WRITE, create_control_engine, migrate
 from exchange.settings import CONFIG_FILE, Settings
@@ -123,6 +124,9 @@ class Exchange:
             settings.rejection_summary_interval_seconds, self.ledger.rejections.flush
         )
         self.ledger.add_ticker(float(settings.max_skew_seconds), self.purge_nonces)
+        #: catalog reads: one entry per reader, version and document per interval, plus counts
+        self.catalog_reads = CatalogReadLog(self.ledger)
+        self.ledger.add_ticker(settings.catalog_read_interval_seconds, self.catalog_reads.flush)
         self.nonces = NonceLog(self.engine)
         self.registry = RegistryCache(self.engine)
         self.policy = PolicyCache(
@@ -163,6 +167,8 @@ class Exchange:
         self._zone_stores.clear()
         if self._started:
             self.nonces.close()
+            # the interval's catalog-read counts go on the ledger before it stops
+            self.catalog_reads.close()
             self.ledger.close()
             self._started = False
         self.engine.dispose()

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -76,7 +76,6 @@ from exchange.server.api.schemas import (
 )
 from exchange.server.compute import aggregate, rules
 from exchange.server.compute.export import export_rows
-from exchange.server.ledger import EntryDraft
 from exchange.server.observability import (
     METRICS_CONTENT_TYPE,
     REQUEST_ID_HEADER,
@@ -419,16 +418,11 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             rendered = await run_in_threadpool(
                 ex.registry.snapshot, CATALOG_SNAPSHOT, version, _render_catalog
             )
-        # every read is on the ledger (who, and the digest of exactly what they were shown)
-        # before it is answered
-        draft = EntryDraft(
-            kind="catalog.read",
-            actor=actor.key_id,
-            digests={"catalog": rendered.digest},
-            attrs={"registry_version": rendered.version},
-        )
-        # on a loop the waiter is an asyncio future
-        await cast("asyncio.Future[Any]", ex.ledger.submit(draft, asyncio.get_running_loop()))
+        # who was shown exactly which document is on the ledger, durably, before the answer
+        # leaves: the first read of (principal, version, digest) in an interval appends a
+        # catalog.read entry, the others wait for it if it is pending and are counted into
+        # the interval's catalog.read.summary (exchange.server.readlog)
+        await ex.catalog_reads.record(actor.key_id, rendered.version, rendered.digest)
         return Response(rendered.body, media_type="application/json")
 
     @v1.get("/zones/{zone}", response_model=ZoneOut)

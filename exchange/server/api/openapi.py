@@ -127,7 +127,8 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("get", "/v1/catalog"): (
         "Read the catalog",
         "Every zone with its datasets: schema, column levels, row-count band, snapshot digest "
-        "and whether the provider opted out of DP by default. Each read is ledgered.",
+        "and whether the provider opted out of DP by default. The first read of each document "
+        "per interval is ledgered before it is answered; repeats are counted in a summary.",
     ),
     ("get", "/v1/zones/{zone}"): ("Read a zone", "One zone of the catalog with its datasets."),
     ("post", "/v1/zones/{zone}/uploads"): (
