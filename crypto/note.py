@@ -224,6 +224,15 @@ class NoteSigner:
         """The verifier key string to hand to those who check this signer's notes."""
         return self.verifier().to_verifier_key()
 
+    def cosignature_verifier(self) -> NoteVerifier:
+        """The verifier of this signer's cosignatures, in cosignature form (type 0x04)."""
+        return NoteVerifier(self.name, self.key.public_key, signature_type=ALG_COSIGNATURE_V1)
+
+    def cosignature_verifier_key(self) -> str:
+        """A witness's vkey, ``<name>+<hex key ID>+<base64(0x04 || public key)>``
+        (c2sp.org/tlog-cosignature, "Format"): what a log and its auditors configure."""
+        return self.cosignature_verifier().to_verifier_key()
+
     def __repr__(self) -> str:  # never print the key
         return f"NoteSigner({self.name!r}, {self.key_hash.hex()})"
 
@@ -334,6 +343,18 @@ def _parse_checkpoint_note(note: str) -> tuple[str, list[_Signature], Checkpoint
     except EncodingError as exc:
         raise VerificationError(f"malformed note: {exc}") from exc
     return text, signatures, checkpoint
+
+
+def checkpoint_origin(note: str) -> str:
+    """The origin line of a checkpoint note, read *before* any signature is verified.
+
+    Only for choosing the keys to verify the note with (a witness trusts keys per origin,
+    c2sp.org/tlog-witness "add-checkpoint"); nothing else of an unverified note may be used.
+    Raises :class:`VerificationError` ("malformed note: ...") for a note or checkpoint text
+    that does not parse strictly.
+    """
+    _, _, checkpoint = _parse_checkpoint_note(note)
+    return checkpoint.origin
 
 
 def verify_checkpoint(note: str, verifier: NoteVerifier) -> Checkpoint:
@@ -513,3 +534,66 @@ def verify_cosignatures(
             f"{len(report.verified)} of the {threshold} required witness cosignatures{detail}"
         )
     return report.checkpoint
+
+
+# -- moving signature lines between notes --------------------------------------------------
+
+
+def _belongs(signature: _Signature, verifiers: Sequence[NoteVerifier]) -> bool:
+    """Whether a line is a note signature or a cosignature by one of ``verifiers``."""
+    return any(
+        signature.name == v.name and signature.key_hash in (v.key_hash, v.cosignature_key_hash)
+        for v in verifiers
+    )
+
+
+def _rebuild(note: str, keep: bool, verifiers: Sequence[NoteVerifier]) -> str:
+    text, signatures = _split_note(note)
+    block = note[len(text) + 1 :]
+    lines = [
+        line
+        for line, sig in zip(block[:-1].split("\n"), signatures, strict=True)
+        if _belongs(sig, verifiers) == keep
+    ]
+    if not lines:
+        raise VerificationError("no signature from key")
+    return text + "\n" + "".join(line + "\n" for line in lines)
+
+
+def keep_signatures(note: str, verifiers: Sequence[NoteVerifier]) -> str:
+    """The note with only the signature and cosignature lines of ``verifiers`` (matched by
+    name and key ID; nothing is verified here).
+
+    A witness stores the log's own signature next to its cosignature; a log submits its
+    checkpoint without the cosignatures it already holds. Raises :class:`VerificationError`
+    for a malformed note or when no line would remain.
+    """
+    return _rebuild(note, True, verifiers)
+
+
+def drop_signatures(note: str, verifiers: Sequence[NoteVerifier]) -> str:
+    """The note without the signature and cosignature lines of ``verifiers`` (see
+    :func:`keep_signatures`)."""
+    return _rebuild(note, False, verifiers)
+
+
+def add_signatures(note: str, lines: Sequence[str]) -> str:
+    """Append signature lines (each ``— <name> <base64>``, without its newline) to a note,
+    leaving out lines it already holds, and check the result's syntax.
+
+    c2sp.org/tlog-witness: "the client MAY concatenate [the response] to the checkpoint, and
+    use a note verification function configured with the witness keys it trusts". Nothing is
+    verified here: verify the result (:func:`check_cosignatures`) before keeping it.
+    """
+    text, _ = _split_note(note)
+    present = set(note[len(text) + 1 : -1].split("\n"))
+    added = []
+    for line in lines:
+        if not isinstance(line, str) or "\n" in line:
+            raise VerificationError("malformed note: a signature line is one line of text")
+        if line not in present:
+            present.add(line)
+            added.append(line + "\n")
+    result = note + "".join(added)
+    _split_note(result)  # the lines' syntax, the size and signature-count limits
+    return result

@@ -21,8 +21,12 @@ from crypto.note import (
     Checkpoint,
     NoteSigner,
     NoteVerifier,
+    add_signatures,
     check_cosignatures,
+    checkpoint_origin,
     cosign_checkpoint,
+    drop_signatures,
+    keep_signatures,
     sign_checkpoint,
     sign_note,
     verify_checkpoint,
@@ -442,3 +446,53 @@ def test_any_flipped_byte_in_a_cosignature_line_invalidates_it(data: st.DataObje
     except (UnicodeDecodeError, VerificationError):
         return
     assert not report.ok
+
+
+# -- witness keys and moving signature lines --------------------------------------------------
+
+
+def test_a_witness_publishes_its_cosignature_key_with_type_0x04() -> None:
+    witness = WITNESSES[0]
+    vkey = witness.cosignature_verifier_key()
+    name, key_hash, material = vkey.split("+", 2)
+    assert name == witness.name and key_hash == witness.cosignature_key_hash.hex()
+    assert b64_decode(material) == bytes([ALG_COSIGNATURE_V1]) + witness.key.public_key.raw
+    parsed = NoteVerifier.from_verifier_key(vkey)
+    assert parsed == witness.cosignature_verifier()
+    note = cosign_checkpoint(_signed(), witness, 1_700_000_000)
+    assert check_cosignatures(note, LOG.verifier(), [parsed], 1).ok
+
+
+def test_checkpoint_origin_reads_the_origin_of_a_well_formed_note_only() -> None:
+    assert checkpoint_origin(_signed()) == ORIGIN
+    unverified = sign_checkpoint(Checkpoint(ORIGIN, 42, ROOT), OTHER)
+    assert checkpoint_origin(unverified) == ORIGIN  # nothing is verified
+    for bad in ("", "no blank line\n", "o\n1\n\n— o AAAA\n", "o\nx\nroot\n\n— o QUJDREVG\n"):
+        with pytest.raises(VerificationError, match="malformed note"):
+            checkpoint_origin(bad)
+
+
+def test_keep_drop_and_add_signature_lines() -> None:
+    log, w0, w1 = LOG.verifier(), WITNESSES[0].cosignature_verifier(), WITNESSES[1].verifier()
+    note = _signed()
+    for i, witness in enumerate(WITNESSES):
+        note = cosign_checkpoint(note, witness, 1_700_000_000 + i)
+    assert keep_signatures(note, [log]) == _signed()
+    kept = keep_signatures(note, [log, w0, w1])  # a 0x01 key matches its cosignatures too
+    assert check_cosignatures(kept, log, [w0, w1], 2).ok
+    assert WITNESSES[2].name not in kept
+    dropped = drop_signatures(note, [w0])
+    assert WITNESSES[0].name not in dropped and WITNESSES[1].name in dropped
+    with pytest.raises(VerificationError, match="no signature from key"):
+        keep_signatures(note, [NoteSigner("x.test/w", SigningKey(b"\x33" * 32)).verifier()])
+    with pytest.raises(VerificationError, match="no signature from key"):
+        drop_signatures(_signed(), [log])
+    # adding back the dropped line restores the same checks; a line already there is skipped
+    line = note.splitlines()[-3]
+    assert line.startswith(f"— {WITNESSES[0].name} ")
+    restored = add_signatures(dropped, [line, line])
+    assert restored.count(line) == 1
+    assert check_cosignatures(restored, log, [w0, w1], 2).ok
+    for bad in (["not a signature"], ["— name"], ["two\nlines"], ["— n AAAA"]):
+        with pytest.raises(VerificationError, match="malformed note"):
+            add_signatures(note, bad)
