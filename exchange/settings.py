@@ -37,6 +37,14 @@ class Settings(BaseModel):
     #: catalog.read.summary at the interval's end (a crash loses at most one interval's counts)
     catalog_read_interval_seconds: float = Field(default=60.0, gt=0)
 
+    # witnesses (exchange.server.cosigning)
+    #: how often the newest checkpoint is offered to the configured witnesses
+    witness_interval_seconds: float = Field(default=1.0, gt=0)
+    #: one add-checkpoint request (connect and answer)
+    witness_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: after n failures in a row a witness is retried after 2^(n-1) s, at most this long
+    witness_backoff_max_seconds: float = Field(default=300.0, gt=0)
+
     # policy: how often a process checks the database's policy version, and how stale its
     # cache may grow (database unreachable) before every decision fails closed
     policy_refresh_seconds: float = 0.25

@@ -377,3 +377,30 @@ class LedgerTileRow(Base):
     level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
     idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     hashes: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class WitnessRow(Base):
+    """A witness the exchange asks to cosign its checkpoints (c2sp.org/tlog-witness), and how
+    far it got (:mod:`exchange.server.cosigning`).
+
+    ``cosigned_size`` is the size of the latest checkpoint the witness cosigned for this log, as
+    far as the exchange knows (the next submission's old size); ``retry_at`` delays the next
+    attempt after failures; ``lease_until`` lets one process at a time submit to it.
+    """
+
+    __tablename__ = "ledger_witnesses"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    #: the C2SP vkey (type 0x04 or 0x01) that checks its cosignatures
+    verifier_key: Mapped[str] = mapped_column(Text)
+    #: one key is one witness: the Ed25519 cosigned message does not name the witness
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    added_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    cosigned_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cosigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -16,10 +16,11 @@ from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
 from crypto.keys import SigningKey
-from crypto.note import NoteSigner
+from crypto.note import NoteSigner, NoteVerifier
 from exchange.errors import ConfigurationError
 from exchange.keyfile import load_private_key, write_private_key, write_public_key
 from exchange.node.store import ZoneStore
+from exchange.server.cosigning import Cosigner
 from exchange.server.ledger import EntryDraft, Ledger, ensure_head
 from exchange.server.models import NonceRow, PrincipalRow
 from exchange.server.policystore import PolicyCache
@@ -127,6 +128,12 @@ class Exchange:
         #: catalog reads: one entry per reader, version and document per interval, plus counts
         self.catalog_reads = CatalogReadLog(self.ledger)
         self.ledger.add_ticker(settings.catalog_read_interval_seconds, self.catalog_reads.flush)
+        # witnesses cosign the stored checkpoints; the submissions run on a thread of their own
+        self.cosigner: Cosigner | None = None
+        log_verifier = signer.verifier() if signer is not None else _published_log_key(settings)
+        if log_verifier is not None:
+            self.cosigner = Cosigner(self.engine, self.ledger, log_verifier, settings)
+            self.ledger.add_ticker(settings.witness_interval_seconds, self.cosigner.tick)
         self.nonces = NonceLog(self.engine)
         self.registry = RegistryCache(self.engine)
         self.policy = PolicyCache(
@@ -155,6 +162,8 @@ class Exchange:
     def start(self) -> Exchange:
         self.zones_dir.mkdir(exist_ok=True)
         self.staging_dir.mkdir(exist_ok=True)
+        if self.cosigner is not None:
+            self.cosigner.start()
         self.ledger.start()
         self.nonces.start()
         self.policy.refresh()
@@ -165,6 +174,8 @@ class Exchange:
         for store in self._zone_stores.values():
             store.close()
         self._zone_stores.clear()
+        if self.cosigner is not None:
+            self.cosigner.close()  # also after an offline round (zonex ledger witness cosign)
         if self._started:
             self.nonces.close()
             # the interval's catalog-read counts go on the ledger before it stops
@@ -191,3 +202,11 @@ class Exchange:
                 select(PrincipalRow.key_id).where(PrincipalRow.kind == "operator")
             ).scalar_one()
             return key_id
+
+
+def _published_log_key(settings: Settings) -> NoteVerifier | None:
+    """The log's verifier key from ``DATA_DIR/log.pub`` (a process without the log key)."""
+    path = settings.data_dir / LOG_PUB
+    if not path.is_file():
+        return None
+    return NoteVerifier.from_verifier_key(path.read_text("utf-8").strip())

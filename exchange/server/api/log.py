@@ -6,12 +6,14 @@ checks the log's checkpoints and every receipt's inclusion proof. ``GET /v1/log/
 streams the JSON Lines bundle ``zonex ledger export --data-dir`` writes (the same bytes for
 the same final checkpoint) to the operator and auditors only; anyone else is refused with 403,
 and the refusal is ledgered like every other. The export itself is ledgered first
-(``ledger.exported``), so the bundle shows who took it.
+(``ledger.exported``), so the bundle shows who took it. ``GET /v1/log/witnesses`` names the
+witnesses that cosign the log's checkpoints and their keys, for k-of-n checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -20,10 +22,11 @@ from exchange.domain import PrincipalKind
 from exchange.errors import ForbiddenError, NotFoundError
 from exchange.server.api.deps import Actor, Ex
 from exchange.server.api.schemas import Out
+from exchange.server.cosigning import list_witnesses
 from exchange.server.ledger import EntryDraft
 from exchange.server.runtime import LOG_PUB, Exchange
 
-__all__ = ["BUNDLE_MEDIA_TYPE", "SIZE_HEADER", "LogKeyOut", "router"]
+__all__ = ["BUNDLE_MEDIA_TYPE", "SIZE_HEADER", "LogKeyOut", "WitnessOut", "router"]
 
 router = APIRouter(prefix="/v1")
 
@@ -44,6 +47,17 @@ class LogKeyOut(Out):
     origin: str
     #: the key hash (hex) a checkpoint signature line names
     key_hash: str
+
+
+class WitnessOut(Out):
+    #: the exchange's name for the witness
+    name: str
+    #: the C2SP vkey (cosignature type 0x04) that checks its cosignature lines
+    verifier_key: str
+    #: the size of the latest checkpoint of this log it cosigned (null: none yet)
+    cosigned_size: int | None
+    #: when the exchange stored that cosignature
+    cosigned_at: datetime | None
 
 
 def verifier_key(ex: Exchange) -> str:
@@ -71,6 +85,30 @@ def log_key(actor: Actor, ex: Ex) -> LogKeyOut:
     key = verifier_key(ex)
     name, key_hash, _ = key.split("+", 2)
     return LogKeyOut(verifier_key=key, origin=name, key_hash=key_hash)
+
+
+@router.get(
+    "/log/witnesses",
+    response_model=list[WitnessOut],
+    summary="The witnesses that cosign the log's checkpoints",
+    description=(
+        "The witnesses this exchange submits its checkpoints to (C2SP tlog-witness): each "
+        "one's name, cosignature verifier key and the size of the latest checkpoint it "
+        "cosigned. Their cosignatures are extra signature lines on the checkpoint notes of "
+        "the export bundle; check k of n with `crypto.note.check_cosignatures`. Any "
+        "registered principal may read it."
+    ),
+)
+def log_witnesses(actor: Actor, ex: Ex) -> list[WitnessOut]:
+    return [
+        WitnessOut(
+            name=w.name,
+            verifier_key=w.verifier_key,
+            cosigned_size=w.cosigned_size,
+            cosigned_at=w.cosigned_at,
+        )
+        for w in list_witnesses(ex.engine)
+    ]
 
 
 def _chunks(lines: Iterator[bytes]) -> Iterator[bytes]:
