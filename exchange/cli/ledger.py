@@ -135,13 +135,16 @@ def ledger_export(
     key: AuditorKey = Path("auditor.key"),
 ) -> None:
     """Export entries and checkpoints as a self-contained JSON Lines bundle: offline from the
-    data directory, or streamed over the API with --url and --key (operator or auditor).
+    data directory, or streamed over the API with --url and --key (operator or auditor). The
+    bundle ends with a checkpoint signed for it, cosigned by the configured witnesses that
+    answer in time.
     Check it with: zonex audit verify BUNDLE --log-key log.pub
 
     Examples:
       zonex ledger export --url https://exchange.example --key auditor.key --out ledger.jsonl
       zonex ledger export --data-dir ./exchange --out ledger.jsonl
     """
+    from exchange.server.cosigning import export_checkpoint
     from exchange.server.ledger import write_export
 
     if is_stdout(out_path):
@@ -150,7 +153,10 @@ def ledger_export(
         assert data_dir is not None
         ex = _offline_exchange(data_dir)
         try:
-            size = write_export(ex.ledger, out_path).size
+            final = export_checkpoint(
+                ex.ledger, ex.cosigner, ex.settings.witness_timeout_seconds
+            )
+            size = write_export(ex.ledger, out_path, final).size
         finally:
             ex.close()
     else:

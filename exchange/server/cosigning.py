@@ -322,6 +322,10 @@ class Cosigner:
             outcome[witness.name] = self._offer(witness, latest)
         return outcome
 
+    def has_witnesses(self) -> bool:
+        """Whether any witness is configured."""
+        return bool(list_witnesses(self._engine))
+
     def cosign_latest(self, timeout: float) -> CosignedCheckpoint | None:
         """Offer the newest stored checkpoint to every witness now, backoff or not, until each
         has cosigned it or ``timeout`` seconds passed; ``None`` if there is no checkpoint. For
@@ -456,3 +460,19 @@ class Cosigner:
                 )
         except SQLAlchemyError:
             log.exception("witness %s: cannot record the failure", witness.name)
+
+
+def export_checkpoint(
+    ledger: Ledger, cosigner: Cosigner | None, timeout: float
+) -> SignedCheckpoint:
+    """The checkpoint an export ends with: one signed now over everything committed, offered to
+    the configured witnesses at once, waiting up to ``timeout`` seconds for their cosignatures
+    (the bundle then carries them, so ``zonex audit verify --policy`` can require a quorum on
+    it). Without witnesses, or when none answers in time, the fresh checkpoint as signed."""
+    final = ledger.checkpoint()
+    if cosigner is None or not cosigner.has_witnesses():
+        return final
+    done = cosigner.cosign_latest(timeout)
+    if done is not None and done.checkpoint.size >= final.size:
+        return done.checkpoint
+    return final

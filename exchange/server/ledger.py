@@ -566,10 +566,10 @@ class Ledger:
 
     # -- export ----------------------------------------------------------------------------
 
-    def export(self, out: IO[bytes]) -> SignedCheckpoint:
+    def export(self, out: IO[bytes], final: SignedCheckpoint | None = None) -> SignedCheckpoint:
         """Write the JSON Lines bundle: every entry, then every checkpoint with a consistency
-        proof from the one before. Signs a fresh checkpoint first so the last covers all."""
-        final = self.checkpoint()
+        proof from the one before, up to ``final`` (default: a fresh checkpoint of all)."""
+        final = self.checkpoint() if final is None else final
         for line in self.export_lines(final):
             out.write(line)
         return final
@@ -758,10 +758,12 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
-def write_export(ledger: Ledger, path: Path) -> SignedCheckpoint:
+def write_export(
+    ledger: Ledger, path: Path, final: SignedCheckpoint | None = None
+) -> SignedCheckpoint:
     """Export atomically: write a temporary file, then rename."""
     tmp = path.with_name(path.name + ".partial")
     with tmp.open("wb") as out:
-        final = ledger.export(out)
+        final = ledger.export(out, final)
     tmp.replace(path)
     return final

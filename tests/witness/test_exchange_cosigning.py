@@ -363,3 +363,37 @@ def test_cosign_now_then_export_ends_with_a_cosigned_checkpoint(
 
 def _other_vkey() -> str:
     return NoteSigner("other.test/w", SigningKey(b"\x0a" * 32)).cosignature_verifier_key()
+
+
+def test_an_export_over_the_api_ends_with_a_cosigned_checkpoint_a_policy_accepts(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    witness_dir = tmp_path / "W"
+    vkey = init_witness(witness_dir, "witness.city.test")
+    trust(witness_dir, str(server.data_dir / "log.pub"))
+    auditor = SigningKey.generate()
+    with server.client(server.operator) as op:
+        op.register_principal("Audit Office", "auditor", auditor.public_key)
+    policy = tmp_path / "policy.txt"
+    policy.write_text(f"witness city {vkey}\nquorum city\n", "utf-8")
+    with serving_witness(witness_dir) as witness:
+        done = zonex(
+            "ledger", "witness", "add", "--data-dir", str(server.data_dir),
+            "--url", witness.url, "--key", vkey,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        grow(server, 2)
+        bundle = tmp_path / "ledger.jsonl"
+        with server.client(auditor) as a, bundle.open("wb") as f:
+            size = a.export_ledger(f)  # signs a fresh checkpoint: the witness cosigns it now
+    last = json.loads(bundle.read_text("utf-8").splitlines()[-1])
+    report = check_cosignatures(
+        last["checkpoint"], server.log_verifier(), [NoteVerifier.from_verifier_key(vkey)], 1
+    )
+    assert report.ok and report.checkpoint.size == size
+    done = zonex(
+        "audit", "verify", str(bundle), "--log-key", str(server.data_dir / "log.pub"),
+        "--policy", str(policy),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "quorum" in done.stdout

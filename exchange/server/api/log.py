@@ -22,7 +22,7 @@ from exchange.domain import PrincipalKind
 from exchange.errors import ForbiddenError, NotFoundError
 from exchange.server.api.deps import Actor, Ex
 from exchange.server.api.schemas import Out
-from exchange.server.cosigning import list_witnesses
+from exchange.server.cosigning import export_checkpoint, list_witnesses
 from exchange.server.ledger import EntryDraft
 from exchange.server.runtime import LOG_PUB, Exchange
 
@@ -129,7 +129,9 @@ def _chunks(lines: Iterator[bytes]) -> Iterator[bytes]:
     description=(
         "Streams the self-contained JSON Lines bundle (every entry, then every checkpoint with a "
         "consistency proof from the one before), ending with a checkpoint signed for this "
-        "export; the header `Zonex-Log-Size` gives its size. Verify it offline with "
+        "export and, when witnesses are configured, cosigned by those that answer within "
+        "`witness_timeout_seconds`; the header `Zonex-Log-Size` gives its size. Verify it "
+        "offline with "
         "`zonex audit verify BUNDLE --log-key log.pub`. Only the operator and auditors may "
         "export; the export is recorded on the ledger before it is answered."
     ),
@@ -141,7 +143,7 @@ def export_bundle(actor: Actor, ex: Ex) -> StreamingResponse:
             "only the operator and auditors export the ledger", reason="not_auditor"
         )
     ex.ledger.append(EntryDraft(kind="ledger.exported", actor=actor.key_id))
-    final = ex.ledger.checkpoint()
+    final = export_checkpoint(ex.ledger, ex.cosigner, ex.settings.witness_timeout_seconds)
     return StreamingResponse(
         _chunks(ex.ledger.export_lines(final)),
         media_type=BUNDLE_MEDIA_TYPE,
