@@ -45,6 +45,16 @@ class Settings(BaseModel):
     #: after n failures in a row a witness is retried after 2^(n-1) s, at most this long
     witness_backoff_max_seconds: float = Field(default=300.0, gt=0)
 
+    # the catalog chain: recording child exchanges' checkpoints (exchange.server.chain)
+    #: how often each child's checkpoint is fetched
+    chain_interval_seconds: float = Field(default=5.0, gt=0)
+    #: one request to a child (connect and answer)
+    chain_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: after n failures in a row a child is polled again after 2^(n-1) s, at most this long
+    chain_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    #: the largest published catalog (a signed envelope) taken from a child
+    chain_max_published_bytes: int = Field(default=4 << 20, gt=0)
+
     # policy: how often a process checks the database's policy version, and how stale its
     # cache may grow (database unreachable) before every decision fails closed
     policy_refresh_seconds: float = 0.25

@@ -404,3 +404,43 @@ class WitnessRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ChainChildRow(Base):
+    """A child exchange of the catalog chain (a district under a city, a street under a
+    district) whose checkpoints this exchange records (:mod:`exchange.server.chain`).
+
+    ``size``, ``root`` and ``note`` are the latest checkpoint recorded for it (a
+    ``chain.checkpoint`` entry, ``recorded_seq``); ``published`` the catalog it published, as
+    the signed envelope received; ``fork_*`` the latest checkpoint it showed that does not
+    extend the recorded one (a ``chain.fork`` entry, ``fork_seq``). ``retry_at`` delays the
+    next poll after failures; ``lease_until`` lets one process at a time poll it.
+    """
+
+    __tablename__ = "chain_children"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    #: the child's log verifier key (C2SP vkey, type 0x01): its log.pub
+    log_key: Mapped[str] = mapped_column(Text)
+    #: one log key is one child
+    public_key: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
+    added_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    root: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    recorded_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    recorded_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    published: Mapped[str | None] = mapped_column(Text, nullable=True)
+    published_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    fork_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    fork_root: Mapped[bytes | None] = mapped_column(LargeBinary(32), nullable=True)
+    fork_note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    fork_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    fork_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

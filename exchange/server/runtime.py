@@ -20,6 +20,7 @@ from crypto.note import NoteSigner, NoteVerifier
 from exchange.errors import ConfigurationError
 from exchange.keyfile import load_private_key, write_private_key, write_public_key
 from exchange.node.store import ZoneStore
+from exchange.server.chain import ChainPoller
 from exchange.server.cosigning import Cosigner
 from exchange.server.ledger import EntryDraft, Ledger, ensure_head
 from exchange.server.models import NonceRow, PrincipalRow
@@ -134,6 +135,9 @@ class Exchange:
         if log_verifier is not None:
             self.cosigner = Cosigner(self.engine, self.ledger, log_verifier, settings)
             self.ledger.add_ticker(settings.witness_interval_seconds, self.cosigner.tick)
+        # the catalog chain: children's checkpoints are polled on a thread of their own
+        self.chain = ChainPoller(self.engine, self.ledger, settings)
+        self.ledger.add_ticker(settings.chain_interval_seconds, self.chain.tick)
         self.nonces = NonceLog(self.engine)
         self.registry = RegistryCache(self.engine)
         self.policy = PolicyCache(
@@ -164,6 +168,7 @@ class Exchange:
         self.staging_dir.mkdir(exist_ok=True)
         if self.cosigner is not None:
             self.cosigner.start()
+        self.chain.start()
         self.ledger.start()
         self.nonces.start()
         self.policy.refresh()
@@ -174,6 +179,7 @@ class Exchange:
         for store in self._zone_stores.values():
             store.close()
         self._zone_stores.clear()
+        self.chain.close()
         if self.cosigner is not None:
             self.cosigner.close()  # also after an offline round (zonex ledger witness cosign)
         if self._started:

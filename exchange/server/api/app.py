@@ -33,6 +33,7 @@ from exchange.errors import (
     ZonexError,
 )
 from exchange.server import access, services
+from exchange.server.api import chain as chain_routes
 from exchange.server.api import datasets as dataset_routes
 from exchange.server.api import he as he_routes
 from exchange.server.api import log as log_routes
@@ -633,6 +634,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     app.include_router(tile_routes.router)
     app.include_router(dataset_routes.router)
     app.include_router(node_routes.router)
+    app.include_router(chain_routes.router)
     openapi_docs.install(app)
     return app
 
