@@ -268,6 +268,89 @@ def audit_verify(
     )
 
 
+@audit_app.command("chain")
+@one_line_errors
+def audit_chain(
+    bundle: Annotated[Path, typer.Argument(help="the child exchange's ledger bundle")],
+    log_key: Annotated[Path, typer.Option("--log-key", help="the child's log key (its log.pub)")],
+    parent_bundle: Annotated[
+        Path, typer.Option("--parent-bundle", help="the parent exchange's ledger bundle")
+    ],
+    parent_key: Annotated[
+        Path, typer.Option("--parent-key", help="the parent's log key (its log.pub)")
+    ],
+    child_name: Annotated[
+        str, typer.Option("--child-name", help="the parent's name for the child (chain list)")
+    ],
+) -> None:
+    """Check a parent exchange's records of a child against the child's own bundle, offline
+    (the catalog chain): both bundles verify, and every checkpoint of the child the parent
+    recorded is the child's root at that size. A fork is shown as the two signed checkpoints
+    that prove it; forks the parent recorded are shown too. Exit 0 only if everything holds.
+
+    Example:
+      zonex audit chain d1.jsonl --log-key d1.pub --child-name district-1 \\
+        --parent-bundle city.jsonl --parent-key city.pub
+    """
+    from crypto.encoding import b64_encode
+    from crypto.note import NoteVerifier
+    from exchange.audit import read_bundle_lines
+    from exchange.audit.chain import ChainFindingKind, check_chain
+
+    child_log = NoteVerifier.from_verifier_key(log_key.read_text("utf-8").strip())
+    parent_log = NoteVerifier.from_verifier_key(parent_key.read_text("utf-8").strip())
+    report = check_chain(
+        read_bundle_lines(bundle),
+        child_log,
+        read_bundle_lines(parent_bundle),
+        parent_log,
+        child_name,
+    )
+    if report.ok:
+        assert report.child_bundle is not None
+        out.print(
+            f"OK: {report.checked} checkpoints of {child_name} recorded in {parent_bundle} "
+            f"({report.parent.entries} entries) equal the child's history in {bundle} "
+            f"({report.child_bundle.entries} entries); no fork recorded",
+            markup=False,
+            highlight=False,
+        )
+        return
+    evidence = (ChainFindingKind.FORK, ChainFindingKind.RECORDED_FORK)
+    for finding in report.findings:
+        where = bundle if finding.kind == ChainFindingKind.CHILD_BUNDLE else parent_bundle
+        place = f"{where}:{finding.line}" if finding.line else str(where)
+        out.print(f"{place}: {finding.kind}: {finding.message}", markup=False, highlight=False)
+        if finding.kind not in evidence:
+            continue
+        size = "" if finding.size is None else f" of size {finding.size}"
+        if finding.recorded_note is not None:
+            out.print(
+                f"--- the child's checkpoint{size} the parent recorded (signed by "
+                f"{child_log.name}) ---",
+                markup=False,
+                highlight=False,
+            )
+            out.print(finding.recorded_note, end="", markup=False, highlight=False)
+        if finding.child_note is not None:
+            title = (
+                f"the child's own checkpoint covering size {finding.size}, from {bundle}"
+                if finding.kind == ChainFindingKind.FORK
+                else "the child's checkpoint the parent saw next, not accepted"
+            )
+            out.print(f"--- {title} ---", markup=False, highlight=False)
+            out.print(finding.child_note, end="", markup=False, highlight=False)
+        if finding.child_root is not None:
+            out.print(
+                f"--- the child's root at size {finding.size}, from its entries in {bundle}: "
+                f"{b64_encode(finding.child_root)}",
+                markup=False,
+                highlight=False,
+            )
+    kinds = sorted({str(f.kind) for f in report.findings})
+    fail(f"{child_name}: {len(report.findings)} findings ({', '.join(kinds)})")
+
+
 @receipt_app.command("verify")
 @one_line_errors
 def receipt_verify(
