@@ -12,13 +12,13 @@ from tests.conftest import settings_for
 def test_a_larger_checkpoint_stored_by_another_process_mid_sign_is_no_error(
     data_dir: Path,
 ) -> None:
-    """Process A catches its tree up, process B appends and stores a larger checkpoint, then A
+    """Process A reads the ledger size, process B appends and stores a larger checkpoint, then A
     looks for the last checkpoint: A must sign (or reuse) one, not call its ledger short."""
     a = Exchange(settings_for(data_dir, checkpoint_interval_seconds=3600)).start()
     b = Exchange(settings_for(data_dir, checkpoint_interval_seconds=3600)).start()
     try:
         a.ledger.append(EntryDraft(kind="test.a"))
-        synced = a.ledger.sync_tree
+        synced = a.ledger.size
 
         def sync_then_race() -> int:
             size = synced()
@@ -26,9 +26,9 @@ def test_a_larger_checkpoint_stored_by_another_process_mid_sign_is_no_error(
             b.ledger.checkpoint()
             return size
 
-        a.ledger.sync_tree = sync_then_race  # type: ignore[method-assign]
+        a.ledger.size = sync_then_race  # type: ignore[method-assign]
         first = a.ledger.checkpoint()
-        a.ledger.sync_tree = synced  # type: ignore[method-assign]
+        a.ledger.size = synced  # type: ignore[method-assign]
         final = a.ledger.checkpoint()
         assert first.size <= final.size == a.ledger.size()
     finally:
