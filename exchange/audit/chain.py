@@ -33,7 +33,7 @@ from typing import Any
 
 from crypto.encoding import b64_decode, b64_encode
 from crypto.errors import CryptoError, VerificationError
-from crypto.merkle import CompactRange, verify_consistency
+from crypto.merkle import CompactRange, MerkleTree, verify_consistency
 from crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
 from exchange.audit import AuditReport, check_bundle
 
@@ -83,6 +83,9 @@ class ChainFinding:
     recorded_note: str | None = None
     child_note: str | None = None
     child_root: bytes | None = None
+    #: for ``fork``: the RFC 9162 consistency proof, in the child's tree, from ``size`` to the
+    #: size of ``child_note``: it binds ``child_root`` to the root the child signed there
+    proof: tuple[bytes, ...] = ()
 
     def __str__(self) -> str:
         return f"line {self.line}: {self.kind}: {self.message}"
@@ -195,6 +198,19 @@ def _read_child(lines: Iterable[bytes], wanted: list[int]) -> _ChildHistory:
             at += 1
     history.size = acc.size
     return history
+
+
+def _child_proof(lines: Iterable[bytes], size: int, covering: str) -> tuple[bytes, ...]:
+    """The consistency proof, in the child's tree, from ``size`` to the size of its
+    ``covering`` note (read again from its bundle: only when a fork was found)."""
+    target = int(covering.split("\n", 2)[1])  # a note of the verified bundle
+    tree = MerkleTree()
+    for raw in lines:
+        line = _strip(raw)
+        if tree.size == target or _is_checkpoint(line):
+            break
+        tree.append(sha256(b"\x00" + line).digest())
+    return tuple(tree.consistency_proof(size, target))
 
 
 def _b64(digest: bytes) -> str:
@@ -360,6 +376,8 @@ def check_chain(
         if own == cp.root:
             checked += 1
             continue
+        covering = history.covering.get(cp.size)
+        proof = () if covering is None else _child_proof(child_lines, cp.size, covering)
         findings.append(
             ChainFinding(
                 ChainFindingKind.FORK,
@@ -369,8 +387,9 @@ def check_chain(
                 "that size",
                 size=cp.size,
                 recorded_note=item.note,
-                child_note=history.covering.get(cp.size),
+                child_note=covering,
                 child_root=own,
+                proof=proof,
             )
         )
     findings.extend(_check_fork_entry(fork, child_log) for fork in forks)

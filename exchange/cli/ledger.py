@@ -347,6 +347,15 @@ def audit_chain(
                 markup=False,
                 highlight=False,
             )
+        if finding.proof and finding.child_note is not None:
+            top = finding.child_note.split("\n", 2)[1]
+            out.print(
+                f"--- the consistency proof from size {finding.size} to {top} in the child's "
+                "tree (RFC 9162), binding that root to the root the child signed at "
+                f"{top}: {' '.join(b64_encode(h) for h in finding.proof)}",
+                markup=False,
+                highlight=False,
+            )
     kinds = sorted({str(f.kind) for f in report.findings})
     fail(f"{child_name}: {len(report.findings)} findings ({', '.join(kinds)})")
 

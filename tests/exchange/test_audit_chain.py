@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from crypto.encoding import b64_encode
 from crypto.keys import SigningKey
-from crypto.merkle import MerkleTree
+from crypto.merkle import MerkleTree, verify_consistency
 from crypto.note import NoteSigner, NoteVerifier
 from exchange.audit.chain import (
     CHAIN_CHECKPOINT,
@@ -107,6 +107,9 @@ def test_a_fork_covered_only_by_a_later_checkpoint_of_the_child(child: Bundle) -
     # the child's bundle has checkpoints at 10, 25, 40: the one covering 20 is 25's
     assert fork.child_note == other.note_at(25)
     assert fork.child_root == other.tree.root(20)
+    # and the proof, from the child's tree, that binds that root to the root it signed at 25
+    verify_consistency(20, 25, fork.child_root, other.tree.root(25), list(fork.proof))
+    assert fork.proof and fork.child_root != child.tree.root(20)
 
 
 def fork_entry(child: Bundle, forked: Bundle, old: int, new: int, proof: bool = True) -> Any:
