@@ -10,6 +10,12 @@ reports the first fault in file order; faults about the bundle as a whole come a
 
 Line numbers are 1-based. Line 0 marks a fault of the trusted checkpoint (``trusted_invalid``,
 ``rollback``, ``fork``) or of the bundle as a whole (``no_checkpoint``).
+
+A bundle file (:func:`read_bundle_lines`) is checked streaming, in memory that grows with the
+number of checkpoints and the logarithm of the number of entries, and a large one on every core
+(``jobs``): worker processes check aligned runs of lines and the first fault is then found by
+the same sequential check, resumed where the first worker stopped (:mod:`exchange.audit._stream`).
+Lines given any other way are checked in one pass keeping 32 bytes per entry.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from hashlib import sha256
-from typing import Any
+from typing import Any, Protocol
 
 from crypto.canonical import MAX_SAFE_INTEGER, canonicalize
 from crypto.encoding import b64_decode
@@ -35,6 +41,9 @@ GENESIS_PREV = "0" * 64
 ANONYMOUS = "-"
 ENTRY_KEYS = frozenset({"seq", "time", "kind", "actor", "refs", "digests", "attrs", "prev"})
 CHECKPOINT_KEYS = frozenset({"checkpoint", "consistency"})
+#: lines per run a worker checks when a bundle file is checked on several cores (a power of two,
+#: so every run's leaves form whole subtrees); a bundle of one run or less is checked in-process
+CHUNK_LINES = 1 << 13
 
 
 class FaultKind(StrEnum):
@@ -98,11 +107,25 @@ class _Fault(Exception):
         self.fault = AuditFault(line, kind, message)
 
 
-def read_bundle_lines(path: str | os.PathLike[str]) -> Iterator[bytes]:
+class BundleLines:
+    """A bundle file's lines without their "\\n" (a last line without one is kept), read from
+    the file each time they are iterated. :func:`check_bundle` reads the file itself: streaming,
+    and on several cores for a large bundle."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+
+    def __iter__(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            for raw in f:
+                yield raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def read_bundle_lines(path: str | os.PathLike[str]) -> BundleLines:
     """Stream a bundle file's lines without their "\\n" (a last line without one is kept)."""
-    with open(path, "rb") as f:
-        for raw in f:
-            yield raw[:-1] if raw.endswith(b"\n") else raw
+    return BundleLines(path)
 
 
 # -- parsing --------------------------------------------------------------------------------
@@ -255,7 +278,21 @@ def _check_entry(obj: Any, number: int, last_date: str) -> str:
 # -- the audit -------------------------------------------------------------------------------
 
 
-class _Roots:
+class _Roots(Protocol):
+    """The Merkle roots of the entries checked so far, at the sizes checkpoints ask for."""
+
+    def add(self, leaf: bytes) -> None:
+        """The next entry's leaf hash."""
+
+    def root(self, size: int) -> bytes:
+        """The root at ``size``, at most the number of leaves added."""
+
+    @property
+    def watched(self) -> bytes | None:
+        """The root at the trusted checkpoint's size, once the entries reached it."""
+
+
+class _LeafRoots:
     """Roots at increasing sizes over the stored leaf hashes: one pass with a CompactRange.
 
     The root at ``watch`` (the trusted checkpoint's size) is remembered on the way past.
@@ -266,6 +303,9 @@ class _Roots:
         self._range = CompactRange()
         self._watch = watch
         self.watched: bytes | None = EMPTY_ROOT if watch == 0 else None
+
+    def add(self, leaf: bytes) -> None:
+        self.leaves += leaf
 
     def _advance(self, size: int) -> None:
         acc = self._range
@@ -396,55 +436,68 @@ def _check_trusted(trusted: str, log: NoteVerifier) -> Checkpoint:
         raise _Fault(0, FaultKind.TRUSTED_INVALID, f"trusted checkpoint: {exc}") from exc
 
 
-def check_bundle(
-    lines: Iterable[bytes], log: NoteVerifier, trusted: str | None = None
-) -> AuditReport:
-    """Verify a bundle against the log's key (and a trusted checkpoint, if given).
+class _Audit:
+    """The checks of :func:`check_bundle` over lines in file order, as a state that can be
+    resumed: the parallel path hands over the state where its workers stopped, so the first
+    fault is always found, and described, by this one sequence of checks."""
 
-    ``lines`` are the bundle's lines, with or without their final "\\n" (as
-    :func:`read_bundle_lines` or iterating a binary file gives them). Never raises for a bad
-    bundle: the report names the first fault.
-    """
-    entries = 0
-    checkpoints = 0
-    try:
-        trusted_cp = None if trusted is None else _check_trusted(trusted, log)
-        roots = _Roots(None if trusted_cp is None else trusted_cp.size)
-        leaves = roots.leaves
-        last: Checkpoint | None = None
-        prev_hex = GENESIS_PREV
-        prev_time = ""
+    def __init__(self, log: NoteVerifier, trusted: Checkpoint | None, roots: _Roots) -> None:
+        self.log = log
+        self.trusted = trusted
+        self.roots = roots
+        self.entries = 0
+        self.checkpoints = 0
+        self.last: Checkpoint | None = None
+        self.prev_hex = GENESIS_PREV
+        self.prev_time = ""
+
+    def run(self, lines: Iterable[bytes], first: int = 1) -> None:
+        """Check ``lines``, numbered from ``first``; raise :class:`_Fault` at the first fault."""
+        log, roots, add = self.log, self.roots, self.roots.add
+        entries, checkpoints, last = self.entries, self.checkpoints, self.last
+        prev_hex, prev_time = self.prev_hex, self.prev_time
         last_date = ""
         stream = iter(lines)
-        for number, raw in enumerate(stream, start=1):
-            line = raw[:-1] if raw.endswith(b"\n") else raw
-            obj = _parse(line, number)
-            if type(obj) is dict and "checkpoint" in obj:
-                last = _check_checkpoint(obj, number, log, last, entries, roots)
-                checkpoints += 1
-                continue
-            if checkpoints:
-                raise _Fault(
-                    number,
-                    FaultKind.ENTRY_AFTER_CHECKPOINTS,
-                    "an entry after the checkpoints began",
-                )
-            last_date = _check_entry(obj, number, last_date)
-            if obj["seq"] != entries:
-                raise _Fault(
-                    number,
-                    FaultKind.SEQ_MISMATCH,
-                    f"seq {obj['seq']} at position {entries}: entries deleted, inserted or moved",
-                )
-            if obj["prev"] != prev_hex:
-                raise _broken_link(number, line, next(stream, None))
-            time = obj["time"]
-            if time < prev_time:
-                raise _Fault(number, FaultKind.TIME_BACKWARDS, f"time {time} is before {prev_time}")
-            digest = sha256(b"\x00" + line).digest()  # the RFC 9162 leaf hash
-            leaves += digest
-            entries += 1
-            prev_hex, prev_time = digest.hex(), time
+        try:
+            for number, raw in enumerate(stream, start=first):
+                line = raw[:-1] if raw.endswith(b"\n") else raw
+                obj = _parse(line, number)
+                if type(obj) is dict and "checkpoint" in obj:
+                    last = _check_checkpoint(obj, number, log, last, entries, roots)
+                    checkpoints += 1
+                    continue
+                if checkpoints:
+                    raise _Fault(
+                        number,
+                        FaultKind.ENTRY_AFTER_CHECKPOINTS,
+                        "an entry after the checkpoints began",
+                    )
+                last_date = _check_entry(obj, number, last_date)
+                if obj["seq"] != entries:
+                    raise _Fault(
+                        number,
+                        FaultKind.SEQ_MISMATCH,
+                        f"seq {obj['seq']} at position {entries}: entries deleted, inserted or "
+                        "moved",
+                    )
+                if obj["prev"] != prev_hex:
+                    raise _broken_link(number, line, next(stream, None))
+                time = obj["time"]
+                if time < prev_time:
+                    raise _Fault(
+                        number, FaultKind.TIME_BACKWARDS, f"time {time} is before {prev_time}"
+                    )
+                digest = sha256(b"\x00" + line).digest()  # the RFC 9162 leaf hash
+                add(digest)
+                entries += 1
+                prev_hex, prev_time = digest.hex(), time
+        finally:
+            self.entries, self.checkpoints, self.last = entries, checkpoints, last
+            self.prev_hex, self.prev_time = prev_hex, prev_time
+
+    def finish(self) -> None:
+        """The checks after the last line; raise :class:`_Fault` for the first that fails."""
+        last, entries, trusted_cp = self.last, self.entries, self.trusted
         if last is None:
             raise _Fault(0, FaultKind.NO_CHECKPOINT, "the bundle has no checkpoint")
         if last.size != entries:
@@ -462,20 +515,68 @@ def check_bundle(
                     f"the bundle ends at size {last.size}, before the trusted size "
                     f"{trusted_cp.size}",
                 )
-            if roots.watched != trusted_cp.root:
+            if self.roots.watched != trusted_cp.root:
                 raise _Fault(
                     0,
                     FaultKind.FORK,
                     f"the bundle's root at the trusted size {trusted_cp.size} differs from "
                     "the trusted root",
                 )
+
+    def report(self, fault: _Fault | None = None) -> AuditReport:
+        if fault is None:
+            return AuditReport(True, self.entries, self.checkpoints)
+        return AuditReport(False, self.entries, self.checkpoints, fault.fault)
+
+
+def check_bundle(
+    lines: Iterable[bytes],
+    log: NoteVerifier,
+    trusted: str | None = None,
+    *,
+    jobs: int | None = None,
+    chunk_lines: int = CHUNK_LINES,
+) -> AuditReport:
+    """Verify a bundle against the log's key (and a trusted checkpoint, if given).
+
+    ``lines`` are the bundle's lines, with or without their final "\\n" (as
+    :func:`read_bundle_lines` or iterating a binary file gives them). Never raises for a bad
+    bundle: the report names the first fault.
+
+    A bundle file from :func:`read_bundle_lines` is read streaming. One with more than one run
+    of ``chunk_lines`` lines (a power of two) is checked by ``jobs`` worker processes (default:
+    every core this process may use; 1 checks in this process); the report is the same either
+    way. Other ``lines`` are checked in this process.
+    """
+    if isinstance(lines, BundleLines):
+        from exchange.audit._stream import check_file
+
+        return check_file(lines.path, log, trusted, jobs=jobs, chunk_lines=chunk_lines)
+    try:
+        trusted_cp = None if trusted is None else _check_trusted(trusted, log)
     except _Fault as fault:
-        return AuditReport(False, entries, checkpoints, fault.fault)
-    return AuditReport(True, entries, checkpoints)
+        return AuditReport(False, 0, 0, fault.fault)
+    audit = _Audit(log, trusted_cp, _LeafRoots(None if trusted_cp is None else trusted_cp.size))
+    try:
+        audit.run(lines)
+        audit.finish()
+    except _Fault as fault:
+        return audit.report(fault)
+    return audit.report()
 
 
-def verify_bundle(lines: Iterable[bytes], log: NoteVerifier, trusted: str | None = None) -> None:
-    """Return ``None`` if the bundle verifies; raise :class:`AuditError` naming the first fault."""
-    report = check_bundle(lines, log, trusted)
+def verify_bundle(
+    lines: Iterable[bytes],
+    log: NoteVerifier,
+    trusted: str | None = None,
+    *,
+    jobs: int | None = None,
+    chunk_lines: int = CHUNK_LINES,
+) -> None:
+    """Return ``None`` if the bundle verifies; raise :class:`AuditError` naming the first fault.
+
+    ``jobs`` and ``chunk_lines`` as for :func:`check_bundle`.
+    """
+    report = check_bundle(lines, log, trusted, jobs=jobs, chunk_lines=chunk_lines)
     if report.fault is not None:
         raise AuditError(report.fault)
