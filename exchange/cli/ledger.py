@@ -226,6 +226,12 @@ def audit_verify(
             "checkpoint must meet"
         ),
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs", min=1, help="processes for a large bundle (default: every core; 1: this one)"
+        ),
+    ] = None,
 ) -> None:
     """Verify an exported ledger bundle offline. Exit 0 only if everything holds.
 
@@ -245,7 +251,7 @@ def audit_verify(
     report: AuditReport | QuorumAuditReport
     quorum = ""
     if policy is None:
-        report = check_bundle(read_bundle_lines(bundle), verifier, trusted_note)
+        report = check_bundle(read_bundle_lines(bundle), verifier, trusted_note, jobs=jobs)
     else:
         try:
             witnesses = parse_policy(policy.read_bytes())
