@@ -63,7 +63,7 @@ def chain_add_child(
     Example:
       zonex chain add-child --data-dir D --name district-1 --url https://d1.example --log-key d1.pub
     """
-    from exchange.server.chain import add_child
+    from exchange.server.children import add_child
 
     text = _key_text(log_key)
     ex = _open_exchange(data_dir)
@@ -95,7 +95,7 @@ def chain_list(data_dir: DataDir, as_json: Json = False) -> None:
       zonex chain list --data-dir D
     """
     from crypto.encoding import b64_encode
-    from exchange.server.chain import list_children
+    from exchange.server.children import list_children
 
     ex = _open_exchange(data_dir)
     try:

@@ -1,14 +1,15 @@
 """The catalog chain (市、区、街): an exchange records its child exchanges' checkpoints.
 
 Each level of a city/district/street chain runs its own exchange, log and witness. The
-operator of a parent names its children (:func:`add_child`: name, URL, the child's log key;
-ledgered as ``chain.child_added``). On the ledger's ticker, :class:`ChainPoller` fetches each
-child's latest checkpoint (``GET {url}/v1/log/checkpoint``, unsigned), verifies it with the
-child's log key and checks that it extends the checkpoint last recorded for that child, with a
-consistency proof computed from the child's unsigned hash tiles (``GET {url}/v1/log/tile/...``,
-:class:`crypto.tiles.TiledTree`) and verified against both signed roots. A checkpoint that grew
-is ledgered as ``chain.checkpoint``, together with the digest of the catalog the child
-publishes (:func:`render_published`, ``GET /v1/chain/published``), which is kept to be listed.
+operator of a parent names its children (:func:`exchange.server.children.add_child`: name, URL,
+the child's log key; ledgered as ``chain.child_added``). On the ledger's ticker,
+:class:`ChainPoller` fetches each child's latest checkpoint (``GET {url}/v1/log/checkpoint``,
+unsigned), verifies it with the child's log key and checks that it extends the checkpoint last
+recorded for that child, with a consistency proof computed from the child's unsigned hash tiles
+(``GET {url}/v1/log/tile/...``, :class:`crypto.tiles.TiledTree`) and verified against both
+signed roots. A checkpoint that grew is ledgered as ``chain.checkpoint``, together with the
+digest of the catalog the child publishes (:mod:`exchange.server.publishing`,
+``GET /v1/chain/published``), which is kept to be listed.
 
 A checkpoint that does not extend the recorded one is a fork, proven by two signed checkpoints:
 the same size with another root, or a larger tree whose root at the recorded size (bound to its
@@ -19,33 +20,29 @@ do not reproduce the child's own signed root prove nothing: that is a failure, n
 Polls run on a thread of their own, never on the ledger's writer or ticker; a child that is slow,
 down or misbehaving is polled again after 1, 2, 4 ... s (at most ``chain_backoff_max_seconds``)
 and delays nothing else. Several processes of one exchange share the work through a lease on
-each child's row.
+each child's row. The names of :mod:`exchange.server.children` and
+:mod:`exchange.server.publishing` are importable from here too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import CursorResult, Engine, or_, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from crypto.encoding import b64_encode
-from crypto.envelope import sign_envelope
 from crypto.errors import CryptoError, VerificationError
-from crypto.keys import SigningKey
 from crypto.merkle import verify_consistency
 from crypto.note import (
-    ALG_ED25519,
     MAX_NOTE_BYTES,
     Checkpoint,
     NoteVerifier,
@@ -53,21 +50,20 @@ from crypto.note import (
     verify_checkpoint,
 )
 from crypto.tiles import TiledTree, needed_width, tile_path
-from exchange.domain import Zone
-from exchange.errors import ConflictError, InvalidInputError, ZonexError
-from exchange.node.store import row_count_band
-from exchange.published import (
-    PAYLOAD_TYPE,
-    PUBLISHED_TYPE,
-    PublishedCatalog,
-    PublishedColumn,
-    PublishedDataset,
-    PublishedError,
-    PublishedZone,
-    verify_published,
+from exchange.errors import ConflictError, ZonexError
+from exchange.published import PublishedError, verify_published
+from exchange.server.children import (
+    CHILD_ADDED,
+    ChildFork,
+    ChildInfo,
+    RecordedCheckpoint,
+    add_child,
+    list_children,
+    parse_child_log_key,
 )
-from exchange.server.ledger import ANONYMOUS, EntryDraft, Ledger, format_time
+from exchange.server.ledger import ANONYMOUS, EntryDraft, Ledger
 from exchange.server.models import ChainChildRow
+from exchange.server.publishing import render_published
 from exchange.server.storage import WRITE
 from exchange.settings import Settings
 
@@ -87,12 +83,10 @@ __all__ = [
 
 log = logging.getLogger("zonex.chain")
 
-#: the ledger entries of the chain
-CHILD_ADDED = "chain.child_added"
+#: the ledger entries of the parent's records
 CHAIN_CHECKPOINT = "chain.checkpoint"
 CHAIN_FORK = "chain.fork"
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}", re.ASCII)
 #: a child's note is recorded as served up to this length (its witnesses' cosignatures
 #: included), else with its log's signature lines only: two notes fit any ledger entry
 MAX_RECORDED_NOTE = 8 * 1024
@@ -100,229 +94,6 @@ MAX_RECORDED_NOTE = 8 * 1024
 _ERROR_CHARS = 500
 #: one hash tile is at most 256 hashes
 _TILE_BYTES = 256 * 32
-
-
-# -- the children ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecordedCheckpoint:
-    """The latest checkpoint recorded for a child (its ``chain.checkpoint`` entry's seq)."""
-
-    size: int
-    root: bytes
-    note: str
-    seq: int | None
-    recorded_at: datetime | None
-
-
-@dataclass(frozen=True)
-class ChildFork:
-    """The latest checkpoint a child showed that does not extend the recorded one."""
-
-    size: int
-    root: bytes
-    note: str
-    seq: int | None
-    detected_at: datetime | None
-
-
-@dataclass(frozen=True)
-class ChildInfo:
-    """A child exchange, the checkpoint recorded for it and the catalog it published."""
-
-    name: str
-    url: str
-    #: the child's log verifier key (its log.pub)
-    log_key: str
-    added_at: datetime
-    checkpoint: RecordedCheckpoint | None
-    #: the signed envelope it published, as received (JSON), and the SHA-256 of its payload
-    published: str | None
-    published_digest: str | None
-    published_at: datetime | None
-    fork: ChildFork | None
-    #: failures in a row, the last one's message, and when it is polled next
-    failures: int
-    last_error: str | None
-    retry_at: datetime | None
-
-    @classmethod
-    def from_row(cls, row: ChainChildRow) -> ChildInfo:
-        checkpoint = fork = None
-        if row.size is not None and row.root is not None and row.note is not None:
-            checkpoint = RecordedCheckpoint(
-                row.size, bytes(row.root), row.note, row.recorded_seq, row.recorded_at
-            )
-        if row.fork_size is not None and row.fork_root is not None and row.fork_note is not None:
-            fork = ChildFork(
-                row.fork_size, bytes(row.fork_root), row.fork_note, row.fork_seq, row.fork_at
-            )
-        return cls(
-            name=row.name,
-            url=row.url,
-            log_key=row.log_key,
-            added_at=row.created_at,
-            checkpoint=checkpoint,
-            published=row.published,
-            published_digest=row.published_digest,
-            published_at=row.published_at,
-            fork=fork,
-            failures=row.failures,
-            last_error=row.last_error,
-            retry_at=row.retry_at,
-        )
-
-    def verifier(self) -> NoteVerifier:
-        return NoteVerifier.from_verifier_key(self.log_key)
-
-    @property
-    def origin(self) -> str:
-        return self.log_key.split("+", 1)[0]
-
-
-def parse_child_log_key(text: str) -> NoteVerifier:
-    """A child's log verifier key (its ``log.pub``: a C2SP vkey of type 0x01);
-    :class:`InvalidInputError` naming what is wrong otherwise."""
-    try:
-        verifier = NoteVerifier.from_verifier_key(text.strip())
-    except CryptoError as exc:
-        raise InvalidInputError(
-            f"not a log verifier key ({exc}); give the child's log.pub (NAME+KEYID+BASE64)"
-        ) from exc
-    if verifier.signature_type != ALG_ED25519:
-        raise InvalidInputError(
-            "a witness's cosignature key, not a log key: give the child exchange's log.pub"
-        )
-    return verifier
-
-
-def _check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInputError(f"--url {url!r}: give the child exchange's http(s):// base URL")
-    if parts.query or parts.fragment:
-        raise InvalidInputError(f"--url {url!r}: a base URL has no query or fragment")
-    return url.rstrip("/")
-
-
-def add_child(
-    engine: Engine,
-    ledger: Ledger,
-    actor: str,
-    name: str,
-    url: str,
-    log_key: str,
-    *,
-    own_log: NoteVerifier | None = None,
-) -> ChildInfo:
-    """Record a child exchange (ledgered as ``chain.child_added`` by ``actor``, the operator).
-
-    Refuses (:class:`ConflictError`) a name or a log key already recorded (one key is one
-    child), and (:class:`InvalidInputError`) this exchange's own log key, ``own_log``.
-    """
-    if not _NAME.fullmatch(name):
-        raise InvalidInputError(
-            "--name: a child's name is 1 to 63 of a-z, 0-9, '.', '_', '-', starting with a "
-            "letter or digit"
-        )
-    target = _check_url(url)
-    verifier = parse_child_log_key(log_key)
-    if own_log is not None and verifier.key == own_log.key:
-        raise InvalidInputError("--log-key: that is this exchange's own log key")
-    key_text = verifier.to_verifier_key()
-    with Session(engine) as session:
-        clash = session.execute(
-            select(ChainChildRow.name).where(
-                or_(ChainChildRow.name == name, ChainChildRow.public_key == verifier.key.raw)
-            )
-        ).scalar_one_or_none()
-    if clash is not None:
-        raise ConflictError(
-            f"child {clash!r} is already recorded with this name or log key (see: zonex chain list)"
-        )
-
-    def insert(session: Session, draft: EntryDraft) -> None:
-        session.add(
-            ChainChildRow(
-                name=name,
-                url=target,
-                log_key=key_text,
-                public_key=verifier.key.raw,
-                added_by=actor,
-                failures=0,
-            )
-        )
-
-    try:
-        ledger.append(
-            EntryDraft(
-                kind=CHILD_ADDED,
-                actor=actor,
-                refs={"child": name},
-                attrs={"url": target, "log_key": key_text},
-            ),
-            apply=insert,
-        )
-    except (ConflictError, IntegrityError) as exc:
-        raise ConflictError(f"child {name!r} or its log key is already recorded") from exc
-    with Session(engine) as session:
-        row = session.get(ChainChildRow, name)
-        assert row is not None
-        return ChildInfo.from_row(row)
-
-
-def list_children(engine: Engine) -> list[ChildInfo]:
-    """Every recorded child, by name."""
-    with Session(engine) as session:
-        rows = session.execute(select(ChainChildRow).order_by(ChainChildRow.name)).scalars()
-        return [ChildInfo.from_row(row) for row in rows]
-
-
-# -- what this exchange publishes ----------------------------------------------------------
-
-
-def render_published(
-    zones: Sequence[Zone], origin: str, ledger_size: int, registry_version: int, key: SigningKey
-) -> bytes:
-    """The catalog this exchange publishes (``zones`` as metadata only, read at
-    ``registry_version``), as the JSON of a DSSE envelope signed by the log key ``key``."""
-    catalog = PublishedCatalog(
-        type=PUBLISHED_TYPE,
-        origin=origin,
-        ledger_size=ledger_size,
-        registry_version=registry_version,
-        published_at=format_time(datetime.now(UTC)),
-        zones=tuple(
-            PublishedZone(
-                name=zone.name,
-                description=zone.description,
-                owner_name=zone.owner_name,
-                status=zone.status,
-                datasets=tuple(
-                    PublishedDataset(
-                        name=d.name,
-                        description=d.description,
-                        level=d.level,
-                        subject_column=d.subject_column,
-                        columns=tuple(
-                            PublishedColumn(name=c.name, type=c.type, level=c.level)
-                            for c in d.columns
-                        ),
-                        row_count_band=row_count_band(d.row_count),
-                        exact_release=d.exact_release,
-                    )
-                    for d in zone.datasets
-                ),
-            )
-            for zone in zones
-        ),
-    )
-    envelope = sign_envelope(PAYLOAD_TYPE, catalog.model_dump(mode="json"), [key])
-    return envelope.model_dump_json().encode("utf-8")
-
-
-# -- polling the children ------------------------------------------------------------------
 
 
 class _ChildError(Exception):

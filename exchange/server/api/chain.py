@@ -26,7 +26,8 @@ from exchange.published import PublishedCatalog
 from exchange.server import services
 from exchange.server.api.deps import Actor, Ex
 from exchange.server.api.schemas import Out
-from exchange.server.chain import ChildInfo, list_children, render_published
+from exchange.server.children import ChildInfo, list_children
+from exchange.server.publishing import render_published
 from exchange.server.registry import registry_version
 from exchange.server.runtime import Exchange
 
