@@ -39,6 +39,7 @@ from sqlalchemy import CursorResult, Engine, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from crypto.canonical import MAX_SAFE_INTEGER
 from crypto.encoding import b64_encode
 from crypto.errors import CryptoError, VerificationError
 from crypto.merkle import verify_consistency
@@ -61,7 +62,7 @@ from exchange.server.children import (
     list_children,
     parse_child_log_key,
 )
-from exchange.server.ledger import ANONYMOUS, EntryDraft, Ledger
+from exchange.server.ledger import ANONYMOUS, EntryDraft, Ledger, entry_parts
 from exchange.server.models import ChainChildRow
 from exchange.server.publishing import render_published
 from exchange.server.storage import WRITE
@@ -237,6 +238,10 @@ class ChainPoller:
                 raise _ChildError(
                     f"its checkpoint does not verify with its log key: {exc}"
                 ) from exc
+            if cp.size > MAX_SAFE_INTEGER:
+                raise _ChildError(
+                    f"its checkpoint size {cp.size} is beyond what a ledger entry records"
+                )
             note = _recordable(note, verifier)
             recorded = child.checkpoint
             if recorded is not None and cp.size == recorded.size and cp.root == recorded.root:
@@ -326,16 +331,18 @@ class ChainPoller:
         except httpx.HTTPError as exc:
             raise _ChildError(f"GET {url}: {exc or type(exc).__name__}") from exc
 
-    def _published(self, child: ChildInfo) -> tuple[str, str] | None:
+    def _published(self, child: ChildInfo, *, quiet: bool = False) -> tuple[str, str] | None:
         """The child's published catalog (envelope JSON, SHA-256 of its payload), verified
-        with its log key; ``None`` (logged) when it has none that verifies."""
+        with its log key; ``None`` (logged, ``quiet``: at debug level) when it has none that
+        verifies."""
         try:
             data = self._get(
                 child.url + "/v1/chain/published", self._settings.chain_max_published_bytes
             )
             envelope, _ = verify_published(data, child.verifier())
         except (_ChildError, PublishedError) as exc:
-            log.warning("child %s: no published catalog taken: %s", child.name, exc)
+            level = logging.DEBUG if quiet else logging.WARNING
+            log.log(level, "child %s: no published catalog taken: %s", child.name, exc)
             return None
         return data.decode("utf-8"), hashlib.sha256(envelope.payload_bytes()).hexdigest()
 
@@ -347,7 +354,8 @@ class ChainPoller:
         """Ledger ``chain.checkpoint`` (with the digest of the catalog published now) and keep
         it as the child's state; with ``only_published``, keep a first published catalog of an
         unchanged checkpoint (no entry: it is ledgered with the next checkpoint)."""
-        published = self._published(child)
+        # an unchanged checkpoint asks again every round: a child without one says so once
+        published = self._published(child, quiet=only_published)
         expected = child.checkpoint
         now = self._clock()
 
@@ -374,7 +382,7 @@ class ChainPoller:
         digests = {"root": root.hex()}
         if published is not None:
             digests["published"] = published[1]
-        self._ledger.append(
+        self._append(
             EntryDraft(
                 kind=CHAIN_CHECKPOINT,
                 actor=ANONYMOUS,
@@ -382,7 +390,7 @@ class ChainPoller:
                 digests=digests,
                 attrs={"size": size, "note": note},
             ),
-            apply=apply,
+            apply,
         )
         log.info("child %s: recorded checkpoint %d", child.name, size)
 
@@ -407,7 +415,7 @@ class ChainPoller:
         )
         message = f"fork: its checkpoint of size {fork.size} does not extend the recorded one"
         if known:  # one entry per forked checkpoint, however often it is seen
-            self._failed(child, _ChildError(message), level=logging.CRITICAL)
+            self._failed(child, _ChildError(message), level=logging.ERROR)
             return
         failures = child.failures + 1
         now = self._clock()
@@ -436,7 +444,7 @@ class ChainPoller:
             digests["prefix_root"] = fork.prefix_root.hex()
             attrs["proof"] = ",".join(b64_encode(h) for h in fork.proof)
         try:
-            self._ledger.append(
+            self._append(
                 EntryDraft(
                     kind=CHAIN_FORK,
                     actor=ANONYMOUS,
@@ -444,10 +452,18 @@ class ChainPoller:
                     digests=digests,
                     attrs=attrs,
                 ),
-                apply=apply,
+                apply,
             )
-        except ZonexError as exc:
+        except (_ChildError, ZonexError) as exc:
             self._failed(child, exc)
+
+    def _append(self, draft: EntryDraft, apply: Callable[[Session, EntryDraft], None]) -> None:
+        # a draft the writer cannot encode would fail its whole batch: check it here first
+        try:
+            entry_parts(draft)
+        except ValueError as exc:
+            raise _ChildError(f"its checkpoint cannot be recorded: {exc}") from exc
+        self._ledger.append(draft, apply=apply)
 
     def _succeeded(self, child: ChildInfo) -> None:
         with Session(self._write_engine) as session, session.begin():

@@ -361,6 +361,7 @@ def test_tiles_that_do_not_match_the_childs_own_root_prove_nothing(parent: Paren
         ("shrunk", "below the size 9 recorded"),
         ("huge", "exceeds"),
         ("missing_tile", "answered 404"),
+        ("too_large", "beyond what a ledger entry records"),
     ],
 )
 def test_a_hostile_or_broken_child_records_nothing(
@@ -378,6 +379,8 @@ def test_a_hostile_or_broken_child_records_nothing(
         child.grow(12)
     elif hostile == "shrunk":
         child.served = 7
+    elif hostile == "too_large":  # a size no ledger entry can hold (JSON integers: 2**53 - 1)
+        child.served = 1 << 60
     elif hostile == "huge":
         note = child.note()
         child.handler = lambda request: httpx.Response(  # type: ignore[method-assign]
