@@ -59,7 +59,7 @@ WITNESS_NAMES = {name: f"witness.{name}.chain.example" for name in EXCHANGES}
 CONFIG = {
     "checkpoint_interval_seconds": 0.5,
     "chain_interval_seconds": 0.5,
-    "chain_timeout_seconds": 3.0,
+    "chain_timeout_seconds": 2.0,
     "chain_backoff_max_seconds": 1.0,
     "witness_interval_seconds": 0.5,
     "witness_timeout_seconds": 3.0,
