@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 
 from crypto.merkle import (
     EMPTY_ROOT,
@@ -251,25 +251,45 @@ class TiledTree:
     """Roots and RFC 9162 proofs for the tree of ``size`` leaves, read from stored tiles.
 
     A perfect subtree of height ``8L + r`` is ``2**r`` consecutive hashes of one level-``L``
-    tile, folded; so a proof reads at most two tiles per level.
+    tile, folded; so a proof reads at most two tiles per level. A perfect subtree's hash never
+    changes once its leaves exist, so ``memo`` (shared by every tree of one log, any size)
+    keeps each one computed: the border pieces every proof at one size shares, and the upper
+    levels, are hashed once.
     """
 
-    __slots__ = ("_fetch", "size")
+    __slots__ = ("_fetch", "_memo", "size")
 
-    def __init__(self, size: int, fetch: Fetch) -> None:
+    def __init__(
+        self, size: int, fetch: Fetch, memo: MutableMapping[tuple[int, int], bytes] | None = None
+    ) -> None:
         self.size = size
         self._fetch = fetch
+        self._memo: MutableMapping[tuple[int, int], bytes] = {} if memo is None else memo
 
     def perfect(self, height: int, index: int) -> bytes:
+        found = self._memo.get((height, index))
+        if found is not None:
+            return found
         level, r = divmod(height, TILE_HEIGHT)
-        first = index << r  # position among the level's hashes
-        tile_index, offset = divmod(first, TILE_WIDTH)
+        tile_index, offset = divmod(index << r, TILE_WIDTH)
         tile = self._fetch(level, tile_index, offset + (1 << r))
         if len(tile) < (offset + (1 << r)) * HASH_SIZE:
             raise ValueError(f"tile {tile_path(level, tile_index)} is too short")
-        if r == 0:
-            return bytes(tile[offset * HASH_SIZE : (offset + 1) * HASH_SIZE])
-        return _fold(tile, offset, 1 << r)
+        return self._within(tile, TILE_HEIGHT * level, tile_index * TILE_WIDTH, height, index)
+
+    def _within(self, tile: bytes, base: int, first: int, height: int, index: int) -> bytes:
+        """A perfect subtree inside one tile (of level ``base / 8`` whose first hash is number
+        ``first`` of that level), each interior node remembered."""
+        if height == base:
+            at = (index - first) * HASH_SIZE
+            return bytes(tile[at : at + HASH_SIZE])
+        key = (height, index)
+        found = self._memo.get(key)
+        if found is None:
+            left = self._within(tile, base, first, height - 1, 2 * index)
+            right = self._within(tile, base, first, height - 1, 2 * index + 1)
+            found = self._memo[key] = _sha256(b"\x01" + left + right).digest()
+        return found
 
     def root(self) -> bytes:
         return subtree_root(self.size, self.perfect)

@@ -2,13 +2,15 @@
 
 The tiles are written by the ledger writer in the transaction that adds their leaves
 (:meth:`TileStore.write`), so the stored tiles always describe exactly the committed entries.
-Level 0 is not stored twice: its hashes are the ``leaf_hash`` column of ``ledger_entries``,
-read as a range of 256 rows; ``ledger_tiles`` holds levels 1 and up, and a batch writes a
-row there only when it completes a level-0 tile (every 256 entries), so a batch's durable
-commit carries its entries and almost nothing else.
+The growing level-0 tile is not stored twice: its hashes are the ``leaf_hash`` column of
+``ledger_entries``, read as a range of rows. ``ledger_tiles`` holds every full tile and the
+partial tiles of levels 1 and up, so a batch writes a row there only when it completes a
+level-0 tile (every 256 entries): its durable commit carries its entries and almost nothing
+else, and a full tile is one row to read.
 Readers get tiles through :meth:`TileStore.fetch`, which looks in this order:
 
-1. the full tiles this process wrote or read (immutable once full: an LRU of bounded size);
+1. the tiles this process wrote or read (an LRU of bounded size): a full tile never changes,
+   and a partial one only grows, so a cached tile serves every request no wider than it;
 2. the partial tiles of the tree this process's writer last committed (its own state: a
    receipt for an entry the writer just committed needs no read at all);
 3. the database.
@@ -51,6 +53,9 @@ class TileStore:
         self._edge_size = 0
         #: tiles read from the database (not from a cache), for tests and metrics
         self.reads = 0
+        #: perfect-subtree hashes computed from tiles, any tree size (about 100 bytes each)
+        self._memo: dict[tuple[int, int], bytes] = {}
+        self._memo_limit = 16 * cache_tiles
 
     # -- writing (the writer's transaction) ----------------------------------------------
 
@@ -79,10 +84,12 @@ class TileStore:
         return TileEdge(size, partial)
 
     def write(self, conn: Connection, changed: dict[tuple[int, int], bytes]) -> None:
-        """Store the tiles a batch changed, in the batch's transaction (level 0 is stored
-        with the entries)."""
+        """Store the tiles a batch changed, in the batch's transaction (the partial level-0
+        tile is the entries' own leaf hashes)."""
         rows = [
-            {"level": lv, "idx": ix, "hashes": data} for (lv, ix), data in changed.items() if lv
+            {"level": lv, "idx": ix, "hashes": data}
+            for (lv, ix), data in changed.items()
+            if lv or len(data) == FULL_TILE
         ]
         if rows:
             conn.execute(_UPSERT, rows)
@@ -112,34 +119,37 @@ class TileStore:
     def fetch(self, level: int, index: int, width: int) -> bytes:
         """A stored tile ``(level, index)`` at least ``width`` hashes wide."""
         key = (level, index)
+        need = width * HASH_SIZE
         with self._lock:
             tile = self._full.get(key)
-            if tile is not None:
+            if tile is not None and len(tile) >= need:
                 self._full.move_to_end(key)
                 return tile
-            tile = self._edge.get(key)
-        if tile is not None and len(tile) >= width * HASH_SIZE:
-            return tile
+            edge = self._edge.get(key)
+        if edge is not None and len(edge) >= need:
+            return edge
         self.reads += 1
         stored: bytes | None
         with self._engine.connect() as conn:
-            if level == 0:
+            stored = conn.execute(
+                select(_TILES.c.hashes).where(_TILES.c.level == level, _TILES.c.idx == index)
+            ).scalar_one_or_none()
+            if stored is None and level == 0:
                 stored = _leaf_hashes(conn, index)
-            else:
-                stored = conn.execute(
-                    select(_TILES.c.hashes).where(_TILES.c.level == level, _TILES.c.idx == index)
-                ).scalar_one_or_none()
         if stored is None or len(stored) < width * HASH_SIZE:
             raise LedgerError(f"the ledger's tile {tile_path(level, index)} is missing or short")
         tile = bytes(stored)
-        if len(tile) == FULL_TILE:
-            with self._lock:
+        with self._lock:
+            cached = self._full.get(key)
+            if cached is None or len(cached) < len(tile):
                 self._remember(key, tile)
         return tile
 
     def tree(self, size: int) -> TiledTree:
         """Roots and proofs for the tree of ``size`` committed entries."""
-        return TiledTree(size, self.fetch)
+        if len(self._memo) > self._memo_limit:
+            self._memo.clear()  # perfect-subtree hashes: recomputed from cached tiles
+        return TiledTree(size, self.fetch, self._memo)
 
     def read_tile(self, level: int, index: int, width: int) -> bytes | None:
         """The first ``width`` hashes of a stored tile, or ``None`` if it is not that wide

@@ -59,7 +59,7 @@ def test_the_upgrade_builds_the_tiles_of_an_existing_ledger(data_dir: Path) -> N
         hashes = list(s.scalars(select(LedgerEntryRow.leaf_hash).order_by(LedgerEntryRow.seq)))
         tiles = s.scalar(select(func.count()).select_from(LedgerTileRow))
     engine.dispose()
-    assert tiles == 1  # level 1: three hashes (level 0 is the entries' leaf hashes)
+    assert tiles == 3 + 1  # three full level-0 tiles and level 1 (the rest: leaf hashes)
     tree = MerkleTree()
     tree.extend(bytes(h) for h in hashes)
     with Exchange(settings_for(data_dir)) as ex:

@@ -1,8 +1,9 @@
 """The ledger's Merkle tree stored as C2SP tlog-tiles, so no process holds the whole tree.
 
-- ``ledger_tiles``: one row per hash tile ``(level, idx)`` of levels 1 and up: the
-  concatenated 32-byte hashes of the tile (256 when full, fewer for the rightmost tile of a
-  level, which grows in place). Level 0 is the ``leaf_hash`` column of ``ledger_entries``.
+- ``ledger_tiles``: one row per hash tile ``(level, idx)``: the concatenated 32-byte hashes
+  of the tile (256 when full, fewer for the rightmost tile of a level, which grows in place),
+  every full tile and the partial tiles of levels 1 and up (the growing level-0 tile is the
+  ``leaf_hash`` column of ``ledger_entries``).
 
 The tiles of an existing ledger are built from its leaf hashes, streamed in order; the upgrade
 refuses to finish (and changes nothing) unless the rebuilt root at the size of the latest
@@ -17,7 +18,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from crypto.tiles import TileEdge
+from crypto.tiles import FULL_TILE, TileEdge
 
 #: leaf hashes read per query while building tiles
 CHUNK = 65_536
@@ -70,7 +71,11 @@ def build_tiles(conn: sa.Connection) -> None:
                     f"{check_at}): the ledger was altered; restore it from a backup"
                 )
         tiles.update(edge.extend(hashes))
-        upper = [{"level": lv, "idx": ix, "hashes": t} for (lv, ix), t in tiles.items() if lv]
+        upper = [
+            {"level": lv, "idx": ix, "hashes": t}
+            for (lv, ix), t in tiles.items()
+            if lv or len(t) == FULL_TILE
+        ]
         if upper:
             conn.execute(
                 sa.text(
