@@ -125,7 +125,12 @@ class _Fault(Exception):
 
 
 def check_bundle_quorum(
-    lines: Iterable[bytes], log: NoteVerifier, policy: Policy, trusted: str | None = None
+    lines: Iterable[bytes],
+    log: NoteVerifier,
+    policy: Policy,
+    trusted: str | None = None,
+    *,
+    jobs: int | None = None,
 ) -> QuorumAuditReport:
     """Verify a bundle as :func:`exchange.audit.check_bundle` does, then require the policy's
     quorum on its final checkpoint and on ``trusted`` (a checkpoint note saved earlier).
@@ -136,11 +141,11 @@ def check_bundle_quorum(
     require_policy_log(policy, log)
     if isinstance(lines, Iterator):  # read once: remember the last line on the way
         tap = _LastLine(lines)
-        report = check_bundle(tap, log, trusted)
+        report = check_bundle(tap, log, trusted, jobs=jobs)
         last = tap.line if report.ok else None
     else:  # passed on as given, so that check_bundle reads a bundle file its own way
         before = _last_line(lines)
-        report = check_bundle(lines, log, trusted)
+        report = check_bundle(lines, log, trusted, jobs=jobs)
         # read before and after: a file that changed meanwhile is not taken for the one checked
         last = _last_line(lines) if report.ok else None
         if last != before:

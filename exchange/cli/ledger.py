@@ -153,9 +153,7 @@ def ledger_export(
         assert data_dir is not None
         ex = _offline_exchange(data_dir)
         try:
-            final = export_checkpoint(
-                ex.ledger, ex.cosigner, ex.settings.witness_timeout_seconds
-            )
+            final = export_checkpoint(ex.ledger, ex.cosigner, ex.settings.witness_timeout_seconds)
             size = write_export(ex.ledger, out_path, final).size
         finally:
             ex.close()
@@ -259,7 +257,9 @@ def audit_verify(
         except PolicyError as exc:
             where = policy if exc.line is None else f"{policy}:{exc.line}"
             raise ValueError(f"{where}: {exc.reason}") from None
-        report = check_bundle_quorum(read_bundle_lines(bundle), verifier, witnesses, trusted_note)
+        report = check_bundle_quorum(
+            read_bundle_lines(bundle), verifier, witnesses, trusted_note, jobs=jobs
+        )
         if report.final is not None:
             quorum = f"; {report.final.explain()}"
     if not report.ok:
