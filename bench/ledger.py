@@ -20,6 +20,8 @@ ledger's own batch append, whatever storage the ledger uses, signing a checkpoin
 - seconds to verify the export offline in one process and on every core (``zonex audit
   verify --jobs 1`` vs the default), and the ratio; each in a fresh process, whose peak RSS
   (and its workers') is printed alongside;
+- a fresh worker's start (ready and a first proof served) and the p50/p99 of random
+  inclusion proofs it serves from tiles with a cold cache;
 - microseconds per inclusion-proof check and proof bytes at that size.
 """
 
@@ -296,8 +298,57 @@ def proof_checks(bundle: Path, size: int) -> tuple[float, int]:
     return statistics.median(timings) * 1e6, longest
 
 
+#: run in a fresh process: a worker's start and the proofs it serves, nothing cached
+_SERVE_PROOFS = """
+import json, random, sys, time
+from pathlib import Path
+from exchange.server.runtime import Exchange
+from exchange.settings import Settings
+start = time.perf_counter()
+ex = Exchange(Settings.from_data_dir(Path(sys.argv[1]))).start()
+size = ex.ledger.size()
+ex.ledger.inclusion_proof(size // 2, size)
+ready = time.perf_counter() - start
+rng = random.Random(int(sys.argv[3]))
+times = []
+for _ in range(int(sys.argv[2])):
+    seq = rng.randrange(size)
+    t0 = time.perf_counter()
+    ex.ledger.inclusion_proof(seq, size)
+    times.append(time.perf_counter() - t0)
+reads = ex.ledger.tiles.reads
+ex.close()
+print(json.dumps({"ready": ready, "times": times, "reads": reads, "size": size}))
+"""
+
+
+def serve_proofs(data_dir: Path, proofs: int = 2000, rounds: int = 3) -> None:
+    """A worker's start (open, start the ledger, serve a first proof) and random inclusion
+    proofs from a cold cache, each round in a fresh process; print the medians of the rounds."""
+    results = []
+    for seed in range(rounds):
+        done = subprocess.run(
+            [sys.executable, "-P", "-c", _SERVE_PROOFS, str(data_dir), str(proofs), str(seed)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    ready = statistics.median(r["ready"] for r in results)
+    p50 = statistics.median(statistics.quantiles(r["times"], n=100)[49] for r in results)
+    p99 = statistics.median(statistics.quantiles(r["times"], n=100)[98] for r in results)
+    reads = statistics.median(r["reads"] / proofs for r in results)
+    print(
+        f"a fresh worker at {results[0]['size']:,} entries: ready and first proof in "
+        f"{ready * 1e3:.0f} ms (goal <= 1 s whatever the size); {proofs} random inclusion "
+        f"proofs from a cold cache: p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms (goal "
+        f"<= 5 ms), {reads:.2f} tile reads per proof (median of {rounds} processes)"
+    )
+
+
 def report_ledger(data_dir: Path, bundle: Path, rounds: int) -> None:
     """Export the data directory's ledger to ``bundle`` and print the size-dependent figures."""
+    serve_proofs(data_dir)
     ex = Exchange(Settings.from_data_dir(data_dir))
     try:
         start = time.perf_counter()
