@@ -54,6 +54,9 @@ class Settings(BaseModel):
     chain_backoff_max_seconds: float = Field(default=300.0, gt=0)
     #: the largest published catalog (a signed envelope) taken from a child
     chain_max_published_bytes: int = Field(default=4 << 20, gt=0)
+    #: serve ``GET /v1/chain/published`` (unsigned: zone, dataset and column metadata to
+    #: anyone who can reach it); off unless this exchange has a parent that lists it
+    chain_publish_catalog: bool = False
 
     # policy: how often a process checks the database's policy version, and how stale its
     # cache may grow (database unreachable) before every decision fails closed

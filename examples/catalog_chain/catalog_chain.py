@@ -64,6 +64,7 @@ CONFIG = {
     "witness_interval_seconds": 0.5,
     "witness_timeout_seconds": 3.0,
     "witness_backoff_max_seconds": 1.0,
+    "chain_publish_catalog": True,
 }
 #: what each district publishes: zone, dataset, levels per column of companies.csv
 PUBLISHES = {

@@ -1,7 +1,7 @@
 """The catalog chain between two real exchanges on loopback: a district publishes its catalog
-(metadata only, signed by its log key) to anyone, the city polls the district's checkpoint and
-tiles over HTTP, records them with the published catalog, and lists both to its principals; the
-``zonex chain`` commands configure and show it."""
+(metadata only, signed by its log key, once its operator opts in), the city polls the
+district's checkpoint and tiles over HTTP, records them with the published catalog, and lists
+both to its principals; the ``zonex chain`` commands configure and show it."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ from tests.conftest import (
     tax_bureau_and_bank,
 )
 from tests.witness._support import cli
+
+
+@pytest.fixture
+def server(data_dir: Path) -> Iterator[LiveServer]:
+    """A district whose operator opted in to publishing its catalog to its parent."""
+    settings = settings_for(data_dir, checkpoint_interval_seconds=0.2, chain_publish_catalog=True)
+    ex = Exchange(settings)
+    ex.start()
+    try:
+        with serving(ex, data_dir) as live:
+            yield live
+    finally:
+        ex.close()
 
 
 @pytest.fixture
@@ -146,6 +159,13 @@ def test_the_city_records_a_district_over_http_and_lists_it(
         op.register_principal("Some Firm", "enterprise", firm.public_key)
     with city.client(firm) as c:
         assert [x["name"] for x in c.request("GET", "/v1/chain/children")] == ["district-1"]
+
+
+def test_an_exchange_publishes_nothing_unless_its_operator_opts_in(city: LiveServer) -> None:
+    refused = httpx.get(f"{city.url}/v1/chain/published")
+    assert refused.status_code == 404
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert "chain_publish_catalog" in refused.json()["detail"]
 
 
 def test_an_unreachable_district_delays_nothing(city: LiveServer) -> None:

@@ -161,12 +161,17 @@ def _published(ex: Exchange) -> bytes:
         "levels, row-count bands; no row, salt or snapshot digest) in a DSSE envelope of "
         "payload type `application/vnd.zonex.published-catalog+json` signed by the log key "
         "(`GET /v1/log/key`, `log.pub`), with the ledger size it was made at. Unsigned "
-        "request: a parent exchange fetches it to list what its children publish."
+        "request: a parent exchange fetches it to list what its children publish. Served "
+        "only when the operator set `chain_publish_catalog` (404 otherwise)."
     ),
     openapi_extra={"security": []},
 )
 async def published(request: Request) -> Response:
     ex: Exchange = request.app.state.exchange
+    if not ex.settings.chain_publish_catalog:
+        raise NotFoundError(
+            "this exchange publishes no catalog (its operator has not set chain_publish_catalog)"
+        )
     body = await run_in_threadpool(_published, ex)
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
 
