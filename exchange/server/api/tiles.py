@@ -56,6 +56,7 @@ def _parse(level: str, rest: str) -> tuple[int | None, int, int]:
         "`text/plain`. Verify it with the log's verifier key (`GET /v1/log/key`, `log.pub`)."
     ),
     responses={200: {"content": {"text/plain": {}}, "description": "the checkpoint note"}},
+    openapi_extra={"security": []},
 )
 async def checkpoint(request: Request) -> Response:
     ex: Exchange = request.app.state.exchange
@@ -107,6 +108,7 @@ def entries(rest: str, actor: Actor, ex: Ex) -> Response:
         "RFC 9162 tree, starting at hash `256N`. Unsigned request; immutable."
     ),
     responses={200: {"content": {TILE_MEDIA_TYPE: {}}, "description": "the tile"}},
+    openapi_extra={"security": []},
 )
 async def tile(level: str, rest: str, request: Request) -> Response:
     ex: Exchange = request.app.state.exchange
