@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -403,3 +403,29 @@ def test_a_tampered_upper_tile_is_refused_at_the_next_checkpoint(data_dir: Path)
         ex.ledger.append(EntryDraft(kind="test.after"))
         with pytest.raises(LedgerError):
             ex.ledger.checkpoint()
+
+
+def test_a_receipt_for_an_entry_just_committed_reads_nothing_from_the_database(
+    exchange: Exchange,
+) -> None:
+    """The checkpoint and inclusion proof of a receipt come from the writer's own state."""
+    ledger = exchange.ledger
+    warm = ledger.append(EntryDraft(kind="test.warm"))
+    ledger.checkpoint(persist=False, covering=warm.seq)  # this process has signed before
+    appended = ledger.append(EntryDraft(kind="test.released"))
+    caller = threading.get_ident()
+    statements: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if threading.get_ident() == caller:
+            statements.append(statement)
+
+    event.listen(exchange.engine, "before_cursor_execute", record)
+    try:
+        signed = ledger.checkpoint(persist=False, covering=appended.seq)
+        proof = ledger.inclusion_proof(appended.seq, signed.size)
+    finally:
+        event.remove(exchange.engine, "before_cursor_execute", record)
+    assert statements == []
+    note = verify_checkpoint(signed.note, exchange.log_signer.verifier())  # type: ignore[union-attr]
+    verify_inclusion(appended.seq, note.size, appended.leaf_hash, proof, note.root)
