@@ -442,3 +442,27 @@ def save_result(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def offline_exchange(data_dir: Path) -> Any:
+    """The exchange of a data directory, opened in this process (not started: no server)."""
+    from exchange.server.runtime import Exchange
+    from exchange.settings import Settings
+
+    return Exchange(Settings.from_data_dir(data_dir))
+
+
+def verifier_key_text(value: str, option: str) -> str:
+    """A verifier key (``NAME+KEYID+BASE64``) given as itself or as the file holding it; a
+    readable ``ValueError`` naming ``option`` otherwise."""
+    path = Path(value)
+    if "+" not in value or path.is_file():
+        try:
+            return path.read_text("utf-8").strip()
+        except FileNotFoundError:
+            raise ValueError(
+                f"{option} {value}: no such file, and not a verifier key (NAME+KEYID+BASE64)"
+            ) from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{option} {value}: not a text file holding a verifier key") from None
+    return value.strip()

@@ -7,41 +7,27 @@ polling a child added here within ``chain_interval_seconds``.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from exchange.cli._common import DataDir, Json, app, one_line_errors, out, print_json
+from exchange.cli._common import (
+    DataDir,
+    Json,
+    app,
+    offline_exchange,
+    one_line_errors,
+    out,
+    print_json,
+    verifier_key_text,
+)
 
 chain_app = typer.Typer(
     help="the catalog chain: child exchanges whose checkpoints this exchange records",
     no_args_is_help=True,
 )
 app.add_typer(chain_app, name="chain")
-
-
-def _open_exchange(data_dir: Path) -> Any:
-    from exchange.server.runtime import Exchange
-    from exchange.settings import Settings
-
-    return Exchange(Settings.from_data_dir(data_dir))
-
-
-def _key_text(value: str) -> str:
-    """A verifier key given as itself or as the file holding it."""
-    path = Path(value)
-    if "+" not in value or path.is_file():
-        try:
-            return path.read_text("utf-8").strip()
-        except FileNotFoundError:
-            raise ValueError(
-                f"--log-key {value}: no such file, and not a verifier key (NAME+KEYID+BASE64)"
-            ) from None
-        except UnicodeDecodeError:
-            raise ValueError(f"--log-key {value}: not a text file holding a verifier key") from None
-    return value.strip()
 
 
 @chain_app.command("add-child")
@@ -65,8 +51,8 @@ def chain_add_child(
     """
     from exchange.server.children import add_child
 
-    text = _key_text(log_key)
-    ex = _open_exchange(data_dir)
+    text = verifier_key_text(log_key, "--log-key")
+    ex = offline_exchange(data_dir)
     try:
         # this process only records the child; the server polls it (and submits to witnesses)
         ex.chain.close()
@@ -97,7 +83,7 @@ def chain_list(data_dir: DataDir, as_json: Json = False) -> None:
     from crypto.encoding import b64_encode
     from exchange.server.children import list_children
 
-    ex = _open_exchange(data_dir)
+    ex = offline_exchange(data_dir)
     try:
         children = list_children(ex.engine)
     finally:

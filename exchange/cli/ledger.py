@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -22,6 +22,7 @@ from exchange.cli._common import (
     client,
     fail,
     is_stdout,
+    offline_exchange,
     one_line_errors,
     out,
     print_json,
@@ -50,13 +51,6 @@ OptUrl = Annotated[
 AuditorKey = Annotated[
     Path, typer.Option("--key", envvar="ZONEX_KEY", help="your private key file (with --url)")
 ]
-
-
-def _offline_exchange(data_dir: Path) -> Any:
-    from exchange.server.runtime import Exchange
-    from exchange.settings import Settings
-
-    return Exchange(Settings.from_data_dir(data_dir))
 
 
 def _source(data_dir: Path | None, url: str | None) -> str:
@@ -108,7 +102,7 @@ def ledger_checkpoint(
     """
     if _source(data_dir, url) == "offline":
         assert data_dir is not None
-        ex = _offline_exchange(data_dir)
+        ex = offline_exchange(data_dir)
         try:
             cp = ex.ledger.checkpoint()
         finally:
@@ -151,7 +145,7 @@ def ledger_export(
         raise ValueError("--out takes a file: a bundle is written whole or not at all")
     if _source(data_dir, url) == "offline":
         assert data_dir is not None
-        ex = _offline_exchange(data_dir)
+        ex = offline_exchange(data_dir)
         try:
             final = export_checkpoint(ex.ledger, ex.cosigner, ex.settings.witness_timeout_seconds)
             size = write_export(ex.ledger, out_path, final).size

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from exchange.cli._common import DataDir, Json, app, fail, one_line_errors, out, print_json
+from exchange.cli._common import (
+    DataDir,
+    Json,
+    app,
+    fail,
+    offline_exchange,
+    one_line_errors,
+    out,
+    print_json,
+    verifier_key_text,
+)
 from exchange.cli.ledger import ledger_app
 
 witness_app = typer.Typer(
@@ -27,21 +37,6 @@ ledger_witness_app = typer.Typer(
 ledger_app.add_typer(ledger_witness_app, name="witness")
 
 WitnessDir = Annotated[Path, typer.Option("--data-dir", "-d", help="the witness's directory")]
-
-
-def _key_text(value: str, option: str) -> str:
-    """A verifier key given as itself or as the file holding it."""
-    path = Path(value)
-    if "+" not in value or path.is_file():
-        try:
-            return path.read_text("utf-8").strip()
-        except FileNotFoundError:
-            raise ValueError(
-                f"{option} {value}: no such file, and not a verifier key (NAME+KEYID+BASE64)"
-            ) from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{option} {value}: not a text file holding a verifier key") from None
-    return value.strip()
 
 
 @witness_app.command("init")
@@ -94,7 +89,7 @@ def witness_trust(
     WitnessSettings.from_data_dir(data_dir)  # an initialized directory
     verifiers = []
     for given in log_keys:
-        text = _key_text(given, "--log-key")
+        text = verifier_key_text(given, "--log-key")
         try:
             verifier = NoteVerifier.from_verifier_key(text)
         except ValueError as exc:
@@ -182,13 +177,6 @@ def witness_serve(
 # -- the exchange's witnesses ----------------------------------------------------------------
 
 
-def _open_exchange(data_dir: Path) -> Any:
-    from exchange.server.runtime import Exchange
-    from exchange.settings import Settings
-
-    return Exchange(Settings.from_data_dir(data_dir))
-
-
 @ledger_witness_app.command("add")
 @one_line_errors
 def ledger_witness_add(
@@ -213,8 +201,8 @@ def ledger_witness_add(
     """
     from exchange.server.cosigning import add_witness
 
-    text = _key_text(key, "--key")
-    ex = _open_exchange(data_dir)
+    text = verifier_key_text(key, "--key")
+    ex = offline_exchange(data_dir)
     try:
         if ex.cosigner is not None:
             ex.cosigner.close()  # this process only records the witness; the server submits
@@ -244,7 +232,7 @@ def ledger_witness_cosign(
     Example:
       zonex ledger witness cosign --data-dir D && zonex ledger export --data-dir D --out b.jsonl
     """
-    ex = _open_exchange(data_dir)
+    ex = offline_exchange(data_dir)
     try:
         if ex.cosigner is None:
             raise ValueError(f"{data_dir} has no log key (log.key or log.pub)")
@@ -279,7 +267,7 @@ def ledger_witness_list(data_dir: DataDir, as_json: Json = False) -> None:
     """
     from exchange.server.cosigning import list_witnesses
 
-    ex = _open_exchange(data_dir)
+    ex = offline_exchange(data_dir)
     try:
         witnesses = list_witnesses(ex.engine)
     finally:
