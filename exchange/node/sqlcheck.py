@@ -1626,32 +1626,39 @@ def postprocess(
             noise.append(
                 NoiseInfo(c.label, mechanism, sensitivity, scale_for(share, sensitivity), share)
             )
-    released: list[list[Any]] = []
-    suppressed = 0
+    given: list[list[Any]] = []
     for raw in rows:
         row = list(raw)
         if len(row) != width:
             raise ValueError(f"expected {width} columns, got {len(row)}")
-        distinct = 0 if row[-1] is None else int(row[-1])
-        if not (gate.opens(distinct) if gate is not None else distinct >= checked.k):
-            suppressed += 1
-            continue
-        if dp is not None:
-            for i in noisy:
-                c = checked.columns[i]
-                if c.kind == "sum":
-                    assert c.lower is not None and c.upper is not None
-                    row[i] = dp.sum(
-                        _exact(row[i]) or 0,
-                        c.lower,
-                        c.upper,
-                        share,
-                        contributions=checked.contributions,
-                    )
-                else:
-                    row[i] = dp.count(int(row[i]), share, sensitivity=checked.contributions)
-        released.append(_derive(checked, row, noised=dp is not None))
-    released = _sort(checked, released)
+        given.append(row)
+    distinct = [0 if row[-1] is None else int(row[-1]) for row in given]
+    # the gate's noisy counts of every group in one draw, then each noisy column's values of
+    # every opened group in one draw: each value its own noise at the scale a draw per value
+    # would use (exchange.node.dp, "vector twins")
+    opens = gate.opens_each(distinct) if gate is not None else [d >= checked.k for d in distinct]
+    kept = [row for row, open_ in zip(given, opens, strict=True) if open_]
+    suppressed = len(given) - len(kept)
+    if dp is not None and kept:
+        for i in noisy:
+            c = checked.columns[i]
+            drawn: list[int] | list[Decimal]
+            if c.kind == "sum":
+                assert c.lower is not None and c.upper is not None
+                drawn = dp.sums(
+                    [_exact(row[i]) or 0 for row in kept],
+                    c.lower,
+                    c.upper,
+                    share,
+                    contributions=checked.contributions,
+                )
+            else:
+                drawn = dp.counts(
+                    [int(row[i]) for row in kept], share, sensitivity=checked.contributions
+                )
+            for row, value in zip(kept, drawn, strict=True):
+                row[i] = value
+    released = _sort(checked, [_derive(checked, row, noised=dp is not None) for row in kept])
     start = checked.offset
     stop = None if checked.limit is None else start + checked.limit
     return AggregateResult(
