@@ -582,10 +582,20 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     # -- computations ------------------------------------------------------------------------
 
     @v1.post("/zones/{zone}/aggregate", response_model=ComputationOut)
-    def run_aggregate(zone: str, actor: Actor, ex: Ex, body: AggregateIn) -> ComputationOut:
+    def run_aggregate(
+        zone: str, actor: Actor, request: Request, ex: Ex, body: AggregateIn
+    ) -> ComputationOut:
         with observe_computation("aggregate"):
+            # the zone's datasets and rules as of the version this request was authenticated
+            # at, from the registry cache when nothing changed since
             out = aggregate.run_aggregate(
-                ex, actor, zone, body.sql, body.purpose, epsilon=body.epsilon
+                ex,
+                actor,
+                zone,
+                body.sql,
+                body.purpose,
+                epsilon=body.epsilon,
+                registry_version=registry_version(request),
             )
         return ComputationOut.model_validate(out)
 

@@ -6,7 +6,12 @@ The path of one query (:func:`run_aggregate`):
    subject column, the analysis rules in force), checks and rewrites the consumer's SQL
    (:func:`exchange.node.sqlcheck.check_query`), then authorizes each dataset the query reads
    (``aggregate`` by default; other computations that reuse the pipeline pass their own
-   operation). Nothing is read before every dataset is allowed.
+   operation). Nothing is read before every dataset is allowed. The view is registry state
+   (zones, datasets and analysis rules all move the registry version): it is read once per
+   registry version and zone into the process's registry cache
+   (:class:`exchange.server.registry.RegistryCache`) and served from there to every request
+   authenticated at that version or before, so a release at an unchanged version reads nothing
+   of the registry.
 2. With differential privacy (the default at L3 and above unless every dataset read opted out
    with ``exact_release``; always at L4 and above or where the rules require it; on request with
    ``epsilon``), the remaining budget of every dataset is checked *before* the query runs, so an
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import Connection, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -57,6 +62,7 @@ from exchange.server.compute.source import open_source
 from exchange.server.dispatch import NodeResult
 from exchange.server.models import DatasetRow, ZoneRow
 from exchange.server.receipts import record_computation
+from exchange.server.registry import registry_version as read_registry_version
 from exchange.server.runtime import Exchange
 from exchange.server.services import to_dataset
 from policy import Operation
@@ -160,11 +166,26 @@ def snapshot_stats(ex: Exchange, row: DatasetRow) -> TableStats | None:
     return stats
 
 
-def _tables(
-    ex: Exchange, session: Session, zone: str
-) -> tuple[
-    ZoneRow, dict[str, TableRules], dict[str, DatasetRow], dict[str, tuple[AnalysisRules, int]]
-]:
+@dataclass(frozen=True)
+class _ZoneView:
+    """What :func:`prepare` reads of one zone's registry, as of one registry version: the zone,
+    its active datasets' rows, the checker's view of each (:class:`TableRules`) and the rules in
+    force. Shared by every request served from the cache: the rows are detached ORM objects,
+    read and never written."""
+
+    zone: ZoneRow
+    tables: dict[str, TableRules]
+    rows: dict[str, DatasetRow]
+    rules: dict[str, tuple[AnalysisRules, int]]
+    #: the datasets' part of the plan cache's key (:func:`_checked`), computed once
+    plan_key: tuple[Any, ...]
+
+
+#: the registry-cache snapshot of a zone's view is named this prefix and the zone's name
+ZONE_VIEW_SNAPSHOT = "aggregate.zone:"
+
+
+def _tables(ex: Exchange, session: Session, zone: str) -> _ZoneView:
     zone_row = access._zone(session, zone)
     rows = (
         session.execute(
@@ -191,7 +212,28 @@ def _tables(
         )
         by_name[row.name] = row
         rules[row.name] = (ruleset, version)
-    return zone_row, tables, by_name, rules
+    return _ZoneView(zone_row, tables, by_name, rules, _plan_key(tables, by_name))
+
+
+def _zone_view(ex: Exchange, zone: str, registry_version: int | None) -> _ZoneView:
+    """The zone's view as of ``registry_version`` or later, from the registry cache.
+
+    ``registry_version`` is the version the request was authenticated at (its nonce's batch
+    read it: :class:`exchange.server.registry.NonceLog`); a caller without one (a bench, a
+    library call) reads the current version first, so it sees every change committed before
+    the call, as a direct read would."""
+    if registry_version is None:
+        with ex.engine.connect() as conn:
+            registry_version = read_registry_version(conn)
+
+    def load(conn: Connection, _version: int) -> _ZoneView:
+        # in the snapshot's read transaction, after it read the version: the rows are at
+        # least as new as the version the view is cached at
+        with Session(bind=conn) as session:
+            return _tables(ex, session, zone)
+
+    view: _ZoneView = ex.registry.snapshot(ZONE_VIEW_SNAPSHOT + zone, registry_version, load)
+    return view
 
 
 #: checked queries by (query text, DP, the zone's datasets' snapshots and rules versions)
@@ -200,40 +242,47 @@ _plans_lock = threading.Lock()
 PLAN_CACHE_SIZE = 512
 
 
+def _plan_key(tables: dict[str, TableRules], rows: dict[str, DatasetRow]) -> tuple[Any, ...]:
+    """What a check depends on of the zone's datasets (see :func:`_checked`)."""
+    return tuple(
+        sorted(
+            (
+                t.zone,
+                name,
+                t.columns,
+                t.subject_column,
+                canonicalize(t.rules.to_json()),
+                t.relation,
+                t.relation_schema,
+                rows[name].digest,  # the statistics are a function of the snapshot
+                rows[name].attach_url or "",
+            )
+            for name, t in tables.items()
+        )
+    )
+
+
 def _checked(
     sql: str,
     tables: dict[str, TableRules],
     rows: dict[str, DatasetRow],
     with_dp: bool,
     named_groups: bool = False,
+    plan_key: tuple[Any, ...] | None = None,
 ) -> CheckedQuery:
     """:func:`check_query` for the datasets' store, remembered per snapshot and rules version.
 
     A check depends only on the query text, the DP flag and what the checker is given for each
     dataset of the zone: its zone, columns and levels, subject column, rules, relation and
-    snapshot (which fixes its statistics) and store. The key is exactly those, so new rules, a
-    new dataset, or the same file registered with other levels in another zone miss the cache.
-    A refused query is not remembered (it raises every time)."""
+    snapshot (which fixes its statistics) and store. The key is exactly those
+    (:func:`_plan_key`, or ``plan_key`` computed by it for these tables), so new rules, a new
+    dataset, or the same file registered with other levels in another zone miss the cache. A
+    refused query is not remembered (it raises every time)."""
     key = (
         sql,
         with_dp,
         named_groups,
-        tuple(
-            sorted(
-                (
-                    t.zone,
-                    name,
-                    t.columns,
-                    t.subject_column,
-                    canonicalize(t.rules.to_json()),
-                    t.relation,
-                    t.relation_schema,
-                    rows[name].digest,  # the statistics are a function of the snapshot
-                    rows[name].attach_url or "",
-                )
-                for name, t in tables.items()
-            )
-        ),
+        _plan_key(tables, rows) if plan_key is None else plan_key,
     )
     with _plans_lock:
         hit = _plans.get(key)
@@ -277,34 +326,36 @@ def prepare(
     with_dp: bool = False,
     named_groups: bool = False,
     step: str | None = None,
+    registry_version: int | None = None,
 ) -> Prepared:
     """Check ``sql`` against the zone's analysis rules, then authorize every dataset it reads.
 
     ``named_groups``: the caller releases only groups named in advance (a secure sum's cells),
     so a DP gate over them needs no δ (:func:`exchange.node.sqlcheck.check_query`).
+    ``registry_version``: the version the request was authenticated at; the zone's datasets
+    and rules are read as of it or later (:func:`_zone_view`).
 
     Raises :class:`exchange.node.sqlcheck.QueryRejected` (422, with a ``reason`` code) for a query
     the rules refuse and :class:`exchange.errors.DeniedError` for a dataset the policy refuses.
     """
     if not isinstance(sql, str):
         raise InvalidInputError("sql must be a string")
-    with Session(ex.engine) as session:
-        zone_row, tables, rows, rules = _tables(ex, session, zone)
-    if not tables:
+    view = _zone_view(ex, zone, registry_version)
+    if not view.tables:
         raise InvalidInputError(f"zone {zone!r} has no active datasets")
-    checked = _checked(sql, tables, rows, with_dp, named_groups)
+    checked = _checked(sql, view.tables, view.rows, with_dp, named_groups, view.plan_key)
     auths = {
         name: access.authorize(
-            ex, actor, zone, name, operation, purpose, step=step, rows=(zone_row, rows[name])
+            ex, actor, zone, name, operation, purpose, step=step, rows=(view.zone, view.rows[name])
         )
         for name in checked.datasets
     }
     return Prepared(
         zone=zone,
         checked=checked,
-        rows={name: rows[name] for name in checked.datasets},
+        rows={name: view.rows[name] for name in checked.datasets},
         auths=auths,
-        rules={name: rules[name] for name in checked.datasets},
+        rules={name: view.rules[name] for name in checked.datasets},
         purpose=next(iter(auths.values())).request.purpose,
     )
 
@@ -390,15 +441,25 @@ def run_aggregate(
     purpose: str,
     *,
     epsilon: object = None,
+    registry_version: int | None = None,
 ) -> dict[str, Any]:
     """Check, authorize, run, release and receipt one aggregate query.
 
     ``epsilon`` (a decimal string) asks for differential privacy where the rules do not require
     it, or sets the ε of a query that must be private (default :data:`DEFAULT_QUERY_EPSILON`,
-    never below ``settings.min_release_epsilon``).
+    never below ``settings.min_release_epsilon``). ``registry_version``: the version the
+    request was authenticated at (:func:`prepare`).
     """
     eps = release_epsilon(ex, epsilon)
-    prepared = prepare(ex, actor, zone, sql, purpose, with_dp=eps is not None)
+    prepared = prepare(
+        ex,
+        actor,
+        zone,
+        sql,
+        purpose,
+        with_dp=eps is not None,
+        registry_version=registry_version,
+    )
     checked = prepared.checked
     charge = Decimal(0)
     # the δ a gate over groups found in the data spends, whether any group opens or not
