@@ -321,8 +321,11 @@ def city_records(story: Story) -> None:
             child = children[district]
             if child["checkpoint"] is None or child["checkpoint"]["size"] < size:
                 return None
-            if child["published"] is None:
-                return None
+            published = child["published"]
+            if published is None or not any(
+                z["name"] == PUBLISHES[district][0] for z in published["catalog"]["zones"]
+            ):
+                return None  # not yet the catalog published since the zone was opened
         return children
 
     children = wait_for("the city to record both districts", recorded)

@@ -245,7 +245,13 @@ class ChainPoller:
             note = _recordable(note, verifier)
             recorded = child.checkpoint
             if recorded is not None and cp.size == recorded.size and cp.root == recorded.root:
-                if child.published is None:
+                # a catalog not taken with the recorded checkpoint (none yet, or its fetch
+                # failed then) is asked for again every round until it is
+                stale = child.published is None or (
+                    recorded.recorded_at is not None
+                    and (child.published_at is None or child.published_at < recorded.recorded_at)
+                )
+                if stale:
                     self._record(child, cp.size, cp.root, note, only_published=True)
                 self._succeeded(child)
                 return "unchanged"
