@@ -188,6 +188,9 @@ def test_tiles_beyond_the_log_and_malformed_paths_are_refused(small_server: Live
     assert httpx.get(base + _path(0, last_full + 1, 256)).status_code == 404  # still partial
     assert httpx.get(base + _path(0, last_full + 1, 255)).status_code == 404  # wider than it is
     assert httpx.get(base + _path(0, 10**9, 1)).status_code == 404
+    huge = httpx.get(base + _path(0, 10**24, 1))  # beyond a BIGINT: a 404, not a 500
+    assert huge.status_code == 404
+    assert huge.headers["content-type"] == "application/problem+json"
     for bad in ("tile/0/1", "tile/0/x000/001", "tile/0/000.p/256", "tile/99/000", "tile/a/000"):
         response = httpx.get(base + bad)
         assert response.status_code in (404, 422), bad

@@ -115,6 +115,8 @@ async def tile(level: str, rest: str, request: Request) -> Response:
     tile_level, index, width = _parse(level, rest)
     if tile_level is None:  # "entries" is routed above
         raise NotFoundError("no such tile")
+    if index >= (1 << 63) >> (8 * (tile_level + 1)):  # beyond any ledger (seq is a BIGINT)
+        raise NotFoundError("the log has no such tile")
     data = await run_in_threadpool(ex.ledger.tiles.read_tile, tile_level, index, width)
     if data is None:
         raise NotFoundError("the log has no such tile yet")
