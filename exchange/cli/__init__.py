@@ -14,7 +14,8 @@ from exchange.cli._common import app
 from exchange.cli import admin, keys, principals, zones, datasets  # noqa: F401
 from exchange.cli import access, compute, ledger, he, psi  # noqa: F401
 from exchange.cli import node, profile, witness  # noqa: F401
-from exchange.cli import chain  # noqa: F401
+from exchange.cli import chain, xborder  # noqa: F401
+from exchange.cli import report, console, monitor  # noqa: F401
 # isort: on
 
 __all__ = ["app", "main"]

@@ -1,0 +1,1 @@
+"""``zonex console``: the auditor's and operator's local web console."""

@@ -1,0 +1,1 @@
+"""``zonex monitor`` and ``zonex incident``: following the log, detecting abuse, responding."""

@@ -1,0 +1,1 @@
+"""``zonex report``: monthly and quarterly reports (月报季评) computed from a verified bundle."""

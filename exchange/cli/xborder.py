@@ -1,0 +1,1 @@
+"""``zonex xborder``: cross-border data flows (数据跨境流动)."""
