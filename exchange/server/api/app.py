@@ -36,11 +36,14 @@ from exchange.server import access, services
 from exchange.server.api import chain as chain_routes
 from exchange.server.api import datasets as dataset_routes
 from exchange.server.api import he as he_routes
+from exchange.server.api import incidents as incident_routes
 from exchange.server.api import log as log_routes
 from exchange.server.api import nodes as node_routes
 from exchange.server.api import openapi as openapi_docs
 from exchange.server.api import psi as psi_routes
+from exchange.server.api import reports as report_routes
 from exchange.server.api import tiles as tile_routes
+from exchange.server.api import xborder as xborder_routes
 from exchange.server.api.deps import Actor, Ex, principal, principal_of_body, registry_version
 from exchange.server.api.refusals import reason_of, record_refusal
 from exchange.server.api.schemas import (
@@ -645,6 +648,9 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     app.include_router(dataset_routes.router)
     app.include_router(node_routes.router)
     app.include_router(chain_routes.router)
+    app.include_router(report_routes.router)
+    app.include_router(incident_routes.router)
+    app.include_router(xborder_routes.router)
     openapi_docs.install(app)
     return app
 
