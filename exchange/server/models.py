@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -59,6 +60,10 @@ class PrincipalRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     registered_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: ISO 3166-1 alpha-2 (docs/cross-border.md); None: the operator's ``jurisdiction`` setting
+    jurisdiction: Mapped[str | None] = mapped_column(String(2), nullable=True)
+    #: a critical information infrastructure operator
+    ciio: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
 
 class ZoneRow(Base):
@@ -72,6 +77,8 @@ class ZoneRow(Base):
     #: operations the zone removes from the default ceilings, per level (never adds)
     ceilings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: the zone's cross-border negative list: ``[[operation, category], ...]`` refused abroad
+    xborder_negative: Mapped[list[list[str]] | None] = mapped_column(JSON, nullable=True)
 
 
 class DatasetRow(Base):
@@ -444,3 +451,55 @@ class ChainChildRow(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class XborderSubjectRow(Base):
+    """A data subject whose personal information a provider sent abroad in a calendar year
+    (China Standard Time), as a digest under the provider's cross-border subject key (never the
+    id): one row per subject, so a subject is counted once (:mod:`exchange.server.xborder`)."""
+
+    __tablename__ = "xborder_subjects"
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    digest: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    #: personal information (not sensitive) of the subject left
+    personal: Mapped[bool] = mapped_column(Boolean)
+    #: sensitive personal information of the subject left
+    sensitive: Mapped[bool] = mapped_column(Boolean)
+    first_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class XborderCountRow(Base):
+    """The counts of :class:`XborderSubjectRow` flags per (provider, year), kept in the same
+    transaction as the rows."""
+
+    __tablename__ = "xborder_counts"
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    year: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    personal: Mapped[int] = mapped_column(BigInteger, default=0)
+    sensitive: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class XborderApprovalRow(Base):
+    """A compliance approval the operator recorded for a provider: a standard contract filing,
+    a certification or a security assessment, with the document's SHA-256 and the operator's
+    signed envelope over the terms."""
+
+    __tablename__ = "xborder_approvals"
+    __table_args__ = (Index("ix_xborder_approvals_provider", "provider", "document"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    provider: Mapped[str] = mapped_column(ForeignKey("principals.key_id"))
+    #: contract | certification | assessment
+    document: Mapped[str] = mapped_column(String(16))
+    document_digest: Mapped[str] = mapped_column(String(64))
+    valid_from: Mapped[datetime] = mapped_column(UTCDateTime())
+    valid_until: Mapped[datetime] = mapped_column(UTCDateTime())
+    envelope: Mapped[str] = mapped_column(Text)
+    recorded_by: Mapped[str] = mapped_column(String(64))
+    recorded_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: active | revoked
+    status: Mapped[str] = mapped_column(String(16), default="active")
