@@ -642,7 +642,7 @@ def approve_request(
         row.grant_id = grant_id
         row.provider_approval = None
         draft.kind = "grant.created"
-        draft.refs.update({"grant": grant_id, "consumer": row.consumer})
+        draft.refs.update({"grant": grant_id, "consumer": row.consumer, "zone": row.zone})
         draft.attrs.update(
             {
                 "datasets": ",".join(datasets),

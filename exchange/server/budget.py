@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from exchange.errors import BudgetExhaustedError
 from exchange.server.models import BudgetRow
 
-__all__ = ["BudgetState", "charge", "remaining", "window_start"]
+__all__ = ["BudgetState", "charge", "charge_attrs", "remaining", "window_start"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,20 @@ class BudgetState:
     @property
     def remaining(self) -> Decimal:
         return max(Decimal(0), self.budget - self.spent)
+
+
+def charge_attrs(state: BudgetState) -> dict[str, str | int]:
+    """Ledger attrs of a charge, for the computation entry that made it: the window's ε spent
+    after the charge (``spent.<zone>/<dataset>``) and the window's start
+    (``window.<zone>/<dataset>``, RFC 3339 UTC), so an auditor can check every window's total
+    against the releases and the budget offline (``docs/wire-formats-ledger.md``)."""
+    key = f"{state.zone}/{state.dataset}"
+    spent = format(state.spent.normalize(), "f")
+    start = state.window_start.astimezone(UTC)
+    return {
+        f"spent.{key}": "0" if spent in ("-0", "0") else spent,
+        f"window.{key}": start.strftime("%Y-%m-%dT%H:%M:%S.") + f"{start.microsecond // 1000:03d}Z",
+    }
 
 
 def window_start(now: datetime, refresh_seconds: int) -> int:

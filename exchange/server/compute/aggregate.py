@@ -483,9 +483,10 @@ def run_aggregate(
     def apply(session: Session, draft: Any) -> None:
         if charge:
             for name, (total, refresh) in terms.items():
-                budget.charge(
+                state = budget.charge(
                     session, actor.key_id, zone, name, charge, total, refresh, delta=delta
                 )
+                draft.attrs.update(budget.charge_attrs(state))
 
     first = prepared.auths[checked.datasets[0]]
     grants = sorted({a.decision.rule or "" for a in prepared.auths.values()})
@@ -496,6 +497,12 @@ def run_aggregate(
         "epsilon": parameters["epsilon"],
         "delta": parameters["delta"],
     }
+    if len(checked.datasets) > 1:
+        # the grant of each dataset read (``rule`` names the first one's)
+        for name in checked.datasets:
+            attrs[f"rule.{zone}.{name}"] = prepared.auths[name].decision.rule or ""
+    if node_result is not None:
+        attrs["node_task"] = str(node_result.payload["task"])
     if "suppressed" in body:
         # exact releases only: under DP the count of shut groups is not released, not even to
         # the ledger's readers

@@ -84,7 +84,7 @@ from exchange.psi_protocol import (
     subject_bounds,
 )
 from exchange.server import access, dispatch
-from exchange.server.budget import charge
+from exchange.server.budget import charge, charge_attrs
 from exchange.server.compute.contexts import load_context
 from exchange.server.compute.rules import current_rules
 from exchange.server.compute.source import open_source
@@ -1207,7 +1207,7 @@ def _receipt(
     if eps > 0:
 
         def apply(session: Session, draft: EntryDraft) -> None:
-            charge(
+            state = charge(
                 session,
                 actor.key_id,
                 snap.zone,
@@ -1216,6 +1216,7 @@ def _receipt(
                 rules.epsilon_budget,
                 rules.refresh_seconds,
             )
+            draft.attrs.update(charge_attrs(state))
 
     node = _node_result(ex, snap)
     node_attrs: dict[str, str | int] = {}
@@ -1237,6 +1238,7 @@ def _receipt(
             "y_count": snap.y_count or 0,
             # provider subject values that were no usable id (counted, never echoed)
             "y_skipped": int(snap.digests.get("y_skipped", 0)),
+            "epsilon": str(eps),
             **node_attrs,
         },
         apply=apply,

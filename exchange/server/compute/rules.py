@@ -95,6 +95,9 @@ def set_rules(
         )
         draft.attrs["version"] = version
         draft.attrs["exact_release"] = "true" if rules.exact_release else "false"
+        # what an auditor checks the privacy-budget charges against (docs/wire-formats-ledger.md)
+        draft.attrs["epsilon_budget"] = format(rules.epsilon_budget.normalize(), "f")
+        draft.attrs["refresh_seconds"] = rules.refresh_seconds
         draft.digests["rules"] = hashlib.sha256(canonicalize(body)).hexdigest()
         # the catalog shows exact_release: the same statement the registry triggers run
         session.execute(

@@ -71,6 +71,8 @@ from policy import Operation
 __all__ = ["commit_model", "get_model", "run_score"]
 #: refused positions listed in a problem (the count is always exact)
 _MAX_LISTED = 10_000
+#: a score's ledger entry names the consents it used when they are at most this many
+MAX_CITED_CONSENTS = 64
 
 
 def _model_out(row: ModelCommitmentRow) -> dict[str, Any]:
@@ -206,6 +208,18 @@ def _node_mismatch(what: str) -> dispatch.NodeRefusedError:
         f"the zone's node answered {what} other than asked; nothing was released",
         reason="node_mismatch",
     )
+
+
+def _consent_attrs(consents: Sequence[str | None]) -> dict[str, str | int]:
+    """The consents a score relied on, for an auditor checking them against the ledger's
+    ``consent.recorded`` / ``consent.withdrawn`` entries: how many distinct ones
+    (``consent_count``) and, up to :data:`MAX_CITED_CONSENTS` of them, their ids, sorted and
+    comma-joined (``consent_ids``); beyond that only the count (an entry stays small)."""
+    used = sorted({c for c in consents if c is not None})
+    attrs: dict[str, str | int] = {"consent_count": len(used)}
+    if len(used) <= MAX_CITED_CONSENTS:
+        attrs["consent_ids"] = ",".join(used)
+    return attrs
 
 
 def _node_attrs(answer: dispatch.NodeResult) -> dict[str, str | int]:
@@ -468,6 +482,7 @@ def run_score(
             **auth.attrs(),
             "entities": len(entity_ids),
             "features": len(features),
+            **_consent_attrs(consents),
             **({} if answer is None else _node_attrs(answer)),
         },
         apply=lambda _session, draft: draft.digests.update(consents=used),

@@ -650,9 +650,16 @@ def run_secure_sum(
     def apply(session: Session, draft: EntryDraft) -> None:
         if epsilon is not None:
             for zone, name, total_budget, refresh in terms:
-                budget.charge(session, actor.key_id, zone, name, epsilon, total_budget, refresh)
+                state = budget.charge(
+                    session, actor.key_id, zone, name, epsilon, total_budget, refresh
+                )
+                draft.attrs.update(budget.charge_attrs(state))
 
-    attrs: dict[str, str | int] = {**auths[0][1].attrs(), "zones": len(plan.zones)}
+    attrs: dict[str, str | int] = {
+        **auths[0][1].attrs(),
+        "zones": len(plan.zones),
+        "epsilon": eps_text,
+    }
     for zone, auth in auths:
         attrs[f"rule.{zone}.{auth.request.dataset}"] = auth.decision.rule or ""
     for c in items:
