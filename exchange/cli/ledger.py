@@ -20,6 +20,7 @@ from exchange.cli._common import (
     Url,
     app,
     client,
+    err,
     fail,
     is_stdout,
     offline_exchange,
@@ -224,12 +225,26 @@ def audit_verify(
             "--jobs", min=1, help="processes for a large bundle (default: every core; 1: this one)"
         ),
     ] = None,
+    rules: Annotated[
+        bool,
+        typer.Option(
+            "--rules",
+            help="also check the compliance rules: grants, releases, privacy budgets, consents, "
+            "suspensions (every violation listed with its line)",
+        ),
+    ] = False,
 ) -> None:
     """Verify an exported ledger bundle offline. Exit 0 only if everything holds.
+
+    With --rules, once the bundle verifies, also check what the entries record: every
+    computation under a grant live at the time and covering it, every release after its
+    opening, ε within budget and equal to the releases, scores on live consents only, and
+    nothing done by or on a suspended principal or zone.
 
     Examples:
       zonex audit verify ledger.jsonl --log-key D/log.pub --trusted cp.txt
       zonex audit verify ledger.jsonl --log-key D/log.pub --policy witnesses.policy
+      zonex audit verify ledger.jsonl --log-key D/log.pub --rules
     """
     from rich.markup import escape
 
@@ -260,10 +275,33 @@ def audit_verify(
         assert report.fault is not None
         f = report.fault
         fail(escape(f"{bundle}:{f.line}: {f.kind}: {f.message}"))
+    checked = ""
+    if rules:
+        from exchange.audit.rules import check_rules
+
+        found = check_rules(read_bundle_lines(bundle))
+        if not found.ok:
+            for fault in found.faults:
+                err.print(
+                    f"{bundle}:{fault.line}: {fault.kind}: {fault.message}",
+                    markup=False,
+                    highlight=False,
+                )
+            total = len(found.faults) + found.omitted
+            kinds = sorted({str(fault.kind) for fault in found.faults})
+            more = f" ({found.omitted} not listed)" if found.omitted else ""
+            fail(
+                escape(
+                    f"{bundle}: {total} compliance faults{more}: {', '.join(kinds)}; the "
+                    f"bundle itself verifies ({report.entries} entries)"
+                )
+            )
+        checked = "; compliance rules hold"
     out.print(
         f"OK: {report.entries} entries, {report.checkpoints} checkpoints verified"
         + (" against the trusted checkpoint" if trusted else "")
-        + quorum,
+        + quorum
+        + checked,
         markup=False,
     )
 
