@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
 
 import httpx
-from sqlalchemy import CursorResult, Engine, or_, select, update
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -65,7 +63,7 @@ from exchange.server.children import (
 from exchange.server.ledger import ANONYMOUS, EntryDraft, Ledger, entry_parts
 from exchange.server.models import ChainChildRow
 from exchange.server.publishing import render_published
-from exchange.server.storage import WRITE
+from exchange.server.rounds import Rounds, backoff
 from exchange.settings import Settings
 
 __all__ = [
@@ -121,11 +119,7 @@ def _recordable(note: str, verifier: NoteVerifier) -> str:
     return note if len(note) <= MAX_RECORDED_NOTE else keep_signatures(note, [verifier])
 
 
-def _backoff(failures: int, ceiling: float) -> float:
-    return min(ceiling, 2.0 ** min(failures - 1, 30))
-
-
-class ChainPoller:
+class ChainPoller(Rounds):
     """Polls the recorded children and records their checkpoints and published catalogs.
 
     :meth:`tick` (registered on the ledger's ticker) starts a round on a thread of its own
@@ -143,52 +137,16 @@ class ChainPoller:
         transport: httpx.BaseTransport | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._engine = engine
-        self._write_engine = engine.execution_options(**WRITE)
+        super().__init__(
+            engine,
+            thread_name="zonex-chain-poll",
+            join_timeout=settings.chain_timeout_seconds + 5,
+            log=log,
+            clock=clock,
+        )
         self._ledger = ledger
         self._settings = settings
         self._transport = transport
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        #: one connection pool for every round; made and used only by the thread running one
-        self._http: httpx.Client | None = None
-
-    # -- scheduling ------------------------------------------------------------------------
-
-    def tick(self) -> None:
-        """Start a round in the background unless one is running or the poller is closed."""
-        with self._lock:
-            if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
-                return
-            self._thread = threading.Thread(
-                target=self._background_round, name="zonex-chain-poll", daemon=True
-            )
-            self._thread.start()
-
-    def start(self) -> None:
-        """Let :meth:`tick` start rounds (again, after :meth:`close`)."""
-        self._stopping.clear()
-
-    def close(self) -> None:
-        """Start no more rounds; wait (about one request's timeout) for the running one."""
-        with self._lock:
-            self._stopping.set()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout=self._settings.chain_timeout_seconds + 5)
-            if thread.is_alive():
-                return  # the round still uses the pool; the process is ending anyway
-        if self._http is not None:
-            self._http.close()
-            self._http = None
-
-    def _background_round(self) -> None:
-        try:
-            self.run_once()
-        except Exception:  # never let a round kill the thread silently
-            log.exception("chain round failed")
 
     # -- one round -------------------------------------------------------------------------
 
@@ -211,22 +169,12 @@ class ChainPoller:
         for child in due:
             if self._stopping.is_set():
                 break
-            if not self._claim(child.name):
+            if not self.claim(
+                ChainChildRow, child.name, 4 * self._settings.chain_timeout_seconds + 5
+            ):
                 continue  # another process of this exchange is at it
             outcome[child.name] = self._poll(child)
         return outcome
-
-    def _claim(self, name: str) -> bool:
-        now = self._clock()
-        until = now + timedelta(seconds=4 * self._settings.chain_timeout_seconds + 5)
-        with Session(self._write_engine) as session, session.begin():
-            result = session.execute(
-                update(ChainChildRow)
-                .where(ChainChildRow.name == name)
-                .where(or_(ChainChildRow.lease_until.is_(None), ChainChildRow.lease_until < now))
-                .values(lease_until=until)
-            )
-            return int(cast(CursorResult[Any], result).rowcount) == 1
 
     def _poll(self, child: ChildInfo) -> str:
         try:
@@ -425,9 +373,7 @@ class ChainPoller:
             return
         failures = child.failures + 1
         now = self._clock()
-        retry = now + timedelta(
-            seconds=_backoff(failures, self._settings.chain_backoff_max_seconds)
-        )
+        retry = now + timedelta(seconds=backoff(failures, self._settings.chain_backoff_max_seconds))
 
         def apply(session: Session, draft: EntryDraft) -> None:
             row = session.get(ChainChildRow, child.name, with_for_update=True)
@@ -481,7 +427,7 @@ class ChainPoller:
 
     def _failed(self, child: ChildInfo, exc: Exception, level: int = logging.WARNING) -> None:
         failures = child.failures + 1
-        delay = _backoff(failures, self._settings.chain_backoff_max_seconds)
+        delay = backoff(failures, self._settings.chain_backoff_max_seconds)
         message = (str(exc) or type(exc).__name__)[:_ERROR_CHARS]
         log.log(
             level,

@@ -17,16 +17,14 @@ processes of one exchange share the work through a lease on each witness's row.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import CursorResult, Engine, or_, select, update
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -41,7 +39,7 @@ from crypto.note import (
 from exchange.errors import ConflictError, InvalidInputError, ZonexError
 from exchange.server.ledger import EntryDraft, Ledger, SignedCheckpoint
 from exchange.server.models import CheckpointRow, WitnessRow
-from exchange.server.storage import WRITE
+from exchange.server.rounds import Rounds, backoff
 from exchange.server.witness.client import (
     ProofSource,
     WitnessConflictError,
@@ -221,7 +219,7 @@ def _names_key(note: str, line: str, witness: NoteVerifier) -> bool:
     return True
 
 
-class Cosigner:
+class Cosigner(Rounds):
     """Offers the ledger's newest checkpoint to the configured witnesses.
 
     :meth:`tick` (registered on the ledger's ticker) starts a round on a thread of its own
@@ -239,54 +237,19 @@ class Cosigner:
         submit: Submit = submit_checkpoint,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self._engine = engine
-        self._write_engine = engine.execution_options(**WRITE)
+        # one connection pool for every round (tlog-witness: clients SHOULD keep connections
+        # alive)
+        super().__init__(
+            engine,
+            thread_name="zonex-witness-submit",
+            join_timeout=settings.witness_timeout_seconds + 5,
+            log=log,
+            clock=clock,
+        )
         self._ledger = ledger
         self._log = log_verifier
         self._settings = settings
         self._submit = submit
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        #: one connection pool for every round (tlog-witness: clients SHOULD keep connections
-        #: alive); made and used only by the thread running a round
-        self._http: httpx.Client | None = None
-
-    # -- scheduling ------------------------------------------------------------------------
-
-    def tick(self) -> None:
-        """Start a round in the background unless one is running or the cosigner is closed."""
-        with self._lock:
-            if self._stopping.is_set() or (self._thread is not None and self._thread.is_alive()):
-                return
-            self._thread = threading.Thread(
-                target=self._background_round, name="zonex-witness-submit", daemon=True
-            )
-            self._thread.start()
-
-    def start(self) -> None:
-        """Let :meth:`tick` start rounds (again, after :meth:`close`)."""
-        self._stopping.clear()
-
-    def close(self) -> None:
-        """Start no more rounds; wait (at most one request's timeout) for the running one."""
-        with self._lock:
-            self._stopping.set()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout=self._settings.witness_timeout_seconds + 5)
-            if thread.is_alive():
-                return  # the round still uses the pool; the process is ending anyway
-        if self._http is not None:
-            self._http.close()
-            self._http = None
-
-    def _background_round(self) -> None:
-        try:
-            self.run_once()
-        except Exception:  # never let a round kill the thread silently
-            log.exception("witness round failed")
 
     # -- one round -------------------------------------------------------------------------
 
@@ -317,7 +280,9 @@ class Cosigner:
         for witness in due:
             if self._stopping.is_set():
                 break
-            if not self._claim(witness.name):
+            if not self.claim(
+                WitnessRow, witness.name, 2 * self._settings.witness_timeout_seconds + 5
+            ):
                 continue  # another process of this exchange is at it
             outcome[witness.name] = self._offer(witness, latest)
         return outcome
@@ -346,18 +311,6 @@ class Cosigner:
             if not missing or time.monotonic() >= deadline:
                 return CosignedCheckpoint(latest, tuple(cosigned), tuple(missing))
             time.sleep(0.2)
-
-    def _claim(self, name: str) -> bool:
-        now = self._clock()
-        until = now + timedelta(seconds=2 * self._settings.witness_timeout_seconds + 5)
-        with Session(self._write_engine) as session, session.begin():
-            result = session.execute(
-                update(WitnessRow)
-                .where(WitnessRow.name == name)
-                .where(or_(WitnessRow.lease_until.is_(None), WitnessRow.lease_until < now))
-                .values(lease_until=until)
-            )
-            return int(cast(CursorResult[Any], result).rowcount) == 1
 
     def _offer(self, witness: WitnessInfo, latest: SignedCheckpoint) -> bool:
         verifier = witness.verifier()
@@ -432,7 +385,7 @@ class Cosigner:
 
     def _failed(self, witness: WitnessInfo, exc: Exception, hint: int | None = None) -> None:
         failures = witness.failures + 1
-        delay = min(self._settings.witness_backoff_max_seconds, 2.0 ** min(failures - 1, 30))
+        delay = backoff(failures, self._settings.witness_backoff_max_seconds)
         message = (str(exc) or type(exc).__name__)[:_ERROR_CHARS]
         # 422: the witness holds a checkpoint of this log that this one does not extend
         inconsistent = isinstance(exc, WitnessRefusedError) and exc.status == 422

@@ -451,7 +451,7 @@ def test_a_leased_child_is_left_to_the_process_that_holds_it(parent: Parent) -> 
         transport=httpx.MockTransport(parent.child.handler),
         clock=parent.clock,
     )
-    assert other._claim(CHILD)  # another worker is polling it
+    assert other.claim(ChainChildRow, CHILD, 60)  # another worker is polling it
     assert parent.poll() == "not polled"
     parent.clock.now += timedelta(minutes=5)  # its lease ran out
     assert parent.poll() == "recorded"
