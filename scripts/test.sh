@@ -10,4 +10,4 @@ scripts/setup.sh dev
 .venv/bin/mypy
 # Tests run in two worker processes (pytest-xdist; CI has two cores). Tests marked
 # @pytest.mark.xdist_group(name) share one worker. Serial run: scripts/test.sh -n 0
-.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=25 "$@"
