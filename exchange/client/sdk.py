@@ -417,6 +417,28 @@ class Client:
             raise ApiError(502, "incomplete", "Incomplete bundle", "the export ended early", {})
         return ended_at
 
+    def publish_report(
+        self, period: str, bundle_size: int, bundle_root: str, digest: str
+    ) -> dict[str, Any]:
+        """Record a report (月报季评) on the ledger as ``report.published``; the operator and
+        auditors only. ``digest``: hex SHA-256 of its ``report.json``; ``bundle_size`` and
+        ``bundle_root``: the entries it was computed over (``zonex report`` writes all three).
+        Returns the record: ``id``, ``seq`` of the entry, ``period`` ...
+
+            done = c.publish_report("2026-11", 1520, root_hex, digest_hex)
+        """
+        result: dict[str, Any] = self.request(
+            "POST",
+            "/v1/reports",
+            json={
+                "period": period,
+                "bundle_size": bundle_size,
+                "bundle_root": bundle_root,
+                "digest": digest,
+            },
+        )
+        return result
+
     # access workflow
     def request_access(
         self,
