@@ -50,10 +50,18 @@ class Principal:
     kind: PrincipalKind
     status: str
     created_at: datetime
+    #: ISO 3166-1 alpha-2 (policy.xborder); None: the operator's ``jurisdiction`` setting
+    jurisdiction: str | None = None
+    #: a critical information infrastructure operator (cross-border rules, Art. 7(1))
+    ciio: bool = False
 
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+
+#: a column's personal-information class (policy.xborder.PiClass); ``none`` by default
+PI_CLASSES = ("none", "personal", "sensitive")
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ class Column:
     name: str
     type: str
     level: str
+    #: personal-information class: none | personal | sensitive
+    pi: str = "none"
 
 
 @dataclass(frozen=True)
@@ -129,11 +139,18 @@ def approval_payload(
 
 
 def leveled_columns(
-    columns: Sequence[tuple[str, str]], levels: Mapping[str, str], subject_column: str
+    columns: Sequence[tuple[str, str]],
+    levels: Mapping[str, str],
+    subject_column: str,
+    pi: Mapping[str, str] | None = None,
 ) -> list[dict[str, str]]:
     """The catalog's ``[{"name", "type", "level"}]`` for a table's ``(name, type)`` columns and
     the provider's column -> level map: every column has exactly one known level and the subject
-    column is a column (the exchange and a zone node register datasets through this)."""
+    column is a column (the exchange and a zone node register datasets through this).
+
+    ``pi``: column -> personal-information class (``personal`` | ``sensitive``; ``none`` is the
+    default and is not stored); a column carrying one gets a ``"pi"`` key."""
+    classes = check_pi_classes(pi or {}, [name for name, _ in columns])
     from policy.levels import Level
 
     names = [name for name, _ in columns]
@@ -157,5 +174,25 @@ def leveled_columns(
                 f"unknown level {levels[name]!r} for column {name!r}; "
                 f"use one of {', '.join(lv.value for lv in Level)}"
             ) from exc
-        out.append({"name": name, "type": kind, "level": level.value})
+        col = {"name": name, "type": kind, "level": level.value}
+        if classes.get(name, "none") != "none":
+            col["pi"] = classes[name]
+        out.append(col)
     return out
+
+
+def check_pi_classes(pi: Mapping[str, str], names: Sequence[str]) -> dict[str, str]:
+    """``pi`` (column -> personal-information class) if every column exists and every class is
+    known; else :class:`InvalidInputError` naming them."""
+    extra = [n for n in pi if n not in names]
+    if extra:
+        raise InvalidInputError(
+            f"personal-information class for no such column(s) {', '.join(extra)}"
+        )
+    for name, cls in pi.items():
+        if cls not in PI_CLASSES:
+            raise InvalidInputError(
+                f"unknown personal-information class {cls!r} for column {name!r}; "
+                f"use one of {', '.join(PI_CLASSES)}"
+            )
+    return dict(pi)
