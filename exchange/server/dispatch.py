@@ -800,7 +800,12 @@ def register_node_dataset(
             ) from exc
         if col.get("type") not in PORTABLE_TYPES:
             raise InvalidInputError(f"column {col.get('name')!r}: unknown type {col.get('type')!r}")
-        clean.append({"name": str(col["name"]), "type": str(col["type"]), "level": level.value})
+        entry = {"name": str(col["name"]), "type": str(col["type"]), "level": level.value}
+        pi = col.get("pi", "none")
+        check_pi_classes({entry["name"]: pi}, [entry["name"]])
+        if pi != "none":
+            entry["pi"] = pi
+        clean.append(entry)
     top = max_level(Level(c["level"]) for c in clean).value
     with Session(ex.engine) as session:
         zone = _active_node(session, actor).zone

@@ -64,6 +64,8 @@ def to_principal(row: Any) -> Principal:
         kind=PrincipalKind(row.kind),
         status=row.status,
         created_at=row.created_at,
+        jurisdiction=row.jurisdiction,
+        ciio=bool(row.ciio),
     )
 
 

@@ -73,7 +73,9 @@ def to_dataset(row: DatasetRow, *, exact_release: bool = False) -> Dataset:
         name=row.name,
         description=row.description,
         subject_column=row.subject_column,
-        columns=tuple(Column(c["name"], c["type"], c["level"]) for c in row.columns),
+        columns=tuple(
+            Column(c["name"], c["type"], c["level"], c.get("pi", "none")) for c in row.columns
+        ),
         level=row.level,
         row_count=row.row_count,
         digest=row.digest,
@@ -119,9 +121,24 @@ def _require_operator(actor: Principal) -> None:
 
 
 def register_principal(
-    ex: Exchange, actor: Principal, name: str, kind: str, public_key: bytes
+    ex: Exchange,
+    actor: Principal,
+    name: str,
+    kind: str,
+    public_key: bytes,
+    *,
+    jurisdiction: str | None = None,
+    ciio: bool = False,
 ) -> Principal:
+    """Register a principal (operator only). ``jurisdiction``: ISO 3166-1 alpha-2, default the
+    operator's ``jurisdiction`` setting; ``ciio``: a critical information infrastructure
+    operator (both decide cross-border flows, docs/cross-border.md)."""
     _require_operator(actor)
+    where = ex.settings.jurisdiction if jurisdiction is None else jurisdiction
+    if not is_jurisdiction(where):
+        raise InvalidInputError(
+            f"jurisdiction {where!r} is not an ISO 3166-1 alpha-2 code (e.g. CN, US, HK)"
+        )
     if not PRINCIPAL_NAME_RE.fullmatch(name):
         raise InvalidInputError("principal names are 1-128 letters, digits, spaces and ._()-")
     try:
@@ -147,6 +164,8 @@ def register_principal(
             public_key=key.raw,
             status="active",
             registered_by=actor.key_id,
+            jurisdiction=where,
+            ciio=ciio,
         )
         session.add(row)
         session.flush()
@@ -156,7 +175,7 @@ def register_principal(
         kind="principal.registered",
         actor=actor.key_id,
         refs={"principal": key.key_id},
-        attrs={"kind": principal_kind.value},
+        attrs={"kind": principal_kind.value, "jurisdiction": where, "ciio": int(ciio)},
         digests={"name": hashlib.sha256(name.encode()).hexdigest()},
     )
     result: Principal = ex.ledger.append(draft, apply).value
@@ -378,6 +397,8 @@ class DatasetSpec:
     attach_table: str | None = None
     #: how a CSV upload is written (delimiter, encoding, header renames); None: the defaults
     csv: CsvOptions | None = None
+    #: column -> personal-information class (personal | sensitive); others are none
+    pi: Mapping[str, str] = field(default_factory=dict)
 
 
 def csv_options(given: Mapping[str, Any]) -> CsvOptions:
@@ -401,7 +422,7 @@ def _csv_only(options: CsvOptions | None, upload_format: str) -> None:
 
 def _columns(info: TableInfo, spec: DatasetSpec) -> list[dict[str, str]]:
     return leveled_columns(
-        [(c.name, c.type) for c in info.columns], spec.levels, spec.subject_column
+        [(c.name, c.type) for c in info.columns], spec.levels, spec.subject_column, spec.pi
     )
 
 
@@ -615,9 +636,13 @@ def publish_snapshot(
                 reason="level_lowered",
             )
         levels.update(spec.levels)
+        # personal-information classes carry over (a new snapshot has the same columns)
+        classes = {c["name"]: c["pi"] for c in old_columns if c.get("pi", "none") != "none"}
         columns = _columns(
             info,
-            DatasetSpec(name, description, subject_column, levels, upload_id=spec.upload_id),
+            DatasetSpec(
+                name, description, subject_column, levels, upload_id=spec.upload_id, pi=classes
+            ),
         )
         level = max_level(Level(c["level"]) for c in columns).value
         undo: list[Callable[[], None]] = []

@@ -394,7 +394,9 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             raw = b64url_decode(body.public_key)
         except EncodingError as exc:
             raise InvalidInputError("public_key must be unpadded base64url") from exc
-        p = services.register_principal(ex, actor, body.name, body.kind, raw)
+        p = services.register_principal(
+            ex, actor, body.name, body.kind, raw, jurisdiction=body.jurisdiction, ciio=body.ciio
+        )
         return PrincipalOut.from_domain(p)
 
     @v1.get("/principals", response_model=list[PrincipalOut])
@@ -452,6 +454,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             description=body.description,
             subject_column=body.subject_column,
             levels=body.levels,
+            pi=body.pi,
             upload_id=body.upload_id,
             attach_url=body.attach.url if body.attach else None,
             attach_table=body.attach.table if body.attach else None,

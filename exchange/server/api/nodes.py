@@ -42,6 +42,8 @@ class NodeColumnIn(In):
     name: Annotated[str, Field(min_length=1, max_length=128)]
     type: Annotated[str, Field(max_length=16)]
     level: Annotated[str, Field(max_length=16)]
+    #: personal-information class: none | personal | sensitive
+    pi: Annotated[str, Field(max_length=16)] = "none"
 
 
 class NodeDatasetIn(In):

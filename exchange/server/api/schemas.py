@@ -31,6 +31,10 @@ class PrincipalIn(In):
     kind: Annotated[str, Field(max_length=16)]
     #: raw 32-byte Ed25519 public key, unpadded base64url
     public_key: Annotated[str, Field(min_length=43, max_length=43)]
+    #: ISO 3166-1 alpha-2; default: the operator's jurisdiction setting
+    jurisdiction: Annotated[str, Field(min_length=2, max_length=2)] | None = None
+    #: a critical information infrastructure operator
+    ciio: bool = False
 
 
 class PrincipalOut(Out):
@@ -39,6 +43,9 @@ class PrincipalOut(Out):
     kind: str
     status: str
     created_at: datetime
+    #: ISO 3166-1 alpha-2; null: registered before jurisdictions, the operator's setting
+    jurisdiction: str | None = None
+    ciio: bool = False
 
     @classmethod
     def from_domain(cls, p: Principal) -> PrincipalOut:
@@ -48,6 +55,8 @@ class PrincipalOut(Out):
             kind=p.kind.value,
             status=p.status,
             created_at=p.created_at,
+            jurisdiction=p.jurisdiction,
+            ciio=p.ciio,
         )
 
 
@@ -64,6 +73,8 @@ class ColumnOut(Out):
     name: str
     type: str
     level: str
+    #: personal-information class: none | personal | sensitive
+    pi: str = "none"
 
 
 class DatasetOut(Out):
@@ -89,7 +100,9 @@ class DatasetOut(Out):
             name=d.name,
             description=d.description,
             subject_column=d.subject_column,
-            columns=[ColumnOut(name=c.name, type=c.type, level=c.level) for c in d.columns],
+            columns=[
+                ColumnOut(name=c.name, type=c.type, level=c.level, pi=c.pi) for c in d.columns
+            ],
             level=d.level,
             row_count_band=row_count_band(d.row_count),
             digest=d.digest,
@@ -151,6 +164,11 @@ class DatasetIn(In):
     description: Text = ""
     subject_column: Annotated[str, Field(min_length=1, max_length=128)]
     levels: Annotated[dict[Annotated[str, Field(max_length=128)], str], Field(max_length=1000)]
+    #: column -> personal-information class (personal | sensitive); unnamed columns: none
+    pi: Annotated[
+        dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=16)]],
+        Field(max_length=1000),
+    ] = Field(default_factory=dict)
     upload_id: Annotated[str, Field(min_length=32, max_length=32)] | None = None
     attach: AttachIn | None = None
     #: for a CSV upload: how the file is written (default: UTF-8, comma, headers as they are)
