@@ -50,6 +50,7 @@ __all__ = [
     "PeriodError",
     "Report",
     "compute_report",
+    "first_difference",
     "parse_period",
     "report_from_bundle",
 ]
@@ -616,3 +617,30 @@ def report_from_bundle(
 
     report = compute_report(entries(), period)
     return replace(report, bundle_root=tree.root().hex())
+
+
+def first_difference(given: Mapping[str, Any], recomputed: Mapping[str, Any]) -> str | None:
+    """The first place where a report document (``report.json`` as parsed) differs from the
+    recomputed one (:meth:`Report.to_json`), in words; None if they are equal."""
+    for name in recomputed:
+        if name != "measures" and given.get(name) != recomputed[name]:
+            return f"{name}: {given.get(name)!r} in the file, {recomputed[name]!r} recomputed"
+    extra = sorted(set(given) - set(recomputed))
+    if extra:
+        return f"{extra[0]}: in the file, not in the recomputed report"
+    mine = given.get("measures")
+    theirs = recomputed["measures"]
+    if not isinstance(mine, list):
+        return "measures: not a list in the file"
+    for i, (a, b) in enumerate(zip(mine, theirs, strict=False)):
+        if a != b:
+            where = " ".join(v for k, v in b.items() if k != "value" and v)
+            got = a.get("value") if isinstance(a, dict) else a
+            if isinstance(a, dict) and {k: v for k, v in a.items() if k != "value"} == {
+                k: v for k, v in b.items() if k != "value"
+            }:
+                return f"measures[{i}] ({where}): {got} in the file, {b['value']} recomputed"
+            return f"measures[{i}]: {a!r} in the file, ({where}) = {b['value']} recomputed"
+    if len(mine) != len(theirs):
+        return f"measures: {len(mine)} rows in the file, {len(theirs)} recomputed"
+    return None

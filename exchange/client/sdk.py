@@ -220,8 +220,26 @@ class Client:
         """The principal this client's key belongs to."""
         return Principal(self.request("GET", "/v1/principals/me"))
 
-    def register_principal(self, name: str, kind: str, public_key: VerifyKey) -> dict[str, Any]:
-        body = {"name": name, "kind": kind, "public_key": b64url_encode(public_key.raw)}
+    def register_principal(
+        self,
+        name: str,
+        kind: str,
+        public_key: VerifyKey,
+        *,
+        jurisdiction: str | None = None,
+        ciio: bool = False,
+    ) -> dict[str, Any]:
+        """Register a principal (operator). ``jurisdiction``: ISO 3166-1 alpha-2 (default: the
+        operator's); ``ciio``: a critical information infrastructure operator."""
+        body: dict[str, Any] = {
+            "name": name,
+            "kind": kind,
+            "public_key": b64url_encode(public_key.raw),
+        }
+        if jurisdiction is not None:
+            body["jurisdiction"] = jurisdiction
+        if ciio:
+            body["ciio"] = True
         result: dict[str, Any] = self.request("POST", "/v1/principals", json=body)
         return result
 
@@ -279,8 +297,10 @@ class Client:
         attach_url: str | None = None,
         attach_table: str | None = None,
         csv: Mapping[str, Any] | None = None,
+        pi: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Register a dataset from a local CSV/Parquet file (uploaded) or an attached table.
+        ``pi``: column -> personal-information class (``personal`` | ``sensitive``).
         ``csv`` says how a CSV file is written: ``{"delimiter": ";", "encoding": "gb18030",
         "rename": {"企业名称": "name"}}`` (each optional; default UTF-8, comma, headers as
         they are)."""
@@ -290,6 +310,8 @@ class Client:
             "subject_column": subject_column,
             "levels": dict(levels),
         }
+        if pi:
+            body["pi"] = dict(pi)
         if file is not None:
             body["upload_id"] = self.upload(zone, file)["upload_id"]
         if attach_url is not None:

@@ -29,6 +29,7 @@ def register_on_node(
     attach_table: str | None = None,
     csv: Mapping[str, Any] | None = None,
     url: str | None = None,
+    pi: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Import or attach on the node, then register the metadata with the exchange.
 
@@ -68,7 +69,9 @@ def register_on_node(
             except ZoneStoreError as exc:
                 raise InvalidInputError(str(exc), reason=exc.code) from exc
             hosted_source, url_kept, table_kept = "attach", attach_url, attach_table
-        columns = leveled_columns([(c.name, c.type) for c in info.columns], levels, subject_column)
+        columns = leveled_columns(
+            [(c.name, c.type) for c in info.columns], levels, subject_column, pi
+        )
         with Client(url or home.exchange, home.key) as client:
             registered: dict[str, Any] = client.request(
                 "POST",

@@ -41,7 +41,13 @@ from sqlalchemy.orm import Session
 from crypto.encoding import b64url_decode
 from crypto.errors import EncodingError, VerificationError
 from crypto.keys import VerifyKey
-from exchange.domain import PROVIDER_KINDS, Principal, PrincipalKind, check_dataset_name
+from exchange.domain import (
+    PROVIDER_KINDS,
+    Principal,
+    PrincipalKind,
+    check_dataset_name,
+    check_pi_classes,
+)
 from exchange.errors import (
     ConflictError,
     ForbiddenError,

@@ -12,7 +12,7 @@ import hashlib
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from exchange.server.models import AnalysisRulesRow, DatasetRow, PrincipalRow, U
 from exchange.server.registry import to_principal
 from exchange.server.runtime import Exchange
 from policy.levels import Level, max_level
+from policy.xborder import is_jurisdiction
 
 _LEVEL_NAMES = frozenset(lv.value for lv in Level)
 
