@@ -84,6 +84,18 @@ def _parse_levels(pairs: list[str], levels_file: Path | None) -> dict[str, str]:
     return levels
 
 
+def _parse_pi(pairs: list[str]) -> dict[str, str]:
+    from exchange.domain import PI_CLASSES
+
+    classes: dict[str, str] = {}
+    for pair in pairs:
+        column, sep, cls = pair.partition("=")
+        if not sep or not column or cls not in PI_CLASSES:
+            raise ValueError(f"--pi takes COLUMN=personal or COLUMN=sensitive, got {pair!r}")
+        classes[column] = cls
+    return classes
+
+
 @dataset_app.command("register")
 @one_line_errors
 def dataset_register(
@@ -94,6 +106,10 @@ def dataset_register(
         list[str] | None, typer.Option(help="COLUMN=LEVEL (L1 L2 L3 L4 IMPORTANT CORE), repeat")
     ] = None,
     levels_file: Annotated[Path | None, typer.Option(help="JSON object column -> level")] = None,
+    pi: Annotated[
+        list[str] | None,
+        typer.Option(help="COLUMN=personal|sensitive: personal information, repeat"),
+    ] = None,
     file: Annotated[Path | None, typer.Option(help="CSV or Parquet file to import")] = None,
     attach_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL to attach")] = None,
     attach_table: Annotated[str | None, typer.Option(help="table to attach")] = None,
@@ -122,8 +138,11 @@ def dataset_register(
       zonex dataset register tax firms --file firms.csv --encoding gb18030 --delimiter ";" \\
         --rename 统一社会信用代码=company_id --rename 纳税额=tax_paid ...
       zonex dataset register tax companies --node tax-node --file companies.csv ...
+      zonex dataset register health visits --file visits.csv --subject-column person_id \
+        --level person_id=L3 --level diagnosis=L4 --pi person_id=personal --pi diagnosis=sensitive
     """
     levels = _parse_levels(level or [], levels_file)
+    classes = _parse_pi(pi or [])
     if (file is None) == (attach_url is None):
         raise ValueError("give exactly one of --file or --attach-url")
     csv = _csv_options(file, delimiter, encoding, rename)
@@ -145,6 +164,7 @@ def dataset_register(
                 attach_url=attach_url,
                 attach_table=attach_table,
                 csv=csv,
+                pi=classes,
             )
         finally:
             home.close()
@@ -164,6 +184,7 @@ def dataset_register(
             attach_url=attach_url,
             attach_table=attach_table,
             csv=csv,
+            pi=classes,
         )
     out.print(f"dataset {d['zone']}/{d['name']} level {d['level']} digest {d['digest'][:16]}…")
 
@@ -275,7 +296,11 @@ def catalog(
         if not z["datasets"]:
             table.add_row(z["name"], z["owner_name"], *where, "-", "-", "-", "-", "-")
         for d in z["datasets"]:
-            cols = ", ".join(f"{c['name']}:{c['level']}" for c in d["columns"])
+            cols = ", ".join(
+                f"{c['name']}:{c['level']}"
+                + (f"/{c['pi']}" if c.get("pi", "none") != "none" else "")
+                for c in d["columns"]
+            )
             # the provider's opt-out from DP by default at L3 is shown wherever datasets are
             release = d.get("release_note") or ""
             table.add_row(

@@ -23,21 +23,41 @@ def principal_add(
     name: str,
     kind: Annotated[str, typer.Option(help="agency | enterprise | auditor")],
     public_key: Annotated[Path, typer.Option("--public-key", help="PEM public key file")],
+    jurisdiction: Annotated[
+        str | None,
+        typer.Option(help="ISO 3166-1 alpha-2 code (CN, US, HK ...); default: the operator's"),
+    ] = None,
+    ciio: Annotated[
+        bool, typer.Option("--ciio", help="a critical information infrastructure operator")
+    ] = False,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("operator.key"),
 ) -> None:
-    """Register a principal (operator only).
+    """Register a principal (operator only). Its jurisdiction and CIIO flag decide flows
+    abroad (docs/cross-border.md).
 
     Example:
       zonex principal add "City Bank" --kind enterprise --public-key bank.pub --key D/operator.key
+      zonex principal add "HK Fund" --kind enterprise --public-key fund.pub --jurisdiction HK
     """
     from exchange.keyfile import load_public_key
+    from policy.xborder import is_jurisdiction
 
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r} is not a principal kind; use one of: {', '.join(KINDS)}")
+    if jurisdiction is not None and not is_jurisdiction(jurisdiction):
+        raise ValueError(
+            f"--jurisdiction {jurisdiction!r} is not an ISO 3166-1 alpha-2 code (e.g. CN, US, HK)"
+        )
     with client(url, key) as c:
-        p = c.register_principal(name, kind, load_public_key(public_key))
-    out.print(f"registered {p['name']} ({p['kind']}) key id {p['key_id']}")
+        p = c.register_principal(
+            name, kind, load_public_key(public_key), jurisdiction=jurisdiction, ciio=ciio
+        )
+    where = p.get("jurisdiction") or "-"
+    out.print(
+        f"registered {p['name']} ({p['kind']}, {where}{', CIIO' if p.get('ciio') else ''}) "
+        f"key id {p['key_id']}"
+    )
 
 
 @principal_app.command("list")
@@ -58,9 +78,10 @@ def principal_list(
     if as_json:
         print_json(rows)
         return
-    table = Table("name", "kind", "status", "key id")
+    table = Table("name", "kind", "status", "jurisdiction", "key id")
     for p in rows:
-        table.add_row(p["name"], p["kind"], p["status"], p["key_id"])
+        where = (p.get("jurisdiction") or "operator's") + (" CIIO" if p.get("ciio") else "")
+        table.add_row(p["name"], p["kind"], p["status"], where, p["key_id"])
     print_wide(table)
 
 
