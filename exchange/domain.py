@@ -19,6 +19,8 @@ class PrincipalKind(StrEnum):
     AUDITOR = "auditor"
     #: a provider's zone node (its key is approved by the operator for one zone)
     NODE = "node"
+    #: follows the log and responds to abuse: opens incidents, throttles, suspends; nothing else
+    MONITOR = "monitor"
 
 
 #: kinds that may own zones and hold data

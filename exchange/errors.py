@@ -100,6 +100,15 @@ class BudgetExhaustedError(ZonexError):
     title = "Privacy budget exhausted"
 
 
+class ThrottledError(ZonexError):
+    """The caller's computations are throttled after an incident (docs/incidents.md) until the
+    time its ``principal.throttled`` entry names."""
+
+    code = "throttled"
+    status = 429
+    title = "Throttled"
+
+
 class LedgerError(ZonexError):
     """The ledger could not record evidence; the exchange refuses to act without it."""
 

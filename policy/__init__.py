@@ -33,6 +33,7 @@ from policy.rows import (
     role_row,
     suspend_principal_row,
     suspend_zone_row,
+    throttle_principal_row,
 )
 
 __all__ = [
@@ -60,5 +61,6 @@ __all__ = [
     "role_row",
     "suspend_principal_row",
     "suspend_zone_row",
+    "throttle_principal_row",
     "tighten",
 ]

@@ -31,6 +31,7 @@ from policy.rows import (
     P_PURPOSE,
     P_RULE,
     SUSPEND_PREFIX,
+    THROTTLE_PREFIX,
     TOKEN_RE,
     PolicyRow,
     validate_row,
@@ -58,6 +59,8 @@ class Reason(StrEnum):
     LEVEL_CEILING = "level_ceiling"
     #: the principal or the zone is suspended
     SUSPENDED = "suspended"
+    #: the principal's computations are throttled after an incident, until the row expires
+    THROTTLED = "throttled"
     #: an explicit deny row matched
     DENIED = "denied"
     #: enforcement failed; failing closed
@@ -283,6 +286,8 @@ class DecisionPoint:
         if explain and explain[P_EFT] == DENY:
             rule = explain[P_RULE]
             reason = Reason.SUSPENDED if rule.startswith(SUSPEND_PREFIX) else Reason.DENIED
+            if rule.startswith(THROTTLE_PREFIX):
+                reason = Reason.THROTTLED
             return Decision(False, rule, reason, version)
         return self._explain_miss(values, allow, version)
 

@@ -37,6 +37,7 @@ __all__ = [
     "role_row",
     "suspend_principal_row",
     "suspend_zone_row",
+    "throttle_principal_row",
     "validate_row",
 ]
 
@@ -45,6 +46,8 @@ DENY = "deny"
 WILDCARD = "*"
 #: rule ids of suspensions start with this; a denial by such a row has reason ``suspended``
 SUSPEND_PREFIX = "suspend:"
+#: rule ids of throttles start with this; a denial by such a row has reason ``throttled``
+THROTTLE_PREFIX = "throttle:"
 
 TOKEN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,199}")
 TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
@@ -236,6 +239,12 @@ def grant_rows(
 def suspend_principal_row(key_id: str, *, expires: datetime | None = None) -> PolicyRow:
     """Deny everything to ``key_id`` in every zone. Rule id ``suspend:<key id>``."""
     return deny_row(SUSPEND_PREFIX + key_id, subject=key_id, expires=expires)
+
+
+def throttle_principal_row(key_id: str, *, expires: datetime) -> PolicyRow:
+    """Deny every computation to ``key_id`` until ``expires`` (an incident's throttle). Rule id
+    ``throttle:<key id>``."""
+    return deny_row(THROTTLE_PREFIX + key_id, subject=key_id, expires=expires)
 
 
 def suspend_zone_row(zone: str, *, expires: datetime | None = None) -> PolicyRow:

@@ -11,7 +11,7 @@ from rich.table import Table
 from exchange.cli._common import Json, KeyPath, Url, app, client, one_line_errors, out, print_json
 
 #: the kinds an operator registers (exchange.domain.PrincipalKind, less the operator itself)
-KINDS = ("agency", "enterprise", "auditor")
+KINDS = ("agency", "enterprise", "auditor", "monitor")
 
 principal_app = typer.Typer(help="principals (operator)", no_args_is_help=True)
 app.add_typer(principal_app, name="principal")
@@ -21,7 +21,7 @@ app.add_typer(principal_app, name="principal")
 @one_line_errors
 def principal_add(
     name: str,
-    kind: Annotated[str, typer.Option(help="agency | enterprise | auditor")],
+    kind: Annotated[str, typer.Option(help="agency | enterprise | auditor | monitor")],
     public_key: Annotated[Path, typer.Option("--public-key", help="PEM public key file")],
     jurisdiction: Annotated[
         str | None,
@@ -132,6 +132,24 @@ def principal_reinstate(
       zonex principal reinstate "City Bank" --key D/operator.key
     """
     _status(key_id, "active", url, key)
+
+
+@principal_app.command("approve-reinstatement")
+@one_line_errors
+def principal_approve_reinstatement(
+    key_id: str, url: Url = "http://127.0.0.1:8421", key: KeyPath = Path("auditor.key")
+) -> None:
+    """Approve, as the second person, reinstating a principal the monitor suspended (an
+    auditor); the operator then reinstates it. KEY_ID may be a name or a unique prefix.
+
+    Example:
+      zonex principal approve-reinstatement "City Bank" --key auditor.key
+    """
+    with client(url, key) as c:
+        if len(key_id) != 64:
+            key_id = _principal_key_id(c.list_principals(), key_id)
+        approval = c.approve_reinstatement(key_id)
+    out.print(f"approved reinstating {key_id[:12]}: {approval['id']}")
 
 
 @app.command()

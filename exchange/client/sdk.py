@@ -252,6 +252,58 @@ class Client:
         )
         return result
 
+    def approve_reinstatement(self, key_id: str) -> dict[str, Any]:
+        """The second person's approval (an auditor) before the operator reinstates a principal
+        the monitor suspended."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/principals/{key_id}/reinstatement-approvals"
+        )
+        return result
+
+    # incidents
+    def open_incident(
+        self,
+        detector: str,
+        severity: str,
+        response: str,
+        first_seq: int,
+        last_seq: int,
+        *,
+        principal: str | None = None,
+        zone: str | None = None,
+        throttle_seconds: int | None = None,
+    ) -> dict[str, Any]:
+        """Open an incident with its response: ``alert``, ``throttle`` or ``suspend`` (the
+        monitor, the operator)."""
+        body: dict[str, Any] = {
+            "detector": detector,
+            "severity": severity,
+            "response": response,
+            "first_seq": first_seq,
+            "last_seq": last_seq,
+        }
+        for name, value in (
+            ("principal", principal),
+            ("zone", zone),
+            ("throttle_seconds", throttle_seconds),
+        ):
+            if value is not None:
+                body[name] = value
+        result: dict[str, Any] = self.request("POST", "/v1/incidents", json=body)
+        return result
+
+    def incidents(self, status: str | None = None) -> list[dict[str, Any]]:
+        params = {"status": status} if status else None
+        result: list[dict[str, Any]] = self.request("GET", "/v1/incidents", params=params)
+        return result
+
+    def label_incident(self, incident_id: str, label: bool) -> dict[str, Any]:
+        """Say whether an incident was a true (``True``) or false positive (operator, auditor)."""
+        result: dict[str, Any] = self.request(
+            "POST", f"/v1/incidents/{incident_id}/label", json={"label": label}
+        )
+        return result
+
     # zones and datasets
     def create_zone(self, name: str, description: str = "") -> dict[str, Any]:
         body = {"name": name, "description": description}

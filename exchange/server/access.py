@@ -45,6 +45,7 @@ from exchange.errors import (
     ForbiddenError,
     InvalidInputError,
     NotFoundError,
+    ThrottledError,
 )
 from exchange.server.ledger import EntryDraft
 from exchange.server.models import (
@@ -66,6 +67,7 @@ from policy import (
     DecisionRequest,
     Level,
     Operation,
+    Reason,
     grant_rows,
     suspend_principal_row,
     suspend_zone_row,
@@ -1359,5 +1361,13 @@ def authorize(
                 attrs=attrs,
             )
         )
+        if decision.reason == Reason.THROTTLED:
+            throttled = ThrottledError(
+                "your computations are throttled after an incident; retry later or ask the "
+                "operator",
+                reason="throttled",
+            )
+            throttled.ledgered = True  # the access.denied entry above records it
+            raise throttled
         raise _denial(str(decision.reason), zone, dataset, op.value, purpose)
     return Authorization(decision=decision, request=request, level=level, digest=digest)

@@ -503,3 +503,50 @@ class XborderApprovalRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: active | revoked
     status: Mapped[str] = mapped_column(String(16), default="active")
+
+
+class IncidentRow(Base):
+    """An incident the monitor (or the operator) opened, with the response taken
+    (docs/incidents.md). Unique on (detector, subject, last_seq): a monitor that reads the same
+    entries again opens nothing twice."""
+
+    __tablename__ = "incidents"
+    __table_args__ = (
+        UniqueConstraint("detector", "subject", "last_seq", name="uq_incidents_evidence"),
+        Index("ix_incidents_subject", "subject", "response"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    detector: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16))
+    #: alert | throttle | suspend
+    response: Mapped[str] = mapped_column(String(16))
+    #: the key id concerned, "" when the finding names nobody
+    subject: Mapped[str] = mapped_column(String(64), default="")
+    zone: Mapped[str | None] = mapped_column(String(63), nullable=True)
+    first_seq: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    opened_by: Mapped[str] = mapped_column(String(64))
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: the seq of the incident.opened entry
+    opened_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    throttled_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: open | resolved (the suspended principal was reinstated)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    #: None until a person labels it: "true" | "false" (positive)
+    label: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    labelled_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ReinstatementApprovalRow(Base):
+    """A second person's approval to reinstate a principal the monitor suspended; used once."""
+
+    __tablename__ = "reinstatement_approvals"
+    __table_args__ = (Index("ix_reinstatement_approvals_principal", "principal", "used"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(64))
+    approver: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    used: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -51,6 +51,7 @@ from exchange.node.store import (
     row_count_band,
 )
 from exchange.server.access import principal_suspension
+from exchange.server.incidents import use_reinstatement_approval
 from exchange.server.ledger import EntryDraft
 from exchange.server.models import AnalysisRulesRow, DatasetRow, PrincipalRow, UploadRow, ZoneRow
 from exchange.server.registry import to_principal
@@ -184,7 +185,8 @@ def register_principal(
 
 
 def set_principal_status(ex: Exchange, actor: Principal, key_id: str, status: str) -> Principal:
-    """Suspend or reinstate a principal; effective on its next call."""
+    """Suspend or reinstate a principal; effective on its next call. Reinstating a principal
+    the monitor suspended needs a second person's approval (:mod:`exchange.server.incidents`)."""
     _require_operator(actor)
     if status not in ("active", "suspended"):
         raise InvalidInputError("status is 'active' or 'suspended'")
@@ -195,6 +197,10 @@ def set_principal_status(ex: Exchange, actor: Principal, key_id: str, status: st
             raise NotFoundError("no such principal")
         if row.kind == PrincipalKind.OPERATOR:
             raise ForbiddenError("the operator cannot be suspended")
+        if status == "active" and row.status == "suspended":
+            approval = use_reinstatement_approval(session, actor, key_id)
+            if approval is not None:
+                draft.refs["approval"] = approval
         row.status = status
         principal_suspension(session, key_id, status == "suspended")
         session.flush()

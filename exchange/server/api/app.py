@@ -653,6 +653,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     app.include_router(chain_routes.router)
     app.include_router(report_routes.router)
     app.include_router(incident_routes.router)
+    app.include_router(incident_routes.principals_router)
     app.include_router(xborder_routes.router)
     openapi_docs.install(app)
     return app

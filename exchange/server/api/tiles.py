@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from sqlalchemy import select
 
 from crypto.tiles import TILE_WIDTH, TilePathError, entry_bundle, needed_width, parse_tile_path
+from exchange.domain import PrincipalKind
 from exchange.errors import ForbiddenError, InvalidInputError, NotFoundError
 from exchange.server.api.deps import Actor, Ex
 from exchange.server.api.log import AUDIT_KINDS
@@ -81,8 +82,8 @@ async def checkpoint(request: Request) -> Response:
     responses={200: {"content": {TILE_MEDIA_TYPE: {}}, "description": "the entry bundle"}},
 )
 def entries(rest: str, actor: Actor, ex: Ex) -> Response:
-    if actor.kind not in AUDIT_KINDS:
-        raise ForbiddenError("only the operator and auditors read ledger entries")
+    if actor.kind not in (*AUDIT_KINDS, PrincipalKind.MONITOR):
+        raise ForbiddenError("only the operator, auditors and monitors read ledger entries")
     _, index, width = _parse("entries", rest)
     start = index * TILE_WIDTH
     if needed_width(ex.ledger.size(), 0, index) < width:

@@ -61,6 +61,7 @@ from exchange.server.compute.rules import current_rules
 from exchange.server.compute.source import open_source
 from exchange.server.dispatch import NodeResult
 from exchange.server.models import DatasetRow, ZoneRow
+from exchange.server.querydiff import record_query
 from exchange.server.receipts import record_computation
 from exchange.server.registry import registry_version as read_registry_version
 from exchange.server.runtime import Exchange
@@ -534,6 +535,8 @@ def run_aggregate(
         attrs=attrs,
         apply=apply,
     )
+    # differencing: compared with the consumer's recent aggregates where the SQL is seen
+    record_query(ex, actor.key_id, zone, checked.canonical, receipt["inclusion"]["index"])
     return {"result": result, "receipt": receipt}
 
 
