@@ -6,6 +6,7 @@ every asset served from the package. Routes are thin: they read a
 
 from __future__ import annotations
 
+import io
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,10 +141,22 @@ def create_console_app(
         return render(request, "error.html", 404, title="Not here", message=what)
 
     async def posted(request: Request) -> FormData:
+        """The form of a POST that came from the console's own page (else :class:`CsrfError`),
+        with its uploads read and closed."""
         form = await request.form(max_files=2, max_fields=20)
-        token = form.get("csrf_token")
-        check_post(request.headers, request.url.scheme, state.token, _str(token))
-        return form
+        try:
+            check_post(
+                request.headers, request.url.scheme, state.token, _str(form.get("csrf_token"))
+            )
+            fields: list[tuple[str, str | UploadFile]] = []
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    data = await value.read(MAX_FILE_BYTES + 1)
+                    value = _Upload(value.filename or "", data)
+                fields.append((name, value))
+        finally:
+            await form.close()
+        return FormData(fields)
 
     @app.exception_handler(CsrfError)
     async def refused(request: Request, exc: CsrfError) -> HTMLResponse:
@@ -287,6 +300,14 @@ def create_console_app(
     return app
 
 
+class _Upload(UploadFile):
+    """An uploaded file already read (at most one byte past the limit) and closed."""
+
+    def __init__(self, filename: str, data: bytes) -> None:
+        super().__init__(io.BytesIO(b""), filename=filename)
+        self.data = data
+
+
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -298,8 +319,8 @@ def _problem(exc: ApiError) -> str:
 async def _file(form: FormData, name: str, path_field: str, local: bool) -> bytes | None:
     """A form's uploaded file ``name``, else the file at the path in ``path_field``."""
     upload = form.get(name)
-    if isinstance(upload, UploadFile) and upload.filename:
-        data = await upload.read(MAX_FILE_BYTES + 1)
+    if isinstance(upload, _Upload) and upload.filename:
+        data = upload.data
         if len(data) > MAX_FILE_BYTES:
             raise ValueError(f"the {name} file is larger than {MAX_FILE_BYTES} bytes")
         return data
