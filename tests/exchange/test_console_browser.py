@@ -103,6 +103,7 @@ class World:
     lines: list[bytes]  # the bundle's entry lines
     tampered_seq: int
     awaiting: list[str]  # request ids awaiting the operator
+    incident: str
     receipt_output: Path  # the export's whole output: {"result": ..., "receipt": ...}
     console: Console
     tampered: Console
@@ -173,6 +174,10 @@ def _build(live: LiveServer, tmp: Path) -> World:
     changed = lines[tampered_seq].replace(b'"kind":"', b'"kind":"x', 1)
     tampered = tmp / "tampered.jsonl"
     tampered.write_bytes(data.replace(lines[tampered_seq], changed, 1))
+    with live.client(live.operator) as op:
+        incident = op.open_incident(
+            "denial_ratio", "medium", "alert", 0, 3, principal=consumer.key_id, zone="tax"
+        )
     log = live.log_verifier()
     desk = OperatorDesk(Client(live.url, live.operator))
     console = start_console(bundle=open_bundle(bundle, log), desk=desk)
@@ -186,6 +191,7 @@ def _build(live: LiveServer, tmp: Path) -> World:
         lines,
         tampered_seq,
         awaiting,
+        incident["id"],
         receipt_output,
         console,
         bad,
@@ -230,6 +236,8 @@ def test_the_overview_shows_a_verified_bundle(page: Page, world: World) -> None:
         ("/approvals", "Approvals awaiting the operator"),
         ("/principals", "Principals"),
         ("/zones", "Zones"),
+        ("/reports", "Reports 月报季评"),
+        ("/incidents", "Incidents 应急处置"),
     ]:
         page.goto(world.console.url + path)
         expect(page.locator("h1")).to_have_text(heading)
@@ -405,6 +413,44 @@ def test_the_operator_suspends_and_reinstates_a_principal(page: Page, world: Wor
     kinds = [e["kind"] for e in ledger_lines(world.live)]
     for kind in ("principal.suspended", "principal.reinstated", "zone.suspended"):
         assert kind in kinds
+
+
+def test_a_report_shows_its_charts(page: Page, world: World) -> None:
+    month = json.loads(world.lines[-1])["time"][:7]
+    page.goto(world.console.url + "/reports")
+    page.fill("#report-period", month)
+    page.click("#report-submit")
+    expect(page.locator("#report-title")).to_contain_text(month)
+    chart = page.locator("#chart-computations svg")
+    expect(chart).to_be_visible()
+    # bars drawn: the one export the bank made
+    assert chart.locator(".mark-rect path").count() >= 1
+    row = page.locator("#report-summary tr", has_text="export")
+    expect(row.first.locator("td.num")).to_have_text("1")
+    page.fill("#report-period", "2026-13")
+    page.click("#report-submit")
+    expect(page.locator("#report-problem")).to_contain_text("2026-13")
+    # the whole report, as its own page, with its charts
+    page.goto(f"{world.console.url}/reports/{month}.html")
+    expect(page.locator("svg").first).to_be_visible()
+    # never from a bundle that does not verify
+    page.goto(f"{world.tampered.url}/reports?period={month}")
+    expect(page.locator("#report-problem")).to_contain_text("only from a bundle that verifies")
+
+
+def test_the_operator_labels_an_incident(page: Page, world: World) -> None:
+    page.goto(world.console.url + "/incidents")
+    row = page.locator(f"tr[data-incident='{world.incident}']")
+    expect(row).to_contain_text("denial_ratio")
+    row.locator("button", has_text="False positive").click()
+    expect(page.locator("#done")).to_contain_text("labelled false positive")
+    expect(page.locator(f"tr[data-incident='{world.incident}'] td.label")).to_have_text("false")
+    labelled = [
+        e
+        for e in ledger_lines(world.live)
+        if e["kind"] == "incident.labelled" and e["refs"].get("incident") == world.incident
+    ]
+    assert len(labelled) == 1 and labelled[0]["attrs"]["label"] == "false"
 
 
 # -- without a browser: what a client other than the console's pages gets ----------------

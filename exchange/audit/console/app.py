@@ -20,9 +20,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
 from crypto.note import NoteVerifier
+from exchange.audit import AuditError
 from exchange.audit.console.bundle import Filter, LedgerBundle
 from exchange.audit.console.operator import OperatorDesk
 from exchange.audit.console.receipts import MAX_FILE_BYTES, ReceiptCheck, check_receipt
+from exchange.audit.console.reports import ReportDesk
 from exchange.audit.console.security import (
     CsrfError,
     allowed_hosts,
@@ -39,6 +41,11 @@ STATIC = Path(__file__).parent / "static"
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+#: a whole report page: its own <style>, inline SVG, nothing else
+REPORT_POLICY = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'none'"
 )
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
@@ -57,6 +64,7 @@ class ConsoleState:
     bundle: LedgerBundle | None
     log: NoteVerifier | None
     desk: OperatorDesk | None
+    reports: ReportDesk | None
     token: str
     bind: str
     hosts: frozenset[str]
@@ -103,6 +111,7 @@ def create_console_app(
         bundle=bundle,
         log=log,
         desk=desk,
+        reports=None if bundle is None else ReportDesk(bundle),
         token=token or new_token(),
         bind=bind,
         hosts=allowed_hosts(bind),
@@ -201,6 +210,37 @@ def create_console_app(
         status = 200 if check.ok else 422
         return render(request, template, status, check=check)
 
+    @app.get("/reports", response_class=HTMLResponse)
+    async def reports(request: Request, period: str = "") -> HTMLResponse:
+        if state.reports is None:
+            return not_here(request, "no bundle is open: start the console with --bundle")
+        template = "_report.html" if partial(request) else "reports.html"
+        period = period.strip()
+        if not period:
+            return render(request, template, period="", shown=None, problem=None)
+        try:
+            shown = await run_in_threadpool(state.reports.get, period)
+        except (ValueError, AuditError) as exc:
+            problem = (
+                f"reports are computed only from a bundle that verifies ({exc})"
+                if isinstance(exc, AuditError)
+                else str(exc)
+            )
+            return render(request, template, 422, period=period, shown=None, problem=problem)
+        return render(request, template, period=period, shown=shown, problem=None)
+
+    @app.get("/reports/{period}.html", response_class=HTMLResponse)
+    async def report_page(request: Request, period: str) -> HTMLResponse:
+        if state.reports is None:
+            return not_here(request, "no bundle is open: start the console with --bundle")
+        try:
+            page = await run_in_threadpool(state.reports.html, period)
+        except (ValueError, AuditError) as exc:
+            return render(request, "error.html", 422, title="No report", message=str(exc))
+        # the report is one self-contained page with its own stylesheet and no script
+        policy = REPORT_POLICY
+        return HTMLResponse(page, headers={"Content-Security-Policy": policy})
+
     # -- the operator's pages -------------------------------------------------------------
 
     def operator_page(
@@ -296,6 +336,24 @@ def create_console_app(
             return f"zone {zone} is {status}"
 
         return await act(request, "zones.html", load_zones, do)
+
+    def load_incidents(desk: OperatorDesk) -> Any:
+        return desk.incidents()
+
+    @app.get("/incidents", response_class=HTMLResponse)
+    def incidents(request: Request) -> HTMLResponse:
+        return operator_page(request, "incidents.html", load_incidents)
+
+    @app.post("/incidents/{incident_id}/label", response_class=HTMLResponse)
+    async def label(request: Request, incident_id: str) -> HTMLResponse:
+        def do(desk: OperatorDesk, form: FormData) -> str:
+            value = _str(form.get("label"))
+            if value not in ("true", "false"):
+                raise ValueError("label an incident true or false")
+            desk.label_incident(incident_id, value == "true")
+            return f"incident {incident_id} labelled {value} positive"
+
+        return await act(request, "incidents.html", load_incidents, do)
 
     return app
 

@@ -240,6 +240,13 @@ class LedgerBundle:
             return None
         return self._read(self.entries[seq])
 
+    def periods(self) -> list[str]:
+        """The months (``YYYY-MM``) and quarters (``YYYYQn``) the entries fall in, newest
+        first, for the reports' form."""
+        months = sorted({e.time[:7] for e in self.entries if len(e.time) >= 7}, reverse=True)
+        quarters = sorted({f"{m[:4]}Q{(int(m[5:7]) - 1) // 3 + 1}" for m in months}, reverse=True)
+        return months + quarters
+
     def __iter__(self) -> Iterator[IndexedEntry]:
         return iter(self.entries)
 

@@ -59,6 +59,16 @@ class OperatorDesk:
         with self._lock:
             self.client.set_zone_status(zone, status)
 
+    def incidents(self) -> list[dict[str, Any]]:
+        """The monitor's incidents, open ones first, newest first."""
+        with self._lock:
+            found = self.client.incidents()
+        return sorted(found, key=lambda i: (i.get("status") != "open", -(i.get("first_seq") or 0)))
+
+    def label_incident(self, incident_id: str, label: bool) -> dict[str, Any]:
+        with self._lock:
+            return self.client.label_incident(incident_id, label)
+
     def close(self) -> None:
         self.client.close()
 
