@@ -151,7 +151,9 @@ def incident_list(
     if as_json:
         print_json(rows)
         return
-    out.print(_incident_rows(rows))
+    from exchange.cli.access import print_wide
+
+    print_wide(_incident_rows(rows))
 
 
 @incident_app.command("label")
