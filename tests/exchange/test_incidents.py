@@ -374,3 +374,31 @@ def test_the_monitor_acts_only_on_a_log_its_checkpoint_vouches_for(run: Run) -> 
     result = run_monitor(run.files["dir"], run.server.url, log_key="wrong.pub")
     assert result.exit_code != 0
     assert "checkpoint does not verify" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "difference"),
+    [
+        ("industry = 'retail'", "industry = 'retail' AND company_id <> 'C1'", "term"),
+        ("employees > 10 AND industry = 'retail'", "industry = 'retail'", "term"),
+        (
+            "employees > 10 AND industry = 'retail'",
+            "industry = 'retail' AND employees > 11",
+            "constant",
+        ),
+        ("employees > 10", "founded_year > 10", None),  # another column: not a neighbour
+        ("employees > 10", "employees > 10", None),  # the same query
+        ("employees > 10", "employees > 10 AND industry = 'a' AND district = 'b'", None),
+    ],
+)
+def test_near_duplicate_queries(a: str, b: str, difference: str | None) -> None:
+    from exchange.server.querydiff import QueryShape, near_duplicate
+
+    first = QueryShape.of(f"SELECT district, COUNT(*) FROM companies WHERE {a} GROUP BY district")
+    second = QueryShape.of(f"SELECT district, COUNT(*) FROM companies WHERE {b} GROUP BY district")
+    assert first is not None and second is not None
+    assert near_duplicate(first, second) == difference
+    other = QueryShape.of(
+        f"SELECT district, SUM(employees) FROM companies WHERE {b} GROUP BY district"
+    )
+    assert other is not None and near_duplicate(first, other) is None  # another computation
