@@ -99,6 +99,18 @@ class Settings(BaseModel):
     #: a dispatched task must be finished by then, else it is terminated
     node_task_seconds: int = 120
 
+    # cross-border flows (policy.xborder, docs/cross-border.md)
+    #: the operator's jurisdiction (ISO 3166-1 alpha-2): principals registered without one, and
+    #: principals registered before jurisdictions existed, are here
+    jurisdiction: str = "CN"
+    #: distinct subjects per provider and calendar year (China Standard Time) sent abroad: the
+    #: 2024 CAC Provisions' values (Art. 7, 8 and 5(4)); a deployment or a test may lower them
+    xborder_personal_contract: int = Field(default=100_000, ge=1)
+    xborder_personal_assessment: int = Field(default=1_000_000, ge=2)
+    xborder_sensitive_assessment: int = Field(default=10_000, ge=1)
+    #: warn once a count reaches this percentage of a threshold
+    xborder_warn_percent: int = Field(default=80, ge=1, le=100)
+
     # operations
     #: ``/v1/ready`` answers 503 when the database does not answer a trivial query within this
     ready_timeout_seconds: float = 2.0

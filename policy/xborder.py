@@ -51,6 +51,8 @@ from importlib import resources
 from policy.levels import Level, Operation
 
 __all__ = [
+    "APPROVAL_TYPE",
+    "APPROVAL_VERSION",
     "CST",
     "ORIGINS",
     "Basis",
@@ -61,6 +63,7 @@ __all__ = [
     "XborderCase",
     "XborderDecision",
     "anonymized",
+    "approval_payload",
     "check_approval_period",
     "counting_year",
     "decide",
@@ -389,3 +392,31 @@ def check_approval_period(document: str, valid_from: datetime, valid_until: date
                 "a security assessment is valid for three years at most (2024 Provisions Art. 9)"
             )
     return kind
+
+
+#: DSSE payload type of the operator's signed record of a compliance approval
+APPROVAL_TYPE = "application/vnd.zonex.xborder-approval+json"
+APPROVAL_VERSION = "zonex.xborder-approval.v1"
+
+
+def approval_payload(
+    *,
+    provider: str,
+    document: str,
+    document_sha256: str,
+    valid_from: datetime,
+    valid_until: datetime,
+    approver: str,
+) -> dict[str, str]:
+    """The terms the operator signs when it records a compliance approval for a provider: which
+    document (by its SHA-256, the document itself stays with the operator) and for how long."""
+    kind = check_approval_period(document, valid_from, valid_until)
+    return {
+        "type": APPROVAL_VERSION,
+        "provider": provider,
+        "document": kind.value,
+        "document_sha256": document_sha256,
+        "valid_from": valid_from.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "valid_until": valid_until.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "approver": approver,
+    }

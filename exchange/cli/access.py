@@ -158,6 +158,16 @@ def approve(
     not_after = datetime.now(UTC) + timedelta(days=days) if days is not None else None
     with client(url, key) as c:
         r = c.approve(request_id, not_after=not_after, datasets=dataset, operations=operation)
+        abroad = c.xborder_request_check(r["id"])
+    for w in abroad:
+        # the consumer is abroad: a release that needs a compliance approval is refused
+        if w.get("decision") != "exempt" and not w.get("approved"):
+            needs = " or ".join(w.get("documents") or []) or "nothing: it is refused"
+            err.print(
+                f"warning: {w['operation']} on {w['dataset']} to "
+                f"{w.get('consumer_jurisdiction', 'abroad')} needs {needs} "
+                f"({w.get('basis', 'refuse')}); no live approval: releases will be refused"
+            )
     if r["grant_id"]:
         out.print(f"request {r['id']} approved: grant {r['grant_id']}")
     elif r["status"] == "awaiting_operator":

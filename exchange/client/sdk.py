@@ -19,6 +19,7 @@ A refusal raises :class:`ApiError` carrying the server's RFC 9457 problem (``sta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import time
@@ -589,6 +590,58 @@ class Client:
                 json={"approval": envelope.model_dump(mode="json")},
             )
         )
+
+    # cross-border flows (docs/cross-border.md)
+    def record_xborder_approval(
+        self,
+        provider: str,
+        document: str,
+        document_bytes: bytes,
+        *,
+        valid_until: datetime,
+        valid_from: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Record a provider's compliance approval (operator): signs the terms, with the
+        document's SHA-256 (the document itself is not sent)."""
+        from policy.xborder import APPROVAL_TYPE as XBORDER_APPROVAL_TYPE
+        from policy.xborder import approval_payload as xborder_approval_payload
+
+        payload = xborder_approval_payload(
+            provider=provider,
+            document=document,
+            document_sha256=hashlib.sha256(document_bytes).hexdigest(),
+            valid_from=valid_from or datetime.now(UTC).replace(microsecond=0),
+            valid_until=valid_until,
+            approver=self.key.key_id,
+        )
+        envelope = sign_envelope(XBORDER_APPROVAL_TYPE, payload, [self.key])
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/xborder/approvals", json={"approval": envelope.model_dump(mode="json")}
+        )
+        return result
+
+    def xborder_approvals(self, provider: str | None = None) -> list[dict[str, Any]]:
+        params = {"provider": provider} if provider else None
+        result: list[dict[str, Any]] = self.request("GET", "/v1/xborder/approvals", params=params)
+        return result
+
+    def xborder_counts(self, provider: str, year: int | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"provider": provider}
+        if year is not None:
+            params["year"] = year
+        result: dict[str, Any] = self.request("GET", "/v1/xborder/counts", params=params)
+        return result
+
+    def set_xborder_negative_list(self, zone: str, entries: list[list[str]]) -> dict[str, Any]:
+        result: dict[str, Any] = self.request(
+            "PUT", f"/v1/xborder/zones/{zone}/negative-list", json={"entries": entries}
+        )
+        return result
+
+    def xborder_request_check(self, request_id: str) -> list[dict[str, Any]]:
+        """What an access request's datasets and operations would need abroad."""
+        result: list[dict[str, Any]] = self.request("GET", f"/v1/xborder/requests/{request_id}")
+        return result
 
     def reject(self, request_id: str, reason: str) -> AccessRequest:
         return AccessRequest(

@@ -11,7 +11,7 @@ entry refuses the release (another process's policy cache may not have seen it y
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -42,13 +42,15 @@ def record_computation(
     attrs: Mapping[str, str | int] | None = None,
     apply: Apply | None = None,
     node: NodeResult | None = None,
+    more: Sequence[EntryDraft] = (),
 ) -> tuple[dict[str, Any], Any]:
     """Ledger a computation and return ``(receipt bundle, apply's return value)``.
 
     ``statement`` holds the receipt fields except ``type``, ``kind``, ``result_digest``, ``time``
     and ``ledger_index``, which are filled in here. ``node``: the zone node's verified answer
     when a node computed the result; the statement names its key and the bundle embeds its
-    signed envelope.
+    signed envelope. ``more``: entries committed right after the computation's, in its
+    transaction (a cross-border decision, which ``apply`` completes).
     """
     if ex.log_signer is None:
         raise LedgerError("this process holds no log key and cannot sign receipts")
@@ -73,7 +75,10 @@ def record_computation(
         {g for g in str(statement.get("grant") or "").split(",") if g.startswith("grant:")}
     )
     try:
-        appended = ex.ledger.append(draft, _still_granted(grants, apply))
+        if more:
+            appended = ex.ledger.append_group([draft, *more], _still_granted(grants, apply))[0]
+        else:
+            appended = ex.ledger.append(draft, _still_granted(grants, apply))
     except DeniedError as exc:
         ex.ledger.append(
             EntryDraft(

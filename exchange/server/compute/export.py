@@ -22,8 +22,9 @@ from crypto.canonical import canonicalize
 from exchange import subjects
 from exchange.domain import Principal
 from exchange.errors import InvalidInputError
-from exchange.server import access
+from exchange.server import access, xborder
 from exchange.server.compute.source import open_source
+from exchange.server.ledger import Apply, EntryDraft
 from exchange.server.receipts import record_computation
 from exchange.server.runtime import Exchange
 from policy import Obligation, Operation, obligations
@@ -63,6 +64,17 @@ def export_rows(
     if len(rows) > MAX_EXPORT_ROWS:
         raise InvalidInputError(f"export is limited to {MAX_EXPORT_ROWS} rows; aggregate instead")
     index = names.index(subject)
+    # a consumer abroad: the rows' subjects are digested under the provider's cross-border key
+    # here (never stored as ids) and counted in the release's transaction
+    abroad = xborder.release_for(
+        ex,
+        actor.key_id,
+        zone,
+        dataset,
+        Operation.EXPORT,
+        dp=False,
+        subjects=(r[index] for r in rows),
+    )
     out_rows = []
     for r in rows:
         values = [_json_value(v) for v in r]
@@ -83,25 +95,31 @@ def export_rows(
         "dataset": dataset,
         "purpose": auth.request.purpose,
     }
-    receipt, _ = record_computation(
-        ex,
-        kind="export",
-        actor=actor.key_id,
-        statement={
-            "consumer": actor.key_id,
-            "zones": [zone],
-            "datasets": [{"zone": zone, "name": dataset, "snapshot": auth.digest}],
-            "query_digest": hashlib.sha256(canonicalize(query)).hexdigest(),
-            "rules_version": None,
-            "grant": auth.decision.rule,
-            "policy_version": auth.decision.policy_version,
-            "purpose": auth.request.purpose,
-            "k": None,
-            "epsilon": "0",
-            "output_level": auth.level.value,
-        },
-        result=result_doc,
-        refs={"zone": zone, "dataset": dataset},
-        attrs={**auth.attrs(), "rows": len(out_rows)},
-    )
+
+    def record(apply: Apply | None, more: list[EntryDraft]) -> tuple[dict[str, Any], Any]:
+        return record_computation(
+            ex,
+            kind="export",
+            actor=actor.key_id,
+            statement={
+                "consumer": actor.key_id,
+                "zones": [zone],
+                "datasets": [{"zone": zone, "name": dataset, "snapshot": auth.digest}],
+                "query_digest": hashlib.sha256(canonicalize(query)).hexdigest(),
+                "rules_version": None,
+                "grant": auth.decision.rule,
+                "policy_version": auth.decision.policy_version,
+                "purpose": auth.request.purpose,
+                "k": None,
+                "epsilon": "0",
+                "output_level": auth.level.value,
+            },
+            result=result_doc,
+            refs={"zone": zone, "dataset": dataset},
+            attrs={**auth.attrs(), "rows": len(out_rows)},
+            apply=apply,
+            more=more,
+        )
+
+    receipt, _ = record(None, []) if abroad is None else abroad.record(record)
     return {"result": result_doc, "receipt": receipt}
