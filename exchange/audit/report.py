@@ -39,6 +39,7 @@ from crypto.canonical import canonicalize
 from crypto.merkle import CompactRange
 from crypto.note import NoteVerifier
 from exchange.audit import AuditError, check_bundle, read_bundle_lines
+from exchange.audit.rules import DEFAULT_EPSILON_BUDGET
 
 __all__ = [
     "CSV_COLUMNS",
@@ -71,6 +72,7 @@ CSV_COLUMNS = (
 MEASURES: dict[str, str] = {
     "computations": "kind",
     "epsilon.spent": "",
+    "epsilon.left": "dataset",
     "denials.policy": "reason",
     "denials.authentication": "reason",
     "denials.refused": "code/reason",
@@ -101,8 +103,9 @@ _ORDER = {name: i for i, name in enumerate(MEASURES)}
 #: notes a report carries about what its ledger does not evidence
 NOTES: dict[str, str] = {
     "epsilon_budget_not_on_ledger": (
-        "budget totals are not on the ledger (the analysis rules are recorded as a digest): "
-        "epsilon is reported as spent only, not as left"
+        "some releases carry no window total (spent.<zone>/<dataset>) or charge a dataset "
+        "whose analysis rules on the ledger state no epsilon_budget (entries written before "
+        "these were recorded): for them epsilon is reported as spent only, not as left"
     ),
     "psi_epsilon_not_on_ledger": (
         "PSI computation entries carry no epsilon attribute: epsilon.spent counts the "
@@ -342,12 +345,16 @@ class _Tally:
         self.requests: dict[str, tuple[str, str]] = {}  # request id -> (zone, time)
         self.grants: dict[str, _Grant] = {}
         self.incidents: dict[str, str] = {}  # incident id -> detector
+        #: (zone, dataset) -> the epsilon budget its latest analysis rules state (None: unstated)
+        self.budgets: dict[tuple[str, str], Decimal | None] = {}
+        #: (month, zone, consumer, dataset) -> epsilon left after the month's last charge
+        self.left: dict[tuple[str, str, str, str], Decimal] = {}
         self.entries = 0
         self.in_period = 0
         self.first_seq: int | None = None
         self.last_seq: int | None = None
         self.last_time = ""
-        self.notes: set[str] = {"epsilon_budget_not_on_ledger"}
+        self.notes: set[str] = set()
 
     def add(self, measure: str, month: str, amount: Decimal | int = 1, /, **dims: str) -> None:
         """Add ``amount`` to the row of ``measure``, ``month`` and ``dims`` (zone, level,
@@ -400,6 +407,9 @@ class _Tally:
             found = self.grants.get(_s(refs.get("grant")))
             if found is not None and found.revoked is None:
                 found.revoked = time
+        elif kind == "analysis.rules_set":
+            budget_key = (_s(refs.get("zone")), _s(refs.get("dataset")))
+            self.budgets[budget_key] = _decimal(attrs.get("epsilon_budget"))
         elif kind == "incident.opened":
             incident = _s(refs.get("incident"))
             if incident:
@@ -415,6 +425,7 @@ class _Tally:
             epsilon = _decimal(attrs.get("epsilon"))
             if epsilon:
                 self.add("epsilon.spent", month, epsilon, **dims)
+                self._left(month, actor, attrs)
             elif computation.startswith("psi_"):
                 self.notes.add("psi_epsilon_not_on_ledger")
             if computation.startswith("psi_"):
@@ -502,6 +513,25 @@ class _Tally:
         elif kind == "report.published":
             self.add("reports.published", month, key=_s(attrs.get("period")) or "unknown")
 
+    def _left(self, month: str, consumer: str, attrs: Any) -> None:
+        """What a charge leaves of each dataset's budget in its window: the budget in force
+        (the latest analysis rules', or the default rules' if none were set) less the window's
+        total the entry records."""
+        charged = False
+        for name, value in attrs.items():
+            if not name.startswith("spent."):
+                continue
+            zone, _, dataset = name.removeprefix("spent.").partition("/")
+            spent = _decimal(value)
+            budget = self.budgets.get((zone, dataset), DEFAULT_EPSILON_BUDGET)
+            if spent is None or budget is None:
+                self.notes.add("epsilon_budget_not_on_ledger")
+                continue
+            charged = True
+            self.left[(month, zone, consumer, dataset)] = max(Decimal(0), budget - spent)
+        if not charged:
+            self.notes.add("epsilon_budget_not_on_ledger")
+
     def _grant_created(self, month: str, refs: Any, attrs: Any, time: str) -> None:
         request = self.requests.get(_s(refs.get("request")))
         zone = _s(refs.get("zone")) or ("" if request is None else request[0])
@@ -521,6 +551,10 @@ class _Tally:
         rows += [
             Measure(month, measure, zone, level, purpose, consumer, key, str(value))
             for (measure, month, zone, level, purpose, consumer, key), value in self.maxima.items()
+        ]
+        rows += [
+            Measure(month, "epsilon.left", zone, "", "", consumer, dataset, _text(value))
+            for (month, zone, consumer, dataset), value in self.left.items()
         ]
         for (month, zone, purpose), waits in self.latencies.items():
             dims = (month, zone, "", purpose, "", "")

@@ -46,6 +46,7 @@ _NOTO_SC_INDEX = 2
 LABELS: dict[str, tuple[str, str]] = {
     "computations": ("计算次数", "Computations"),
     "epsilon.spent": ("ε 消耗", "ε spent"),
+    "epsilon.left": ("ε 剩余 (窗口内)", "ε left in the window"),
     "denials.policy": ("策略拒绝", "Policy denials"),
     "denials.authentication": ("认证拒绝", "Authentication rejections"),
     "denials.refused": ("其他拒绝", "Other refusals"),
@@ -71,8 +72,11 @@ LABELS: dict[str, tuple[str, str]] = {
     "xborder.approvals": ("跨境合规文件", "Cross-border approvals recorded"),
     "reports.published": ("报告发布", "Reports published"),
 }
-#: measures whose rows do not add up over dimensions (the summary shows their largest value)
-_NOT_ADDITIVE = frozenset(m for m in MEASURES if m.endswith((".max", ".max_ms", ".median_ms")))
+#: measures whose rows do not add up over dimensions (the summary shows their largest value,
+#: the smallest for what is left of a budget)
+_NOT_ADDITIVE = frozenset(
+    m for m in MEASURES if m.endswith((".max", ".max_ms", ".median_ms")) or m == "epsilon.left"
+)
 #: a count axis: whole numbers only
 _COUNT = {
     "field": "value",
@@ -112,7 +116,9 @@ def summary_rows(report: Report) -> list[SummaryRow]:
     for m in report.rows:
         k = (m.measure, m.key)
         value = Decimal(m.value)
-        if m.measure in _NOT_ADDITIVE:
+        if m.measure == "epsilon.left":  # the tightest
+            totals[k] = min(totals.get(k, value), value)
+        elif m.measure in _NOT_ADDITIVE:
             totals[k] = max(totals.get(k, value), value)
         else:
             totals[k] = totals.get(k, Decimal(0)) + value
