@@ -72,6 +72,7 @@ __all__ = [
     "reblind",
     "session_domain",
     "shuffled",
+    "unblind",
     "validate_point",
 ]
 
@@ -143,6 +144,12 @@ class PsiKey:
     def to_bytes(self) -> bytes:
         """The scalar, 32 bytes little-endian. Secret."""
         return self._scalar
+
+    def inverse(self) -> PsiKey:
+        """The key ``k⁻¹ mod ℓ`` (Fermat: ``k^(ℓ−2)``), which undoes ``k``: ``k⁻¹·(k·P) = P``.
+        ℓ is prime and ``k`` is in ``[1, ℓ)``, so the inverse exists and is in ``[1, ℓ)``."""
+        scalar = int.from_bytes(self._scalar, "little")
+        return PsiKey(pow(scalar, GROUP_ORDER - 2, GROUP_ORDER).to_bytes(SCALAR_BYTES, "little"))
 
     def __repr__(self) -> str:
         return "PsiKey(<secret>)"
@@ -326,6 +333,13 @@ def reblind(key: PsiKey, points: Sequence[bytes], *, workers: int | None = None)
     """
     scalar = key.to_bytes()
     return _split(len(points), workers, lambda a, b: _reblind_chunk(scalar, points[a:b], a))
+
+
+def unblind(key: PsiKey, points: Sequence[bytes], *, workers: int | None = None) -> list[bytes]:
+    """``[k⁻¹·P for P in points]``: removes ``key`` from points a peer re-blinded, so
+    ``unblind(c, reblind(e, blind(c, d, xs))) == blind(e, d, xs)``. Every point is checked as
+    :func:`reblind` checks it (a peer's point is never multiplied unchecked)."""
+    return reblind(key.inverse(), points, workers=workers)
 
 
 def shuffled(items: Sequence[T]) -> list[T]:

@@ -89,6 +89,14 @@ class Settings(BaseModel):
     psi_session_seconds: int = 900
     #: threads for blinding and re-blinding (None: every available core)
     psi_workers: int | None = None
+    #: epoch mode (docs/psi.md, "Epoch mode"): a zone's prepared image serves sessions for at
+    #: most this long and this many sessions, then a new epoch (a fresh key) is prepared
+    psi_epoch_max_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    psi_epoch_max_sessions: int = Field(default=1000, ge=1)
+    #: a session uses a prepared epoch by itself when |Y| >= this many times |X|
+    psi_epoch_ratio: int = Field(default=16, ge=1)
+    #: subjects blinded between two progress records of a preparation
+    psi_epoch_chunk: int = Field(default=262_144, ge=1)
 
     # zone nodes
     #: a node's long poll waits at most this long for a task before answering 204

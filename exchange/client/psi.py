@@ -12,6 +12,10 @@ scalar and its HE secret key never leave this process.
    fresh scalar c and upload A = c·H(x) in ordered batches;
 4. download B = p·H(y), re-blind it (every point is checked: a provider cannot probe c with a
    crafted point) and upload B^c;
+   In epoch mode (``docs/psi.md``, "Epoch mode": chosen by the exchange for an unbalanced
+   join, or asked for with ``protocol="epoch"``) it hashes under the epoch's domain instead,
+   downloads A_e = k_e·A (|X| points, checked), and uploads F = c⁻¹·A_e: nothing it
+   downloads or computes grows with |Y|;
 5. ask for the result and interpret it locally: map a membership mask back through the secret
    permutation to the caller's rows, or decrypt the sums and compute averages. A
    differentially private ``aggregate`` whose noisy count fell below k comes back
@@ -31,6 +35,7 @@ from crypto import he
 from crypto import psi as cpsi
 from crypto.encoding import b64url_decode
 from exchange.errors import InvalidInputError
+from exchange.psi_epoch import epoch_domain
 from exchange.psi_protocol import LABEL, MODES, id_bytes, normalize_id
 
 if TYPE_CHECKING:
@@ -49,7 +54,8 @@ __all__ = [
 #: points per upload or download batch (2 MiB of points)
 DEFAULT_BATCH_POINTS = 65_536
 
-#: ``progress(phase, done, total)``; phases: blind, send A, zone, receive B, send B^c, result
+#: ``progress(phase, done, total)``; phases: blind, send A, zone, receive B, send B^c (receive
+#: A_e, send F in epoch mode), result
 Progress = Callable[[str, int, int], None]
 
 
@@ -125,8 +131,12 @@ def run(
     batch_points: int = DEFAULT_BATCH_POINTS,
     progress: Progress | None = None,
     workers: int | None = None,
+    protocol: str | None = None,
 ) -> dict[str, Any]:
     """One private join; returns ``{"result", "receipt", "local"}``.
+
+    ``protocol`` (``session`` or ``epoch``) overrides the exchange's choice (``epoch`` for an
+    unbalanced join with a prepared epoch).
 
     ``result`` and ``receipt`` are the exchange's signed answer (``zonex receipt verify``
     checks them); ``local`` is what only this machine can read: for ``members`` one boolean per
@@ -152,11 +162,13 @@ def run(
         sums=list(sums),
         epsilon=None if epsilon is None else str(epsilon),
         context=context,
+        **({} if protocol is None else {"protocol": protocol}),
     )
     sid = session["session"]
     size = max(1, min(batch_points, int(session["max_batch_points"])))
     key = cpsi.PsiKey.generate()
-    domain = cpsi.session_domain(sid, LABEL)
+    epoch = session.get("epoch") if session.get("protocol") == "epoch" else None
+    domain = epoch_domain(epoch) if epoch else cpsi.session_domain(sid, LABEL)
     # a secret order: positions in A say nothing about the ids (they may arrive sorted)
     order = cpsi.shuffled(range(len(prepared.distinct)))
     n = len(order)
@@ -170,7 +182,27 @@ def run(
         answer = client.psi_put_a(sid, start, b"".join(points))
         report("send A", end, n)
     report("zone", 1, 1)
-    y = int(answer.get("y_count", 0))
+    if epoch:
+        _epoch_exchange(client, sid, key, n, size, report, workers)
+    else:
+        _session_exchange(client, sid, key, int(answer.get("y_count", 0)), size, report, workers)
+    response: dict[str, Any] = client.psi_result(sid)
+    report("result", 1, 1)
+    response["local"] = _interpret(response["result"], prepared, order, secret_ctx)
+    return response
+
+
+def _session_exchange(
+    client: Client,
+    sid: str,
+    key: cpsi.PsiKey,
+    y: int,
+    size: int,
+    report: Progress,
+    workers: int | None,
+) -> None:
+    """The per-session protocol: download B = p·H(y) and upload B^c = c·B (every point of B is
+    checked before it is multiplied)."""
     for start, end in _batches(y, size):
         data = client.psi_get_b(sid, start, end - start)
         report("receive B", end, y)
@@ -179,10 +211,27 @@ def run(
             raise ValueError("the exchange sent a short batch of B")
         client.psi_put_bc(sid, start, b"".join(cpsi.reblind(key, b, workers=workers)))
         report("send B^c", end, y)
-    response: dict[str, Any] = client.psi_result(sid)
-    report("result", 1, 1)
-    response["local"] = _interpret(response["result"], prepared, order, secret_ctx)
-    return response
+
+
+def _epoch_exchange(
+    client: Client,
+    sid: str,
+    key: cpsi.PsiKey,
+    n: int,
+    size: int,
+    report: Progress,
+    workers: int | None,
+) -> None:
+    """Epoch mode: download A_e = k_e·A and upload F = c⁻¹·A_e, both |X| points in A's order
+    (every point of A_e is checked before it is multiplied)."""
+    for start, end in _batches(n, size):
+        data = client.psi_get_ae(sid, start, end - start)
+        report("receive A_e", end, n)
+        a_e = [data[i : i + cpsi.POINT_BYTES] for i in range(0, len(data), cpsi.POINT_BYTES)]
+        if len(a_e) != end - start:
+            raise ValueError("the exchange sent a short batch of A_e")
+        client.psi_put_f(sid, start, b"".join(cpsi.unblind(key, a_e, workers=workers)))
+        report("send F", end, n)
 
 
 def _interpret(

@@ -834,6 +834,36 @@ class Client:
         raise_for_problem(response)
         return response.content
 
+    def psi_get_ae(self, session: str, offset: int, limit: int) -> bytes:
+        """Epoch mode: a slice of A_e = k_e·A (|X| points in all)."""
+        response = self._http.get(
+            f"/v1/psi/sessions/{session}/ae/points",
+            params={"offset": offset, "limit": limit},
+            timeout=self.PSI_TIMEOUT,
+        )
+        raise_for_problem(response)
+        return response.content
+
+    def psi_put_f(self, session: str, offset: int, data: bytes) -> dict[str, Any]:
+        """Epoch mode: a batch of F = c⁻¹·A_e, in A's order."""
+        return self._psi_points(session, "f", offset, data)
+
+    def psi_prepare_epoch(self, zone: str, dataset: str) -> dict[str, Any]:
+        """The provider asks its zone to prepare an epoch of ``dataset`` (in the background);
+        returns the dataset's epochs (see :meth:`psi_epochs`)."""
+        result: dict[str, Any] = self.request(
+            "POST", "/v1/psi/epochs", json={"zone": zone, "dataset": dataset}
+        )
+        return result
+
+    def psi_epochs(self, zone: str, dataset: str) -> dict[str, Any]:
+        """A dataset's epochs (its provider): ``current`` (the id serving new sessions, or
+        ``None``) and ``epochs`` (id, snapshot, state, y_count, done, sessions, ...)."""
+        result: dict[str, Any] = self.request(
+            "GET", "/v1/psi/epochs", params={"zone": zone, "dataset": dataset}
+        )
+        return result
+
     def psi_result(self, session: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
             "POST", f"/v1/psi/sessions/{session}/result", timeout=self.PSI_TIMEOUT

@@ -13,12 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from exchange.psi_epoch import PROTOCOLS, EpochPreparingError
 from exchange.server.api.deps import BINARY, Actor, Ex, binary_body
 from exchange.server.api.schemas import ReceiptOut
-from exchange.server.compute import psi
+from exchange.server.compute import psi, psi_epoch
 from exchange.server.observability import observe_computation
 
 router = APIRouter(prefix="/v1", tags=["private joins (PSI)"])
@@ -62,6 +64,19 @@ class SessionIn(BaseModel):
         max_length=64,
         description="aggregate only: hex SHA-256 digest of the consumer's uploaded BFV context",
     )
+    protocol: str | None = Field(
+        default=None,
+        max_length=16,
+        description=f"one of {', '.join(PROTOCOLS)}; left out: `epoch` when the dataset has a "
+        "prepared epoch and |Y| >= psi_epoch_ratio (16) x |X|, else `session`",
+    )
+
+
+class EpochIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    zone: str = Field(min_length=1, max_length=64)
+    dataset: str = Field(min_length=1, max_length=64)
 
 
 class SumPlanOut(BaseModel):
@@ -82,6 +97,11 @@ class SessionOut(BaseModel):
     sums: list[SumPlanOut]
     max_batch_points: int = Field(description="the most points one batch may carry")
     expires_at: str = Field(description="RFC 3339; psi_session_seconds after creation")
+    protocol: str = Field(description="`session` or `epoch`")
+    epoch: str | None = Field(
+        description="epoch mode: the epoch id, hashed into the domain in place of the session id"
+    )
+    y_count: int | None = Field(description="epoch mode: |Y| of the epoch's image")
 
 
 class SessionInfoOut(BaseModel):
@@ -124,21 +144,59 @@ class PsiResultOut(BaseModel):
     response_model=None,
     responses={201: {"model": SessionOut, "description": "the session, open"}},
 )
-def create_session(actor: Actor, ex: Ex, body: SessionIn) -> dict[str, Any]:
+def create_session(actor: Actor, ex: Ex, body: SessionIn) -> dict[str, Any] | JSONResponse:
     """Authorizes the mode on the dataset, checks the limits, k, the rules and (aggregate) the
-    HE context, and opens a session that lives psi_session_seconds. No data moves yet."""
-    return psi.create_session(
-        ex,
-        actor,
-        zone=body.zone,
-        dataset=body.dataset,
-        mode=body.mode,
-        purpose=body.purpose,
-        x_count=body.x_count,
-        sums=body.sums,
-        epsilon=body.epsilon,
-        context=body.context,
-    )
+    HE context, and opens a session that lives psi_session_seconds. No data moves yet. In epoch
+    mode, while the zone prepares the epoch: 503 ``epoch_preparing`` with Retry-After."""
+    try:
+        return psi.create_session(
+            ex,
+            actor,
+            zone=body.zone,
+            dataset=body.dataset,
+            mode=body.mode,
+            purpose=body.purpose,
+            x_count=body.x_count,
+            sums=body.sums,
+            epsilon=body.epsilon,
+            context=body.context,
+            protocol=body.protocol,
+        )
+    except EpochPreparingError as exc:
+        return _retry_later(exc)
+
+
+def _retry_later(exc: EpochPreparingError) -> JSONResponse:
+    from exchange.server.api.app import problem  # the app imports this router
+
+    extra = {k: v for k, v in exc.extra.items() if isinstance(v, int)}
+    response = problem(exc.status, exc.code, exc.title, exc.detail, **extra)
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+@router.post(
+    "/psi/epochs",
+    status_code=202,
+    summary="Prepare an epoch of a dataset (its provider)",
+    response_model=None,
+)
+def prepare_epoch(actor: Actor, ex: Ex, body: EpochIn) -> dict[str, Any]:
+    """The zone's provider asks for an epoch: unless one is ready and current, the zone starts
+    preparing it in the background. Answers the dataset's epochs (``current`` and ``epochs``:
+    id, snapshot, state, |Y|, subjects blinded so far, sessions served)."""
+    return psi_epoch.request_preparation(ex, actor, body.zone, body.dataset)
+
+
+@router.get("/psi/epochs", summary="A dataset's epochs (its provider)", response_model=None)
+def get_epochs(
+    actor: Actor,
+    ex: Ex,
+    zone: str = Query(min_length=1, max_length=64),
+    dataset: str = Query(min_length=1, max_length=64),
+) -> dict[str, Any]:
+    """The dataset's epochs and which one serves new sessions (never a key)."""
+    return psi_epoch.epoch_status(ex, actor, zone, dataset)
 
 
 @router.get(
@@ -217,6 +275,52 @@ async def put_bc(
     body = await binary_body(request, "points")
     result: dict[str, Any] = await run_in_threadpool(
         psi.put_bc_points, ex, actor, session, offset, body
+    )
+    return result
+
+
+@router.get(
+    "/psi/sessions/{session}/ae/points",
+    summary="Download a slice of A_e (epoch mode)",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "concatenated 32-byte points of A_e = k_e·A, from offset, at most limit",
+            "content": {BINARY: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+def get_ae(
+    session: str,
+    actor: Actor,
+    ex: Ex,
+    offset: int = Query(ge=0, description="the index of the first point of A_e"),
+    limit: int = Query(ge=1, description="the most points (capped at max_batch_points)"),
+) -> Response:
+    """A_e in A's order (|X| points); a read, may be repeated until the session ends."""
+    data = psi_epoch.get_ae_points(ex, actor, session, offset, limit)
+    return Response(content=data, media_type=BINARY)
+
+
+@router.post(
+    "/psi/sessions/{session}/f/points",
+    summary="Upload a batch of F (epoch mode)",
+    response_model=None,
+    responses={200: {"model": BatchOut, "description": "the batch was accepted"}},
+    openapi_extra=POINTS_BODY,
+)
+async def put_f(
+    session: str,
+    request: Request,
+    actor: Actor,
+    ex: Ex,
+    offset: int = Query(ge=0, description="the index of the batch's first point in A's order"),
+) -> dict[str, Any]:
+    """F = c⁻¹·A_e in A's order; every point checked, the whole list (|X| distinct points)
+    when complete."""
+    body = await binary_body(request, "points")
+    result: dict[str, Any] = await run_in_threadpool(
+        psi_epoch.put_f_points, ex, actor, session, offset, body
     )
     return result
 

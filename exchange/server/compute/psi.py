@@ -192,6 +192,10 @@ def _write_key(path: Path, key: cpsi.PsiKey) -> None:
 
 
 def _read_key(ex: Exchange, snap: _Snap) -> cpsi.PsiKey:
+    if snap.params.get("epoch"):
+        from exchange.server.compute import psi_epoch
+
+        return psi_epoch.zone_key(ex, snap)
     try:
         return cpsi.PsiKey.from_bytes(_key_path(ex, snap.zone, snap.id).read_bytes())
     except (OSError, CryptoError) as exc:
@@ -503,8 +507,11 @@ def create_session(
     sums: Sequence[str] = (),
     epsilon: object = None,
     context: str | None = None,
+    protocol: str | None = None,
 ) -> dict[str, Any]:
-    """Open a session after checking the grant, the limits and the rules; no data moves yet."""
+    """Open a session after checking the grant, the limits and the rules; no data moves yet.
+    ``protocol`` ``epoch`` binds it to the dataset's prepared epoch (:mod:`.psi_epoch`); left
+    out, the epoch is used when one is ready and |Y| is large against |X|."""
     if mode not in MODES:
         raise InvalidInputError(f"mode must be one of {', '.join(MODES)}")
     auth = access.authorize(ex, actor, zone, dataset, MODES[mode], purpose, step="create")
@@ -571,6 +578,17 @@ def create_session(
             raise InvalidInputError("psi_aggregate needs the digest of an uploaded BFV context")
         load_context(ex, context, expected=he.BFV_DEFAULT)
         ctx_digest = context
+    from exchange.server.compute import psi_epoch  # epoch mode builds on this module
+
+    epoch = psi_epoch.bind(
+        ex,
+        zone=zone,
+        dataset=dataset,
+        snapshot=auth.digest,
+        on_node=on_node,
+        x_count=x_count,
+        requested=protocol,
+    )
 
     sid = "psi_" + secrets.token_urlsafe(24)
     now = _now()
@@ -585,8 +603,11 @@ def create_session(
     if on_node:
         # the zone's role runs on its node, which draws p itself: no key is kept here
         params["host"] = "node"
+    if epoch is not None:
+        # the zone answers with its epoch key (psi_epoch.zone_key): no session key is drawn
+        params.update(protocol="epoch", epoch=epoch["id"])
     _private_dir(_session_dir(ex, sid))
-    if not on_node:
+    if not on_node and epoch is None:
         _write_key(_key_path(ex, zone, sid), cpsi.PsiKey.generate())
     expires = now + timedelta(seconds=cfg.psi_session_seconds)
 
@@ -621,7 +642,12 @@ def create_session(
                 actor=actor.key_id,
                 refs={"zone": zone, "dataset": dataset, "session": sid},
                 digests={"context": ctx_digest} if ctx_digest else {},
-                attrs={**auth.attrs(), "mode": mode, "x_count": x_count},
+                attrs={
+                    **auth.attrs(),
+                    "mode": mode,
+                    "x_count": x_count,
+                    **({"protocol": "epoch", "epoch": epoch["id"]} if epoch else {}),
+                },
             ),
             apply,
         )
@@ -641,6 +667,9 @@ def create_session(
         "sums": plan,
         "max_batch_points": cfg.max_psi_batch_bytes // _P,
         "expires_at": expires.isoformat(),
+        "protocol": "session" if epoch is None else "epoch",
+        "epoch": None if epoch is None else epoch["id"],
+        "y_count": None if epoch is None else epoch["y_count"],
     }
 
 
@@ -733,14 +762,19 @@ def put_a_points(
         else:
             # A' = p·A is a bijection of A: A' holds a repeat exactly when A does
             _check_whole(_read_points(folder / "a_prime.bin"), snap.x_count, "A")
-            y_count, digests = _zone_answer(ex, snap, key, terms)
+            if snap.params.get("epoch"):
+                from exchange.server.compute import psi_epoch
+
+                y_count, digests = psi_epoch.zone_answer(ex, snap, terms, auth.digest)
+            else:
+                y_count, digests = _zone_answer(ex, snap, key, terms)
         digests["a_prime"] = _file_digest(folder / "a_prime.bin")
         _release(
             ex,
             sid,
             a_received=received,
             y_count=y_count,
-            step="b_ready" if y_count else "bc_done",
+            step="ae_ready" if snap.params.get("epoch") else "b_ready" if y_count else "bc_done",
             digests=digests,
             # the rows per subject the values were encrypted with (the release's noise scale)
             params={**snap.params, "max_rows_per_subject": terms.max_rows},
@@ -976,6 +1010,19 @@ def _node_result(ex: Exchange, snap: _Snap) -> dispatch.NodeResult | None:
 
 def get_b_points(ex: Exchange, actor: Principal, sid: str, offset: int, limit: int) -> bytes:
     """A slice of B (a read: it may be repeated until the session ends)."""
+    snap = _readable(ex, actor, sid, "b_ready", "b")
+    y = snap.y_count or 0
+    if offset < 0 or limit < 1 or offset > y:
+        raise InvalidInputError("offset and limit must select points of B")
+    limit = min(limit, ex.settings.max_psi_batch_bytes // _P, y - offset)
+    with (_session_dir(ex, sid) / "b.bin").open("rb") as f:
+        f.seek(offset * _P)
+        return f.read(limit * _P)
+
+
+def _readable(ex: Exchange, actor: Principal, sid: str, ready: str, step: str) -> _Snap:
+    """A session whose last step is ``ready``, authorized for the read ``step`` under the
+    rules in force (a denial or rules it can no longer meet end it)."""
     with Session(ex.engine) as s:
         row = _load(s, actor, sid)
         snap, state, expires = _snap(row), row.state, row.expires_at
@@ -984,10 +1031,10 @@ def get_b_points(ex: Exchange, actor: Principal, sid: str, offset: int, limit: i
         raise _expired_error()
     if state in _TERMINAL:
         raise ConflictError(f"the PSI session is {state}", reason="session_over")
-    if snap.step not in ("b_ready",):
-        raise ConflictError("B is not ready: upload A first", reason="out_of_order")
+    if snap.step != ready:
+        raise ConflictError(f"{step} is not ready: upload A first", reason="out_of_order")
     try:
-        _authorize(ex, actor, snap, "b")
+        _authorize(ex, actor, snap, step)
         _terms(ex, snap, encrypted=True)
     except DeniedError as exc:
         _end(ex, snap, "failed", f"denied:{exc.reason}")
@@ -997,13 +1044,7 @@ def get_b_points(ex: Exchange, actor: Principal, sid: str, offset: int, limit: i
         _end(ex, snap, "failed", str(exc.extra.get("reason", exc.code)))
         exc.ledgered = True  # psi.session_failed
         raise
-    y = snap.y_count or 0
-    if offset < 0 or limit < 1 or offset > y:
-        raise InvalidInputError("offset and limit must select points of B")
-    limit = min(limit, ex.settings.max_psi_batch_bytes // _P, y - offset)
-    with (_session_dir(ex, sid) / "b.bin").open("rb") as f:
-        f.seek(offset * _P)
-        return f.read(limit * _P)
+    return snap
 
 
 # -- step 4: B^c ----------------------------------------------------------------------------
@@ -1046,24 +1087,16 @@ def put_bc_points(
 
 def finish_session(ex: Exchange, actor: Principal, sid: str) -> dict[str, Any]:
     """Match, release what the mode allows with a receipt, and delete the session's data."""
-    with _step(ex, actor, sid, ("bc_done",)) as snap:
+    with _step(ex, actor, sid, ("bc_done", "f_done")) as snap:
         auth = _authorize(ex, actor, snap, "result")
         # the rules in force at release apply, whatever they were when the session opened
         terms = _terms(ex, snap, encrypted=True)
-        folder = _session_dir(ex, sid)
-        a_prime = _read_points(folder / "a_prime.bin")
-        bc = _read_points(folder / "bc.bin")
-        # nothing is matched but whole lists of distinct points, as long as what they answer
-        _check_whole(a_prime, snap.x_count, "A")
-        _check_whole(bc, snap.y_count or 0, "B^c")
+        a_mask, b_mask = _masks(ex, snap, auth.digest)
         if snap.mode == "members":
-            matched_b = set(bc)
-            mask = "".join("1" if p in matched_b else "0" for p in a_prime)
+            mask = "".join("1" if m else "0" for m in a_mask)
             released: dict[str, Any] = {"members": mask.count("1"), "mask": mask}
             eps = Decimal(0)
         else:
-            in_a = set(a_prime)
-            b_mask = [1 if p in in_a else 0 for p in bc]
             if snap.mode == "cardinality":
                 released, eps = _cardinality(terms, sum(b_mask))
             else:
@@ -1077,6 +1110,23 @@ def finish_session(ex: Exchange, actor: Principal, sid: str) -> dict[str, Any]:
             )
         _cleanup(ex, snap.zone, sid)
     return response
+
+
+def _masks(ex: Exchange, snap: _Snap, snapshot: str) -> tuple[list[int], list[int]]:
+    """Which positions of A, and which of B, matched. Nothing is matched but whole lists of
+    distinct points, as long as what they answer; in epoch mode F is looked up in the epoch's
+    image and the second mask is over I's order (:func:`.psi_epoch.match`)."""
+    folder = _session_dir(ex, snap.id)
+    a_prime = _read_points(folder / "a_prime.bin")
+    _check_whole(a_prime, snap.x_count, "A")
+    if snap.params.get("epoch"):
+        from exchange.server.compute import psi_epoch
+
+        return psi_epoch.match(ex, snap, snapshot)
+    bc = _read_points(folder / "bc.bin")
+    _check_whole(bc, snap.y_count or 0, "B^c")
+    in_a, in_b = set(a_prime), set(bc)
+    return [1 if p in in_b else 0 for p in a_prime], [1 if p in in_a else 0 for p in bc]
 
 
 def _cardinality(terms: _Terms, count: int) -> tuple[dict[str, Any], Decimal]:
