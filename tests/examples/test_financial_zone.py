@@ -13,6 +13,7 @@ import pytest
 from crypto.note import NoteVerifier
 from crypto.receipt import verify_receipt
 from exchange.audit import check_bundle, read_bundle_lines
+from exchange.audit.rules import check_rules
 from tests.conftest import free_port
 from tests.security.leakage import exchange_texts, find
 
@@ -31,6 +32,11 @@ def test_financial_zone_showcase_runs(tmp_path: Path) -> None:
     trusted = (data_dir / "audit" / "trusted-checkpoint.txt").read_text()
     report = check_bundle(read_bundle_lines(data_dir / "audit" / "ledger.jsonl"), log, trusted)
     assert report.ok and report.entries > 0
+    # and the business rules hold over every kind of computation the showcase runs: private
+    # joins, scoring on consents, secure sums, a node's aggregate, a revocation
+    rules = check_rules(read_bundle_lines(data_dir / "audit" / "ledger.jsonl"))
+    assert rules.ok, rules.faults
+    assert rules.entries == report.entries
     kinds = {}
     for name in ("psi-aggregate", "he-score", "secure-sum", "node-aggregate"):
         receipts = data_dir / "receipts"
