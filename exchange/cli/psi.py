@@ -299,3 +299,45 @@ def aggregate(
         sum_columns or [],
         epsilon,
     )
+
+
+@psi_app.command("prepare")
+@one_line_errors
+def prepare(
+    dataset: Dataset,
+    url: Url = "http://127.0.0.1:8421",
+    key: KeyPath = Path("provider.key"),
+    as_json: Annotated[bool, typer.Option("--json", help="print the epochs as JSON")] = False,
+    zone: ZoneArg = None,
+    zone_flag: ZoneFlag = None,
+) -> None:
+    """Prepare an epoch of your dataset for unbalanced private joins (docs/psi.md, "Epoch mode").
+
+    The zone blinds every subject once under a fresh epoch key, in the background; sessions
+    whose |Y| is at least 16 times |X| then cost the consumer O(|X|). Run it again to see the
+    progress; a ready, current epoch is left as it is.
+
+    Example:
+      zonex psi prepare tax --dataset companies --key bureau.key
+    """
+    zone = one_zone(zone, zone_flag, "psi prepare")
+    with client(url, key) as c:
+        status = c.psi_prepare_epoch(zone, dataset)
+    if as_json:
+        print_json(status)
+        return
+    table = Table(title=f"epochs of {zone}/{dataset}")
+    for name in ("epoch", "state", "subjects", "blinded", "sessions", "created"):
+        table.add_column(name)
+    for e in status["epochs"]:
+        table.add_row(
+            e["id"],
+            e["state"] + (" (current)" if e["id"] == status["current"] else ""),
+            "?" if e["y_count"] is None else str(e["y_count"]),
+            str(e["done"]),
+            str(e["sessions"]),
+            str(e["created_at"]),
+        )
+    out.print(table)
+    if status["current"] is None:
+        err.print("preparing in the background; run this again to follow it", highlight=False)

@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from typer.testing import CliRunner
 
 from crypto import psi as cpsi
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
+from exchange.cli import app
 from exchange.client.sdk import ApiError, Client
+from exchange.keyfile import write_private_key
 from exchange.psi_epoch import epoch_domain, fingerprints
 from exchange.server.compute import psi_epoch
 from exchange.server.compute.psi import normalize_id
@@ -402,3 +405,25 @@ def test_dp_by_default_at_l3_holds_in_epoch_mode(live: LiveServer, world: dict[s
     with Session(live.exchange.engine) as s:
         spent = s.execute(select(BudgetRow.spent).where(BudgetRow.dataset == "private"))
         assert Decimal(spent.scalar_one()) == 1
+
+
+def test_zonex_psi_prepare_shows_the_epochs_and_refuses_a_consumer(
+    live: LiveServer, world: dict[str, Any], tmp_path: Path
+) -> None:
+    provider, consumer = tmp_path / "provider.key", tmp_path / "consumer.key"
+    write_private_key(provider, world["keys"]["provider"])
+    write_private_key(consumer, world["keys"]["consumer"])
+
+    def run(key: Path, *args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(
+            app, ["psi", "prepare", *args, "--url", live.url, "--key", str(key)]
+        )
+        return result.exit_code, result.output
+
+    psi_epoch.prepare(live.exchange, "tax", "private")
+    code, out = run(provider, "tax", "--dataset", "private", "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert status["current"] is not None and status["epochs"][-1]["y_count"] == 40
+    code, out = run(consumer, "tax", "--dataset", "private")
+    assert code == 1 and "Traceback" not in out and "zone's provider" in out
