@@ -361,7 +361,7 @@ class _Live:
     """An exchange in a temporary data directory, served by uvicorn on loopback (for setup
     through the signed API); the protocol itself is then driven through the service functions."""
 
-    def __init__(self, root: Any) -> None:
+    def __init__(self, root: Any, **overrides: Any) -> None:
         import threading
 
         import uvicorn
@@ -373,7 +373,7 @@ class _Live:
 
         self.data_dir = root / "exchange"
         init_data_dir(self.data_dir, origin="bench.zonex/log")
-        self.ex = Exchange(Settings.from_data_dir(self.data_dir)).start()
+        self.ex = Exchange(Settings.from_data_dir(self.data_dir, **overrides)).start()
         self.operator = load_private_key(self.data_dir / "operator.key")
         with socket_bound() as port:
             self.port = port
@@ -483,6 +483,7 @@ def _session(
     s = service.create_session(
         live.ex, actor, zone="tax", dataset="companies", mode=mode,
         purpose="credit-assessment", x_count=len(xs), sums=sums, context=digest, epsilon=epsilon,
+        protocol="session",
     )  # fmt: skip
     sid = s["session"]
     batch = 1 << 16
@@ -614,6 +615,121 @@ def run_service(sizes: list[int], aggregate_rows: int, aggregate_ids: int) -> No
         )
 
 
+def _hash_rate() -> float:
+    """Seconds per hash into the group on one core (RFC 9380 expand_message_xmd and
+    ristretto255's one-way map), best of 3 over 2,000 items."""
+    from crypto.psi import expand_message_xmd
+
+    domain = session_domain("bench", "hash")
+    items = [b"C%09d" % i for i in range(2000)]
+
+    def run() -> object:
+        return [
+            crypto_core_ristretto255_from_hash(expand_message_xmd(i, domain, 64)) for i in items
+        ]
+
+    return best(3, len(items), run) / 1e6
+
+
+def _epoch_session(
+    live: _Live, actor: Any, xs: list[str], mode: str, sums: list[str], ctx: Any = None
+) -> tuple[dict[str, Any], dict[str, float], int]:
+    """One epoch-mode session through the service functions, the consumer's work done here;
+    seconds per phase and the bytes of points the consumer downloaded."""
+    from crypto import he
+    from crypto.psi import unblind
+    from exchange.psi_epoch import epoch_domain
+    from exchange.server.compute import contexts, psi_epoch
+    from exchange.server.compute import psi as service
+
+    t: dict[str, float] = {}
+    start = time.perf_counter()
+    digest = None
+    if ctx is not None:
+        digest = contexts.register_context(live.ex, actor, he.public_context_bytes(ctx)).digest
+    s = service.create_session(
+        live.ex, actor, zone="tax", dataset="companies", mode=mode, purpose="credit-assessment",
+        x_count=len(xs), sums=sums, context=digest, epsilon="1", protocol="epoch",
+    )  # fmt: skip
+    sid = s["session"]
+    key = PsiKey.generate()
+    order = shuffled(range(len(xs)))
+    t0 = time.perf_counter()
+    a = blind(key, epoch_domain(s["epoch"]), [xs[i].encode() for i in order])
+    service.put_a_points(live.ex, actor, sid, 0, b"".join(a))
+    t["consumer blind + zone A_e (+ encrypt)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data = psi_epoch.get_ae_points(live.ex, actor, sid, 0, len(xs))
+    a_e = [data[j : j + 32] for j in range(0, len(data), 32)]
+    psi_epoch.put_f_points(live.ex, actor, sid, 0, b"".join(unblind(key, a_e)))
+    t["consumer: unblind A_e, send F"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    folder = live.ex.settings.data_dir / "psi" / sid
+    ct_bytes = sum(f.stat().st_size for f in folder.glob("sum*.ct"))
+    out = service.finish_session(live.ex, actor, sid)
+    t["exchange: match, release, receipt"] = time.perf_counter() - t0
+    t["total"] = time.perf_counter() - start
+    t["ciphertext bytes (zone -> exchange)"] = ct_bytes
+    return out, t, len(data)
+
+
+def run_epoch(sizes: list[int], x_count: int, aggregate: int) -> None:
+    """Epoch mode against the per-session protocol: |X| = ``x_count`` against each |Y|."""
+    import tempfile
+    from pathlib import Path
+
+    from crypto import he
+    from exchange.server.compute import psi_epoch
+
+    n_cores = cores()
+    hash_s, mult_s = _hash_rate(), _mult_rate()
+    print(
+        f"epoch mode on {n_cores} cores; one hash into the group {hash_s * 1e6:.1f} us, one "
+        f"scalar multiplication {mult_s * 1e6:.1f} us (one core, this run)"
+    )
+    for y in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            live = _Live(Path(tmp), psi_max_items=max(y, 2_000_000))
+            try:
+                actor, ids = _world(live, Path(tmp), y, 1000)
+                xs = ids[: x_count // 2] + [f"X{i:09d}" for i in range(x_count - x_count // 2)]
+                t0 = time.perf_counter()
+                epoch = psi_epoch.prepare(live.ex, "tax", "companies")
+                t_prep = time.perf_counter() - t0
+                assert epoch["state"] == "ready" and epoch["y_count"] == y
+                out, te, down = _epoch_session(live, actor, xs, "cardinality", [])
+                # discrete Laplace of scale 1: off by 40 or more with probability 2e-17
+                assert abs(out["result"]["intersection"] - x_count // 2) < 40
+                out, ts = _session(live, actor, xs, "cardinality", [])
+                assert abs(out["result"]["intersection"] - x_count // 2) < 40
+                ta = None
+                if y <= aggregate:
+                    ctx = he.new_context(he.BFV_DEFAULT)
+                    out, ta, _ = _epoch_session(live, actor, xs, "aggregate", ["tax"], ctx)
+                    # ε = 1 split in two: discrete Laplace of scale 2, off by 80: 4e-18
+                    assert abs(out["result"]["count"] - x_count // 2) < 80
+            finally:
+                live.close()
+        limit = (hash_s + mult_s) * y / n_cores
+        print(f"psi_cardinality, |X| = {x_count:,} against |Y| = {y:,}:")
+        print(f"  epoch preparation (once per epoch)           {t_prep:8.2f} s")
+        print(f"  primitive limit ((hash + mult) x |Y| / {n_cores})     {limit:8.2f} s")
+        print(f"  preparation / primitive limit                {t_prep / limit:8.2f}x")
+        for phase, secs in te.items():
+            if phase.startswith("ciphertext"):
+                continue
+            print(f"  epoch session: {phase:<37} {secs:8.3f} s")
+        print(f"  epoch session: consumer downloads           {down:10,} bytes")
+        print(f"  per-session protocol: total                  {ts['total']:8.2f} s")
+        print(f"  per-session protocol: consumer downloads    {32 * y:10,} bytes")
+        if ta is not None:
+            print(
+                f"  epoch psi_aggregate (one sum): total {ta['total']:.2f} s, ciphertexts in "
+                f"I's order {int(ta['ciphertext bytes (zone -> exchange)']):,} bytes "
+                f"({-(-y // he.slot_count(he.BFV_DEFAULT))} chunks)"
+            )
+
+
 class _ExactGate:
     """The k gate as it was: the exact intersection compared with k (the noisy count drawn
     beside it, as the release drew it), for the side-by-side run only."""
@@ -718,8 +834,25 @@ def main() -> None:
     parser.add_argument("--aggregate-ids", type=int, default=100_000)
     parser.add_argument("--only-service", action="store_true", help="skip the primitives")
     parser.add_argument("--checks", type=int, default=0, help="price the privacy checks, N x N")
+    parser.add_argument("--epoch", action="store_true", help="epoch mode vs per session")
+    parser.add_argument("--epoch-x", type=int, default=1000, help="|X| of the epoch runs")
+    parser.add_argument(
+        "--epoch-sizes", default="100000,1000000", help="comma-separated |Y| of the epoch runs"
+    )
+    parser.add_argument("--epoch-ten-million", action="store_true", help="add |Y| = 10^7")
+    parser.add_argument(
+        "--epoch-aggregate", type=int, default=100_000, help="psi_aggregate up to this |Y|"
+    )
     args = parser.parse_args()
     n, repeat = args.items, args.repeat
+    if args.epoch:
+        sizes = [int(s) for s in args.epoch_sizes.split(",") if s]
+        run_epoch(
+            [*sizes, *([10_000_000] if args.epoch_ten_million else [])],
+            args.epoch_x,
+            args.epoch_aggregate,
+        )
+        return
     if args.checks:
         run_checks(args.checks, min(repeat, 3))
         if not (args.service or args.million or args.aggregate_rows):
