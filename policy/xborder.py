@@ -118,6 +118,7 @@ class Basis(StrEnum):
     UNKNOWN_LEVEL = "unknown_level"
     UNKNOWN_JURISDICTION = "unknown_jurisdiction"
     BAD_COUNT = "bad_count"
+    COUNT_UNAVAILABLE = "count_unavailable"
     ORIGIN_RULES_UNKNOWN = "origin_rules_unknown"
     NEGATIVE_LIST = "negative_list"
     CORE_DATA = "core_data"
@@ -145,6 +146,8 @@ PROVISIONS: Mapping[Basis, str] = {
     Basis.CORE_DATA: "core data does not leave (Data Security Law Art. 21)",
     Basis.IMPORTANT_DATA: "important data (2024 Provisions Art. 7(2))",
     Basis.CIIO_PROVIDER: "a CIIO providing personal information or important data (Art. 7(1))",
+    Basis.COUNT_UNAVAILABLE: "personal information of people the exchange cannot count: "
+    "only an assessment covers any count (Art. 7(2)), fail closed",
     Basis.ANONYMIZED: "differentially private output is anonymized information (PIPL Art. 4)",
     Basis.NO_PERSONAL_INFORMATION: "no personal information or important data (Art. 3)",
     Basis.SENSITIVE_OVER_THRESHOLD: "sensitive PI of 10,000 people or more this year (Art. 7(2))",
@@ -203,6 +206,9 @@ class XborderCase:
     #: or ``*``, operation an operation or ``*``
     negative: frozenset[tuple[str, str]] = frozenset()
     thresholds: Thresholds = field(default_factory=Thresholds)
+    #: False when the release's subjects cannot be counted (e.g. PSI membership on a node):
+    #: personal information then needs an assessment, which covers any count
+    count_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -322,6 +328,8 @@ def decide(case: XborderCase) -> XborderDecision:
         return _decision(Outcome.EXEMPT, Basis.NO_PERSONAL_INFORMATION, case)
     if case.provider_ciio:
         return _decision(Outcome.ASSESSMENT, Basis.CIIO_PROVIDER, case)
+    if not case.count_known:
+        return _decision(Outcome.ASSESSMENT, Basis.COUNT_UNAVAILABLE, case)
     t = case.thresholds
     if pi is PiClass.SENSITIVE:
         limit = t.sensitive_assessment

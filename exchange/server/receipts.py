@@ -21,14 +21,18 @@ from crypto.encoding import b64url_encode
 from crypto.envelope import sign_envelope
 from crypto.receipt import STATEMENT_TYPE, build_bundle, result_digest, statement_digest
 from exchange.errors import DeniedError, LedgerError
+from exchange.server import xborder
 from exchange.server.ledger import Apply, EntryDraft
 from exchange.server.models import GrantRow
 from exchange.server.runtime import Exchange
+from policy.levels import Operation
 
 if TYPE_CHECKING:
     from exchange.server.dispatch import NodeResult
 
 __all__ = ["record_computation"]
+
+_OPERATIONS = frozenset(op.value for op in Operation)
 
 
 def record_computation(
@@ -74,8 +78,17 @@ def record_computation(
     grants = sorted(
         {g for g in str(statement.get("grant") or "").split(",") if g.startswith("grant:")}
     )
+    abroad = None if more else _abroad(ex, kind, actor, refs, statement)
     try:
-        if more:
+        if abroad is not None:
+            # a consumer abroad: the cross-border decision in the release's transaction
+            appended = abroad.record(
+                lambda wrapped, extra: ex.ledger.append_group(
+                    [draft, *extra], _still_granted(grants, wrapped)
+                )[0],
+                apply,
+            )
+        elif more:
             appended = ex.ledger.append_group([draft, *more], _still_granted(grants, apply))[0]
         else:
             appended = ex.ledger.append(draft, _still_granted(grants, apply))
@@ -104,6 +117,23 @@ def record_computation(
         None if node is None else node.envelope,
     )
     return bundle, appended.value
+
+
+def _abroad(
+    ex: Exchange,
+    kind: str,
+    actor: str,
+    refs: Mapping[str, str] | None,
+    statement: Mapping[str, Any],
+) -> xborder.Release | None:
+    """A release of one dataset to a consumer abroad whose computation did not decide it
+    itself: decided here with no subject count (DP aggregates are anonymized output and exempt;
+    personal information whose subjects are not counted needs an assessment)."""
+    zone, dataset = (refs or {}).get("zone"), (refs or {}).get("dataset")
+    if zone is None or dataset is None or kind not in _OPERATIONS:
+        return None
+    dp = str(statement.get("epsilon") or "0") not in ("0", "0.0")
+    return xborder.release_for(ex, actor, zone, dataset, Operation(kind), dp=dp)
 
 
 def _still_granted(grants: list[str], apply: Apply | None) -> Apply:

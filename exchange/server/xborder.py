@@ -344,9 +344,10 @@ class Release:
             return PiClass.SENSITIVE
         return PiClass.PERSONAL if PiClass.PERSONAL in self.classes else PiClass.NONE
 
-    def _case(self, pi: PiClass, before: int, after: int) -> XborderCase:
+    def _case(self, pi: PiClass, before: int, after: int, known: bool = True) -> XborderCase:
         f = self.flow
         return XborderCase(
+            count_known=known,
             operation=self.operation.value,
             pi=pi.value,
             level=self.level.value,
@@ -365,9 +366,10 @@ class Release:
         year = counting_year(now)
         counted = [c for c in self.classes if c is not PiClass.NONE]
         if self.digests is None or not counted:
-            decision = decide(
-                self._case(self._pi() if self.digests is None else PiClass.NONE, 0, 0)
-            )
+            # no subjects given: an anonymized or non-personal output, or subjects this
+            # release cannot count (decide() then asks for an assessment)
+            pi = self._pi() if self.digests is None else PiClass.NONE
+            decision = decide(self._case(pi, 0, 0, known=self.digests is not None))
             counts: dict[PiClass, tuple[int, int]] = {}
         else:
             counts = count_subjects(

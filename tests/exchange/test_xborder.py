@@ -55,11 +55,16 @@ def _exchange(data_dir: Path, database_url: str | None) -> Exchange:
 
 
 def _grant(
-    server: LiveServer, provider: SigningKey, consumer: SigningKey, zone: str, names: list[str]
+    server: LiveServer,
+    provider: SigningKey,
+    consumer: SigningKey,
+    zone: str,
+    names: list[str],
+    operations: tuple[str, ...] = ("export",),
 ) -> None:
     with server.client(consumer) as c:
         req = c.request_access(
-            zone, names, ["export"], PURPOSE, duration_seconds=DAY, justification="review"
+            zone, names, list(operations), PURPOSE, duration_seconds=DAY, justification="review"
         )
     with server.client(provider) as p:
         assert p.approve(req["id"])["grant_id"]
@@ -106,6 +111,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                         file=_csv(root / f"{name}.csv", subjects),
                     )
                     assert [c["pi"] for c in d["columns"]] == ["personal", "none", "none"]
+                p.register_dataset(
+                    "health",
+                    "big",
+                    levels={"person_id": "L3", "city": "L1", "visits": "L3"},
+                    pi={"person_id": "personal"},
+                    subject_column="person_id",
+                    file=_csv(root / "big.csv", list(range(20))),
+                )
             with server.client(firm) as p:
                 p.create_zone("firms", "no personal information")
                 p.register_dataset(
@@ -115,6 +128,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                     subject_column="person_id",
                     file=_csv(root / "f.csv", list(range(10, 19))),
                 )
+            _grant(server, clinic, us_lab, "health", ["a", "big"], ("aggregate",))
             for lab in (us_lab, cn_lab):
                 _grant(server, clinic, lab, "health", ["a", "b", "c"])
                 _grant(server, firm, lab, "firms", ["f"])
@@ -258,6 +272,30 @@ def test_export_abroad_exempt_refused_approved_expired(world: dict[str, Any]) ->
     # a dataset without personal information leaves freely, and is not counted
     _export(server, world["us"], "firms", "f")
     assert _entries(ex, "xborder.decision")[-1]["attrs"]["basis"] == "no_personal_information"
+
+
+def test_aggregates_abroad(world: dict[str, Any]) -> None:
+    """A DP aggregate is anonymized output: exempt, still ledgered. An exact aggregate of
+    personal information counts no subjects, so it needs an assessment (fail closed)."""
+    server, ex = world["server"], world["ex"]
+    with server.client(world["us"]) as c:
+        c.aggregate("health", "SELECT city, COUNT(*) FROM big GROUP BY city", PURPOSE)
+        dp = _entries(ex, "xborder.decision")[-1]
+        assert (dp["attrs"]["operation"], dp["attrs"]["decision"], dp["attrs"]["basis"]) == (
+            "aggregate",
+            "exempt",
+            "anonymized",
+        )
+        assert json.loads(ex.ledger.entry(dp["seq"] - 1))["kind"] == "computation.aggregate"
+        with pytest.raises(ApiError) as exc:
+            c.aggregate("health", "SELECT city, COUNT(*) FROM a GROUP BY city", PURPOSE)
+    assert exc.value.code == "xborder_approval_required"
+    assert exc.value.body["document"] == "assessment"
+    exact = _entries(ex, "xborder.decision")[-1]
+    assert (exact["attrs"]["decision"], exact["attrs"]["basis"]) == (
+        "assessment",
+        "count_unavailable",
+    )
 
 
 def test_approval_terms_are_checked(world: dict[str, Any]) -> None:

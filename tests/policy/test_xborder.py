@@ -247,6 +247,20 @@ def test_golden(
     assert got.provision  # every basis names its provision
 
 
+def test_uncounted_personal_information_needs_an_assessment() -> None:
+    uncounted = XborderCase("psi_members", "personal", "L3", "US", "CN", count_known=False)
+    got = decide(uncounted)
+    assert (got.decision, got.basis) == (A, Basis.COUNT_UNAVAILABLE)
+    # an anonymized or non-personal output needs no count
+    assert (
+        decide(
+            XborderCase("aggregate", "personal", "L3", "US", "CN", dp=True, count_known=False)
+        ).decision
+        is E
+    )
+    assert decide(XborderCase("export", "none", "L2", "US", "CN", count_known=False)).decision is E
+
+
 def test_names_are_unique() -> None:
     assert len({g[0] for g in GOLDEN}) == len(GOLDEN)
 
