@@ -58,6 +58,9 @@ from crypto.keys import SigningKey, VerifyKey
 from crypto.note import NoteVerifier
 from crypto.receipt import verify_receipt
 from exchange.audit import check_bundle, read_bundle_lines
+from exchange.audit.report import parse_period, report_from_bundle
+from exchange.audit.report_render import write_report
+from exchange.audit.rules import check_rules
 from exchange.client import he as he_client
 from exchange.client.sdk import ApiError, Client
 from exchange.keyfile import load_private_key, write_private_key
@@ -955,6 +958,20 @@ def audit(story: Story) -> None:
     expect(not report.ok and report.fault is not None, "a bundle missing an entry verified")
     assert report.fault is not None
     console.print(f"  (the same bundle with entry {middle} deleted: {report.fault})")
+    rules = check_rules(read_bundle_lines(bundle))
+    expect(rules.ok, f"the ledger breaks a compliance rule: {rules.faults[:1]}")
+    console.print(
+        f"  compliance rules hold over all {rules.entries} entries: every computation under a "
+        "live grant, ε within budget and equal to the releases, scores on live consents"
+    )
+    # the month's report (月报) for the review meeting, from the verified bundle
+    month = json.loads(lines[final.size - 1])["time"][:7]
+    monthly = report_from_bundle(bundle, story.verifier, parse_period(month), trusted=trusted)
+    story.state["report_dir"] = folder = story.data_dir / "audit" / f"report-{month}"
+    written = write_report(monthly, folder)
+    console.print(
+        f"  report {month}: {len(monthly.rows)} measures, {', '.join(written)} in {folder}"
+    )
 
     table = Table("receipt", "kind", "ledger entry", "checkpoint", "ε", "grant")
     for name in ("psi-aggregate", "he-score", "secure-sum"):
@@ -980,7 +997,9 @@ def audit(story: Story) -> None:
             f"  zonex audit verify {bundle} --log-key {d / 'log.pub'} "
             f"--trusted {d / 'audit' / 'trusted-checkpoint.txt'}\n"
             f"  zonex receipt verify {d / 'receipts' / 'psi-aggregate.receipt.json'} "
-            f"--result {d / 'receipts' / 'psi-aggregate.result.json'} --log-key {d / 'log.pub'}",
+            f"--result {d / 'receipts' / 'psi-aggregate.result.json'} --log-key {d / 'log.pub'}\n"
+            f"  zonex audit verify {bundle} --log-key {d / 'log.pub'} --rules\n"
+            f"  zonex console --bundle {bundle} --log-key {d / 'log.pub'}",
             title="audit OK",
         )
     )

@@ -35,7 +35,13 @@ __all__ = [
     "render_png",
     "render_svg",
     "summary_rows",
+    "write_report",
 ]
+
+REPORT_JSON = "report.json"
+REPORT_CSV = "report.csv"
+REPORT_HTML = "report.html"
+REPORT_PDF = "report.pdf"
 
 #: where Debian's fonts-noto-cjk puts the font the PDF prefers
 CJK_FONT = Path("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc")
@@ -381,3 +387,22 @@ def render_pdf(report: Report, font: tuple[Path, int] | None = None) -> bytes:
                 ]
             )
     return bytes(pdf.output())
+
+
+def write_report(report: Report, out_dir: Path) -> list[str]:
+    """Write ``report.json`` (the canonical measures), ``report.csv``, ``report.html`` and
+    ``report.pdf`` to ``out_dir``; the names written. Raises :class:`FontNotFoundError` (with
+    the first three written) when the machine has no CJK font for the PDF."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REPORT_JSON).write_bytes(report.canonical())
+    (out_dir / REPORT_CSV).write_text(report.to_csv(), "utf-8", newline="")
+    (out_dir / REPORT_HTML).write_text(render_html(report), "utf-8")
+    written = [REPORT_JSON, REPORT_CSV, REPORT_HTML]
+    try:
+        font = find_cjk_font()
+    except FontNotFoundError as exc:
+        raise FontNotFoundError(
+            f"{exc}; {', '.join(written)} written to {out_dir}, no PDF"
+        ) from None
+    (out_dir / REPORT_PDF).write_bytes(render_pdf(report, font))
+    return [*written, REPORT_PDF]

@@ -36,10 +36,6 @@ report_app = typer.Typer(
 )
 app.add_typer(report_app, name="report")
 
-REPORT_JSON = "report.json"
-REPORT_CSV = "report.csv"
-REPORT_HTML = "report.html"
-REPORT_PDF = "report.pdf"
 #: what ``zonex report publish`` wrote: the ledger's record of the report
 PUBLISHED_JSON = "published.json"
 
@@ -135,19 +131,9 @@ def report_build(
         raise ValueError("give --bundle BUNDLE, --log-key log.pub and --out DIR")
     report = _compute(bundle, log_key, period, trusted=trusted, jobs=jobs)
 
-    from exchange.audit.report_render import find_cjk_font, render_html, render_pdf
+    from exchange.audit.report_render import write_report
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / REPORT_JSON).write_bytes(report.canonical())
-    (out_dir / REPORT_CSV).write_text(report.to_csv(), "utf-8", newline="")
-    (out_dir / REPORT_HTML).write_text(render_html(report), "utf-8")
-    written = [REPORT_JSON, REPORT_CSV, REPORT_HTML]
-    try:
-        font = find_cjk_font()
-    except ValueError as exc:
-        raise ValueError(f"{exc}; {', '.join(written)} written to {out_dir}, no PDF") from None
-    (out_dir / REPORT_PDF).write_bytes(render_pdf(report, font))
-    written.append(REPORT_PDF)
+    written = write_report(report, out_dir)
     out.print(
         f"report {period.label}: {len(report.rows)} measures over {report.entries} entries "
         f"({report.entries_in_period} in the period) written to {out_dir}: {', '.join(written)}; "
@@ -160,6 +146,7 @@ def report_build(
 def _load(directory: Path) -> tuple[bytes, dict[str, Any]]:
     """report.json's bytes and document, refused unless it is canonical JSON."""
     from crypto.canonical import canonicalize
+    from exchange.audit.report_render import REPORT_JSON
 
     path = directory / REPORT_JSON
     if not path.is_file():
@@ -241,6 +228,7 @@ def report_verify(
     from hashlib import sha256
 
     from exchange.audit.report import first_difference, parse_period
+    from exchange.audit.report_render import REPORT_CSV, REPORT_JSON
 
     data, doc = _load(directory)
     period = parse_period(doc["period"])

@@ -37,6 +37,12 @@ def test_financial_zone_showcase_runs(tmp_path: Path) -> None:
     rules = check_rules(read_bundle_lines(data_dir / "audit" / "ledger.jsonl"))
     assert rules.ok, rules.faults
     assert rules.entries == report.entries
+    # the month's report: every computation kind the showcase ran is counted in it
+    (folder,) = (data_dir / "audit").glob("report-*")
+    assert {p.name for p in folder.iterdir()} >= {"report.json", "report.csv", "report.html"}
+    csv_text = (folder / "report.csv").read_text()
+    for kind in ("psi_aggregate", "he_score", "secure_sum", "aggregate", "export"):
+        assert f",{kind}," in csv_text, kind
     kinds = {}
     for name in ("psi-aggregate", "he-score", "secure-sum", "node-aggregate"):
         receipts = data_dir / "receipts"
