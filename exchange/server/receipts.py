@@ -47,6 +47,7 @@ def record_computation(
     apply: Apply | None = None,
     node: NodeResult | None = None,
     more: Sequence[EntryDraft] = (),
+    registry_version: int | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Ledger a computation and return ``(receipt bundle, apply's return value)``.
 
@@ -54,7 +55,8 @@ def record_computation(
     and ``ledger_index``, which are filled in here. ``node``: the zone node's verified answer
     when a node computed the result; the statement names its key and the bundle embeds its
     signed envelope. ``more``: entries committed right after the computation's, in its
-    transaction (a cross-border decision, which ``apply`` completes).
+    transaction (a cross-border decision, which ``apply`` completes). ``registry_version``:
+    the version the request was authenticated at, for the cross-border lookup (None: current).
     """
     if ex.log_signer is None:
         raise LedgerError("this process holds no log key and cannot sign receipts")
@@ -78,7 +80,7 @@ def record_computation(
     grants = sorted(
         {g for g in str(statement.get("grant") or "").split(",") if g.startswith("grant:")}
     )
-    abroad = None if more else _abroad(ex, kind, actor, refs, statement)
+    abroad = None if more else _abroad(ex, kind, actor, refs, statement, registry_version)
     try:
         if abroad is not None:
             # a consumer abroad: the cross-border decision in the release's transaction
@@ -125,6 +127,7 @@ def _abroad(
     actor: str,
     refs: Mapping[str, str] | None,
     statement: Mapping[str, Any],
+    version: int | None,
 ) -> xborder.Release | None:
     """A release of one dataset to a consumer abroad whose computation did not decide it
     itself: decided here with no subject count (DP aggregates are anonymized output and exempt;
@@ -133,7 +136,9 @@ def _abroad(
     if zone is None or dataset is None or kind not in _OPERATIONS:
         return None
     dp = str(statement.get("epsilon") or "0") not in ("0", "0.0")
-    return xborder.release_for(ex, actor, zone, dataset, Operation(kind), dp=dp)
+    return xborder.release_for(
+        ex, actor, zone, dataset, Operation(kind), dp=dp, registry_version=version
+    )
 
 
 def _still_granted(grants: list[str], apply: Apply | None) -> Apply:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from crypto.envelope import Envelope, verify_envelope
@@ -48,6 +48,7 @@ from exchange.server.models import (
     XborderSubjectRow,
     ZoneRow,
 )
+from exchange.server.registry import registry_version as read_registry_version
 from exchange.server.runtime import Exchange
 from exchange.subjects import read_salt
 from policy.levels import Level, Operation, max_level
@@ -448,6 +449,50 @@ def _classes(columns: Sequence[Mapping[str, Any]]) -> frozenset[PiClass]:
     return frozenset(found)
 
 
+def _load_flow(
+    ex: Exchange, conn: Connection, consumer: str, zone: str, dataset: str
+) -> tuple[Flow | None, list[dict[str, Any]]]:
+    z = conn.execute(
+        select(ZoneRow.owner, ZoneRow.xborder_negative).where(ZoneRow.name == zone)
+    ).first()
+    if z is None:
+        raise NotFoundError("no such zone")
+    people = {
+        r.key_id: r
+        for r in conn.execute(
+            select(PrincipalRow.key_id, PrincipalRow.jurisdiction, PrincipalRow.ciio).where(
+                PrincipalRow.key_id.in_([consumer, z.owner])
+            )
+        )
+    }
+    if consumer not in people:
+        raise NotFoundError("no such consumer")
+    there = people[consumer].jurisdiction or ex.settings.jurisdiction
+    here = people[z.owner].jurisdiction or ex.settings.jurisdiction
+    if there == here:
+        return None, []
+    # an aggregate over several datasets names them all, comma-separated
+    names = dataset.split(",")
+    found = conn.execute(
+        select(DatasetRow.columns).where(DatasetRow.zone == zone, DatasetRow.name.in_(names))
+    ).all()
+    if len(found) != len(set(names)):
+        raise XborderRefusedError(
+            "the datasets of this release abroad could not be identified", basis="unknown_dataset"
+        )
+    columns = [c for (cols,) in found for c in cols]
+    flow = Flow(
+        consumer=consumer,
+        consumer_jurisdiction=there,
+        zone=zone,
+        zone_jurisdiction=here,
+        provider=z.owner,
+        provider_ciio=bool(people[z.owner].ciio),
+        negative=_negative(z.xborder_negative),
+    )
+    return flow, list(columns)
+
+
 def release_for(
     ex: Exchange,
     consumer: str,
@@ -458,22 +503,30 @@ def release_for(
     dp: bool,
     subjects: Iterable[object] | None = None,
     columns: Sequence[str] | None = None,
+    registry_version: int | None = None,
 ) -> Release | None:
     """The cross-border release of ``dataset`` to ``consumer`` (None when domestic).
 
     ``subjects``: the ids of the subjects released (digested here at once; an export's subject
-    column, a membership's matched ids); ``columns``: the columns released (default all)."""
-    with Session(ex.engine) as session:
-        flow = flow_for(ex, session, consumer, zone)
-        if flow is None:
-            return None
-        row = session.execute(
-            select(DatasetRow).where(DatasetRow.zone == zone, DatasetRow.name == dataset)
-        ).scalar_one()
-        cols = [c for c in row.columns if columns is None or c["name"] in columns]
-        level = max_level(Level(c["level"]) for c in row.columns)
+    column); ``columns``: the columns released (default all). Who is where is read once per
+    registry version (principals, zones and datasets all move it): ``registry_version`` is the
+    version the request was authenticated at (None: read the current one), so a release at an
+    unchanged version reads nothing."""
+    version = registry_version
+    if version is None:
+        with ex.engine.connect() as conn:
+            version = read_registry_version(conn)
+    flow, cols = ex.registry.snapshot(
+        f"xborder:{consumer}:{zone}:{dataset}",
+        version,
+        lambda conn, _v: _load_flow(ex, conn, consumer, zone, dataset),
+    )
+    if flow is None:
+        return None
+    chosen = [c for c in cols if columns is None or c["name"] in columns]
+    level = max_level(Level(c["level"]) for c in cols)
     digests = None if subjects is None else SubjectKey.of(ex, flow.provider).digests(subjects)
-    return Release(ex, flow, dataset, operation, level, _classes(cols), dp, digests)
+    return Release(ex, flow, dataset, operation, level, _classes(chosen), dp, digests)
 
 
 # -- approvals ---------------------------------------------------------------------------------

@@ -533,6 +533,7 @@ def run_aggregate(
         node=node_result,
         refs={"zone": zone, "dataset": ",".join(checked.datasets)[:200]},
         attrs=attrs,
+        registry_version=registry_version,
         apply=apply,
     )
     # differencing: compared with the consumer's recent aggregates where the SQL is seen
