@@ -25,6 +25,7 @@ from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange.cli import app
 from exchange.client.sdk import ApiError
+from exchange.keyfile import write_private_key
 from exchange.server.models import XborderApprovalRow, XborderCountRow, XborderSubjectRow
 from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import LiveServer, fresh_postgres_database, serving, settings_for
@@ -450,3 +451,39 @@ def test_cli_check_golden_json() -> None:
     )
     assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1
     assert "Traceback" not in bad.output
+
+
+def test_negative_list_and_the_approval_warning(world: dict[str, Any], tmp_path: Path) -> None:
+    server, ex = world["server"], world["ex"]
+    with server.client(world["us"]) as c, pytest.raises(ApiError) as exc:
+        c.set_xborder_negative_list("health", [["export", "*"]])
+    assert exc.value.status == 403  # only the operator or the zone's provider
+    with server.client(world["clinic"]) as p:
+        assert p.set_xborder_negative_list("health", [["export", "L2"]])["entries"] == [
+            ["export", "L2"]
+        ]
+        with pytest.raises(ApiError) as exc:
+            p.set_xborder_negative_list("health", [["export", "secret"]])
+        assert exc.value.status == 422
+    (listed,) = _entries(ex, "xborder.negative_list_set")
+    assert listed["attrs"]["entries"] == "export:L2" and listed["refs"] == {"zone": "health"}
+    with pytest.raises(ApiError) as exc:
+        _export(server, world["us"], "health", "a")  # an L2 dataset
+    assert exc.value.code == "xborder_refused"
+    assert _entries(ex, "xborder.decision")[-1]["attrs"]["basis"] == "negative_list"
+    _export(server, world["cn"], "health", "a")  # not abroad: no negative list applies
+    with server.client(world["clinic"]) as p:
+        assert p.set_xborder_negative_list("health", [])["entries"] == []
+
+    # approving an access request abroad warns of the approval the releases would need
+    with server.client(world["us"]) as c:
+        req = c.request_access(
+            "health", ["b"], ["export"], PURPOSE, duration_seconds=DAY, justification="more"
+        )
+    key = tmp_path / "clinic.key"
+    write_private_key(key, world["clinic"])
+    result = CliRunner().invoke(app, ["approve", req["id"], "--url", server.url, "--key", str(key)])
+    assert result.exit_code == 0, result.output
+    assert "warning: export on b to US needs assessment or certification or contract" in (
+        result.output
+    )
