@@ -51,10 +51,12 @@ releases, so no ε or δ is spent or claimed):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,20 +96,26 @@ _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 def read_salt(zone_dir: Path) -> bytes:
-    """The zone's secret subject salt (created on first use, mode 0600)."""
+    """The zone's secret subject salt (created on first use, mode 0600).
+
+    Created whole or not at all: the salt is written and synced under a name of its own, then
+    linked to its place, which fails if another thread or process got there first (whose salt
+    is then read). A reader never sees a salt being written."""
     path = zone_dir / SALT_FILE
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         zone_dir.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".salt-", dir=zone_dir)  # mode 0600
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_bytes()
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(32))
-            out.flush()
-            os.fsync(out.fileno())
+            with os.fdopen(fd, "wb") as out:
+                out.write(secrets.token_bytes(32))
+                out.flush()
+                os.fsync(out.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(temp, path)
+        finally:
+            os.unlink(temp)
         data = path.read_bytes()
     if len(data) != 32:
         raise InvalidInputError("the zone's subject salt is damaged")

@@ -80,11 +80,12 @@ def record_computation(
     grants = sorted(
         {g for g in str(statement.get("grant") or "").split(",") if g.startswith("grant:")}
     )
-    abroad = None if more else _abroad(ex, kind, actor, refs, statement, registry_version)
+    abroad = [] if more else _abroad(ex, kind, actor, refs, statement, registry_version)
     try:
-        if abroad is not None:
-            # a consumer abroad: the cross-border decision in the release's transaction
-            appended = abroad.record(
+        if abroad:
+            # a consumer abroad: the cross-border decisions in the release's transaction
+            appended = xborder.record_releases(
+                abroad,
                 lambda wrapped, extra: ex.ledger.append_group(
                     [draft, *extra], _still_granted(grants, wrapped)
                 )[0],
@@ -128,17 +129,25 @@ def _abroad(
     refs: Mapping[str, str] | None,
     statement: Mapping[str, Any],
     version: int | None,
-) -> xborder.Release | None:
-    """A release of one dataset to a consumer abroad whose computation did not decide it
-    itself: decided here with no subject count (DP aggregates are anonymized output and exempt;
-    personal information whose subjects are not counted needs an assessment)."""
-    zone, dataset = (refs or {}).get("zone"), (refs or {}).get("dataset")
-    if zone is None or dataset is None or kind not in _OPERATIONS:
-        return None
+) -> list[xborder.Release]:
+    """The releases abroad of a computation that did not decide them itself: decided here with
+    no subject count (DP aggregates are anonymized output and exempt; personal information
+    whose subjects are not counted needs an assessment). A secure sum releases one
+    contribution of each zone's dataset (its statement's ``datasets``); any other computation
+    one dataset of its ``refs`` zone."""
+    if kind not in _OPERATIONS:
+        return []
     dp = str(statement.get("epsilon") or "0") not in ("0", "0.0")
-    return xborder.release_for(
-        ex, actor, zone, dataset, Operation(kind), dp=dp, registry_version=version
+    if kind == Operation.SECURE_SUM.value:
+        pairs = [(str(d["zone"]), str(d["name"])) for d in statement.get("datasets") or ()]
+    else:
+        zone, dataset = (refs or {}).get("zone"), (refs or {}).get("dataset")
+        pairs = [] if zone is None or dataset is None else [(zone, dataset)]
+    found = (
+        xborder.release_for(ex, actor, zone, name, Operation(kind), dp=dp, registry_version=version)
+        for zone, name in pairs
     )
+    return [release for release in found if release is not None]
 
 
 def _still_granted(grants: list[str], apply: Apply | None) -> Apply:

@@ -427,12 +427,27 @@ class Release:
         """Run ``call(apply, more)`` (a :func:`~exchange.server.receipts.record_computation`
         with this release's decision as a further entry); a refused release is ledgered as its
         decision alone."""
-        try:
-            return call(self.wrap(apply), [self.draft])
-        except (XborderApprovalRequiredError, XborderRefusedError) as exc:
-            self.ex.ledger.append(self.draft)
-            exc.ledgered = True
-            raise
+        return record_releases([self], call, apply)
+
+
+def record_releases(
+    releases: Sequence[Release],
+    call: Callable[[Apply, list[EntryDraft]], T],
+    apply: Apply | None = None,
+) -> T:
+    """Run ``call(apply, more)`` with every release's decision and count in the transaction
+    (a secure sum over several zones abroad is one release per zone); when one is refused,
+    the decisions taken up to it, the refused one included, are ledgered alone."""
+    wrapped = releases[-1].wrap(apply)  # at least one
+    for release in reversed(releases[:-1]):
+        wrapped = release.wrap(wrapped)
+    try:
+        return call(wrapped, [r.draft for r in releases])
+    except (XborderApprovalRequiredError, XborderRefusedError) as exc:
+        decided = [r.draft for r in releases if r.decision is not None or "basis" in r.draft.attrs]
+        releases[0].ex.ledger.append_group(decided)
+        exc.ledgered = True
+        raise
 
 
 def _classes(columns: Sequence[Mapping[str, Any]]) -> frozenset[PiClass]:

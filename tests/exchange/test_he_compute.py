@@ -504,6 +504,40 @@ def test_secure_sum_over_three_zones_is_exact_and_verifiable(
         )
 
 
+def test_a_secure_sum_abroad_is_decided_for_every_zone(
+    server: LiveServer, bureau: dict[str, Any]
+) -> None:
+    """A consumer abroad: one cross-border decision per contributing zone, in the release's
+    transaction; one zone's negative list refuses the whole sum, and nothing is released."""
+    overseas = SigningKey.generate()
+    with server.client(server.operator) as op:
+        op.register_principal("Overseas Institute", "enterprise", overseas.public_key,
+                              jurisdiction="US")  # fmt: skip
+    for d in DISTRICTS:
+        _grant(server, overseas, bureau["providers"][d], d, "secure_sum", STATS)
+    with server.client(overseas) as c:
+        out = he_client.secure_sum(c, zones=list(DISTRICTS), sql=SUM_SQL, cells=CELLS,
+                                   purpose=STATS)  # fmt: skip
+    assert out.totals == _expected(bureau["data"])
+    (computation,) = entries(server, "computation.secure_sum")
+    decisions = entries(server, "xborder.decision")
+    assert [e["refs"]["zone"] for e in decisions] == list(DISTRICTS)
+    assert all(e["seq"] > computation["seq"] for e in decisions)
+    # the firms' columns carry no personal information: exempt, and said so on the ledger
+    assert {e["attrs"]["decision"] for e in decisions} == {"exempt"}
+    assert {e["attrs"]["operation"] for e in decisions} == {"secure_sum"}
+
+    with server.client(bureau["providers"]["d2"]) as p:
+        p.set_xborder_negative_list("d2", [["secure_sum", "*"]])
+    with server.client(overseas) as c, pytest.raises(ApiError) as exc:
+        he_client.secure_sum(c, zones=list(DISTRICTS), sql=SUM_SQL, cells=CELLS, purpose=STATS)
+    assert exc.value.code == "xborder_refused"
+    assert len(entries(server, "computation.secure_sum")) == 1  # nothing more released
+    refused = entries(server, "xborder.decision")[len(decisions) :]
+    assert refused[-1]["refs"]["zone"] == "d2" and refused[-1]["attrs"]["decision"] == "refuse"
+    assert refused[-1]["attrs"]["basis"] == "negative_list"
+
+
 def test_contribution_signed_by_the_wrong_key_fails_the_whole_sum(
     server: LiveServer, bureau: dict[str, Any]
 ) -> None:
