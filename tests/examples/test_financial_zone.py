@@ -13,7 +13,9 @@ import pytest
 from crypto.note import NoteVerifier
 from crypto.receipt import verify_receipt
 from exchange.audit import check_bundle, read_bundle_lines
+from exchange.audit.console import open_bundle
 from exchange.audit.rules import check_rules
+from tests.browser import CHROMIUM, chromium, start_console
 from tests.conftest import free_port
 from tests.security.leakage import exchange_texts, find
 
@@ -43,6 +45,9 @@ def test_financial_zone_showcase_runs(tmp_path: Path) -> None:
     csv_text = (folder / "report.csv").read_text()
     for kind in ("psi_aggregate", "he_score", "secure_sum", "aggregate", "export"):
         assert f",{kind}," in csv_text, kind
+    if CHROMIUM.exists():  # CI installs it; the report opened in the console, in Chromium
+        month = folder.name.removeprefix("report-")
+        open_report_in_the_console(data_dir / "audit" / "ledger.jsonl", log, month)
     kinds = {}
     for name in ("psi-aggregate", "he-score", "secure-sum", "node-aggregate"):
         receipts = data_dir / "receipts"
@@ -65,6 +70,27 @@ def test_financial_zone_showcase_runs(tmp_path: Path) -> None:
     # the bank's secret model stays private to it; no private-join artefact is left behind
     assert (data_dir / "bank" / "credit-model.json").stat().st_mode & 0o077 == 0
     assert not any((data_dir / "psi").iterdir())
+
+
+def open_report_in_the_console(bundle: Path, log: NoteVerifier, month: str) -> None:
+    """The auditor opens the showcase's bundle in ``zonex console``: the month's report shows
+    its charts with a bar per kind of computation the showcase ran."""
+    from playwright.sync_api import expect
+
+    console = start_console(bundle=open_bundle(bundle, log))
+    try:
+        with chromium() as browser:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.set_default_timeout(20_000)
+            page.goto(f"{console.url}/reports?period={month}")
+            expect(page.locator("#report-title")).to_contain_text(month)
+            chart = page.locator("#chart-computations svg")
+            expect(chart).to_be_visible()
+            assert chart.locator(".mark-rect path").count() >= 5  # five kinds at least
+            for kind in ("psi_aggregate", "he_score", "secure_sum"):
+                expect(page.locator("#report-summary tr", has_text=kind).first).to_be_visible()
+    finally:
+        console.stop()
 
 
 #: a number shorter than this could occur in a receipt by chance (a count, a time): it is not

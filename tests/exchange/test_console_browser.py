@@ -12,9 +12,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from hashlib import sha256
@@ -23,74 +20,25 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from crypto.keys import SigningKey
 from crypto.merkle import MerkleTree
 from crypto.note import NoteVerifier
-from exchange.audit.console import OperatorDesk, create_console_app, open_bundle
+from exchange.audit.console import OperatorDesk, open_bundle
 from exchange.client.sdk import Client
 from exchange.server.runtime import Exchange, init_data_dir
+from tests.browser import CHROMIUM, Console, chromium, start_console
 from tests.conftest import EXAMPLES, L2_LEVELS, LiveServer, serving, settings_for
 from tests.conftest import tax_bureau_and_bank as register_parties
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip("no /usr/bin/chromium (Debian's chromium package)", allow_module_level=True)
 
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, expect
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PURPOSE = "credit-assessment"
 DAY = 24 * 3600
 IMPORTANT_LEVELS = {**L2_LEVELS, "tax_paid_2025": "IMPORTANT"}
-
-
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # running in a thread
-        pass
-
-
-@dataclass
-class Console:
-    url: str
-    server: _Server
-    thread: threading.Thread
-    sock: socket.socket
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-        self.sock.close()
-
-
-def start_console(**kwargs: Any) -> Console:
-    """A console app served by uvicorn on a loopback port the kernel picked, in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    config = uvicorn.Config(
-        create_console_app(bind="127.0.0.1", **kwargs),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-    )
-    srv = _Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("console did not start")
-        time.sleep(0.02)
-    return Console(f"http://127.0.0.1:{port}", srv, thread, sock)
 
 
 @dataclass
@@ -200,10 +148,8 @@ def _build(live: LiveServer, tmp: Path) -> World:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="module")
