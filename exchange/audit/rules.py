@@ -26,13 +26,14 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any
 
 from policy.errors import UnknownPurposeError
 from policy.purposes import PurposeVocabulary
+from policy.xborder import Outcome, documents_for
 
 __all__ = [
     "DEFAULT_EPSILON_BUDGET",
@@ -54,6 +55,8 @@ MAX_FAULTS = 1000
 ENDED_CAP = 1 << 16
 #: entries between sweeps of expired grants and consents out of the live tables
 _SWEEP_EVERY = 4096
+#: an approval is read at decision time, a moment before the entry's time is stamped
+_APPROVAL_SLACK_SECONDS = 5
 
 #: kinds that are acts of their actor, refused to a suspended principal
 _ACTS = frozenset(
@@ -85,6 +88,9 @@ class RuleFaultKind(StrEnum):
     BUDGET_MISMATCH = "budget_mismatch"
     CONSENT_NOT_LIVE = "consent_not_live"
     ACTION_WHILE_SUSPENDED = "action_while_suspended"
+    XBORDER_WITHOUT_DECISION = "xborder_without_decision"
+    XBORDER_REFUSED_RELEASED = "xborder_refused_released"
+    XBORDER_WITHOUT_APPROVAL = "xborder_without_approval"
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,31 @@ def _format_window(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+@dataclass
+class _Abroad:
+    """A release to a consumer abroad: ``missing`` the zones whose decision has not followed."""
+
+    line: int
+    kind: str
+    actor: str
+    missing: set[str]
+
+
+@dataclass(frozen=True)
+class _Approval:
+    line: int
+    provider: str
+    document: str
+    valid_from: datetime | None
+    valid_until: datetime | None
+
+    def live(self, when: datetime | None) -> bool:
+        if when is None or self.valid_from is None or self.valid_until is None:
+            return False
+        slack = timedelta(seconds=_APPROVAL_SLACK_SECONDS)
+        return self.valid_from <= when < self.valid_until + slack
+
+
 class _Ended(OrderedDict[str, tuple[int, str]]):
     """What ended (id -> the line and how), the newest :data:`ENDED_CAP` only."""
 
@@ -210,6 +241,12 @@ class RulesChecker:
         self.ended_tasks = _Ended()
         self.budgets: dict[tuple[str, str], tuple[Decimal | None, int | None, int]] = {}
         self.windows: dict[tuple[str, str, str], _Window] = {}
+        # cross-border: who is where, whose zone, the operator's approvals, and the release
+        # whose decisions must follow it (in the same transaction, so on the next lines)
+        self.jurisdictions: dict[str, str] = {}
+        self.zone_owners: dict[str, str] = {}
+        self.approvals: dict[str, _Approval] = {}
+        self.abroad: _Abroad | None = None
 
     # -- the pass -----------------------------------------------------------------------
 
@@ -220,6 +257,7 @@ class RulesChecker:
             self.omitted += 1
 
     def report(self) -> RulesReport:
+        self._close_abroad()
         return RulesReport(self.entries, tuple(self.faults), self.omitted)
 
     def feed(self, entry: Mapping[str, Any], line: int) -> None:
@@ -233,9 +271,15 @@ class RulesChecker:
         when = _time(entry["time"])
         if self.entries % _SWEEP_EVERY == 0 and when is not None:
             self._sweep(when)
+        if self.abroad is not None and kind != "xborder.decision":
+            self._close_abroad()
         if kind.startswith("computation."):
             self._suspension(line, kind, actor, refs, attrs)
             self._computation(line, kind, actor, refs, attrs, when)
+            self._release_abroad(line, kind, actor, refs)
+            return
+        if kind == "xborder.decision":
+            self._xborder_decision(line, actor, refs, attrs, when)
             return
         if kind in _ACTS:
             self._suspension(line, kind, actor, refs, attrs)
@@ -672,6 +716,108 @@ class RulesChecker:
                     + ", ".join(wrong),
                 )
 
+    # -- cross-border flows ---------------------------------------------------------------
+
+    def _registered(
+        self, line: int, actor: str, refs: Mapping[str, str], attrs: Mapping[str, str | int]
+    ) -> None:
+        where = attrs.get("jurisdiction")
+        if isinstance(where, str) and "principal" in refs:
+            self.jurisdictions[refs["principal"]] = where
+
+    def _zone_created(self, line: int, actor: str, refs: Mapping[str, str], _a: Any) -> None:
+        if "zone" in refs:
+            self.zone_owners[refs["zone"]] = actor
+
+    def _approval_recorded(
+        self, line: int, actor: str, refs: Mapping[str, str], attrs: Mapping[str, str | int]
+    ) -> None:
+        if "approval" in refs:
+            self.approvals[refs["approval"]] = _Approval(
+                line,
+                refs.get("provider", ""),
+                str(attrs.get("document", "")),
+                _time(attrs.get("valid_from")),
+                _time(attrs.get("valid_until")),
+            )
+
+    def _release_abroad(self, line: int, kind: str, actor: str, refs: Mapping[str, str]) -> None:
+        """A computation for a consumer in another jurisdiction than a zone it read: that
+        zone's ``xborder.decision`` must follow it. Principals registered before jurisdictions
+        were ledgered have none on the ledger: their releases are not checked."""
+        there = self.jurisdictions.get(actor)
+        if there is None:
+            return
+        zones = []
+        for zone in _split(refs.get("zone")):
+            here = self.jurisdictions.get(self.zone_owners.get(zone, ""))
+            if here is not None and here != there:
+                zones.append(zone)
+        if zones:
+            self.abroad = _Abroad(line, kind, actor, set(zones))
+
+    def _close_abroad(self) -> None:
+        pending, self.abroad = self.abroad, None
+        if pending is not None and pending.missing:
+            self.fault(
+                pending.line,
+                RuleFaultKind.XBORDER_WITHOUT_DECISION,
+                f"{pending.kind} releases to a consumer abroad with no cross-border decision "
+                f"for zone {', '.join(sorted(pending.missing))}",
+            )
+
+    def _xborder_decision(
+        self,
+        line: int,
+        actor: str,
+        refs: Mapping[str, str],
+        attrs: Mapping[str, str | int],
+        when: datetime | None,
+    ) -> None:
+        pending, zone = self.abroad, refs.get("zone", "")
+        if pending is None or pending.actor != actor or zone not in pending.missing:
+            return  # a refusal ledgered alone: nothing was released
+        pending.missing.discard(zone)
+        decision = str(attrs.get("decision", ""))
+        try:
+            outcome = Outcome(decision)
+        except ValueError:
+            outcome = Outcome.REFUSE
+        if outcome is Outcome.REFUSE:
+            self.fault(
+                line,
+                RuleFaultKind.XBORDER_REFUSED_RELEASED,
+                f"{pending.kind} on line {pending.line} was released although its cross-border "
+                f"decision for zone {zone} is {decision or '(none)'}",
+            )
+            return
+        if outcome is Outcome.EXEMPT:
+            return
+        needed = {d.value for d in documents_for(outcome)}
+        cited = refs.get("approval")
+        approval = None if cited is None else self.approvals.get(cited)
+        why = None
+        if approval is None:
+            why = (
+                "cites no approval"
+                if cited is None
+                else f"cites approval {cited}, recorded on no earlier line"
+            )
+        elif approval.provider != refs.get("provider", ""):
+            why = f"cites approval {cited} (line {approval.line}) for another provider"
+        elif approval.document not in needed:
+            wanted = " or ".join(sorted(needed))
+            why = f"cites a {approval.document} (line {approval.line}); it needs {wanted}"
+        elif not approval.live(when):
+            at = "an unknown time" if when is None else _format_window(when)
+            why = f"cites approval {cited} (line {approval.line}), not valid at {at}"
+        if why is not None:
+            self.fault(
+                line,
+                RuleFaultKind.XBORDER_WITHOUT_APPROVAL,
+                f"{pending.kind} on line {pending.line} needs a {decision} abroad and {why}",
+            )
+
 
 _HANDLERS: dict[str, Any] = {
     "principal.suspended": RulesChecker._principal_suspended,
@@ -688,6 +834,9 @@ _HANDLERS: dict[str, Any] = {
     "psi.session_opened": RulesChecker._session_opened,
     "task.authorized": RulesChecker._task_authorized,
     "analysis.rules_set": RulesChecker._rules_set,
+    "principal.registered": RulesChecker._registered,
+    "zone.created": RulesChecker._zone_created,
+    "xborder.approval_recorded": RulesChecker._approval_recorded,
 }
 
 

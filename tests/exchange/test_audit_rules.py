@@ -435,7 +435,109 @@ CASES: list[tuple[str, Case, list[tuple[int, str]]]] = [
         ],
         [(4, "release_without_opening")],
     ),
+    # cross-border: a CN provider's zone z, a US consumer
+    (
+        "a release abroad with its exempt decision",
+        lambda: [*abroad(), grant(), compute(epsilon="0"), decision("exempt")],
+        [],
+    ),
+    (
+        "a release abroad with no decision after it",
+        lambda: [*abroad(), grant(), compute(epsilon="0"), compute(epsilon="0"), decision()],
+        [(5, "xborder_without_decision")],
+    ),
+    (
+        "a refused flow released anyway",
+        lambda: [*abroad(), grant(), compute(epsilon="0"), decision("refuse")],
+        [(6, "xborder_refused_released")],
+    ),
+    (
+        "a refusal ledgered alone releases nothing",
+        lambda: [*abroad(), grant(), decision("refuse"), decision("contract")],
+        [],
+    ),
+    (
+        "a contract abroad under a live approval",
+        lambda: [*abroad(), approval(), grant(), compute(epsilon="0"), decision("contract", "a1")],
+        [],
+    ),
+    (
+        "a contract abroad citing no approval",
+        lambda: [*abroad(), approval(), grant(), compute(epsilon="0"), decision("contract")],
+        [(7, "xborder_without_approval")],
+    ),
+    (
+        "an assessment abroad citing a contract",
+        lambda: [
+            *abroad(),
+            approval(),
+            grant(),
+            compute(epsilon="0"),
+            decision("assessment", "a1"),
+        ],
+        [(7, "xborder_without_approval")],
+    ),
+    (
+        "a contract abroad after its approval ran out",
+        lambda: [
+            *abroad(),
+            approval(valid_until="2026-11-25T07:30:00Z"),
+            grant(),
+            compute(epsilon="0"),
+            decision("contract", "a1"),
+        ],
+        [(7, "xborder_without_approval")],
+    ),
+    (
+        "a consumer at home needs no decision",
+        lambda: [*abroad(consumer="CN"), grant(), compute(epsilon="0")],
+        [],
+    ),
 ]
+
+PROVIDER = "f" * 64
+
+
+def abroad(consumer: str = "US") -> list[dict[str, Any]]:
+    def registered(key: str, where: str) -> dict[str, Any]:
+        return entry(
+            "principal.registered",
+            actor=OPERATOR,
+            refs={"principal": key},
+            attrs={"kind": "agency", "jurisdiction": where, "ciio": 0},
+        )
+
+    return [
+        registered(PROVIDER, "CN"),
+        registered(CONSUMER, consumer),
+        entry("zone.created", actor=PROVIDER, refs={"zone": "z"}),
+    ]
+
+
+def approval(document: str = "contract", **attrs: Any) -> dict[str, Any]:
+    return entry(
+        "xborder.approval_recorded",
+        actor=OPERATOR,
+        refs={"approval": "a1", "provider": PROVIDER},
+        attrs={
+            "document": document,
+            "valid_from": "2026-11-01T00:00:00Z",
+            "valid_until": "2027-11-01T00:00:00Z",
+            **attrs,
+        },
+    )
+
+
+def decision(outcome: str = "exempt", cited: str | None = None) -> dict[str, Any]:
+    refs = {"zone": "z", "dataset": "a", "provider": PROVIDER}
+    if cited is not None:
+        refs["approval"] = cited
+    return entry(
+        "xborder.decision",
+        time="2026-11-25T08:00:00.000Z",
+        refs=refs,
+        attrs={"decision": outcome, "operation": "aggregate"},
+    )
 
 
 @pytest.mark.parametrize(("name", "stream", "expected"), CASES, ids=[c[0] for c in CASES])

@@ -487,3 +487,36 @@ def test_negative_list_and_the_approval_warning(world: dict[str, Any], tmp_path:
     assert "warning: export on b to US needs assessment or certification or contract" in (
         result.output
     )
+
+
+def test_the_auditor_checks_every_release_abroad(world: dict[str, Any]) -> None:
+    """Offline, from the ledger alone (``zonex audit verify --rules``): every release abroad is
+    followed by its decision, and one needing a document cites a live approval. The module's
+    whole history passes; the same history with a decision dropped, or its approval's citation
+    removed, does not."""
+    from exchange.audit.rules import check_rules
+
+    ex = world["ex"]
+    lines = [ex.ledger.entry(seq) for seq in range(ex.ledger.size())]
+    report = check_rules(lines)
+    assert report.ok, report.faults
+    entries = [json.loads(line) for line in lines]
+    attached = [
+        i
+        for i, e in enumerate(entries)
+        if e["kind"] == "xborder.decision" and entries[i - 1]["kind"].startswith("computation.")
+    ]
+    assert attached  # the exports and aggregates abroad above
+    dropped = attached[0]
+    faults = check_rules(lines[:dropped] + lines[dropped + 1 :]).faults
+    assert [(f.line, str(f.kind)) for f in faults] == [(dropped, "xborder_without_decision")]
+    approved = [i for i in attached if "approval" in entries[i]["refs"]]
+    assert approved  # the export allowed after `zonex xborder approve`
+    bare = dict(entries[approved[0]], refs={**entries[approved[0]]["refs"]})
+    del bare["refs"]["approval"]
+    changed = [*lines]
+    changed[approved[0]] = json.dumps(bare).encode()
+    faults = check_rules(changed).faults
+    assert [(f.line, str(f.kind)) for f in faults] == [
+        (approved[0] + 1, "xborder_without_approval")
+    ]
