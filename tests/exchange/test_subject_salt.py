@@ -8,20 +8,20 @@ from pathlib import Path
 from exchange.subjects import SALT_FILE, read_salt
 
 
+def _read(zone_dir: Path, start: threading.Barrier, got: list[bytes | BaseException]) -> None:
+    start.wait()
+    try:
+        got.append(read_salt(zone_dir))
+    except BaseException as exc:  # collected and asserted on by the test
+        got.append(exc)
+
+
 def test_concurrent_first_reads_get_one_whole_salt(tmp_path: Path) -> None:
     for round_ in range(20):
         zone_dir = tmp_path / f"zone-{round_}"
         start = threading.Barrier(8)
         got: list[bytes | BaseException] = []
-
-        def read() -> None:
-            start.wait()
-            try:
-                got.append(read_salt(zone_dir))
-            except BaseException as exc:  # collected and asserted on below
-                got.append(exc)
-
-        threads = [threading.Thread(target=read) for _ in range(8)]
+        threads = [threading.Thread(target=_read, args=(zone_dir, start, got)) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
