@@ -7,8 +7,12 @@ import os
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from policy.xborder import Thresholds
 
 CONFIG_FILE = "config.json"
 
@@ -134,6 +138,17 @@ class Settings(BaseModel):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'control.db'}"
+
+    def xborder_thresholds(self) -> Thresholds:
+        """The cross-border thresholds in force (defaults: the 2024 Provisions' values)."""
+        from policy.xborder import Thresholds  # policy loads Casbin: not at every CLI start
+
+        return Thresholds(
+            personal_contract=self.xborder_personal_contract,
+            personal_assessment=self.xborder_personal_assessment,
+            sensitive_assessment=self.xborder_sensitive_assessment,
+            warn_percent=self.xborder_warn_percent,
+        )
 
     @classmethod
     def from_data_dir(cls, data_dir: Path, **overrides: object) -> Settings:

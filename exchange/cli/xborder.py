@@ -47,18 +47,30 @@ def check(
     new: Annotated[int, typer.Option(help="how many of COUNT this release adds")] = 0,
     ciio: Annotated[bool, typer.Option("--ciio", help="the provider is a CIIO")] = False,
     dp: Annotated[bool, typer.Option("--dp", help="the output is differentially private")] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="an exchange's data directory: its thresholds in force"),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """Decide one flow abroad with the rules the exchange applies (no server needed): the
     decision (exempt, contract, assessment, refuse), its basis and provision, the threshold
-    and warnings at 80% of a threshold. The 2024 CAC thresholds apply.
+    and warnings at 80% of a threshold. The 2024 CAC thresholds apply, or with --data-dir
+    the thresholds that exchange's settings set.
 
     Example:
       zonex xborder check --operation export --pi personal --level L2 --count 120000 \\
         --consumer-jurisdiction US
     """
-    from policy.xborder import XborderCase, decide
+    from policy.xborder import Thresholds, XborderCase, decide
 
+    thresholds = Thresholds()
+    if data_dir is not None:
+        from exchange.settings import Settings
+
+        if not (data_dir / "config.json").is_file():
+            raise ValueError(f"--data-dir {data_dir}: no exchange here (zonex init --data-dir)")
+        thresholds = Settings.from_data_dir(data_dir).xborder_thresholds()
     if not 0 <= new <= count:
         raise ValueError("--new is between 0 and --count")
     case = XborderCase(
@@ -71,6 +83,7 @@ def check(
         provider_ciio=ciio,
         count_before=count - new,
         count_after=count,
+        thresholds=thresholds,
     )
     decision = decide(case)
     if as_json:

@@ -111,13 +111,7 @@ class XborderRefusedError(ForbiddenError):
 
 
 def thresholds(ex: Exchange) -> Thresholds:
-    s = ex.settings
-    return Thresholds(
-        personal_contract=s.xborder_personal_contract,
-        personal_assessment=s.xborder_personal_assessment,
-        sensitive_assessment=s.xborder_sensitive_assessment,
-        warn_percent=s.xborder_warn_percent,
-    )
+    return ex.settings.xborder_thresholds()
 
 
 # -- the provider's subject key ----------------------------------------------------------------

@@ -453,6 +453,25 @@ def test_cli_check_golden_json() -> None:
     assert "Traceback" not in bad.output
 
 
+def test_cli_check_with_a_deployments_thresholds(tmp_path: Path) -> None:
+    """``--data-dir``: the thresholds that exchange's settings set (lowered here), the same
+    the exchange decides with; without it, the 2024 values."""
+    data_dir = tmp_path / "exchange"
+    init_data_dir(data_dir, origin="test.zonex/log")
+    config = json.loads((data_dir / "config.json").read_text())
+    (data_dir / "config.json").write_text(json.dumps({**config, **LOWERED}))
+    case = ["xborder", "check", "--operation", "export", "--pi", "personal", "--level", "L2"]
+    case += ["--count", "6", "--consumer-jurisdiction", "US", "--json"]
+    lowered = CliRunner().invoke(app, [*case, "--data-dir", str(data_dir)])
+    assert lowered.exit_code == 0, lowered.output
+    assert json.loads(lowered.output)["decision"] == "contract"
+    assert json.loads(lowered.output)["threshold"] == LOWERED["xborder_personal_contract"]
+    default = CliRunner().invoke(app, case)
+    assert json.loads(default.output)["decision"] == "exempt"
+    missing = CliRunner().invoke(app, [*case, "--data-dir", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "no exchange here" in missing.output
+
+
 def test_negative_list_and_the_approval_warning(world: dict[str, Any], tmp_path: Path) -> None:
     server, ex = world["server"], world["ex"]
     with server.client(world["us"]) as c, pytest.raises(ApiError) as exc:
