@@ -55,6 +55,7 @@ class World:
     receipt_output: Path  # the export's whole output: {"result": ..., "receipt": ...}
     console: Console
     tampered: Console
+    desk: OperatorDesk
 
 
 def entry_lines(data: bytes) -> list[bytes]:
@@ -143,6 +144,7 @@ def _build(live: LiveServer, tmp: Path) -> World:
         receipt_output,
         console,
         bad,
+        desk,
     )
 
 
@@ -161,6 +163,7 @@ def page(browser: Browser, world: World) -> Iterator[Page]:
     context.close()
     world.console.stop()
     world.tampered.stop()
+    world.desk.close()  # its HTTP client's connections to the exchange
 
 
 def kinds_of(lines: list[bytes]) -> list[str]:
