@@ -8,7 +8,7 @@ scripts/setup.sh dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-# Tests run in two worker processes (pytest-xdist; CI has two cores), a module's tests on one
-# worker in file order (--dist loadscope: a module's world is set up once and its tests build on
-# it). Serial run: scripts/test.sh -n 0
-.venv/bin/python -m pytest -n 2 --dist loadscope --durations=25 "$@"
+# Tests run in two worker processes (pytest-xdist; CI has two cores). Tests marked
+# @pytest.mark.xdist_group(name) share one worker, in file order (a module whose tests build on
+# one world marks itself so). Serial run: scripts/test.sh -n 0
+.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=25 "$@"

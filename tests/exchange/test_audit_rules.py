@@ -31,6 +31,9 @@ from exchange.server.ledger import write_export
 from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import L3_LEVELS, serving, settings_for, tax_bureau_and_bank
 
+# one world for the module, its tests in order on one worker
+pytestmark = pytest.mark.xdist_group(name="audit-rules")
+
 PURPOSE = "credit-assessment"
 SQL = "SELECT district, COUNT(*) AS n FROM companies GROUP BY district"
 GENESIS = "0" * 64

@@ -36,6 +36,9 @@ if not CHROMIUM.exists():
 
 from playwright.sync_api import Browser, Page, expect
 
+# one world for the module, its tests in order on one worker
+pytestmark = pytest.mark.xdist_group(name="console-browser")
+
 PURPOSE = "credit-assessment"
 DAY = 24 * 3600
 IMPORTANT_LEVELS = {**L2_LEVELS, "tax_paid_2025": "IMPORTANT"}

@@ -32,6 +32,9 @@ from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import L2_LEVELS, LiveServer, serving, settings_for, tax_bureau_and_bank
 from tests.exchange.test_access import PURPOSE, granted
 
+# one world for the module, its tests in order on one worker
+pytestmark = pytest.mark.xdist_group(name="incidents")
+
 CONFIG = """
 throttle_seconds = 600
 

@@ -31,6 +31,9 @@ from exchange.server.models import BudgetRow, PsiSessionRow
 from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import LiveServer, serving, settings_for
 
+# one world for the module, its tests in order on one worker
+pytestmark = pytest.mark.xdist_group(name="psi-epoch")
+
 PURPOSE = "credit-assessment"
 DAY = 24 * 3600
 K = 3

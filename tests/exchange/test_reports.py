@@ -34,6 +34,9 @@ from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import EXAMPLES, L3_LEVELS, LiveServer, serving, settings_for
 from tests.exchange.ledger_bundles import build_bundle
 
+# one world for the module, its tests in order on one worker
+pytestmark = pytest.mark.xdist_group(name="reports")
+
 PURPOSE = "credit-assessment"
 
 

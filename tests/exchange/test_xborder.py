@@ -30,6 +30,9 @@ from exchange.server.models import XborderApprovalRow, XborderCountRow, XborderS
 from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import LiveServer, fresh_postgres_database, serving, settings_for
 
+# one world for the module, its tests in order on one worker
+pytestmark = pytest.mark.xdist_group(name="xborder")
+
 PURPOSE = "credit-assessment"
 DAY = 86400
 #: ids planted in the data: none may appear in the control database or on the ledger
