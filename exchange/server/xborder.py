@@ -401,7 +401,9 @@ class Release:
                     basis=decision.basis.value,
                     document=decision.decision.value,
                     documents=",".join(names),
-                    count_after=decision.count_after,
+                    # no count: the provider's yearly count after this release would tell the
+                    # consumer how many of its subjects others already sent abroad (the
+                    # ledgered decision keeps it)
                 )
             self.draft.refs["approval"] = approval.id
         if write and counts:

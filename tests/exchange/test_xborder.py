@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -193,6 +194,10 @@ def test_export_abroad_exempt_refused_approved_expired(world: dict[str, Any]) ->
         _export(server, world["us"], "health", "b")
     problem = exc.value.body
     assert exc.value.status == 403 and exc.value.code == "xborder_approval_required"
+    # the refusal names the document, never the provider's count: the count after this export
+    # would tell the consumer how many of its subjects were already sent abroad by anyone
+    assert not {"count_after", "count_before", "count"} & set(exc.value.body)
+    assert not re.search(r"\b[0-9]+\b", str(exc.value.body.get("detail", "")).split("(")[0])
     assert problem["document"] == "contract"
     assert problem["documents"] == "assessment,certification,contract"
     assert "Art. 8" in exc.value.detail
