@@ -52,6 +52,7 @@ from exchange.node.dp import DpMechanisms, Gate, parse_epsilon
 from exchange.node.sqlcheck import postprocess
 from exchange.server import access, services
 from exchange.server.compute import aggregate, rules
+from exchange.server.registry import registry_version
 from exchange.server.runtime import Exchange, init_data_dir
 from exchange.settings import Settings
 
@@ -232,8 +233,20 @@ def main() -> None:
 
                 return run
 
+            # a signed request learns the registry version from its nonce's batch at no extra
+            # round trip (exchange.server.registry); nothing changes it during the runs
+            with ex.engine.connect() as conn:
+                version = registry_version(conn)
+
             def through_zonex() -> object:
-                return aggregate.run_aggregate(ex, consumer, "tax", SQL, PURPOSE)  # type: ignore[arg-type]
+                return aggregate.run_aggregate(
+                    ex,
+                    consumer,  # type: ignore[arg-type]
+                    "tax",
+                    SQL,
+                    PURPOSE,
+                    registry_version=version,
+                )
 
             released = through_zonex()["result"]  # type: ignore[index]
             print(f"query: {SQL}")

@@ -14,11 +14,19 @@ string it chose). The comparison state stays in the process: per consumer the qu
 last ``WINDOW_SECONDS``, at most ``PER_CONSUMER`` of them, for at most ``MAX_CONSUMERS``
 consumers (least recently active forgotten first), each held as SHA-256 digests of its parts,
 never its text. With several workers each compares only the queries it served.
+
+The comparison runs off the request path: :func:`record_query` hands the released query to one
+thread per exchange, which parses it, compares and ledgers, so an aggregate's answer never
+waits for a second parse. At most ``QUEUE_MAX`` queries wait; beyond that one is compared
+late by the caller itself rather than dropped (nothing goes unobserved), and the exchange's
+``close`` compares those still waiting before the ledger stops.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import queue
 import threading
 import time
 import weakref
@@ -32,13 +40,24 @@ from sqlglot import exp
 from exchange.server.ledger import EntryDraft
 from exchange.server.runtime import Exchange
 
-__all__ = ["NEAR_DUPLICATE", "NearDuplicates", "QueryShape", "near_duplicate", "record_query"]
+__all__ = [
+    "NEAR_DUPLICATE",
+    "NearDuplicates",
+    "QueryShape",
+    "flush",
+    "near_duplicate",
+    "record_query",
+]
+
+log = logging.getLogger("zonex.querydiff")
 
 NEAR_DUPLICATE = "query.near_duplicate"
 WINDOW_SECONDS = 3600
 PER_CONSUMER = 32
 MAX_CONSUMERS = 10_000
 DIALECT = "duckdb"
+#: released queries waiting for their comparison, at most
+QUEUE_MAX = 4096
 
 
 def _digest(text: str) -> str:
@@ -135,33 +154,84 @@ class NearDuplicates:
             return found
 
 
-_trackers: weakref.WeakKeyDictionary[Exchange, NearDuplicates] = weakref.WeakKeyDictionary()
-_trackers_lock = threading.Lock()
+#: (consumer, zone, canonical SQL, computation seq), or None to stop
+_Job = tuple[str, str, str, int] | None
 
 
-def _tracker(ex: Exchange) -> NearDuplicates:
-    with _trackers_lock:
-        found = _trackers.get(ex)
+class _Worker:
+    """One exchange's comparisons, on a thread of its own (module docstring)."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self._ledger = ex.ledger
+        self.tracker = NearDuplicates()
+        self._jobs: queue.Queue[_Job] = queue.Queue(maxsize=QUEUE_MAX)
+        self._thread = threading.Thread(target=self._run, name="zonex-querydiff", daemon=True)
+        self._thread.start()
+        ex.on_close(self.close)
+
+    def submit(self, job: tuple[str, str, str, int]) -> None:
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            self._compare(*job)  # late rather than never
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._compare(*job)
+            except Exception:  # one query's comparison must not stop the others'
+                log.exception("comparing an aggregate with the consumer's recent ones failed")
+            finally:
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def _compare(self, consumer: str, zone: str, sql: str, seq: int) -> None:
+        shape = QueryShape.of(sql)
+        if shape is None:
+            return
+        found = self.tracker.observe(consumer, zone, shape, seq)
         if found is None:
-            found = _trackers[ex] = NearDuplicates()
+            return
+        earlier, difference = found
+        self._ledger.append(
+            EntryDraft(
+                kind=NEAR_DUPLICATE,
+                actor=consumer,
+                refs={"zone": zone, "computation": str(seq), "previous": str(earlier)},
+                attrs={"difference": difference},
+            )
+        )
+
+    def flush(self) -> None:
+        self._jobs.join()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+_workers: weakref.WeakKeyDictionary[Exchange, _Worker] = weakref.WeakKeyDictionary()
+_workers_lock = threading.Lock()
+
+
+def _worker(ex: Exchange) -> _Worker:
+    with _workers_lock:
+        found = _workers.get(ex)
+        if found is None:
+            found = _workers[ex] = _Worker(ex)
         return found
 
 
 def record_query(ex: Exchange, consumer: str, zone: str, sql: str, seq: int) -> None:
     """Compare the aggregate ``sql`` (its checked canonical form) that computation ``seq`` ran
-    with the consumer's recent ones; ledger a ``query.near_duplicate`` if it neighbours one."""
-    shape = QueryShape.of(sql)
-    if shape is None:
-        return
-    found = _tracker(ex).observe(consumer, zone, shape, seq)
-    if found is None:
-        return
-    earlier, difference = found
-    ex.ledger.append(
-        EntryDraft(
-            kind=NEAR_DUPLICATE,
-            actor=consumer,
-            refs={"zone": zone, "computation": str(seq), "previous": str(earlier)},
-            attrs={"difference": difference},
-        )
-    )
+    with the consumer's recent ones, off the request path; a ``query.near_duplicate`` is
+    ledgered if it neighbours one."""
+    _worker(ex).submit((consumer, zone, sql, seq))
+
+
+def flush(ex: Exchange) -> None:
+    """Wait until every query recorded so far has been compared (and its entry appended)."""
+    with _workers_lock:
+        found = _workers.get(ex)
+    if found is not None:
+        found.flush()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,13 @@ class Exchange:
             max_staleness=settings.policy_max_staleness_seconds,
         )
         self._zone_stores: dict[str, ZoneStore] = {}
+        self._closers: list[Callable[[], None]] = []
         self._started = False
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Run ``closer`` when the exchange closes, before the ledger stops (last added,
+        first run): a helper's thread that appends entries finishes its work there."""
+        self._closers.append(closer)
 
     def zone_store(self, zone: str) -> ZoneStore:
         """The zone's embedded store, opened once per process."""
@@ -176,6 +183,8 @@ class Exchange:
         return self
 
     def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
         for store in self._zone_stores.values():
             store.close()
         self._zone_stores.clear()

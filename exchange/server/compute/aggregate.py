@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -99,6 +100,9 @@ class Prepared:
     #: dataset name -> (rules in force, stored version; 0 = defaults)
     rules: dict[str, tuple[AnalysisRules, int]]
     purpose: str
+    #: whether the zone had an active node at the registry version the query was prepared at
+    #: (activating a node changes the registry, so a cached ``False`` is never stale)
+    node_hosted: bool = False
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -180,6 +184,8 @@ class _ZoneView:
     rules: dict[str, tuple[AnalysisRules, int]]
     #: the datasets' part of the plan cache's key (:func:`_checked`), computed once
     plan_key: tuple[Any, ...]
+    #: whether an active node hosts the zone (approving a node bumps the registry version)
+    node_hosted: bool
 
 
 #: the registry-cache snapshot of a zone's view is named this prefix and the zone's name
@@ -213,7 +219,8 @@ def _tables(ex: Exchange, session: Session, zone: str) -> _ZoneView:
         )
         by_name[row.name] = row
         rules[row.name] = (ruleset, version)
-    return _ZoneView(zone_row, tables, by_name, rules, _plan_key(tables, by_name))
+    hosted = dispatch.node_for_zone(session, zone) is not None
+    return _ZoneView(zone_row, tables, by_name, rules, _plan_key(tables, by_name), hosted)
 
 
 def _zone_view(ex: Exchange, zone: str, registry_version: int | None) -> _ZoneView:
@@ -358,6 +365,7 @@ def prepare(
         auths=auths,
         rules={name: view.rules[name] for name in checked.datasets},
         purpose=next(iter(auths.values())).request.purpose,
+        node_hosted=view.node_hosted,
     )
 
 
@@ -389,6 +397,32 @@ def _check_budget(ex: Exchange, consumer: str, prepared: Prepared, epsilon: Deci
                 )
 
 
+#: reads a consumer's budget while the engine runs (see :func:`_release_within_budget`)
+_budget_reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="zonex-budget")
+
+
+def _release_within_budget(
+    ex: Exchange, actor: Principal, prepared: Prepared, charge: Decimal, delta: Decimal
+) -> tuple[dict[str, Any], NodeResult | None]:
+    """:func:`host_release`, refused with :class:`BudgetExhaustedError` when ``charge`` does not
+    fit the consumer's budget. The ledger transaction that records the release charges the
+    budget and refuses an overdraft whatever this check saw (two requests can race); the check
+    only spares work. For a node-hosted zone it runs first (no task is ledgered or sent for a
+    refused query); in-process it runs on another thread while the engine runs, which releases
+    the GIL, and a release over budget is computed, discarded and never answered."""
+    if not charge:
+        return host_release(ex, actor, prepared, charge, delta)
+    if prepared.node_hosted:
+        _check_budget(ex, actor.key_id, prepared, charge)
+        return host_release(ex, actor, prepared, charge, delta)
+    budget_ok = _budget_reads.submit(_check_budget, ex, actor.key_id, prepared, charge)
+    try:
+        released = host_release(ex, actor, prepared, charge, delta)
+    finally:
+        budget_ok.result()  # raises BudgetExhaustedError: the release is dropped unseen
+    return released
+
+
 def host_release(
     ex: Exchange,
     actor: Principal,
@@ -406,8 +440,10 @@ def host_release(
     for exact releases) and the node's verified answer (None in-process).
     """
     checked = prepared.checked
-    with Session(ex.engine) as session:
-        node = dispatch.node_for_zone(session, prepared.zone)
+    node = None
+    if prepared.node_hosted:  # read afresh: the node's liveness is not registry state
+        with Session(ex.engine) as session:
+            node = dispatch.node_for_zone(session, prepared.zone)
     if node is None:
         row = prepared.rows[checked.datasets[0]]
         with open_source(ex, row) as src:
@@ -468,8 +504,7 @@ def run_aggregate(
     if checked.dp:
         charge = eps if eps is not None else default_epsilon(ex)
         delta = checked.delta or Decimal(0)
-        _check_budget(ex, actor.key_id, prepared, charge)
-    body, node_result = host_release(ex, actor, prepared, charge, delta)
+    body, node_result = _release_within_budget(ex, actor, prepared, charge, delta)
     result = {"zone": zone, "sql": checked.canonical, **body["result"]}
     parameters = {
         "operation": "aggregate",
