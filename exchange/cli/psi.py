@@ -308,6 +308,23 @@ def prepare(
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
     as_json: Annotated[bool, typer.Option("--json", help="print the epochs as JSON")] = False,
+    node: Annotated[
+        Path | None,
+        typer.Option(
+            "--node",
+            help="the zone's node directory: prepare there (the epoch key stays on the node) "
+            "and upload the fingerprints, signed with the node's key",
+        ),
+    ] = None,
+    chunk: Annotated[
+        int, typer.Option("--chunk", min=1, help="with --node: subjects blinded per recorded chunk")
+    ] = 262_144,
+    max_chunks: Annotated[
+        int | None,
+        typer.Option(
+            "--max-chunks", min=1, help="with --node: stop after this many chunks (resumable)"
+        ),
+    ] = None,
     zone: ZoneArg = None,
     zone_flag: ZoneFlag = None,
 ) -> None:
@@ -315,29 +332,98 @@ def prepare(
 
     The zone blinds every subject once under a fresh epoch key, in the background; sessions
     whose |Y| is at least 16 times |X| then cost the consumer O(|X|). Run it again to see the
-    progress; a ready, current epoch is left as it is.
+    progress; a ready, current epoch is left as it is. With --node the zone's node prepares it
+    here, in the foreground (a bar shows the progress; an interrupted run continues from its
+    last chunk), then uploads it; the node's running `zonex node serve` also prepares when
+    the exchange asks.
 
     Example:
       zonex psi prepare tax --dataset companies --key bureau.key
+      zonex psi prepare --node tax-node --dataset companies
     """
+    if node is not None:
+        _prepare_on_node(node, dataset, chunk, max_chunks, as_json)
+        return
     zone = one_zone(zone, zone_flag, "psi prepare")
     with client(url, key) as c:
         status = c.psi_prepare_epoch(zone, dataset)
     if as_json:
         print_json(status)
         return
-    table = Table(title=f"epochs of {zone}/{dataset}")
+    _epoch_table(f"epochs of {zone}/{dataset}", status["epochs"], status["current"])
+    if status["current"] is None:
+        err.print("preparing in the background; run this again to follow it", highlight=False)
+
+
+def _epoch_table(title: str, epochs: list[dict[str, Any]], current: str | None) -> None:
+    table = Table(title=title)
     for name in ("epoch", "state", "subjects", "blinded", "sessions", "created"):
         table.add_column(name)
-    for e in status["epochs"]:
+    for e in epochs:
         table.add_row(
             e["id"],
-            e["state"] + (" (current)" if e["id"] == status["current"] else ""),
+            e["state"] + (" (current)" if e["id"] == current else ""),
             "?" if e["y_count"] is None else str(e["y_count"]),
             str(e["done"]),
             str(e["sessions"]),
             str(e["created_at"]),
         )
     out.print(table)
-    if status["current"] is None:
-        err.print("preparing in the background; run this again to follow it", highlight=False)
+
+
+def _prepare_on_node(
+    node: Path, dataset: str, chunk: int, max_chunks: int | None, as_json: bool
+) -> None:
+    """``zonex psi prepare --node``: the node's side (:mod:`exchange.node.psi_epoch`)."""
+    import httpx
+
+    from exchange.client.sdk import SignatureAuth
+    from exchange.node import psi_epoch
+    from exchange.node.home import NodeHome
+
+    home = NodeHome(node)
+    try:
+        with httpx.Client(
+            base_url=home.exchange, auth=SignatureAuth(home.key), timeout=60.0
+        ) as http:
+            try:
+                listing = psi_epoch.exchange_epochs(http)
+            except httpx.HTTPError as exc:
+                raise ValueError(f"the exchange at {home.exchange} is unreachable: {exc}") from exc
+            except psi_epoch.UploadError as exc:
+                raise ValueError(str(exc)) from exc
+            ours = [e for e in listing["epochs"] if e["dataset"] == dataset]
+            current = next((e["id"] for e in ours if e["current"]), None)
+            if current is None:
+                with _bars() as report:
+                    meta = psi_epoch.prepare_epoch(
+                        home,
+                        dataset,
+                        chunk=chunk,
+                        max_chunks=max_chunks,
+                        progress=lambda done, total: report("blinding", done, total),
+                    )
+                if meta["state"] != "prepared":
+                    err.print(
+                        f"stopped after {meta['done']} of {meta['y_count']} subjects; run this "
+                        "again to continue",
+                        highlight=False,
+                    )
+                    if as_json:
+                        print_json({"node": meta, "exchange": ours})
+                    return
+                try:
+                    psi_epoch.upload_epoch(home, http, meta)
+                except psi_epoch.UploadError as exc:
+                    raise ValueError(
+                        f"{exc}; the epoch stays prepared here: run this again"
+                    ) from exc
+                listing = psi_epoch.exchange_epochs(http)
+                ours = [e for e in listing["epochs"] if e["dataset"] == dataset]
+                current = next((e["id"] for e in ours if e["current"]), None)
+    finally:
+        home.close()
+    if as_json:
+        print_json({"current": current, "epochs": ours})
+        return
+    _epoch_table(f"epochs of {home.zone}/{dataset} (prepared on the node)", ours, current)

@@ -32,6 +32,9 @@ from exchange.node.engine import release_aggregate, table_stats
 from exchange.node.home import NodeHome
 from exchange.node.psi import KIND as PSI_KIND
 from exchange.node.psi import run_psi_zone
+from exchange.node.psi_epoch import ANSWER_KIND as EPOCH_ANSWER_KIND
+from exchange.node.psi_epoch import PREPARE_KIND as EPOCH_PREPARE_KIND
+from exchange.node.psi_epoch import run_epoch_answer, run_epoch_prepare, sweep_now_and_then
 from exchange.node.score import KIND as SCORE_KIND
 from exchange.node.score import run_he_score
 from exchange.node.secure_sum import KIND as SUM_KIND
@@ -90,6 +93,7 @@ class NodeAgent:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.5
+            sweep_now_and_then(self.home, self._http)  # ended epochs' keys go
             if bundle is None:
                 continue
             try:
@@ -167,6 +171,10 @@ class NodeAgent:
     def run(self, task: dict[str, Any]) -> Any:
         if task["kind"] == PSI_KIND:
             return run_psi_zone(self.home, self._http, task)
+        if task["kind"] == EPOCH_ANSWER_KIND:
+            return run_epoch_answer(self.home, self._http, task)
+        if task["kind"] == EPOCH_PREPARE_KIND:
+            return run_epoch_prepare(self.home, self._http, task)
         if task["kind"] == SUM_KIND:
             return run_secure_sum(self, task)
         if task["kind"] == SCORE_KIND:

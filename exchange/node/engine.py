@@ -51,7 +51,14 @@ __all__ = [
 ]
 
 #: task kinds a veto file may name
-TASK_KINDS = ("aggregate", "secure_sum", "psi_zone", "he_score")
+TASK_KINDS = (
+    "aggregate",
+    "secure_sum",
+    "psi_zone",
+    "psi_epoch_prepare",
+    "psi_epoch_answer",
+    "he_score",
+)
 
 
 def plain(value: Decimal) -> str:

@@ -100,7 +100,7 @@ UPLOAD_SUFFIX = "/uploads"
 CONTEXT_SUFFIX = "/he/contexts"
 POINTS_SUFFIX = "/points"
 #: the binary outputs a zone node uploads for a task (exchange.server.dispatch.TaskFiles)
-NODE_OUTPUTS = ("a_prime", "b", "ciphertexts", "scores", "ciphertext")
+NODE_OUTPUTS = ("a_prime", "a_e", "b", "ciphertexts", "scores", "ciphertext")
 
 
 CATALOG_SNAPSHOT = "catalog"
@@ -299,6 +299,11 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             # a zone node's bulk outputs (PSI points and ciphertexts), in chunks
             **{
                 f"/v1/node/tasks/*/outputs/{name}": cfg.max_psi_batch_bytes for name in NODE_OUTPUTS
+            },
+            # a prepared epoch's fingerprints and positions from a zone node, in chunks
+            **{
+                f"/v1/node/psi/epochs/*/files/{name}": cfg.max_psi_batch_bytes
+                for name in ("fp", "pos")
             },
         },
     )

@@ -1,6 +1,8 @@
 """Routes for zone nodes (:mod:`exchange.server.dispatch`): registration by the zone's provider,
-approval by the operator, and the node's own calls: its long poll for tasks, its answers, and the
-metadata of datasets it hosts. Every call is signed like any other; a node signs with its key."""
+approval by the operator, and the node's own calls: its long poll for tasks, its answers, the
+metadata of datasets it hosts, and the epochs of private joins it prepares (fingerprints and
+positions, then the manifest it signs: :mod:`exchange.server.compute.psi_epoch`). Every call is
+signed like any other; a node signs with its key."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from exchange.server import dispatch
 from exchange.server.api.deps import BINARY, Actor, Ex, binary_body
 from exchange.server.api.schemas import DatasetOut, In, Text
+from exchange.server.compute import psi_epoch
 
 __all__ = ["router"]
 
@@ -36,6 +39,11 @@ class PollIn(In):
 class OutcomeIn(In):
     result: dict[str, Any] | None = None
     refused: dict[str, str] | None = None
+
+
+class EpochManifestIn(In):
+    #: the node's signed manifest (DSSE, ``application/vnd.zonex.psi-epoch+json``)
+    manifest: dict[str, Any]
 
 
 class NodeColumnIn(In):
@@ -161,3 +169,41 @@ async def register_dataset(body: NodeDatasetIn, actor: Actor, ex: Ex) -> Dataset
         )
     )
     return DatasetOut.from_domain(dataset)
+
+
+@router.put("/node/psi/epochs/{epoch}/files/{name}", tags=["nodes"])
+async def epoch_file(
+    epoch: str,
+    name: str,
+    request: Request,
+    actor: Actor,
+    ex: Ex,
+    offset: int = Query(ge=0, description="the bytes received so far (0 starts over)"),
+) -> dict[str, Any]:
+    """One chunk of a prepared epoch's ``fp`` (sorted 96-bit fingerprints) or ``pos`` (their
+    positions in the image's order), ``application/octet-stream``: only from an approved node,
+    for its own zone; used once the node's signed manifest names its digest."""
+    body = await binary_body(request, "the epoch's file")
+    result: dict[str, Any] = await run_in_threadpool(
+        psi_epoch.receive_epoch_file, ex, actor, epoch, name, offset, body
+    )
+    return result
+
+
+@router.post("/node/psi/epochs", status_code=201, tags=["nodes"])
+async def epoch_manifest(body: EpochManifestIn, actor: Actor, ex: Ex) -> dict[str, Any]:
+    """A prepared epoch: the manifest the node signed (epoch, dataset, snapshot, |Y|, each
+    uploaded file's SHA-256 and size). Checked against the uploads, then the epoch serves new
+    sessions of the dataset. The node keeps the epoch key; it never comes here."""
+    result: dict[str, Any] = await run_in_threadpool(
+        psi_epoch.receive_epoch, ex, actor, body.manifest
+    )
+    return result
+
+
+@router.get("/node/psi/epochs", tags=["nodes"])
+async def node_epochs(actor: Actor, ex: Ex) -> dict[str, Any]:
+    """The calling node's zone's epochs as the exchange keeps them, and their longest life: the
+    node deletes the key of an epoch no longer listed or past that life."""
+    result: dict[str, Any] = await run_in_threadpool(psi_epoch.node_epochs, ex, actor)
+    return result

@@ -758,7 +758,13 @@ def put_a_points(
             return {"received": received, "complete": False}
         if on_node:
             _check_whole(_read_points(folder / "a.bin"), snap.x_count, "A")
-            y_count, digests = _node_answer(ex, snap, terms, auth.digest)
+            if snap.params.get("epoch"):
+                from exchange.server.compute import psi_epoch
+
+                # A_e = k_e·A on the node that keeps k_e
+                y_count, digests = psi_epoch.node_answer(ex, snap, terms, auth.digest)
+            else:
+                y_count, digests = _node_answer(ex, snap, terms, auth.digest)
         else:
             # A' = p·A is a bijection of A: A' holds a repeat exactly when A does
             _check_whole(_read_points(folder / "a_prime.bin"), snap.x_count, "A")
