@@ -14,7 +14,8 @@ The second form fills D, a data directory made by ``zonex init``, with N plausib
 (catalog reads, computations with their receipts' digests, denials, refusals, consents,
 snapshots: the kinds and shapes the exchange writes, digests and never data) through the
 ledger's own batch append, whatever storage the ledger uses, signing a checkpoint every
---checkpoint-every entries and one at the end. Nothing else in D changes. It prints:
+--checkpoint-every entries and one at the end (``--generate 0`` measures D as it is). Nothing
+else in D changes. It prints:
 - entries/s generated;
 - seconds and MB to export the ledger (``zonex ledger export``);
 - seconds to verify the export offline in one process and on every core (``zonex audit
@@ -421,8 +422,8 @@ def main() -> None:
     if (args.generate is None) != (args.data_dir is None):
         parser.error("--generate N and --data-dir D go together")
     with tempfile.TemporaryDirectory(dir=".") as tmp:
-        root = Path(tmp)
-        bundle = args.bundle or root / "ledger.jsonl"
+        root = Path(tmp).resolve()  # the verifiers run in ROOT: absolute paths only
+        bundle = (args.bundle or root / "ledger.jsonl").resolve()
         if args.generate is not None:
             try:
                 done = generate(args.data_dir, args.generate, args.checkpoint_every, args.batch)
