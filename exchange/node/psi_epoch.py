@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from crypto import he
 from crypto import psi as cpsi
@@ -90,7 +89,6 @@ DEFAULT_CHUNK = 262_144
 EPOCH_ID = re.compile(r"ep_[A-Za-z0-9_-]{16,40}")
 
 _P = cpsi.POINT_BYTES
-_FP = kernel.FP_DTYPE.itemsize
 #: bytes per upload request of the image's files
 _UPLOAD_CHUNK = 4 << 20
 
@@ -228,7 +226,7 @@ def prepare_epoch(
     An unfinished epoch of the dataset's current snapshot continues from its last recorded
     chunk with its key; one of another snapshot is deleted (its image would be of other
     data); an epoch prepared but not yet uploaded is returned as it is. One preparation per
-    dataset at a time: without ``wait`` a second caller gets ``None``-free
+    dataset at a time: with ``wait`` a second caller waits for it, without it gets
     :class:`~exchange.psi_epoch.EpochPreparingError`."""
     dataset = _dataset(home, name)
     with _flock(_root(home) / name / "prepare.lock", wait=wait) as taken:
@@ -598,8 +596,3 @@ def epoch_ids(home: NodeHome) -> list[str]:
 def local_epochs(home: NodeHome, dataset: str | None = None) -> list[dict[str, Any]]:
     """What the node keeps of its epochs (never a key)."""
     return _epochs(home, dataset)
-
-
-def image_arrays(fp: bytes, pos: bytes, dtype: str) -> tuple[np.ndarray[Any, Any], Any]:
-    """The uploaded files as arrays (for checks on either side)."""
-    return np.frombuffer(fp, dtype=kernel.FP_DTYPE), np.frombuffer(pos, dtype=np.dtype(dtype))

@@ -299,10 +299,15 @@ def test_sessions_on_the_node_epoch_match_plaintext(
 
 
 def _forge(
-    live: LiveServer, world: dict[str, Any], signer: SigningKey, tamper: bool
+    live: LiveServer,
+    world: dict[str, Any],
+    signer: SigningKey,
+    tamper: bool = False,
+    **changes: Any,
 ) -> httpx.Response:
     """Upload an image for a new epoch of ``companies`` as the node, then a manifest signed by
-    ``signer``; with ``tamper`` one fingerprint differs from what the manifest names."""
+    ``signer`` (with ``changes`` to its fields); with ``tamper`` one fingerprint differs from
+    what the manifest names."""
     node_key = load_private_key(world["node_dir"] / "node.key")
     epoch = "ep_" + secrets.token_urlsafe(18)
     fp = np.sort(np.frombuffer(secrets.token_bytes(Y * 12), dtype=FP_DTYPE), order=["hi", "lo"])
@@ -325,6 +330,7 @@ def _forge(
             name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()
         },
         "prepared_at": datetime.now(UTC).isoformat(),
+        **changes,
     }
     if tamper:  # the first fingerprint's low word, after signing
         files["fp"] = files["fp"][:8] + bytes(4) + files["fp"][12:]
@@ -352,6 +358,11 @@ def test_forged_epoch_uploads_are_refused(live: LiveServer, world: dict[str, Any
     # signed by the node, but the uploaded fingerprints are not the ones it signed
     refused = _forge(live, world, node_key, tamper=True)
     assert refused.status_code == 422 and refused.json()["reason"] == "digest_mismatch"
+    # signed by the node, for a snapshot the dataset no longer has
+    refused = _forge(live, world, node_key, snapshot="0" * 64)
+    assert refused.status_code == 409 and refused.json()["reason"] == "epoch_stale"
+    # a refused upload is deleted with its manifest
+    assert list((live.data_dir / "psi_epochs" / "tax" / ".incoming").iterdir()) == []
     # the node-only routes refuse a principal that is no node
     with _node_http(live, world["keys"]["provider"]) as provider:
         put = provider.put(

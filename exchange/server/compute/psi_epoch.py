@@ -61,7 +61,7 @@ from sqlalchemy.orm import Session
 from crypto import he
 from crypto import psi as cpsi
 from crypto.envelope import Envelope, verify_envelope
-from crypto.errors import CryptoError, VerificationError
+from crypto.errors import CryptoError, EncodingError, VerificationError
 from crypto.keys import VerifyKey
 from exchange.domain import Principal, PrincipalKind
 from exchange.errors import (
@@ -816,8 +816,30 @@ def receive_epoch(ex: Exchange, actor: Principal, envelope: object) -> dict[str,
     """A node's prepared epoch: its manifest (DSSE signed by the node's key) names the epoch,
     dataset, snapshot, |Y| and the SHA-256 and size of the uploaded ``fp`` and ``pos``; once
     every check passes the epoch is stored as a zone's epoch the exchange prepared would be
-    (state ``ready``; the current one retired) and serves sessions. Never a key."""
+    (state ``ready``; the current one retired) and serves sessions. Never a key. A refused
+    upload is deleted (the node sends it again from offset 0)."""
     zone, key = _node_of(ex, actor)
+    try:
+        return _store_epoch(ex, zone, key, envelope)
+    except ZonexError:
+        epoch = _claimed_epoch(envelope)
+        if epoch is not None:  # the caller's own upload (its zone's staging only)
+            shutil.rmtree(_incoming(ex, zone, epoch), ignore_errors=True)
+        raise
+
+
+def _claimed_epoch(envelope: object) -> str | None:
+    """The epoch id a manifest names, verified or not (only to find its staged upload)."""
+    try:
+        claimed = json.loads(Envelope.model_validate(envelope).payload_bytes()).get("epoch")
+    except (ValueError, TypeError, AttributeError, EncodingError):
+        return None
+    if isinstance(claimed, str) and node_epoch.EPOCH_ID.fullmatch(claimed):
+        return claimed
+    return None
+
+
+def _store_epoch(ex: Exchange, zone: str, key: VerifyKey, envelope: object) -> dict[str, Any]:
     doc = _manifest(envelope, key)
     if doc.get("type") != node_epoch.MANIFEST_VERSION or doc.get("node") != key.key_id:
         raise InvalidInputError("not an epoch manifest of this node", reason="bad_manifest")
@@ -842,7 +864,7 @@ def receive_epoch(ex: Exchange, actor: Principal, envelope: object) -> dict[str,
             "the epoch is of another snapshot than the dataset's current one", reason="epoch_stale"
         )
     folder = _epoch_dir(ex, zone, dataset, epoch)
-    if folder.exists():
+    if (folder / "epoch.json").exists():
         raise ConflictError(f"epoch {epoch} is already stored", reason="epoch_exists")
     staged = _incoming(ex, zone, epoch)
     files = doc.get("files")
