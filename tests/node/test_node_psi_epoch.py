@@ -34,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from crypto import psi as cpsi
+from crypto.canonical import canonicalize
 from crypto.envelope import sign_envelope
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
@@ -406,6 +407,19 @@ def test_the_exchange_holds_no_id_value_or_epoch_key_of_the_zone(
     with Session(live.exchange.engine) as s:
         kinds = [json.loads(r.body)["kind"] for r in s.execute(select(LedgerEntryRow)).scalars()]
     assert kinds.count("task.authorized") == 3
+    # each epoch the node uploaded is ledgered under its key, with the manifest's digest
+    with Session(live.exchange.engine) as s:
+        stored = [
+            json.loads(r.body)
+            for r in s.execute(select(LedgerEntryRow)).scalars()
+            if json.loads(r.body)["kind"] == "psi.epoch_stored"
+        ]
+    assert sorted(e["refs"]["epoch"] for e in stored) == sorted(m["id"] for m in epochs)
+    assert {e["actor"] for e in stored} == {world["node"]}
+    for e in stored:
+        folder = live.data_dir / "psi_epochs" / "tax" / e["refs"]["dataset"] / e["refs"]["epoch"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert e["digests"]["manifest"] == hashlib.sha256(canonicalize(manifest)).hexdigest()
 
 
 def test_an_epoch_the_exchange_deleted_loses_its_key_on_the_node(

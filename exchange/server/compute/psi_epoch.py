@@ -60,6 +60,7 @@ from sqlalchemy.orm import Session
 
 from crypto import he
 from crypto import psi as cpsi
+from crypto.canonical import canonicalize
 from crypto.envelope import Envelope, verify_envelope
 from crypto.errors import CryptoError, EncodingError, VerificationError
 from crypto.keys import VerifyKey
@@ -86,6 +87,7 @@ from exchange.server import access, dispatch
 from exchange.server.compute import psi
 from exchange.server.compute.contexts import load_context
 from exchange.server.compute.source import open_source
+from exchange.server.ledger import EntryDraft
 from exchange.server.models import NodeRow, PrincipalRow
 from exchange.server.runtime import Exchange
 from exchange.server.services import _require_owner, _zone_row
@@ -893,6 +895,24 @@ def _store_epoch(ex: Exchange, zone: str, key: VerifyKey, envelope: object) -> d
     np.save(folder / "pos.npy", pos)
     # the node's signed statement, kept for whoever audits what this epoch served
     (folder / "manifest.json").write_text(json.dumps(envelope, sort_keys=True))
+    try:
+        ex.ledger.append(
+            EntryDraft(
+                kind="psi.epoch_stored",
+                actor=key.key_id,
+                refs={"zone": zone, "dataset": dataset, "epoch": epoch, "node": key.key_id},
+                digests={
+                    "snapshot": snapshot,
+                    "manifest": hashlib.sha256(canonicalize(envelope)).hexdigest(),
+                    "fp": str(files["fp"]["sha256"]),
+                    "pos": str(files["pos"]["sha256"]),
+                },
+                attrs={"y_count": y, "host": "node"},
+            )
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     shutil.rmtree(staged, ignore_errors=True)
     now = _now()
     meta: dict[str, Any] = {
