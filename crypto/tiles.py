@@ -275,20 +275,11 @@ class TiledTree:
         tile = self._fetch(level, tile_index, offset + (1 << r))
         if len(tile) < (offset + (1 << r)) * HASH_SIZE:
             raise ValueError(f"tile {tile_path(level, tile_index)} is too short")
-        return self._within(tile, TILE_HEIGHT * level, tile_index * TILE_WIDTH, height, index)
-
-    def _within(self, tile: bytes, base: int, first: int, height: int, index: int) -> bytes:
-        """A perfect subtree inside one tile (of level ``base / 8`` whose first hash is number
-        ``first`` of that level), each interior node remembered."""
-        if height == base:
-            at = (index - first) * HASH_SIZE
-            return bytes(tile[at : at + HASH_SIZE])
-        key = (height, index)
-        found = self._memo.get(key)
-        if found is None:
-            left = self._within(tile, base, first, height - 1, 2 * index)
-            right = self._within(tile, base, first, height - 1, 2 * index + 1)
-            found = self._memo[key] = _sha256(b"\x01" + left + right).digest()
+        if r == 0:  # a stored hash: nothing to remember
+            return bytes(tile[offset * HASH_SIZE : (offset + 1) * HASH_SIZE])
+        # folded row by row (2**r - 1 hashes, no call per node); only the subtree asked for is
+        # remembered, so random proofs do not flood the memo with interior nodes of leaf tiles
+        found = self._memo[(height, index)] = _fold(tile, offset, 1 << r)
         return found
 
     def root(self) -> bytes:
