@@ -22,6 +22,10 @@ Measured side by side, requests alternating between the zones (the order flipped
    The overhead is given both as the difference of the percentiles and as the percentiles of
    the paired differences (each node request minus the in-process request next to it).
 
+``--epoch N`` prepares an epoch of ``tax`` in each zone (in the exchange for ``hosted``, on the
+node for ``noded``: k_e stays there and it uploads the fingerprints) and times epoch-mode
+``psi_cardinality`` sessions of N consumer ids, where the node answers A_e = k_e·A as a task.
+
 Latency is the consumer's: ``exchange.client.sdk.Client.aggregate`` (one kept-alive connection,
 the request's signature and the answer's decoding included) timed in this process. A consumer may
 spend at most ε 10 per dataset and window, which bounds --runs and --requests at the ε above.
@@ -205,8 +209,9 @@ def level_flags() -> list[str]:
 
 def set_up(
     stack: ExitStack, work: Path, env: dict[str, str], files: dict[str, Path], consented: int = 0
-) -> tuple[str, SigningKey]:
-    """Start the exchange and the node; return the exchange's URL and the granted consumer."""
+) -> tuple[str, SigningKey, SigningKey]:
+    """Start the exchange and the node; return the exchange's URL, the granted consumer and the
+    zones' provider."""
     data_dir = work / "exchange"
     init_data_dir(data_dir)
     port = free_port()
@@ -303,7 +308,7 @@ def set_up(
             node,
             60,
         )
-    return url, consumer
+    return url, consumer, provider
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -373,6 +378,36 @@ def psi_sessions(c: Client, ids: int, rows: int, runs: int) -> dict[str, list[fl
     return times
 
 
+def epoch_ready(provider: Client, zone: str) -> float:
+    """Ask for an epoch of ``tax`` in ``zone`` and wait until it serves (the exchange prepares
+    a hosted zone's on a thread; a node prepares its own after a ``psi_epoch_prepare`` task and
+    uploads it); seconds from the request to the first status that shows it current."""
+    start = time.perf_counter()
+    status = provider.psi_prepare_epoch(zone, "tax")
+    while status["current"] is None:
+        time.sleep(0.2)
+        status = provider.psi_epochs(zone, "tax")
+    return time.perf_counter() - start
+
+
+def epoch_sessions(c: Client, ids: int, rows: int, runs: int) -> dict[str, list[float]]:
+    """Seconds per whole psi_cardinality session in epoch mode, alternating between the zones
+    (each zone's epoch prepared before)."""
+    inside = company_ids(min(rows, ids // 2))
+    mine = inside + [f"X{i:010d}" for i in range(ids - len(inside))]
+    times: dict[str, list[float]] = {HOSTED: [], NODED: []}
+    for run in range(runs):
+        for zone in (HOSTED, NODED) if run % 2 == 0 else (NODED, HOSTED):
+            start = time.perf_counter()
+            out = c.psi_join(
+                zone, "tax", "cardinality", mine, PURPOSE, epsilon=PSI_EPSILON, protocol="epoch"
+            )
+            times[zone].append(time.perf_counter() - start)
+            assert out["result"]["y_count"] == rows, out["result"]
+            print(f"epoch psi {zone}: {times[zone][-1]:.2f} s", flush=True)
+    return times
+
+
 def pct(values: list[float], q: float) -> float:
     """Nearest-rank percentile, in milliseconds."""
     ordered = sorted(values)
@@ -418,6 +453,14 @@ def main() -> None:
         help="also time he_score of this many consented subjects against each zone (0: skip)",
     )
     parser.add_argument("--score-runs", type=int, default=3, help="scorings per zone")
+    parser.add_argument(
+        "--epoch",
+        type=int,
+        default=0,
+        help="also prepare an epoch of each zone's --rows subjects (the node's on the node) and "
+        "time epoch-mode psi_cardinality sessions of this many consumer ids (0: skip)",
+    )
+    parser.add_argument("--epoch-runs", type=int, default=5, help="epoch sessions per zone")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     for count, warmup, eps, flag in (
@@ -441,7 +484,7 @@ def main() -> None:
         }
         env["XDG_CONFIG_HOME"] = str(work / "xdg")  # no user CLI profiles
         big, tiny = generate(work, args.rows)
-        url, consumer = set_up(stack, work, env, {"tax": big, "tiny": tiny}, args.score)
+        url, consumer, provider = set_up(stack, work, env, {"tax": big, "tiny": tiny}, args.score)
         load_before = load_average()
         with Client(url, consumer) as c:
             start = time.perf_counter()
@@ -452,6 +495,16 @@ def main() -> None:
             print(f"tiny: {time.perf_counter() - start:.0f} s", flush=True)
             psi_times = psi_sessions(c, args.psi, args.rows, args.psi_runs) if args.psi else None
             score_times = score_sessions(c, args.score, args.score_runs) if args.score else None
+            epoch: dict[str, Any] | None = None
+            if args.epoch:
+                with Client(url, provider) as p:
+                    prepared = {zone: epoch_ready(p, zone) for zone in (HOSTED, NODED)}
+                for zone, seconds in prepared.items():
+                    print(f"epoch of {zone} ready in {seconds:.1f} s", flush=True)
+                epoch = {
+                    "prepared": prepared,
+                    "times": epoch_sessions(c, args.epoch, args.rows, args.epoch_runs),
+                }
         load_after = load_average()
 
     figures: dict[str, Any] = {
@@ -483,6 +536,17 @@ def main() -> None:
             NODED: statistics.median(psi_times[NODED]),
         }
         figures["psi"]["ratio_median"] = figures["psi"][NODED] / figures["psi"][HOSTED]
+    if epoch is not None:
+        figures["epoch"] = {
+            "ids": args.epoch,
+            "rows": args.rows,
+            "epsilon": PSI_EPSILON,
+            "uploaded_bytes": args.rows * 16,  # 96-bit fingerprints and 32-bit positions
+            "prepared_s": epoch["prepared"],
+            HOSTED: statistics.median(epoch["times"][HOSTED]),
+            NODED: statistics.median(epoch["times"][NODED]),
+        }
+        figures["epoch"]["ratio_median"] = figures["epoch"][NODED] / figures["epoch"][HOSTED]
     if score_times is not None:
         figures["he_score"] = {
             "ids": args.score,
@@ -537,6 +601,20 @@ def main() -> None:
         )
         print(f"  in-process {f[HOSTED]:.1f} s, node {f[NODED]:.1f} s (median)")
         print(f"  node / in-process: {f['ratio_median']:.2f} (goal <= 1.15)")
+    if "epoch" in figures:
+        f = figures["epoch"]
+        print(
+            f"\nepoch mode: an epoch of {args.rows:,} subjects ({f['uploaded_bytes']:,} bytes of "
+            f"fingerprints and positions), then psi_cardinality of {args.epoch:,} consumer ids, "
+            f"ε {PSI_EPSILON}, {args.epoch_runs} sessions each"
+        )
+        prepared = f["prepared_s"]
+        print(
+            f"  preparation (request to current): in-process {prepared[HOSTED]:.1f} s, "
+            f"node {prepared[NODED]:.1f} s (its upload included)"
+        )
+        print(f"  session: in-process {f[HOSTED]:.2f} s, node {f[NODED]:.2f} s (median)")
+        print(f"  node / in-process: {f['ratio_median']:.2f}")
     if "he_score" in figures:
         f = figures["he_score"]
         print(
