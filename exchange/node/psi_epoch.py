@@ -373,11 +373,14 @@ def upload_epoch(home: NodeHome, http: httpx.Client, meta: dict[str, Any]) -> di
 
 
 def exchange_epochs(http: httpx.Client) -> dict[str, Any]:
-    """What the exchange keeps of this node's epochs (``GET /v1/node/psi/epochs``)."""
+    """What the exchange keeps of this node's epochs (``GET /v1/node/psi/epochs``), with when
+    this node asked (``asked_at``: an epoch uploaded since is not in it yet)."""
+    asked = _now()
     response = http.get("/v1/node/psi/epochs")
     if response.status_code != 200:
         raise UploadError(f"the exchange did not list the epochs: {_problem(response)}")
     listing: dict[str, Any] = response.json()
+    listing["asked_at"] = asked.isoformat()
     return listing
 
 
@@ -385,12 +388,16 @@ def sweep_epochs(home: NodeHome, listing: dict[str, Any]) -> int:
     """Delete the uploaded epochs the exchange no longer keeps, and any epoch past its longest
     life (``listing``: :func:`exchange_epochs`); returns how many keys went."""
     kept = {e["id"] for e in listing.get("epochs", [])}
+    asked = datetime.fromisoformat(str(listing["asked_at"]))
     life = float(listing.get("max_seconds", 0)) + float(listing.get("session_seconds", 0))
     now = _now()
     gone = 0
     for meta in _epochs(home):
-        age = (now - datetime.fromisoformat(str(meta["created_at"]))).total_seconds()
-        if (meta["state"] == "uploaded" and meta["id"] not in kept) or (life and age > life):
+        # its life counts from its upload (the exchange's ready time follows it), else from
+        # its creation; an epoch uploaded after the listing was asked for is not in it yet
+        since = datetime.fromisoformat(str(meta.get("uploaded_at") or meta["created_at"]))
+        dropped = meta["state"] == "uploaded" and meta["id"] not in kept and since < asked
+        if dropped or (life and (now - since).total_seconds() > life):
             _delete(home, meta)
             gone += 1
             log.info("epoch %s of %s ended: its key is deleted", meta["id"], meta["dataset"])

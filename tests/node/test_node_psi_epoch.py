@@ -437,11 +437,19 @@ def test_an_epoch_the_exchange_deleted_loses_its_key_on_the_node(
         with _node_http(live, home.key) as http:
             listing = node_epoch.exchange_epochs(http)  # the exchange deletes it first
             assert meta["id"] not in {e["id"] for e in listing["epochs"]}
+            # a listing asked for before the upload says nothing about the epoch yet
+            early = {**listing, "asked_at": meta["created_at"]}
+            assert node_epoch.sweep_epochs(home, early) == 0
             assert node_epoch.sweep_epochs(home, listing) == 1
+            assert not folder.exists()
+            assert not (world["node_dir"] / "psi_epochs" / "small" / meta["id"]).exists()
+            # the other epoch is still current, on both sides
+            (current,) = _node_meta(world)
+            assert _status(live, world, "companies")["current"] == current["id"]
+            # past its longest life the node deletes the key whatever the exchange lists
+            listing = node_epoch.exchange_epochs(http)
+            life = {"max_seconds": 0.001, "session_seconds": 0}
+            assert node_epoch.sweep_epochs(home, {**listing, **life}) == 1
     finally:
         home.close()
-    assert not folder.exists()
-    assert not (world["node_dir"] / "psi_epochs" / "small" / meta["id"]).exists()
-    # the other epoch is still current, on both sides
-    assert [m["state"] for m in _node_meta(world)] == ["uploaded"]
-    assert _status(live, world, "companies")["current"] == _node_meta(world)[0]["id"]
+    assert _node_meta(world) == []
