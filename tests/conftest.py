@@ -181,6 +181,26 @@ def serving(exchange: Exchange, data_dir: Path, port: int | None = None) -> Iter
         sock.close()
 
 
+@contextmanager
+def live_exchange(
+    data_dir: Path,
+    *,
+    origin: str = "test.zonex/log",
+    database_url: str | None = None,
+    **overrides: object,
+) -> Iterator[LiveServer]:
+    """A new data directory's exchange (checkpoints every 0.2 s, ``overrides`` to its settings)
+    served on loopback until the block ends: the world a module fixture builds once."""
+    init_data_dir(data_dir, origin=origin, database_url=database_url)
+    ex = Exchange(settings_for(data_dir, **{"checkpoint_interval_seconds": 0.2, **overrides}))
+    ex.start()
+    try:
+        with serving(ex, data_dir) as live:
+            yield live
+    finally:
+        ex.close()
+
+
 @pytest.fixture
 def server(exchange: Exchange, data_dir: Path) -> Iterator[LiveServer]:
     """A real uvicorn server on loopback serving the exchange."""

@@ -26,9 +26,8 @@ from crypto.merkle import MerkleTree
 from crypto.note import NoteVerifier
 from exchange.audit.console import OperatorDesk, open_bundle
 from exchange.client.sdk import Client
-from exchange.server.runtime import Exchange, init_data_dir
 from tests.browser import CHROMIUM, Console, chromium, start_console
-from tests.conftest import EXAMPLES, L2_LEVELS, LiveServer, serving, settings_for
+from tests.conftest import EXAMPLES, L2_LEVELS, LiveServer, live_exchange
 from tests.conftest import tax_bureau_and_bank as register_parties
 
 if not CHROMIUM.exists():
@@ -76,14 +75,8 @@ def ledger_lines(live: LiveServer) -> list[dict[str, Any]]:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("console")
     data_dir = tmp / "exchange"
-    init_data_dir(data_dir, origin="console.test.zonex/log")
-    ex = Exchange(settings_for(data_dir, checkpoint_interval_seconds=0.2))
-    ex.start()
-    try:
-        with serving(ex, data_dir) as live:
-            yield _build(live, tmp)
-    finally:
-        ex.close()
+    with live_exchange(data_dir, origin="console.test.zonex/log") as live:
+        yield _build(live, tmp)
 
 
 def _build(live: LiveServer, tmp: Path) -> World:

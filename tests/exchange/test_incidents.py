@@ -29,8 +29,12 @@ from exchange.client.sdk import ApiError, Client
 from exchange.keyfile import write_private_key
 from exchange.server import querydiff
 from exchange.server.ledger import EntryDraft
-from exchange.server.runtime import Exchange, init_data_dir
-from tests.conftest import L2_LEVELS, LiveServer, serving, settings_for, tax_bureau_and_bank
+from tests.conftest import (
+    L2_LEVELS,
+    LiveServer,
+    live_exchange,
+    tax_bureau_and_bank,
+)
 from tests.exchange.test_access import PURPOSE, granted
 
 # one world for the module, its tests in order on one worker
@@ -112,14 +116,8 @@ def run_monitor(run_dir: Path, url: str, *extra: str, log_key: str = "log.pub") 
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     base = tmp_path_factory.mktemp("incidents")
     data_dir = base / "exchange"
-    init_data_dir(data_dir, origin="test.zonex/log")
-    ex = Exchange(settings_for(data_dir, checkpoint_interval_seconds=0.2))
-    ex.start()
-    try:
-        with serving(ex, data_dir) as server:
-            yield _script(server, base)
-    finally:
-        ex.close()
+    with live_exchange(data_dir) as server:
+        yield _script(server, base)
 
 
 def _script(server: LiveServer, base: Path) -> Run:

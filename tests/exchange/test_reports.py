@@ -30,8 +30,7 @@ from exchange.audit.report import (
 from exchange.cli import app
 from exchange.client.sdk import ApiError, SignatureAuth
 from exchange.keyfile import write_private_key
-from exchange.server.runtime import Exchange, init_data_dir
-from tests.conftest import EXAMPLES, L3_LEVELS, LiveServer, serving, settings_for
+from tests.conftest import EXAMPLES, L3_LEVELS, LiveServer, live_exchange
 from tests.exchange.ledger_bundles import build_bundle
 
 # one world for the module, its tests in order on one worker
@@ -334,68 +333,62 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     auditor exports the ledger and builds the month's report with the CLI."""
     tmp = tmp_path_factory.mktemp("reports")
     data_dir = tmp / "exchange"
-    init_data_dir(data_dir, origin="test.zonex/log")
-    ex = Exchange(settings_for(data_dir, checkpoint_interval_seconds=0.2))
-    ex.start()
-    try:
-        with serving(ex, data_dir) as server:
-            keys = {n: SigningKey.generate() for n in ("provider", "consumer", "auditor")}
-            with server.client(server.operator) as op:
-                op.register_principal("Tax Bureau", "agency", keys["provider"].public_key)
-                op.register_principal("City Bank", "enterprise", keys["consumer"].public_key)
-                op.register_principal("City Audit Office", "auditor", keys["auditor"].public_key)
-            with server.client(keys["provider"]) as p:
-                p.create_zone("tax", "tax records")
-                p.register_dataset(
-                    "tax",
-                    "companies",
-                    levels=L3_LEVELS,
-                    subject_column="company_id",
-                    file=EXAMPLES / "companies.csv",
-                )
-            with server.client(keys["consumer"]) as c:
-                req = c.request_access(
-                    "tax",
-                    ["companies"],
-                    ["aggregate", "psi_cardinality"],
-                    PURPOSE,
-                    duration_seconds=86400,
-                    justification="credit line review",
-                )
-            with server.client(keys["provider"]) as p:
-                grant = p.approve(req["id"])["grant_id"]
-            with server.client(keys["consumer"]) as c:
-                sql = "SELECT district, COUNT(*) AS n FROM companies GROUP BY district"
-                c.aggregate("tax", sql, PURPOSE, epsilon="0.5")
-                with pytest.raises(ApiError):
-                    c.export("tax", "companies", PURPOSE)  # above the L3 ceiling: denied
-                with pytest.raises(ApiError):
-                    c.aggregate("tax", "SELECT * FROM companies", PURPOSE)  # rows: refused
-                with (EXAMPLES / "companies.csv").open(encoding="utf-8") as f:
-                    ids = [row["company_id"] for row in csv.DictReader(f)][:30]
-                c.psi_join("tax", "companies", "cardinality", ids, PURPOSE, epsilon="0.5")
-            with server.client(keys["provider"]) as p:
-                p.revoke(grant, "review finished")
-            paths = {}
-            for name, key in keys.items():
-                paths[name] = tmp / f"{name}.key"
-                write_private_key(paths[name], key)
-            bundle, log_pub = tmp / "ledger.jsonl", data_dir / "log.pub"
-            code, output = cli(
-                "ledger", "export", "--out", str(bundle), "--url", server.url,
-                "--key", str(paths["auditor"]),
-            )  # fmt: skip
-            assert code == 0, output
-            period = _month_of(bundle, "computation.aggregate")
-            out = tmp / "report"
-            code, output = cli(
-                "report", "--bundle", str(bundle), "--log-key", str(log_pub),
-                "--month", period, "--out", str(out),
-            )  # fmt: skip
-            assert code == 0, output
-            yield World(server, tmp, paths, bundle, log_pub, out, period, output)
-    finally:
-        ex.close()
+    with live_exchange(data_dir) as server:
+        keys = {n: SigningKey.generate() for n in ("provider", "consumer", "auditor")}
+        with server.client(server.operator) as op:
+            op.register_principal("Tax Bureau", "agency", keys["provider"].public_key)
+            op.register_principal("City Bank", "enterprise", keys["consumer"].public_key)
+            op.register_principal("City Audit Office", "auditor", keys["auditor"].public_key)
+        with server.client(keys["provider"]) as p:
+            p.create_zone("tax", "tax records")
+            p.register_dataset(
+                "tax",
+                "companies",
+                levels=L3_LEVELS,
+                subject_column="company_id",
+                file=EXAMPLES / "companies.csv",
+            )
+        with server.client(keys["consumer"]) as c:
+            req = c.request_access(
+                "tax",
+                ["companies"],
+                ["aggregate", "psi_cardinality"],
+                PURPOSE,
+                duration_seconds=86400,
+                justification="credit line review",
+            )
+        with server.client(keys["provider"]) as p:
+            grant = p.approve(req["id"])["grant_id"]
+        with server.client(keys["consumer"]) as c:
+            sql = "SELECT district, COUNT(*) AS n FROM companies GROUP BY district"
+            c.aggregate("tax", sql, PURPOSE, epsilon="0.5")
+            with pytest.raises(ApiError):
+                c.export("tax", "companies", PURPOSE)  # above the L3 ceiling: denied
+            with pytest.raises(ApiError):
+                c.aggregate("tax", "SELECT * FROM companies", PURPOSE)  # rows: refused
+            with (EXAMPLES / "companies.csv").open(encoding="utf-8") as f:
+                ids = [row["company_id"] for row in csv.DictReader(f)][:30]
+            c.psi_join("tax", "companies", "cardinality", ids, PURPOSE, epsilon="0.5")
+        with server.client(keys["provider"]) as p:
+            p.revoke(grant, "review finished")
+        paths = {}
+        for name, key in keys.items():
+            paths[name] = tmp / f"{name}.key"
+            write_private_key(paths[name], key)
+        bundle, log_pub = tmp / "ledger.jsonl", data_dir / "log.pub"
+        code, output = cli(
+            "ledger", "export", "--out", str(bundle), "--url", server.url,
+            "--key", str(paths["auditor"]),
+        )  # fmt: skip
+        assert code == 0, output
+        period = _month_of(bundle, "computation.aggregate")
+        out = tmp / "report"
+        code, output = cli(
+            "report", "--bundle", str(bundle), "--log-key", str(log_pub),
+            "--month", period, "--out", str(out),
+        )  # fmt: skip
+        assert code == 0, output
+        yield World(server, tmp, paths, bundle, log_pub, out, period, output)
 
 
 def test_build_writes_all_four_files(world: World) -> None:
