@@ -38,6 +38,7 @@ from crypto.canonical import canonicalize
 from crypto.envelope import sign_envelope
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
+from exchange.cli import app
 from exchange.client.sdk import ApiError, SignatureAuth
 from exchange.keyfile import load_private_key, write_private_key
 from exchange.node import psi_epoch as node_epoch
@@ -48,7 +49,7 @@ from exchange.server.compute import psi_epoch
 from exchange.server.models import BudgetRow, LedgerEntryRow, NodeTaskRow, PsiSessionRow
 from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import LiveServer, serving, settings_for
-from tests.node.test_node_flow import cli, node_process, wait_online
+from tests.node.test_node_flow import cli, node_process, runner, wait_online
 
 # one world for the module, its tests in order on one worker
 pytestmark = pytest.mark.xdist_group(name="node-psi-epoch")
@@ -224,6 +225,10 @@ def test_the_node_prepares_resumes_and_uploads_only_fingerprints(
     # a second run finds the current epoch and leaves it as it is
     cli(*prepare)
     assert [m["id"] for m in _node_meta(world)] == [meta["id"]]
+    # a dataset the node does not host: one readable line, no traceback
+    failed = runner.invoke(app, ["psi", "prepare", "--node", str(node_dir), "--dataset", "nope"])
+    assert failed.exit_code == 1
+    assert failed.output.strip().splitlines() == ["error: this node hosts no dataset 'nope'"]
 
 
 def test_an_offline_node_is_503_and_nothing_is_charged(
