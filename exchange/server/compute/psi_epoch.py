@@ -50,7 +50,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,10 +77,12 @@ from exchange.psi_epoch import (
     FP_DTYPE,
     PROTOCOLS,
     EpochPreparingError,
+    blind_image,
     choose_protocol,
-    epoch_domain,
     fingerprints,
+    keyed_order,
     retry_seconds,
+    sort_image,
 )
 from exchange.psi_protocol import LABEL, NORMALIZATION, encrypt_columns, read_y
 from exchange.server import access, dispatch
@@ -186,11 +188,8 @@ def _read_key(ex: Exchange, zone: str, epoch: str) -> tuple[cpsi.PsiKey, bytes]:
     return cpsi.PsiKey.from_bytes(data[: cpsi.SCALAR_BYTES]), data[cpsi.SCALAR_BYTES :]
 
 
-def _order(seed: bytes, ids: Sequence[str]) -> list[int]:
-    """The zone's secret order of its subjects: by a keyed BLAKE2b of each id, so the same ids
-    give the same order whenever they are read (a resumed preparation, a session's values)."""
-    tags = [hashlib.blake2b(i.encode("utf-8"), key=seed, digest_size=16).digest() for i in ids]
-    return sorted(range(len(ids)), key=tags.__getitem__)
+#: the zone's secret order of its subjects (:func:`exchange.psi_epoch.keyed_order`)
+_order = keyed_order
 
 
 def _delete(ex: Exchange, meta: dict[str, Any]) -> None:
@@ -355,34 +354,32 @@ def _blind_image(ex: Exchange, meta: dict[str, Any], max_chunks: int | None) -> 
     key, seed = _read_key(ex, zone, epoch)
     ids, skipped = _read_ids(ex, zone, dataset)
     n = len(ids)
-    order = _order(seed, ids)
     done = int(meta.get("done", 0)) if meta.get("y_count") == n else 0
     meta.update(y_count=n, y_skipped=skipped, done=done)
-    domain = epoch_domain(epoch)
-    step = ex.settings.psi_epoch_chunk
+
+    def record(end: int, seconds_per_item: float) -> None:
+        meta.update(done=end, seconds_per_item=seconds_per_item)
+        _save(ex, meta)  # the progress record: a restart continues from here
+
     image = folder / "image.fp"
-    chunks = 0
-    with image.open("r+b" if image.exists() else "w+b") as f:
-        f.truncate(done * _FP)
-        for start in range(done, n, step):
-            if max_chunks is not None and chunks >= max_chunks:
-                _save(ex, meta)
-                return meta
-            end = min(start + step, n)
-            began = time.perf_counter()
-            items = [ids[i].encode("utf-8") for i in order[start:end]]
-            points = cpsi.blind(key, domain, items, workers=ex.settings.psi_workers)
-            f.seek(start * _FP)
-            f.write(fingerprints(points).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-            meta.update(done=end, seconds_per_item=(time.perf_counter() - began) / (end - start))
-            _save(ex, meta)  # the progress record: a restart continues from here
-            chunks += 1
-    fp = np.fromfile(image, dtype=FP_DTYPE)
-    rank = np.lexsort((fp["lo"], fp["hi"]))
-    np.save(folder / "fp.npy", fp[rank])
-    np.save(folder / "pos.npy", rank.astype(np.uint32 if n < 2**32 else np.uint64))
+    finished = blind_image(
+        key,
+        seed,
+        epoch,
+        ids,
+        image,
+        start=done,
+        chunk=ex.settings.psi_epoch_chunk,
+        workers=ex.settings.psi_workers,
+        max_chunks=max_chunks,
+        on_chunk=record,
+    )
+    if not finished:
+        _save(ex, meta)
+        return meta
+    fp, pos = sort_image(image)
+    np.save(folder / "fp.npy", fp)
+    np.save(folder / "pos.npy", pos)
     image.unlink()
     now = _now()
     with _meta_lock(ex, zone, dataset):
