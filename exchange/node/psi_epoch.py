@@ -83,8 +83,6 @@ ANSWER_KIND = "psi_epoch_answer"
 #: DSSE payload type of the node's signed epoch manifest
 MANIFEST_TYPE = "application/vnd.zonex.psi-epoch+json"
 MANIFEST_VERSION = "zonex.psi-epoch.v1"
-#: subjects blinded per recorded chunk when neither the exchange nor the provider says
-DEFAULT_CHUNK = 262_144
 #: an epoch id as the exchange accepts it
 EPOCH_ID = re.compile(r"ep_[A-Za-z0-9_-]{16,40}")
 
@@ -213,7 +211,7 @@ def prepare_epoch(
     home: NodeHome,
     name: str,
     *,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int = kernel.DEFAULT_CHUNK,
     max_items: int = 10_000_000,
     max_chunks: int | None = None,
     workers: int | None = None,
