@@ -132,13 +132,51 @@ def _rfc3339(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclass(eq=False)
+class _Poll:
+    """A node's long poll waiting in this process. A dispatcher here takes it (``taken``) and
+    hands it its task directly (``row``, then ``done``): the task is queued already ``started``
+    in the transaction that ledgers its authorization, so no claim commit and no wake-up
+    delay stand between the two. ``done`` with no ``row``: the dispatch failed; poll on."""
+
+    node: str
+    taken: bool = False
+    row: NodeTaskRow | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class _Signals:
-    """Per exchange: one condition that every arrival of a task or an answer notifies, and when
-    each node's last poll was last written."""
+    """Per exchange: one condition that every arrival of a task or an answer notifies, when
+    each node's last poll was last written, and the nodes' polls waiting here."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.touched: dict[str, float] = {}
+        self.polls: dict[str, list[_Poll]] = {}
+
+    def wait_poll(self, node: str) -> _Poll:
+        poll = _Poll(node)
+        with self.cond:
+            self.polls.setdefault(node, []).append(poll)
+        return poll
+
+    def take_poll(self, node: str) -> _Poll | None:
+        """The oldest poll of ``node`` waiting here, now taken, or None."""
+        with self.cond:
+            waiting = self.polls.get(node)
+            if not waiting:
+                return None
+            poll = waiting.pop(0)
+            poll.taken = True
+            return poll
+
+    def leave(self, poll: _Poll) -> bool:
+        """Withdraw a poll; False if a dispatcher took it first (it will set ``done``)."""
+        with self.cond:
+            if poll.taken:
+                return False
+            self.polls[poll.node].remove(poll)
+            return True
 
     def notify(self) -> None:
         with self.cond:
@@ -378,34 +416,48 @@ def dispatch(
             },
         }
     digest = task_digest(task)
+    signals = _signal(ex)
+    # the node polling this process, if it is: handed the task as soon as it is ledgered
+    poll = signals.take_poll(node.key_id)
+    handed: list[NodeTaskRow] = []
 
     def enqueue(session: Session, draft: EntryDraft) -> None:
         # queued in the transaction that ledgers its authorization: never one without the other
         assert draft.seq is not None
-        session.add(
-            NodeTaskRow(
-                id=task["id"],
-                zone=node.zone,
-                node=node.key_id,
-                kind=kind,
-                status="queued",
-                bundle={"task": task, "index": draft.seq, **({"files": stored} if stored else {})},
-                deadline=deadline,
-            )
-        )
+        fields = {
+            "id": task["id"],
+            "zone": node.zone,
+            "node": node.key_id,
+            "kind": kind,
+            "bundle": {"task": task, "index": draft.seq, **({"files": stored} if stored else {})},
+            "deadline": deadline,
+        }
+        if poll is None:
+            session.add(NodeTaskRow(status="queued", **fields))
+            return
+        started = {"status": "started", "started_at": _now()}
+        session.add(NodeTaskRow(**started, **fields))
+        handed[:] = [NodeTaskRow(**started, **fields)]  # the poll's copy, in no session
 
-    ex.ledger.append(
-        EntryDraft(
-            kind=AUTHORIZED_KIND,
-            actor=str(task.get("consumer") or ANONYMOUS),
-            refs={"zone": node.zone, "node": node.key_id, "task": task["id"]},
-            digests={"task": digest},
-            attrs={"kind": kind},
-        ),
-        enqueue,
-    )
-    signals = _signal(ex)
-    signals.notify()
+    appended = False
+    try:
+        ex.ledger.append(
+            EntryDraft(
+                kind=AUTHORIZED_KIND,
+                actor=str(task.get("consumer") or ANONYMOUS),
+                refs={"zone": node.zone, "node": node.key_id, "task": task["id"]},
+                digests={"task": digest},
+                attrs={"kind": kind},
+            ),
+            enqueue,
+        )
+        appended = True
+    finally:
+        if poll is not None:  # a task whose batch did not commit is never handed over
+            poll.row = handed[0] if appended and handed else None
+            poll.done.set()
+    if poll is None:
+        signals.notify()
     public_key = _public_key(ex, node.key_id)
     try:
         return _wait(ex, node, task, deadline, public_key)
@@ -565,7 +617,14 @@ def next_task(
         left = end - time.monotonic()
         if left <= 0:
             return None
-        signals.wait(min(left, _TICK * 4))
+        # a dispatcher in this process hands its task over directly; one in another process
+        # queues it, and the next claim above finds it
+        poll = signals.wait_poll(actor.key_id)
+        if not poll.done.wait(min(left, _TICK * 4)) and signals.leave(poll):
+            continue
+        poll.done.wait()  # taken: the dispatcher sets it once its ledger append has ended
+        if poll.row is not None:
+            return _bundle(ex, poll.row, since)
 
 
 def _claim(ex: Exchange, node: str) -> NodeTaskRow | None:
