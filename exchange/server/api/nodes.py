@@ -1,7 +1,7 @@
 """Routes for zone nodes (:mod:`exchange.server.dispatch`): registration by the zone's provider,
 approval by the operator, and the node's own calls: its long poll for tasks, its answers, the
 metadata of datasets it hosts, and the epochs of private joins it prepares (fingerprints and
-positions, then the manifest it signs: :mod:`exchange.server.compute.psi_epoch`). Every call is
+positions, then the manifest it signs: :mod:`exchange.server.compute.psi_epoch_node`). Every call is
 signed like any other; a node signs with its key."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from exchange.server import dispatch
 from exchange.server.api.deps import BINARY, Actor, Ex, binary_body
 from exchange.server.api.schemas import DatasetOut, In, Text
-from exchange.server.compute import psi_epoch
+from exchange.server.compute import psi_epoch_node
 
 __all__ = ["router"]
 
@@ -185,7 +185,7 @@ async def epoch_file(
     for its own zone; used once the node's signed manifest names its digest."""
     body = await binary_body(request, "the epoch's file")
     result: dict[str, Any] = await run_in_threadpool(
-        psi_epoch.receive_epoch_file, ex, actor, epoch, name, offset, body
+        psi_epoch_node.receive_epoch_file, ex, actor, epoch, name, offset, body
     )
     return result
 
@@ -196,7 +196,7 @@ async def epoch_manifest(body: EpochManifestIn, actor: Actor, ex: Ex) -> dict[st
     uploaded file's SHA-256 and size). Checked against the uploads, then the epoch serves new
     sessions of the dataset. The node keeps the epoch key; it never comes here."""
     result: dict[str, Any] = await run_in_threadpool(
-        psi_epoch.receive_epoch, ex, actor, body.manifest
+        psi_epoch_node.receive_epoch, ex, actor, body.manifest
     )
     return result
 
@@ -205,5 +205,5 @@ async def epoch_manifest(body: EpochManifestIn, actor: Actor, ex: Ex) -> dict[st
 async def node_epochs(actor: Actor, ex: Ex) -> dict[str, Any]:
     """The calling node's zone's epochs as the exchange keeps them, and their longest life: the
     node deletes the key of an epoch no longer listed or past that life."""
-    result: dict[str, Any] = await run_in_threadpool(psi_epoch.node_epochs, ex, actor)
+    result: dict[str, Any] = await run_in_threadpool(psi_epoch_node.node_epochs, ex, actor)
     return result

@@ -759,10 +759,10 @@ def put_a_points(
         if on_node:
             _check_whole(_read_points(folder / "a.bin"), snap.x_count, "A")
             if snap.params.get("epoch"):
-                from exchange.server.compute import psi_epoch
+                from exchange.server.compute import psi_epoch_node
 
                 # A_e = k_e·A on the node that keeps k_e
-                y_count, digests = psi_epoch.node_answer(ex, snap, terms, auth.digest)
+                y_count, digests = psi_epoch_node.node_answer(ex, snap, terms, auth.digest)
             else:
                 y_count, digests = _node_answer(ex, snap, terms, auth.digest)
         else:
