@@ -64,7 +64,9 @@ __all__ = [
     "POINT_BYTES",
     "SCALAR_BYTES",
     "PsiKey",
+    "available_cores",
     "blind",
+    "blind_digests",
     "expand_message_xmd",
     "hash_to_point",
     "intersection_mask",
@@ -283,7 +285,8 @@ def _reblind_chunk(scalar: bytes, points: Sequence[bytes], offset: int) -> list[
     return out
 
 
-def _available_cores() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -293,7 +296,7 @@ def _split(n: int, workers: int | None, run: Callable[[int, int], list[bytes]]) 
     """``run(0, n)``, or the same computed over slices on a pool of threads for big batches."""
     if workers is not None and workers < 1:
         raise ValueError("workers must be at least 1")
-    threads = 1 if n < PARALLEL_MIN_BATCH else (workers or _available_cores())
+    threads = 1 if n < PARALLEL_MIN_BATCH else (workers or available_cores())
     if threads == 1:
         return run(0, n)
     size = -(-n // (threads * _CHUNKS_PER_WORKER))
@@ -322,6 +325,21 @@ def blind(
     dst_prime = _dst_prime(domain)
     scalar = key.to_bytes()
     return _split(len(items), workers, lambda a, b: _blind_chunk(scalar, dst_prime, items[a:b]))
+
+
+def blind_digests(scalar: bytes, domain: bytes, items: Sequence[bytes], size: int) -> bytes:
+    """The first ``size`` bytes of SHA-256 over each ``k·H(domain, item)`` (``scalar`` is
+    :meth:`PsiKey.to_bytes`), concatenated in the order of ``items``, on the calling thread.
+
+    What a process computes when a caller spreads a large batch over processes (a picklable
+    module-level function of bytes only, importing nothing beyond this module): only the
+    digests go back, not the 32-byte points.
+    """
+    if not 1 <= size <= 32:
+        raise ValueError("a digest is 1 to 32 bytes")
+    points = _blind_chunk(PsiKey(scalar).to_bytes(), _dst_prime(domain), items)
+    sha256 = hashlib.sha256
+    return b"".join([sha256(p).digest()[:size] for p in points])
 
 
 def reblind(key: PsiKey, points: Sequence[bytes], *, workers: int | None = None) -> list[bytes]:

@@ -17,12 +17,20 @@ sorted fingerprints and each one's position). No database, no server; the only f
 from __future__ import annotations
 
 import hashlib
+import importlib
+import itertools
 import math
+import multiprocessing as mp
 import os
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from multiprocessing.context import BaseContext
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -31,8 +39,11 @@ from exchange.errors import ZonexError
 from exchange.psi_protocol import LABEL
 
 __all__ = [
+    "DEFAULT_CHUNK",
     "FP_BITS",
     "FP_DTYPE",
+    "PROCESS_BATCH",
+    "PROCESS_MIN",
     "PROTOCOLS",
     "EpochPreparingError",
     "blind_image",
@@ -55,6 +66,10 @@ FP_BITS = 96
 FP_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u4")])
 #: subjects blinded per chunk of a preparation when the caller does not say
 DEFAULT_CHUNK = 262_144
+#: a preparation with at least this many subjects left blinds on a pool of processes
+PROCESS_MIN = 20_000
+#: subjects per task sent to one of those processes
+PROCESS_BATCH = 4_096
 
 #: ``on_chunk(done, seconds_per_item)`` after each chunk is on disk: the subjects done so far
 #: (a restart passes it back as ``start``) and the chunk's cost per subject
@@ -112,12 +127,33 @@ def retry_seconds(remaining: int, seconds_per_item: float) -> int:
 # -- the preparation's kernel ---------------------------------------------------------------
 
 
+def _keyed_rank(seed: bytes, ids: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """:func:`keyed_order` as an array: the 16-byte tags read as two big-endian words, so a
+    stable sort on them is the byte order of the tags (ties keep the ids' order)."""
+    tags = b"".join(
+        [hashlib.blake2b(i.encode("utf-8"), key=seed, digest_size=16).digest() for i in ids]
+    )
+    words = np.frombuffer(tags, dtype=">u8").reshape(-1, 2)
+    rank: np.ndarray[Any, np.dtype[np.int64]] = np.lexsort((words[:, 1], words[:, 0]))
+    return rank
+
+
 def keyed_order(seed: bytes, ids: Sequence[str]) -> list[int]:
     """The zone's secret order of its subjects: the indices of ``ids`` sorted by a keyed
     BLAKE2b (key ``seed``, 16 bytes) of each id, so the same ids give the same order whenever
     they are read (a resumed preparation, a session's values in the image's order)."""
-    tags = [hashlib.blake2b(i.encode("utf-8"), key=seed, digest_size=16).digest() for i in ids]
-    return sorted(range(len(ids)), key=tags.__getitem__)
+    if not ids:
+        return []
+    order: list[int] = _keyed_rank(seed, ids).tolist()
+    return order
+
+
+def _pool_context() -> BaseContext:
+    """Processes for a preparation start from a fork server where there is one (POSIX): no
+    fork of a process whose other threads may hold locks, and after the first preparation a
+    new worker is a fork of an idle process; elsewhere each is spawned."""
+    methods = mp.get_all_start_methods()
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def blind_image(
@@ -132,6 +168,8 @@ def blind_image(
     workers: int | None = None,
     max_chunks: int | None = None,
     on_chunk: ChunkCallback | None = None,
+    processes: bool | None = None,
+    scheduler: str | None = None,
 ) -> bool:
     """Write the fingerprints of the image ``I = k_e·H_e(y)`` of ``ids`` in the zone's order
     (:func:`keyed_order` under ``seed``) to ``path``: :data:`FP_DTYPE` records, the i-th being
@@ -142,34 +180,182 @@ def blind_image(
     ``on_chunk`` is told; ``max_chunks`` stops after that many chunks (returning ``False``).
     ``key`` is ``k_e``, ``epoch`` the epoch id (``H_e`` hashes under :func:`epoch_domain` of
     it); ``workers`` caps the cores used (default: every available one).
+
+    With :data:`PROCESS_MIN` or more subjects left (or ``processes=True``) the blinding runs on
+    a pool of ``workers`` processes, each given :data:`PROCESS_BATCH` ids at a time and
+    returning only their fingerprints (:func:`crypto.psi.blind_digests`): threads would share
+    one interpreter lock between the calls into libsodium. The key goes to those processes
+    only, over a pipe. The file is the same either way.
+
+    With ``scheduler`` (a Dask scheduler's address, ``tcp://host:8786``: the optional extra
+    ``zonex[psi-dask]``) the batches go to that cluster's workers instead, which must be the
+    zone's own machines: each task carries ``k_e``. Still the same file, byte for byte.
     """
     n = len(ids)
     if not 0 <= start <= n:
         raise ValueError(f"start {start} is outside 0..{n}")
     if chunk < 1:
         raise ValueError("chunk must be at least 1")
-    if start == n and path.exists() and path.stat().st_size == n * FP_DTYPE.itemsize:
+    if workers is not None and workers < 1:
+        raise ValueError("workers must be at least 1")
+    size = FP_DTYPE.itemsize
+    if start == n and path.exists() and path.stat().st_size == n * size:
         return True
-    order = keyed_order(seed, ids)
-    domain = epoch_domain(epoch)
-    chunks = 0
-    with path.open("r+b" if path.exists() else "w+b") as f:
-        f.truncate(start * FP_DTYPE.itemsize)
-        for begin in range(start, n, chunk):
-            if max_chunks is not None and chunks >= max_chunks:
-                return False
-            end = min(begin + chunk, n)
-            began = time.perf_counter()
-            items = [ids[i].encode("utf-8") for i in order[begin:end]]
-            points = cpsi.blind(key, domain, items, workers=workers)
-            f.seek(begin * FP_DTYPE.itemsize)
-            f.write(fingerprints(points).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-            if on_chunk is not None:
-                on_chunk(end, (time.perf_counter() - began) / (end - begin))
-            chunks += 1
+    end = n if max_chunks is None else min(n, start + max(0, max_chunks) * chunk)
+    if scheduler is not None and end > start:
+        return (
+            _blind_on_dask(scheduler, key, seed, epoch, ids, path, start, end, chunk, on_chunk)
+            and end == n
+        )
+    cores = workers or cpsi.available_cores()
+    pool = None
+    if (
+        end > start
+        and cores > 1
+        and (processes or (processes is None and n - start >= PROCESS_MIN))
+    ):
+        pool = ProcessPoolExecutor(cores, mp_context=_pool_context())
+        # the processes start while the order is computed
+        for _ in range(cores):
+            pool.submit(cpsi.blind_digests, key.to_bytes(), b"warm", [], size)
+    try:
+        rank = _keyed_rank(seed, ids) if end > start else np.zeros(0, dtype=np.int64)
+        with path.open("r+b" if path.exists() else "w+b") as f:
+            f.truncate(start * size)
+            if pool is None:
+                chunks = _blind_here(key, epoch, ids, rank, f, start, end, chunk, workers)
+            else:
+                chunks = _blind_pooled(pool, cores, key, epoch, ids, rank, f, start, end, chunk)
+            for done, seconds_per_item in chunks:
+                if on_chunk is not None:
+                    on_chunk(done, seconds_per_item)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return end == n
+
+
+def _blind_on_dask(
+    scheduler: str,
+    key: cpsi.PsiKey,
+    seed: bytes,
+    epoch: str,
+    ids: Sequence[str],
+    path: Path,
+    start: int,
+    end: int,
+    chunk: int,
+    on_chunk: ChunkCallback | None,
+) -> bool:
+    """:func:`blind_image`'s chunks on a Dask cluster (imported here only: the extra is
+    optional and the command line starts without it)."""
+    try:
+        distributed: Any = importlib.import_module("distributed")
+    except ImportError as exc:
+        raise RuntimeError(
+            "preparing on a Dask cluster needs the optional extra: pip install 'zonex[psi-dask]'"
+        ) from exc
+    try:
+        _reachable(scheduler)
+        client = distributed.Client(scheduler, timeout=30, set_as_default=False)
+    except OSError as exc:
+        raise RuntimeError(f"the Dask scheduler at {scheduler} is unreachable: {exc}") from exc
+    with client:
+        threads = sum(client.nthreads().values())
+        if threads < 1:
+            raise RuntimeError(f"the Dask cluster at {scheduler} has no workers")
+        rank = _keyed_rank(seed, ids)
+        with path.open("r+b" if path.exists() else "w+b") as f:
+            f.truncate(start * FP_DTYPE.itemsize)
+            executor = client.get_executor(pure=False)
+            chunks = _blind_pooled(executor, threads, key, epoch, ids, rank, f, start, end, chunk)
+            for done, seconds_per_item in chunks:
+                if on_chunk is not None:
+                    on_chunk(done, seconds_per_item)
     return True
+
+
+def _reachable(address: str) -> None:
+    """Refuse at once a ``tcp://host:port`` nobody listens on (the client would retry for its
+    whole timeout); other addresses are left to the client."""
+    parts = urlsplit(address)
+    if parts.scheme == "tcp" and parts.hostname and parts.port:
+        socket.create_connection((parts.hostname, parts.port), timeout=10).close()
+
+
+def _flush(f: BinaryIO, offset: int, data: bytes) -> None:
+    f.seek(offset * FP_DTYPE.itemsize)
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _items(
+    ids: Sequence[str], rank: np.ndarray[Any, np.dtype[np.int64]], a: int, b: int
+) -> list[bytes]:
+    return [ids[i].encode("utf-8") for i in rank[a:b].tolist()]
+
+
+def _blind_here(
+    key: cpsi.PsiKey,
+    epoch: str,
+    ids: Sequence[str],
+    rank: np.ndarray[Any, np.dtype[np.int64]],
+    f: BinaryIO,
+    start: int,
+    end: int,
+    chunk: int,
+    workers: int | None,
+) -> Iterator[tuple[int, float]]:
+    """The chunks on this process (its threads: :func:`crypto.psi.blind`)."""
+    domain = epoch_domain(epoch)
+    for begin in range(start, end, chunk):
+        stop = min(begin + chunk, end)
+        began = time.perf_counter()
+        points = cpsi.blind(key, domain, _items(ids, rank, begin, stop), workers=workers)
+        _flush(f, begin, fingerprints(points).tobytes())
+        yield stop, (time.perf_counter() - began) / (stop - begin)
+
+
+def _blind_pooled(
+    pool: Executor,
+    cores: int,
+    key: cpsi.PsiKey,
+    epoch: str,
+    ids: Sequence[str],
+    rank: np.ndarray[Any, np.dtype[np.int64]],
+    f: BinaryIO,
+    start: int,
+    end: int,
+    chunk: int,
+) -> Iterator[tuple[int, float]]:
+    """The chunks on a pool of processes, at most ``4·cores`` batches in flight (memory stays
+    bounded whatever |Y|), the next chunk's batches sent while this one's return."""
+    scalar, domain, size = key.to_bytes(), epoch_domain(epoch), FP_DTYPE.itemsize
+    batches = (
+        (min(b + PROCESS_BATCH, c + chunk, end), b)
+        for c in range(start, end, chunk)
+        for b in range(c, min(c + chunk, end), PROCESS_BATCH)
+    )
+    flight: deque[tuple[int, Future[bytes]]] = deque()
+    parts: list[bytes] = []
+    begin, began = start, time.perf_counter()
+
+    def send() -> None:
+        for stop, b in itertools.islice(batches, 4 * cores - len(flight)):
+            items = _items(ids, rank, b, stop)
+            flight.append((stop, pool.submit(cpsi.blind_digests, scalar, domain, items, size)))
+
+    send()
+    while flight:
+        stop, future = flight.popleft()
+        parts.append(future.result())
+        send()
+        if stop == end or (stop - start) % chunk == 0:
+            _flush(f, begin, b"".join(parts))
+            now = time.perf_counter()
+            yield stop, (now - began) / (stop - begin)
+            parts, begin, began = [], stop, now
 
 
 def sort_image(path: Path) -> tuple[np.ndarray[Any, np.dtype[Any]], np.ndarray[Any, np.dtype[Any]]]:
