@@ -273,6 +273,9 @@ def test_sessions_on_the_node_epoch_match_plaintext(
             agg = c.psi_join(
                 "tax", "companies", "aggregate", many, PURPOSE, sums=["tax"], protocol="epoch"
             )
+            # balanced sizes left to the exchange: the per-session protocol on the node, and
+            # the epoch that serves stays as it is (no preparation asked for)
+            balanced = c.psi_join("tax", "companies", "cardinality", many, PURPOSE)
         # the provider asks for an epoch of ``small``: a task starts it on the node, which
         # uploads it when done (polled with a deadline: the preparation runs on its own)
         with live.client(world["keys"]["provider"]) as p:
@@ -283,6 +286,7 @@ def test_sessions_on_the_node_epoch_match_plaintext(
             time.sleep(0.2)
 
     assert card["result"]["intersection"] == _truth(world, few)[0] == 25
+    assert balanced["result"]["intersection"] == 30
     count, total = _truth(world, many)
     assert agg["local"]["count"] == count == 30
     assert agg["local"]["sums"] == {"tax": total}
@@ -296,9 +300,10 @@ def test_sessions_on_the_node_epoch_match_plaintext(
     assert [(t.kind, t.status) for t in tasks] == [
         ("psi_epoch_answer", "done"),
         ("psi_epoch_answer", "done"),
+        ("psi_zone", "done"),
         ("psi_epoch_prepare", "done"),
     ]
-    assert {x.params.get("epoch") for x in sessions} == {epoch}
+    assert sorted(str(x.params.get("epoch")) for x in sessions) == sorted([epoch, epoch, "None"])
     assert {x.state for x in sessions} == {"done"}
     assert _status(live, world, "companies")["epochs"][0]["sessions"] == 2
     assert [m["state"] for m in _node_meta(world, "small")] == ["uploaded"]
@@ -411,7 +416,7 @@ def test_the_exchange_holds_no_id_value_or_epoch_key_of_the_zone(
         assert _leaks(live.data_dir, [key[: cpsi.SCALAR_BYTES], key[cpsi.SCALAR_BYTES :]]) == []
     with Session(live.exchange.engine) as s:
         kinds = [json.loads(r.body)["kind"] for r in s.execute(select(LedgerEntryRow)).scalars()]
-    assert kinds.count("task.authorized") == 3
+    assert kinds.count("task.authorized") == 4
     # each epoch the node uploaded is ledgered under its key, with the manifest's digest
     with Session(live.exchange.engine) as s:
         stored = [

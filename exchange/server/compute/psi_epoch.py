@@ -502,8 +502,9 @@ def bind(
             usable["sessions"] = int(usable["sessions"]) + 1
             _save(ex, usable)
             return {"id": usable["id"], "y_count": y, "snapshot": usable["snapshot"]}
-    if chosen == "epoch" or seen:
-        # an explicit request, or a dataset whose provider prepared epochs before
+    if usable is None and (chosen == "epoch" or seen):
+        # an explicit request, or a dataset whose provider prepared epochs before and whose
+        # epoch is gone (a usable one left to a balanced session stays as it is)
         start_preparation(ex, zone, dataset)
     if chosen == "epoch":
         raise _preparing_error(ex, zone, dataset)

@@ -94,6 +94,12 @@ def ask_node(ex: Exchange, zone: str, dataset: str, actor: str | None, *, again:
     node starts it in the background and answers at once). Not asked again within
     ``node_task_seconds`` of the last time unless ``again``; 503 when the node is offline."""
     snapshot, _ = _hosting(ex, zone, dataset)
+    now = _now()
+    if any(
+        m["state"] == "ready" and _stale(ex, m, snapshot, now) is None
+        for m in _epochs(ex, zone, dataset)
+    ):
+        return  # a usable epoch serves: the next one is asked for when it is retired
     stamp = _asked_path(ex, zone, dataset)
     psi._private_dir(stamp.parent)
     with Session(ex.engine) as s:
