@@ -54,7 +54,8 @@ VETO_TEMPLATE = """\
 # reads a row. They can only make releases stricter. Uncomment to use.
 # min_k = 20                 # no group smaller than this, whatever the exchange's rules say
 # max_epsilon = "0.5"        # the largest epsilon one task may spend on this node
-# refuse = ["secure_sum"]    # task kinds never run here (aggregate, secure_sum, psi_zone)
+# refuse = ["secure_sum"]    # task kinds never run here (aggregate, secure_sum, psi_zone,
+#                            # psi_epoch_prepare, psi_epoch_answer, he_score)
 """
 
 
