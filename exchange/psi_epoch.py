@@ -25,7 +25,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from crypto import psi as cpsi
-from exchange.errors import ZonexError
-from exchange.psi_protocol import LABEL
+from exchange.errors import InvalidInputError, ZonexError
+from exchange.psi_protocol import LABEL, MAX_ID_CHARS, normalize_id
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -54,6 +54,7 @@ __all__ = [
     "keyed_order",
     "retry_seconds",
     "sort_image",
+    "usable_ids",
 ]
 
 #: ``session`` (fresh keys on both sides, O(|Y|) for the consumer) or ``epoch``
@@ -125,6 +126,42 @@ def retry_seconds(remaining: int, seconds_per_item: float) -> int:
 
 
 # -- the preparation's kernel ---------------------------------------------------------------
+
+
+def usable_ids(values: Iterable[object], max_items: int) -> tuple[list[str], int]:
+    """The distinct usable subject ids among a subject column's distinct ``values``, in order
+    of first appearance, and how many distinct values were skipped as no usable id: what
+    :func:`exchange.psi_protocol.read_y` makes of them for a session, the same set and count.
+
+    A value normalization leaves as it is (printable ASCII of 1 to
+    :data:`~exchange.psi_protocol.MAX_ID_CHARS` characters, no space at either end: NFC and
+    stripping change nothing, and no character is refused) is taken as it is; any other goes
+    through :func:`~exchange.psi_protocol.normalize_id`. More than ``max_items`` ids is refused.
+    """
+    index: dict[str, None] = {}
+    unusable: set[str] = set()
+    for value in values:
+        if (
+            isinstance(value, str)
+            and 0 < len(value) <= MAX_ID_CHARS
+            and value.isascii()
+            and value.isprintable()
+            and value[0] != " "
+            and value[-1] != " "
+        ):
+            index[value] = None
+        else:
+            try:
+                ident = normalize_id(value)
+            except InvalidInputError:
+                unusable.add(str(value))
+                continue
+            if ident is None:
+                continue
+            index[ident] = None
+        if len(index) > max_items:
+            raise InvalidInputError("the dataset has too many subjects for a private join")
+    return list(index), len(unusable)
 
 
 def _keyed_rank(seed: bytes, ids: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int64]]:

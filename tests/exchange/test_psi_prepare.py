@@ -17,6 +17,7 @@ import pytest
 
 from crypto import psi as cpsi
 from exchange import psi_epoch
+from exchange.errors import InvalidInputError
 from exchange.psi_epoch import (
     FP_DTYPE,
     PROCESS_BATCH,
@@ -25,7 +26,9 @@ from exchange.psi_epoch import (
     fingerprints,
     keyed_order,
     sort_image,
+    usable_ids,
 )
+from exchange.psi_protocol import normalize_id
 
 N = 9_000
 #: two chunks: the first spans two process batches, the second one batch short of a chunk
@@ -180,3 +183,37 @@ def test_an_unreachable_scheduler_is_one_readable_error(
             tmp_path / "x",
             scheduler="tcp://127.0.0.1:9",
         )
+
+
+def test_usable_ids_are_what_a_session_reads() -> None:
+    # distinct column values as a store returns them: plain, to be normalized, refused
+    values: list[object] = [
+        "C1",
+        " C1 ",  # stripped: the same id as C1
+        "e\u0301",  # NFC: é
+        "\u00e9",
+        "tab\there",  # a control character: skipped, counted
+        "zero\u200bwidth",  # a format character: skipped, counted
+        "x" * 513,  # too long: skipped, counted
+        "x" * 512,
+        "  ",  # no id at all: neither kept nor counted
+        None,
+        42,  # an integer subject column
+        "inner space",
+    ]
+    ids, skipped = usable_ids(values, max_items=10)
+    expected: dict[str, None] = {}
+    refused = 0
+    for v in values:
+        try:
+            ident = normalize_id(v)
+        except InvalidInputError:
+            refused += 1
+            continue
+        if ident is not None:
+            expected[ident] = None
+    assert ids == list(expected) == ["C1", "\u00e9", "x" * 512, "42", "inner space"]
+    assert skipped == refused == 3
+    with pytest.raises(InvalidInputError, match="too many subjects"):
+        usable_ids([f"C{i}" for i in range(11)], max_items=10)
+    assert len(usable_ids([f"C{i}" for i in range(10)], max_items=10)[0]) == 10

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from crypto import he
@@ -67,8 +68,9 @@ from exchange.psi_epoch import (
     keyed_order,
     retry_seconds,
     sort_image,
+    usable_ids,
 )
-from exchange.psi_protocol import encrypt_columns, read_y
+from exchange.psi_protocol import encrypt_columns
 from exchange.server import access
 from exchange.server.compute import psi
 from exchange.server.compute.contexts import load_context
@@ -238,14 +240,18 @@ def _hosting(ex: Exchange, zone: str, dataset: str) -> tuple[str, bool]:
 
 
 def _read_ids(ex: Exchange, zone: str, dataset: str) -> tuple[list[str], int]:
+    """The dataset's distinct usable subject ids and how many values were skipped: the
+    column's distinct values fetched whole from the driver, then
+    :func:`~exchange.psi_epoch.usable_ids` (the set a session's
+    :func:`~exchange.psi_protocol.read_y` reads, without its row by row work)."""
     with Session(ex.engine) as s:
         row = access._dataset(s, zone, dataset)
         subject = row.subject_column
-    with open_source(ex, row) as src:
-        ids, _, skipped = read_y(
-            src.engine, src.relation, subject, [], 1, ex.settings.psi_max_items
-        )
-    return ids, skipped
+    with open_source(ex, row) as src, src.engine.connect() as conn:
+        query = select(src.relation.c[subject]).distinct()
+        # the driver's rows as they come (no result processing per row: one text column)
+        rows = conn.execute(query).cursor.fetchall()
+    return usable_ids((value for (value,) in rows), ex.settings.psi_max_items)
 
 
 def _preparing_error(ex: Exchange, zone: str, dataset: str) -> EpochPreparingError:
