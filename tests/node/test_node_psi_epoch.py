@@ -284,6 +284,17 @@ def test_sessions_on_the_node_epoch_match_plaintext(
         while _status(live, world, "small")["current"] is None:
             assert time.monotonic() < deadline, "the node did not upload the epoch"
             time.sleep(0.2)
+        # the provider's veto refuses epoch answers by name (read per task)
+        veto = world["node_dir"] / "veto.toml"
+        kept = veto.read_text("utf-8")
+        veto.write_text('refuse = ["psi_epoch_answer"]\n', "utf-8")
+        try:
+            with live.client(world["keys"]["consumer"]) as c, pytest.raises(ApiError) as exc:
+                c.psi_join("tax", "companies", "cardinality", few, PURPOSE)
+        finally:
+            veto.write_text(kept, "utf-8")
+        assert exc.value.status == 409 and exc.value.code == "node_refused"
+        assert "vetoed" in exc.value.detail
 
     assert card["result"]["intersection"] == _truth(world, few)[0] == 25
     assert balanced["result"]["intersection"] == 30
@@ -302,10 +313,12 @@ def test_sessions_on_the_node_epoch_match_plaintext(
         ("psi_epoch_answer", "done"),
         ("psi_zone", "done"),
         ("psi_epoch_prepare", "done"),
+        ("psi_epoch_answer", "refused"),
     ]
-    assert sorted(str(x.params.get("epoch")) for x in sessions) == sorted([epoch, epoch, "None"])
-    assert {x.state for x in sessions} == {"done"}
-    assert _status(live, world, "companies")["epochs"][0]["sessions"] == 2
+    assert sorted((str(x.params.get("epoch")), x.state) for x in sessions) == sorted(
+        [(epoch, "done"), (epoch, "done"), ("None", "done"), (epoch, "failed")]
+    )
+    assert _status(live, world, "companies")["epochs"][0]["sessions"] == 3
     assert [m["state"] for m in _node_meta(world, "small")] == ["uploaded"]
 
 
@@ -416,7 +429,7 @@ def test_the_exchange_holds_no_id_value_or_epoch_key_of_the_zone(
         assert _leaks(live.data_dir, [key[: cpsi.SCALAR_BYTES], key[cpsi.SCALAR_BYTES :]]) == []
     with Session(live.exchange.engine) as s:
         kinds = [json.loads(r.body)["kind"] for r in s.execute(select(LedgerEntryRow)).scalars()]
-    assert kinds.count("task.authorized") == 4
+    assert kinds.count("task.authorized") == 5
     # each epoch the node uploaded is ledgered under its key, with the manifest's digest
     with Session(live.exchange.engine) as s:
         stored = [
