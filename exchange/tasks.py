@@ -19,7 +19,9 @@ that the checkpoint verifies under the log key the node pinned at ``zonex node i
 entry is included in it, that the entry authorizes exactly this task, that the task is for this
 node and zone and not past its deadline, and that the checkpoint extends the last one the node
 accepted (so an exchange cannot show the node one history and auditors another without a
-signed fork as proof).
+signed fork as proof). A node that pinned a witness policy (C2SP tlog-policy,
+:mod:`crypto.tlogpolicy`) also requires the checkpoint to carry cosignatures meeting its quorum:
+a private fork shown only to the node is then refused unless the witnesses cosigned it too.
 
 The node answers with a **result envelope** (DSSE, payload type :data:`RESULT_TYPE`) signed by
 its own key: the task's id and digest, the released result (noise already drawn on the node),
@@ -45,6 +47,7 @@ from crypto.keys import SigningKey, VerifyKey
 from crypto.merkle import leaf_hash, verify_consistency, verify_inclusion
 from crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
 from crypto.receipt import NODE_RESULT_TYPE
+from crypto.tlogpolicy import Policy, PolicyError, check_quorum
 
 __all__ = [
     "AUTHORIZED_KIND",
@@ -150,11 +153,14 @@ def verify_task_bundle(
     node: str,
     now: datetime,
     last: Checkpoint | None,
+    policy: Policy | None = None,
 ) -> Verified:
-    """Check a task bundle against the pinned log key and the node's last checkpoint.
+    """Check a task bundle against the pinned log key, the node's witness policy (if any) and
+    its last checkpoint.
 
     Raises :class:`TaskRefused` naming the first check that failed: ``malformed``,
-    ``bad_checkpoint``, ``not_on_ledger``, ``not_authorized``, ``wrong_zone``, ``wrong_node``,
+    ``bad_checkpoint``, ``unwitnessed`` (with ``policy``: the checkpoint's cosignatures do not
+    meet its quorum), ``not_on_ledger``, ``not_authorized``, ``wrong_zone``, ``wrong_node``,
     ``expired``, ``stale_checkpoint`` or ``inconsistent_checkpoint``.
     """
     if not isinstance(bundle, Mapping) or bundle.get("type") != BUNDLE_TYPE:
@@ -172,6 +178,8 @@ def verify_task_bundle(
         checkpoint = verify_checkpoint(note, log)
     except (VerificationError, EncodingError) as exc:
         raise TaskRefused("bad_checkpoint", f"the checkpoint does not verify ({exc})") from exc
+    if policy is not None:
+        _require_quorum(note, policy, log)
 
     try:
         entry = b64url_decode(str(bundle.get("entry")))
@@ -245,6 +253,19 @@ def verify_task_bundle(
                     f"the checkpoint does not extend the node's last one ({exc})",
                 ) from exc
     return Verified(task, checkpoint)
+
+
+def _require_quorum(note: str, policy: Policy, log: NoteVerifier) -> None:
+    """The checkpoint is trusted only once the policy's witnesses vouched for it: a checkpoint
+    the log signed for this node alone (a split view) carries no quorum of cosignatures."""
+    try:
+        report = check_quorum(note, policy, log)
+    except PolicyError as exc:
+        raise TaskRefused("unwitnessed", f"the node's witness policy: {exc}") from exc
+    except (VerificationError, EncodingError) as exc:  # pragma: no cover - verified just before
+        raise TaskRefused("bad_checkpoint", f"the checkpoint does not verify ({exc})") from exc
+    if not report.ok:
+        raise TaskRefused("unwitnessed", report.explain())
 
 
 def sign_result(key: SigningKey, task: Mapping[str, Any], body: Mapping[str, Any]) -> Envelope:

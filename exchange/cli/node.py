@@ -1,13 +1,14 @@
-"""``zonex node init|approve|list|serve|doctor``: a provider's zone node."""
+"""``zonex node init|approve|list|serve|doctor|witness-policy``: a provider's zone node."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import time
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -25,10 +26,23 @@ from exchange.cli._common import (
     resolve_endpoint,
 )
 
+if TYPE_CHECKING:
+    from crypto.note import NoteVerifier
+    from crypto.tlogpolicy import Policy
+    from exchange.client.sdk import Client
+
 node_app = typer.Typer(help="zone nodes: a provider's data and zone keys on its own machine")
 app.add_typer(node_app, name="node")
 
 NodeDir = Annotated[Path, typer.Option("--data-dir", help="the node's directory")]
+WitnessPolicy = Annotated[
+    Path | None,
+    typer.Option(
+        "--witness-policy",
+        help="a C2SP tlog-policy file listing the exchange's log: tasks whose checkpoint lacks "
+        "its quorum of witness cosignatures are refused",
+    ),
+]
 
 
 @node_app.command("init")
@@ -42,6 +56,7 @@ def node_init(
     ] = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
+    witness_policy: WitnessPolicy = None,
 ) -> None:
     """Create a node directory, its key (0600), and register the key for your zone (pending
     until the operator approves it).
@@ -51,10 +66,12 @@ def node_init(
     """
     from crypto.encoding import b64url_encode
     from crypto.keys import SigningKey
-    from exchange.node.home import CONFIG, init_node_dir
+    from crypto.note import NoteVerifier
+    from exchange.node.home import CONFIG, check_witness_policy, init_node_dir
 
     if (data_dir / CONFIG).exists():
         raise ValueError(f"{data_dir} is already a node directory")
+    policy = None if witness_policy is None else witness_policy.read_bytes()
     node_key = SigningKey.generate()
     with client(url, key) as c:
         answered = c.log_key()
@@ -63,15 +80,26 @@ def node_init(
                 "the exchange's log key differs from --log-key: do not trust this exchange "
                 "until its operator confirms the key"
             )
+        if policy is not None:  # before registering: a refused policy leaves nothing behind
+            check_witness_policy(policy, NoteVerifier.from_verifier_key(answered))
         c.request(
             "POST",
             "/v1/nodes",
             json={"zone": zone, "public_key": b64url_encode(node_key.public_key.raw)},
         )
     exchange_url = resolve_endpoint(url, key)[0].rstrip("/")
-    init_node_dir(data_dir, zone=zone, exchange=exchange_url, log_key=answered, key=node_key)
+    init_node_dir(
+        data_dir,
+        zone=zone,
+        exchange=exchange_url,
+        log_key=answered,
+        key=node_key,
+        witness_policy=policy,
+    )
     out.print(f"node {node_key.key_id} registered for zone {zone} (pending)")
     out.print(f"log key pinned: {answered}")
+    if witness_policy is not None:
+        out.print(f"witness policy pinned: {witness_policy}")
     out.print(f"the operator approves it with: zonex node approve {node_key.key_id}")
 
 
@@ -151,6 +179,7 @@ def node_serve(
 
     home = NodeHome(data_dir)
     home.veto()  # a broken veto file fails now, not on the first task
+    home.witness_policy()  # and so does a broken witness policy
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -164,6 +193,44 @@ def node_serve(
         home.close()
 
 
+@node_app.command("witness-policy")
+@one_line_errors
+def node_witness_policy(
+    data_dir: NodeDir,
+    policy_file: Annotated[
+        Path | None,
+        typer.Argument(help="a C2SP tlog-policy file that lists the exchange's log key"),
+    ] = None,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="remove the pinned policy: checkpoints need no witness")
+    ] = False,
+) -> None:
+    """Pin a witness policy (set or replace), or remove it with --clear. Once pinned, the node
+    refuses (``unwitnessed``) every task whose checkpoint lacks the policy's quorum of witness
+    cosignatures; a running node applies the change from its next task.
+
+    Example:
+      zonex node witness-policy --data-dir tax-node districts.policy
+    """
+    from crypto.tlogpolicy import show
+    from exchange.node.home import NodeHome
+
+    if clear == (policy_file is not None):
+        raise ValueError("give a policy FILE to pin, or --clear to remove it (not both)")
+    home = NodeHome(data_dir)
+    if policy_file is None:
+        home.set_witness_policy(None)
+        out.print("witness policy removed: checkpoints are checked against the log key only")
+        return
+    policy = home.set_witness_policy(policy_file.read_bytes())
+    assert policy is not None
+    out.print(
+        f"witness policy pinned: quorum {show(policy.quorum)} over "
+        f"{len(policy.witnesses)} witness(es), for log {home.log.name}",
+        highlight=False,
+    )
+
+
 @node_app.command("doctor")
 @one_line_errors
 def node_doctor(
@@ -173,8 +240,9 @@ def node_doctor(
     ] = None,
     as_json: Json = False,
 ) -> None:
-    """Check the node: its directory and key, local veto rules, the exchange's reachability,
-    clock skew, log key and registration, and every hosted dataset's rows and digest.
+    """Check the node: its directory and key, local veto rules, witness policy, the exchange's
+    reachability, clock skew, log key, registration, whether the exchange's latest checkpoint
+    meets the witness policy, and every hosted dataset's rows and digest.
 
     Example:
       zonex node doctor --data-dir tax-node
@@ -195,6 +263,7 @@ def run_doctor(data_dir: Path, url: str | None) -> list[dict[str, Any]]:
     depend on fails."""
     import httpx
 
+    from crypto.tlogpolicy import show
     from exchange.client.sdk import ApiError, Client
     from exchange.errors import ZonexError
     from exchange.node.home import NodeHome
@@ -221,6 +290,18 @@ def run_doctor(data_dir: Path, url: str | None) -> list[dict[str, Any]]:
         )
     except ZonexError as exc:
         add("veto rules", False, str(exc))
+    policy = None
+    try:
+        policy = home.witness_policy()
+        add(
+            "witness policy",
+            True,
+            "none pinned: checkpoints are checked against the log key only"
+            if policy is None
+            else f"quorum {show(policy.quorum)} over {len(policy.witnesses)} witness(es)",
+        )
+    except ZonexError as exc:
+        add("witness policy", False, str(exc))
     base = (url or home.exchange).rstrip("/")
     try:
         started = time.time()
@@ -260,6 +341,8 @@ def run_doctor(data_dir: Path, url: str | None) -> list[dict[str, Any]]:
             )
         except ApiError as exc:
             add("registration", False, exc.detail or exc.title)
+        if policy is not None:
+            _doctor_witnessed(c, home.log, policy, add)
     for name, dataset in sorted(home.datasets().items()):
         try:
             with home.source(dataset) as (engine, relation, _):
@@ -276,3 +359,26 @@ def run_doctor(data_dir: Path, url: str | None) -> list[dict[str, Any]]:
         except Exception as exc:  # reported, not raised: doctor reports every problem
             add(f"dataset {name}", False, f"unreadable: {exc}")
     return checks
+
+
+def _doctor_witnessed(
+    c: Client, log: NoteVerifier, policy: Policy, add: Callable[[str, bool, str], bool]
+) -> None:
+    """Whether the exchange's latest checkpoint meets the pinned policy (a task's checkpoint
+    must, or the node refuses it)."""
+    from crypto.errors import CryptoError
+    from crypto.tlogpolicy import check_quorum
+    from exchange.client.sdk import ApiError
+
+    try:
+        report = check_quorum(c.checkpoint()["note"], policy, log)
+    except (ApiError, CryptoError) as exc:
+        add("witnessed", False, f"the exchange's latest checkpoint: {exc}")
+        return
+    detail = f"checkpoint {report.checkpoint.size}: {report.explain()}"
+    if not report.ok:
+        detail += (
+            "; tasks are refused until the exchange's witnesses cosign (one signed in the last "
+            "seconds may not be cosigned yet: run again)"
+        )
+    add("witnessed", report.ok, detail)

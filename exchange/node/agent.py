@@ -135,6 +135,7 @@ class NodeAgent:
             node=home.key_id,
             now=datetime.now(UTC),
             last=home.last_checkpoint(),
+            policy=home.witness_policy(),
         )
         task = verified.task
         if home.answered(task["id"]):

@@ -6,6 +6,8 @@
       node.key        the node's Ed25519 key (0600); its public half is registered for the zone
       node.json       {"zone", "exchange", "log_key", "key_id"}: where it dials, what it trusts
       veto.toml       the provider's local veto rules (optional; see exchange.node.engine.Veto)
+      witness.policy  the witness policy the provider pinned (optional, C2SP tlog-policy): a
+                      task's checkpoint must carry cosignatures meeting its quorum
       catalog.json    the datasets this node hosts: columns, levels, subject column, snapshot
                       digest, and where the rows are (imported here, or an attached URL that
                       never leaves this machine)
@@ -34,13 +36,14 @@ from sqlalchemy.exc import ArgumentError
 from crypto.errors import EncodingError, VerificationError
 from crypto.keys import SigningKey
 from crypto.note import Checkpoint, NoteVerifier, verify_checkpoint
+from crypto.tlogpolicy import MAX_POLICY_BYTES, Policy, PolicyError, parse_policy
 from exchange.errors import ConfigurationError, InvalidInputError
 from exchange.keyfile import load_private_key, write_private_key, write_public_key
 from exchange.node.engine import Veto, load_veto
 from exchange.node.store import ZoneStore, ZoneStoreError, attach
 from exchange.tasks import parse_time
 
-__all__ = ["NodeHome", "init_node_dir"]
+__all__ = ["NodeHome", "check_witness_policy", "init_node_dir"]
 
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
@@ -48,6 +51,7 @@ CONFIG = "node.json"
 CATALOG = "catalog.json"
 STATE = "state.json"
 VETO = "veto.toml"
+WITNESS_POLICY = "witness.policy"
 
 VETO_TEMPLATE = """\
 # Local veto rules: this node applies them on top of the exchange's analysis rules, before it
@@ -68,20 +72,52 @@ def own(url: str) -> str:
         raise InvalidInputError("not a database URL") from exc
 
 
-def _write_json(path: Path, data: Any) -> None:
+def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", "utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
+def _write_json(path: Path, data: Any) -> None:
+    _write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def check_witness_policy(text: bytes, log: NoteVerifier) -> Policy:
+    """A witness policy a node can pin: it parses and lists the node's log (name and key);
+    :class:`ConfigurationError` naming the fault otherwise."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise ConfigurationError(f"the witness policy is larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        policy = parse_policy(text)
+    except PolicyError as exc:
+        raise ConfigurationError(f"the witness policy: {exc}") from exc
+    if not policy.lists_log(log):
+        raise ConfigurationError(
+            f"the witness policy does not list this node's log ({log.name}, key "
+            f"{log.to_verifier_key()}): add a `log` line with that key"
+        )
+    return policy
+
+
 def init_node_dir(
-    data_dir: Path, *, zone: str, exchange: str, log_key: str, key: SigningKey | None = None
+    data_dir: Path,
+    *,
+    zone: str,
+    exchange: str,
+    log_key: str,
+    key: SigningKey | None = None,
+    witness_policy: bytes | None = None,
 ) -> SigningKey:
-    """Lay out a new node directory; refuses an initialized one. Returns the node's key."""
+    """Lay out a new node directory; refuses an initialized one. Returns the node's key.
+
+    ``witness_policy`` (a tlog-policy file's bytes) is checked with
+    :func:`check_witness_policy` before anything is written, and pinned."""
     try:
         log = NoteVerifier.from_verifier_key(log_key)
     except (EncodingError, ValueError) as exc:
         raise ConfigurationError(f"the exchange's log key is not a verifier key: {exc}") from exc
+    if witness_policy is not None:
+        check_witness_policy(witness_policy, log)
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     if (data_dir / CONFIG).exists():
@@ -95,6 +131,8 @@ def init_node_dir(
         (data_dir / VETO).write_text(VETO_TEMPLATE, "utf-8")
     _write_json(data_dir / CATALOG, {"datasets": {}})
     _write_json(data_dir / STATE, {"checkpoint": None, "answered": {}})
+    if witness_policy is not None:
+        _write_bytes(data_dir / WITNESS_POLICY, witness_policy)
     # written last: its presence marks a complete initialization
     _write_json(
         data_dir / CONFIG,
@@ -183,6 +221,32 @@ class NodeHome:
             return load_veto(self.dir / VETO)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from exc
+
+    # -- the witness policy -------------------------------------------------------------------
+
+    def witness_policy(self) -> Policy | None:
+        """The pinned witness policy, or ``None`` (read per task: a change applies at once). A
+        file that no longer parses or lists the log raises :class:`ConfigurationError`: the
+        node fails closed rather than run tasks unwitnessed."""
+        try:
+            text = (self.dir / WITNESS_POLICY).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigurationError(f"{self.dir / WITNESS_POLICY}: {exc}") from exc
+        return check_witness_policy(text, self.log)
+
+    def set_witness_policy(self, text: bytes | None) -> Policy | None:
+        """Pin ``text`` as the witness policy (checked first; replaces any), or with ``None``
+        remove it. Returns the policy now in force."""
+        path = self.dir / WITNESS_POLICY
+        with self._lock:
+            if text is None:
+                path.unlink(missing_ok=True)
+                return None
+            policy = check_witness_policy(text, self.log)
+            _write_bytes(path, text)
+            return policy
 
     # -- datasets -----------------------------------------------------------------------------
 
