@@ -83,6 +83,9 @@ class Settings(BaseModel):
     #: size of its body (a row is at most ~700 bytes of JSON)
     max_consent_import_rows: int = 10_000
     max_consent_import_bytes: int = 8 << 20
+    #: live consents of one (zone, consumer, purpose) an he_score task on the zone's node may
+    #: carry (consent digest -> consent id): above it the score is refused
+    max_node_score_consents: int = Field(default=100_000, ge=1)
     #: zones one secure_sum may combine
     max_secure_sum_zones: int = 32
     #: one binary batch of PSI points (32 bytes each): 64 MiB is two million points
