@@ -71,6 +71,7 @@ DEFAULT_CHUNK = 262_144
 PROCESS_MIN = 20_000
 #: subjects per task sent to one of those processes
 PROCESS_BATCH = 4_096
+_TAG_BLOCK = 65_536
 
 #: ``on_chunk(done, seconds_per_item)`` after each chunk is on disk: the subjects done so far
 #: (a restart passes it back as ``start``) and the chunk's cost per subject
@@ -167,10 +168,19 @@ def usable_ids(values: Iterable[object], max_items: int) -> tuple[list[str], int
 def _keyed_rank(seed: bytes, ids: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
     """:func:`keyed_order` as an array: the 16-byte tags read as two big-endian words, so a
     stable sort on them is the byte order of the tags (ties keep the ids' order)."""
-    tags = b"".join(
-        [hashlib.blake2b(i.encode("utf-8"), key=seed, digest_size=16).digest() for i in ids]
-    )
-    words = np.frombuffer(tags, dtype=">u8").reshape(-1, 2)
+    tags = np.empty((len(ids), 16), dtype=np.uint8)
+    for a in range(0, len(ids), _TAG_BLOCK):  # a block at a time: no list of |Y| digests
+        block = ids[a : a + _TAG_BLOCK]
+        tags[a : a + len(block)] = np.frombuffer(
+            b"".join(
+                [
+                    hashlib.blake2b(i.encode("utf-8"), key=seed, digest_size=16).digest()
+                    for i in block
+                ]
+            ),
+            dtype=np.uint8,
+        ).reshape(-1, 16)
+    words = tags.view(">u8")
     rank: np.ndarray[Any, np.dtype[np.int64]] = np.lexsort((words[:, 1], words[:, 0]))
     return rank
 
