@@ -104,6 +104,9 @@ class Settings(BaseModel):
     psi_epoch_ratio: int = Field(default=16, ge=1)
     #: subjects blinded between two progress records of a preparation
     psi_epoch_chunk: int = Field(default=262_144, ge=1)
+    #: epochs a zone's node may be uploading at once (each up to psi_max_items·20 bytes
+    #: waiting for its manifest); an upload untouched for an hour is dropped
+    psi_epoch_max_uploads: int = Field(default=4, ge=1)
 
     # zone nodes
     #: a node's long poll waits at most this long for a task before answering 204

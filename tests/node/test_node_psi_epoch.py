@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import secrets
+import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -396,6 +397,20 @@ def test_forged_epoch_uploads_are_refused(live: LiveServer, world: dict[str, Any
         )
         assert put.status_code == 403
         assert provider.get("/v1/node/psi/epochs").status_code == 403
+    # at most psi_epoch_max_uploads (4) epochs under way at once: a fifth new one is refused
+    octets = {"content-type": "application/octet-stream"}
+    with _node_http(live, node_key) as node:
+        answers = [
+            node.put(
+                f"/v1/node/psi/epochs/ep_{secrets.token_urlsafe(18)}/files/pos?offset=0",
+                content=b"\x00" * 4,
+                headers=octets,
+            )
+            for _ in range(5)
+        ]
+    assert [a.status_code for a in answers] == [200] * 4 + [409]
+    assert answers[-1].json()["reason"] == "too_many_uploads"
+    shutil.rmtree(live.data_dir / "psi_epochs" / "tax" / ".incoming")
     # nothing changed: the node's epoch still serves, no other epoch was stored
     assert _status(live, world, "companies") == before
     assert sorted(p.name for p in (live.data_dir / "psi_epochs" / "tax" / "companies").iterdir()

@@ -160,6 +160,29 @@ def _incoming(ex: Exchange, zone: str, epoch: str) -> Path:
     return ex.settings.data_dir / "psi_epochs" / zone / _INCOMING / epoch
 
 
+#: an upload no chunk reached for this long is dropped
+_STALE_UPLOAD_SECONDS = 3600
+
+
+def _make_room(ex: Exchange, zone: str) -> None:
+    """Before a node starts uploading another epoch: drop its uploads untouched for an hour,
+    and refuse when ``psi_epoch_max_uploads`` are still under way (each waits for a manifest,
+    up to ``psi_max_items``·20 bytes on the exchange's disk)."""
+    root = ex.settings.data_dir / "psi_epochs" / zone / _INCOMING
+    live = []
+    for folder in root.iterdir() if root.exists() else ():
+        touched = max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
+        if time.time() - touched > _STALE_UPLOAD_SECONDS:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            live.append(folder)
+    if len(live) >= ex.settings.psi_epoch_max_uploads:
+        raise ConflictError(
+            f"{len(live)} epoch uploads of this zone are under way; finish or abandon one first",
+            reason="too_many_uploads",
+        )
+
+
 def receive_epoch_file(
     ex: Exchange, actor: Principal, epoch: str, name: str, offset: int, body: bytes
 ) -> dict[str, Any]:
@@ -171,6 +194,8 @@ def receive_epoch_file(
     if name not in _FILES:
         raise NotFoundError(f"an epoch has no file {name[:16]!r}")
     most = ex.settings.psi_max_items * _FILES[name]
+    if not _incoming(ex, zone, epoch).exists():
+        _make_room(ex, zone)
     folder = psi._private_dir(_incoming(ex, zone, epoch))
     path = folder / name
     have = path.stat().st_size if path.exists() else 0
