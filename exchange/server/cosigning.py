@@ -17,6 +17,7 @@ processes of one exchange share the work through a lease on each witness's row.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -250,6 +251,9 @@ class Cosigner(Rounds):
         self._log = log_verifier
         self._settings = settings
         self._submit = submit
+        #: one synchronous round at a time (:meth:`cosigned_covering`): callers that waited
+        #: behind it take its checkpoint when it covers their entry
+        self._covering_lock = threading.Lock()
 
     # -- one round -------------------------------------------------------------------------
 
@@ -312,6 +316,53 @@ class Cosigner(Rounds):
                 return CosignedCheckpoint(latest, tuple(cosigned), tuple(missing))
             time.sleep(0.2)
 
+    def cosigned_covering(self, seq: int, timeout: float) -> SignedCheckpoint:
+        """A stored checkpoint that includes entry ``seq``, with the cosignatures the witnesses
+        gave it: the newest stored one if it includes ``seq``, else one the ledger signs and
+        stores now over everything committed. Every witness that is not waiting after a
+        failure and has not cosigned it is offered it at once; returns when none is left to
+        ask or after ``timeout`` seconds, with whatever cosignatures it then carries.
+
+        Callers take turns on one lock: those that waited while a round ran find their entry
+        included in that round's checkpoint and take it as it is, so tasks handed out together
+        share one round instead of one each. For a zone node with a witness policy
+        (:mod:`exchange.server.dispatch`)."""
+        with self._covering_lock:
+            latest = self._ledger.latest_checkpoint()
+            if latest is None or latest.size <= seq:
+                self._ledger.checkpoint()
+            deadline = time.monotonic() + timeout
+            while True:
+                latest = self._ledger.latest_checkpoint()
+                if latest is None or latest.size <= seq:  # pragma: no cover - just stored
+                    raise ZonexError(f"no stored checkpoint includes entry {seq}")
+                if (
+                    not self._owing(latest)
+                    or time.monotonic() >= deadline
+                    or self._stopping.is_set()
+                ):
+                    return latest
+                if not self.run_once():
+                    # another round (the ticker's, or another process's) holds the lease on
+                    # every witness still owing: its answer lands on the rows, read above
+                    time.sleep(0.05)
+
+    def _owing(self, latest: SignedCheckpoint) -> bool:
+        """Whether a witness that is not waiting after a failure has not cosigned ``latest``."""
+        now = self._clock()
+        with Session(self._engine) as session:
+            rows = session.execute(
+                select(WitnessRow).where(
+                    or_(WitnessRow.retry_at.is_(None), WitnessRow.retry_at <= now)
+                )
+            ).scalars()
+            due = [WitnessInfo.from_row(row) for row in rows]
+        return any(
+            witness.cosigned_size != latest.size
+            or not _has_cosignature(latest.note, witness.verifier())
+            for witness in due
+        )
+
     def _offer(self, witness: WitnessInfo, latest: SignedCheckpoint) -> bool:
         verifier = witness.verifier()
         old_size = witness.cosigned_size or 0
@@ -340,9 +391,11 @@ class Cosigner(Rounds):
     ) -> tuple[str, ...]:
         # the log's signature only: the witness stores and returns what it verified
         note = keep_signatures(latest.note, [self._log])
-        if self._http is None:
-            self._http = httpx.Client(timeout=self._settings.witness_timeout_seconds)
-        lines: tuple[str, ...] = self._submit(witness.url, note, old_size, proof, client=self._http)
+        with self._lock:  # rounds run on the ticker's thread and on dispatchers' (one pool)
+            if self._http is None:
+                self._http = httpx.Client(timeout=self._settings.witness_timeout_seconds)
+            http = self._http
+        lines: tuple[str, ...] = self._submit(witness.url, note, old_size, proof, client=http)
         verifier = witness.verifier()
         # only lines naming its key count; any other line is ignored (tlog-witness: "The
         # client MUST ignore any cosignatures from unknown keys"), even one that does not parse

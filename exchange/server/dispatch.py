@@ -8,7 +8,9 @@ signed request, as for principals). From then on the zone's computations run on 
 2. The task is queued (``node_tasks``). The node's long poll (``POST /v1/node/poll``, signed
    with the node key) claims it and receives the bundle: the task, its entry, an inclusion proof
    and a checkpoint that covers it, and a consistency proof from the last checkpoint the node
-   saw. The node dials out; it never needs an inbound port.
+   saw. With witnesses configured, that checkpoint is a stored one carrying their cosignatures
+   (a node may pin a witness policy and refuse anything less). The node dials out; it never
+   needs an inbound port.
 3. The node answers with a signed result (or a refusal); the waiting request verifies it under
    the node's registered key and releases it through the usual receipt transaction, which
    charges ε. A task the node never finishes is **terminated** (ledgered, nothing released,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 import secrets
 import threading
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from crypto.encoding import b64url_decode
@@ -57,7 +61,7 @@ from exchange.errors import (
     ZonexError,
 )
 from exchange.node.store import PortableType
-from exchange.server.ledger import ANONYMOUS, EntryDraft
+from exchange.server.ledger import ANONYMOUS, EntryDraft, SignedCheckpoint
 from exchange.server.models import DatasetRow, NodeRow, NodeTaskRow, PrincipalRow, ZoneRow
 from exchange.server.runtime import Exchange
 from exchange.server.services import to_dataset
@@ -86,6 +90,8 @@ __all__ = [
     "task_input",
     "task_output",
 ]
+
+log = logging.getLogger("zonex.dispatch")
 
 PORTABLE_TYPES = frozenset(get_args(PortableType))
 
@@ -655,7 +661,7 @@ def _bundle(ex: Exchange, row: NodeTaskRow, since: int | None) -> dict[str, Any]
     index = int(row.bundle["index"])
     # a checkpoint that covers the entry and is no older than the node's last one
     floor = index if since is None else max(index, since - 1)
-    checkpoint = ex.ledger.checkpoint(persist=False, covering=floor)
+    checkpoint = _witnessed(ex, floor) or ex.ledger.checkpoint(persist=False, covering=floor)
     proof = ex.ledger.inclusion_proof(index, checkpoint.size)
     consistency = None
     if since is not None and 0 < since <= checkpoint.size:
@@ -669,6 +675,24 @@ def _bundle(ex: Exchange, row: NodeTaskRow, since: int | None) -> dict[str, Any]
         checkpoint.note,
         consistency,
     )
+
+
+def _witnessed(ex: Exchange, floor: int) -> SignedCheckpoint | None:
+    """With witnesses configured: a stored checkpoint including entry ``floor`` that carries
+    the cosignatures they gave it within the witness timeout (tasks handed out together share
+    one round: :meth:`~exchange.server.cosigning.Cosigner.cosigned_covering`). ``None``
+    without witnesses, or if the round could not run: the bundle then goes out with a
+    checkpoint as signed, and a node with a witness policy refuses it."""
+    cosigner = ex.cosigner
+    if cosigner is None:
+        return None
+    try:
+        if not cosigner.has_witnesses():
+            return None
+        return cosigner.cosigned_covering(floor, ex.settings.witness_timeout_seconds)
+    except (ZonexError, SQLAlchemyError):
+        log.exception("could not get a cosigned checkpoint including entry %d", floor)
+        return None
 
 
 def _started_task(ex: Exchange, actor: Principal, task_id: str) -> dict[str, Any]:
