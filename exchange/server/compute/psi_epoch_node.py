@@ -171,7 +171,10 @@ def _make_room(ex: Exchange, zone: str) -> None:
     root = ex.settings.data_dir / "psi_epochs" / zone / _INCOMING
     live = []
     for folder in root.iterdir() if root.exists() else ():
-        touched = max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
+        try:
+            touched = max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()])
+        except FileNotFoundError:  # stored or refused meanwhile
+            continue
         if time.time() - touched > _STALE_UPLOAD_SECONDS:
             shutil.rmtree(folder, ignore_errors=True)
         else:
