@@ -281,6 +281,7 @@ def test_sessions_on_the_node_epoch_match_plaintext(
         # uploads it when done (polled with a deadline: the preparation runs on its own)
         with live.client(world["keys"]["provider"]) as p:
             assert p.psi_prepare_epoch("tax", "small")["current"] is None
+            p.psi_prepare_epoch("tax", "small")  # following it: the node is not asked again
         deadline = time.monotonic() + 30
         while _status(live, world, "small")["current"] is None:
             assert time.monotonic() < deadline, "the node did not upload the epoch"

@@ -357,6 +357,7 @@ def _blind_image(ex: Exchange, meta: dict[str, Any], max_chunks: int | None) -> 
         workers=ex.settings.psi_workers,
         max_chunks=max_chunks,
         on_chunk=record,
+        scheduler=ex.settings.psi_epoch_scheduler,
     )
     if not finished:
         _save(ex, meta)
@@ -434,7 +435,7 @@ def request_preparation(ex: Exchange, actor: Principal, zone: str, dataset: str)
         if on_node:  # the provider learns at once when its node is offline or refuses
             from exchange.server.compute import psi_epoch_node
 
-            psi_epoch_node.ask_node(ex, zone, dataset, actor.key_id, again=True)
+            psi_epoch_node.ask_node(ex, zone, dataset, actor.key_id)
         else:
             start_preparation(ex, zone, dataset)
     return status

@@ -89,10 +89,11 @@ def _asked_path(ex: Exchange, zone: str, dataset: str) -> Path:
     return _dataset_dir(ex, zone, dataset) / "node_asked"
 
 
-def ask_node(ex: Exchange, zone: str, dataset: str, actor: str | None, *, again: bool) -> None:
+def ask_node(ex: Exchange, zone: str, dataset: str, actor: str | None) -> None:
     """Ask the zone's node to prepare an epoch of ``dataset`` (task ``psi_epoch_prepare``: the
-    node starts it in the background and answers at once). Not asked again within
-    ``node_task_seconds`` of the last time unless ``again``; 503 when the node is offline."""
+    node starts it in the background and answers at once), unless a usable epoch serves or the
+    node was asked within ``node_task_seconds`` (a provider following the progress, sessions
+    arriving meanwhile); 503 when the node is offline, 409 when it refuses."""
     snapshot, _ = _hosting(ex, zone, dataset)
     now = _now()
     if any(
@@ -105,10 +106,7 @@ def ask_node(ex: Exchange, zone: str, dataset: str, actor: str | None, *, again:
     with Session(ex.engine) as s:
         node = psi._node_online(ex, s, zone)
     with _flock(_dataset_dir(ex, zone, dataset) / "ask.lock"):
-        recent = stamp.exists() and (
-            time.time() - stamp.stat().st_mtime < ex.settings.node_task_seconds
-        )
-        if recent and not again:
+        if stamp.exists() and time.time() - stamp.stat().st_mtime < ex.settings.node_task_seconds:
             return
         stamp.touch()
     answer = dispatch.dispatch(
@@ -131,7 +129,7 @@ def ask_node(ex: Exchange, zone: str, dataset: str, actor: str | None, *, again:
 
 def ask_node_background(ex: Exchange, zone: str, dataset: str, actor: str | None) -> None:
     try:
-        ask_node(ex, zone, dataset, actor, again=False)
+        ask_node(ex, zone, dataset, actor)
     except ZonexError as exc:
         log.warning("could not ask the node of %s to prepare %s: %s", zone, dataset, exc.detail)
     except Exception:
