@@ -27,9 +27,18 @@ from crypto.canonical import canonicalize
 from crypto.encoding import b64_decode, b64_encode, b64url_decode, b64url_encode
 from crypto.keys import SigningKey
 from crypto.merkle import MerkleTree, leaf_hash
-from crypto.note import Checkpoint, NoteSigner, sign_checkpoint, verify_checkpoint
+from crypto.note import (
+    ALG_COSIGNATURE_V1,
+    Checkpoint,
+    NoteSigner,
+    NoteVerifier,
+    cosign_checkpoint,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from crypto.tlogpolicy import Policy, parse_policy
 from exchange.client.sdk import SignatureAuth
-from exchange.errors import ZoneUnavailableError
+from exchange.errors import ConfigurationError, ZoneUnavailableError
 from exchange.keyfile import load_private_key
 from exchange.node.agent import NodeAgent
 from exchange.node.engine import Veto, load_veto
@@ -524,6 +533,149 @@ def test_a_veto_file_parses_and_only_makes_releases_stricter(tmp_path: Path) -> 
     refused("vetoed", lambda: veto.check("aggregate", Decimal("0.50001")))
     refused("vetoed", lambda: veto.check("secure_sum", None))
     refused("vetoed", lambda: veto.check("secure_sum", Decimal("0.1")))
+
+
+# -- 10. witness cosignatures (a node that pinned a witness policy) -----------------------------
+
+#: a fixed cosignature time: the node checks who cosigned, not when
+COSIGNED_AT = 1_790_000_000
+DISTRICTS = [NoteSigner(f"district-{i}.test/witness", SigningKey.generate()) for i in range(3)]
+CITY = NoteSigner("city.test/witness", SigningKey.generate())
+STRANGER = NoteSigner("stranger.test/witness", SigningKey.generate())
+
+
+def _vkey(witness: NoteSigner) -> str:
+    return NoteVerifier(
+        witness.name, witness.key.public_key, signature_type=ALG_COSIGNATURE_V1
+    ).to_verifier_key()
+
+
+def _policy(log: Log, *, nested: bool = False) -> Policy:
+    """2 of the three districts; ``nested``: the city's witness AND 2 of the districts."""
+    text = f"log {log.signer.verifier_key()}\n" + "".join(
+        f"witness d{i} {_vkey(w)}\n" for i, w in enumerate(DISTRICTS)
+    )
+    text += "group districts 2 d0 d1 d2\n"
+    if nested:
+        text += f"witness city {_vkey(CITY)}\ngroup both all city districts\nquorum both\n"
+    else:
+        text += "quorum districts\n"
+    return parse_policy(text)
+
+
+def _cosigned(bundle: dict[str, Any], *witnesses: NoteSigner) -> dict[str, Any]:
+    note = bundle["checkpoint"]
+    for witness in witnesses:
+        note = cosign_checkpoint(note, witness, COSIGNED_AT)
+    return {**bundle, "checkpoint": note}
+
+
+def _forged(note: str, claimed: NoteSigner) -> str:
+    """A cosignature line in ``claimed``'s name and key ID, signed by another key."""
+    body = note[: note.rfind("\n\n") + 1].encode("utf-8")
+    signature = SigningKey.generate().sign(b"cosignature/v1\ntime %d\n" % COSIGNED_AT + body)
+    blob = claimed.cosignature_key_hash + COSIGNED_AT.to_bytes(8, "big") + signature
+    return f"\u2014 {claimed.name} {b64_encode(blob)}\n"
+
+
+def _witnessed(log: Log, bundle: dict[str, Any], policy: Policy) -> Verified:
+    return verify_task_bundle(
+        bundle,
+        log=log.signer.verifier(),
+        zone=ZONE,
+        node=log.node.key_id,
+        now=datetime.now(UTC),
+        last=None,
+        policy=policy,
+    )
+
+
+def test_a_checkpoint_needs_the_policys_quorum_of_genuine_cosignatures(log: Log) -> None:
+    policy = _policy(log)
+    task, bundle = log.authorized()
+    assert log.verify(bundle).task == task  # no policy: the log's signature is enough
+    detail = refused("unwitnessed", lambda: _witnessed(log, bundle, policy)).detail
+    assert detail == (
+        "quorum districts not met: group districts: 0 of 3 witnessed, 2 needed (missing d0, d1, d2)"
+    )
+    # too few
+    one = _cosigned(bundle, DISTRICTS[0])
+    assert "1 of 3 witnessed" in refused("unwitnessed", lambda: _witnessed(log, one, policy)).detail
+    # a second line forged in d1's name (its key ID, another key) does not count
+    forged = {**one, "checkpoint": one["checkpoint"] + _forged(one["checkpoint"], DISTRICTS[1])}
+    detail = refused("unwitnessed", lambda: _witnessed(log, forged, policy)).detail
+    assert "1 of 3 witnessed" in detail and "do not verify: d1" in detail
+    # a genuine cosignature by a key outside the policy counts for nothing
+    foreign = _cosigned(bundle, DISTRICTS[0], STRANGER)
+    assert "1 of 3" in refused("unwitnessed", lambda: _witnessed(log, foreign, policy)).detail
+    # d1's and d2's genuine cosignatures of ANOTHER checkpoint, replayed onto this one
+    _, later = log.authorized()
+    assert later["inclusion"]["size"] > bundle["inclusion"]["size"]
+    other = _cosigned(later, DISTRICTS[1], DISTRICTS[2])["checkpoint"]
+    lines = other[other.index("\n\n") + 2 :].splitlines(keepends=True)
+    replayed = {**one, "checkpoint": one["checkpoint"] + "".join(lines[1:])}
+    assert "1 of 3" in refused("unwitnessed", lambda: _witnessed(log, replayed, policy)).detail
+    # two genuine: the task verifies, cosignature lines and all
+    both = _cosigned(bundle, DISTRICTS[0], DISTRICTS[2], STRANGER)
+    assert _witnessed(log, both, policy).task == task
+
+
+def test_a_nested_quorum_needs_every_branch(log: Log) -> None:
+    policy = _policy(log, nested=True)
+    _, bundle = log.authorized()
+    districts = _cosigned(bundle, DISTRICTS[0], DISTRICTS[1])
+    detail = refused("unwitnessed", lambda: _witnessed(log, districts, policy)).detail
+    assert detail == ("quorum both not met: group both: 1 of 2 witnessed, 2 needed (missing city)")
+    city = _cosigned(bundle, CITY, DISTRICTS[2])
+    detail = refused("unwitnessed", lambda: _witnessed(log, city, policy)).detail
+    assert "group both: 1 of 2" in detail and "group districts: 1 of 3 witnessed" in detail
+    _witnessed(log, _cosigned(bundle, CITY, DISTRICTS[1], DISTRICTS[2]), policy)
+
+
+def test_the_witness_check_comes_after_the_log_signature_and_before_the_rest(log: Log) -> None:
+    policy = _policy(log)
+    # a checkpoint the pinned key never signed is bad whatever cosigns it
+    _, bundle = log.authorized()
+    real = log.verify(bundle).checkpoint
+    fake = {**bundle, "checkpoint": log.sign(real.size, real.root, SigningKey.generate())}
+    refused("bad_checkpoint", lambda: _witnessed(log, _cosigned(fake, *DISTRICTS), policy))
+    # an unwitnessed checkpoint is refused before the task itself is looked at
+    _, other_zone = log.authorized(zone="elsewhere")
+    refused("unwitnessed", lambda: _witnessed(log, other_zone, policy))
+    refused("wrong_zone", lambda: _witnessed(log, _cosigned(other_zone, *DISTRICTS), policy))
+    # a policy for another log (even one pinned by mistake) refuses every checkpoint
+    stranger_log = NoteSigner(log.origin, SigningKey.generate())
+    foreign_policy = parse_policy(
+        f"log {stranger_log.verifier_key()}\nwitness d0 {_vkey(DISTRICTS[0])}\nquorum d0\n"
+    )
+    detail = refused(
+        "unwitnessed", lambda: _witnessed(log, _cosigned(bundle, *DISTRICTS), foreign_policy)
+    ).detail
+    assert "does not list the log" in detail
+
+
+def test_the_node_applies_its_pinned_policy_and_fails_closed(
+    log: Log, node_dir: Path, agent: Callable[[], NodeAgent]
+) -> None:
+    node = agent()
+    text = f"log {log.signer.verifier_key()}\nwitness d0 {_vkey(DISTRICTS[0])}\nquorum d0\n"
+    assert node.home.set_witness_policy(text.encode()) is not None
+    assert (node_dir / "witness.policy").read_text() == text
+    _, bundle = log.authorized()
+    refused("unwitnessed", lambda: node.verify(bundle))
+    node.verify(_cosigned(bundle, DISTRICTS[0]))
+    # a damaged policy file stops the node from verifying anything (it never runs unwitnessed)
+    (node_dir / "witness.policy").write_text("quorum nobody\n")
+    _, later = log.authorized()
+    with pytest.raises(ConfigurationError, match="witness policy"):
+        node.verify(_cosigned(later, DISTRICTS[0]))
+    # removed: the log's signature is enough again
+    node.home.set_witness_policy(None)
+    assert node.home.witness_policy() is None
+    last = node.home.last_checkpoint()
+    assert last is not None
+    task = log.task()
+    node.verify(log.bundle(task, log.authorize(task), since=last.size))
 
 
 # -- 11. the exchange refuses answers not from the node, or too late -----------------------------
