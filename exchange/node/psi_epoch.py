@@ -14,7 +14,9 @@ by the node's key, and asks the node for each session's ``A_e = k_e·A``::
 
 - **preparation** (:func:`prepare_epoch`): ``zonex psi prepare --node DIR`` or the task
   ``psi_epoch_prepare`` (which only starts it, on a background thread, and answers at once);
-  the same pure kernel the exchange uses for zones it hosts (:mod:`exchange.psi_epoch`).
+  the same pure kernel the exchange uses for zones it hosts (:mod:`exchange.psi_epoch`). A node
+  restarted mid-way continues its unfinished preparations at its first poll
+  (:func:`resume_preparations`), from the last recorded chunk.
 - **upload** (:func:`upload_epoch`): ``fp`` and ``pos`` in chunks through the node-only route
   ``PUT /v1/node/psi/epochs/{epoch}/files/{name}``, then the manifest (:func:`sign_manifest`:
   DSSE, payload type :data:`MANIFEST_TYPE`) naming the epoch, dataset, snapshot, |Y| and each
@@ -67,6 +69,7 @@ __all__ = [
     "PREPARE_KIND",
     "EpochProgress",
     "prepare_epoch",
+    "resume_preparations",
     "run_epoch_answer",
     "run_epoch_prepare",
     "sign_manifest",
@@ -83,6 +86,9 @@ ANSWER_KIND = "psi_epoch_answer"
 #: DSSE payload type of the node's signed epoch manifest
 MANIFEST_TYPE = "application/vnd.zonex.psi-epoch+json"
 MANIFEST_VERSION = "zonex.psi-epoch.v1"
+#: the most subjects a preparation reads when the exchange does not say (its own
+#: ``psi_max_items`` refuses a larger epoch at upload)
+_MAX_ITEMS = 10_000_000
 #: an epoch id as the exchange accepts it
 EPOCH_ID = re.compile(r"ep_[A-Za-z0-9_-]{16,40}")
 
@@ -212,11 +218,12 @@ def prepare_epoch(
     name: str,
     *,
     chunk: int = kernel.DEFAULT_CHUNK,
-    max_items: int = 10_000_000,
+    max_items: int = _MAX_ITEMS,
     max_chunks: int | None = None,
     workers: int | None = None,
     wait: bool = True,
     progress: EpochProgress | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Prepare (or finish preparing) an epoch of the dataset ``name``; returns its metadata
     (state ``prepared`` when done, ``preparing`` when ``max_chunks`` stopped it).
@@ -225,7 +232,9 @@ def prepare_epoch(
     chunk with its key; one of another snapshot is deleted (its image would be of other
     data); an epoch prepared but not yet uploaded is returned as it is. One preparation per
     dataset at a time: with ``wait`` a second caller waits for it, without it gets
-    :class:`~exchange.psi_epoch.EpochPreparingError`."""
+    :class:`~exchange.psi_epoch.EpochPreparingError`. ``scheduler``: blind on the zone's own
+    Dask cluster at that address (:func:`exchange.psi_epoch.blind_image`; k_e goes to its
+    workers)."""
     dataset = _dataset(home, name)
     with _flock(_root(home) / name / "prepare.lock", wait=wait) as taken:
         if not taken:
@@ -243,7 +252,9 @@ def prepare_epoch(
             meta = _new_epoch(home, dataset)
         if meta["state"] == "prepared":
             return meta
-        return _blind(home, dataset, meta, chunk, max_items, max_chunks, workers, progress)
+        return _blind(
+            home, dataset, meta, chunk, max_items, max_chunks, workers, progress, scheduler
+        )
 
 
 def _blind(
@@ -255,13 +266,16 @@ def _blind(
     max_chunks: int | None,
     workers: int | None,
     progress: EpochProgress | None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     folder = _folder(home, meta)
     key, seed = _read_key(home, meta)
     ids, skipped = _read_ids(home, dataset, max_items)
     n = len(ids)
     done = int(meta.get("done", 0)) if meta.get("y_count") == n else 0
-    meta.update(y_count=n, y_skipped=skipped, done=done, resumed_from=done)
+    # the chunk and limit it runs under: a restarted node resumes with the same
+    meta.update(y_count=n, y_skipped=skipped, done=done, resumed_from=done, chunk=chunk)
+    meta.update(max_items=max_items)
     _save(home, meta)
 
     def record(end: int, seconds_per_item: float) -> None:
@@ -281,6 +295,7 @@ def _blind(
         max_chunks=max_chunks,
         workers=workers,
         on_chunk=record,
+        scheduler=scheduler,
     )
     if not finished:
         return meta
@@ -410,12 +425,16 @@ SWEEP_SECONDS = 60.0
 
 def sweep_now_and_then(home: NodeHome, http: httpx.Client, every: float = SWEEP_SECONDS) -> None:
     """:func:`sweep_epochs` at most every ``every`` seconds (the serve loop calls it after each
-    poll); a node without epochs asks nothing. A failure is logged, never raised."""
+    poll; the first time also :func:`resume_preparations`); a node without epochs asks
+    nothing. A failure is logged, never raised."""
     now = time.monotonic()
     with _swept_lock:
-        if now - _swept.get(home.key_id, -every) < every:
+        first = home.key_id not in _swept
+        if not first and now - _swept[home.key_id] < every:
             return
         _swept[home.key_id] = now
+    if first:  # this process's first poll: finish what a previous one left
+        resume_preparations(home, http)
     if not epoch_ids(home):
         return
     try:
@@ -473,7 +492,12 @@ def run_epoch_prepare(home: NodeHome, http: httpx.Client, task: dict[str, Any]) 
         raise TaskRefused("snapshot_mismatch", f"{name}: the task is for another snapshot")
     if chunk < 1 or max_items < 1:
         raise TaskRefused("malformed", "the task's chunk and max_items are positive")
-    options = {"chunk": chunk, "max_items": max_items}
+    _start(home, http, name, {"chunk": chunk, "max_items": max_items})
+    return sign_result(home.key, task, {"dataset": name, "snapshot": snapshot, "started": True})
+
+
+def _start(home: NodeHome, http: httpx.Client, name: str, options: dict[str, Any]) -> None:
+    """:func:`prepare_and_upload` on a background thread."""
     thread = threading.Thread(
         target=_background, args=(home, http, name, options), name="psi-epoch", daemon=True
     )
@@ -481,7 +505,27 @@ def run_epoch_prepare(home: NodeHome, http: httpx.Client, task: dict[str, Any]) 
         _threads[:] = [t for t in _threads if t.is_alive()]
         _threads.append(thread)
     thread.start()
-    return sign_result(home.key, task, {"dataset": name, "snapshot": snapshot, "started": True})
+
+
+def resume_preparations(home: NodeHome, http: httpx.Client) -> int:
+    """Start again, in the background, every preparation a previous process left unfinished
+    (of the dataset's current snapshot; an epoch prepared but not uploaded included): each
+    continues from its last recorded chunk with its key. Returns how many."""
+    hosted = home.datasets()
+    started = 0
+    for meta in _epochs(home):
+        dataset = hosted.get(meta["dataset"])
+        if meta["state"] not in ("preparing", "prepared") or dataset is None:
+            continue
+        if dataset.digest != meta["snapshot"]:
+            continue  # deleted when that dataset's next preparation starts
+        options = {
+            "chunk": int(meta.get("chunk") or kernel.DEFAULT_CHUNK),
+            "max_items": int(meta.get("max_items") or _MAX_ITEMS),
+        }
+        _start(home, http, meta["dataset"], options)
+        started += 1
+    return started
 
 
 def run_epoch_answer(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> Envelope:

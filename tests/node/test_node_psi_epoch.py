@@ -4,13 +4,16 @@ signs, and answers each session's A_e = k_e·A (and, for ``aggregate``, the valu
 as node tasks; the exchange binds, matches and rotates as for a zone it hosts.
 
 Covered, on one module-wide exchange and node: a preparation stopped after a chunk continues
-from its last recorded chunk with the same key; the uploaded image is exactly the fingerprints
-of k_e·H_e(Y); an offline node answers 503 ``zone_unavailable`` and nothing is charged; with
-``zonex node serve`` running, a cardinality and an aggregate session match plaintext exactly,
-the provider's request starts a preparation on the node through a task; forged uploads (signed
-by another key, files that differ from the signed digests, from a principal that is no node)
-are refused; the exchange's data directory, database and log hold no planted id or value and
-no epoch key of the zone; an epoch the exchange deleted loses its key on the node.
+from its last recorded chunk with the same key, run again by hand or by the restarted node's
+serve loop; the uploaded image is exactly the fingerprints of k_e·H_e(Y) in the keyed order;
+an offline node answers 503 ``zone_unavailable`` and nothing is charged; with ``zonex node
+serve`` running, a cardinality and an aggregate session match plaintext exactly, a balanced
+session runs per session, the provider's request starts a preparation on the node through a
+task and the node's veto refuses an answer by name; forged uploads (signed by another key,
+files that differ from the signed digests, a stale snapshot, from a principal that is no node,
+too many at once) are refused; the exchange's data directory, database and log hold no planted
+id or value and no epoch key of the zone, and each stored epoch is ledgered; an epoch the
+exchange deleted, or past its life, loses its key on the node.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from exchange.client.sdk import ApiError, SignatureAuth
 from exchange.keyfile import load_private_key, write_private_key
 from exchange.node import psi_epoch as node_epoch
 from exchange.node.home import NodeHome
-from exchange.psi_epoch import FP_DTYPE, epoch_domain, fingerprints
+from exchange.psi_epoch import FP_DTYPE, epoch_domain, fingerprints, keyed_order
 from exchange.psi_protocol import LABEL, normalize_id
 from exchange.server.compute import psi_epoch
 from exchange.server.models import BudgetRow, LedgerEntryRow, NodeTaskRow, PsiSessionRow
@@ -124,8 +127,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def world(live: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Zone ``tax`` on an approved node holding ``companies`` (|Y| = 600 planted ids and values)
-    and ``small`` (100); a bank granted ``psi_cardinality`` and ``psi_aggregate`` on both."""
+    """Zone ``tax`` on an approved node holding ``companies`` (|Y| = 600 planted ids and values),
+    ``small`` (100) and ``resumed`` (80); a bank granted ``psi_cardinality`` and
+    ``psi_aggregate`` on them."""
     folder = tmp_path_factory.mktemp("node-epoch-data")
     keys = {"provider": SigningKey.generate(), "consumer": SigningKey.generate()}
     with live.client(live.operator) as op:
@@ -143,7 +147,7 @@ def world(live: LiveServer, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     node_key = out.split()[1]
     cli("node", "approve", node_key[:10], "--url", live.url, "--key",
         str(live.data_dir / "operator.key"))  # fmt: skip
-    rows = {"companies": _planted(Y), "small": _planted(100)}
+    rows = {"companies": _planted(Y), "small": _planted(100), "resumed": _planted(80)}
     for name, data in rows.items():
         path = _write(folder / f"{name}.csv", data)
         cli(
@@ -220,12 +224,19 @@ def test_the_node_prepares_resumes_and_uploads_only_fingerprints(
     fp, pos = np.load(folder / "fp.npy"), np.load(folder / "pos.npy")
     k_e = cpsi.PsiKey.from_bytes(key_bytes[: cpsi.SCALAR_BYTES])
     ids = sorted(normalize_id(cid) for cid, _ in world["rows"]["companies"])
-    want = fingerprints(cpsi.blind(k_e, epoch_domain(meta["id"]), [i.encode() for i in ids]))
-    assert sorted(fp.tolist()) == sorted(want.tolist())
+    seed = key_bytes[cpsi.SCALAR_BYTES :]
+    ordered = [ids[i] for i in keyed_order(seed, ids)]
+    want = fingerprints(cpsi.blind(k_e, epoch_domain(meta["id"]), [i.encode() for i in ordered]))
     assert sorted(pos.tolist()) == list(range(Y))
+    assert fp.tolist() == [want[int(k)].tolist() for k in pos]
     # a second run finds the current epoch and leaves it as it is
     cli(*prepare)
     assert [m["id"] for m in _node_meta(world)] == [meta["id"]]
+    # ``resumed`` stops after one chunk here; the node's serve loop finishes it (below)
+    cli("psi", "prepare", "--node", str(node_dir), "--dataset", "resumed", "--chunk", "20",
+        "--max-chunks", "1")  # fmt: skip
+    (left,) = _node_meta(world, "resumed")
+    assert (left["state"], left["done"], left["chunk"]) == ("preparing", 20, 20)
     # a dataset the node does not host: one readable line, no traceback
     failed = runner.invoke(app, ["psi", "prepare", "--node", str(node_dir), "--dataset", "nope"])
     assert failed.exit_code == 1
@@ -265,8 +276,20 @@ def test_sessions_on_the_node_epoch_match_plaintext(
     few = [cid for cid, _ in rows[:25]] + [f"NOPE-{secrets.token_hex(6)}" for _ in range(5)]
     many = [cid for cid, _ in rows[100:130]] + [f"NOPE-{secrets.token_hex(6)}" for _ in range(10)]
     epoch = _status(live, world, "companies")["current"]
+    (left,) = _node_meta(world, "resumed")
+    key = world["node_dir"] / "psi_epochs" / "resumed" / left["id"] / "key"
+    key_bytes = key.read_bytes()
     with node_process(world["node_dir"]):
         wait_online(live, world["keys"]["consumer"])
+        # the node restarted mid-preparation continues it at its first poll, from its last
+        # recorded chunk, with the same key, and uploads it (polled with a deadline)
+        deadline = time.monotonic() + 30
+        while _status(live, world, "resumed")["current"] is None:
+            assert time.monotonic() < deadline, "the node did not finish the epoch"
+            time.sleep(0.2)
+        (done,) = _node_meta(world, "resumed")
+        assert (done["id"], done["state"], done["resumed_from"]) == (left["id"], "uploaded", 20)
+        assert key.read_bytes() == key_bytes
         with live.client(world["keys"]["consumer"]) as c:
             # left to the exchange: |Y| = 600 >= 16 x 30 takes the epoch
             card = c.psi_join("tax", "companies", "cardinality", few, PURPOSE)
@@ -438,8 +461,8 @@ def test_the_exchange_holds_no_id_value_or_epoch_key_of_the_zone(
     assert _leaks(live.data_dir, needles) == []
     # no key file of the zone's epochs (nor any PSI file of the zone) in the exchange's hands
     assert [p for p in (live.data_dir / "zones").rglob("*") if "psi" in p.parts] == []
-    epochs = [m for d in ("companies", "small") for m in _node_meta(world, d)]
-    assert len(epochs) == 2
+    epochs = [m for d in ("companies", "small", "resumed") for m in _node_meta(world, d)]
+    assert len(epochs) == 3
     for meta in epochs:
         key = (world["node_dir"] / "psi_epochs" / meta["dataset"] / meta["id"] / "key").read_bytes()
         assert _leaks(live.data_dir, [key[: cpsi.SCALAR_BYTES], key[cpsi.SCALAR_BYTES :]]) == []
@@ -488,7 +511,7 @@ def test_an_epoch_the_exchange_deleted_loses_its_key_on_the_node(
             # past its longest life the node deletes the key whatever the exchange lists
             listing = node_epoch.exchange_epochs(http)
             life = {"max_seconds": 0.001, "session_seconds": 0}
-            assert node_epoch.sweep_epochs(home, {**listing, **life}) == 1
+            assert node_epoch.sweep_epochs(home, {**listing, **life}) == 2
     finally:
         home.close()
-    assert _node_meta(world) == []
+    assert _node_meta(world) == _node_meta(world, "resumed") == []
