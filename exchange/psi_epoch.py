@@ -45,6 +45,7 @@ __all__ = [
     "PROCESS_BATCH",
     "PROCESS_MIN",
     "PROTOCOLS",
+    "ClusterError",
     "EpochPreparingError",
     "blind_image",
     "choose_protocol",
@@ -89,6 +90,15 @@ class EpochPreparingError(ZonexError):
     def __init__(self, detail: str, *, retry_after: int, done: int = 0, total: int = 0) -> None:
         super().__init__(detail, retry_after=retry_after, done=done, total=total)
         self.retry_after = retry_after
+
+
+class ClusterError(ZonexError):
+    """A preparation asked for a Dask cluster that cannot be used: the optional extra is not
+    installed, the scheduler is unreachable or has no workers."""
+
+    code = "psi_cluster_unavailable"
+    status = 503
+    title = "Preparation cluster unavailable"
 
 
 def epoch_domain(epoch: str) -> bytes:
@@ -299,18 +309,18 @@ def _blind_on_dask(
     try:
         distributed: Any = importlib.import_module("distributed")
     except ImportError as exc:
-        raise RuntimeError(
+        raise ClusterError(
             "preparing on a Dask cluster needs the optional extra: pip install 'zonex[psi-dask]'"
         ) from exc
     try:
         _reachable(scheduler)
         client = distributed.Client(scheduler, timeout=30, set_as_default=False)
     except OSError as exc:
-        raise RuntimeError(f"the Dask scheduler at {scheduler} is unreachable: {exc}") from exc
+        raise ClusterError(f"the Dask scheduler at {scheduler} is unreachable: {exc}") from exc
     with client:
         threads = sum(client.nthreads().values())
         if threads < 1:
-            raise RuntimeError(f"the Dask cluster at {scheduler} has no workers")
+            raise ClusterError(f"the Dask cluster at {scheduler} has no workers")
         rank = _keyed_rank(seed, ids)
         with path.open("r+b" if path.exists() else "w+b") as f:
             f.truncate(start * FP_DTYPE.itemsize)

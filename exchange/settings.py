@@ -104,6 +104,10 @@ class Settings(BaseModel):
     psi_epoch_ratio: int = Field(default=16, ge=1)
     #: subjects blinded between two progress records of a preparation
     psi_epoch_chunk: int = Field(default=262_144, ge=1)
+    #: a Dask scheduler (tcp://host:8786) of the operator's own cluster on which the epochs of
+    #: the zones this exchange hosts are blinded (the extra zonex[psi-dask]; the epoch key is
+    #: sent to its workers); None: on this machine's cores
+    psi_epoch_scheduler: str | None = None
     #: epochs a zone's node may be uploading at once (each up to psi_max_items·20 bytes
     #: waiting for its manifest); an upload untouched for an hour is dropped
     psi_epoch_max_uploads: int = Field(default=4, ge=1)

@@ -325,6 +325,14 @@ def prepare(
             "--max-chunks", min=1, help="with --node: stop after this many chunks (resumable)"
         ),
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="with --node: blind on your own Dask cluster at this address (tcp://host:8786; "
+            "pip install 'zonex[psi-dask]'); the epoch key goes to its workers",
+        ),
+    ] = None,
     zone: ZoneArg = None,
     zone_flag: ZoneFlag = None,
 ) -> None:
@@ -335,15 +343,22 @@ def prepare(
     progress; a ready, current epoch is left as it is. With --node the zone's node prepares it
     here, in the foreground (a bar shows the progress; an interrupted run continues from its
     last chunk), then uploads it; the node's running `zonex node serve` also prepares when
-    the exchange asks.
+    the exchange asks. With --scheduler the node's preparation runs on your own Dask cluster
+    (the same fingerprints; the epoch key is sent to its workers).
 
     Example:
       zonex psi prepare tax --dataset companies --key bureau.key
       zonex psi prepare --node tax-node --dataset companies
+      zonex psi prepare --node tax-node --dataset companies --scheduler tcp://10.0.0.5:8786
     """
     if node is not None:
-        _prepare_on_node(node, dataset, chunk, max_chunks, as_json)
+        _prepare_on_node(node, dataset, chunk, max_chunks, as_json, scheduler)
         return
+    if scheduler is not None:
+        raise ValueError(
+            "--scheduler needs --node: a zone the exchange hosts is prepared on the exchange "
+            "(its setting psi_epoch_scheduler)"
+        )
     zone = one_zone(zone, zone_flag, "psi prepare")
     with client(url, key) as c:
         status = c.psi_prepare_epoch(zone, dataset)
@@ -372,7 +387,12 @@ def _epoch_table(title: str, epochs: list[dict[str, Any]], current: str | None) 
 
 
 def _prepare_on_node(
-    node: Path, dataset: str, chunk: int, max_chunks: int | None, as_json: bool
+    node: Path,
+    dataset: str,
+    chunk: int,
+    max_chunks: int | None,
+    as_json: bool,
+    scheduler: str | None = None,
 ) -> None:
     """``zonex psi prepare --node``: the node's side (:mod:`exchange.node.psi_epoch`)."""
     import httpx
@@ -402,6 +422,7 @@ def _prepare_on_node(
                         chunk=chunk,
                         max_chunks=max_chunks,
                         progress=lambda done, total: report("blinding", done, total),
+                        scheduler=scheduler,
                     )
                 if meta["state"] != "prepared":
                     err.print(

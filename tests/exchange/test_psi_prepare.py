@@ -173,7 +173,7 @@ def test_an_unreachable_scheduler_is_one_readable_error(
 ) -> None:
     pytest.importorskip("distributed")
     with pytest.raises(
-        RuntimeError, match=r"Dask scheduler at tcp://127\.0\.0\.1:9 is unreachable"
+        psi_epoch.ClusterError, match=r"scheduler at tcp://127\.0\.0\.1:9 is unreachable"
     ):
         psi_epoch.blind_image(
             world["key"],
@@ -217,3 +217,17 @@ def test_usable_ids_are_what_a_session_reads() -> None:
     with pytest.raises(InvalidInputError, match="too many subjects"):
         usable_ids([f"C{i}" for i in range(11)], max_items=10)
     assert len(usable_ids([f"C{i}" for i in range(10)], max_items=10)[0]) == 10
+
+
+def test_the_command_line_says_what_scheduler_needs() -> None:
+    from typer.testing import CliRunner
+
+    from exchange.cli import app
+
+    out = CliRunner().invoke(
+        app,
+        ["psi", "prepare", "tax", "--dataset", "companies", "--scheduler", "tcp://127.0.0.1:9"],
+        env={"COLUMNS": "200"},
+    )
+    assert out.exit_code == 1
+    assert "--scheduler needs --node" in out.output and "Traceback" not in out.output
