@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -54,6 +55,7 @@ from exchange.server.models import BudgetRow, LedgerEntryRow, NodeTaskRow, PsiSe
 from exchange.server.runtime import Exchange, init_data_dir
 from tests.conftest import LiveServer, serving, settings_for
 from tests.node.test_node_flow import cli, node_process, runner, wait_online
+from tests.node.test_node_psi import _in_process_agent
 
 # one world for the module, its tests in order on one worker
 pytestmark = pytest.mark.xdist_group(name="node-psi-epoch")
@@ -347,6 +349,49 @@ def test_sessions_on_the_node_epoch_match_plaintext(
     assert [m["state"] for m in _node_meta(world, "small")] == ["uploaded"]
 
 
+def test_a_node_answer_other_than_signed_or_not_points_is_refused(
+    live: LiveServer, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [cid for cid, _ in world["rows"]["companies"][:30]]
+    upload = node_epoch._upload
+
+    def swapped(http: httpx.Client, task_id: str, name: str, data: bytes, chunk: int) -> None:
+        if name == "a_e":  # signed A_e's digest, then uploads it with two points swapped
+            data = data[32:64] + data[:32] + data[64:]
+        upload(http, task_id, name, data, chunk)
+
+    def not_points(key: cpsi.PsiKey, points: list[bytes]) -> list[bytes]:
+        # distinct 32-byte strings that encode no point (field elements >= p): signed as is
+        return [b"\xff" * 31 + bytes([i]) for i in range(len(points))]
+
+    refused = []
+    for patch in ("upload", "points"):
+        with monkeypatch.context() as m:
+            if patch == "upload":
+                m.setattr(node_epoch, "_upload", swapped)
+            else:
+                m.setattr(
+                    node_epoch, "cpsi", SimpleNamespace(**{**vars(cpsi), "reblind": not_points})
+                )
+            with _in_process_agent(world["node_dir"]):
+                wait_online(live, world["keys"]["consumer"])
+                with live.client(world["keys"]["consumer"]) as c, pytest.raises(ApiError) as exc:
+                    c.psi_join("tax", "companies", "cardinality", ids, PURPOSE)
+        refused.append(exc.value)
+    assert [(e.status, e.code) for e in refused] == [(409, "node_refused")] * 2
+    assert "bad_output" in refused[0].detail
+    assert refused[1].body["reason"] == "node_mismatch" and "invalid point" in refused[1].detail
+    with Session(live.exchange.engine) as s:
+        sessions = s.execute(select(PsiSessionRow)).scalars().all()
+        tasks = s.execute(select(NodeTaskRow).order_by(NodeTaskRow.created_at)).scalars().all()
+    assert [(t.kind, t.status) for t in tasks[-2:]] == [
+        ("psi_epoch_answer", "refused"),
+        ("psi_epoch_answer", "done"),  # signed and uploaded as signed; the points are refused
+    ]
+    assert sum(x.state == "failed" for x in sessions) == 3  # the veto's, and these two
+    assert not [p for p in (live.data_dir / "psi").rglob("*") if p.is_file()]
+
+
 def _forge(
     live: LiveServer,
     world: dict[str, Any],
@@ -468,7 +513,7 @@ def test_the_exchange_holds_no_id_value_or_epoch_key_of_the_zone(
         assert _leaks(live.data_dir, [key[: cpsi.SCALAR_BYTES], key[cpsi.SCALAR_BYTES :]]) == []
     with Session(live.exchange.engine) as s:
         kinds = [json.loads(r.body)["kind"] for r in s.execute(select(LedgerEntryRow)).scalars()]
-    assert kinds.count("task.authorized") == 5
+    assert kinds.count("task.authorized") == 7
     # each epoch the node uploaded is ledgered under its key, with the manifest's digest
     with Session(live.exchange.engine) as s:
         stored = [
