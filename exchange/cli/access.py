@@ -301,10 +301,14 @@ def consent_add(
     ],
     purpose: Annotated[str, typer.Option(help="purpose from the vocabulary")],
     days: Annotated[float, typer.Option(help="valid for this many days")] = 365,
+    node: NodeDir = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
     """Record a data subject's consent for a consumer and purpose (zone provider).
+
+    For a zone on your node, give --node: the subject is digested here with the node's key
+    and only the digest is sent (the exchange holds no key for such a zone).
 
     Example:
       zonex consent add tax --subject ID --consumer "City Bank" --purpose credit-assessment \\
@@ -313,8 +317,12 @@ def consent_add(
     from datetime import UTC, datetime, timedelta
 
     until = datetime.now(UTC) + timedelta(days=days)
+    digests = None if node is None else _node_digests(node, zone, [subject])
     with client(url, key) as c:
-        x = c.record_consent(zone, subject, consumer, purpose, until)
+        if digests is None:
+            x = c.record_consent(zone, subject, consumer, purpose, until)
+        else:
+            x = c.record_consent(zone, None, consumer, purpose, until, subject_digest=digests[0])
     out.print(f"consent {x['id']} recorded (keep the id: it is how the consent is named)")
 
 
@@ -331,6 +339,31 @@ def consent_withdraw(
     with client(url, key) as c:
         x = c.withdraw_consent(consent_id)
     out.print(f"consent {x['id']} {x['status']}")
+
+
+NodeDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--node",
+        help="the zone's node directory: digest subjects here with the node's key and send "
+        "digests only (a zone hosted on its node)",
+    ),
+]
+
+
+def _node_digests(node_dir: Path, zone: str, subject_ids: list[str]) -> list[str]:
+    """The consent digests of ``subject_ids`` under the key of the node in ``node_dir``
+    (created there on first use), which must host ``zone``."""
+    from exchange.node.export import node_subjects
+    from exchange.node.home import NodeHome
+    from exchange.subjects import check_subject_id
+
+    home = NodeHome(node_dir)
+    if home.zone != zone:
+        raise ValueError(f"{node_dir} is the node of zone {home.zone!r}, not of {zone!r}")
+    for subject in subject_ids:
+        check_subject_id(subject)
+    return node_subjects(node_dir).consent_digests(subject_ids)
 
 
 #: row problems a refused ``consent import`` prints before it counts the rest
@@ -470,10 +503,14 @@ def consent_import(
     ] = ",",
     encoding: Annotated[str, typer.Option(help="utf-8, utf-8-sig, gb18030, ...")] = "utf-8",
     as_json: Annotated[bool, typer.Option("--json", help="print the exchange's JSON")] = False,
+    node: NodeDir = None,
     url: Url = "http://127.0.0.1:8421",
     key: KeyPath = Path("provider.key"),
 ) -> None:
     """Record many consents from a CSV file in one call, all or nothing (zone provider).
+
+    For a zone on your node, give --node: subjects are digested here with the node's key and
+    only the digests are sent.
 
     Header columns, any order: subject, consumer, purpose, and expires or days.
 
@@ -495,6 +532,20 @@ def consent_import(
         _refuse_rows(file, len(rows) + len({line for line, _ in problems}), problems)
     if not rows:
         raise ValueError(f"{file}: no consents to record (the file has a header only)")
+    if node is not None:
+        from exchange.errors import InvalidInputError
+        from exchange.subjects import check_subject_id
+
+        for row, line in zip(rows, lines, strict=True):
+            try:
+                check_subject_id(row["subject"])
+            except InvalidInputError as exc:
+                problems.append((line, f"subject: {exc.detail}"))
+        if problems:
+            _refuse_rows(file, len(rows), problems)
+        digests = _node_digests(node, zone, [row.pop("subject") for row in rows])
+        for row, digest in zip(rows, digests, strict=True):
+            row["subject_digest"] = digest
     from exchange.client.sdk import ApiError
 
     try:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from exchange.cli._common import (
     PLACES,
+    STDOUT,
     Json,
     KeyPath,
     Url,
@@ -58,14 +59,41 @@ def export_cmd(
 ) -> None:
     """Export rows where the level allows it (masked subject column at L2).
 
+    A dataset hosted on its zone's node comes back sealed to your key, and is opened and
+    checked here against what the node signed: the signed result (row count and digests) goes
+    to OUT, the rows to OUT.rows (on standard output: the "rows" field).
+
     Example:
       zonex export tax companies --purpose credit-assessment --out rows.json --key bank.key
     """
     with client(url, key) as c:
         response = c.export(zone, dataset, purpose)
+    if "rows" not in response:  # the exchange read the rows: they are in the signed result
+        save_result(response, out_file, receipt_file)
+        where = "standard output" if is_stdout(out_file) else out_file
+        err.print(f"{len(response['result']['rows'])} rows written to {where}", highlight=False)
+        return
+    rows = response["rows"]
+    if is_stdout(out_file):
+        print_json({"result": response["result"], "rows": rows, "receipt": response["receipt"]})
+        if receipt_file is not None and receipt_file != STDOUT:
+            receipt_file.write_text(json.dumps(response["receipt"], indent=2) + "\n", "utf-8")
+        err.print(
+            f"{len(rows)} rows opened and checked against the node's signed digest, written "
+            "to standard output",
+            highlight=False,
+        )
+        return
+    assert out_file is not None
     save_result(response, out_file, receipt_file)
-    where = "standard output" if is_stdout(out_file) else out_file
-    err.print(f"{len(response['result']['rows'])} rows written to {where}", highlight=False)
+    rows_file = out_file.with_name(out_file.name + ".rows")
+    text = json.dumps({"columns": response["result"]["columns"], "rows": rows}, ensure_ascii=False)
+    rows_file.write_text(text + "\n", "utf-8")
+    err.print(
+        f"{len(rows)} rows opened and checked against the node's signed digest, written to "
+        f"{rows_file}",
+        highlight=False,
+    )
 
 
 @app.command("aggregate")

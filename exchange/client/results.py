@@ -262,8 +262,10 @@ class Computation(Result):
 
     @property
     def rows(self) -> list[list[Any]]:
-        """The released rows: noisy under differential privacy, masked ids on export."""
-        return _rows(self.result.get("rows"))
+        """The released rows: noisy under differential privacy, masked ids on export (for a
+        node-hosted dataset's export, the rows opened from their sealed box, beside the
+        signed result that names their digest)."""
+        return _rows(self["rows"] if "rows" in self else self.result.get("rows"))
 
     @property
     def level(self) -> str | None:

@@ -63,6 +63,7 @@ __all__ = [
     "Principal",
     "ScoreRefusedError",
     "Zone",
+    "open_export",
 ]
 
 MEDIA_TYPES = {".csv": "text/csv", ".parquet": "application/vnd.apache.parquet"}
@@ -679,10 +680,21 @@ class Client:
         return result
 
     def record_consent(
-        self, zone: str, subject: str, consumer: str, purpose: str, expires_at: datetime
+        self,
+        zone: str,
+        subject: str | None,
+        consumer: str,
+        purpose: str,
+        expires_at: datetime,
+        *,
+        subject_digest: str | None = None,
     ) -> dict[str, Any]:
+        """Record a consent: ``subject`` for a zone the exchange hosts; for a zone on its
+        provider's node, ``subject_digest`` instead, made with the node's key
+        (:func:`exchange.node.export.node_subjects`, ``zonex consent add --node``)."""
         body = {
-            "subject": subject,
+            **({"subject": subject} if subject_digest is None else {}),
+            **({} if subject_digest is None else {"subject_digest": subject_digest}),
             "consumer": consumer,
             "purpose": purpose,
             "expires_at": expires_at.isoformat(),
@@ -692,7 +704,8 @@ class Client:
 
     def import_consents(self, zone: str, consents: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         """Record many consents in one call, all or nothing: ``{"zone", "recorded", "ids"}``,
-        the ids in the order given. Each item has ``subject``, ``consumer`` (name, key id or
+        the ids in the order given. Each item has ``subject`` (or, for a zone on its
+        provider's node, ``subject_digest`` made with the node's key), ``consumer`` (name, key id or
         unique key id prefix), ``purpose`` and ``expires_at`` (a datetime with a time zone, or
         RFC 3339 text). A refusal (:class:`ApiError`, 422) names the bad rows in ``errors``
         (``row`` is the 0-based index) and records nothing.
@@ -706,7 +719,11 @@ class Client:
         """
         rows = [
             {
-                "subject": c["subject"],
+                **(
+                    {"subject_digest": c["subject_digest"]}
+                    if "subject_digest" in c
+                    else {"subject": c["subject"]}
+                ),
                 "consumer": c["consumer"],
                 "purpose": c["purpose"],
                 "expires_at": (
@@ -735,12 +752,15 @@ class Client:
 
         out = c.export("tax", "companies", "credit-assessment")
         print(out.columns, len(out.rows), out.result["masked"])
+
+        A dataset hosted on its zone's node comes back sealed to this client's key: it is
+        opened here and checked against the digests the node signed (:func:`open_export`);
+        ``rows`` then holds the rows and ``result`` the signed result (counts and digests).
         """
-        return Computation(
-            self.request(
-                "POST", f"/v1/zones/{zone}/datasets/{dataset}/export", json={"purpose": purpose}
-            )
+        answer = self.request(
+            "POST", f"/v1/zones/{zone}/datasets/{dataset}/export", json={"purpose": purpose}
         )
+        return open_export(self.key, answer)
 
     def analysis_rules(self, zone: str, dataset: str) -> dict[str, Any]:
         result: dict[str, Any] = self.request(
@@ -964,3 +984,49 @@ class Client:
             body["epsilon"] = epsilon
         result: dict[str, Any] = self.request("POST", "/v1/he/secure-sum", json=body)
         return result
+
+
+def open_export(key: SigningKey, answer: Mapping[str, Any]) -> Computation:
+    """An export answer as a :class:`Computation`. When its rows come sealed (a dataset hosted
+    on its zone's node), open them with the consumer's private ``key`` (the X25519 form of its
+    Ed25519 key) and check them against the node-signed result: the blob's SHA-256
+    (``sealed_sha256``), the plaintext's (``rows_sha256``) and the count (``row_count``).
+    Raises :class:`crypto.errors.VerificationError` with one readable line when the blob was
+    altered, sealed to another key, or does not match the result."""
+    import nacl.exceptions
+    import nacl.public
+    import nacl.signing
+
+    from crypto.encoding import b64url_decode
+    from crypto.errors import VerificationError
+
+    sealed = answer.get("sealed")
+    out = {k: v for k, v in answer.items() if k != "sealed"}
+    if sealed is None:
+        return Computation(out)
+    result = answer.get("result")
+    if not isinstance(result, Mapping):
+        raise VerificationError("the export answer has no result")
+    try:
+        blob = b64url_decode(str(sealed))
+    except EncodingError as exc:
+        raise VerificationError("the sealed rows are not base64url") from exc
+    if hashlib.sha256(blob).hexdigest() != result.get("sealed_sha256"):
+        raise VerificationError(
+            "the sealed rows are not the blob the zone's node signed (altered on the way)"
+        )
+    try:
+        private = nacl.signing.SigningKey(key.seed()).to_curve25519_private_key()
+        plain = nacl.public.SealedBox(private).decrypt(blob)
+    except (nacl.exceptions.CryptoError, ValueError) as exc:
+        raise VerificationError(
+            f"the sealed rows do not open with key {key.key_id[:16]}...: they are sealed to the "
+            "consumer that asked for the export; use its private key"
+        ) from exc
+    if hashlib.sha256(plain).hexdigest() != result.get("rows_sha256"):
+        raise VerificationError("the opened rows are not the rows the zone's node signed")
+    rows = json.loads(plain)
+    if not isinstance(rows, list) or len(rows) != result.get("row_count"):
+        raise VerificationError("the opened rows are not as many as the zone's node signed")
+    out["rows"] = rows
+    return Computation(out)

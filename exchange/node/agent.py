@@ -29,6 +29,8 @@ from exchange.client.sdk import SignatureAuth
 from exchange.errors import ZonexError
 from exchange.node.analysis import AnalysisRules
 from exchange.node.engine import release_aggregate, table_stats
+from exchange.node.export import KIND as EXPORT_KIND
+from exchange.node.export import run_export
 from exchange.node.home import NodeHome
 from exchange.node.psi import KIND as PSI_KIND
 from exchange.node.psi import run_psi_zone
@@ -180,6 +182,8 @@ class NodeAgent:
             return run_secure_sum(self, task)
         if task["kind"] == SCORE_KIND:
             return run_he_score(self.home, self._http, task)
+        if task["kind"] == EXPORT_KIND:
+            return run_export(self.home, self._http, task)
         if task["kind"] != "aggregate":
             raise TaskRefused("unsupported", f"this node does not run {task['kind']!r} tasks")
         return self._aggregate(task)

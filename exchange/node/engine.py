@@ -58,6 +58,7 @@ TASK_KINDS = (
     "psi_epoch_prepare",
     "psi_epoch_answer",
     "he_score",
+    "export",
 )
 
 

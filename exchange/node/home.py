@@ -13,6 +13,9 @@
                       never leaves this machine)
       state.json      the last checkpoint the node accepted and the tasks it has answered
       store/          the embedded DuckDB store of imported datasets
+      subject.salt    the zone's subject secret (0600, created on first use): its consent
+                      digests and export pseudonyms are keyed from it (exchange.subjects)
+      xborder/subject.salt  the secret of its cross-border subject digests (exchange.node.export)
 
 Files are written to a temporary name and renamed, so a crash never leaves half a file.
 """
@@ -59,7 +62,7 @@ VETO_TEMPLATE = """\
 # min_k = 20                 # no group smaller than this, whatever the exchange's rules say
 # max_epsilon = "0.5"        # the largest epsilon one task may spend on this node
 # refuse = ["secure_sum"]    # task kinds never run here (aggregate, secure_sum, psi_zone,
-#                            # psi_epoch_prepare, psi_epoch_answer, he_score)
+#                            # psi_epoch_prepare, psi_epoch_answer, he_score, export)
 """
 
 

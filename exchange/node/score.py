@@ -6,23 +6,26 @@ for the ``he_score`` tasks it receives (:func:`run_he_score`), so the features o
 dataset are read and encrypted under the consumer's key on the node and never reach the exchange.
 
 The exchange keeps everything around it (``docs/he.md``): authorization, the model commitment,
-the consent check and its refusal by positions, the limits, the ``subjects`` commitment and the
-receipt. The task carries the consumer, purpose, dataset and snapshot, the model commitment with
-its features, link and parameter set, the digests of the consumer's public context and of its
-encrypted weights, and the digest and count of the ids. The node
+the limits, the ``subjects`` commitment and the receipt. The consent check is the node's: the
+zone's subject key lives in the node's directory only, so the task carries the live consents of
+the consumer and purpose as consent digest -> consent id (``consents``), and the node digests
+each id with its key. The task carries the consumer, purpose, dataset and snapshot, the model
+commitment with its features, link and parameter set, the digests of the consumer's public
+context and of its encrypted weights, and the digest and count of the ids. The node
 
 1. checks its local veto (``refuse = ["he_score"]``) and that it still holds the snapshot;
 2. checks the committed features against its own copy of the columns and levels;
 3. fetches the context (``GET /v1/node/tasks/{id}/inputs/context``), the encrypted weights
    (``inputs/weights``) and the ids (``inputs/ids``: a 32-byte salt, then the canonical JSON
-   list), each checked against its digest in the task;
+   list), each checked against its digest in the task; if any id has no consent in the task,
+   it reads and computes nothing and signs only how many (``no_consent``);
 4. reads the features where the rows live and computes packed ``Enc(w·x)`` (or, if some ids have
    no single complete row, computes nothing and names their positions);
 5. uploads the packed ciphertexts (``PUT /v1/node/tasks/{id}/outputs/scores``) and signs a result
    naming the upload's SHA-256 and size, the snapshot, the ids' digest and count, and the part of
    the released result it knows (zone, dataset, model, context, weights, features, entities,
    slots and each ciphertext's SHA-256), so a receipt's verifier checks those against the node's
-   signature.
+   signature, and the consent id covering each id (``consents``, request order).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from crypto.envelope import Envelope
 from crypto.errors import CryptoError
 from exchange.errors import DeniedError, InvalidInputError
 from exchange.node.analysis import NUMERIC_TYPES
+from exchange.node.export import node_subjects
 from exchange.node.home import NodeHome
 from exchange.node.psi import _digest, _fetch, _field, _upload, fetch_context
 from exchange.subjects import MAX_SUBJECT_ID, check_subject_id
@@ -268,6 +272,21 @@ def _ids(http: httpx.Client, task: dict[str, Any]) -> list[str]:
     return ids
 
 
+def _consent_map(task: dict[str, Any]) -> dict[str, str]:
+    consents: dict[str, str] = _field(task, "consents", dict)
+    for digest, consent_id in consents.items():
+        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not isinstance(consent_id, str):
+            raise TaskRefused("malformed", "the task's consents are not digest -> consent id")
+    return consents
+
+
+def _consents_of(home: NodeHome, task: dict[str, Any], ids: Sequence[str]) -> list[str | None]:
+    """The consent id the task names for each id (request order), None where it names none:
+    each id digested with the node's consent-digest key, which only this node holds."""
+    consents = _consent_map(task)
+    return [consents.get(d) for d in node_subjects(home.dir).consent_digests(ids)]
+
+
 def run_he_score(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> Envelope:
     """Score the task's entities on this node's rows and sign what it produced."""
     name = _field(task, "dataset", str)
@@ -305,6 +324,17 @@ def run_he_score(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
     limit = he.max_ciphertext_bytes(params)
     weights_digest, weights_size = _spec(task, "weights", len(features) * (limit + 4))
     ids = _ids(http, task)
+    consented = _consents_of(home, task, ids)
+    missing = sum(1 for c in consented if c is None)
+    if missing:
+        # before any feature is read: the exchange ledgers the refusal (a count, no positions)
+        refusal = {
+            "snapshot": snapshot,
+            "ids": {"sha256": task["ids"]["sha256"], "count": len(ids)},
+            "no_consent": missing,
+            "outputs": {},
+        }
+        return sign_result(home.key, task, refusal)
     ctx = fetch_context(http, task["id"], context, params)
     packed = _fetch(http, task["id"], "weights", weights_size)
     if hashlib.sha256(packed).hexdigest() != weights_digest:
@@ -335,6 +365,7 @@ def run_he_score(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
     body: dict[str, Any] = {
         "snapshot": snapshot,
         "ids": {"sha256": task["ids"]["sha256"], "count": len(ids)},
+        "consents": consented,
     }
     if scored.unscorable:
         # nothing computed: the exchange refuses these positions, as for an in-process zone

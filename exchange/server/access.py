@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from exchange.server.models import (
     ConsentRow,
     DatasetRow,
     GrantRow,
+    NodeRow,
     PrincipalRow,
     ZoneRow,
 )
@@ -113,6 +115,7 @@ REQUEST_STATUSES = ("pending", "awaiting_operator", "approved", "rejected", "wit
 APPROVAL_SLACK = timedelta(seconds=300)
 #: live_consents scans a zone's consents when they are at most this many per asked digest
 _CONSENT_SCAN_FACTOR = 4
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 # -- domain objects ---------------------------------------------------------------------------
@@ -957,17 +960,64 @@ def subject_digest(ex: Exchange, zone: str, subject: str) -> str:
     return subjects.ZoneSubjects.of(ex.zones_dir / zone).consent_digest(subject)
 
 
+def node_hosted_zone(session: Session, zone: str) -> bool:
+    """Does ``zone`` run on its provider's node (a registered node, pending or active)? Its
+    subject key then lives in the node's directory only: its consents arrive as digests made
+    there (``zonex consent add|import --node``), and the exchange never makes a key for it."""
+    found = session.execute(
+        select(NodeRow.key_id).where(NodeRow.zone == zone, NodeRow.status != "retired").limit(1)
+    ).first()
+    return found is not None
+
+
+def _check_subject_digest(value: object, what: str = "subject_digest") -> str:
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise InvalidInputError(f"{what} is 64 lowercase hex digits", reason="bad_subject_digest")
+    return value
+
+
+def _consent_form(session: Session, zone: str, *, digests: bool) -> None:
+    """Raw subject ids for a zone the exchange hosts, digests for a node-hosted one (422
+    ``subject_digest_required`` / ``subject_required``, saying what to do)."""
+    hosted = node_hosted_zone(session, zone)
+    if hosted and not digests:
+        raise InvalidInputError(
+            f"zone {zone!r} runs on its provider's node, which holds its subject key: send "
+            "subject_digest made there, not the subject (zonex consent add|import --node DIR)",
+            reason="subject_digest_required",
+        )
+    if digests and not hosted:
+        raise InvalidInputError(
+            f"zone {zone!r} is hosted by the exchange, which digests subjects itself: send "
+            "subject, not subject_digest (zonex consent add|import without --node)",
+            reason="subject_required",
+        )
+
+
 def record_consent(
     ex: Exchange,
     actor: Principal,
     zone: str,
-    subject: str,
+    subject: str | None,
     consumer: str,
     purpose: str,
     expires_at: datetime,
+    *,
+    digest: str | None = None,
 ) -> Consent:
-    """The provider records that a data subject authorizes ``consumer`` for ``purpose``."""
-    subjects.check_subject_id(subject)
+    """The provider records that a data subject authorizes ``consumer`` for ``purpose``.
+
+    ``subject``: the id, for a zone the exchange hosts (digested here); ``digest``: its
+    consent digest made by the zone's node, for a node-hosted zone (:func:`node_hosted_zone`);
+    exactly one of them, the other form is refused (422)."""
+    if (subject is None) == (digest is None):
+        raise InvalidInputError(
+            "give exactly one of subject and subject_digest", reason="bad_subject"
+        )
+    if subject is not None:
+        subjects.check_subject_id(subject)
+    else:
+        _check_subject_digest(digest)
     purpose = _purpose(ex, purpose)
     if expires_at.tzinfo is None:
         raise InvalidInputError("expires_at needs a time zone")
@@ -981,11 +1031,13 @@ def record_consent(
             raise ForbiddenError("only the zone's provider records consents")
         consumer_id = _consumer_key_id(session, actor, consumer)
         draft.refs["consumer"] = consumer_id
-        digest = subject_digest(ex, zone, subject)
+        _consent_form(session, zone, digests=digest is not None)
+        made = digest if subject is None else subject_digest(ex, zone, subject)
+        assert made is not None
         row = ConsentRow(
             id=consent_id,
             zone=zone,
-            subject_digest=digest,
+            subject_digest=made,
             digest_version=subjects.CONSENT_DIGEST_VERSION,
             consumer=consumer_id,
             purpose=purpose,
@@ -994,7 +1046,7 @@ def record_consent(
             recorded_by=actor.key_id,
         )
         session.add(row)
-        draft.digests["subject"] = digest
+        draft.digests["subject"] = made
         draft.attrs["digest_version"] = subjects.CONSENT_DIGEST_VERSION
         session.flush()
         return _to_consent(row, _names_of(session, [consumer_id]).get(consumer_id))
@@ -1013,11 +1065,14 @@ def record_consent(
 class ConsentDraft:
     """One consent of a bulk import, as the provider gave it."""
 
-    subject: str
+    #: the subject id (a zone the exchange hosts), or None with ``digest``
+    subject: str | None
     #: the consumer's key id, registered name or unique key id prefix (as for record_consent)
     consumer: str
     purpose: str
     expires_at: datetime
+    #: the consent digest made by the zone's node (a node-hosted zone), or None with ``subject``
+    digest: str | None = None
 
 
 #: a refused import names at most this many row problems; the rest are counted
@@ -1050,11 +1105,17 @@ def import_consents(
         problems.append({"loc": ["rows", row, name], "row": row, "msg": message})
 
     purposes: list[str] = []
+    by_digest = drafts[0].digest is not None
     for i, d in enumerate(drafts):
         try:
-            subjects.check_subject_id(d.subject)
+            if (d.digest is not None) != by_digest or (d.subject is None) != by_digest:
+                raise InvalidInputError("every row gives subject, or every row subject_digest")
+            if d.subject is not None:
+                subjects.check_subject_id(d.subject)
+            else:
+                _check_subject_digest(d.digest)
         except InvalidInputError as exc:
-            bad(i, "subject", exc.detail)
+            bad(i, "subject_digest" if by_digest else "subject", exc.detail)
         try:
             purposes.append(_purpose(ex, d.purpose))
         except InvalidInputError as exc:
@@ -1070,6 +1131,7 @@ def import_consents(
         z = _zone(session, zone)
         if z.owner != actor.key_id:
             raise ForbiddenError("only the zone's provider records consents")
+        _consent_form(session, zone, digests=by_digest)
         found: dict[str, str] = {}
         unknown: dict[str, str] = {}
         for given in dict.fromkeys(d.consumer for d in drafts):
@@ -1095,8 +1157,11 @@ def import_consents(
             errors=problems[:MAX_ROW_PROBLEMS],
         )
 
-    keys = subjects.ZoneSubjects.of(ex.zones_dir / zone)
-    digests = keys.consent_digests([d.subject for d in drafts])
+    if by_digest:
+        digests = [str(d.digest) for d in drafts]
+    else:
+        keys = subjects.ZoneSubjects.of(ex.zones_dir / zone)
+        digests = keys.consent_digests([str(d.subject) for d in drafts])
     version = subjects.CONSENT_DIGEST_VERSION
     ids = ["consent-" + secrets.token_hex(12) for _ in drafts]
     entries = [
@@ -1247,6 +1312,48 @@ def live_consents(
                     for k in at:
                         if found[k] is None or consent_id < str(found[k]):
                             found[k] = consent_id
+    return found
+
+
+def live_consent_digests(
+    ex: Exchange, zone: str, consumer: str, purpose: str, now: datetime | None = None
+) -> dict[str, str]:
+    """A node-hosted zone's live consents for ``consumer`` and ``purpose`` (a consent for a
+    parent purpose covers its children): consent digest -> consent id, the least id where
+    several share a digest. The exchange cannot digest ids for such a zone; its node matches
+    ids against these digests with its own key (:mod:`exchange.node.score`). At most
+    ``max_node_score_consents``: above it, refused (422 ``too_many_consents``)."""
+    moment = now or _now()
+    limit = ex.settings.max_node_score_consents
+    vocabulary = ex.policy.point.vocabulary
+    stmt = (
+        select(ConsentRow.id, ConsentRow.subject_digest, ConsentRow.purpose)
+        .where(
+            ConsentRow.zone == zone,
+            ConsentRow.consumer == consumer,
+            ConsentRow.status == "active",
+            ConsentRow.expires_at > moment,
+            ConsentRow.digest_version == subjects.CONSENT_DIGEST_VERSION,
+        )
+        .limit(limit + 1)
+    )
+    found: dict[str, str] = {}
+    covers: dict[str, bool] = {}
+    with ex.engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    if len(rows) > limit:
+        raise InvalidInputError(
+            f"this consumer holds more than {limit} live consents in zone {zone!r}, more than "
+            "one task to its node may carry (max_node_score_consents): ask the provider to "
+            "withdraw those no longer needed, or the operator to raise the limit",
+            reason="too_many_consents",
+        )
+    for consent_id, digest, granted in rows:
+        ok = covers.get(granted)
+        if ok is None:
+            ok = covers[granted] = vocabulary.is_within(purpose, granted)
+        if ok and (digest not in found or consent_id < found[digest]):
+            found[digest] = consent_id
     return found
 
 

@@ -65,6 +65,7 @@ from exchange.server.api.schemas import (
     DatasetIn,
     DatasetOut,
     EntryOut,
+    ExportOut,
     GrantOut,
     InclusionProofOut,
     PrincipalIn,
@@ -550,7 +551,14 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
     @v1.post("/zones/{zone}/consents", response_model=ConsentOut, status_code=201)
     def record_consent(zone: str, actor: Actor, ex: Ex, body: ConsentIn) -> ConsentOut:
         c = access.record_consent(
-            ex, actor, zone, body.subject, body.consumer, body.purpose, body.expires_at
+            ex,
+            actor,
+            zone,
+            body.subject,
+            body.consumer,
+            body.purpose,
+            body.expires_at,
+            digest=body.subject_digest,
         )
         return ConsentOut.from_domain(c)
 
@@ -560,7 +568,7 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
         refusal names the rows that are wrong (``errors``, by row index) and records nothing.
         Each consent gets its own ``consent.recorded`` ledger entry, in one transaction."""
         drafts = [
-            access.ConsentDraft(c.subject, c.consumer, c.purpose, c.expires_at)
+            access.ConsentDraft(c.subject, c.consumer, c.purpose, c.expires_at, c.subject_digest)
             for c in body.consents
         ]
         found = access.import_consents(ex, actor, zone, drafts)
@@ -610,11 +618,11 @@ def create_app(settings: Settings | None = None, exchange: Exchange | None = Non
             )
         return ComputationOut.model_validate(out)
 
-    @v1.post("/zones/{zone}/datasets/{name}/export", response_model=ComputationOut)
-    def export(zone: str, name: str, actor: Actor, ex: Ex, body: PurposeIn) -> ComputationOut:
+    @v1.post("/zones/{zone}/datasets/{name}/export", response_model=ExportOut)
+    def export(zone: str, name: str, actor: Actor, ex: Ex, body: PurposeIn) -> ExportOut:
         with observe_computation("export"):
             out = export_rows(ex, actor, zone, name, body.purpose)
-        return ComputationOut.model_validate(out)
+        return ExportOut.model_validate(out)
 
     @v1.get("/log/proof/inclusion", response_model=InclusionProofOut)
     def inclusion(

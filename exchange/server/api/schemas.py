@@ -317,7 +317,11 @@ class CeilingsOut(Out):
 
 
 class ConsentIn(In):
-    subject: Annotated[str, Field(min_length=1, max_length=512)]
+    """One consent: ``subject`` (the id) for a zone the exchange hosts, or ``subject_digest``
+    (its consent digest, made by the zone's node with its key) for a node-hosted zone."""
+
+    subject: Annotated[str | None, Field(min_length=1, max_length=512)] = None
+    subject_digest: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
     #: the consumer's key id, a unique prefix of it (6+ characters), or its registered name
     consumer: Annotated[str, Field(min_length=1, max_length=128)]
     purpose: Token
@@ -454,6 +458,17 @@ class ComputationOut(Out):
     )
     #: a receipt bundle (:mod:`crypto.receipt`), verifiable offline with ``log.pub``
     receipt: ReceiptOut
+
+
+class ExportOut(ComputationOut):
+    #: a node-hosted dataset's rows, sealed to the consumer (the result names their digests)
+    sealed: str | None = Field(
+        default=None,
+        description="for a dataset hosted on its zone's node: the rows' canonical JSON in a "
+        "libsodium sealed box to the X25519 form of the consumer's Ed25519 key, unpadded "
+        "base64url (the result then holds row_count, rows_sha256 and sealed_sha256, not rows); "
+        "null when the exchange read the rows",
+    )
 
 
 class ProblemOut(BaseModel):

@@ -45,7 +45,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.orm import Session
 
@@ -153,9 +153,12 @@ def _refuse(
     error: InvalidInputError | DeniedError,
     positions: Sequence[int],
     asked: int,
-) -> None:
+    count: int | None = None,
+) -> NoReturn:
     """Ledger a refusal and raise ``error`` naming the refused positions and their count only
-    (never anything derived from the ids: see the module docstring)."""
+    (never anything derived from the ids: see the module docstring). ``count`` without
+    positions: a zone's node refused that many ids and names no positions."""
+    refused = len(positions) if count is None else count
     ex.ledger.append(
         EntryDraft(
             kind="he.score_refused",
@@ -163,7 +166,7 @@ def _refuse(
             refs={"zone": zone, "dataset": dataset},
             attrs={
                 "reason": str(error.extra.get("reason", "")),
-                "refused": len(positions),
+                "refused": refused,
                 "asked": asked,
             },
         )
@@ -171,10 +174,32 @@ def _refuse(
     # the problem renderer passes only strings and integers through: lists travel joined
     error.extra.update(
         refused_positions=",".join(str(p) for p in positions[:_MAX_LISTED]),
-        refused_count=len(positions),
+        refused_count=refused,
     )
     error.ledgered = True
     raise error
+
+
+def _no_consent(
+    ex: Exchange,
+    actor: Principal,
+    zone: str,
+    dataset: str,
+    positions: Sequence[int],
+    count: int,
+    asked: int,
+) -> NoReturn:
+    """Refuse (and ledger) a score some of whose entities have no live consent."""
+    _refuse(
+        ex,
+        actor,
+        zone,
+        dataset,
+        DeniedError("no_consent", f"{count} entities have no live consent"),
+        positions,
+        asked,
+        count,
+    )
 
 
 def _read_here(
@@ -244,14 +269,21 @@ def _score_on_node(
     weights: str,
     ids: list[str],
     ctx: Any,
-) -> tuple[Scored, dispatch.NodeResult]:
+    consents: dict[str, str],
+) -> tuple[Scored, dispatch.NodeResult, list[str | None] | int]:
     """The zone's part on its node (:mod:`exchange.node.score`): the node reads the features
     and uploads the encrypted scores, checked here against the digests it signed. The exchange
     never reads a feature.
 
     The ids travel as a task input (never in the task, which is stored): a file holding a
     random 32-byte salt and the canonical JSON of the ids, deleted when the task ends; the task
-    names its SHA-256 (salted, so the digest the node signs tests no guess)."""
+    names its SHA-256 (salted, so the digest the node signs tests no guess).
+
+    ``consents``: the live consents of the consumer and purpose (consent digest -> consent
+    id, :func:`exchange.server.access.live_consent_digests`); the node digests each id with
+    the zone's key, which only it holds. Returns the scores, the node's answer, and the consent
+    id of each id (request order, each one of those sent), or how many ids the node found no
+    consent for (then it read and computed nothing)."""
     cfg = ex.settings
     params = he.PARAMETER_SETS[doc["parameter_set"]]
     features: list[str] = list(doc["features"])
@@ -286,6 +318,7 @@ def _score_on_node(
             "context": context,
             "weights": {"sha256": weights, "bytes": upload.stat().st_size},
             "ids": {**ids_spec, "bytes": len(blob)},
+            "consents": consents,
         }
         del blob
         answer = dispatch.dispatch(
@@ -294,6 +327,19 @@ def _score_on_node(
         body = answer.payload
         if body.get("snapshot") != snapshot or body.get("ids") != ids_spec:
             raise _node_mismatch("for another snapshot or list of ids")
+        if "no_consent" in body:
+            missing = body["no_consent"]
+            if type(missing) is not int or not 0 < missing <= len(ids) or "result" in body:
+                raise _node_mismatch("a consent refusal")
+            return Scored([], []), answer, missing
+        used = body.get("consents")
+        sent = set(consents.values())
+        if (
+            not isinstance(used, list)
+            or len(used) != len(ids)
+            or any(not isinstance(c, str) or c not in sent for c in used)
+        ):
+            raise _node_mismatch("consents")
         if "unscorable" in body:
             positions = body["unscorable"]
             if (
@@ -304,7 +350,7 @@ def _score_on_node(
                 or "result" in body
             ):
                 raise _node_mismatch("unscorable positions")
-            return Scored([], positions), answer
+            return Scored([], positions), answer, list(used)
         result = body.get("result")
         want: dict[str, Any] = {
             "zone": node.zone,
@@ -337,7 +383,7 @@ def _score_on_node(
             raise _node_mismatch("another number of ciphertexts")
         if result["ciphertexts"] != [hashlib.sha256(c).hexdigest() for c in chunks]:
             raise _node_mismatch("ciphertext digests")
-        return Scored(chunks, []), answer
+        return Scored(chunks, []), answer, list(used)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -380,23 +426,14 @@ def run_score(
             f"the model commits to {len(features)} weights; the upload holds {len(encrypted)}"
         )
 
-    # consent first: nothing about an unconsented entity is read, computed or returned
-    consents = access.live_consents(ex, zone, entity_ids, actor.key_id, purpose)
-    unconsented = [k for k, c in enumerate(consents) if c is None]
-    if unconsented:
-        _refuse(
-            ex,
-            actor,
-            zone,
-            dataset,
-            DeniedError("no_consent", f"{len(unconsented)} entities have no live consent"),
-            unconsented,
-            len(entity_ids),
-        )
-
     answer: dispatch.NodeResult | None = None
+    consents: list[str | None]
     if node is not None:
-        scored, answer = _score_on_node(
+        # consent first, on the node: only it holds the zone's subject key
+        live = access.live_consent_digests(ex, zone, actor.key_id, purpose)
+        if not live:
+            _no_consent(ex, actor, zone, dataset, [], len(entity_ids), len(entity_ids))
+        scored, answer, checked = _score_on_node(
             ex,
             actor,
             node,
@@ -409,8 +446,21 @@ def run_score(
             weights=weights,
             ids=entity_ids,
             ctx=ctx,
+            consents=live,
         )
+        if isinstance(checked, int):
+            _no_consent(ex, actor, zone, dataset, [], checked, len(entity_ids))
+        consents = checked
     else:
+        if row.source == "node":
+            # its node is not active: refused as node-hosted, before any key is touched here
+            with open_source(ex, row):
+                pass
+        # consent first: nothing about an unconsented entity is read, computed or returned
+        consents = access.live_consents(ex, zone, entity_ids, actor.key_id, purpose)
+        unconsented = [k for k, c in enumerate(consents) if c is None]
+        if unconsented:
+            _no_consent(ex, actor, zone, dataset, unconsented, len(unconsented), len(entity_ids))
         scored = _read_here(
             ex, row, id_type=id_type, features=features, ids=entity_ids, ctx=ctx, weights=encrypted
         )

@@ -30,11 +30,11 @@ class Source:
 def open_source(ex: Exchange, row: DatasetRow) -> Iterator[Source]:
     names = [c["name"] for c in row.columns]
     if row.source == "node":
-        # the rows are on the provider's node; aggregates and the zone's role of private joins
-        # are dispatched there (they never open the source here)
+        # the rows are on the provider's node; aggregates, the zone's role of private joins,
+        # scores and exports are dispatched there (they never open the source here)
         raise ConflictError(
-            f"dataset {row.zone}/{row.name} is hosted on its zone's node, which runs aggregates "
-            "(zonex aggregate) and private joins (zonex psi); this computation is not yet "
+            f"dataset {row.zone}/{row.name} is hosted on its zone's node, which runs aggregates, "
+            "private joins, scores and exports once it is active; this computation is not "
             "available for node-hosted datasets",
             reason="node_hosted",
         )
