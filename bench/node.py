@@ -1,6 +1,7 @@
 """Zone node benchmark: the same aggregate on a zone hosted in the exchange vs on a zone node.
 
-    python -P bench/node.py [--rows 1000000] [--runs 20] [--requests 300] [--json]
+    python -P bench/node.py [--rows 1000000] [--runs 20] [--requests 300] [--witness 150]
+                            [--json]
 
 Builds, in a temporary directory, an exchange (``zonex serve`` on loopback, SQLite control
 plane, one worker) with two zones holding the same generated rows: ``hosted`` (registered by
@@ -21,6 +22,13 @@ Measured side by side, requests alternating between the zones (the order flipped
    check and signature, and the exchange's verification of the answer (goal: p99 <= 50 ms).
    The overhead is given both as the difference of the percentiles and as the percentiles of
    the paired differences (each node request minus the in-process request next to it).
+
+``--witness N`` then adds a witness (``zonex witness serve`` on loopback, ``zonex ledger witness
+add``) and pins a 1-of-1 witness policy on the node (``zonex node witness-policy``): each task's
+checkpoint must now carry the witness's cosignature, so dispatch stores a checkpoint covering the
+task and has it cosigned before the node gets it. N more tiny requests per zone are timed the
+same way, and the node's paired overhead is printed for both phases side by side: the difference
+is the latency a witnessed checkpoint adds per task.
 
 ``--epoch N`` prepares an epoch of ``tax`` in each zone (in the exchange for ``hosted``, on the
 node for ``noded``: k_e stays there and it uploads the fingerprints) and times epoch-mode
@@ -311,6 +319,62 @@ def set_up(
     return url, consumer, provider
 
 
+def add_witness(stack: ExitStack, work: Path, env: dict[str, str]) -> Path:
+    """Start a witness that trusts the exchange's log, configure it on the exchange and pin a
+    1-of-1 policy naming it on the node (a running node applies it from its next task)."""
+    data_dir, node_dir, witness_dir = work / "exchange", work / "node", work / "witness"
+    zonex(env, "witness", "init", "--data-dir", str(witness_dir), "--name", "bench.test/witness")
+    zonex(
+        env, "witness", "trust", "--data-dir", str(witness_dir),
+        "--log-key", str(data_dir / "log.pub"),
+    )  # fmt: skip
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    witness = stack.enter_context(
+        running(
+            [
+                sys.executable, "-m", "exchange.cli", "witness", "serve",
+                "--data-dir", str(witness_dir), "--port", str(port),
+            ],
+            env,
+            work / "witness.log",
+        )
+    )  # fmt: skip
+    wait_for(
+        "the witness",
+        lambda: httpx.get(url + "/add-checkpoint", timeout=1).status_code == 405,
+        witness,
+        60,
+    )
+    zonex(
+        env, "ledger", "witness", "add", "--data-dir", str(data_dir),
+        "--url", url, "--key", str(witness_dir / "witness.pub"),
+    )  # fmt: skip
+    policy = work / "witness.policy"
+    policy.write_text(
+        f"log {(data_dir / 'log.pub').read_text().strip()}\n"
+        f"witness bench {(witness_dir / 'witness.pub').read_text().strip()}\n"
+        "quorum bench\n",
+        "utf-8",
+    )
+    zonex(env, "node", "witness-policy", "--data-dir", str(node_dir), str(policy))
+    return policy
+
+
+def witnessed_checkpoint(work: Path, policy: Path) -> str:
+    """How the node's last accepted checkpoint meets the policy (a proof the witnessed phase
+    ran witnessed: the node refuses anything less)."""
+    from crypto.note import NoteVerifier
+    from crypto.tlogpolicy import check_quorum, parse_policy
+
+    state = json.loads((work / "node" / "state.json").read_text("utf-8"))
+    log = NoteVerifier.from_verifier_key((work / "exchange" / "log.pub").read_text().strip())
+    report = check_quorum(state["checkpoint"], parse_policy(policy.read_bytes()), log)
+    if not report.ok:
+        raise SystemExit(f"the node accepted an unwitnessed checkpoint: {report.explain()}")
+    return report.explain()
+
+
 # -- measuring ---------------------------------------------------------------------------------
 
 
@@ -426,6 +490,17 @@ def tiny_rows(times: list[float]) -> dict[str, float]:
     return {"p50_ms": pct(times, 0.5), "p99_ms": pct(times, 0.99), "max_ms": max(times) * 1000}
 
 
+def _overhead(times: dict[str, list[float]]) -> dict[str, float]:
+    """The node's p50/p99 and its paired overhead over the in-process zone (ms)."""
+    paired = [a - b for a, b in zip(times[NODED], times[HOSTED], strict=True)]
+    return {
+        "node_p50_ms": pct(times[NODED], 0.5),
+        "node_p99_ms": pct(times[NODED], 0.99),
+        "paired_p50_ms": pct(paired, 0.5),
+        "paired_p99_ms": pct(paired, 0.99),
+    }
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -461,6 +536,13 @@ def main() -> None:
         "time epoch-mode psi_cardinality sessions of this many consumer ids (0: skip)",
     )
     parser.add_argument("--epoch-runs", type=int, default=5, help="epoch sessions per zone")
+    parser.add_argument(
+        "--witness",
+        type=int,
+        default=0,
+        help="then add a witness and a 1-of-1 witness policy on the node and time this many more "
+        "tiny requests per zone (0: skip)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     for count, warmup, eps, flag in (
@@ -469,6 +551,11 @@ def main() -> None:
     ):
         if count < 1 or (count + warmup) * Decimal(eps) > BUDGET:
             parser.error(f"{flag}: 1 to {int(BUDGET / Decimal(eps)) - warmup} (ε {eps} each)")
+    if args.witness:
+        # the tiny requests of both phases spend the same dataset's budget
+        most = int(BUDGET / Decimal(TINY_EPSILON)) - args.requests - 2 * TINY_WARMUP
+        if not 1 <= args.witness <= most:
+            parser.error(f"--witness: 1 to {most} with --requests {args.requests}")
     if args.requests < 200:
         print("note: fewer than 200 tiny requests: the p99 is a maximum", file=sys.stderr)
 
@@ -493,6 +580,14 @@ def main() -> None:
             start = time.perf_counter()
             tiny_times = interleaved(c, TINY_SQL, TINY_EPSILON, args.requests, TINY_WARMUP)
             print(f"tiny: {time.perf_counter() - start:.0f} s", flush=True)
+            witness_times: dict[str, list[float]] | None = None
+            witnessed = ""
+            if args.witness:
+                policy = add_witness(stack, work, env)
+                start = time.perf_counter()
+                witness_times = interleaved(c, TINY_SQL, TINY_EPSILON, args.witness, TINY_WARMUP)
+                print(f"tiny, witnessed: {time.perf_counter() - start:.0f} s", flush=True)
+                witnessed = witnessed_checkpoint(work, policy)
             psi_times = psi_sessions(c, args.psi, args.rows, args.psi_runs) if args.psi else None
             score_times = score_sessions(c, args.score, args.score_runs) if args.score else None
             epoch: dict[str, Any] | None = None
@@ -527,6 +622,16 @@ def main() -> None:
             NODED: tiny_rows(tiny_times[NODED]),
         },
     }
+    if witness_times is not None:
+        figures["witness"] = {
+            "requests": args.witness,
+            "last_checkpoint": witnessed,
+            "before": _overhead(tiny_times),
+            "after": _overhead(witness_times),
+        }
+        before, after = figures["witness"]["before"], figures["witness"]["after"]
+        figures["witness"]["added_p50_ms"] = after["paired_p50_ms"] - before["paired_p50_ms"]
+        figures["witness"]["added_p99_ms"] = after["paired_p99_ms"] - before["paired_p99_ms"]
     if psi_times is not None:
         figures["psi"] = {
             "ids": args.psi,
@@ -593,6 +698,25 @@ def main() -> None:
     print(f"  {'overhead (difference)':<22}{o['p50_diff_ms']:>11.1f}{o['p99_diff_ms']:>10.1f}")
     print(f"  {'overhead (paired)':<22}{o['paired_p50_ms']:>11.1f}{o['paired_p99_ms']:>10.1f}")
     print("  goal: p99 overhead <= 50 ms")
+    if "witness" in figures:
+        f = figures["witness"]
+        print(
+            f"\ntiny with a witness on loopback (1-of-1 policy on the node), "
+            f"{args.witness} requests each after the {args.requests} above"
+        )
+        print(f"  {'phase':<22}{'node p50':>11}{'node p99':>10}{'ovh p50':>10}{'ovh p99':>10}")
+        for label, key in (("no witness", "before"), ("witnessed", "after")):
+            row = f[key]
+            print(
+                f"  {label:<22}{row['node_p50_ms']:>11.1f}{row['node_p99_ms']:>10.1f}"
+                f"{row['paired_p50_ms']:>10.1f}{row['paired_p99_ms']:>10.1f}"
+            )
+        print(
+            f"  added per task by the witnessed checkpoint: p50 {f['added_p50_ms']:.1f} ms, "
+            f"p99 {f['added_p99_ms']:.1f} ms (overhead = node minus the in-process request "
+            "next to it)"
+        )
+        print(f"  the node's last checkpoint: {f['last_checkpoint']}")
     if "psi" in figures:
         f = figures["psi"]
         print(
