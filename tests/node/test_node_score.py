@@ -1,13 +1,14 @@
 """Encrypted scoring on a node-hosted zone: the zone's part of ``he_score`` (reading the
 requested entities' features and computing ``Enc(w·x)`` under the consumer's key) runs on the
-zone's node as an ``he_score`` task; the exchange keeps authorization, the model commitment,
-the consent check, the ``subjects`` commitment and the receipt.
+zone's node as an ``he_score`` task, the consent check too; the exchange keeps authorization,
+the model commitment, the ``subjects`` commitment and the receipt.
 
 Covered here, with the node as a separate ``zonex node serve`` process: decrypted scores match
 the plaintext model within the derived CKKS bound, the receipt carries and verifies the node's
 signature, and the exchange's data directory (its database included) holds none of the planted
-feature values afterwards; an unconsented id is refused by position before any task exists; a
-consented id without a row is refused by position after the node's answer; the node's veto is
+feature values afterwards; an unconsented id is refused by the node (which alone holds the
+zone's subject key) by count, before it reads a feature; a consented id without a row is refused
+by position after the node's answer; the node's veto is
 409 ``node_refused``; an offline node is 503 ``zone_unavailable``; nothing is released then.
 """
 
@@ -31,6 +32,7 @@ from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange.client import he as he_client
 from exchange.client.sdk import ApiError, ScoreRefusedError
+from exchange.node.export import node_subjects
 from exchange.server.models import NodeTaskRow
 from tests.conftest import LiveServer
 from tests.exchange.test_access import entries
@@ -81,7 +83,8 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
 @pytest.fixture
 def hosted(server: LiveServer, tmp_path: Path) -> dict[str, Any]:
     """Zone ``tax`` on an approved node holding ``firms`` (planted ids and values); consents
-    for the first firms recorded at the exchange; the bank granted ``he_score``."""
+    for the first firms recorded as digests made with the node's key; the bank granted
+    ``he_score``."""
     keys = {"provider": SigningKey.generate(), "bank": SigningKey.generate()}
     with server.client(server.operator) as op:
         op.register_principal("Tax Bureau", "agency", keys["provider"].public_key)
@@ -96,9 +99,12 @@ def hosted(server: LiveServer, tmp_path: Path) -> dict[str, Any]:
     )  # fmt: skip
     data.unlink()  # the rows now live on the node only
     until = datetime.now(UTC) + timedelta(days=30)
+    digests = node_subjects(node_dir).consent_digests([f["company_id"] for f in firms])
     with server.client(keys["provider"]) as p:
-        for firm in firms[:CONSENTED]:
-            p.record_consent("tax", firm["company_id"], keys["bank"].key_id, PURPOSE, until)
+        for digest in digests[:CONSENTED]:
+            p.record_consent(
+                "tax", None, keys["bank"].key_id, PURPOSE, until, subject_digest=digest
+            )
     with server.client(keys["bank"]) as c:
         req = c.request_access(
             "tax", ["firms"], ["he_score"], PURPOSE, duration_seconds=DAY,
@@ -201,22 +207,27 @@ def test_unconsented_and_unscorable_ids_are_refused_by_position(
                 he_client.score(
                     c, zone="tax", dataset="firms", purpose=PURPOSE, model=model, ids=ids
                 )
-            # exactly the in-process refusal, before any task was dispatched
+            # refused by the node, which alone holds the zone's subject key: a count, no
+            # positions, nothing read; ledgered as the in-process refusal
             assert exc.value.status == 403 and exc.value.body["reason"] == "no_consent"
-            assert exc.value.body["refused_positions"] == "3,4"
+            assert exc.value.body["refused_positions"] == ""
             assert exc.value.body["refused_count"] == 2
-            assert (exc.value.positions, exc.value.count) == ([3, 4], 2)
-            assert _tasks(server) == [] and entries(server, "task.authorized") == []
+            assert (exc.value.positions, exc.value.count) == ([], 2)
+            (task,) = _tasks(server)
+            assert (task.kind, task.status) == ("he_score", "done")
             (refusal,) = entries(server, "he.score_refused")
             assert refusal["attrs"]["reason"] == "no_consent"
+            assert refusal["attrs"]["refused"] == 2 and refusal["attrs"]["asked"] == 5
             assert not any(i in json.dumps(refusal) for i in ids)
 
             # consented, but the node holds no row for it: refused by position, as in-process
             missing = f"ZXNOROW{secrets.token_hex(6).upper()}"
+            digest = node_subjects(hosted["node_dir"]).consent_digest(missing)
             with server.client(hosted["keys"]["provider"]) as p:
                 p.record_consent(
-                    "tax", missing, bank.key_id, PURPOSE, datetime.now(UTC) + timedelta(days=1)
-                )
+                    "tax", None, bank.key_id, PURPOSE, datetime.now(UTC) + timedelta(days=1),
+                    subject_digest=digest,
+                )  # fmt: skip
             with pytest.raises(ApiError) as err:
                 he_client.score(
                     c, zone="tax", dataset="firms", purpose=PURPOSE, model=model,
@@ -224,8 +235,7 @@ def test_unconsented_and_unscorable_ids_are_refused_by_position(
                 )  # fmt: skip
     assert err.value.status == 422 and err.value.body["reason"] == "unscorable"
     assert err.value.body["refused_positions"] == "1" and err.value.body["refused_count"] == 1
-    (task,) = _tasks(server)
-    assert (task.kind, task.status) == ("he_score", "done")
+    assert [(t.kind, t.status) for t in _tasks(server)] == [("he_score", "done")] * 2
     assert entries(server, "computation.he_score") == []
     _no_task_files(server)
 
