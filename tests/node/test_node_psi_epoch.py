@@ -22,6 +22,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import secrets
 import shutil
 import stat
@@ -487,13 +488,13 @@ def test_forged_epoch_uploads_are_refused(live: LiveServer, world: dict[str, Any
 
 
 def _leaks(root: Path, needles: list[bytes]) -> list[str]:
-    found = []
-    for path in root.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            if any(n in data for n in needles):
-                found.append(str(path.relative_to(root)))
-    return found
+    """Files under ``root`` holding any of ``needles`` (one alternation: one pass per file)."""
+    pattern = re.compile(b"|".join(re.escape(n) for n in needles))
+    return [
+        str(path.relative_to(root))
+        for path in root.rglob("*")
+        if path.is_file() and pattern.search(path.read_bytes())
+    ]
 
 
 def test_the_exchange_holds_no_id_value_or_epoch_key_of_the_zone(
@@ -560,3 +561,26 @@ def test_an_epoch_the_exchange_deleted_loses_its_key_on_the_node(
     finally:
         home.close()
     assert _node_meta(world) == _node_meta(world, "resumed") == []
+
+
+def test_an_epoch_of_another_node_serves_no_session(
+    live: LiveServer, world: dict[str, Any]
+) -> None:
+    # as if the zone had moved to another node since the epoch was stored: the node now
+    # approved does not hold its key, so the exchange retires it instead of asking
+    epoch = _status(live, world, "companies")["current"]
+    path = live.data_dir / "psi_epochs" / "tax" / "companies" / epoch / "epoch.json"
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({**stored, "node": "0" * 64}))
+    ids = [cid for cid, _ in world["rows"]["companies"][:30]]
+    with _in_process_agent(world["node_dir"]):
+        wait_online(live, world["keys"]["consumer"])
+        with live.client(world["keys"]["consumer"]) as c, pytest.raises(ApiError) as exc:
+            c.psi_join("tax", "companies", "cardinality", ids, PURPOSE, protocol="epoch")
+    assert exc.value.status == 422 and exc.value.body["reason"] == "epoch_stale"
+    status = _status(live, world, "companies")
+    assert status["current"] is None
+    with Session(live.exchange.engine) as s:
+        tasks = s.execute(select(NodeTaskRow)).scalars().all()
+    assert len(tasks) == 7  # no task was sent for it
+    assert json.loads(path.read_text())["retired_for"] == "node"

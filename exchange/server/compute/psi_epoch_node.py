@@ -426,6 +426,10 @@ def node_answer(
     with Session(ex.engine) as s:
         node = psi._node_online(ex, s, snap.zone)
     if meta.get("node") != node.key_id:
+        # the zone moved to another node, which does not hold k_e: no session can use it
+        with _meta_lock(ex, snap.zone, snap.dataset):
+            if meta["state"] == "ready":
+                _retire(ex, meta, "node", _now())
         raise psi._cannot_comply("the epoch was prepared by another node", "epoch_stale")
     cfg = ex.settings
     folder = psi._session_dir(ex, snap.id)
