@@ -749,6 +749,23 @@ def run_epoch(sizes: list[int], x_count: int, aggregate: int) -> None:
             )
 
 
+def _bare_blind_batch(n: int) -> int:
+    """``bare_blind`` over ``n`` fresh items in this process (for :func:`_parallel_rate`)."""
+    key = PsiKey.generate()
+    return len(bare_blind(key.to_bytes(), b"bench-parallel", [b"C%09d" % i for i in range(n)]))
+
+
+def _parallel_rate(n_cores: int, n: int = 20_000) -> float:
+    """Seconds per item of the bare hash + multiplication on ``n_cores`` processes at once, over
+    ``n`` items each: what the cores actually give while the machine's other load runs (the
+    process start is left out by a first, empty round)."""
+    with ProcessPoolExecutor(n_cores) as pool:
+        list(pool.map(_bare_blind_batch, [1] * n_cores))
+        start = time.perf_counter()
+        assert sum(pool.map(_bare_blind_batch, [n] * n_cores)) == n * n_cores
+        return (time.perf_counter() - start) / (n * n_cores)
+
+
 def run_prepare(sizes: list[int], repeat: int) -> None:
     """The epoch preparation's kernel (exchange.psi_epoch) on generated ids: the keyed order,
     the blinding into fingerprints (chunks written and synced as a preparation does), the sort
@@ -769,11 +786,12 @@ def run_prepare(sizes: list[int], repeat: int) -> None:
         ids = [f"C{i:09d}" for i in range(y)]
         hash_s, mult_s = _hash_rate(), _mult_rate()
         limit = (hash_s + mult_s) * y / n_cores
+        shared = _parallel_rate(n_cores) * y  # the same primitive on every core, now
         best_t: tuple[float, float, float, float] | None = None
         for _ in range(repeat if y <= 1_000_000 else 1):
             key, seed = PsiKey.generate(), secrets.token_bytes(32)
             t0 = time.perf_counter()
-            kernel.keyed_order(seed, ids)  # apart: blind_image computes the order itself
+            kernel._keyed_rank(seed, ids)  # apart: blind_image computes the order itself
             t_order = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "image.fp"
@@ -792,6 +810,10 @@ def run_prepare(sizes: list[int], repeat: int) -> None:
             f"  {y:>12,} {hash_s * 1e6:8.1f} {mult_s * 1e6:8.1f} {limit:9.2f} {total:9.2f} "
             f"{t_order:7.2f} {t_blind:8.2f} {t_sort:6.2f} {limit * per:10.3f} {total * per:9.3f} "
             f"{total / limit:5.2f}x"
+        )
+        print(
+            f"  {'':>12} the bare primitive on {n_cores} processes at once, this minute: "
+            f"{shared:.2f} s ({total / shared:.2f}x of it)"
         )
     print("  (goal: prep/limit <= 1.2 at 10^7; prep per 10^5 ids flat across |Y|)")
 
