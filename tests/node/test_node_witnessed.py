@@ -7,14 +7,18 @@ whose checkpoint no witness cosigned, so the consumer gets 409 ``node_refused`` 
 charged; once the exchange has a witness, the same node runs the aggregate and the checkpoint it
 accepted carries the witness's cosignature; ``zonex node witness-policy`` and ``zonex node init
 --witness-policy`` refuse a policy that does not list the log, or a file they cannot read, in
-one line.
+one line; on the exchange's side, tasks handed out together share one cosigning round (a real
+witness process, its submissions counted), and a bundle still goes out when the witness is down.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -22,20 +26,23 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from crypto.keys import SigningKey
-from crypto.note import NoteVerifier
+from crypto.note import Checkpoint, NoteSigner, NoteVerifier
 from crypto.receipt import verify_receipt
-from crypto.tlogpolicy import check_quorum, parse_policy
+from crypto.tlogpolicy import Policy, check_quorum, parse_policy
 from exchange.cli import app
 from exchange.cli.node import run_doctor
 from exchange.client.sdk import ApiError
-from exchange.keyfile import write_private_key
+from exchange.keyfile import load_private_key, write_private_key
 from exchange.node.home import NodeHome, init_node_dir
 from exchange.server.cosigning import add_witness
 from exchange.server.models import BudgetRow, NodeTaskRow
-from tests.conftest import EXAMPLES, L3_LEVELS, live_exchange
+from exchange.server.runtime import Exchange, init_data_dir
+from exchange.tasks import Verified, verify_task_bundle
+from tests.conftest import EXAMPLES, L3_LEVELS, live_exchange, settings_for
 from tests.exchange.test_access import granted
 from tests.exchange.test_aggregate import _rules
 from tests.node.test_node_flow import SQL, node_process, wait_online
+from tests.node.test_task_bundle import ZONE, Log, refused
 from tests.witness._support import init_witness, serving_witness, trust
 
 runner = CliRunner()
@@ -149,6 +156,20 @@ def test_a_node_refuses_an_unwitnessed_checkpoint_then_runs_once_the_exchange_is
         assert "quorum district" in doctor["witnessed"]["detail"]
 
 
+def _witnessed(
+    log: Log, bundle: dict[str, Any], policy: Policy, last: Checkpoint | None = None
+) -> Verified:
+    return verify_task_bundle(
+        bundle,
+        log=log.signer.verifier(),
+        zone=ZONE,
+        node=log.node.key_id,
+        now=datetime.now(UTC),
+        last=last,
+        policy=policy,
+    )
+
+
 def _other_log_key() -> str:
     from crypto.note import NoteSigner
 
@@ -230,3 +251,73 @@ def test_witness_policy_errors_are_one_line_and_change_nothing(
     assert code == 1
     assert message in one_line(output)
     assert (d / "witness.policy").read_bytes() == kept.read_bytes()
+
+
+# -- the exchange's side: one cosigning round for the tasks handed out together ----------------
+
+
+def test_tasks_handed_out_together_share_one_cosigning_round(tmp_path: Path) -> None:
+    data_dir = tmp_path / "exchange"
+    init_data_dir(data_dir, origin="test.zonex/log")
+    witness_dir = tmp_path / "witness"
+    witness_key = init_witness(witness_dir, "district.test/witness")
+    trust(witness_dir, str(data_dir / "log.pub"))
+    log_key = (data_dir / "log.pub").read_text("utf-8").strip()
+    policy = parse_policy(policy_text(log_key, witness_key))
+    # the ticker's checkpoints and rounds stay out of the way: every round here is dispatch's
+    ex = Exchange(
+        settings_for(data_dir, checkpoint_interval_seconds=600, witness_interval_seconds=600)
+    )
+    ex.start()
+    try:
+        assert ex.cosigner is not None
+        log = Log(ex, NoteSigner(ex.settings.origin, load_private_key(data_dir / "log.key")),
+                  SigningKey.generate())  # fmt: skip
+        submitted: list[str] = []
+        submit = ex.cosigner._submit
+
+        def counting(url: str, note: str, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+            submitted.append(note)  # the real submission, counted
+            return submit(url, note, *args, **kwargs)
+
+        ex.cosigner._submit = counting
+        with serving_witness(witness_dir) as witness:
+            add_witness(ex.engine, ex.ledger, ex.operator_key_id(), witness.url, witness_key)
+            tasks = [log.task() for _ in range(4)]
+            seqs = [log.authorize(task) for task in tasks]
+            start = threading.Barrier(len(tasks))
+            bundles: dict[int, dict[str, Any]] = {}
+
+            def take(i: int) -> None:
+                start.wait()
+                bundles[i] = log.bundle(tasks[i], seqs[i])
+
+            threads = [threading.Thread(target=take, args=(i,)) for i in range(len(tasks))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert len(bundles) == len(tasks)
+            # one round, one checkpoint for all four, cosigned
+            assert len(submitted) == 1
+            assert len({b["checkpoint"] for b in bundles.values()}) == 1
+            last = None
+            for i, task in enumerate(tasks):
+                verified = _witnessed(log, bundles[i], policy)
+                assert verified.task == task and bundles[i]["inclusion"]["index"] == seqs[i]
+                last = verified.checkpoint
+            assert last is not None
+            # a task authorized after that round needs a new one; its bundle proves the new
+            # checkpoint extends the node's last
+            later = log.task()
+            bundle = log.bundle(later, log.authorize(later), since=last.size)
+            assert len(submitted) == 2 and bundle["consistency"]["from"] == last.size
+            assert _witnessed(log, bundle, policy, last=last).task == later
+        # the witness is down: the bundle still goes out, as signed; the node decides
+        down = log.task()
+        bundle = log.bundle(down, log.authorize(down))
+        assert log.verify(bundle).task == down
+        detail = refused("unwitnessed", lambda: _witnessed(log, bundle, policy)).detail
+        assert detail == "quorum district not met: no valid cosignature from witness district"
+    finally:
+        ex.close()
