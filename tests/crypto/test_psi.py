@@ -841,3 +841,23 @@ def test_import_leaves_no_copy_of_libsodium(tmp_path: Path) -> None:
     code = "import crypto.psi as p; p.blind(p.PsiKey.generate(), b'd', [b'x'])"
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_blind_digests_are_the_points_digests() -> None:
+    key = PsiKey.generate()
+    items = [b"a", b"b", b"", b"a"]
+    points = blind(key, DOMAIN, items)
+    for size in (1, 12, 32):
+        out = psi.blind_digests(key.to_bytes(), DOMAIN, items, size)
+        assert out == b"".join(hashlib.sha256(p).digest()[:size] for p in points)
+    assert psi.blind_digests(key.to_bytes(), DOMAIN, [], 12) == b""
+    # another key or another domain: unrelated digests
+    mine = psi.blind_digests(key.to_bytes(), DOMAIN, items, 12)
+    assert psi.blind_digests(PsiKey.generate().to_bytes(), DOMAIN, items, 12)[:12] != mine[:12]
+    assert psi.blind_digests(key.to_bytes(), b"other", items, 12)[:12] != mine[:12]
+    with pytest.raises(ValueError, match="1 to 32 bytes"):
+        psi.blind_digests(key.to_bytes(), DOMAIN, items, 33)
+    # a scalar no PsiKey accepts is refused here too (zero, not below ℓ, not 32 bytes)
+    for bad in (bytes(32), L.to_bytes(32, "little"), b"short"):
+        with pytest.raises(EncodingError):
+            psi.blind_digests(bad, DOMAIN, items, 12)
