@@ -343,9 +343,15 @@ class Cosigner(Rounds):
                 ):
                     return latest
                 if not self.run_once():
-                    # another round (the ticker's, or another process's) holds the lease on
-                    # every witness still owing: its answer lands on the rows, read above
-                    time.sleep(0.05)
+                    # another round holds the lease on every witness still owing; its answer
+                    # lands on the rows, read above. This process's ticker round is waited
+                    # for; another process's is looked at again shortly
+                    with self._lock:
+                        background = self._thread
+                    if background is not None and background.is_alive():
+                        background.join(max(0.0, deadline - time.monotonic()))
+                    else:
+                        time.sleep(0.01)
 
     def _owing(self, latest: SignedCheckpoint) -> bool:
         """Whether a witness that is not waiting after a failure has not cosigned ``latest``."""
