@@ -7,6 +7,9 @@ verification, in one process vs on every core; proof checks.
 The first form prints, in one run:
 - durable appends/s through the ledger's group commit vs plain SQLite inserts of the same rows,
   one durable transaction each (WAL, synchronous=FULL, the same file system), and the ratio;
+- the latency of an occasional write beside a writer committing back to back, through the
+  control engine (writers of one process take turns) vs plain connections meeting in SQLite's
+  busy handler;
 - then, for a ledger of --entries generated entries in a fresh data directory, what the second
   form prints.
 
@@ -40,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -48,6 +52,7 @@ from crypto.merkle import MerkleTree, leaf_hash, verify_inclusion
 from exchange.errors import ZonexError
 from exchange.server.ledger import EntryDraft, write_export
 from exchange.server.runtime import Exchange, init_data_dir
+from exchange.server.storage import WRITE, create_control_engine
 from exchange.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,6 +402,73 @@ def report_ledger(data_dir: Path, bundle: Path, rounds: int) -> None:
     )
 
 
+def occasional_writes(
+    path: Path, through_engine: bool, writes: int = 300
+) -> tuple[float, float, int]:
+    """p50 and p99 seconds of an occasional write (one row, then 2 ms idle) while another
+    thread commits back to back, and how many commits that thread made: through the control
+    engine (writers of one process take turns on a lock) or through plain ``sqlite3``
+    connections meeting in SQLite's busy handler (sleeps of 1, 2, 5, 10 ... ms)."""
+    engine = create_control_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE busy (x INTEGER)")
+        conn.exec_driver_sql("CREATE TABLE occasional (x INTEGER)")
+    writer = engine.execution_options(**WRITE)
+
+    def write(table: str) -> Callable[[], None]:
+        if through_engine:
+
+            def run() -> None:
+                with writer.begin() as conn:
+                    conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1)")
+
+            return run
+        raw = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        raw.execute("PRAGMA synchronous=FULL")
+
+        def run_raw() -> None:
+            raw.execute("BEGIN IMMEDIATE")
+            raw.execute(f"INSERT INTO {table} VALUES (1)")
+            raw.execute("COMMIT")
+
+        return run_raw
+
+    stop = threading.Event()
+    busy, commits = write("busy"), [0]
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            busy()
+            commits[0] += 1
+
+    thread = threading.Thread(target=keep_busy)
+    thread.start()
+    occasional, times = write("occasional"), []
+    try:
+        for _ in range(writes):
+            t0 = time.perf_counter()
+            occasional()
+            times.append(time.perf_counter() - t0)
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        thread.join()
+        engine.dispose()
+    cuts = statistics.quantiles(times, n=100)
+    return cuts[49], cuts[98], commits[0]
+
+
+def print_occasional(root: Path) -> None:
+    for label, through_engine in (("process lock", True), ("busy handler", False)):
+        p50, p99, commits = occasional_writes(
+            root / f"occasional-{through_engine}.db", through_engine
+        )
+        print(
+            f"an occasional write beside a busy writer, {label}: p50 {p50 * 1e3:.2f} ms, "
+            f"p99 {p99 * 1e3:.2f} ms (the busy writer committed {commits:,} times)"
+        )
+
+
 def print_generated(done: Generated) -> None:
     print(
         f"generated {done.entries:,} entries and {done.checkpoints} checkpoints in "
@@ -437,6 +509,7 @@ def main() -> None:
         print(f"durable appends/s, group commit ({args.threads} writers): {gc:,.0f}")
         print(f"durable appends/s, plain SQLite insert per transaction:  {plain:,.0f}")
         print(f"ratio group commit / plain: {gc / plain:.1f}x   (goal: >= 10,000/s)")
+        print_occasional(root)
         data = root / "big"
         init_data_dir(data)
         print_generated(generate(data, args.entries, args.checkpoint_every, args.batch))
