@@ -32,21 +32,31 @@ whose multiplicities are private deduplicates before blinding.
 
 Batches of at least :data:`PARALLEL_MIN_BATCH` items are split across threads (one per
 available core unless ``workers`` says otherwise): libsodium is called through ctypes (the
-``rbcl`` package), which releases the GIL for the duration of each call, so threads scale
-without extra processes.
+``rbcl`` package), which releases the GIL for the duration of each call. The hashing and the
+calls themselves still hold it, so batches of at least :data:`PROCESS_MIN_BATCH` items go to
+helper processes instead (``python -m crypto.psi``, one per core, started on first use and
+kept until the process exits; the scalar and the items reach them over pipes, nothing else
+does): no fork of the calling process and no re-import of its main module, so any caller may
+use them, a script without an entry-point guard included. If they cannot be started or one
+fails, the batch is computed on threads.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import hmac
 import os
+import pickle
 import secrets
+import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import numpy as np
 from rbcl import (
@@ -62,6 +72,7 @@ __all__ = [
     "GROUP_ORDER",
     "PARALLEL_MIN_BATCH",
     "POINT_BYTES",
+    "PROCESS_MIN_BATCH",
     "SCALAR_BYTES",
     "PsiKey",
     "available_cores",
@@ -85,6 +96,8 @@ SCALAR_BYTES = 32
 GROUP_ORDER = 2**252 + 27742317777372353535851937790883648493
 PARALLEL_MIN_BATCH = 1024
 """Batches smaller than this run on the calling thread (see ``bench/psi.py``)."""
+PROCESS_MIN_BATCH = 16_384
+"""Batches of at least this many items run on helper processes (see the module docstring)."""
 
 _PROTOCOL = b"zonex-psi-v2"
 _MAX_FIELD = 255
@@ -292,13 +305,176 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _split(n: int, workers: int | None, run: Callable[[int, int], list[bytes]]) -> list[bytes]:
-    """``run(0, n)``, or the same computed over slices on a pool of threads for big batches."""
+class _Helpers:
+    """Helper processes (``python -m crypto.psi``), each answering one request at a time over
+    its pipes: an 8-byte length and a pickled ``(operation, arguments)`` in, an 8-byte length
+    and a pickled ``("ok", bytes)`` or ``("error", class name, message)`` out."""
+
+    def __init__(self, count: int) -> None:
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for _ in range(count):
+                self.procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "crypto.psi"],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        env=env,
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, requests: Sequence[bytes]) -> list[tuple[Any, ...]]:
+        """Request ``i`` on helper ``i``, all at once; the replies in order. Raises
+        :class:`OSError` if a helper is gone."""
+        replies: list[tuple[Any, ...] | None] = [None] * len(requests)
+        failed: list[BaseException] = []
+
+        def one(i: int) -> None:
+            proc = self.procs[i]
+            try:
+                assert proc.stdin is not None and proc.stdout is not None
+                proc.stdin.write(len(requests[i]).to_bytes(8, "little") + requests[i])
+                proc.stdin.flush()
+                replies[i] = _read_frame(proc.stdout)
+            except BaseException as exc:
+                failed.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(1, len(requests))]
+        for t in threads:
+            t.start()
+        one(0)
+        for t in threads:
+            t.join()
+        if failed or any(r is None for r in replies):
+            raise OSError(f"a PSI helper process failed: {failed[0] if failed else 'no reply'}")
+        return [r for r in replies if r is not None]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                if proc.stdin is not None:
+                    proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self.procs = []
+
+
+def _read_frame(stream: IO[bytes]) -> tuple[Any, ...]:
+    head = stream.read(8)
+    if len(head) != 8:
+        raise EOFError("the other end closed")
+    body = stream.read(int.from_bytes(head, "little"))
+    reply: tuple[Any, ...] = pickle.loads(body)  # noqa: S301 - our own helper's reply
+    return reply
+
+
+_helpers: _Helpers | None = None
+_helpers_failed = False
+_helpers_lock = threading.Lock()
+_ERRORS: dict[str, type[CryptoError]] = {
+    c.__name__: c for c in (CryptoError, EncodingError, VerificationError)
+}
+
+
+def _close_helpers() -> None:
+    global _helpers
+    with _helpers_lock:
+        if _helpers is not None:
+            _helpers.close()
+            _helpers = None
+
+
+atexit.register(_close_helpers)
+
+
+def _on_helpers(
+    n: int, count: int, request: Callable[[int, int], tuple[Any, ...]]
+) -> list[bytes] | None:
+    """The batch computed by ``count`` helpers, one slice each (``request(a, b)`` is slice
+    ``[a, b)``'s ``(operation, arguments)``), as 32-byte points in order; ``None`` if the
+    helpers cannot be used (the caller computes it on threads)."""
+    global _helpers, _helpers_failed
+    if _helpers_failed or not sys.executable:
+        return None
+    size = -(-n // count)
+    bounds = [(a, min(a + size, n)) for a in range(0, n, size)]
+    requests = [pickle.dumps(request(a, b), protocol=5) for a, b in bounds]
+    with _helpers_lock:  # one batch at a time: each would want every core anyway
+        try:
+            if _helpers is None or len(_helpers.procs) < len(requests):
+                if _helpers is not None:
+                    _helpers.close()
+                _helpers = _Helpers(max(len(requests), available_cores()))
+            replies = _helpers.run(requests)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            _helpers_failed = True  # not again in this process: threads from now on
+            if _helpers is not None:
+                _helpers.close()
+                _helpers = None
+            return None
+    out: list[bytes] = []
+    for reply in replies:  # in order, so an error names the first bad point of the batch
+        if reply[0] != "ok":
+            raise _ERRORS.get(reply[1], CryptoError)(reply[2])
+        data: bytes = reply[1]
+        out.extend([data[i : i + POINT_BYTES] for i in range(0, len(data), POINT_BYTES)])
+    return out
+
+
+def _serve() -> None:
+    """A helper process's loop (``python -m crypto.psi``): until its input closes."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            operation, args = _read_frame(stdin)
+        except EOFError:
+            return
+        try:
+            if operation == "blind":
+                scalar, dst_prime, items = args
+                reply: tuple[Any, ...] = ("ok", b"".join(_blind_chunk(scalar, dst_prime, items)))
+            elif operation == "reblind":
+                scalar, data, offset = args
+                points = [data[i : i + POINT_BYTES] for i in range(0, len(data), POINT_BYTES)]
+                reply = ("ok", b"".join(_reblind_chunk(scalar, points, offset)))
+            else:
+                reply = ("error", "CryptoError", f"unknown operation {operation!r}")
+        except CryptoError as exc:
+            reply = ("error", type(exc).__name__, str(exc))
+        body = pickle.dumps(reply, protocol=5)
+        stdout.write(len(body).to_bytes(8, "little") + body)
+        stdout.flush()
+
+
+def _split(
+    n: int,
+    workers: int | None,
+    run: Callable[[int, int], list[bytes]],
+    request: Callable[[int, int], tuple[Any, ...]] | None = None,
+) -> list[bytes]:
+    """``run(0, n)``, or the same computed over slices on helper processes (``request``, for
+    batches of at least :data:`PROCESS_MIN_BATCH`) or a pool of threads for big batches."""
     if workers is not None and workers < 1:
         raise ValueError("workers must be at least 1")
     threads = 1 if n < PARALLEL_MIN_BATCH else (workers or available_cores())
     if threads == 1:
         return run(0, n)
+    if request is not None and n >= PROCESS_MIN_BATCH:
+        done = _on_helpers(n, threads, request)
+        if done is not None:
+            return done
     size = -(-n // (threads * _CHUNKS_PER_WORKER))
     bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
     out: list[bytes] = []
@@ -324,7 +500,17 @@ def blind(
     """
     dst_prime = _dst_prime(domain)
     scalar = key.to_bytes()
-    return _split(len(items), workers, lambda a, b: _blind_chunk(scalar, dst_prime, items[a:b]))
+    return _split(
+        len(items),
+        workers,
+        lambda a, b: _blind_chunk(scalar, dst_prime, items[a:b]),
+        # helper processes get the items pickled: only when each is bytes
+        (
+            (lambda a, b: ("blind", (scalar, dst_prime, list(items[a:b]))))
+            if all(type(i) is bytes for i in items)
+            else None
+        ),
+    )
 
 
 def blind_digests(scalar: bytes, domain: bytes, items: Sequence[bytes], size: int) -> bytes:
@@ -350,7 +536,15 @@ def reblind(key: PsiKey, points: Sequence[bytes], *, workers: int | None = None)
     ``workers`` as for :func:`blind`.
     """
     scalar = key.to_bytes()
-    return _split(len(points), workers, lambda a, b: _reblind_chunk(scalar, points[a:b], a))
+    # helper processes get the points as one string: only when each is 32 bytes (otherwise
+    # the threads' pass names the first one that is not)
+    whole = all(type(p) is bytes and len(p) == POINT_BYTES for p in points)
+    return _split(
+        len(points),
+        workers,
+        lambda a, b: _reblind_chunk(scalar, points[a:b], a),
+        (lambda a, b: ("reblind", (scalar, b"".join(points[a:b]), a))) if whole else None,
+    )
 
 
 def unblind(key: PsiKey, points: Sequence[bytes], *, workers: int | None = None) -> list[bytes]:
@@ -397,3 +591,7 @@ def intersection_size(a: Sequence[bytes], b: Sequence[bytes]) -> int:
     With duplicates in ``b`` this can be less than ``sum(intersection_mask(a, b))``.
     """
     return len(set(a).intersection(b))
+
+
+if __name__ == "__main__":
+    _serve()

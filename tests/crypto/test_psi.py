@@ -861,3 +861,41 @@ def test_blind_digests_are_the_points_digests() -> None:
     for bad in (bytes(32), L.to_bytes(32, "little"), b"short"):
         with pytest.raises(EncodingError):
             psi.blind_digests(bad, DOMAIN, items, 12)
+
+
+def test_helper_processes_compute_what_threads_do() -> None:
+    key = PsiKey.generate()
+    n = psi.PROCESS_MIN_BATCH + 1000
+    items = [b"C%09d" % i for i in range(n)]
+    scalar, dst_prime = key.to_bytes(), psi._dst_prime(DOMAIN)
+    points = blind(key, DOMAIN, items, workers=2)
+    assert not psi._helpers_failed and psi._helpers is not None  # they did the work
+    assert points == psi._blind_chunk(scalar, dst_prime, items)
+    assert reblind(key, points, workers=2) == psi._reblind_chunk(scalar, points, 0)
+    # a bad point in the second helper's slice is named by its index in the whole batch
+    bad = list(points)
+    bad[n - 5] = bytes([1]) + bytes(30) + bytes([0x80])  # the top bit set
+    with pytest.raises(VerificationError, match=f"point {n - 5} is not a valid"):
+        reblind(key, bad, workers=2)
+    # a point that is not 32 bytes: the threads' pass names it (helpers get whole points only)
+    bad[n - 5] = b"short"
+    with pytest.raises(VerificationError, match=f"point {n - 5} is not 32 bytes"):
+        reblind(key, bad, workers=2)
+
+
+def test_a_script_without_an_entry_point_guard_runs_once() -> None:
+    """The helpers are not forks of the caller and do not import its main module: a script's
+    top level runs once however many helpers blind for it."""
+    code = (
+        "import crypto.psi as p\n"
+        "print('top level ran')\n"
+        f"items = [b'%d' % i for i in range({psi.PROCESS_MIN_BATCH})]\n"
+        "pts = p.blind(p.PsiKey.generate(), b'd', items, workers=2)\n"
+        "assert p._helpers is not None and not p._helpers_failed\n"
+        "print(len(pts))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["top", "level", "ran", str(psi.PROCESS_MIN_BATCH)]
