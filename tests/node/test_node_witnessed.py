@@ -226,6 +226,7 @@ def test_witness_policy_set_replace_and_clear(node_dir: tuple[Path, str], tmp_pa
         ("no log", "does not list this node's log"),
         ("malformed", "the witness policy: line 2"),
         ("missing", "missing.policy: No such file or directory"),
+        ("directory", "directory.policy: Is a directory"),
         ("both", "give a policy FILE to pin, or --clear"),
         ("neither", "give a policy FILE to pin, or --clear"),
     ],
@@ -245,6 +246,8 @@ def test_witness_policy_errors_are_one_line_and_change_nothing(
     }
     if policy in texts:
         path.write_text(texts[policy])
+    elif policy == "directory":
+        path.mkdir()
     args = ["node", "witness-policy", "--data-dir", str(d)]
     args += {"both": [str(kept), "--clear"], "neither": []}.get(policy, [str(path)])
     code, output = run(*args)
