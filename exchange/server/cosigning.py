@@ -318,16 +318,21 @@ class Cosigner(Rounds):
 
     def cosigned_covering(self, seq: int, timeout: float) -> SignedCheckpoint:
         """A stored checkpoint that includes entry ``seq``, with the cosignatures the witnesses
-        gave it: the newest stored one if it includes ``seq``, else one the ledger signs and
-        stores now over everything committed. Every witness that is not waiting after a
-        failure and has not cosigned it is offered it at once; returns when none is left to
-        ask or after ``timeout`` seconds, with whatever cosignatures it then carries.
+        gave it. The newest stored checkpoint that includes ``seq`` and that every witness not
+        waiting after a failure has cosigned is taken as it is. Otherwise the newest stored
+        one (if it includes ``seq``, else one the ledger signs and stores now over everything
+        committed) is offered at once to every such witness that has not cosigned it; this
+        returns when none is left to ask or after ``timeout`` seconds, with whatever
+        cosignatures it then carries.
 
         Callers take turns on one lock: those that waited while a round ran find their entry
         included in that round's checkpoint and take it as it is, so tasks handed out together
         share one round instead of one each. For a zone node with a witness policy
         (:mod:`exchange.server.dispatch`)."""
         with self._covering_lock:
+            cosigned = self._cosigned_including(seq)
+            if cosigned is not None:
+                return cosigned
             latest = self._ledger.latest_checkpoint()
             if latest is None or latest.size <= seq:
                 self._ledger.checkpoint()
@@ -353,8 +358,11 @@ class Cosigner(Rounds):
                     else:
                         time.sleep(0.01)
 
-    def _owing(self, latest: SignedCheckpoint) -> bool:
-        """Whether a witness that is not waiting after a failure has not cosigned ``latest``."""
+    #: stored checkpoints looked at (newest first) for one every due witness cosigned
+    _REUSE_WINDOW = 8
+
+    def _due(self) -> list[WitnessInfo]:
+        """The witnesses not waiting after a failure."""
         now = self._clock()
         with Session(self._engine) as session:
             rows = session.execute(
@@ -362,11 +370,31 @@ class Cosigner(Rounds):
                     or_(WitnessRow.retry_at.is_(None), WitnessRow.retry_at <= now)
                 )
             ).scalars()
-            due = [WitnessInfo.from_row(row) for row in rows]
+            return [WitnessInfo.from_row(row) for row in rows]
+
+    def _cosigned_including(self, seq: int) -> SignedCheckpoint | None:
+        """The newest of the last few stored checkpoints that includes entry ``seq`` and
+        carries a (verified when stored) cosignature of every due witness, if any."""
+        verifiers = [witness.verifier() for witness in self._due()]
+        with Session(self._engine) as session:
+            rows = session.execute(
+                select(CheckpointRow)
+                .where(CheckpointRow.size > seq)
+                .order_by(CheckpointRow.size.desc())
+                .limit(self._REUSE_WINDOW)
+            ).scalars()
+            stored = [SignedCheckpoint(row.size, bytes(row.root), row.note) for row in rows]
+        for checkpoint in stored:
+            if all(_has_cosignature(checkpoint.note, verifier) for verifier in verifiers):
+                return checkpoint
+        return None
+
+    def _owing(self, latest: SignedCheckpoint) -> bool:
+        """Whether a witness that is not waiting after a failure has not cosigned ``latest``."""
         return any(
             witness.cosigned_size != latest.size
             or not _has_cosignature(latest.note, witness.verifier())
-            for witness in due
+            for witness in self._due()
         )
 
     def _offer(self, witness: WitnessInfo, latest: SignedCheckpoint) -> bool:
