@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from crypto.canonical import canonicalize
 from crypto.errors import VerificationError
 from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
+from exchange.audit.rules import check_rules
 from exchange.cli import app
 from exchange.client.sdk import open_export
 from exchange.keyfile import write_private_key
@@ -76,27 +78,35 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         mp.setenv("XDG_CONFIG_HOME", str(tmp / "xdg"))
         mp.delenv("ZONEX_PROFILE", raising=False)
         with live_exchange(tmp / "exchange") as server:
-            keys = {"provider": SigningKey.generate(), "bank": SigningKey.generate()}
+            keys = {
+                "provider": SigningKey.generate(),
+                "bank": SigningKey.generate(),
+                "lab": SigningKey.generate(),
+            }
             with server.client(server.operator) as op:
                 op.register_principal("Tax Bureau", "agency", keys["provider"].public_key)
                 op.register_principal("City Bank", "enterprise", keys["bank"].public_key)
+                op.register_principal(
+                    "Overseas Lab", "enterprise", keys["lab"].public_key, jurisdiction="US"
+                )
             node_dir, key_id = _zone_with_node(server, tmp, keys, "tax", "provider")
             planted = {name: _planted(name[:3].upper()) for name in LEVELS}
             for name, levels in LEVELS.items():
                 data = _write(tmp / f"{name}.csv", planted[name])
                 cli(
                     "dataset", "register", "tax", name, "--node", str(node_dir),
-                    "--file", str(data), "--subject-column", "firm_id",
+                    "--file", str(data), "--subject-column", "firm_id", "--pi=firm_id=personal",
                     *(f"--level={c}={lv}" for c, lv in levels.items()),
                 )  # fmt: skip
                 data.unlink()  # the rows now live on the node only
-            with server.client(keys["bank"]) as c:
-                req = c.request_access(
-                    "tax", list(LEVELS), ["export"], PURPOSE, duration_seconds=DAY,
-                    justification="supplier review",
-                )  # fmt: skip
-            with server.client(keys["provider"]) as p:
-                assert p.approve(req["id"])["status"] == "approved"
+            for consumer in ("bank", "lab"):
+                with server.client(keys[consumer]) as c:
+                    req = c.request_access(
+                        "tax", list(LEVELS), ["export"], PURPOSE, duration_seconds=DAY,
+                        justification="supplier review",
+                    )  # fmt: skip
+                with server.client(keys["provider"]) as p:
+                    assert p.approve(req["id"])["status"] == "approved"
             bank_file = tmp / "bank.key"
             write_private_key(bank_file, keys["bank"])
             with node_process(node_dir):
@@ -215,3 +225,26 @@ def test_a_tampered_blob_another_key_or_another_result_is_one_clear_error(
     wrong = {**answer, "result": {**answer["result"], "rows_sha256": "0" * 64}}
     with pytest.raises(VerificationError, match="not the rows the zone's node signed"):
         open_export(bank, wrong)
+
+
+def test_a_consumer_abroad_is_counted_from_the_node_s_subject_digests(
+    world: dict[str, Any],
+) -> None:
+    server: LiveServer = world["server"]
+    with server.client(world["keys"]["lab"]) as c:
+        first = c.export("tax", "firms", PURPOSE)
+        again = c.export("tax", "firms", PURPOSE)
+    assert len(first.rows) == len(again.rows) == ROWS
+    decisions = entries(server, "xborder.decision")
+    seen = [(d["attrs"]["decision"], d["attrs"]["count_before"], d["attrs"]["count_after"])
+            for d in decisions]  # fmt: skip
+    # each distinct subject counted once (the node's digests are stable across exports)
+    assert seen == [("exempt", 0, ROWS), ("exempt", ROWS, ROWS)]
+    assert decisions[0]["attrs"]["consumer_jurisdiction"] == "US"
+    # the counts hold digests under the node's key, not the provider's at the exchange
+    assert not (server.data_dir / "xborder").exists()
+    assert (world["node_dir"] / "xborder" / "subject.salt").stat().st_mode & 0o777 == 0o600
+    needles = [r["firm_id"].encode() for r in world["planted"]["firms"]]
+    assert _leaks(server.data_dir, needles) == []
+    report = check_rules(canonicalize(e) for e in entries(server))
+    assert report.ok, report.faults
