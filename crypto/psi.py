@@ -78,6 +78,7 @@ __all__ = [
     "available_cores",
     "blind",
     "blind_digests",
+    "blind_to_digests",
     "expand_message_xmd",
     "hash_to_point",
     "intersection_mask",
@@ -330,25 +331,33 @@ class _Helpers:
             raise
 
     def run(self, requests: Sequence[bytes]) -> list[tuple[Any, ...]]:
-        """Request ``i`` on helper ``i``, all at once; the replies in order. Raises
+        """Every request answered, the replies in order: each helper takes the next request
+        as soon as it has answered one (a helper slowed by other load takes fewer). Raises
         :class:`OSError` if a helper is gone."""
         replies: list[tuple[Any, ...] | None] = [None] * len(requests)
         failed: list[BaseException] = []
+        taken = iter(range(len(requests)))
+        lock = threading.Lock()
 
-        def one(i: int) -> None:
-            proc = self.procs[i]
-            try:
-                assert proc.stdin is not None and proc.stdout is not None
-                proc.stdin.write(len(requests[i]).to_bytes(8, "little") + requests[i])
-                proc.stdin.flush()
-                replies[i] = _read_frame(proc.stdout)
-            except BaseException as exc:
-                failed.append(exc)
+        def drive(proc: subprocess.Popen[bytes]) -> None:
+            assert proc.stdin is not None and proc.stdout is not None
+            while not failed:
+                with lock:
+                    i = next(taken, None)
+                if i is None:
+                    return
+                try:
+                    proc.stdin.write(len(requests[i]).to_bytes(8, "little") + requests[i])
+                    proc.stdin.flush()
+                    replies[i] = _read_frame(proc.stdout)
+                except BaseException as exc:
+                    failed.append(exc)
+                    return
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(1, len(requests))]
+        threads = [threading.Thread(target=drive, args=(p,)) for p in self.procs[1:]]
         for t in threads:
             t.start()
-        one(0)
+        drive(self.procs[0])
         for t in threads:
             t.join()
         if failed or any(r is None for r in replies):
@@ -402,21 +411,21 @@ atexit.register(_close_helpers)
 def _on_helpers(
     n: int, count: int, request: Callable[[int, int], tuple[Any, ...]]
 ) -> list[bytes] | None:
-    """The batch computed by ``count`` helpers, one slice each (``request(a, b)`` is slice
-    ``[a, b)``'s ``(operation, arguments)``), as 32-byte points in order; ``None`` if the
+    """The batch computed by ``count`` helpers, in slices (``request(a, b)`` is slice
+    ``[a, b)``'s ``(operation, arguments)``): each slice's reply, in order; ``None`` if the
     helpers cannot be used (the caller computes it on threads)."""
     global _helpers, _helpers_failed
     if _helpers_failed or not sys.executable:
         return None
-    size = -(-n // count)
+    size = -(-n // (count * _CHUNKS_PER_WORKER))
     bounds = [(a, min(a + size, n)) for a in range(0, n, size)]
     requests = [pickle.dumps(request(a, b), protocol=5) for a, b in bounds]
     with _helpers_lock:  # one batch at a time: each would want every core anyway
         try:
-            if _helpers is None or len(_helpers.procs) < len(requests):
+            if _helpers is None or len(_helpers.procs) != count:
                 if _helpers is not None:
                     _helpers.close()
-                _helpers = _Helpers(max(len(requests), available_cores()))
+                _helpers = _Helpers(count)
             replies = _helpers.run(requests)
         except (OSError, EOFError, pickle.UnpicklingError):
             _helpers_failed = True  # not again in this process: threads from now on
@@ -428,9 +437,12 @@ def _on_helpers(
     for reply in replies:  # in order, so an error names the first bad point of the batch
         if reply[0] != "ok":
             raise _ERRORS.get(reply[1], CryptoError)(reply[2])
-        data: bytes = reply[1]
-        out.extend([data[i : i + POINT_BYTES] for i in range(0, len(data), POINT_BYTES)])
+        out.append(reply[1])
     return out
+
+
+def _points(parts: Sequence[bytes]) -> list[bytes]:
+    return [p[i : i + POINT_BYTES] for p in parts for i in range(0, len(p), POINT_BYTES)]
 
 
 def _serve() -> None:
@@ -445,6 +457,9 @@ def _serve() -> None:
             if operation == "blind":
                 scalar, dst_prime, items = args
                 reply: tuple[Any, ...] = ("ok", b"".join(_blind_chunk(scalar, dst_prime, items)))
+            elif operation == "digests":
+                scalar, domain, items, size = args
+                reply = ("ok", blind_digests(scalar, domain, items, size))
             elif operation == "reblind":
                 scalar, data, offset = args
                 points = [data[i : i + POINT_BYTES] for i in range(0, len(data), POINT_BYTES)]
@@ -472,9 +487,9 @@ def _split(
     if threads == 1:
         return run(0, n)
     if request is not None and n >= PROCESS_MIN_BATCH:
-        done = _on_helpers(n, threads, request)
-        if done is not None:
-            return done
+        parts = _on_helpers(n, threads, request)
+        if parts is not None:
+            return _points(parts)
     size = -(-n // (threads * _CHUNKS_PER_WORKER))
     bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
     out: list[bytes] = []
@@ -526,6 +541,28 @@ def blind_digests(scalar: bytes, domain: bytes, items: Sequence[bytes], size: in
     points = _blind_chunk(PsiKey(scalar).to_bytes(), _dst_prime(domain), items)
     sha256 = hashlib.sha256
     return b"".join([sha256(p).digest()[:size] for p in points])
+
+
+def blind_to_digests(
+    key: PsiKey, domain: bytes, items: Sequence[bytes], size: int, *, workers: int | None = None
+) -> bytes:
+    """:func:`blind_digests` under ``key`` for a batch of any size: on helper processes from
+    :data:`PROCESS_MIN_BATCH` items (only the digests come back from them), else the points of
+    :func:`blind` digested here. ``workers`` as for :func:`blind`."""
+    if not 1 <= size <= 32:
+        raise ValueError("a digest is 1 to 32 bytes")
+    if workers is not None and workers < 1:
+        raise ValueError("workers must be at least 1")
+    scalar = key.to_bytes()
+    count = workers or available_cores()
+    if count > 1 and len(items) >= PROCESS_MIN_BATCH and all(type(i) is bytes for i in items):
+        parts = _on_helpers(
+            len(items), count, lambda a, b: ("digests", (scalar, domain, list(items[a:b]), size))
+        )
+        if parts is not None:
+            return b"".join(parts)
+    sha256 = hashlib.sha256
+    return b"".join([sha256(p).digest()[:size] for p in blind(key, domain, items, workers=workers)])
 
 
 def reblind(key: PsiKey, points: Sequence[bytes], *, workers: int | None = None) -> list[bytes]:

@@ -20,14 +20,12 @@ import hashlib
 import importlib
 import itertools
 import math
-import multiprocessing as mp
 import os
 import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from multiprocessing.context import BaseContext
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -39,11 +37,10 @@ from exchange.errors import InvalidInputError, ZonexError
 from exchange.psi_protocol import LABEL, MAX_ID_CHARS, normalize_id
 
 __all__ = [
+    "CLUSTER_BATCH",
     "DEFAULT_CHUNK",
     "FP_BITS",
     "FP_DTYPE",
-    "PROCESS_BATCH",
-    "PROCESS_MIN",
     "PROTOCOLS",
     "ClusterError",
     "EpochPreparingError",
@@ -68,10 +65,8 @@ FP_BITS = 96
 FP_DTYPE = np.dtype([("hi", "<u8"), ("lo", "<u4")])
 #: subjects blinded per chunk of a preparation when the caller does not say
 DEFAULT_CHUNK = 262_144
-#: a preparation with at least this many subjects left blinds on a pool of processes
-PROCESS_MIN = 20_000
-#: subjects per task sent to one of those processes
-PROCESS_BATCH = 4_096
+#: subjects per task sent to a Dask cluster's worker
+CLUSTER_BATCH = 16_384
 _TAG_BLOCK = 65_536
 
 #: ``on_chunk(done, seconds_per_item)`` after each chunk is on disk: the subjects done so far
@@ -205,14 +200,6 @@ def keyed_order(seed: bytes, ids: Sequence[str]) -> list[int]:
     return order
 
 
-def _pool_context() -> BaseContext:
-    """Processes for a preparation start from a fork server where there is one (POSIX): no
-    fork of a process whose other threads may hold locks, and after the first preparation a
-    new worker is a fork of an idle process; elsewhere each is spawned."""
-    methods = mp.get_all_start_methods()
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-
-
 def blind_image(
     key: cpsi.PsiKey,
     seed: bytes,
@@ -225,7 +212,6 @@ def blind_image(
     workers: int | None = None,
     max_chunks: int | None = None,
     on_chunk: ChunkCallback | None = None,
-    processes: bool | None = None,
     scheduler: str | None = None,
 ) -> bool:
     """Write the fingerprints of the image ``I = k_e·H_e(y)`` of ``ids`` in the zone's order
@@ -238,15 +224,14 @@ def blind_image(
     ``key`` is ``k_e``, ``epoch`` the epoch id (``H_e`` hashes under :func:`epoch_domain` of
     it); ``workers`` caps the cores used (default: every available one).
 
-    With :data:`PROCESS_MIN` or more subjects left (or ``processes=True``) the blinding runs on
-    a pool of ``workers`` processes, each given :data:`PROCESS_BATCH` ids at a time and
-    returning only their fingerprints (:func:`crypto.psi.blind_digests`): threads would share
-    one interpreter lock between the calls into libsodium. The key goes to those processes
-    only, over a pipe. The file is the same either way.
+    A chunk is blinded by :func:`crypto.psi.blind_to_digests`: on helper processes, one per
+    core, which return only the fingerprints (threads would share one interpreter lock
+    between the calls into libsodium); the key goes to them over a pipe and nowhere else.
 
     With ``scheduler`` (a Dask scheduler's address, ``tcp://host:8786``: the optional extra
-    ``zonex[psi-dask]``) the batches go to that cluster's workers instead, which must be the
-    zone's own machines: each task carries ``k_e``. Still the same file, byte for byte.
+    ``zonex[psi-dask]``) the chunks go to that cluster's workers instead, in batches of
+    :data:`CLUSTER_BATCH`, which must be the zone's own machines: each task carries ``k_e``.
+    Still the same file, byte for byte.
     """
     n = len(ids)
     if not 0 <= start <= n:
@@ -264,31 +249,17 @@ def blind_image(
             _blind_on_dask(scheduler, key, seed, epoch, ids, path, start, end, chunk, on_chunk)
             and end == n
         )
-    cores = workers or cpsi.available_cores()
-    pool = None
-    if (
-        end > start
-        and cores > 1
-        and (processes or (processes is None and n - start >= PROCESS_MIN))
-    ):
-        pool = ProcessPoolExecutor(cores, mp_context=_pool_context())
-        # the processes start while the order is computed
-        for _ in range(cores):
-            pool.submit(cpsi.blind_digests, key.to_bytes(), b"warm", [], size)
-    try:
-        rank = _keyed_rank(seed, ids) if end > start else np.zeros(0, dtype=np.int64)
-        with path.open("r+b" if path.exists() else "w+b") as f:
-            f.truncate(start * size)
-            if pool is None:
-                chunks = _blind_here(key, epoch, ids, rank, f, start, end, chunk, workers)
-            else:
-                chunks = _blind_pooled(pool, cores, key, epoch, ids, rank, f, start, end, chunk)
-            for done, seconds_per_item in chunks:
-                if on_chunk is not None:
-                    on_chunk(done, seconds_per_item)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    rank = _keyed_rank(seed, ids) if end > start else np.zeros(0, dtype=np.int64)
+    domain = epoch_domain(epoch)
+    with path.open("r+b" if path.exists() else "w+b") as f:
+        f.truncate(start * size)
+        for begin in range(start, end, chunk):
+            stop = min(begin + chunk, end)
+            began = time.perf_counter()
+            items = _items(ids, rank, begin, stop)
+            _flush(f, begin, cpsi.blind_to_digests(key, domain, items, size, workers=workers))
+            if on_chunk is not None:
+                on_chunk(stop, (time.perf_counter() - began) / (stop - begin))
     return end == n
 
 
@@ -353,27 +324,6 @@ def _items(
     return [ids[i].encode("utf-8") for i in rank[a:b].tolist()]
 
 
-def _blind_here(
-    key: cpsi.PsiKey,
-    epoch: str,
-    ids: Sequence[str],
-    rank: np.ndarray[Any, np.dtype[np.int64]],
-    f: BinaryIO,
-    start: int,
-    end: int,
-    chunk: int,
-    workers: int | None,
-) -> Iterator[tuple[int, float]]:
-    """The chunks on this process (its threads: :func:`crypto.psi.blind`)."""
-    domain = epoch_domain(epoch)
-    for begin in range(start, end, chunk):
-        stop = min(begin + chunk, end)
-        began = time.perf_counter()
-        points = cpsi.blind(key, domain, _items(ids, rank, begin, stop), workers=workers)
-        _flush(f, begin, fingerprints(points).tobytes())
-        yield stop, (time.perf_counter() - began) / (stop - begin)
-
-
 def _blind_pooled(
     pool: Executor,
     cores: int,
@@ -386,13 +336,14 @@ def _blind_pooled(
     end: int,
     chunk: int,
 ) -> Iterator[tuple[int, float]]:
-    """The chunks on a pool of processes, at most ``4·cores`` batches in flight (memory stays
-    bounded whatever |Y|), the next chunk's batches sent while this one's return."""
+    """The chunks on an executor (a Dask cluster's) of ``cores`` workers, at most ``4·cores``
+    batches of :data:`CLUSTER_BATCH` in flight (memory stays bounded whatever |Y|), the next
+    chunk's batches sent while this one's return."""
     scalar, domain, size = key.to_bytes(), epoch_domain(epoch), FP_DTYPE.itemsize
     batches = (
-        (min(b + PROCESS_BATCH, c + chunk, end), b)
+        (min(b + CLUSTER_BATCH, c + chunk, end), b)
         for c in range(start, end, chunk)
-        for b in range(c, min(c + chunk, end), PROCESS_BATCH)
+        for b in range(c, min(c + chunk, end), CLUSTER_BATCH)
     )
     flight: deque[tuple[int, Future[bytes]]] = deque()
     parts: list[bytes] = []

@@ -1,6 +1,6 @@
 """The epoch preparation's kernel (:mod:`exchange.psi_epoch`): the zone's keyed order, the
-image's fingerprints written chunk by chunk (on threads, on a pool of processes, on a Dask
-cluster: the same bytes), resumption from the last recorded chunk, and the sort for lookup.
+image's fingerprints written chunk by chunk (on one core or several, on a Dask cluster: the
+same bytes), resumption from the last recorded chunk, and the sort for lookup.
 
 Every image is checked against one computed here the long way: ``crypto.psi.blind`` over the
 ids in the order of their keyed BLAKE2b tags, then SHA-256 of each point cut to 96 bits.
@@ -20,7 +20,6 @@ from exchange import psi_epoch
 from exchange.errors import InvalidInputError
 from exchange.psi_epoch import (
     FP_DTYPE,
-    PROCESS_BATCH,
     blind_image,
     epoch_domain,
     fingerprints,
@@ -31,7 +30,7 @@ from exchange.psi_epoch import (
 from exchange.psi_protocol import normalize_id
 
 N = 9_000
-#: two chunks: the first spans two process batches, the second one batch short of a chunk
+#: two chunks, the second short
 CHUNK = 5_000
 EPOCH = "ep_kernel"
 
@@ -53,7 +52,6 @@ def world() -> dict[str, Any]:
 
 
 def test_keyed_order_is_the_order_of_the_keyed_tags(world: dict[str, Any]) -> None:
-    assert CHUNK > PROCESS_BATCH  # the chunks below span more than one process batch
     assert keyed_order(world["seed"], world["ids"]) == world["order"]
     # another seed, another secret order; none of them the order the ids came in
     other = keyed_order(b"\x08" * 32, world["ids"])
@@ -62,9 +60,9 @@ def test_keyed_order_is_the_order_of_the_keyed_tags(world: dict[str, Any]) -> No
     assert keyed_order(world["seed"], []) == []
 
 
-@pytest.mark.parametrize("processes", [False, True], ids=["threads", "processes"])
-def test_threads_and_processes_write_the_same_image(
-    world: dict[str, Any], tmp_path: Path, processes: bool
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_or_more_cores_write_the_same_image(
+    world: dict[str, Any], tmp_path: Path, workers: int
 ) -> None:
     told: list[tuple[int, float]] = []
     path = tmp_path / "image.fp"
@@ -75,8 +73,7 @@ def test_threads_and_processes_write_the_same_image(
         world["ids"],
         path,
         chunk=CHUNK,
-        workers=2,
-        processes=processes,
+        workers=workers,
         on_chunk=lambda done, rate: told.append((done, rate)),
     )
     assert finished
@@ -96,7 +93,7 @@ def test_resumes_from_the_last_recorded_chunk(world: dict[str, Any], tmp_path: P
     # a run killed while writing the next chunk left part of it behind: it is written again
     with args[4].open("ab") as f:
         f.write(b"\xff" * 1000)
-    assert blind_image(*args, start=CHUNK, chunk=CHUNK, processes=True, on_chunk=None)
+    assert blind_image(*args, start=CHUNK, chunk=CHUNK, on_chunk=None)
     assert args[4].read_bytes() == world["image"]
     # done is done: nothing is blinded again, the file is left as it is
     assert blind_image(*args, start=N, chunk=CHUNK, on_chunk=lambda d, _: told.append(d))
