@@ -53,6 +53,7 @@ __all__ = [
     "NODE_RESULT_TYPE",
     "STATEMENT_TYPE",
     "build_bundle",
+    "check_node_result",
     "result_digest",
     "statement_digest",
     "verify_receipt",
@@ -152,6 +153,13 @@ def _check_node_result(
     for name, value in released.items():
         if name not in result or canonicalize(result[name]) != canonicalize(value):
             raise _fail(f"the result's {name!r} is not what the node signed")
+
+
+def check_node_result(bundle: Mapping[str, Any], statement: Mapping[str, Any], result: Any) -> None:
+    """The node check of :func:`verify_receipt` alone: the bundle's node result verifies under
+    the key ``statement`` names and its released values are ``result``'s. For a client that
+    must trust the node's digests before it has checked the whole receipt (a sealed export)."""
+    _check_node_result(bundle, statement, result)
 
 
 def _fail(why: str) -> VerificationError:

@@ -988,9 +988,11 @@ class Client:
 
 def open_export(key: SigningKey, answer: Mapping[str, Any]) -> Computation:
     """An export answer as a :class:`Computation`. When its rows come sealed (a dataset hosted
-    on its zone's node), open them with the consumer's private ``key`` (the X25519 form of its
-    Ed25519 key) and check them against the node-signed result: the blob's SHA-256
-    (``sealed_sha256``), the plaintext's (``rows_sha256``) and the count (``row_count``).
+    on its zone's node), check that the node named in the receipt signed the result's digests
+    (its signed result travels in the receipt), open the rows with the consumer's private
+    ``key`` (the X25519 form of its Ed25519 key) and check them against those digests: the
+    blob's SHA-256 (``sealed_sha256``), the plaintext's (``rows_sha256``) and the count
+    (``row_count``). The receipt's own signature is :meth:`Computation.verify`'s to check.
     Raises :class:`crypto.errors.VerificationError` with one readable line when the blob was
     altered, sealed to another key, or does not match the result."""
     import nacl.exceptions
@@ -1007,6 +1009,7 @@ def open_export(key: SigningKey, answer: Mapping[str, Any]) -> Computation:
     result = answer.get("result")
     if not isinstance(result, Mapping):
         raise VerificationError("the export answer has no result")
+    _check_node_signed(answer.get("receipt"), result)
     try:
         blob = b64url_decode(str(sealed))
     except EncodingError as exc:
@@ -1030,3 +1033,19 @@ def open_export(key: SigningKey, answer: Mapping[str, Any]) -> Computation:
         raise VerificationError("the opened rows are not as many as the zone's node signed")
     out["rows"] = rows
     return Computation(out)
+
+
+def _check_node_signed(receipt: Any, result: Mapping[str, Any]) -> None:
+    """The node named in the receipt's statement signed the result's digests (the statement's
+    own signature, by the log key, is :meth:`Computation.verify`'s to check)."""
+    from crypto.envelope import Envelope
+    from crypto.errors import VerificationError
+    from crypto.receipt import check_node_result
+
+    try:
+        statement = json.loads(Envelope.model_validate(receipt["statement"]).payload_bytes())
+    except (KeyError, TypeError, ValueError, EncodingError) as exc:
+        raise VerificationError("the export's receipt carries no readable statement") from exc
+    if not isinstance(statement, dict) or statement.get("node") is None:
+        raise VerificationError("sealed rows without a zone node's signed result")
+    check_node_result(receipt, statement, result)

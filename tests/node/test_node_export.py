@@ -215,16 +215,19 @@ def test_a_tampered_blob_another_key_or_another_result_is_one_clear_error(
     tampered = {**answer, "sealed": base64.urlsafe_b64encode(bytes(blob)).decode().rstrip("=")}
     with pytest.raises(VerificationError, match="altered"):
         open_export(bank, tampered)
-    # the same bit flipped with a matching digest: the box itself refuses to open
+    # the same bit flipped and the result's digest changed to match: the node signed another
     digest = hashlib.sha256(blob).hexdigest()
     forged = {**tampered, "result": {**answer["result"], "sealed_sha256": digest}}
-    with pytest.raises(VerificationError, match="do not open"):
+    with pytest.raises(VerificationError, match="'sealed_sha256' is not what the node signed"):
         open_export(bank, forged)
     with pytest.raises(VerificationError, match="do not open with key"):
         open_export(SigningKey.generate(), answer)
     wrong = {**answer, "result": {**answer["result"], "rows_sha256": "0" * 64}}
-    with pytest.raises(VerificationError, match="not the rows the zone's node signed"):
+    with pytest.raises(VerificationError, match="'rows_sha256' is not what the node signed"):
         open_export(bank, wrong)
+    receipt = {k: v for k, v in answer["receipt"].items() if k != "node_result"}
+    with pytest.raises(VerificationError, match="no node result"):
+        open_export(bank, {**answer, "receipt": receipt})
 
 
 def test_a_consumer_abroad_is_counted_from_the_node_s_subject_digests(
