@@ -7,7 +7,7 @@ export round-trips through the SDK and the CLI and its receipt carries and verif
 signature; an ``L2`` export's subject column holds the pseudonyms of the node's key; the
 exchange's files (its database included) hold no planted id or value afterwards and no subject
 key for the zone; a tampered blob, another consumer's key or a result that does not match are
-each one readable error in the SDK.
+each one readable error in the SDK; the node's veto refuses an export and nothing is released.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from crypto.keys import SigningKey
 from crypto.receipt import verify_receipt
 from exchange.audit.rules import check_rules
 from exchange.cli import app
-from exchange.client.sdk import open_export
+from exchange.client.sdk import ApiError, open_export
 from exchange.keyfile import write_private_key
 from exchange.node.export import node_subjects
 from tests.conftest import LiveServer, live_exchange
@@ -251,3 +251,20 @@ def test_a_consumer_abroad_is_counted_from_the_node_s_subject_digests(
     assert _leaks(server.data_dir, needles) == []
     report = check_rules(canonicalize(e) for e in entries(server))
     assert report.ok, report.faults
+
+
+def test_the_node_veto_refuses_an_export_and_nothing_is_released(world: dict[str, Any]) -> None:
+    server: LiveServer = world["server"]
+    veto = world["node_dir"] / "veto.toml"
+    released = len(entries(server, "computation.export"))
+    veto.write_text('refuse = ["export"]\n', "utf-8")
+    try:
+        with server.client(world["keys"]["bank"]) as c, pytest.raises(ApiError) as exc:
+            c.export("tax", "public_firms", PURPOSE)
+    finally:
+        veto.unlink()
+    assert exc.value.status == 409 and exc.value.code == "node_refused"
+    assert "vetoed" in exc.value.detail
+    assert len(entries(server, "computation.export")) == released
+    assert entries(server, "task.refused")[-1]["attrs"]["reason"] == "vetoed"
+    assert not [p for p in (server.data_dir / "exports").rglob("*") if p.is_file()]
