@@ -12,6 +12,11 @@ consent digest     ``zonex/v1/consent-digest``  the subject id (stored with the 
 export pseudonym   ``zonex/v1/pseudonym``       the consumer's key id and the subject id
 =================  ===========================  ==========================================
 
+A zone hosted on its provider's node keeps this secret in the node's directory instead
+(``NODE_DIR/subject.salt``, same format; :func:`exchange.node.export.node_subjects`): its
+consent digests are made on the provider's machine and its pseudonyms on the node, and the
+exchange never reads or creates a salt for it.
+
 Anything later that digests subjects takes a label of its own. Keys under different labels are
 independent, so a digest made for one use cannot be made, confirmed or compared through another:
 knowing a consent digest tells nothing about any pseudonym.

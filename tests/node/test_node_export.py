@@ -7,7 +7,8 @@ export round-trips through the SDK and the CLI and its receipt carries and verif
 signature; an ``L2`` export's subject column holds the pseudonyms of the node's key; the
 exchange's files (its database included) hold no planted id or value afterwards and no subject
 key for the zone; a tampered blob, another consumer's key or a result that does not match are
-each one readable error in the SDK; the node's veto refuses an export and nothing is released.
+each one readable error in the SDK; a consumer abroad is counted from the node's subject
+digests, once per subject; the node's veto refuses an export and nothing is released.
 """
 
 from __future__ import annotations

@@ -13,12 +13,18 @@ The protocol (DESIGN, "Encrypted scoring"; ``docs/he.md``):
    character: :func:`exchange.subjects.check_subject_id`) and every entity must have a live
    consent for this consumer and purpose (found by consent digest, :func:`exchange.server.access.
    live_consents`): otherwise the call is refused **by position and count**, before any
-   feature is read, and the refusal is ledgered. Then the zone reads exactly the committed
-   feature columns for those entities and computes packed ``Enc(w·x)`` (4096 entities per
-   ciphertext, column packing, no rotations; :func:`crypto.he.encrypted_scores`): in this
-   process, or, for a dataset hosted on its zone's node, on the node as an ``he_score`` task
-   (:mod:`exchange.node.score`; the same code), whose uploaded scores are checked here against
-   the digests the node signed; the receipt then embeds the node's signed result.
+   feature is read, and the refusal is ledgered. For a zone on its provider's node the consent
+   digests are the node's (the exchange holds no subject key for it): the task carries the live
+   consents of the consumer and purpose as consent digest -> consent id
+   (:func:`exchange.server.access.live_consent_digests`, at most ``max_node_score_consents``),
+   the node matches the ids and refuses **by count** (no positions) before reading a feature,
+   or names the consent of each id, checked here against those sent. Then the zone reads
+   exactly the committed feature columns for those entities and computes packed ``Enc(w·x)``
+   (4096 entities per ciphertext, column packing, no rotations;
+   :func:`crypto.he.encrypted_scores`): in this process, or, for a dataset hosted on its
+   zone's node, on the node as an ``he_score`` task (:mod:`exchange.node.score`; the same
+   code), whose uploaded scores are checked here against the digests the node signed; the
+   receipt then embeds the node's signed result.
 4. The consumer decrypts locally, adds its bias and applies its link (:mod:`exchange.client.he`).
 
 What comes back names no subject by anything derived from a secret (DESIGN, "Privacy
