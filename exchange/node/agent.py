@@ -107,7 +107,13 @@ class NodeAgent:
         last = self.home.last_checkpoint()
         response = self._http.post(
             "/v1/node/poll",
-            json={"since": None if last is None else last.size, "wait": self.poll_wait},
+            json={
+                "since": None if last is None else last.size,
+                "wait": self.poll_wait,
+                # the exchange has its checkpoints cosigned before handing them to a node that
+                # checks cosignatures (a damaged policy stops the polls: the zone shows offline)
+                "witnessed": self.home.witness_policy() is not None,
+            },
         )
         if response.status_code == 204:
             return None

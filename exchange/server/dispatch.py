@@ -604,10 +604,12 @@ def _touch(ex: Exchange, key_id: str) -> None:
 
 
 def next_task(
-    ex: Exchange, actor: Principal, since: int | None, wait: float
+    ex: Exchange, actor: Principal, since: int | None, wait: float, witnessed: bool = False
 ) -> dict[str, Any] | None:
     """The node's long poll: claim the oldest queued task for it and return its bundle, or None
-    after ``wait`` seconds (at most ``node_poll_seconds``)."""
+    after ``wait`` seconds (at most ``node_poll_seconds``). ``witnessed``: the node pinned a
+    witness policy, so the bundle's checkpoint is cosigned first (:func:`_witnessed`); other
+    nodes are not kept waiting for a witnessing round they do not check."""
     with Session(ex.engine) as session:
         _active_node(session, actor)
     if since is not None and (not isinstance(since, int) or since < 0):
@@ -619,7 +621,7 @@ def next_task(
     while True:
         claimed = _claim(ex, actor.key_id)
         if claimed is not None:
-            return _bundle(ex, claimed, since)
+            return _bundle(ex, claimed, since, witnessed)
         left = end - time.monotonic()
         if left <= 0:
             return None
@@ -630,7 +632,7 @@ def next_task(
             continue
         poll.done.wait()  # taken: the dispatcher sets it once its ledger append has ended
         if poll.row is not None:
-            return _bundle(ex, poll.row, since)
+            return _bundle(ex, poll.row, since, witnessed)
 
 
 def _claim(ex: Exchange, node: str) -> NodeTaskRow | None:
@@ -657,11 +659,12 @@ def _claim(ex: Exchange, node: str) -> NodeTaskRow | None:
     return None
 
 
-def _bundle(ex: Exchange, row: NodeTaskRow, since: int | None) -> dict[str, Any]:
+def _bundle(ex: Exchange, row: NodeTaskRow, since: int | None, witnessed: bool) -> dict[str, Any]:
     index = int(row.bundle["index"])
     # a checkpoint that covers the entry and is no older than the node's last one
     floor = index if since is None else max(index, since - 1)
-    checkpoint = _witnessed(ex, floor) or ex.ledger.checkpoint(persist=False, covering=floor)
+    cosigned = _witnessed(ex, floor) if witnessed else None
+    checkpoint = cosigned or ex.ledger.checkpoint(persist=False, covering=floor)
     proof = ex.ledger.inclusion_proof(index, checkpoint.size)
     consistency = None
     if since is not None and 0 < since <= checkpoint.size:

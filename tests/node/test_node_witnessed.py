@@ -322,6 +322,10 @@ def test_tasks_handed_out_together_share_one_cosigning_round(tmp_path: Path) -> 
             bundle = log.bundle(later, log.authorize(later), since=last.size)
             assert len(submitted) == 2 and bundle["consistency"]["from"] == last.size
             assert _witnessed(log, bundle, policy, last=last).task == later
+            # a node without a witness policy does not ask: no round, no wait for one
+            unpinned = log.task()
+            plain = log.bundle(unpinned, log.authorize(unpinned), witnessed=False)
+            assert len(submitted) == 2 and log.verify(plain).task == unpinned
         # the witness is down: the bundle still goes out, as signed; the node decides
         down = log.task()
         bundle = log.bundle(down, log.authorize(down))

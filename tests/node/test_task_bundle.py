@@ -110,11 +110,14 @@ class Log:
         )
         return appended.seq
 
-    def bundle(self, task: dict[str, Any], seq: int, since: int | None = None) -> dict[str, Any]:
+    def bundle(
+        self, task: dict[str, Any], seq: int, since: int | None = None, witnessed: bool = True
+    ) -> dict[str, Any]:
         """The bundle the exchange hands the node for ``task`` (``exchange.server.dispatch._bundle``
-        itself, over a queued row's ``{"task", "index"}``)."""
+        itself, over a queued row's ``{"task", "index"}``), for a node that asks for witnessed
+        checkpoints unless ``witnessed`` is false."""
         row = SimpleNamespace(bundle={"task": task, "index": seq})
-        return dispatch._bundle(self.ex, row, since)  # type: ignore[arg-type]
+        return dispatch._bundle(self.ex, row, since, witnessed)  # type: ignore[arg-type]
 
     def authorized(self, **changes: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         task = self.task(**changes)

@@ -34,6 +34,8 @@ class PollIn(In):
     since: Annotated[int, Field(ge=0)] | None = None
     #: seconds to hold the poll open when no task is waiting
     wait: Annotated[float, Field(ge=0, le=60)] = 4.0
+    #: the node pinned a witness policy: its bundles' checkpoints are to be cosigned first
+    witnessed: bool = False
 
 
 class OutcomeIn(In):
@@ -96,7 +98,9 @@ async def node_self(actor: Actor, ex: Ex) -> dict[str, Any]:
 @router.post("/node/poll", tags=["nodes"], response_model=None)
 async def poll(body: PollIn, actor: Actor, ex: Ex) -> dict[str, Any] | Response:
     """A node's long poll: the next task bundle for it, or 204 after ``wait`` seconds."""
-    bundle = await run_in_threadpool(dispatch.next_task, ex, actor, body.since, body.wait)
+    bundle = await run_in_threadpool(
+        dispatch.next_task, ex, actor, body.since, body.wait, body.witnessed
+    )
     if bundle is None:
         return Response(status_code=204)
     return bundle
