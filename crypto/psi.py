@@ -408,6 +408,17 @@ def _close_helpers() -> None:
 atexit.register(_close_helpers)
 
 
+def _forget_helpers() -> None:
+    """In a child forked from a process with helpers: those are the parent's (their pipes
+    shared with it); the child starts its own when it needs them."""
+    global _helpers, _helpers_lock
+    _helpers, _helpers_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helpers)
+
+
 def _on_helpers(
     n: int, count: int, request: Callable[[int, int], tuple[Any, ...]]
 ) -> list[bytes] | None:

@@ -898,3 +898,25 @@ def test_a_script_without_an_entry_point_guard_runs_once() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["top", "level", "ran", str(psi.PROCESS_MIN_BATCH)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_does_not_share_its_parents_helpers() -> None:
+    key = PsiKey.generate()
+    items = [b"%d" % i for i in range(psi.PROCESS_MIN_BATCH)]
+    expected = blind(key, DOMAIN, items, workers=2)
+    parents = psi._helpers
+    assert parents is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own helpers, the same points
+        ok = psi._helpers is None and blind(key, DOMAIN, items, workers=2) == expected
+        ok = ok and psi._helpers is not None and psi._helpers is not parents
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    assert os.read(read, 1) == b"1"
+    os.waitpid(pid, 0)
+    os.close(read)
+    # the parent's helpers still answer it
+    assert psi._helpers is parents and blind(key, DOMAIN, items, workers=2) == expected
