@@ -37,9 +37,10 @@ noisy gate next to the exact comparison and the noisy count drawn before).
 ``--epoch`` compares epoch mode with the per-session protocol through the service (the
 preparation timed whole, reading the ids included, per 10^5 ids next to the limit).
 ``--prepare 100000,1000000`` (``--epoch-ten-million`` adds 10^7) times the preparation's kernel
-alone on generated ids (the keyed order, the blinding on a pool of processes into synced
-chunks, the sort) per 10^5 ids, next to the primitive limit (hash + multiplication) × |Y| ÷
-cores with both rates measured again before each size.
+alone on generated ids (the keyed order, the blinding on crypto.psi's helper processes into
+synced chunks, the sort) per 10^5 ids, next to the primitive limit (hash + multiplication) ×
+|Y| ÷ cores with both rates measured again before each size, and next to the bare primitive
+run on every core at once just before (what the cores give while other load runs).
 """
 
 from __future__ import annotations
