@@ -11,13 +11,21 @@
       catalog.json    the datasets this node hosts: columns, levels, subject column, snapshot
                       digest, and where the rows are (imported here, or an attached URL that
                       never leaves this machine)
-      state.json      the last checkpoint the node accepted and the tasks it has answered
+      state.json      the last checkpoint the node accepted and the tasks it has answered,
+                      as of the last compaction
+      answered.log    what the node accepted since: one JSON line per task (its id, deadline
+                      and, if newer, the checkpoint), appended before the task runs; folded
+                      into state.json when the node opens the directory, closes it, or the
+                      log outgrows the tasks still in their deadline window
       store/          the embedded DuckDB store of imported datasets
       subject.salt    the zone's subject secret (0600, created on first use): its consent
                       digests and export pseudonyms are keyed from it (exchange.subjects)
       xborder/subject.salt  the secret of its cross-border subject digests (exchange.node.export)
 
-Files are written to a temporary name and renamed, so a crash never leaves half a file.
+Files are written to a temporary name and renamed, so a crash never leaves half a file
+(answered.log is appended to: a line cut short by a crash is the last one, and is ignored).
+The local rules and the catalog are parsed again whenever their file changes (its inode,
+size, modification or change time); a file modified in the last two seconds is always read.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import TableClause, column, table
 from sqlalchemy.engine import make_url
@@ -53,6 +62,7 @@ NODE_PUB = "node.pub"
 CONFIG = "node.json"
 CATALOG = "catalog.json"
 STATE = "state.json"
+JOURNAL = "answered.log"
 VETO = "veto.toml"
 WITNESS_POLICY = "witness.policy"
 
@@ -66,6 +76,17 @@ VETO_TEMPLATE = """\
 """
 
 
+#: the journal is folded into state.json once it has this many lines more than the tasks
+#: still in their deadline window (so each task costs one appended line, amortized)
+JOURNAL_SLACK = 4096
+
+#: a file modified this recently (ns) is read again even if its stamp did not change: an
+#: edit within the file system's timestamp granularity could leave size and times unchanged
+RACY_NS = 2_000_000_000
+
+_T = TypeVar("_T")
+
+
 def own(url: str) -> str:
     """The prefix that admits exactly ``url``: on its own node, a provider may attach any table
     of its own databases (the exchange's operator-set prefixes do not apply here)."""
@@ -75,14 +96,27 @@ def own(url: str) -> str:
         raise InvalidInputError("not a database URL") from exc
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def _write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
+    """Replace ``path`` with ``data`` atomically; ``durable``: synced (file, then directory)
+    before returning, for a write that something deleted next depends on."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    _write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+def _write_json(path: Path, data: Any, *, durable: bool = False) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    _write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
 def check_witness_policy(text: bytes, log: NoteVerifier) -> Policy:
@@ -211,33 +245,68 @@ class NodeHome:
         self._store: ZoneStore | None = None
         self._seen: dict[str, Any] | None = None
         self._last: Checkpoint | None = None
+        self._journaled = 0  # lines in the journal since the last compaction
+        self._files: dict[str, tuple[tuple[int, ...], Any]] = {}
+        self._files_lock = threading.Lock()
 
     @property
     def key_id(self) -> str:
         return self.key.key_id
 
+    # -- files read per task ------------------------------------------------------------------
+
+    def _parsed(self, name: str, parse: Callable[[Path], _T], absent: _T) -> _T:
+        """``parse(path)`` of the file ``name`` as it is now, or ``absent`` if there is none:
+        parsed again only when its stamp changed (or it was modified within ``RACY_NS``), so
+        an edit applies to the next task without every task paying for a parse."""
+        path = self.dir / name
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return absent
+        except OSError as exc:
+            raise ConfigurationError(f"{path}: {exc}") from exc
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        racy = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS
+        with self._files_lock:
+            found = self._files.get(name)
+        if found is not None and found[0] == stamp and not racy:
+            value: _T = found[1]
+            return value
+        value = parse(path)  # stamped before the read: a change while reading reads again
+        with self._files_lock:
+            if racy:
+                self._files.pop(name, None)
+            else:
+                self._files[name] = (stamp, value)
+        return value
+
     # -- local rules --------------------------------------------------------------------------
 
     def veto(self) -> Veto:
-        """The veto rules as the file says now (read per task: an edit applies at once)."""
+        """The veto rules as the file says now (an edit applies to the next task)."""
         try:
-            return load_veto(self.dir / VETO)
+            return self._parsed(VETO, load_veto, Veto())
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from exc
 
     # -- the witness policy -------------------------------------------------------------------
 
     def witness_policy(self) -> Policy | None:
-        """The pinned witness policy, or ``None`` (read per task: a change applies at once). A
-        file that no longer parses or lists the log raises :class:`ConfigurationError`: the
-        node fails closed rather than run tasks unwitnessed."""
-        try:
-            text = (self.dir / WITNESS_POLICY).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise ConfigurationError(f"{self.dir / WITNESS_POLICY}: {exc}") from exc
-        return check_witness_policy(text, self.log)
+        """The pinned witness policy, or ``None`` (a change applies to the next task). A file
+        that no longer parses or lists the log raises :class:`ConfigurationError`: the node
+        fails closed rather than run tasks unwitnessed."""
+
+        def parse(path: Path) -> Policy | None:
+            try:
+                text = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise ConfigurationError(f"{path}: {exc}") from exc
+            return check_witness_policy(text, self.log)
+
+        return self._parsed(WITNESS_POLICY, parse, None)
 
     def set_witness_policy(self, text: bytes | None) -> Policy | None:
         """Pin ``text`` as the witness policy (checked first; replaces any), or with ``None``
@@ -265,10 +334,18 @@ class NodeHome:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+            if self._seen is not None and self._journaled:
+                self._compact(self._seen)
 
     def datasets(self) -> dict[str, HostedDataset]:
-        data = json.loads((self.dir / CATALOG).read_text("utf-8"))
-        return {n: HostedDataset.from_json(d) for n, d in data["datasets"].items()}
+        """The hosted datasets as catalog.json says now."""
+
+        def parse(path: Path) -> dict[str, HostedDataset]:
+            data = json.loads(path.read_text("utf-8"))
+            return {n: HostedDataset.from_json(d) for n, d in data["datasets"].items()}
+
+        none: dict[str, HostedDataset] = {}
+        return dict(self._parsed(CATALOG, parse, none))
 
     def add_dataset(self, dataset: HostedDataset) -> None:
         with self._lock:
@@ -308,11 +385,14 @@ class NodeHome:
     # -- what the node has seen ---------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        """What the node has seen, read once and written through (one process owns the
-        directory; every change is on disk before the task it concerns runs)."""
+        """What the node has seen: state.json and the journal after it, read once (and
+        compacted) when first needed, then written through (one process owns the directory;
+        every change is on disk before the task it concerns runs)."""
         if self._seen is None:
-            self._seen = json.loads((self.dir / STATE).read_text("utf-8"))
-            note = self._seen.get("checkpoint")
+            seen: dict[str, Any] = json.loads((self.dir / STATE).read_text("utf-8"))
+            seen["answered"] = dict(seen.get("answered") or {})
+            journaled = self._replay(seen)
+            note = seen.get("checkpoint")
             if note is not None:
                 try:
                     self._last = verify_checkpoint(note, self.log)
@@ -320,7 +400,43 @@ class NodeHome:
                     raise ConfigurationError(
                         f"{self.dir / STATE}: the stored checkpoint: {exc}"
                     ) from exc
+            if journaled:
+                self._compact(seen)
+            self._seen = seen
         return self._seen
+
+    def _replay(self, seen: dict[str, Any]) -> int:
+        """Apply the journal's lines to ``seen``; returns how many there were. Only a last
+        line cut short (no newline) is skipped: anything else unreadable fails closed."""
+        path = self.dir / JOURNAL
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        lines = data.split(b"\n")
+        for number, line in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline
+            try:
+                record = json.loads(line)
+                task_id, deadline = str(record["task"]), str(record["deadline"])
+                note = record.get("checkpoint")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigurationError(f"{path}: line {number} is damaged") from exc
+            seen["answered"][task_id] = deadline
+            if note is not None:
+                seen["checkpoint"] = str(note)
+        # a cut line counts: compacting removes it before anything is appended after it
+        return len(lines) - 1 + (1 if lines[-1] else 0)
+
+    def _compact(self, seen: dict[str, Any]) -> None:
+        """Fold the journal into state.json, dropping tasks whose deadline has passed: the
+        new state.json is in place before the journal is emptied (a crash between the two
+        replays the same lines again, to the same state)."""
+        now = datetime.now(UTC)
+        seen["answered"] = {t: d for t, d in seen["answered"].items() if _still_due(d, now)}
+        _write_json(self.dir / STATE, seen, durable=True)
+        with open(self.dir / JOURNAL, "wb"):
+            pass
+        self._journaled = 0
 
     def last_checkpoint(self) -> Checkpoint | None:
         with self._lock:
@@ -335,16 +451,26 @@ class NodeHome:
         """Remember a verified checkpoint (if newer) and a task as answered, before the task
         runs: the same task is never run twice, even across a restart."""
         with self._lock:
-            state = dict(self._state())
-            if self._last is None or checkpoint.size >= self._last.size:
+            state = self._state()
+            record: dict[str, Any] = {"task": task_id, "deadline": deadline}
+            newer = self._last is None or checkpoint.size >= self._last.size
+            if newer:
+                record["checkpoint"] = note
+            line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+            # one write of one line, on disk (as far as the OS is concerned) before the task runs
+            fd = os.open(self.dir / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                if os.write(fd, line) != len(line):
+                    raise ConfigurationError(f"{self.dir / JOURNAL}: short write")
+            finally:
+                os.close(fd)
+            state["answered"][task_id] = deadline
+            if newer:
                 state["checkpoint"] = note
                 self._last = checkpoint
-            now = datetime.now(UTC)
-            answered = {t: d for t, d in state.get("answered", {}).items() if _still_due(d, now)}
-            answered[task_id] = deadline
-            state["answered"] = answered
-            _write_json(self.dir / STATE, state)
-            self._seen = state
+            self._journaled += 1
+            if self._journaled > JOURNAL_SLACK + len(state["answered"]) // 2:
+                self._compact(state)
 
 
 def _still_due(deadline: str, now: datetime) -> bool:

@@ -10,6 +10,7 @@ answer not signed by the node's key, or for a task it already terminated.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ from exchange.errors import ConfigurationError, ZoneUnavailableError
 from exchange.keyfile import load_private_key
 from exchange.node.agent import NodeAgent
 from exchange.node.engine import Veto, load_veto
-from exchange.node.home import NodeHome, init_node_dir
+from exchange.node.home import HostedDataset, NodeHome, init_node_dir
 from exchange.server import dispatch
 from exchange.server.ledger import EntryDraft
 from exchange.server.runtime import Exchange
@@ -491,6 +492,74 @@ def test_a_replay_is_refused_whatever_the_deadlines_spelling(
     assert last is not None
     replay = log.bundle(task, bundle["inclusion"]["index"], since=last.size)
     refused("replayed", lambda: node.verify(replay))
+
+
+def test_the_answered_journal_survives_a_crash_and_is_compacted(
+    log: Log, node_dir: Path, agent: Callable[[], NodeAgent]
+) -> None:
+    """Each accepted task is one line appended to answered.log (state.json is not rewritten per
+    task); a node killed without closing still refuses the replay, a line cut short by the
+    crash is ignored, opening the directory folds the journal into state.json, and a damaged
+    line in the middle stops the node (fails closed) instead of forgetting what it answered."""
+    task, bundle = log.authorized()
+    node = agent()
+    state_before = (node_dir / "state.json").read_bytes()
+    node.verify(bundle)
+    assert (node_dir / "state.json").read_bytes() == state_before  # not rewritten per task
+    (line,) = (node_dir / "answered.log").read_text("utf-8").splitlines()
+    assert json.loads(line)["task"] == task["id"]
+    # the process dies (no close) mid-way through appending the next line
+    with (node_dir / "answered.log").open("ab") as f:
+        f.write(b'{"task":"cut-sh')
+    restarted = NodeAgent(NodeHome(node_dir))
+    try:
+        refused("replayed", lambda: restarted.verify(bundle))
+        state = json.loads((node_dir / "state.json").read_text("utf-8"))
+        assert task["id"] in state["answered"] and "cut-sh" not in json.dumps(state)
+        assert state["checkpoint"] == bundle["checkpoint"]
+        assert (node_dir / "answered.log").read_bytes() == b""  # folded in
+        last = restarted.home.last_checkpoint()
+        assert last is not None
+        task2 = log.task()
+        restarted.verify(log.bundle(task2, log.authorize(task2), since=last.size))
+    finally:
+        restarted.close()
+    # a line in the middle that is not a record: the directory does not open
+    journal = (node_dir / "answered.log").read_bytes()
+    (node_dir / "answered.log").write_bytes(b"garbage\n" + journal)
+    with pytest.raises(ConfigurationError, match="line 1 is damaged"):
+        NodeHome(node_dir).answered(task2["id"])
+
+
+def test_cached_local_files_see_every_change(node_dir: Path) -> None:
+    """The catalog, veto and witness policy are parsed once per change of their file, not per
+    task: a new dataset, an edited veto and a removed policy all apply to the next task, also
+    when the edit keeps the file's size and times (it was made within the racy window)."""
+    home = NodeHome(node_dir)
+    try:
+        assert home.datasets() == {} and home.veto() == Veto()
+        dataset = HostedDataset("tax", "company_id", (), "sha256:" + "0" * 64, 1, "import")
+        home.add_dataset(dataset)
+        assert home.datasets() == {"tax": dataset}
+        home.datasets()["other"] = dataset  # a caller's copy: the cache is not changed
+        assert set(home.datasets()) == {"tax"}
+        veto = node_dir / "veto.toml"
+        veto.write_text("min_k = 20\n", "utf-8")
+        assert home.veto().min_k == 20
+        stat = veto.stat()
+        veto.write_text("min_k = 30\n", "utf-8")  # same size; times put back as they were
+        os.utime(veto, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert home.veto().min_k == 30
+        os.utime(veto, ns=(0, 0))  # an old modification time: still this file's content
+        assert home.veto().min_k == 30
+        veto.write_text("min_k = 40\n", "utf-8")
+        assert home.veto().min_k == 40
+        veto.unlink()
+        assert home.veto() == Veto()
+        home.remove_dataset("tax")
+        assert home.datasets() == {}
+    finally:
+        home.close()
 
 
 # -- 9. local veto rules -------------------------------------------------------------------------
