@@ -50,7 +50,7 @@ from pathlib import Path
 
 from crypto.merkle import MerkleTree, leaf_hash, verify_inclusion
 from exchange.errors import ZonexError
-from exchange.server.ledger import EntryDraft, write_export
+from exchange.server.ledger import PARALLEL_EXPORT_MIN, EntryDraft, write_export
 from exchange.server.runtime import Exchange, init_data_dir
 from exchange.server.storage import WRITE, create_control_engine
 from exchange.settings import Settings
@@ -355,20 +355,26 @@ def serve_proofs(data_dir: Path, proofs: int = 2000, rounds: int = 3) -> None:
 def report_ledger(data_dir: Path, bundle: Path, rounds: int) -> None:
     """Export the data directory's ledger to ``bundle`` and print the size-dependent figures."""
     serve_proofs(data_dir)
+    cores = len(os.sched_getaffinity(0))
     ex = Exchange(Settings.from_data_dir(data_dir))
+    seconds: dict[int, float] = {}
     try:
-        start = time.perf_counter()
-        final = write_export(ex.ledger, bundle)
-        export_seconds = time.perf_counter() - start
+        final = ex.ledger.checkpoint()
+        for jobs in (1, cores):  # the same final checkpoint: the same bytes
+            start = time.perf_counter()
+            write_export(ex.ledger, bundle, final, jobs=jobs)
+            seconds[jobs] = time.perf_counter() - start
     finally:
         ex.close()
     megabytes = bundle.stat().st_size / 1e6
     print(
-        f"export of {final.size:,} entries: {export_seconds:.1f} s, {megabytes:,.0f} MB "
-        f"({megabytes * 1e6 / max(final.size, 1):.0f} bytes per entry)"
+        f"export of {final.size:,} entries, {megabytes:,.0f} MB "
+        f"({megabytes * 1e6 / max(final.size, 1):.0f} bytes per entry): {seconds[1]:.1f} s in "
+        f"one process, {seconds[cores]:.1f} s on {cores} cores "
+        f"({seconds[1] / seconds[cores]:.2f}x; one process below "
+        f"{PARALLEL_EXPORT_MIN:,} entries)"
     )
     log_pub = data_dir / "log.pub"
-    cores = len(os.sched_getaffinity(0))
     runs: dict[int, list[dict[str, float]]] = {1: [], cores: [], 0: []}
     for _ in range(rounds):  # alternating, so that a noisy neighbour hits both alike
         for jobs in runs:

@@ -128,17 +128,26 @@ def ledger_export(
     data_dir: OptDataDir = None,
     url: OptUrl = None,
     key: AuditorKey = Path("auditor.key"),
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="processes for a large ledger, offline (default: every core; 1: this one)",
+        ),
+    ] = None,
 ) -> None:
     """Export entries and checkpoints as a self-contained JSON Lines bundle: offline from the
     data directory, or streamed over the API with --url and --key (operator or auditor). The
     bundle ends with a checkpoint signed for it, cosigned by the configured witnesses that
-    answer in time.
+    answer in time. Offline, a ledger of a million entries or more is written by every core.
     Check it with: zonex audit verify BUNDLE --log-key log.pub
 
     Examples:
       zonex ledger export --url https://exchange.example --key auditor.key --out ledger.jsonl
       zonex ledger export --data-dir ./exchange --out ledger.jsonl
     """
+    from exchange.audit._stream import default_jobs
     from exchange.server.cosigning import export_checkpoint
     from exchange.server.ledger import write_export
 
@@ -149,7 +158,7 @@ def ledger_export(
         ex = offline_exchange(data_dir)
         try:
             final = export_checkpoint(ex.ledger, ex.cosigner, ex.settings.witness_timeout_seconds)
-            size = write_export(ex.ledger, out_path, final).size
+            size = write_export(ex.ledger, out_path, final, jobs=jobs or default_jobs()).size
         finally:
             ex.close()
     else:
