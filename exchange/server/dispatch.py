@@ -151,14 +151,26 @@ class _Poll:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A node's answer as :func:`finish_task` recorded it (``payload``: the verified result of
+    a ``done`` task), handed to the dispatcher waiting in this process."""
+
+    status: str
+    outcome: dict[str, Any]
+    payload: dict[str, Any] | None
+
+
 class _Signals:
     """Per exchange: one condition that every arrival of a task or an answer notifies, when
-    each node's last poll was last written, and the nodes' polls waiting here."""
+    each node's last poll was last written, the nodes' polls waiting here, and the answers
+    recorded for dispatchers waiting here (task id -> the answer, or None until it comes)."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.touched: dict[str, float] = {}
         self.polls: dict[str, list[_Poll]] = {}
+        self.answers: dict[str, _Answer | None] = {}
 
     def wait_poll(self, node: str) -> _Poll:
         poll = _Poll(node)
@@ -187,6 +199,32 @@ class _Signals:
     def notify(self) -> None:
         with self.cond:
             self.cond.notify_all()
+
+    def expect(self, task_id: str) -> None:
+        """A dispatcher here waits for ``task_id``: its answer is handed over when recorded."""
+        with self.cond:
+            self.answers[task_id] = None
+
+    def forget(self, task_id: str) -> None:
+        with self.cond:
+            self.answers.pop(task_id, None)
+
+    def answered(self, task_id: str, answer: _Answer) -> None:
+        """Hand a recorded answer to the dispatcher waiting here (if one is) and wake all."""
+        with self.cond:
+            if task_id in self.answers:
+                self.answers[task_id] = answer
+            self.cond.notify_all()
+
+    def await_answer(self, task_id: str, seconds: float) -> _Answer | None:
+        """The answer handed over for ``task_id``, waiting at most ``seconds`` for it (checked
+        under the condition's lock: an answer recorded just before the wait is not missed)."""
+        with self.cond:
+            found = self.answers.get(task_id)
+            if found is None and seconds > 0:
+                self.cond.wait(seconds)
+                found = self.answers.get(task_id)
+            return found
 
     def wait(self, seconds: float) -> None:
         with self.cond:
@@ -423,6 +461,7 @@ def dispatch(
         }
     digest = task_digest(task)
     signals = _signal(ex)
+    signals.expect(task["id"])  # before the node can have it: its answer is handed over here
     # the node polling this process, if it is: handed the task as soon as it is ledgered
     poll = signals.take_poll(node.key_id)
     handed: list[NodeTaskRow] = []
@@ -473,15 +512,29 @@ def dispatch(
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
         raise
+    finally:
+        signals.forget(task["id"])
 
 
 def _wait(
     ex: Exchange, node: NodeRow, task: dict[str, Any], deadline: datetime, public_key: bytes
 ) -> NodeResult:
-    """Wait for the answer to a queued task (see :func:`dispatch`)."""
+    """Wait for the answer to a queued task (see :func:`dispatch`). An answer recorded in this
+    process is handed over as :func:`finish_task` verified it (its row update is what decided
+    the task, so it is not read back nor verified again); one recorded by another process is
+    read from the task's row and verified here."""
     settings = ex.settings
     signals = _signal(ex)
+    digest = task_digest(task)
     while True:
+        handed = signals.await_answer(task["id"], 0)
+        # (a result verified for this very task, by this node: else the row decides below)
+        payload = None if handed is None else handed.payload
+        if handed is not None and (
+            payload is None
+            or (payload.get("task_digest") == digest and payload.get("node") == node.key_id)
+        ):
+            return _answered(node, public_key, handed)
         with Session(ex.engine) as session:
             row = session.get(NodeTaskRow, task["id"])
             seen = session.execute(
@@ -489,16 +542,10 @@ def _wait(
             ).scalar_one()
         assert row is not None
         if row.status == "done" and row.outcome is not None:
-            envelope = row.outcome["result"]
-            payload = verify_result(envelope, VerifyKey(public_key), task)
-            return NodeResult(node.key_id, public_key, envelope, payload)
+            payload = verify_result(row.outcome["result"], VerifyKey(public_key), task)
+            return _answered(node, public_key, _Answer(row.status, row.outcome, payload))
         if row.status == "refused" and row.outcome is not None:
-            refused = row.outcome.get("refused") or {}
-            reason = str(refused.get("reason", "refused"))[:64]
-            detail = str(refused.get("detail", ""))[:300]
-            raise NodeRefusedError(
-                f"the zone's node refused the task ({reason}): {detail}", reason=reason
-            )
+            return _answered(node, public_key, _Answer(row.status, row.outcome, None))
         if row.status == "terminated":
             raise ZoneUnavailableError(f"the task on zone {node.zone!r} was terminated")
         now = _now()
@@ -516,7 +563,18 @@ def _wait(
                     + "; nothing was released and no epsilon was charged"
                 )
             continue  # the answer arrived meanwhile: read it
-        signals.wait(_TICK)
+        signals.await_answer(task["id"], _TICK)
+
+
+def _answered(node: NodeRow, public_key: bytes, answer: _Answer) -> NodeResult:
+    """The result of a ``done`` task; :class:`NodeRefusedError` for a refused one."""
+    if answer.status == "done" and answer.payload is not None:
+        envelope = answer.outcome["result"]
+        return NodeResult(node.key_id, public_key, envelope, answer.payload)
+    refused = answer.outcome.get("refused") or {}
+    reason = str(refused.get("reason", "refused"))[:64]
+    detail = str(refused.get("detail", ""))[:300]
+    raise NodeRefusedError(f"the zone's node refused the task ({reason}): {detail}", reason=reason)
 
 
 def _public_key(ex: Exchange, key_id: str) -> bytes:
@@ -815,6 +873,7 @@ def finish_task(ex: Exchange, actor: Principal, task_id: str, outcome: dict[str,
     if status != "started":
         raise ConflictError(f"the task is {status}; its answer is no longer wanted")
     bad_output = None
+    payload: dict[str, Any] | None = None
     if set(outcome) == {"result"}:
         try:
             payload = verify_result(outcome["result"], VerifyKey(public_key), task)
@@ -827,6 +886,7 @@ def finish_task(ex: Exchange, actor: Principal, task_id: str, outcome: dict[str,
             # stops, nothing is released) and the node is told why
             outcome = {"refused": {"reason": "bad_output", "detail": bad_output}}
             new_status = "refused"
+            payload = None
     elif set(outcome) == {"refused"} and isinstance(outcome["refused"], dict):
         new_status = "refused"
     else:
@@ -851,7 +911,8 @@ def finish_task(ex: Exchange, actor: Principal, task_id: str, outcome: dict[str,
                 attrs={"reason": str(refused.get("reason", ""))[:64]},
             )
         )
-    _signal(ex).notify()
+    # the row update above decided the task: a dispatcher waiting here takes the answer as is
+    _signal(ex).answered(task_id, _Answer(new_status, outcome, payload))
     if bad_output is not None:
         raise InvalidInputError(
             f"the exchange refused the result: {bad_output}", reason="bad_output"
