@@ -67,12 +67,12 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from duckdb_engine import ConnectionWrapper
-from sqlalchemy import Engine, column, create_engine, inspect, select
+from sqlalchemy import Engine, column, create_engine, event, inspect, select
 from sqlalchemy import table as sql_table
 from sqlalchemy import types as sqltypes
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchTableError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchTableError, SQLAlchemyError
+from sqlalchemy.pool import NullPool, QueuePool
 from sqlalchemy.sql.expression import ColumnClause
 
 from exchange.errors import ZonexError
@@ -113,6 +113,8 @@ TABLE_SUFFIX = ".duckdb"
 TEMP_PREFIX = ".import-"
 #: abandoned import files (a crashed process) older than this are removed when a store opens
 STALE_TEMP_SECONDS = 24 * 3600
+#: DuckDB connections the engine keeps open for reuse, and how many more it may open at once
+POOL_SIZE, POOL_OVERFLOW = 4, 8
 HEADER_LIMIT = 1 << 20
 BATCH_ROWS = 65_536
 
@@ -878,28 +880,46 @@ class ZoneStore:
     @property
     def engine(self) -> Engine:
         """A SQLAlchemy engine for read-only queries over this zone's datasets, each a view named
-        after the dataset. Every connection sees the datasets published when it was opened. The
-        engine cannot read or write any file, install or load an extension, or change its own
-        configuration."""
+        after the dataset. Every connection sees the datasets published when it was checked out:
+        a pooled connection is reused only while the set of dataset files is the one it was
+        opened on. The engine cannot read or write any file, install or load an extension, or
+        change its own configuration."""
         with self._lock:
             if self._engine is None:
-                self._engine = create_engine(
-                    "duckdb:///:memory:", creator=self._connect, poolclass=NullPool
+                engine = create_engine(
+                    "duckdb:///:memory:",
+                    creator=self._connect,
+                    poolclass=QueuePool,
+                    pool_size=POOL_SIZE,
+                    max_overflow=POOL_OVERFLOW,
                 )
+                event.listen(engine, "checkout", self._checkout)
+                self._engine = engine
             return self._engine
 
     def _connect(self) -> ConnectionWrapper:
-        return ConnectionWrapper(self._cursor())
+        with self._lock:
+            cursor, key = self._current()
+        return _PooledCursor(cursor, key)
+
+    def _checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        """A pooled connection opened on another set of dataset files is discarded (the pool
+        then opens one on the current set)."""
+        if getattr(dbapi_connection, "generation", None) != self._scan():
+            raise DisconnectionError("the zone's datasets changed")
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection (cursor) to the current generation: an in-memory DuckDB that attached
         the dataset files published when it was built. A new generation replaces it whenever
         the set of files changes; connections to the old one keep working until closed."""
         with self._lock:
-            key = self._scan()
-            if self._generation is None or self._generation.key != key:
-                self._generation = _Generation(key, self._open_generation(key))
-            return self._generation.base.cursor()
+            return self._current()[0]
+
+    def _current(self) -> tuple[duckdb.DuckDBPyConnection, tuple[tuple[str, int, int, int], ...]]:
+        key = self._scan()
+        if self._generation is None or self._generation.key != key:
+            self._generation = _Generation(key, self._open_generation(key))
+        return self._generation.base.cursor(), key
 
     def _scan(self) -> tuple[tuple[str, int, int, int], ...]:
         entries = []
@@ -943,6 +963,17 @@ class ZoneStore:
             if self._generation is not None:
                 self._generation.base.close()
                 self._generation = None
+
+
+class _PooledCursor(ConnectionWrapper):
+    """A DuckDB cursor for the engine's pool, with the generation (set of dataset files) it
+    reads."""
+
+    def __init__(
+        self, cursor: duckdb.DuckDBPyConnection, generation: tuple[tuple[str, int, int, int], ...]
+    ) -> None:
+        super().__init__(cursor)
+        self.generation = generation
 
 
 def _duck_config() -> dict[str, Any]:
