@@ -15,6 +15,18 @@ A receipt bundle is one JSON object::
 ``public_key``): the zone's own node computed the result, drew its noise and signed it; the
 verifier checks that signature and that every value the node released is the result's.
 
+A computation over several zones (a secure sum) carries one signed result per node instead:
+the statement's ``nodes`` lists every zone of ``zones``, in order, as ``{"zone", "node"}``
+where ``node`` is ``{"key_id", "public_key"}`` for a zone hosted on a node and ``null`` for a
+zone the exchange hosts in-process; its ``contributions`` lists, in the same order, the SHA-256
+of each zone's canonical signed contribution. The bundle then has ``node_results`` (in place of
+``node_result``): one ``{"zone", "key_id", "envelope"}`` per zone with a node, in the
+statement's order. Each envelope must verify under the key the statement names for its zone,
+be signed for that node and zone (and the result's ``computation``), and carry the contribution
+(its ``contribution`` field) whose digest the statement commits to for that zone.
+:func:`check_nodes` reports every zone's check; :func:`verify_receipt` raises
+:class:`NodeResultError` (with the same report) when any fails.
+
 The **statement** (canonical JSON, no floats) says what ran: ``kind``, ``consumer``, ``zones``,
 ``datasets`` (with snapshot digests), ``query_digest``, ``rules_version``, ``grant`` (the matched
 rule), ``policy_version``, ``k``, ``epsilon`` (a decimal string), ``output_level``,
@@ -37,7 +49,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from crypto.canonical import canonicalize
@@ -52,8 +65,11 @@ __all__ = [
     "BUNDLE_TYPE",
     "NODE_RESULT_TYPE",
     "STATEMENT_TYPE",
+    "NodeCheck",
+    "NodeResultError",
     "build_bundle",
     "check_node_result",
+    "check_nodes",
     "result_digest",
     "statement_digest",
     "verify_receipt",
@@ -65,6 +81,7 @@ BUNDLE_TYPE = "zonex.receipt-bundle.v1"
 NODE_RESULT_TYPE = "application/vnd.zonex.node-result+json"
 _BUNDLE_KEYS = {"type", "statement", "entry", "inclusion", "checkpoint"}
 _NODE_KEYS = _BUNDLE_KEYS | {"node_result"}
+_NODES_KEYS = _BUNDLE_KEYS | {"node_results"}
 _REQUIRED = (
     "type",
     "kind",
@@ -100,13 +117,18 @@ def build_bundle(
     proof: list[bytes],
     checkpoint: str,
     node_result: Mapping[str, Any] | None = None,
+    node_results: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Assemble a receipt bundle (the exchange's side; verification is :func:`verify_receipt`).
 
     ``node_result``: the zone node's signed result envelope, when a node computed the result;
-    the statement's ``node`` field then names the node's key.
+    the statement's ``node`` field then names the node's key. ``node_results``: for a
+    computation over several zones whose statement has ``nodes``, one ``{"zone", "key_id",
+    "envelope"}`` per node-hosted zone (possibly none), in the statement's order.
     """
-    bundle = {
+    if node_result is not None and node_results is not None:
+        raise ValueError("a bundle carries node_result or node_results, not both")
+    bundle: dict[str, Any] = {
         "type": BUNDLE_TYPE,
         "statement": statement.model_dump(mode="json"),
         "entry": b64url_encode(entry),
@@ -115,7 +137,29 @@ def build_bundle(
     }
     if node_result is not None:
         bundle["node_result"] = dict(node_result)
+    if node_results is not None:
+        bundle["node_results"] = [dict(r) for r in node_results]
     return bundle
+
+
+@dataclass(frozen=True)
+class NodeCheck:
+    """One zone's node check: ``key_id`` is None for a zone the exchange hosts in-process (it
+    has no node envelope; the exchange's signature on the statement vouches for it)."""
+
+    zone: str
+    key_id: str | None
+    ok: bool
+    reason: str
+
+
+class NodeResultError(VerificationError):
+    """A zone's node check failed; ``checks`` holds every zone's check, in the statement's
+    order."""
+
+    def __init__(self, message: str, checks: Sequence[NodeCheck]) -> None:
+        super().__init__(message)
+        self.checks = tuple(checks)
 
 
 def _check_node_result(
@@ -155,11 +199,141 @@ def _check_node_result(
             raise _fail(f"the result's {name!r} is not what the node signed")
 
 
+def _named_nodes(statement: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any] | None]]:
+    """The statement's ``nodes``, checked to name every zone once, in order."""
+    nodes = statement.get("nodes")
+    zones = statement.get("zones")
+    if not isinstance(nodes, list) or not isinstance(zones, list):
+        raise _fail("the statement's nodes is not a list")
+    named: list[tuple[str, Mapping[str, Any] | None]] = []
+    for item in nodes:
+        if not isinstance(item, Mapping) or set(item) != {"zone", "node"}:
+            raise _fail("each of the statement's nodes has exactly zone and node")
+        node = item["node"]
+        if node is not None and (
+            not isinstance(node, Mapping) or set(node) != {"key_id", "public_key"}
+        ):
+            raise _fail(f"zone {item['zone']!r}: a node has exactly key_id and public_key")
+        named.append((str(item["zone"]), node))
+    if [zone for zone, _ in named] != zones:
+        raise _fail("the statement's nodes do not name each of its zones once, in order")
+    digests = statement.get("contributions")
+    if not isinstance(digests, list) or len(digests) != len(zones):
+        raise _fail("the statement commits to no contribution digest for each zone")
+    return named
+
+
+def _check_one(
+    zone: str,
+    node: Mapping[str, Any],
+    signed: Mapping[str, Any] | None,
+    committed: object,
+    result: Any,
+) -> str:
+    """Why the node result ``signed`` does not vouch for ``zone``'s contribution ("" if it
+    does)."""
+    if signed is None:
+        return "the bundle carries no signed result of this zone's node"
+    if signed.get("key_id") != node["key_id"]:
+        return "the signed result is labelled with another node's key id"
+    try:
+        key = VerifyKey(b64url_decode(str(node["public_key"])))
+        envelope = Envelope.model_validate(signed.get("envelope"))
+    except (EncodingError, ValueError):
+        return "the node's key or result envelope is malformed"
+    if key.key_id != node["key_id"]:
+        return "the node's public key does not match its key id"
+    try:
+        payload = verify_envelope(envelope, NODE_RESULT_TYPE, {key.key_id: key})
+    except VerificationError as exc:
+        return f"the node's signature does not verify ({exc})"
+    if not isinstance(payload, dict) or payload.get("node") != key.key_id:
+        return "the result is not signed for this node"
+    if payload.get("zone") != zone:
+        return f"the node signed a result for zone {payload.get('zone')!r}"
+    if isinstance(result, Mapping) and payload.get("computation") != result.get("computation"):
+        return "the node signed a result for another computation"
+    contribution = payload.get("contribution")
+    if contribution is None:
+        return "the node's result carries no contribution"
+    if hashlib.sha256(canonicalize(contribution)).hexdigest() != committed:
+        return "the node signed another contribution than the one the statement commits to"
+    return ""
+
+
+def check_nodes(
+    bundle: Mapping[str, Any], statement: Mapping[str, Any], result: Any
+) -> list[NodeCheck]:
+    """Every zone's node check of a receipt whose statement has been verified: one
+    :class:`NodeCheck` per zone of a statement with ``nodes``, one for a statement with a
+    ``node``, none otherwise. A malformed layout (a node list that does not name the zones, a
+    result for a zone without a node, two for one zone) raises :class:`VerificationError`."""
+    if "nodes" not in statement:
+        if "node_results" in bundle:
+            raise _fail("node results without nodes in the statement")
+        node = statement.get("node")
+        if node is None:
+            _check_node_result(bundle, statement, result)
+            return []
+        zone = ",".join(str(z) for z in statement.get("zones") or ())
+        key_id = str(node["key_id"]) if isinstance(node, Mapping) and "key_id" in node else None
+        try:
+            _check_node_result(bundle, statement, result)
+        except VerificationError as exc:
+            return [NodeCheck(zone, key_id, False, str(exc).removeprefix("receipt: "))]
+        return [NodeCheck(zone, key_id, True, "signed by its node")]
+    if "node" in statement or "node_result" in bundle:
+        raise _fail("a statement with nodes has no single node or node result")
+    named = _named_nodes(statement)
+    if "node_results" not in bundle:
+        raise _fail("the statement names its zones' nodes but the bundle carries no node_results")
+    signed = bundle["node_results"]
+    if not isinstance(signed, list) or not all(isinstance(r, Mapping) for r in signed):
+        raise _fail("the bundle's node_results is not a list of objects")
+    hosted = [zone for zone, node in named if node is not None]
+    by_zone: dict[str, Mapping[str, Any]] = {}
+    for item in signed:
+        if set(item) != {"zone", "key_id", "envelope"}:
+            raise _fail("each node result has exactly zone, key_id and envelope")
+        zone = item["zone"]
+        if zone not in hosted:
+            raise _fail(f"a node result for zone {zone!r}, which the statement names no node for")
+        if zone in by_zone:
+            raise _fail(f"two node results for zone {zone!r}")
+        by_zone[zone] = item
+    if [z for z in hosted if z in by_zone] != [str(item["zone"]) for item in signed]:
+        raise _fail("the node results are not in the statement's order")
+    checks: list[NodeCheck] = []
+    digests = statement["contributions"]
+    for (zone, node), committed in zip(named, digests, strict=True):
+        if node is None:
+            checks.append(NodeCheck(zone, None, True, "hosted by the exchange (no node)"))
+            continue
+        why = _check_one(zone, node, by_zone.get(zone), committed, result)
+        checks.append(
+            NodeCheck(zone, str(node["key_id"]), not why, why or "its node signed the contribution")
+        )
+    return checks
+
+
+def _check_nodes(bundle: Mapping[str, Any], statement: Mapping[str, Any], result: Any) -> None:
+    if "nodes" not in statement and "node_results" not in bundle:
+        _check_node_result(bundle, statement, result)  # the single-node form, as it always was
+        return
+    checks = check_nodes(bundle, statement, result)
+    for check in checks:
+        if not check.ok:
+            raise NodeResultError(
+                f"receipt: zone {check.zone!r} (node {check.key_id}): {check.reason}", checks
+            )
+
+
 def check_node_result(bundle: Mapping[str, Any], statement: Mapping[str, Any], result: Any) -> None:
-    """The node check of :func:`verify_receipt` alone: the bundle's node result verifies under
-    the key ``statement`` names and its released values are ``result``'s. For a client that
-    must trust the node's digests before it has checked the whole receipt (a sealed export)."""
-    _check_node_result(bundle, statement, result)
+    """The node check of :func:`verify_receipt` alone: the bundle's node result (or every node
+    result, for a statement with ``nodes``) verifies under the key ``statement`` names and
+    vouches for ``result``. For a client that must trust the node's digests before it has
+    checked the whole receipt (a sealed export)."""
+    _check_nodes(bundle, statement, result)
 
 
 def _fail(why: str) -> VerificationError:
@@ -171,12 +345,17 @@ def verify_receipt(
 ) -> tuple[dict[str, Any], Checkpoint]:
     """Check a receipt bundle and its result offline. Returns the statement and the checkpoint.
 
-    Raises :class:`VerificationError` naming the first check that failed.
+    Raises :class:`VerificationError` naming the first check that failed
+    (:class:`NodeResultError`, with every zone's check, when a node's failed).
     """
-    if not isinstance(bundle, Mapping) or set(bundle) not in (_BUNDLE_KEYS, _NODE_KEYS):
+    if not isinstance(bundle, Mapping) or set(bundle) not in (
+        _BUNDLE_KEYS,
+        _NODE_KEYS,
+        _NODES_KEYS,
+    ):
         raise _fail(
             f"a bundle has exactly the keys {sorted(_BUNDLE_KEYS)} (and node_result when a "
-            "zone node computed the result)"
+            "zone node computed the result, or node_results over several zones)"
         )
     if bundle["type"] != BUNDLE_TYPE:
         raise _fail(f"unknown bundle type {bundle['type']!r}")
@@ -194,7 +373,7 @@ def verify_receipt(
         raise _fail("the statement is not a zonex.receipt.v1")
     if result_digest(result) != statement["result_digest"]:
         raise _fail("the result does not match the statement's result digest")
-    _check_node_result(bundle, statement, result)
+    _check_nodes(bundle, statement, result)
 
     note = bundle["checkpoint"]
     if not isinstance(note, str):

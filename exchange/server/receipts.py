@@ -46,6 +46,7 @@ def record_computation(
     attrs: Mapping[str, str | int] | None = None,
     apply: Apply | None = None,
     node: NodeResult | None = None,
+    nodes: Sequence[tuple[str, NodeResult | None]] | None = None,
     more: Sequence[EntryDraft] = (),
     registry_version: int | None = None,
 ) -> tuple[dict[str, Any], Any]:
@@ -54,9 +55,13 @@ def record_computation(
     ``statement`` holds the receipt fields except ``type``, ``kind``, ``result_digest``, ``time``
     and ``ledger_index``, which are filled in here. ``node``: the zone node's verified answer
     when a node computed the result; the statement names its key and the bundle embeds its
-    signed envelope. ``more``: entries committed right after the computation's, in its
-    transaction (a cross-border decision, which ``apply`` completes). ``registry_version``:
-    the version the request was authenticated at, for the cross-border lookup (None: current).
+    signed envelope. ``nodes``: for a computation over several zones (a secure sum), each zone
+    with its node's verified answer (None for a zone hosted in-process), in the statement's
+    ``zones`` order: the statement's ``nodes`` names every zone's node (or none) and the
+    bundle embeds every node's envelope (``node_results``). ``more``: entries committed right
+    after the computation's, in its transaction (a cross-border decision, which ``apply``
+    completes). ``registry_version``: the version the request was authenticated at, for the
+    cross-border lookup (None: current).
     """
     if ex.log_signer is None:
         raise LedgerError("this process holds no log key and cannot sign receipts")
@@ -68,8 +73,15 @@ def record_computation(
         "result_digest": digest,
         "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
+    if node is not None and nodes is not None:
+        raise ValueError("a computation names one node or the nodes of its zones, not both")
     if node is not None:
-        core["node"] = {"key_id": node.node, "public_key": b64url_encode(node.public_key)}
+        core["node"] = _node_ref(node)
+    if nodes is not None:
+        core["nodes"] = [
+            {"zone": zone, "node": None if answer is None else _node_ref(answer)}
+            for zone, answer in nodes
+        ]
     draft = EntryDraft(
         kind=f"computation.{kind}",
         actor=actor,
@@ -118,8 +130,20 @@ def record_computation(
         proof,
         checkpoint.note,
         None if node is None else node.envelope,
+        None
+        if nodes is None
+        else [
+            {"zone": zone, "key_id": answer.node, "envelope": answer.envelope}
+            for zone, answer in nodes
+            if answer is not None
+        ],
     )
     return bundle, appended.value
+
+
+def _node_ref(answer: NodeResult) -> dict[str, str]:
+    """How a statement names the node that answered: its key id and raw public key."""
+    return {"key_id": answer.node, "public_key": b64url_encode(answer.public_key)}
 
 
 def _abroad(

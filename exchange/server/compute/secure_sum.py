@@ -43,6 +43,11 @@ ciphertext and signs the contribution with its key, which is the zone's register
 exchange verifies it exactly as an in-process zone's, and checks the upload against the digest
 in both the contribution and the node's signed result. An offline node is 503
 ``zone_unavailable``, a refusal 409 ``node_refused``: the whole computation fails.
+
+The receipt names each zone's node (key id and public key; none for a zone hosted in-process)
+and embeds every node's signed result (``node_results``, :mod:`crypto.receipt`): a consumer
+checks offline that each node-hosted zone's own key signed the contribution whose digest the
+receipt commits to, not only the exchange's word for it.
 """
 
 from __future__ import annotations
@@ -695,6 +700,8 @@ def run_secure_sum(
         refs={"computation": plan.id, "zone": ",".join(plan.zones)[:200]},
         attrs=attrs,
         apply=apply,
+        # every node's signed result (carrying its signed contribution), for offline checks
+        nodes=[(c.zone, c.node) for c in items],
     )
     return {
         "result": result,
