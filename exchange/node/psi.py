@@ -25,6 +25,7 @@ never reads Y and never sees a value before it is encrypted.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -35,7 +36,7 @@ from crypto import psi as cpsi
 from crypto.envelope import Envelope
 from crypto.errors import CryptoError, VerificationError
 from exchange.errors import InvalidInputError
-from exchange.node.home import NodeHome
+from exchange.node.home import HostedDataset, NodeHome
 from exchange.psi_protocol import (
     LABEL,
     MAX_SUM_COLUMNS,
@@ -151,8 +152,67 @@ def _plan(task: dict[str, Any], mode: str) -> list[dict[str, str]]:
     return plan
 
 
-def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> Envelope:
-    """Run the zone's role of one private-join session and sign what it produced."""
+@dataclass(frozen=True)
+class SessionTask:
+    """A private-join task's zone role, its fields checked (:func:`session_task`)."""
+
+    mode: str
+    session: str
+    name: str
+    snapshot: str
+    dataset: HostedDataset
+    k: int
+    limit: int
+    max_items: int
+    a_sha256: object
+    x_count: int
+    chunk: int
+    plan: list[dict[str, str]]
+    epsilon: Decimal | None
+
+    def fetch_a(self, http: httpx.Client, task_id: str) -> list[bytes]:
+        """The consumer's A (task input ``a``), checked against the task's digest."""
+        data = _fetch(http, task_id, "a", self.x_count * _P)
+        if hashlib.sha256(data).hexdigest() != self.a_sha256:
+            raise TaskRefused("bad_input", "A does not match the digest in the task")
+        return [data[i : i + _P] for i in range(0, len(data), _P)]
+
+    def result(self, zone: str, y_count: int) -> dict[str, Any]:
+        return {
+            "zone": zone,
+            "session": self.session,
+            "dataset": self.name,
+            "mode": self.mode,
+            "x_count": self.x_count,
+            "y_count": y_count,
+        }
+
+    def sign(
+        self,
+        home: NodeHome,
+        http: httpx.Client,
+        task: dict[str, Any],
+        outputs: dict[str, bytes],
+        **fields: Any,
+    ) -> Envelope:
+        """Upload ``outputs`` and sign the result naming their digests (``fields``: what the
+        result adds: the released result, the counts, the epoch)."""
+        for output, blob in outputs.items():
+            _upload(http, task["id"], output, blob, self.chunk)
+        body = {
+            "snapshot": self.snapshot,
+            "a": {"sha256": self.a_sha256, "count": self.x_count},
+            "outputs": {output: _digest(blob) for output, blob in outputs.items()},
+            "k": self.k,
+            "epsilon": None if self.epsilon is None else str(task.get("epsilon")),
+            **fields,
+        }
+        return sign_result(home.key, task, body)
+
+
+def session_task(home: NodeHome, task: dict[str, Any], kind: str) -> SessionTask:
+    """Check a private-join task (per session or epoch) against this node: its fields, the
+    hashing it asks for, the local veto for ``kind``, and the dataset and snapshot it names."""
     mode = _field(task, "mode", str)
     if mode not in MODES:
         raise TaskRefused("malformed", f"unknown private-join mode {mode[:16]!r}")
@@ -172,7 +232,7 @@ def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
     plan = _plan(task, mode)
 
     veto = home.veto()
-    veto.check(KIND, epsilon)
+    veto.check(kind, epsilon)
     if veto.k(k) > k:
         raise TaskRefused("vetoed", f"this node releases no group smaller than {veto.k(k)}")
     dataset = home.datasets().get(name)
@@ -190,14 +250,21 @@ def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
     chunk = io.get("chunk_bytes")
     if not isinstance(chunk, int) or chunk < _P:
         raise TaskRefused("malformed", "the task names no upload chunk size")
+    return SessionTask(
+        mode, session, name, snapshot, dataset, k, limit, max_items, a_spec.get("sha256"),
+        x_count, chunk, plan, epsilon,
+    )  # fmt: skip
+
+
+def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> Envelope:
+    """Run the zone's role of one private-join session and sign what it produced."""
+    t = session_task(home, task, KIND)
+    mode, plan, limit, max_items, dataset = t.mode, t.plan, t.limit, t.max_items, t.dataset
 
     # p: drawn here for this session only, held in memory, dropped when the task ends
     key = cpsi.PsiKey.generate()
     try:
-        data = _fetch(http, task["id"], "a", x_count * _P)
-        if hashlib.sha256(data).hexdigest() != a_spec.get("sha256"):
-            raise TaskRefused("bad_input", "A does not match the digest in the task")
-        points = [data[i : i + _P] for i in range(0, len(data), _P)]
+        points = t.fetch_a(http, task["id"])
         try:
             a_prime = cpsi.reblind(key, points)
         except VerificationError as exc:
@@ -210,20 +277,13 @@ def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
             except InvalidInputError as exc:
                 raise TaskRefused("bad_data", exc.detail) from exc
         order = cpsi.shuffled(range(len(ids)))
-        domain = cpsi.session_domain(session, LABEL)
+        domain = cpsi.session_domain(t.session, LABEL)
         b = cpsi.blind(key, domain, [ids[i].encode("utf-8") for i in order])
     finally:
         del key
     outputs: dict[str, bytes] = {"a_prime": b"".join(a_prime), "b": b"".join(b)}
     chunks: list[int] = []
-    result: dict[str, Any] = {
-        "zone": home.zone,
-        "session": session,
-        "dataset": name,
-        "mode": mode,
-        "x_count": x_count,
-        "y_count": len(ids),
-    }
+    result = t.result(home.zone, len(ids))
     if mode == "aggregate":
         context = task.get("context")
         if not isinstance(context, str):
@@ -238,19 +298,8 @@ def run_psi_zone(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> En
                 raise TaskRefused("bad_data", exc.detail) from exc
             chunks = [len(c) for c in encrypted]
             outputs["ciphertexts"] = he.pack_ciphertexts([ct for col in encrypted for ct in col])
-    for output, blob in outputs.items():
-        _upload(http, task["id"], output, blob, chunk)
-    body = {
-        "result": result,
-        "snapshot": snapshot,
-        "a": {"sha256": a_spec.get("sha256"), "count": x_count},
-        "outputs": {output: _digest(blob) for output, blob in outputs.items()},
-        "counts": {"a_prime": len(a_prime), "b": len(b), "ciphertexts": chunks},
-        "y_skipped": skipped,
-        "k": k,
-        "epsilon": None if epsilon is None else str(task.get("epsilon")),
-    }
-    return sign_result(home.key, task, body)
+    counts = {"a_prime": len(a_prime), "b": len(b), "ciphertexts": chunks}
+    return t.sign(home, http, task, outputs, result=result, counts=counts, y_skipped=skipped)
 
 
 def fetch_context(

@@ -58,8 +58,8 @@ from crypto.keys import SigningKey
 from exchange import psi_epoch as kernel
 from exchange.errors import InvalidInputError
 from exchange.node.home import HostedDataset, NodeHome
-from exchange.node.psi import _digest, _epsilon, _fetch, _field, _plan, _upload, fetch_context
-from exchange.psi_protocol import LABEL, MODES, NORMALIZATION, encrypt_columns, read_y
+from exchange.node.psi import _field, fetch_context, session_task
+from exchange.psi_protocol import LABEL, encrypt_columns, read_y
 from exchange.tasks import TaskRefused, sign_result
 
 __all__ = [
@@ -531,54 +531,18 @@ def resume_preparations(home: NodeHome, http: httpx.Client) -> int:
 def run_epoch_answer(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> Envelope:
     """One epoch session's zone role: A_e = k_e·A (every point of A checked) and, for
     ``aggregate``, the values in I's order encrypted under the consumer's public context."""
-    mode = _field(task, "mode", str)
-    if mode not in MODES:
-        raise TaskRefused("malformed", f"unknown private-join mode {mode[:16]!r}")
-    session = _field(task, "session", str)
-    name = _field(task, "dataset", str)
-    snapshot = _field(task, "snapshot", str)
     epoch = _field(task, "epoch", str)
-    k = _field(task, "k", int)
-    limit = _field(task, "max_rows_per_subject", int)
-    max_items = _field(task, "max_items", int)
-    a_spec = _field(task, "a", dict)
-    io = _field(task, "io", dict)
-    if task.get("label") != LABEL or task.get("normalization") != NORMALIZATION:
-        raise TaskRefused(
-            "unsupported", "the task hashes or normalizes ids otherwise than this node"
-        )
-    epsilon = _epsilon(task)
-    plan = _plan(task, mode)
-    veto = home.veto()
-    veto.check(ANSWER_KIND, epsilon)
-    if veto.k(k) > k:
-        raise TaskRefused("vetoed", f"this node releases no group smaller than {veto.k(k)}")
-    dataset = home.datasets().get(name)
-    if dataset is None:
-        raise TaskRefused("unknown_dataset", f"this node hosts no dataset {name!r}")
-    if dataset.digest != snapshot:
-        raise TaskRefused("snapshot_mismatch", f"{name}: the task is for another snapshot")
+    t = session_task(home, task, ANSWER_KIND)
+    mode, plan, limit, max_items, dataset = t.mode, t.plan, t.limit, t.max_items, t.dataset
     meta = _find(home, epoch)
     if meta is None or meta["state"] != "uploaded":
         raise TaskRefused("epoch_unknown", f"this node keeps no epoch {epoch[:40]!r}")
-    if meta["dataset"] != name or meta["snapshot"] != snapshot:
+    if meta["dataset"] != t.name or meta["snapshot"] != t.snapshot:
         raise TaskRefused("epoch_stale", "the epoch is of another dataset or snapshot")
-    columns = {c["name"] for c in dataset.columns}
-    if any(p["column"] not in columns for p in plan):
-        raise TaskRefused("malformed", f"{name}: a sum column is not in the dataset")
-    x_count = a_spec.get("count")
-    if not isinstance(x_count, int) or isinstance(x_count, bool) or not 0 < x_count <= max_items:
-        raise TaskRefused("malformed", "the task's |A| is not a count")
-    chunk = io.get("chunk_bytes")
-    if not isinstance(chunk, int) or chunk < _P:
-        raise TaskRefused("malformed", "the task names no upload chunk size")
 
     key, seed = _read_key(home, meta)
     try:
-        data = _fetch(http, task["id"], "a", x_count * _P)
-        if hashlib.sha256(data).hexdigest() != a_spec.get("sha256"):
-            raise TaskRefused("bad_input", "A does not match the digest in the task")
-        points = [data[i : i + _P] for i in range(0, len(data), _P)]
+        points = t.fetch_a(http, task["id"])
         if len(set(points)) != len(points):
             raise TaskRefused("bad_input", "A repeats a point")
         try:  # every point a valid point other than the identity
@@ -590,14 +554,7 @@ def run_epoch_answer(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -
     y = int(meta["y_count"])
     outputs: dict[str, bytes] = {"a_e": b"".join(a_e)}
     chunks: list[int] = []
-    result: dict[str, Any] = {
-        "zone": home.zone,
-        "session": session,
-        "dataset": name,
-        "mode": mode,
-        "x_count": x_count,
-        "y_count": y,
-    }
+    result = t.result(home.zone, y)
     if mode == "aggregate":
         context = task.get("context")
         if not isinstance(context, str):
@@ -621,20 +578,11 @@ def run_epoch_answer(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -
                 raise TaskRefused("bad_data", exc.detail) from exc
             chunks = [len(c) for c in encrypted]
             outputs["ciphertexts"] = he.pack_ciphertexts([ct for col in encrypted for ct in col])
-    for output, blob in outputs.items():
-        _upload(http, task["id"], output, blob, chunk)
-    body = {
-        "result": result,
-        "snapshot": snapshot,
-        "epoch": epoch,
-        "a": {"sha256": a_spec.get("sha256"), "count": x_count},
-        "outputs": {output: _digest(blob) for output, blob in outputs.items()},
-        "counts": {"a_e": len(a_e), "ciphertexts": chunks},
-        "y_skipped": int(meta["y_skipped"]),
-        "k": k,
-        "epsilon": None if epsilon is None else str(task.get("epsilon")),
-    }
-    return sign_result(home.key, task, body)
+    counts = {"a_e": len(a_e), "ciphertexts": chunks}
+    return t.sign(
+        home, http, task, outputs,
+        result=result, epoch=epoch, counts=counts, y_skipped=int(meta["y_skipped"]),
+    )  # fmt: skip
 
 
 def epoch_ids(home: NodeHome) -> list[str]:

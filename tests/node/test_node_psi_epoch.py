@@ -47,6 +47,7 @@ from crypto.receipt import verify_receipt
 from exchange.cli import app
 from exchange.client.sdk import ApiError, SignatureAuth
 from exchange.keyfile import load_private_key, write_private_key
+from exchange.node import psi as node_psi
 from exchange.node import psi_epoch as node_epoch
 from exchange.node.home import NodeHome
 from exchange.psi_epoch import FP_DTYPE, epoch_domain, fingerprints, keyed_order
@@ -354,7 +355,7 @@ def test_a_node_answer_other_than_signed_or_not_points_is_refused(
     live: LiveServer, world: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = [cid for cid, _ in world["rows"]["companies"][:30]]
-    upload = node_epoch._upload
+    upload = node_psi._upload
 
     def swapped(http: httpx.Client, task_id: str, name: str, data: bytes, chunk: int) -> None:
         if name == "a_e":  # signed A_e's digest, then uploads it with two points swapped
@@ -369,7 +370,7 @@ def test_a_node_answer_other_than_signed_or_not_points_is_refused(
     for patch in ("upload", "points"):
         with monkeypatch.context() as m:
             if patch == "upload":
-                m.setattr(node_epoch, "_upload", swapped)
+                m.setattr(node_psi, "_upload", swapped)
             else:
                 m.setattr(
                     node_epoch, "cpsi", SimpleNamespace(**{**vars(cpsi), "reblind": not_points})
