@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -29,6 +29,9 @@ from exchange.cli._common import (
     print_json,
     profile_url,
 )
+
+if TYPE_CHECKING:
+    from crypto.receipt import NodeCheck
 
 ledger_app = typer.Typer(
     help="the ledger: export and checkpoints, offline (--data-dir) or over the API (--url)",
@@ -416,11 +419,14 @@ def receipt_verify(
 ) -> None:
     """Verify a computation receipt and its result offline. Exit 0 only if everything holds.
 
+    A receipt a zone node vouched for is checked under the node's key; a secure sum's lists
+    each zone: hosted by the exchange, or its node's signed contribution checked.
+
     Example:
       zonex receipt verify rows.json.receipt --result rows.json --log-key D/log.pub
     """
     from crypto.note import NoteVerifier
-    from crypto.receipt import verify_receipt
+    from crypto.receipt import NodeResultError, check_nodes, verify_receipt
 
     verifier = NoteVerifier.from_verifier_key(log_key.read_text("utf-8").strip())
     try:
@@ -435,9 +441,23 @@ def receipt_verify(
         raise ValueError(f"{result}: not a JSON result") from None
     if isinstance(result_doc, dict) and set(result_doc) >= {"result", "receipt"}:
         result_doc = result_doc["result"]  # a whole API response saved as one file
-    statement, cp = verify_receipt(bundle, result_doc, verifier)
+    try:
+        statement, cp = verify_receipt(bundle, result_doc, verifier)
+    except NodeResultError as exc:
+        for check in exc.checks:
+            _print_node_check(check)
+        raise
     out.print(
         f"OK: {statement['kind']} by {statement['consumer']} on "
         f"{', '.join(d['zone'] + '/' + d['name'] for d in statement['datasets'])}; "
         f"ledger entry {statement['ledger_index']} included in checkpoint {cp.size}"
     )
+    for check in check_nodes(bundle, statement, result_doc):
+        _print_node_check(check)
+
+
+def _print_node_check(check: NodeCheck) -> None:
+    """One line per zone of a receipt: who computed its part and whether its node's check held."""
+    node = "no node" if check.key_id is None else f"node {check.key_id[:16]}"
+    verdict = "ok" if check.ok else "FAILED"
+    out.print(f"  zone {check.zone} ({node}): {verdict}: {check.reason}", markup=False)

@@ -16,7 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+if TYPE_CHECKING:
+    from crypto.receipt import NodeCheck
 
 __all__ = [
     "AccessRequest",
@@ -283,3 +286,13 @@ class Computation(Result):
             self.receipt, self.result, NoteVerifier.from_verifier_key(log_key.strip())
         )
         return statement
+
+    def node_checks(self, log_key: str) -> list[NodeCheck]:
+        """:meth:`verify`, then each zone's node check (:func:`crypto.receipt.check_nodes`):
+        for a secure sum one per zone, hosted by the exchange (no node) or its node's signed
+        contribution checked; for a computation one node ran, that node; else none. A failed
+        node check raises :class:`crypto.receipt.NodeResultError`, whose ``checks`` report
+        every zone."""
+        from crypto.receipt import check_nodes
+
+        return check_nodes(self.receipt, self.verify(log_key), self.result)

@@ -5,12 +5,15 @@ under the zone's registered key (the node's) and adds it to the in-process zones
 Covered here, with zone ``d1`` hosted in-process and zone ``d2`` on a separate
 ``zonex node serve`` process: an exact BFV sum equals the plaintext total; a differentially
 private sum lands within a noise bound derived from its scales; the node's contribution verifies
-under the catalog's key for the zone and the exchange keeps no key for it; a node veto is 409
-``node_refused`` with nothing charged; an offline node is 503 ``zone_unavailable``.
+under the catalog's key for the zone and the exchange keeps no key for it; the receipt embeds
+the node's signed result and is refused offline without it, signed by another key or over
+another contribution; a node veto is 409 ``node_refused`` with nothing charged; an offline node
+is 503 ``zone_unavailable``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections import defaultdict
@@ -22,18 +25,20 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from crypto.encoding import b64url_decode
-from crypto.envelope import Envelope, verify_envelope
+from crypto.encoding import b64url_decode, b64url_encode
+from crypto.envelope import Envelope, sign_envelope, verify_envelope
 from crypto.keys import SigningKey, VerifyKey
-from crypto.receipt import verify_receipt
+from crypto.receipt import NODE_RESULT_TYPE, NodeResultError, verify_receipt
+from exchange.cli import app
 from exchange.client import he as he_client
+from exchange.client.results import Computation
 from exchange.client.sdk import ApiError
 from exchange.keyfile import load_private_key, write_private_key
 from exchange.server.compute.secure_sum import CONTRIBUTION_TYPE
 from exchange.server.models import BudgetRow, LedgerEntryRow, NodeTaskRow
 from tests.conftest import LiveServer
 from tests.exchange.test_he_compute import FIRM_LEVELS, STATS, SUM_SQL, _grant, _sum_rules, _write
-from tests.node.test_node_flow import cli, node_process, wait_online
+from tests.node.test_node_flow import cli, node_process, runner, wait_online
 from tests.node.test_node_psi import _in_process_agent
 
 pytestmark = pytest.mark.slow
@@ -183,6 +188,7 @@ def test_an_exact_sum_adds_an_in_process_zone_and_a_node_zone(
 
     statement, _ = verify_receipt(out.response["receipt"], result, server.log_verifier())
     assert statement["kind"] == "secure_sum" and statement["zones"] == list(ZONES)
+    _check_node_results(server, out.response, districts["node_dir"], keys)
     with Session(server.exchange.engine) as s:
         (task,) = s.execute(select(NodeTaskRow)).scalars().all()
         (entry,) = [
@@ -195,6 +201,76 @@ def test_an_exact_sum_adds_an_in_process_zone_and_a_node_zone(
     assert _charged(server) == []  # exact: no ε
     # the task's working files are gone
     assert not [p for p in (server.data_dir / "secure_sum").rglob("*") if p.is_file()]
+
+
+def _check_node_results(
+    server: LiveServer, response: dict[str, Any], node_dir: Path, keys: dict[str, bytes]
+) -> None:
+    """The receipt names d1 as hosted by the exchange and d2's node, embeds the node's signed
+    result, and is refused offline (SDK and ``zonex receipt verify``) once that result is
+    removed, signed by another zone's key or carries a tampered contribution."""
+    receipt, result = response["receipt"], response["result"]
+    log = server.log_verifier()
+    d2 = VerifyKey(keys["d2"]).key_id
+    statement = json.loads(Envelope.model_validate(receipt["statement"]).payload_bytes())
+    assert statement["nodes"] == [
+        {"zone": "d1", "node": None},
+        {"zone": "d2", "node": {"key_id": d2, "public_key": b64url_encode(keys["d2"])}},
+    ]
+    assert "node_result" not in receipt
+    (signed,) = receipt["node_results"]
+    assert (signed["zone"], signed["key_id"]) == ("d2", d2)
+    payload = json.loads(Envelope.model_validate(signed["envelope"]).payload_bytes())
+    assert payload["contribution"] in response["contributions"]
+    checks = Computation(response).node_checks(log.to_verifier_key())
+    assert [(c.zone, c.key_id, c.ok) for c in checks] == [("d1", None, True), ("d2", d2, True)]
+
+    saved = node_dir.parent / "sum"
+    saved.mkdir()
+    (saved / "result.json").write_text(json.dumps(result), "utf-8")
+    log_pub = str(server.data_dir / "log.pub")
+
+    def cli_verify(bundle: dict[str, Any]) -> Any:
+        (saved / "receipt.json").write_text(json.dumps(bundle), "utf-8")
+        return runner.invoke(app, ["receipt", "verify", str(saved / "receipt.json"), "--result",
+                                   str(saved / "result.json"), "--log-key", log_pub])  # fmt: skip
+
+    ok = cli_verify(receipt)
+    assert ok.exit_code == 0, ok.output
+    assert "zone d1 (no node): ok: hosted by the exchange" in ok.output
+    assert f"zone d2 (node {d2[:16]}): ok: its node signed the contribution" in ok.output
+
+    node_key = load_private_key(node_dir / "node.key")
+    d1_key = load_private_key(server.data_dir / "zones" / "d1" / "zone.key")
+    other = json.loads(Envelope.model_validate(payload["contribution"]).payload_bytes())
+    forged = sign_envelope(CONTRIBUTION_TYPE, {**other, "ciphertext": "0" * 64}, [node_key])
+    for envelope, why in (
+        (None, "no signed result of this zone's node"),
+        # d2's result signed with the other zone's (d1's) key
+        (sign_envelope(NODE_RESULT_TYPE, payload, [d1_key]), "signature does not verify"),
+        # the node's own key over a contribution other than the one the receipt commits to
+        (
+            sign_envelope(
+                NODE_RESULT_TYPE,
+                {**payload, "contribution": forged.model_dump(mode="json")},
+                [node_key],
+            ),
+            "another contribution than the one the statement commits to",
+        ),
+    ):
+        bad = copy.deepcopy(receipt)
+        if envelope is None:
+            bad["node_results"] = []
+        else:
+            bad["node_results"][0]["envelope"] = envelope.model_dump(mode="json")
+        with pytest.raises(NodeResultError) as exc:
+            verify_receipt(bad, result, log)
+        assert "zone 'd2'" in str(exc.value) and why in str(exc.value)
+        assert [c.ok for c in exc.value.checks] == [True, False]
+        refused = cli_verify(bad)
+        assert refused.exit_code == 1 and "Traceback" not in refused.output
+        assert f"zone d2 (node {d2[:16]}): FAILED" in refused.output
+        assert why in " ".join(refused.output.split())
 
 
 def test_a_dp_sum_with_a_node_zone_is_within_its_noise_bound(
