@@ -104,24 +104,30 @@ def _fetch(http: httpx.Client, task_id: str, name: str, size: int) -> bytes:
     return bytes(out)
 
 
-def _upload(http: httpx.Client, task_id: str, name: str, data: bytes, chunk: int) -> None:
-    """Send an output in chunks of at most ``chunk`` bytes (one empty chunk for empty data)."""
+def put_chunks(http: httpx.Client, url: str, data: bytes, chunk: int) -> httpx.Response | None:
+    """PUT ``data`` to ``url`` in chunks of at most ``chunk`` bytes, each at its ``offset``
+    (one empty chunk for empty data); the answer that refused one, or None."""
     offset = 0
     while True:
         part = data[offset : offset + chunk]
         response = http.put(
-            f"/v1/node/tasks/{task_id}/outputs/{name}",
+            url,
             params={"offset": offset},
             content=part,
             headers={"content-type": "application/octet-stream"},
         )
         if response.status_code != 200:
-            raise TaskRefused(
-                "output_refused", f"the exchange refused {name}: {_problem(response)}"
-            )
+            return response
         offset += len(part)
         if offset >= len(data):
-            return
+            return None
+
+
+def _upload(http: httpx.Client, task_id: str, name: str, data: bytes, chunk: int) -> None:
+    """Send a task's output in chunks of at most ``chunk`` bytes."""
+    refused = put_chunks(http, f"/v1/node/tasks/{task_id}/outputs/{name}", data, chunk)
+    if refused is not None:
+        raise TaskRefused("output_refused", f"the exchange refused {name}: {_problem(refused)}")
 
 
 def _digest(data: bytes) -> dict[str, Any]:

@@ -58,7 +58,7 @@ from crypto.keys import SigningKey
 from exchange import psi_epoch as kernel
 from exchange.errors import InvalidInputError
 from exchange.node.home import HostedDataset, NodeHome
-from exchange.node.psi import _field, fetch_context, session_task
+from exchange.node.psi import _field, fetch_context, put_chunks, session_task
 from exchange.psi_protocol import LABEL, encrypt_columns, read_y
 from exchange.tasks import TaskRefused, sign_result
 
@@ -359,20 +359,10 @@ def upload_epoch(home: NodeHome, http: httpx.Client, meta: dict[str, Any]) -> di
     folder = _folder(home, meta)
     for name in ("fp", "pos"):
         data = (folder / name).read_bytes()
-        offset = 0
-        while True:
-            part = data[offset : offset + _UPLOAD_CHUNK]
-            response = http.put(
-                f"/v1/node/psi/epochs/{meta['id']}/files/{name}",
-                params={"offset": offset},
-                content=part,
-                headers={"content-type": "application/octet-stream"},
-            )
-            if response.status_code != 200:
-                raise UploadError(f"the exchange refused {name}: {_problem(response)}")
-            offset += len(part)
-            if offset >= len(data):
-                break
+        url = f"/v1/node/psi/epochs/{meta['id']}/files/{name}"
+        refused = put_chunks(http, url, data, _UPLOAD_CHUNK)
+        if refused is not None:
+            raise UploadError(f"the exchange refused {name}: {_problem(refused)}")
     envelope = sign_manifest(home.key, home.zone, meta, folder)
     response = http.post("/v1/node/psi/epochs", json={"manifest": envelope.model_dump()})
     if response.status_code not in (200, 201):
