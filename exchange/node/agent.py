@@ -13,6 +13,7 @@ reason code; the node's log keeps the rest.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -24,7 +25,6 @@ from typing import Any
 
 import httpx
 
-from crypto.canonical import canonicalize
 from exchange.client.sdk import SignatureAuth
 from exchange.errors import ZonexError
 from exchange.node.analysis import AnalysisRules
@@ -267,7 +267,7 @@ class NodeAgent:
                     name,
                     t.columns,
                     t.subject_column,
-                    canonicalize(t.rules.to_json()),
+                    json.dumps(t.rules.to_json(), sort_keys=True),
                     t.relation,
                     t.relation_schema,
                     task["datasets"][name],

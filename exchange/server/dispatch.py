@@ -527,7 +527,9 @@ def _wait(
     signals = _signal(ex)
     digest = task_digest(task)
     while True:
-        handed = signals.await_answer(task["id"], 0)
+        # a tick for the answer first: the row is read only when none was handed over (the
+        # node, another process's answer, termination, the deadline)
+        handed = signals.await_answer(task["id"], _TICK)
         # (a result verified for this very task, by this node: else the row decides below)
         payload = None if handed is None else handed.payload
         if handed is not None and (
@@ -563,7 +565,6 @@ def _wait(
                     + "; nothing was released and no epsilon was charged"
                 )
             continue  # the answer arrived meanwhile: read it
-        signals.await_answer(task["id"], _TICK)
 
 
 def _answered(node: NodeRow, public_key: bytes, answer: _Answer) -> NodeResult:
