@@ -150,7 +150,11 @@ class _Pending:
     ) -> None:
         self.draft = draft
         self.apply = apply
-        self.done = threading.Event() if wait else None
+        # held until the writer settles the entry (a bare lock: cheaper to wake than an Event)
+        self.done: threading.Lock | None = None
+        if wait:
+            self.done = threading.Lock()
+            self.done.acquire()
         self.future = future
         self.queued = time.perf_counter()
         self.result: Appended | None = None
@@ -169,7 +173,7 @@ class _Pending:
 
     def finish(self, delivery: Delivery) -> None:
         if self.done is not None:
-            self.done.set()
+            self.done.release()
         if self.future is not None:
             get_metrics().ledger_append.observe(time.perf_counter() - self.queued)
             if self.result is not None:
@@ -290,7 +294,7 @@ class Ledger:
         queued = time.perf_counter()
         self._queue.put(pending)
         assert pending.done is not None
-        pending.done.wait()
+        pending.done.acquire()
         get_metrics().ledger_append.observe(time.perf_counter() - queued)
         if pending.error is not None:
             raise pending.error
@@ -309,7 +313,7 @@ class Ledger:
         queued = time.perf_counter()
         self._queue.put(pending)
         assert pending.done is not None
-        pending.done.wait()
+        pending.done.acquire()
         get_metrics().ledger_append.observe(time.perf_counter() - queued)
         if pending.error is not None:
             raise pending.error
