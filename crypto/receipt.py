@@ -207,14 +207,18 @@ def _named_nodes(statement: Mapping[str, Any]) -> list[tuple[str, Mapping[str, A
         raise _fail("the statement's nodes is not a list")
     named: list[tuple[str, Mapping[str, Any] | None]] = []
     for item in nodes:
-        if not isinstance(item, Mapping) or set(item) != {"zone", "node"}:
-            raise _fail("each of the statement's nodes has exactly zone and node")
+        if (
+            not isinstance(item, Mapping)
+            or set(item) != {"zone", "node"}
+            or not isinstance(item["zone"], str)
+        ):
+            raise _fail("each of the statement's nodes has exactly zone (text) and node")
         node = item["node"]
         if node is not None and (
             not isinstance(node, Mapping) or set(node) != {"key_id", "public_key"}
         ):
             raise _fail(f"zone {item['zone']!r}: a node has exactly key_id and public_key")
-        named.append((str(item["zone"]), node))
+        named.append((item["zone"], node))
     if [zone for zone, _ in named] != zones:
         raise _fail("the statement's nodes do not name each of its zones once, in order")
     digests = statement.get("contributions")
