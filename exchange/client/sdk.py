@@ -991,7 +991,8 @@ def open_export(key: SigningKey, answer: Mapping[str, Any]) -> Computation:
     on its zone's node), check that the node named in the receipt signed the result's digests
     (its signed result travels in the receipt), open the rows with the consumer's private
     ``key`` (the X25519 form of its Ed25519 key) and check them against those digests: the
-    blob's SHA-256 (``sealed_sha256``), the plaintext's (``rows_sha256``) and the count
+    blob's SHA-256 (``sealed_sha256``), the plaintext's (``rows_sha256``, over the rows and a
+    salt) and the count
     (``row_count``). The receipt's own signature is :meth:`Computation.verify`'s to check.
     Raises :class:`crypto.errors.VerificationError` with one readable line when the blob was
     altered, sealed to another key, or does not match the result."""
@@ -1028,7 +1029,8 @@ def open_export(key: SigningKey, answer: Mapping[str, Any]) -> Computation:
         ) from exc
     if hashlib.sha256(plain).hexdigest() != result.get("rows_sha256"):
         raise VerificationError("the opened rows are not the rows the zone's node signed")
-    rows = json.loads(plain)
+    opened = json.loads(plain)  # {"rows", "salt"}: the salt keeps rows_sha256 from a guess
+    rows = opened.get("rows") if isinstance(opened, dict) else None
     if not isinstance(rows, list) or len(rows) != result.get("row_count"):
         raise VerificationError("the opened rows are not as many as the zone's node signed")
     out["rows"] = rows

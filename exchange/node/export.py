@@ -15,14 +15,17 @@ and level (the exchange authorized the export), and whether the consumer is abro
 2. reads at most :data:`MAX_EXPORT_ROWS` rows and applies the level's obligations exactly as the
    exchange does (``L2``: the subject column replaced by the consumer's pseudonym under the
    **node's** pseudonym key, :meth:`exchange.subjects.ZoneSubjects.pseudonym`);
-3. encrypts the canonical JSON of the rows to the consumer: a libsodium sealed box to the X25519
-   key converted from the consumer's Ed25519 key (only the consumer's private key opens it);
+3. encrypts the canonical JSON of ``{"rows", "salt"}`` (the rows and 32 random bytes) to the
+   consumer: a libsodium sealed box to the X25519 key converted from the consumer's Ed25519 key
+   (only the consumer's private key opens it);
 4. uploads the sealed blob (``PUT /v1/node/tasks/{id}/outputs/sealed``) and, for a consumer
    abroad, the sorted distinct digests of the rows' subjects under the node's cross-border key
    (``outputs/subjects``, 32 bytes each), so the exchange counts subjects sent abroad without
    seeing them;
 5. signs a result naming the uploads' SHA-256 and size, the row count and the SHA-256 of the
-   plaintext canonical rows (which the consumer checks after opening the box).
+   plaintext (which the consumer checks after opening the box, and can show a third party with
+   the plaintext). The salt keeps that digest from confirming a guess of a small dataset's
+   whole export to whoever sees the result, the exchange included.
 
 The node's keys live in its directory only (files 0600, written whole): ``subject.salt``, from
 which the consent-digest and pseudonym keys are derived (:mod:`exchange.subjects`), and
@@ -35,6 +38,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import hashlib
+import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,7 @@ from sqlalchemy import Engine, TableClause, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from crypto.canonical import canonicalize
-from crypto.encoding import b64url_decode
+from crypto.encoding import b64url_decode, b64url_encode
 from crypto.envelope import Envelope
 from crypto.errors import EncodingError
 from crypto.kdf import DigestKey, derive_key, label
@@ -205,7 +209,7 @@ def run_export(home: NodeHome, http: httpx.Client, task: dict[str, Any]) -> Enve
             raise TaskRefused("bad_data", "the node could not read the rows") from exc
     mask = masks(level)
     out_rows = mask_rows(rows, index, node_subjects(home.dir) if mask else None, consumer)
-    plain = canonicalize(out_rows)
+    plain = canonicalize({"rows": out_rows, "salt": b64url_encode(secrets.token_bytes(32))})
     rows_sha256 = hashlib.sha256(plain).hexdigest()
     sealed = seal(public_key, plain)
     del plain
