@@ -522,7 +522,8 @@ def blind(
     """``[k·H(domain, item) for item in items]``, in the order of ``items``.
 
     ``workers`` caps the threads used for a batch of at least :data:`PARALLEL_MIN_BATCH`
-    items (default: every available core); smaller batches run on the calling thread.
+    items, or the helper processes from :data:`PROCESS_MIN_BATCH` (default: every available
+    core); smaller batches run on the calling thread.
     """
     dst_prime = _dst_prime(domain)
     scalar = key.to_bytes()
