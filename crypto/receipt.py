@@ -311,7 +311,7 @@ def check_nodes(
     digests = statement["contributions"]
     for (zone, node), committed in zip(named, digests, strict=True):
         if node is None:
-            checks.append(NodeCheck(zone, None, True, "hosted by the exchange (no node)"))
+            checks.append(NodeCheck(zone, None, True, "hosted by the exchange"))
             continue
         why = _check_one(zone, node, by_zone.get(zone), committed, result)
         checks.append(

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from typing import Any
 
 import pytest
 
 from crypto.canonical import canonicalize
-from crypto.encoding import b64url_encode
+from crypto.encoding import b64url_decode, b64url_encode
 from crypto.envelope import sign_envelope
 from crypto.errors import VerificationError
 from crypto.keys import SigningKey
@@ -136,7 +137,7 @@ def test_every_node_is_checked_and_the_in_process_zone_is_named_as_such(
         ("b", NODES["b"].key_id, True),
         ("c", NODES["c"].key_id, True),
     ]
-    assert checks[0].reason == "hosted by the exchange (no node)"
+    assert checks[0].reason == "hosted by the exchange"
 
 
 def test_a_removed_node_envelope_is_refused(log: NoteVerifier) -> None:
@@ -248,3 +249,42 @@ def test_a_single_node_bundle_with_node_results_is_refused(log: NoteVerifier) ->
     bundle, result = _receipt()
     bundle["node_result"] = bundle["node_results"][0]["envelope"]
     assert "exactly the keys" in _refused(bundle, result, log)
+
+
+def test_a_receipt_without_nodes_still_verifies_and_reports_no_node(log: NoteVerifier) -> None:
+    # the form of secure-sum receipts issued before nodes existed: contribution digests only
+    bundle, result = _receipt({"nodes": None})
+    statement_only = _strip_nodes(bundle)
+    statement, _ = verify_receipt(statement_only, result, log)
+    assert check_nodes(statement_only, statement, result) == []
+    # node results without nodes in the statement are refused
+    statement_only["node_results"] = bundle["node_results"]
+    assert "node results without nodes" in _refused(statement_only, result, log)
+
+
+def test_the_single_node_form_is_reported_as_one_check(log: NoteVerifier) -> None:
+    key = NODES["b"]
+    node = {"key_id": key.key_id, "public_key": b64url_encode(key.public_key.raw)}
+    released = {"computation": COMPUTATION, "total": "42"}
+    bundle, result = _receipt({"nodes": None, "node": node, "zones": ["b"]})
+    single = _strip_nodes(bundle)
+    single["node_result"] = _node_result("b", key, result=released)
+    statement, _ = verify_receipt(single, result, log)
+    (check,) = check_nodes(single, statement, result)
+    assert (check.zone, check.key_id, check.ok) == ("b", key.key_id, True)
+    single["node_result"] = _node_result("b", key, result={**released, "total": "43"})
+    assert "not what the node signed" in _refused(single, result, log)
+
+
+def _strip_nodes(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The bundle re-signed with the statement's ``nodes`` removed (what ``_receipt`` given
+    ``nodes: None`` signed is a statement with ``"nodes": null``: rebuild it without the key)."""
+    envelope = bundle["statement"]
+    statement = json.loads(b64url_decode(envelope["payload"]))
+    del statement["nodes"]
+    entry = json.loads(b64url_decode(bundle["entry"]))
+    entry["digests"]["statement"] = statement_digest(statement)
+    entry_bytes = canonicalize(entry)
+    signed = sign_envelope(STATEMENT_TYPE, statement, [LOG.key])
+    note = sign_checkpoint(Checkpoint(LOG.name, 1, leaf_hash(entry_bytes)), LOG)
+    return build_bundle(signed, entry_bytes, 0, 1, [], note)
