@@ -86,6 +86,7 @@ __all__ = [
     "reblind",
     "session_domain",
     "shuffled",
+    "start_helpers",
     "unblind",
     "validate_point",
 ]
@@ -417,6 +418,23 @@ def _forget_helpers() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_helpers)
+
+
+def start_helpers(workers: int | None = None) -> None:
+    """Start the helper processes now, if they are not running, without waiting for them: a
+    caller about to blind a large batch lets them start while it reads or orders its items."""
+    global _helpers, _helpers_failed
+    count = workers or available_cores()
+    if count < 2 or _helpers_failed or not sys.executable:
+        return
+    with _helpers_lock:
+        if _helpers is None or len(_helpers.procs) != count:
+            try:
+                if _helpers is not None:
+                    _helpers.close()
+                _helpers = _Helpers(count)
+            except OSError:
+                _helpers, _helpers_failed = None, True
 
 
 def _on_helpers(

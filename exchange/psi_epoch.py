@@ -249,6 +249,8 @@ def blind_image(
             _blind_on_dask(scheduler, key, seed, epoch, ids, path, start, end, chunk, on_chunk)
             and end == n
         )
+    if min(chunk, end - start) >= cpsi.PROCESS_MIN_BATCH:
+        cpsi.start_helpers(workers)  # they start while the order is computed
     rank = _keyed_rank(seed, ids) if end > start else np.zeros(0, dtype=np.int64)
     domain = epoch_domain(epoch)
     with path.open("r+b" if path.exists() else "w+b") as f:

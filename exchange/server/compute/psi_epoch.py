@@ -247,6 +247,8 @@ def _read_ids(ex: Exchange, zone: str, dataset: str) -> tuple[list[str], int]:
     with Session(ex.engine) as s:
         row = access._dataset(s, zone, dataset)
         subject = row.subject_column
+    if row.row_count >= cpsi.PROCESS_MIN_BATCH and ex.settings.psi_epoch_scheduler is None:
+        cpsi.start_helpers(ex.settings.psi_workers)  # they start while Y is read
     with open_source(ex, row) as src, src.engine.connect() as conn:
         query = select(src.relation.c[subject]).distinct()
         # the driver's rows as they come (no result processing per row: one text column)
