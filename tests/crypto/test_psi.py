@@ -870,8 +870,11 @@ def test_helper_processes_compute_what_threads_do() -> None:
     scalar, dst_prime = key.to_bytes(), psi._dst_prime(DOMAIN)
     points = blind(key, DOMAIN, items, workers=2)
     assert not psi._helpers_failed and psi._helpers is not None  # they did the work
-    assert points == psi._blind_chunk(scalar, dst_prime, items)
-    assert reblind(key, points, workers=2) == psi._reblind_chunk(scalar, points, 0)
+    # every 13th item computed here, on the calling thread: each slice, in its place
+    assert len(points) == n
+    assert points[::13] == psi._blind_chunk(scalar, dst_prime, items[::13])
+    again = reblind(key, points, workers=2)
+    assert len(again) == n and again[::13] == psi._reblind_chunk(scalar, points[::13], 0)
     digests = psi.blind_to_digests(key, DOMAIN, items, 12, workers=2)
     assert digests == b"".join(hashlib.sha256(p).digest()[:12] for p in points)
     assert psi.blind_to_digests(key, DOMAIN, items[:10], 12) == digests[:120]  # no helpers
