@@ -269,6 +269,33 @@ def test_budget_is_exact_under_eight_concurrent_clients(
     assert len(entries(server, "computation.aggregate")) == 6
 
 
+def test_a_charge_made_by_another_worker_still_refuses_the_overdraft(
+    server: LiveServer, parties: dict[str, SigningKey]
+) -> None:
+    """This process's pre-check trusts the spend it last saw; a charge another worker made
+    since (here, written straight to the database) is caught by the charge in the release's
+    ledger transaction: 429, nothing released, nothing ledgered as a computation."""
+    with server.client(parties["provider"]) as p:
+        p.set_analysis_rules(
+            "tax", "companies", _rules(dp_required=True, epsilon_budget="1", refresh_seconds=3600)
+        )
+    _grant(server, parties)
+    sql = "SELECT district, COUNT(*) FROM companies GROUP BY district"
+    consumer = parties["consumer"].key_id
+    with server.client(parties["consumer"]) as c:
+        c.aggregate("tax", sql, PURPOSE, epsilon="0.3")  # seen here: 0.3 spent
+        with Session(server.exchange.engine) as session:  # another worker spends 0.6 more
+            budget.charge(session, consumer, "tax", "companies", Decimal("0.6"), Decimal(1), 3600)
+            session.commit()
+        with pytest.raises(ApiError) as exc:
+            c.aggregate("tax", sql, PURPOSE, epsilon="0.2")  # 0.3 + 0.2 fits what was seen
+        assert exc.value.status == 429
+        assert exc.value.body["type"] == "urn:zonex:problem:budget_exhausted"
+        (state,) = c.budgets("tax")
+    assert Decimal(state["spent"]) == Decimal("0.9")
+    assert len(entries(server, "computation.aggregate")) == 1
+
+
 def test_budget_refreshes_with_the_window(server: LiveServer) -> None:
     """The charge is per window; a new window starts with nothing spent."""
     engine = server.exchange.engine

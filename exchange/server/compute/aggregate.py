@@ -35,8 +35,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -388,6 +388,8 @@ def _check_budget(ex: Exchange, consumer: str, prepared: Prepared, epsilon: Deci
     with Session(ex.engine) as session:
         for name, (total, refresh) in _budget_terms(prepared).items():
             state = budget.remaining(session, consumer, prepared.zone, name, total, refresh)
+            start = int(state.window_start.timestamp())
+            _spent.put((consumer, prepared.zone, name, start), state.spent)
             if state.spent + epsilon > total:
                 raise BudgetExhaustedError(
                     f"privacy budget for {prepared.zone}/{name} exhausted: {state.spent} of "
@@ -397,30 +399,51 @@ def _check_budget(ex: Exchange, consumer: str, prepared: Prepared, epsilon: Deci
                 )
 
 
-#: reads a consumer's budget while the engine runs (see :func:`_release_within_budget`)
-_budget_reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="zonex-budget")
+class _SpentCache:
+    """What this process last saw spent of a consumer's budget window, from its own charges
+    and reads (at most ``size`` windows, least recently used forgotten first)."""
+
+    def __init__(self, size: int = 16_384) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._spent: OrderedDict[tuple[str, str, str, int], Decimal] = OrderedDict()
+
+    def get(self, key: tuple[str, str, str, int]) -> Decimal | None:
+        with self._lock:
+            return self._spent.get(key)
+
+    def put(self, key: tuple[str, str, str, int], spent: Decimal) -> None:
+        with self._lock:
+            if spent >= self._spent.get(key, spent):  # never back: charges only add
+                self._spent[key] = spent
+            self._spent.move_to_end(key)
+            while len(self._spent) > self._size:
+                self._spent.popitem(last=False)
+
+
+_spent = _SpentCache()
+
+
+def _spent_key(consumer: str, zone: str, dataset: str, refresh: int) -> tuple[str, str, str, int]:
+    return consumer, zone, dataset, budget.window_start(datetime.now(UTC), refresh)
 
 
 def _release_within_budget(
     ex: Exchange, actor: Principal, prepared: Prepared, charge: Decimal, delta: Decimal
 ) -> tuple[dict[str, Any], NodeResult | None]:
-    """:func:`host_release`, refused with :class:`BudgetExhaustedError` when ``charge`` does not
-    fit the consumer's budget. The ledger transaction that records the release charges the
-    budget and refuses an overdraft whatever this check saw (two requests can race); the check
-    only spares work. For a node-hosted zone it runs first (no task is ledgered or sent for a
-    refused query); in-process it runs on another thread while the engine runs, which releases
-    the GIL, and a release over budget is computed, discarded and never answered."""
-    if not charge:
-        return host_release(ex, actor, prepared, charge, delta)
-    if prepared.node_hosted:
-        _check_budget(ex, actor.key_id, prepared, charge)
-        return host_release(ex, actor, prepared, charge, delta)
-    budget_ok = _budget_reads.submit(_check_budget, ex, actor.key_id, prepared, charge)
-    try:
-        released = host_release(ex, actor, prepared, charge, delta)
-    finally:
-        budget_ok.result()  # raises BudgetExhaustedError: the release is dropped unseen
-    return released
+    """:func:`host_release`, refused first with :class:`BudgetExhaustedError` when ``charge``
+    cannot fit the consumer's budget. The ledger transaction that records the release charges
+    the budget and refuses an overdraft whatever this check saw (two requests, or two worker
+    processes, can race); this check only spares the work of a release that cannot be
+    charged. So it trusts what this process last saw spent in the window, which can only be
+    less than the truth, and reads the database only when that would not leave room."""
+    if charge:
+        for name, (total, refresh) in _budget_terms(prepared).items():
+            seen = _spent.get(_spent_key(actor.key_id, prepared.zone, name, refresh))
+            if seen is None or seen + charge > total:
+                _check_budget(ex, actor.key_id, prepared, charge)
+                break
+    return host_release(ex, actor, prepared, charge, delta)
 
 
 def host_release(
@@ -515,14 +538,17 @@ def run_aggregate(
         "delta": _plain(delta),
     }
     terms = _budget_terms(prepared)
+    charged: list[tuple[str, budget.BudgetState]] = []
 
     def apply(session: Session, draft: Any) -> None:
+        charged.clear()  # a batch that failed may run this again
         if charge:
             for name, (total, refresh) in terms.items():
                 state = budget.charge(
                     session, actor.key_id, zone, name, charge, total, refresh, delta=delta
                 )
                 draft.attrs.update(budget.charge_attrs(state))
+                charged.append((name, state))
 
     first = prepared.auths[checked.datasets[0]]
     grants = sorted({a.decision.rule or "" for a in prepared.auths.values()})
@@ -571,6 +597,9 @@ def run_aggregate(
         registry_version=registry_version,
         apply=apply,
     )
+    for name, state in charged:  # committed: what this process now knows is spent
+        start = int(state.window_start.timestamp())
+        _spent.put((actor.key_id, zone, name, start), state.spent)
     # differencing: compared with the consumer's recent aggregates where the SQL is seen
     record_query(ex, actor.key_id, zone, checked.canonical, receipt["inclusion"]["index"])
     return {"result": result, "receipt": receipt}
