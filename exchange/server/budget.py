@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from sqlalchemy import select
+from sqlalchemy import Row, insert, select, update
 from sqlalchemy.orm import Session
 
 from exchange.errors import BudgetExhaustedError
@@ -57,15 +57,21 @@ def window_start(now: datetime, refresh_seconds: int) -> int:
     return ts - ts % max(1, refresh_seconds)
 
 
-def _row(session: Session, consumer: str, zone: str, dataset: str, start: int) -> BudgetRow | None:
+#: one window's row: (id, spent, δ spent), read as plain columns (no ORM object to keep fresh)
+_WINDOW = select(BudgetRow.id, BudgetRow.spent, BudgetRow.delta_spent)
+
+
+def _row(
+    session: Session, consumer: str, zone: str, dataset: str, start: int
+) -> Row[int, str, str] | None:
     return session.execute(
-        select(BudgetRow).where(
+        _WINDOW.where(
             BudgetRow.consumer == consumer,
             BudgetRow.zone == zone,
             BudgetRow.dataset == dataset,
             BudgetRow.window_start == start,
         )
-    ).scalar_one_or_none()
+    ).first()
 
 
 def remaining(
@@ -122,9 +128,10 @@ def charge(
             remaining=str(max(Decimal(0), budget - spent)),
         )
     delta_spent = (Decimal(row.delta_spent) if row is not None else Decimal(0)) + delta
+    # plain statements in the caller's transaction (the ledger batch's): no unit of work to flush
     if row is None:
-        session.add(
-            BudgetRow(
+        session.execute(
+            insert(BudgetRow).values(
                 consumer=consumer,
                 zone=zone,
                 dataset=dataset,
@@ -134,9 +141,11 @@ def charge(
             )
         )
     else:
-        row.spent = str(spent + epsilon)
-        row.delta_spent = str(delta_spent)
-    session.flush()
+        session.execute(
+            update(BudgetRow)
+            .where(BudgetRow.id == row.id)
+            .values(spent=str(spent + epsilon), delta_spent=str(delta_spent))
+        )
     return BudgetState(
         zone,
         dataset,
