@@ -814,11 +814,15 @@ def write_export(
     processes for a ledger of at least :data:`PARALLEL_EXPORT_MIN` entries."""
     tmp = path.with_name(path.name + ".partial")
     final = ledger.checkpoint() if final is None else final
-    with tmp.open("wb") as out:
-        if jobs > 1 and final.size >= PARALLEL_EXPORT_MIN:
-            ledger.export_parallel(out, tmp, final, jobs)
-        else:
-            ledger.export(out, final)
+    try:
+        with tmp.open("wb") as out:
+            if jobs > 1 and final.size >= PARALLEL_EXPORT_MIN:
+                ledger.export_parallel(out, tmp, final, jobs)
+            else:
+                ledger.export(out, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never half a bundle left beside the target
+        raise
     tmp.replace(path)
     return final
 

@@ -57,3 +57,20 @@ def test_the_streamed_lines_are_the_exported_bytes(exchange: Exchange, tmp_path:
     out = tmp_path / "bundle.jsonl"
     write_export(exchange.ledger, out, final)
     assert b"".join(exchange.ledger.export_lines(final)) == out.read_bytes()
+
+
+def test_a_failed_export_leaves_no_partial_bundle(
+    exchange: Exchange, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fill(exchange, 10)
+    final = exchange.ledger.checkpoint()
+
+    def broken(self: object, out: object, final: object = None) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ledger_module.Ledger, "export", broken)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        write_export(exchange.ledger, out / "bundle.jsonl", final)
+    assert list(out.iterdir()) == []  # neither the bundle nor its .partial

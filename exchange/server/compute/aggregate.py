@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -389,7 +390,7 @@ def _check_budget(ex: Exchange, consumer: str, prepared: Prepared, epsilon: Deci
         for name, (total, refresh) in _budget_terms(prepared).items():
             state = budget.remaining(session, consumer, prepared.zone, name, total, refresh)
             start = int(state.window_start.timestamp())
-            _spent.put((consumer, prepared.zone, name, start), state.spent)
+            _spent(ex).put((consumer, prepared.zone, name, start), state.spent)
             if state.spent + epsilon > total:
                 raise BudgetExhaustedError(
                     f"privacy budget for {prepared.zone}/{name} exhausted: {state.spent} of "
@@ -421,7 +422,17 @@ class _SpentCache:
                 self._spent.popitem(last=False)
 
 
-_spent = _SpentCache()
+_spent_caches: weakref.WeakKeyDictionary[Exchange, _SpentCache] = weakref.WeakKeyDictionary()
+_spent_lock = threading.Lock()
+
+
+def _spent(ex: Exchange) -> _SpentCache:
+    """The exchange's cache (one per exchange: two data directories never share spends)."""
+    with _spent_lock:
+        found = _spent_caches.get(ex)
+        if found is None:
+            found = _spent_caches[ex] = _SpentCache()
+        return found
 
 
 def _spent_key(consumer: str, zone: str, dataset: str, refresh: int) -> tuple[str, str, str, int]:
@@ -439,7 +450,7 @@ def _release_within_budget(
     less than the truth, and reads the database only when that would not leave room."""
     if charge:
         for name, (total, refresh) in _budget_terms(prepared).items():
-            seen = _spent.get(_spent_key(actor.key_id, prepared.zone, name, refresh))
+            seen = _spent(ex).get(_spent_key(actor.key_id, prepared.zone, name, refresh))
             if seen is None or seen + charge > total:
                 _check_budget(ex, actor.key_id, prepared, charge)
                 break
@@ -599,7 +610,7 @@ def run_aggregate(
     )
     for name, state in charged:  # committed: what this process now knows is spent
         start = int(state.window_start.timestamp())
-        _spent.put((actor.key_id, zone, name, start), state.spent)
+        _spent(ex).put((actor.key_id, zone, name, start), state.spent)
     # differencing: compared with the consumer's recent aggregates where the SQL is seen
     record_query(ex, actor.key_id, zone, checked.canonical, receipt["inclusion"]["index"])
     return {"result": result, "receipt": receipt}
